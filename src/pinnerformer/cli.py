@@ -1,0 +1,167 @@
+"""The `pinnerformer` command line. Every command has --help; errors print a message and exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pinnerformer import __version__
+from pinnerformer.errors import PinnerformerError
+
+app = typer.Typer(help="Learn user representations from sequences of user actions, and rank with them.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Prepare event logs into datasets and inspect them.", no_args_is_help=True)
+items_app = typer.Typer(help="Item features.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(items_app, name="items")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(e: Exception) -> None:
+    print("error: " + str(e), file=sys.stderr)
+    raise typer.Exit(code=2)
+
+
+def run_guarded(fn, *args, **kwargs):
+    """Run a command body; a PinnerformerError becomes a clear message and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except PinnerformerError as e:
+        _fail(e)
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+    if version:
+        console.print(__version__)
+        raise typer.Exit()
+
+
+@data_app.command("prepare")
+def data_prepare(
+    format: str = typer.Option(..., "--format", "-f",
+                               help="movielens | movielens-latest | sequences | otto | events"),
+    input: Path = typer.Option(..., "--input", "-i", help="Source file or folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Dataset directory to write."),
+    overwrite: bool = typer.Option(False, help="Replace an existing dataset directory."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid",
+                                      help="Skip malformed rows and count them (default: stop at the first)."),
+    rating_rule: Optional[str] = typer.Option(None, help="MovieLens rating -> action, e.g. "
+                                              "'5=love,4-4.5=like,3-3.5=neutral,0.5-2.5=dislike' (the default)."),
+    positive: Optional[str] = typer.Option(None, help="Comma-separated positive action types "
+                                           "(MovieLens default: love,like; otto: clicks,carts,orders)."),
+    actions: Optional[str] = typer.Option(None, help="events: the allowed action values (others are errors); "
+                                          "sequences: the name of the single action (default interact)."),
+    min_time: str = typer.Option("1990-01-01", help="Earliest sane timestamp (YYYY-MM-DD, UTC)."),
+    max_time: Optional[str] = typer.Option(None, help="Latest sane timestamp (default: tomorrow)."),
+    user_col: str = typer.Option("user", help="events: user id column."),
+    item_col: str = typer.Option("item", help="events: item id column."),
+    time_col: str = typer.Option("timestamp", help="events: time column."),
+    action_col: Optional[str] = typer.Option(None, help="events: action type column (default: none, one action)."),
+    surface_col: Optional[str] = typer.Option(None, help="events: surface column."),
+    duration_col: Optional[str] = typer.Option(None, help="events: duration column (seconds)."),
+    time_format: str = typer.Option("unix", help="events: unix | unix-ms | iso | order | a strftime pattern."),
+    separator: str = typer.Option(",", help="events: CSV field separator."),
+    id_type: str = typer.Option("auto", help="events/sequences: auto | int | str."),
+    items: Optional[Path] = typer.Option(None, help="events: item table (CSV or Parquet)."),
+    items_id_col: str = typer.Option("item", help="events: item id column of the item table."),
+    items_text_col: Optional[str] = typer.Option(None, help="events: item text column."),
+    items_interests_col: Optional[str] = typer.Option(None, help="events: item interests column ('|'-separated)."),
+    item_attributes: Optional[Path] = typer.Option(None, help="sequences: item -> attributes JSON "
+                                                   "(default: a *item2attributes.json beside the input)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Turn a source event log into a canonical dataset directory (events, items, timelines, manifest)."""
+    from pinnerformer.data.dataset import Dataset
+    from pinnerformer.data.formats import EventColumns, ItemColumns, read_source
+    from pinnerformer.data.prepare import parse_day, prepare
+
+    def body():
+        sep = "\t" if separator in ("\\t", "tab") else separator
+        raw = read_source(
+            format, input, skip_invalid=skip_invalid, rating_rule=rating_rule, positive=positive, actions=actions,
+            event_columns=EventColumns(user=user_col, item=item_col, time=time_col, action=action_col,
+                                       surface=surface_col, duration=duration_col),
+            time_format=time_format, separator=sep, id_type=id_type, items_path=items,
+            item_columns=ItemColumns(item=items_id_col, text=items_text_col, interests=items_interests_col),
+            item_attributes=item_attributes)
+        prepare(raw, output, format, skip_invalid=skip_invalid, min_time=parse_day(min_time, "min-time"),
+                max_time=parse_day(max_time, "max-time") if max_time else None, overwrite=overwrite,
+                log=lambda s: err_console.print(s, highlight=False))
+        print_stats(Dataset.open(output), as_json)
+
+    run_guarded(body)
+
+
+@data_app.command("stats")
+def data_stats(dataset: Path = typer.Argument(..., help="A prepared dataset directory."),
+               as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
+    """Users, items, events per action type, time range, events per user, positives share, fingerprint."""
+    from pinnerformer.data.dataset import Dataset
+
+    run_guarded(lambda: print_stats(Dataset.open(dataset), as_json))
+
+
+def print_stats(ds, as_json: bool = False) -> dict:
+    from pinnerformer.data.stats import dataset_stats
+
+    s = dataset_stats(ds)
+    if as_json:
+        print(json.dumps(s, indent=2))
+        return s
+    t = Table(title=f"dataset {ds.path}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("format", s["format"])
+    t.add_row("users", f"{s['users']:,}")
+    t.add_row("items", f"{s['items']:,}  ({s['items_with_text']:,} with text)")
+    t.add_row("events", f"{s['events']:,}")
+    for name, n in s["events_per_action"].items():
+        mark = " (positive)" if name in s["positive_actions"] else ""
+        t.add_row(f"  {name}", f"{n:,}{mark}")
+    t.add_row("positives share", f"{s['positives_share']:.1%}")
+    t.add_row("time range", s["time_range"])
+    e = s["events_per_user"]
+    t.add_row("events per user", "  ".join([f"min {e['min']}"] + [f"{k} {e[k]:.0f}" for k in
+                                            ("p5", "p25", "p50", "p75", "p90", "p99")] + [f"max {e['max']}",
+                                                                                     f"mean {e['mean']:.1f}"]))
+    t.add_row("content vectors", s["content_vectors"] or "none (models use learned item-ID embeddings)")
+    t.add_row("duplicates removed", f"{s['duplicates_removed']:,}")
+    t.add_row("skipped", ", ".join(f"{k}: {v:,}" for k, v in s["skipped"].items()) or "nothing")
+    for note in s["notes"]:
+        t.add_row("note", note)
+    t.add_row("fingerprint", s["fingerprint"])
+    console.print(t)
+    return s
+
+
+@items_app.command("embed-text")
+def items_embed_text(dataset: Path = typer.Argument(..., help="A prepared dataset directory."),
+                     batch_size: int = typer.Option(128, help="Texts per forward pass."),
+                     device: str = typer.Option("cpu", help="cpu or cuda.")):
+    """Compute 384-d all-MiniLM-L6-v2 content vectors from item text and store them in the dataset."""
+    from pinnerformer.features.text import embed_items_text
+
+    run_guarded(lambda: embed_items_text(dataset, batch_size=batch_size, device=device,
+                                         log=lambda s: err_console.print(s, highlight=False)))
+
+
+@app.command("quickstart")
+def quickstart(workdir: Path = typer.Option(Path("quickstart-run"), help="Where outputs go."),
+               text: bool = typer.Option(True, help="Embed item text (needs the [text] extra).")):
+    """The main job, end to end, on the built-in MovieLens latest-small data."""
+    from pinnerformer.quickstart import run_quickstart
+
+    run_guarded(lambda: run_quickstart(workdir, text=text, log=lambda s: err_console.print(s, highlight=False),
+                                       show=print_stats))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,273 @@
+"""What every format reader returns, and the shared machinery for reading and checking text input.
+
+A reader turns source files into a `RawLog`: a Polars frame of events in the source's own ids and time
+unit, plus `_file`/`_line` columns so that any later check can point at the offending line. Readers
+never drop anything silently: a bad value either raises `InputError` naming the file and line, or, when
+the user chose `skip_invalid`, is removed and counted by reason in `RawLog.skipped`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+
+from pinnerformer.errors import InputError
+
+TimeUnit = Literal["s", "ms", "order"]
+
+# Columns of RawLog.events. user/item keep the source's id type (Int64 or String).
+EVENT_COLUMNS = ["user", "item", "action", "ts", "surface", "duration", "detail", "_file", "_line"]
+
+
+@dataclass
+class RawLog:
+    events: pl.DataFrame  # EVENT_COLUMNS; action: String; ts: Int64 in `ts_unit`
+    ts_unit: TimeUnit
+    actions: list[str]  # the action vocabulary, in code order
+    positive: list[str]
+    items: pl.DataFrame  # item (same dtype as events.item), text: String?, interests: List[String]
+    sources: list[Path]
+    line_label: str = "line"  # "row" for Parquet input, which has no lines
+    skipped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    options: dict[str, object] = field(default_factory=dict)
+
+
+class Checker:
+    """Applies validity checks to a frame that carries `_file`/`_line`.
+
+    strict (default): the first offending row raises InputError with its file, line and text.
+    skip_invalid: offending rows are removed and counted under `reason`.
+    """
+
+    def __init__(self, skip_invalid: bool, skipped: dict[str, int], line_label: str = "line"):
+        self.skip_invalid, self.skipped, self.line_label = skip_invalid, skipped, line_label
+
+    def check(self, df: pl.DataFrame, bad: pl.Expr, *, reason: str, problem: str, field: str | None,
+              expected: str, text_col: str | None = None) -> pl.DataFrame:
+        flagged = df.select(bad.fill_null(True).alias("_bad"))["_bad"]
+        n_bad = int(flagged.sum())
+        if n_bad == 0:
+            return df
+        if not self.skip_invalid:
+            first = df.filter(flagged).row(0, named=True)
+            text = first.get(text_col) if text_col else first.get(field)
+            raise InputError(
+                problem + (f" ({n_bad:,} such {self.line_label}s in all)" if n_bad > 1 else ""),
+                path=first["_file"], field=field, text=None if text is None else str(text), expected=expected,
+                source_line=first.get("raw"), hint="--skip-invalid drops such rows and counts them instead",
+                **{self.line_label if self.line_label != "record" else "row": int(first["_line"])},
+            )
+        self.skipped[reason] = self.skipped.get(reason, 0) + n_bad
+        return df.filter(~flagged)
+
+
+def read_lines(path: Path, encoding: str = "utf-8") -> pl.DataFrame:
+    """Every line of a text file with its 1-based line number. Blank lines are kept (callers decide)."""
+    if not path.exists():
+        raise InputError("file not found", path=path)
+    data = path.read_bytes()
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(f"cannot decode as {encoding}", path=path, line=line,
+                         expected=f"{encoding} text") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return pl.DataFrame({"_line": pl.int_range(1, len(lines) + 1, eager=True, dtype=pl.Int64),
+                         "raw": pl.Series(lines, dtype=pl.String).str.strip_suffix("\r")})
+
+
+_OTHER_DELIMITERS = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe", "::": "'::'", " ": "space"}
+
+
+def guess_delimiter_hint(sample: str, expected: str) -> str:
+    """A short hint naming the delimiter a line seems to use, when it is not the expected one."""
+    found = [name for d, name in _OTHER_DELIMITERS.items() if d != expected and d in sample]
+    return f" (the line looks {found[0]}-separated: wrong delimiter?)" if found else ""
+
+
+def split_fields(lines: pl.DataFrame, path: Path, sep: str, names: list[str], checker: Checker,
+                 layout: str, *, skip_blank: bool = True) -> pl.DataFrame:
+    """Split `raw` lines on a literal separator into exactly len(names) string columns.
+
+    Lines with another field count are malformed: an error naming the line, or skipped and counted.
+    """
+    if skip_blank:
+        blank = lines["raw"].str.strip_chars() == ""
+        n_blank = int(blank.sum())
+        if n_blank:
+            checker.skipped["blank_lines"] = checker.skipped.get("blank_lines", 0) + n_blank
+            lines = lines.filter(~blank)
+    parts = lines.with_columns(pl.col("raw").str.split(sep).alias("_parts"))
+    n = len(names)
+    wrong = pl.col("_parts").list.len() != n
+    n_wrong = int(parts.select(wrong.sum()).item())
+    if n_wrong and not checker.skip_invalid:
+        first = parts.filter(wrong).row(0, named=True)
+        raise InputError(
+            f"malformed line: {len(first['_parts'])} field(s) where {n} were expected"
+            + guess_delimiter_hint(first["raw"], sep)
+            + (f" ({n_wrong:,} malformed lines in all)" if n_wrong > 1 else ""),
+            path=path, line=first["_line"], text=first["raw"], expected=layout,
+        )
+    parts = parts.with_columns(pl.lit(str(path)).alias("_file"))
+    parts = checker.check(parts, wrong, reason="malformed_lines", problem="malformed line", field=None,
+                          expected=layout, text_col="raw")
+    return parts.select(
+        "_file", "_line", "raw",
+        *[pl.col("_parts").list.get(i).str.strip_chars().alias(name) for i, name in enumerate(names)],
+    )
+
+
+def cast_int(df: pl.DataFrame, col: str, checker: Checker, what: str,
+             expected: str = "an integer id") -> pl.DataFrame:
+    """Cast a String column to Int64; a value that is not an integer is an error naming its line."""
+    casted = pl.col(col).str.strip_chars().cast(pl.Int64, strict=False)
+    df = checker.check(df, casted.is_null() & pl.col(col).is_not_null(), reason=f"non_integer_{col}",
+                       problem=f"{what} is not an integer", field=col, expected=expected)
+    return df.with_columns(casted.alias(col))
+
+
+def cast_float(df: pl.DataFrame, col: str, checker: Checker, what: str) -> pl.DataFrame:
+    casted = pl.col(col).str.strip_chars().cast(pl.Float64, strict=False)
+    df = checker.check(df, casted.is_null() & pl.col(col).is_not_null(), reason=f"non_numeric_{col}",
+                       problem=f"{what} is not a number", field=col, expected="a number")
+    return df.with_columns(casted.alias(col))
+
+
+def read_csv_records(path: Path, header: list[str] | None, checker: Checker, *, separator: str = ",",
+                     required: list[str] = ()) -> pl.DataFrame:
+    """Read a delimited file with Polars (all columns as String) and attach `_file` and `_line`.
+
+    `header`: the exact header expected (None: any header; the caller checks its columns). A header that
+    looks separated by another delimiter is reported as a wrong delimiter. Blank lines are counted and
+    dropped; records with too many fields are located and reported; `required` columns must be non-empty.
+    Line numbers are exact unless a quoted field spans lines, in which case rows are numbered as records.
+    """
+    if not path.exists():
+        raise InputError("file not found", path=path)
+    with path.open("rb") as f:
+        first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+    if separator not in first and guess_delimiter_hint(first, separator):
+        raise InputError("header is not " + _OTHER_DELIMITERS.get(separator, repr(separator)) + "-separated"
+                         + guess_delimiter_hint(first, separator), path=path, line=1, text=first,
+                         expected=separator.join(header) if header else f"a {separator!r}-separated header")
+    if header is not None and first.split(separator) != header:
+        raise InputError("unexpected header", path=path, line=1, text=first, expected=separator.join(header))
+    try:
+        df = pl.read_csv(path, infer_schema=False, has_header=True, separator=separator)
+    except pl.exceptions.ComputeError as e:
+        _locate_ragged(path, separator)
+        raise InputError(f"cannot parse as CSV: {str(e).splitlines()[0]}", path=path) from None
+    with path.open("rb") as f:
+        newlines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b""))
+        f.seek(-1, 2)
+        last_is_newline = f.read(1) == b"\n"
+    exact_lines = df.height == newlines - (1 if last_is_newline else 0)
+    if not exact_lines:
+        checker.line_label = "record"
+    df = df.with_columns(pl.lit(str(path)).alias("_file"),
+                         pl.int_range(2, df.height + 2, dtype=pl.Int64).alias("_line"))
+    blank = pl.all_horizontal([pl.col(c).is_null() for c in df.columns if not c.startswith("_")])
+    n_blank = int(df.select(blank.sum()).item())
+    if n_blank:
+        checker.skipped["blank_lines"] = checker.skipped.get("blank_lines", 0) + n_blank
+        df = df.filter(~blank)
+    for col in required:
+        df = checker.check(df, pl.col(col).is_null() | (pl.col(col).str.strip_chars() == ""),
+                           reason=f"missing_{col}", problem="missing value (short line?)", field=col,
+                           expected=f"{len(df.columns) - 2} {separator!r}-separated fields with '{col}' filled")
+    return df
+
+
+def _locate_ragged(path: Path, separator: str) -> None:
+    """Find the first record whose field count differs from the header's (Polars' error does not say)."""
+    import csv
+
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f, delimiter=separator)
+        header = next(reader, [])
+        for row in reader:
+            if row and len(row) != len(header):
+                raise InputError(f"malformed line: {len(row)} field(s) where {len(header)} were expected",
+                                 path=path, line=reader.line_num, text=separator.join(row),
+                                 expected=f"{len(header)} {separator!r}-separated fields: {separator.join(header)}")
+
+
+# ---------------------------------------------------------------------------------------------- ratings
+
+DEFAULT_RATING_RULE = "5=love,4-4.5=like,3-3.5=neutral,0.5-2.5=dislike"
+DEFAULT_RATING_POSITIVE = "love,like"
+
+
+@dataclass(frozen=True)
+class RatingRule:
+    """Maps a numeric rating to an action type by inclusive ranges, e.g. "5=love,4-4.5=like,...".
+
+    Ratings outside every range are "unknown rating values": an error, never a guess.
+    """
+
+    ranges: tuple[tuple[float, float, str], ...]
+
+    @staticmethod
+    def parse(text: str) -> "RatingRule":
+        ranges = []
+        for part in [p.strip() for p in text.split(",") if p.strip()]:
+            m = re.fullmatch(r"([0-9.]+)(?:\s*-\s*([0-9.]+))?\s*=\s*([A-Za-z_][\w-]*)", part)
+            if not m:
+                raise InputError("cannot parse rating rule entry", field="rating-rule", text=part,
+                                 expected="entries like '5=love' or '4-4.5=like', separated by commas")
+            lo = float(m.group(1))
+            hi = float(m.group(2)) if m.group(2) else lo
+            if hi < lo:
+                raise InputError("rating range is reversed", field="rating-rule", text=part,
+                                 expected="LOW-HIGH with LOW <= HIGH")
+            ranges.append((lo, hi, m.group(3)))
+        if not ranges:
+            raise InputError("empty rating rule", field="rating-rule", expected=DEFAULT_RATING_RULE)
+        for i, (lo, hi, _) in enumerate(ranges):
+            for lo2, hi2, _ in ranges[i + 1:]:
+                if lo <= hi2 and lo2 <= hi:
+                    raise InputError("rating rule ranges overlap", field="rating-rule", text=text,
+                                     expected="disjoint ranges")
+        return RatingRule(tuple(ranges))
+
+    def actions(self) -> list[str]:
+        out: list[str] = []
+        for _, _, name in self.ranges:
+            if name not in out:
+                out.append(name)
+        return out
+
+    def expr(self, col: str) -> pl.Expr:
+        e = pl.when(pl.lit(False)).then(pl.lit(None, dtype=pl.String))
+        for lo, hi, name in self.ranges:
+            e = e.when(pl.col(col).is_between(lo, hi)).then(pl.lit(name))
+        return e.otherwise(pl.lit(None, dtype=pl.String))
+
+    def __str__(self) -> str:
+        fmt = lambda x: f"{x:g}"
+        return ",".join(f"{fmt(lo)}={n}" if lo == hi else f"{fmt(lo)}-{fmt(hi)}={n}" for lo, hi, n in self.ranges)
+
+
+def apply_rating_rule(df: pl.DataFrame, rule: RatingRule, checker: Checker) -> pl.DataFrame:
+    """rating (Float64) -> action (String); unknown rating values raise or are skipped and counted."""
+    df = df.with_columns(rule.expr("rating").alias("action"))
+    return checker.check(df, pl.col("action").is_null(), reason="unknown_rating", problem="unknown rating value",
+                         field="rating", expected=f"a rating covered by the rule '{rule}'")
+
+
+def parse_list(text: str | None) -> list[str]:
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+def movie_text(title: pl.Expr, genres: pl.Expr) -> pl.Expr:
+    """Item text for MovieLens: "Title (year). Genres: A, B"."""
+    return pl.concat_str([title, pl.lit(". Genres: "), genres.list.join(", ")])

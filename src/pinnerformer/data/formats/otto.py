@@ -1,0 +1,81 @@
+"""`otto`: OTTO e-commerce sessions, JSON lines `{"session": id, "events": [{"aid", "ts" (ms), "type"}]}`.
+
+The session is the user; `type` (clicks / carts / orders) is the action. Timestamps are milliseconds:
+duplicates are judged at that resolution, then times are stored in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from pinnerformer.errors import InputError
+from pinnerformer.data.formats.base import Checker, RawLog, read_lines
+
+OTTO_ACTIONS = ["clicks", "carts", "orders"]
+EVENT_DTYPE = pl.Struct({"session": pl.Int64,
+                         "events": pl.List(pl.Struct({"aid": pl.Int64, "ts": pl.Int64, "type": pl.String}))})
+EXPECTED = '{"session": <int>, "events": [{"aid": <int>, "ts": <int ms>, "type": "clicks"|"carts"|"orders"}, …]}'
+
+
+def _find_file(path: Path) -> Path:
+    if not path.exists():
+        raise InputError("input not found", path=path, expected="an OTTO .jsonl file or a folder holding one")
+    if path.is_file():
+        return path
+    files = sorted(path.glob("*.jsonl"))
+    if len(files) != 1:
+        raise InputError(f"found {len(files)} .jsonl files; cannot tell which to read", path=path,
+                         expected="exactly one .jsonl file in the folder, or the file itself as --input")
+    return files[0]
+
+
+def _locate_bad_json(lines: pl.DataFrame, file: Path) -> None:
+    """Find the first line that is not a well-formed session (Polars' error does not name it)."""
+    for line_no, raw in lines.select("_line", "raw").iter_rows():
+        try:
+            obj = json.loads(raw)
+            ok = (isinstance(obj, dict) and isinstance(obj.get("session"), int) and isinstance(obj.get("events"), list)
+                  and all(isinstance(e, dict) and isinstance(e.get("aid"), int) and isinstance(e.get("ts"), int)
+                          and isinstance(e.get("type"), str) for e in obj["events"]))
+            problem = "not an OTTO session record"
+        except json.JSONDecodeError as e:
+            ok, problem = False, f"malformed JSON ({e.msg} at column {e.colno})"
+        if not ok:
+            raise InputError(problem, path=file, line=line_no, text=raw, expected=EXPECTED)
+
+
+def read_otto(path: Path, positive: list[str], skip_invalid: bool) -> RawLog:
+    file = _find_file(path)
+    skipped: dict[str, int] = {}
+    checker = Checker(skip_invalid, skipped)
+    lines = read_lines(file)
+    blank = lines["raw"].str.strip_chars() == ""
+    if int(blank.sum()):
+        skipped["blank_lines"] = int(blank.sum())
+        lines = lines.filter(~blank)
+    try:
+        decoded = lines.with_columns(pl.col("raw").str.json_decode(EVENT_DTYPE).alias("rec"))
+    except pl.exceptions.ComputeError:
+        _locate_bad_json(lines, file)
+        raise
+    decoded = decoded.with_columns(pl.lit(str(file)).alias("_file"))
+    decoded = checker.check(decoded, pl.col("rec").struct.field("session").is_null(), reason="malformed_lines",
+                            problem="record has no session id", field="session", expected=EXPECTED, text_col="raw")
+    events = (decoded.select("_file", "_line", "raw", pl.col("rec").struct.field("session").alias("user"),
+                             pl.col("rec").struct.field("events").alias("ev"))
+              .explode("ev").filter(pl.col("ev").is_not_null()).unnest("ev"))
+    for col in ("aid", "ts", "type"):
+        events = checker.check(events, pl.col(col).is_null(), reason=f"missing_{col}",
+                               problem=f"event without '{col}'", field=col, expected=EXPECTED, text_col="raw")
+    events = checker.check(events, ~pl.col("type").is_in(OTTO_ACTIONS), reason="unknown_action",
+                           problem="unknown event type", field="type", expected=" / ".join(OTTO_ACTIONS))
+    events = events.select(pl.col("user"), pl.col("aid").alias("item"), pl.col("type").alias("action"), "ts",
+                           pl.lit(None, pl.String).alias("surface"), pl.lit(None, pl.Float64).alias("duration"),
+                           pl.lit(None, pl.String).alias("detail"), "_file", "_line")
+    items = pl.DataFrame({"item": events["item"].unique().sort()}).with_columns(
+        pl.lit(None, pl.String).alias("text"), pl.lit([], pl.List(pl.String)).alias("interests"))
+    return RawLog(events=events, ts_unit="ms", actions=OTTO_ACTIONS, positive=positive, items=items,
+                  sources=[file], skipped=skipped)

@@ -1,0 +1,104 @@
+"""`sequences`: one line per user, `user i1 i2 …`, items in time order, no timestamps (e.g. Amazon Beauty).
+
+The dataset gets clock = "order": `ts` is the position in the user's sequence. Every event gets one action
+type (default `interact`, positive). Item attributes (`*_item2attributes.json`, item id -> list of
+attribute ids) become item interests when present beside the file or given explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from pinnerformer.errors import InputError
+from pinnerformer.data.formats.base import Checker, RawLog, read_lines
+
+
+def _find_file(path: Path) -> Path:
+    if not path.exists():
+        raise InputError("input not found", path=path, expected="a sequences file or a folder holding one .txt")
+    if path.is_file():
+        return path
+    txt = sorted(p for p in path.glob("*.txt") if p.is_file())
+    if len(txt) != 1:
+        raise InputError(f"found {len(txt)} .txt files; cannot tell which holds the sequences", path=path,
+                         expected="exactly one .txt file in the folder, or the file itself as --input")
+    return txt[0]
+
+
+def read_sequences(path: Path, skip_invalid: bool, action: str = "interact", id_type: str = "auto",
+                   item_attributes: Path | None = None) -> RawLog:
+    file = _find_file(path)
+    skipped: dict[str, int] = {}
+    checker = Checker(skip_invalid, skipped)
+    lines = read_lines(file)
+    blank = lines["raw"].str.strip_chars() == ""
+    if int(blank.sum()):
+        skipped["blank_lines"] = int(blank.sum())
+        lines = lines.filter(~blank)
+    lines = lines.with_columns(pl.lit(str(file)).alias("_file"),
+                               pl.col("raw").str.strip_chars().str.split(" ").list.eval(
+                                   pl.element().filter(pl.element() != "")).alias("tokens"))
+    lines = checker.check(lines, pl.col("tokens").list.len() < 2, reason="lines_without_items",
+                          problem="line has a user id but no items", field=None,
+                          expected="'user item1 item2 …' separated by spaces", text_col="raw")
+    lines = lines.with_columns(pl.col("tokens").list.first().alias("user"), pl.col("tokens").list.slice(1).alias("item"))
+    dup = pl.col("user").is_duplicated()
+    if lines.select(dup.any()).item():
+        rows = lines.filter(dup).sort("_line").head(2).rows(named=True)
+        raise InputError(f"user '{rows[0]['user']}' has more than one line (first on line {rows[0]['_line']})",
+                         path=file, line=rows[1]["_line"], text=rows[1]["raw"],
+                         expected="one line per user holding the whole sequence")
+    events = (lines.select("_file", "_line", "user", "item").explode("item")
+              .with_columns((pl.int_range(pl.len()).over("user")).cast(pl.Int64).alias("ts")))
+    all_tokens = pl.concat([events["user"], events["item"]])
+    if id_type == "auto":
+        id_type = "int" if all_tokens.str.contains(r"^-?\d+$").all() else "str"
+    if id_type == "int":
+        for col in ("user", "item"):
+            bad = pl.col(col).str.contains(r"^-?\d+$").not_()
+            events = checker.check(events, bad, reason=f"non_integer_{col}", problem=f"{col} id is not an integer",
+                                   field=col, expected="integer ids (--id-type int)")
+            events = events.with_columns(pl.col(col).cast(pl.Int64))
+    elif id_type != "str":
+        raise InputError(f"unknown id type '{id_type}'", field="id-type", expected="auto, int or str")
+    events = events.select("user", "item", pl.lit(action).alias("action"), "ts",
+                           pl.lit(None, pl.String).alias("surface"), pl.lit(None, pl.Float64).alias("duration"),
+                           pl.lit(None, pl.String).alias("detail"), "_file", "_line")
+
+    sources = [file]
+    if item_attributes is None:
+        found = sorted(file.parent.glob("*item2attributes.json"))
+        item_attributes = found[0] if len(found) == 1 else None
+    item_ids = events["item"].unique().sort()
+    if item_attributes is not None:
+        if not item_attributes.exists():
+            raise InputError("item attributes file not found", path=item_attributes)
+        try:
+            attrs = json.loads(item_attributes.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"not valid JSON: {e.msg}", path=item_attributes, line=e.lineno,
+                             expected='{"item id": [attribute, …], …}') from None
+        if not isinstance(attrs, dict):
+            raise InputError("item attributes must be a JSON object", path=item_attributes,
+                             expected='{"item id": [attribute, …], …}')
+        keys = list(attrs)
+        items = pl.DataFrame({"item": pl.Series(keys).cast(item_ids.dtype, strict=False),
+                              "interests": [[str(a) for a in attrs[k]] for k in keys]},
+                             schema={"item": item_ids.dtype, "interests": pl.List(pl.String)})
+        n_bad = int(items["item"].is_null().sum())
+        if n_bad:
+            raise InputError(f"{n_bad} item id(s) in the attributes file do not match the sequences' id type",
+                             path=item_attributes, expected=f"{id_type} item ids")
+        items = items.with_columns(pl.lit(None, pl.String).alias("text")).select("item", "text", "interests")
+        sources.append(item_attributes)
+    else:
+        items = pl.DataFrame({"item": item_ids}).with_columns(
+            pl.lit(None, pl.String).alias("text"), pl.lit([], pl.List(pl.String)).alias("interests"))
+    return RawLog(events=events, ts_unit="order", actions=[action], positive=[action], items=items,
+                  sources=sources, skipped=skipped,
+                  notes=["order-only input: ts is the position in the user's sequence, there is no real clock; "
+                         "time-window features must be refused or adapted downstream"],
+                  options={"action": action, "id_type": id_type})

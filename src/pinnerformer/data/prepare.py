@@ -1,0 +1,182 @@
+"""Raw log -> canonical dataset directory (see `schema.py`).
+
+Steps: action codes, time sanity, deduplication, dense user/item indices, sort by (user, time), write.
+Everything is written into a temporary sibling directory that is renamed into place at the very end, so an
+interrupted run never leaves a directory that looks like a complete dataset.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from pinnerformer import __version__
+from pinnerformer.data import schema
+from pinnerformer.data.formats.base import Checker, RawLog
+from pinnerformer.data.timelines import NO_SURFACE, Timelines
+from pinnerformer.errors import InputError, PinnerformerError
+
+DEFAULT_MIN_TIME = "1990-01-01"
+
+
+def parse_day(text: str, field: str) -> int:
+    try:
+        d = dt.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        raise InputError("not a date", field=field, text=text, expected="YYYY-MM-DD") from None
+    return int(d.timestamp())
+
+
+def default_max_time() -> int:
+    return int(time.time()) + 86400  # a clock a day fast is still sane; a year 2100 stamp is not
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(timelines: Timelines, actions: list[schema.ActionType], users: pl.Series, items: pl.Series) -> str:
+    """Content hash of what a model sees: events, action vocabulary and the id maps (not file bytes)."""
+    h = timelines.content_hash()
+    h.update(repr([(a.code, a.name, a.positive) for a in actions]).encode())
+    for ids in (users, items):
+        h.update(str(ids.dtype).encode())
+        h.update(ids.cast(pl.String).str.join("\x1f").item().encode())
+    return h.hexdigest()[:16]
+
+
+def prepare(raw: RawLog, output: Path, fmt: str, *, skip_invalid: bool = False, min_time: int | None = None,
+            max_time: int | None = None, overwrite: bool = False, log=print) -> schema.Manifest:
+    t0 = time.perf_counter()
+    output = Path(output)
+    if output.exists():
+        if not overwrite:
+            raise PinnerformerError(f"{output} already exists (use --overwrite to replace it)")
+        if output.is_file() or (any(output.iterdir()) and not (output / schema.MANIFEST).exists()):
+            raise PinnerformerError(f"{output} exists and is not a prepared dataset: refusing to replace it")
+    ev = raw.events
+    if ev.height == 0:
+        raise InputError("the input yields no events" + (f" (skipped: {raw.skipped})" if raw.skipped else ""),
+                         path=", ".join(map(str, raw.sources)))
+    checker = Checker(skip_invalid, raw.skipped, raw.line_label)
+
+    # action codes: position in the vocabulary
+    vocab = list(raw.actions)
+    ev = checker.check(ev, ~pl.col("action").is_in(vocab), reason="unknown_action", problem="unknown action value",
+                       field="action", expected=f"one of {', '.join(vocab)}")
+    if not raw.positive:
+        raise InputError("no positive action types", field="positive", expected=f"some of {', '.join(vocab)}")
+    bad_pos = [p for p in raw.positive if p not in vocab]
+    if bad_pos:
+        raise InputError(f"positive action(s) {', '.join(bad_pos)} are not action types of this input",
+                         field="positive", expected=f"some of {', '.join(vocab)}")
+    ev = ev.with_columns(pl.col("action").replace_strict(vocab, list(range(len(vocab))), return_dtype=pl.Int16))
+
+    # time sanity (real clocks only), judged in the source's unit so the error shows the value as written
+    clock = "order" if raw.ts_unit == "order" else "seconds"
+    if clock == "seconds":
+        lo = parse_day(DEFAULT_MIN_TIME, "min-time") if min_time is None else min_time
+        hi = default_max_time() if max_time is None else max_time
+        scale = 1000 if raw.ts_unit == "ms" else 1
+        day = lambda s: dt.datetime.fromtimestamp(s, dt.timezone.utc).strftime("%Y-%m-%d")
+        ev = checker.check(ev, ~pl.col("ts").is_between(lo * scale, hi * scale), reason="time_out_of_range",
+                           problem="timestamp outside the sane range", field="ts",
+                           expected=f"a time between {day(lo)} and {day(hi)} "
+                                    f"(Unix {'milliseconds' if scale == 1000 else 'seconds'}; --min-time/--max-time)")
+    if ev.height == 0:
+        raise InputError(f"the input yields no events: everything was skipped ({raw.skipped})",
+                         path=", ".join(map(str, raw.sources)))
+
+    # deduplicate identical events (same user, item, action, time and source detail), keep the first
+    n_before = ev.height
+    ev = ev.unique(subset=["user", "item", "action", "ts", "detail"], keep="first", maintain_order=True)
+    duplicates = n_before - ev.height
+    if raw.ts_unit == "ms":
+        ev = ev.with_columns(pl.col("ts") // 1000)
+
+    # dense indices, in sorted source-id order
+    users = ev["user"].unique().sort()
+    items = ev["item"].unique().sort()
+    ev = ev.with_columns(
+        pl.col("user").replace_strict(users, pl.int_range(users.len(), eager=True), return_dtype=pl.Int32),
+        pl.col("item").replace_strict(items, pl.int_range(items.len(), eager=True), return_dtype=pl.Int32),
+    )
+    surfaces = sorted(ev["surface"].drop_nulls().unique().to_list())
+    ev = ev.with_columns(pl.col("surface").replace_strict(surfaces, list(range(len(surfaces))), default=None,
+                                                          return_dtype=pl.Int16),
+                         pl.col("duration").cast(pl.Float32))
+    ev = ev.sort(["user", "ts"], maintain_order=True).drop("_file", "_line")
+
+    # item table: every item with events; metadata rows without events are counted, not kept
+    meta = raw.items.unique(subset=["item"], keep="first", maintain_order=True)
+    if meta.height != raw.items.height:
+        raise InputError(f"{raw.items.height - meta.height} item id(s) appear more than once in the item table",
+                         path=", ".join(map(str, raw.sources[1:])) or None)
+    item_table = (pl.DataFrame({"item": pl.int_range(items.len(), eager=True, dtype=pl.Int32), "item_id": items})
+                  .join(meta.rename({"item": "item_id"}), on="item_id", how="left", maintain_order="left")
+                  .with_columns(pl.col("interests").fill_null(pl.lit([], pl.List(pl.String)))))
+    notes = list(raw.notes)
+    n_no_meta = item_table.height - items.is_in(meta["item"]).sum()
+    if n_no_meta and meta.height:
+        notes.append(f"{n_no_meta} item(s) with events have no row in the item table (no text, no interests)")
+    n_catalogue_only = meta.height - int(meta["item"].is_in(items).sum())
+    skipped = dict(raw.skipped)
+    if n_catalogue_only:
+        skipped["catalogue_items_without_events"] = n_catalogue_only
+    user_table = pl.DataFrame({"user": pl.int_range(users.len(), eager=True, dtype=pl.Int32), "user_id": users})
+
+    offsets = np.zeros(users.len() + 1, dtype=np.int64)
+    np.cumsum(np.bincount(ev["user"].to_numpy(), minlength=users.len()), out=offsets[1:])
+    timelines = Timelines(
+        offsets=offsets, item=ev["item"].to_numpy(), action=ev["action"].to_numpy(), ts=ev["ts"].to_numpy(),
+        surface=ev["surface"].fill_null(NO_SURFACE).to_numpy(), duration=ev["duration"].fill_null(np.nan).to_numpy(),
+        clock=clock)
+    action_types = [schema.ActionType(code=i, name=a, positive=a in raw.positive) for i, a in enumerate(vocab)]
+    counts = np.bincount(timelines.action, minlength=len(vocab))
+    manifest = schema.Manifest(
+        pinnerformer_version=__version__, format=fmt, clock=clock,
+        n_events=ev.height, n_users=users.len(), n_items=items.len(), actions=action_types, surfaces=surfaces,
+        events_per_action={a: int(c) for a, c in zip(vocab, counts)},
+        time_min=int(timelines.ts.min()), time_max=int(timelines.ts.max()),
+        has_surface=bool(surfaces), has_duration=bool(ev["duration"].is_not_null().any()),
+        sources=[schema.SourceFile(path=str(p.resolve()), bytes=p.stat().st_size, sha256=sha256_file(p))
+                 for p in raw.sources],
+        options={**raw.options, "positive": list(raw.positive), "skip_invalid": skip_invalid},
+        skipped=skipped, duplicates_removed=duplicates, notes=notes,
+        fingerprint=fingerprint(timelines, action_types, users, items),
+    )
+
+    # write everything under a temporary name, then swap it in
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        ev.write_parquet(tmp / schema.EVENTS, statistics=True)
+        user_table.write_parquet(tmp / schema.USERS)
+        item_table.write_parquet(tmp / schema.ITEMS)
+        timelines.save(tmp / schema.TIMELINES)
+        schema.write_json_atomic(tmp / schema.MANIFEST, manifest.model_dump(mode="json"))
+        if output.exists():
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, old)
+            os.replace(tmp, output)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"prepared {manifest.n_events:,} events in {time.perf_counter() - t0:.1f}s -> {output}")
+    return manifest
