@@ -127,10 +127,10 @@ def prepare(raw: RawLog, output: Path, fmt: str, *, skip_invalid: bool = False, 
                   .join(meta.rename({"item": "item_id"}), on="item_id", how="left", maintain_order="left")
                   .with_columns(pl.col("interests").fill_null(pl.lit([], pl.List(pl.String)))))
     notes = list(raw.notes)
-    n_no_meta = item_table.height - items.is_in(meta["item"]).sum()
+    n_no_meta = item_table.height - items.is_in(meta["item"].implode()).sum()
     if n_no_meta and meta.height:
         notes.append(f"{n_no_meta} item(s) with events have no row in the item table (no text, no interests)")
-    n_catalogue_only = meta.height - int(meta["item"].is_in(items).sum())
+    n_catalogue_only = meta.height - int(meta["item"].is_in(items.implode()).sum())
     skipped = dict(raw.skipped)
     if n_catalogue_only:
         skipped["catalogue_items_without_events"] = n_catalogue_only

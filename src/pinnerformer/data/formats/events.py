@@ -115,7 +115,7 @@ def _time(df: pl.DataFrame, col: str, time_format: str, checker: Checker) -> tup
 
 def read_events(path: Path, cols: EventColumns, time_format: str, positive: list[str], skip_invalid: bool,
                 actions: list[str] | None = None, separator: str = ",", id_type: str = "auto",
-                items_path: Path | None = None, item_cols: ItemColumns | None = None) -> RawLog:
+                items_path: Path | None = None, item_columns: ItemColumns | None = None) -> RawLog:
     skipped: dict[str, int] = {}
     checker = Checker(skip_invalid, skipped)
     wanted = [c for c in (cols.user, cols.item, cols.time, cols.action, cols.surface, cols.duration) if c]
@@ -166,7 +166,7 @@ def read_events(path: Path, cols: EventColumns, time_format: str, positive: list
     sources = [path]
     item_ids = events["item"].unique().sort()
     if items_path is not None:
-        ic = item_cols or ItemColumns()
+        ic = item_columns or ItemColumns()
         icols = [c for c in (ic.item, ic.text, ic.interests) if c]
         ichecker = Checker(skip_invalid, skipped)
         it = _read_table(items_path, icols, ichecker, separator, required=[ic.item]).rename({ic.item: "item"})

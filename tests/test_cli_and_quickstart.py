@@ -1,0 +1,37 @@
+"""CLI surface: --help everywhere, stats numbers, quickstart end to end (text embedding off: fast)."""
+
+import json
+
+import pytest
+
+
+@pytest.mark.parametrize("cmd", [[], ["data"], ["data", "prepare"], ["data", "stats"], ["items"],
+                                 ["items", "embed-text"], ["quickstart"]])
+def test_help_on_every_command(cli, cmd):
+    r = cli(*cmd, "--help")
+    assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_quickstart_and_stats(cli, tmp_path):
+    r = cli("quickstart", "--workdir", tmp_path / "qs", "--no-text")
+    assert r.exit_code == 0, r.output
+    assert "104,519" in r.stdout and "fingerprint" in r.stdout
+    r = cli("data", "stats", tmp_path / "qs" / "dataset", "--json")
+    assert r.exit_code == 0
+    s = json.loads(r.stdout)
+    assert (s["users"], s["items"], s["events"]) == (610, 9_742, 104_519)
+    assert s["events_per_action"]["tag"] == 3_683 and s["positive_actions"] == ["love", "like"]
+    assert s["positives_share"] == pytest.approx((13_211 + 35_369) / 104_519)
+    assert s["events_per_user"]["min"] == 20 and s["events_per_user"]["max"] == 3_615
+    assert s["time_range"].startswith("1996-03-29")
+    # running it again replaces the dataset with an identical one
+    r = cli("quickstart", "--workdir", tmp_path / "qs", "--no-text")
+    assert r.exit_code == 0 and json.loads(cli("data", "stats", tmp_path / "qs" / "dataset", "--json").stdout)[
+        "fingerprint"] == s["fingerprint"]
+
+
+def test_embed_text_on_dataset_without_text(cli, tmp_path):
+    (tmp_path / "s.txt").write_text("1 5 6\n2 7 5\n")
+    assert cli("data", "prepare", "-f", "sequences", "-i", tmp_path / "s.txt", "-o", tmp_path / "d").exit_code == 0
+    r = cli("items", "embed-text", tmp_path / "d")
+    assert r.exit_code == 2 and "no item has text" in r.stderr
