@@ -153,6 +153,59 @@ def items_embed_text(dataset: Path = typer.Argument(..., help="A prepared datase
                                          log=lambda s: err_console.print(s, highlight=False)))
 
 
+@app.command("train")
+def train(
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="A prepared dataset directory."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run directory (checkpoints, metrics, config)."),
+    preset: str = typer.Option("small", help="small | paper"),
+    objective: Optional[str] = typer.Option(None, help="dense-all-action | all-action | sasrec | next-action"),
+    negatives: Optional[str] = typer.Option(None, help="mixed | in-batch | random"),
+    no_logq: bool = typer.Option(False, "--no-logq", help="Turn the logQ correction off."),
+    config: Optional[Path] = typer.Option(None, help="JSON file overriding preset values (unknown keys are errors)."),
+    protocol: Optional[str] = typer.Option(None, help="auto | future-window | leave-one-out (validation)."),
+    max_epochs: Optional[int] = typer.Option(None, help="Override optim.max_epochs."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (then validate)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    seed: Optional[int] = typer.Option(None, help="Override the seed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Train a PinnerFormer user tower (and item tower) with early stopping on validation data."""
+
+    def body():
+        from pinnerformer.data.dataset import Dataset
+        from pinnerformer.objectives.examples import OBJECTIVES
+        from pinnerformer.objectives.sampled_softmax import NEGATIVES
+        from pinnerformer.training.config import load_config
+        from pinnerformer.training.trainer import Trainer
+
+        if objective is not None and objective not in OBJECTIVES:
+            raise PinnerformerError(f"unknown objective '{objective}': expected one of {', '.join(OBJECTIVES)}")
+        if negatives is not None and negatives not in NEGATIVES:
+            raise PinnerformerError(f"unknown negatives '{negatives}': expected one of {', '.join(NEGATIVES)}")
+        over: dict = {"loss": {}, "optim": {}, "eval": {}}
+        if objective:
+            over["loss"]["objective"] = objective
+        if negatives:
+            over["loss"]["negatives"] = negatives
+        if no_logq:
+            over["loss"]["logq"] = False
+        if max_epochs is not None:
+            over["optim"]["max_epochs"] = max_epochs
+        if protocol:
+            over["eval"]["protocol"] = protocol
+        if device:
+            over["device"] = device
+        if seed is not None:
+            over["seed"] = seed
+        cfg = load_config(preset, config, over)
+        trainer = Trainer(Dataset.open(dataset), cfg, output, log=lambda s: err_console.print(s, highlight=False))
+        summary = trainer.fit(resume=resume, max_steps=max_steps, progress=progress)
+        console.print_json(data=summary)
+
+    run_guarded(body)
+
+
 @app.command("quickstart")
 def quickstart(workdir: Path = typer.Option(Path("quickstart-run"), help="Where outputs go."),
                text: bool = typer.Option(True, help="Embed item text (needs the [text] extra).")):

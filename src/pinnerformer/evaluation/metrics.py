@@ -1,0 +1,42 @@
+"""Ranking metrics over a full catalogue. Ties are counted pessimistically: an item tied with the label
+ranks above it. History is not excluded (an item the user already had may be recommended again).
+
+A user with several labels has each label ranked against the catalogue *minus the user's other labels*: in
+the PinnerFormer protocol every label competes with an index of random items, not with the user's other
+positives (with a 1M-item random index those are almost never in it). Otherwise a user with 50 labels could
+score at most 10/50 however good the model is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def label_ranks(scores: torch.Tensor, labels: list[np.ndarray]) -> list[np.ndarray]:
+    """0-based rank of each label: the number of non-label items scoring >= it (ties pessimistic)."""
+    out = []
+    for row, lab in zip(scores, labels):
+        if len(lab) == 0:
+            out.append(np.zeros(0, dtype=np.int64))
+            continue
+        idx = torch.as_tensor(lab, device=row.device)
+        s = row[idx]
+        ge = (row.unsqueeze(0) >= s.unsqueeze(1)).sum(1)  # every item >= the label, itself included
+        ge -= (s.unsqueeze(0) >= s.unsqueeze(1)).sum(1)  # minus the labels (itself and the user's others)
+        out.append(ge.cpu().numpy())
+    return out
+
+
+def recall_at_k(ranks: list[np.ndarray], k: int) -> np.ndarray:
+    """Per user: the share of their labels ranked in the top k (users without labels: NaN)."""
+    return np.array([(r < k).mean() if len(r) else np.nan for r in ranks])
+
+
+def hit_rate_at_k(ranks: list[np.ndarray], k: int) -> np.ndarray:
+    return np.array([float((r < k).any()) if len(r) else np.nan for r in ranks])
+
+
+def ndcg_at_k(ranks: list[np.ndarray], k: int) -> np.ndarray:
+    """Single-target NDCG: 1/log2(rank + 2) when the target is in the top k (the ideal DCG is 1)."""
+    return np.array([float(np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0).max()) if len(r) else np.nan for r in ranks])

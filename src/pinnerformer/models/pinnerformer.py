@@ -1,0 +1,180 @@
+"""PinnerFormer: a causal transformer user tower and an MLP item tower in one embedding space.
+
+Per action (SPEC §2), concatenated and projected to width H:
+    item features        content vector (frozen) and/or a learned item-ID embedding
+    action, surface      small learned tables; index 0 is reserved for unknown / not recorded
+    log(duration)        log1p(seconds) and a "missing" flag
+    time (real clocks)   three Time2Vec-style encodings, cos/sin(2π·t/p + learned phase) plus log1p(t):
+                         absolute time with 12 fixed periods; time since the query (the newest action by
+                         default) and gap to the previous action with 32 log-spaced periods from 1 s to 4 weeks
+User tower: learned position embedding (by recency: 0 = newest), L pre-norm blocks with causal self-attention,
+head LayerNorm -> Linear(H,4H) -> GELU -> Linear(4H,D) -> L2 normalise at every position. The user embedding
+is the newest position's output. Item tower: MLP on the item features -> L2 normalise.
+Score = cosine / τ, τ learned and clamped at τ >= 0.01.
+
+Batches are right-padded (oldest action at position 0), so plain `is_causal=True` attention is exact for the
+real positions (they never see the padding that follows them) and fused kernels apply on GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HOUR, DAY, WEEK = 3600.0, 86400.0, 7 * 86400.0
+ABS_PERIODS = [0.25 * HOUR, 0.5 * HOUR, 0.75 * HOUR, HOUR, 2 * HOUR, 4 * HOUR, 8 * HOUR, 16 * HOUR, DAY, 7 * DAY,
+               28 * DAY, 365 * DAY]
+REL_PERIODS = torch.logspace(0, math.log10(4 * WEEK), 32).tolist()  # 1 s … 4 weeks
+
+
+@dataclass
+class ModelConfig:
+    n_items: int
+    n_actions: int
+    n_surfaces: int
+    max_len: int = 64  # M
+    width: int = 64  # H
+    layers: int = 2  # L
+    heads: int = 2
+    dim: int = 64  # D
+    dropout: float = 0.1
+    item_features: str = "both"  # content | id | both
+    content_dim: int = 0  # 0 when the dataset has no content vectors
+    id_dim: int = 64
+    action_dim: int = 16
+    surface_dim: int = 8
+    time_features: bool = True  # False for order-only clocks
+    item_tower_hidden: int = 256
+    init_temperature: float = 0.07
+
+
+class Time2Vec(nn.Module):
+    """cos/sin(2π·x/p + φ) for fixed periods p with learned phases, plus log1p(x) for relative times."""
+
+    def __init__(self, periods: list[float], with_log: bool):
+        super().__init__()
+        # log1p(x) is divided by log1p(longest period) so that it sits near [0, 1] like cos/sin: a raw log of
+        # Unix seconds (~21) would drown the item features in the input projection.
+        self.log_scale = 1.0 / math.log1p(max(periods))
+        self.register_buffer("inv_period", 1.0 / torch.tensor(periods, dtype=torch.float32), persistent=False)
+        self.phase_cos = nn.Parameter(torch.zeros(len(periods)))
+        self.phase_sin = nn.Parameter(torch.zeros(len(periods)))
+        self.with_log = with_log
+        self.out_dim = 2 * len(periods) + int(with_log)
+
+    def forward(self, x: torch.Tensor, frac: torch.Tensor | None = None) -> torch.Tensor:
+        # frac = (x mod p)/p when given (computed exactly in float64 upstream: absolute times do not fit fp32)
+        angle = 2 * math.pi * (frac if frac is not None else x.unsqueeze(-1) * self.inv_period)
+        parts = [torch.cos(angle + self.phase_cos), torch.sin(angle + self.phase_sin)]
+        if self.with_log:
+            parts.append((torch.log1p(x.clamp(min=0)) * self.log_scale).unsqueeze(-1))
+        return torch.cat(parts, dim=-1)
+
+
+class ItemFeatures(nn.Module):
+    """Raw item features shared by the action input and the item tower: content vector ‖ ID embedding."""
+
+    def __init__(self, cfg: ModelConfig, content: torch.Tensor | None):
+        super().__init__()
+        self.use_content = cfg.item_features in ("content", "both")
+        self.use_id = cfg.item_features in ("id", "both")
+        if self.use_content:
+            if content is None:
+                raise ValueError("item_features needs content vectors, but the dataset has none")
+            self.register_buffer("content", content.float(), persistent=False)  # frozen; rebuilt from dataset
+        if self.use_id:
+            self.id_emb = nn.Embedding(cfg.n_items, cfg.id_dim)
+            nn.init.normal_(self.id_emb.weight, std=0.02)
+        self.out_dim = (cfg.content_dim if self.use_content else 0) + (cfg.id_dim if self.use_id else 0)
+        # unit-norm content vectors and small-init ID embeddings live on very different scales; normalise the
+        # concatenation so that neither (nor the action/time features beside it) dominates the projection
+        self.norm = nn.LayerNorm(self.out_dim)
+
+    def forward(self, item: torch.Tensor) -> torch.Tensor:
+        parts = []
+        if self.use_content:
+            parts.append(self.content[item])
+        if self.use_id:
+            parts.append(self.id_emb(item))
+        return self.norm(torch.cat(parts, dim=-1))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + FFN(LN(x)), causal self-attention."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, H)))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class PinnerFormer(nn.Module):
+    def __init__(self, cfg: ModelConfig, content: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.items = ItemFeatures(cfg, content)
+        self.action_emb = nn.Embedding(cfg.n_actions + 1, cfg.action_dim)  # 0 = unknown
+        self.surface_emb = nn.Embedding(cfg.n_surfaces + 1, cfg.surface_dim)  # 0 = unknown / not recorded
+        in_dim = self.items.out_dim + cfg.action_dim + cfg.surface_dim + 2
+        if cfg.time_features:
+            self.t_abs = Time2Vec(ABS_PERIODS, with_log=True)  # x = days since epoch
+            self.t_since = Time2Vec(REL_PERIODS, with_log=True)
+            self.t_gap = Time2Vec(REL_PERIODS, with_log=True)
+            in_dim += self.t_abs.out_dim + self.t_since.out_dim + self.t_gap.out_dim
+        self.input_proj = nn.Linear(in_dim, cfg.width)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.width)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        self.blocks = nn.ModuleList([Block(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.layers)])
+        self.head = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(),
+                                  nn.Linear(4 * cfg.width, cfg.dim))
+        self.item_tower = nn.Sequential(nn.Linear(self.items.out_dim, cfg.item_tower_hidden), nn.GELU(),
+                                        nn.Linear(cfg.item_tower_hidden, cfg.dim))
+        self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_tau.exp().clamp(min=0.01)
+
+    def action_features(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        dur = b["duration"]
+        missing = torch.isnan(dur)
+        log_dur = torch.where(missing, torch.zeros_like(dur), torch.log1p(dur.clamp(min=0)))
+        parts = [self.items(b["item"]), self.action_emb(b["action"] + 1), self.surface_emb(b["surface"] + 1),
+                 log_dur.unsqueeze(-1), missing.float().unsqueeze(-1)]
+        if self.cfg.time_features:
+            parts += [self.t_abs(b["t_abs_days"], frac=b["t_abs_frac"]), self.t_since(b["t_since"]),
+                      self.t_gap(b["t_gap"])]
+        return torch.cat(parts, dim=-1)
+
+    def encode_sequence(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, T] actions (right-padded) -> [B, T, D] L2-normalised embeddings, causal at every position."""
+        x = self.input_proj(self.action_features(b))
+        T = x.shape[1]
+        recency = (b["length"].unsqueeze(1) - 1 - torch.arange(T, device=x.device)).clamp(0, self.cfg.max_len - 1)
+        x = x + self.pos_emb(recency)
+        for block in self.blocks:
+            x = block(x)
+        return F.normalize(self.head(x).float(), dim=-1)
+
+    def user_embedding(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The newest position's output: [B, D]."""
+        out = self.encode_sequence(b)
+        return out[torch.arange(out.shape[0], device=out.device), b["length"] - 1]
+
+    def item_embedding(self, item: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.item_tower(self.items(item)).float(), dim=-1)

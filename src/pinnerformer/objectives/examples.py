@@ -1,0 +1,129 @@
+"""Training examples cut from user timelines on the fly, for the four objectives of SPEC §2.
+
+An example is (user, cut-off c): the input is the last M actions before c, i.e. events [max(s, c-M), c) of the
+user's training range [s, e); labels are positive actions after the relevant position:
+
+    next-action        newest position -> the first positive at index >= c
+    sasrec             every position i -> the first positive after i
+    all-action         newest position -> up to `max_labels` positives in the window after it
+    dense-all-action   `positions` sampled positions i -> `labels_per_position` random positives in the
+                       window after i (the window after *that position's* time, so it needs the causal mask)
+
+The window is K seconds after the position's timestamp (28 days by default), or K actions for order-only data.
+A query is (example, position, label item); the loss treats every query as one softmax.
+c is drawn uniformly from the cut-offs that leave at least one action before and one positive after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pinnerformer.data.timelines import Timelines, TimelineView
+
+OBJECTIVES = ["dense-all-action", "all-action", "sasrec", "next-action"]
+
+
+@dataclass
+class ExampleConfig:
+    objective: str = "dense-all-action"
+    max_len: int = 64  # M
+    positions: int = 16  # dense-all-action: positions sampled per sequence
+    labels_per_position: int = 1  # dense-all-action
+    max_labels: int = 32  # all-action
+    window: float = 28 * 86400.0  # seconds, or a number of actions for order-only clocks
+    window_in_actions: bool = False
+
+
+@dataclass
+class ExampleBatch:
+    users: np.ndarray  # [B]
+    starts: np.ndarray  # [B] global event index of the first input action
+    ends: np.ndarray  # [B] one past the newest input action (the cut-off index c)
+    q_example: np.ndarray  # [Q] which example a query belongs to
+    q_position: np.ndarray  # [Q] position in the (right-padded) sequence
+    q_item: np.ndarray  # [Q] label item
+    label_example: np.ndarray  # [P] every (example, positive item) pair in the labels: for masking negatives
+    label_item: np.ndarray
+
+
+class ExampleSampler:
+    def __init__(self, tl: Timelines, positive_codes: np.ndarray, view: TimelineView, cfg: ExampleConfig):
+        if cfg.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {cfg.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        self.tl, self.view, self.cfg = tl, view, cfg
+        is_pos = np.isin(np.asarray(tl.action), positive_codes)
+        self.pos_idx = np.flatnonzero(is_pos)  # global indices of positive events, ascending
+        self.cum_pos = np.concatenate([[0], np.cumsum(is_pos)])  # positives in events [0, j)
+        # last positive inside each user's training range: the latest cut-off that still has a label
+        n_pos_before_end = self.cum_pos[view.end]
+        has = n_pos_before_end > self.cum_pos[view.start]
+        last_pos = np.where(has, self.pos_idx[np.maximum(n_pos_before_end - 1, 0)], -1)
+        self.lo = view.start + 1
+        self.hi = last_pos  # c in [lo, hi]: an action before, a positive at or after c
+        self.eligible = np.flatnonzero(has & (self.hi >= self.lo))
+
+    def _window_end(self, s: int, e: int, i: np.ndarray) -> np.ndarray:
+        """One past the last event inside the label window after positions i (global indices)."""
+        if self.cfg.window_in_actions:
+            return np.minimum(i + 1 + int(self.cfg.window), e)
+        ts = self.tl.ts[s:e]
+        return s + np.searchsorted(ts, ts[i - s] + self.cfg.window, side="right")
+
+    def _random_positives(self, rng, first: np.ndarray, stop: np.ndarray, k: int) -> list[np.ndarray]:
+        """For each window [first, stop) of global indices: up to k distinct positives, chosen at random."""
+        a, b = self.cum_pos[first], self.cum_pos[np.maximum(stop, first)]
+        out = []
+        for lo, hi in zip(a, b):
+            n = hi - lo
+            if n <= k:
+                out.append(self.pos_idx[lo:hi])
+            else:
+                out.append(self.pos_idx[lo + rng.choice(n, k, replace=False)])
+        return out
+
+    def sample(self, users: np.ndarray, rng: np.random.Generator) -> ExampleBatch:
+        cfg, tl = self.cfg, self.tl
+        item = tl.item
+        starts, ends = [], []
+        qe, qp, qi = [], [], []
+        le, li = [], []
+        for b, u in enumerate(users):
+            s_u, e_u = int(self.view.start[u]), int(self.view.end[u])
+            c = int(rng.integers(self.lo[u], self.hi[u] + 1))
+            s = max(s_u, c - cfg.max_len)
+            starts.append(s)
+            ends.append(c)
+            if cfg.objective == "next-action":
+                pos = np.array([c - 1])
+                labels = [self.pos_idx[self.cum_pos[c]:self.cum_pos[c] + 1]]
+            elif cfg.objective == "sasrec":
+                pos = np.arange(s, c)
+                nxt = self.cum_pos[pos + 1]  # index into pos_idx of the first positive after each position
+                ok = nxt < len(self.pos_idx)
+                ok[ok] = self.pos_idx[nxt[ok]] < e_u
+                pos = pos[ok]
+                labels = [self.pos_idx[n:n + 1] for n in nxt[ok]]
+            elif cfg.objective == "all-action":
+                pos = np.array([c - 1])
+                stop = self._window_end(s_u, e_u, pos)
+                labels = self._random_positives(rng, pos + 1, stop, cfg.max_labels)
+            else:  # dense-all-action
+                n = c - s
+                pos = s + np.sort(rng.choice(n, min(cfg.positions, n), replace=False))
+                stop = self._window_end(s_u, e_u, pos)
+                labels = self._random_positives(rng, pos + 1, stop, cfg.labels_per_position)
+            for p, lab in zip(pos, labels):
+                for j in lab:
+                    qe.append(b)
+                    qp.append(p - s)
+                    qi.append(item[j])
+        q_example = np.array(qe, dtype=np.int64)
+        q_item = np.array(qi, dtype=np.int64)
+        # (example, item) pairs: every label of the example is one of "the user's own positives"
+        pairs = np.unique(np.stack([q_example, q_item], 1), axis=0) if len(qe) else np.zeros((0, 2), np.int64)
+        return ExampleBatch(users=np.asarray(users), starts=np.array(starts, dtype=np.int64),
+                            ends=np.array(ends, dtype=np.int64), q_example=q_example,
+                            q_position=np.array(qp, dtype=np.int64), q_item=q_item,
+                            label_example=pairs[:, 0], label_item=pairs[:, 1])

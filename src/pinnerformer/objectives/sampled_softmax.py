@@ -1,0 +1,128 @@
+"""Sampled softmax with logQ correction, its negative pool, and the count-min sketch behind Q.
+
+For a query u with positive p and negatives n (SPEC §2):
+
+    L(u) = -log( e^{s(u,p) - log Q(p)} / (e^{s(u,p) - log Q(p)} + Σ_n e^{s(u,n) - log Q(n)}) )
+
+where s = cosine / τ and Q(x) is the expected number of copies of item x in the negative pool:
+    in-batch  (other queries' positives, N_b of them)   Q(x) = N_b · f(x), f = label frequency (count-min sketch)
+    random    (R uniform draws from the catalogue)      Q(x) = R / |I|
+    mixed     (the union)                               Q(x) = N_b · f(x) + R / |I|
+Negatives that are one of the query's own user's positives are masked out (this also removes "accidental
+hits": a random negative equal to the positive). Each user (example) weighs equally: query losses are
+averaged within an example, then over examples.
+
+Building the pool is a separate step (`build_negative_pool`) so that a distributed trainer can all-gather
+pools across workers before the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEGATIVES = ["mixed", "in-batch", "random"]
+MERSENNE = (1 << 31) - 1
+
+
+class CountMinSketch:
+    """Approximate item counts in fixed memory: depth rows of width counters, estimate = min over rows.
+
+    Over-estimates only, by at most e·total/width with probability 1 - e^-depth (Cormode & Muthukrishnan).
+    Defaults: width 2^18, depth 4 (8 MiB) — collisions are negligible for catalogues up to ~10^5 items.
+    """
+
+    def __init__(self, width: int = 1 << 18, depth: int = 4, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.width, self.depth = width, depth
+        self.a = torch.randint(1, MERSENNE, (depth, 1), generator=g, dtype=torch.int64)
+        self.b = torch.randint(0, MERSENNE, (depth, 1), generator=g, dtype=torch.int64)
+        self.table = torch.zeros(depth, width, dtype=torch.int64)
+        self.total = 0
+
+    def _cells(self, items: torch.Tensor) -> torch.Tensor:
+        x = items.reshape(1, -1).to(torch.int64) % MERSENNE
+        return ((self.a * x + self.b) % MERSENNE) % self.width  # [depth, n]
+
+    def update(self, items: torch.Tensor) -> None:
+        cells = self._cells(items.cpu())
+        for d in range(self.depth):
+            self.table[d].index_add_(0, cells[d], torch.ones_like(cells[d]))
+        self.total += items.numel()
+
+    def count(self, items: torch.Tensor) -> torch.Tensor:
+        cells = self._cells(items.cpu())
+        return torch.gather(self.table, 1, cells).min(0).values.reshape(items.shape)
+
+    def frequency(self, items: torch.Tensor) -> torch.Tensor:
+        return self.count(items).double() / max(self.total, 1)
+
+    def state_dict(self) -> dict:
+        return {"table": self.table.clone(), "total": self.total, "a": self.a, "b": self.b}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.table, self.total, self.a, self.b = s["table"].clone(), int(s["total"]), s["a"], s["b"]
+        self.depth, self.width = self.table.shape
+
+
+@dataclass
+class NegativePool:
+    items: torch.Tensor  # [N] item ids
+    log_q: torch.Tensor  # [N] log expected count in the pool (0 when logQ correction is off)
+
+
+def log_q_of(items: torch.Tensor, kind: str, n_in_batch: int, n_random: int, n_items: int,
+             sketch: CountMinSketch) -> torch.Tensor:
+    """log Q(x) for the pool `kind` (see module docstring)."""
+    q = torch.zeros(items.shape, dtype=torch.float64)
+    if kind in ("in-batch", "mixed"):
+        q += n_in_batch * sketch.frequency(items).clamp(min=1.0 / max(sketch.total, 1))
+    if kind in ("random", "mixed"):
+        q += n_random / n_items
+    return q.log().float().to(items.device)
+
+
+def build_negative_pool(label_items: torch.Tensor, kind: str, n_random: int, n_items: int, sketch: CountMinSketch,
+                        use_logq: bool, generator: torch.Generator) -> NegativePool:
+    """Negatives for one batch: the batch's positives (in-batch), uniform random items, or both."""
+    if kind not in NEGATIVES:
+        raise ValueError(f"unknown negatives {kind!r}; expected one of {', '.join(NEGATIVES)}")
+    parts = []
+    if kind in ("in-batch", "mixed"):
+        parts.append(label_items)
+    if kind in ("random", "mixed"):
+        parts.append(torch.randint(0, n_items, (n_random,), generator=generator).to(label_items.device))
+    items = torch.cat(parts)
+    n_ib = label_items.numel() if kind != "random" else 0
+    log_q = (log_q_of(items, kind, n_ib, n_random if kind != "in-batch" else 0, n_items, sketch) if use_logq
+             else torch.zeros(items.shape, device=items.device))
+    return NegativePool(items, log_q)
+
+
+def own_positive_mask(q_example: torch.Tensor, pool_items: torch.Tensor, label_example: torch.Tensor,
+                      label_item: torch.Tensor, n_examples: int, n_items: int) -> torch.Tensor:
+    """[Q, N] True where pool item n is one of the positives of query q's example (to be masked)."""
+    keys = label_example * n_items + label_item
+    ex_keys = torch.arange(n_examples, device=pool_items.device).unsqueeze(1) * n_items + pool_items.unsqueeze(0)
+    per_example = torch.isin(ex_keys, keys)  # [B, N]
+    return per_example[q_example]
+
+
+def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_log_q: torch.Tensor,
+                         neg_log_q: torch.Tensor, mask: torch.Tensor, q_example: torch.Tensor,
+                         n_examples: int) -> torch.Tensor:
+    """Mean over examples of the mean over their queries of the logQ-corrected sampled softmax loss.
+
+    pos_logit [Q] = s(u,p); neg_logit [Q,N] = s(u,n); pos_log_q [Q]; neg_log_q [N]; mask [Q,N] True = drop.
+    """
+    z_pos = pos_logit - pos_log_q
+    z_neg = (neg_logit - neg_log_q.unsqueeze(0)).masked_fill(mask, float("-inf"))
+    logits = torch.cat([z_pos.unsqueeze(1), z_neg], dim=1)
+    per_query = torch.logsumexp(logits, dim=1) - z_pos
+    # equal weight per example: sum of its query losses / its number of queries
+    count = torch.zeros(n_examples, device=per_query.device, dtype=per_query.dtype).index_add_(
+        0, q_example, torch.ones_like(per_query))
+    total = torch.zeros_like(count).index_add_(0, q_example, per_query)
+    has = count > 0
+    return (total[has] / count[has]).mean()

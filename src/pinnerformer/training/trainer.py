@@ -1,0 +1,381 @@
+"""PinnerFormer trainer: AdamW, warm-up + cosine, clipping, bf16 autocast on GPU, early stopping on validation,
+checkpoints that resume exactly, a progress bar, TensorBoard scalars, and the resolved config in the run dir.
+
+Exact resume: every source of randomness is derived from (seed, epoch, step) rather than carried along —
+the epoch's user order from (seed, epoch), a batch's examples from (seed, epoch, step), negatives and dropout
+from (seed, global step) — so a run restarted from a checkpoint replays the same batches. The checkpoint
+holds model, optimizer, count-min sketch, the position in the run, early-stopping state and the loss history.
+
+Run directory:
+    config.json         the full resolved config, dataset fingerprint, model shape, protocol, counts
+    split.parquet       user id -> train / validation / test (future-window protocol)
+    metrics.jsonl       one line per step (loss, lr, τ) and per epoch (validation metric)
+    checkpoints/        last.pt (resume), best.pt (best validation metric: the model later stages use)
+    tensorboard/        scalars
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from pinnerformer.data import schema
+from pinnerformer.data.dataset import Dataset
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.evaluation.metrics import label_ranks, ndcg_at_k, recall_at_k, hit_rate_at_k
+from pinnerformer.evaluation.protocols import (
+    EvalTask, future_window_task, leave_one_out_task, training_view, user_split,
+)
+from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
+from pinnerformer.models.pinnerformer import ModelConfig, PinnerFormer
+from pinnerformer.objectives.examples import ExampleConfig, ExampleSampler
+from pinnerformer.objectives.sampled_softmax import (
+    CountMinSketch, build_negative_pool, log_q_of, own_positive_mask, sampled_softmax_loss,
+)
+from pinnerformer.training.config import TrainConfig
+
+SHAPE_KEYS = ("data", "model", "loss")  # a resumed run must agree on these
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(ds: Dataset, cfg: TrainConfig) -> tuple[PinnerFormer, ModelConfig]:
+    m = ds.manifest
+    content = ds.content_vectors()
+    feats = cfg.model.item_features
+    if feats == "auto":
+        feats = "both" if content is not None else "id"
+    if feats in ("content", "both") and content is None:
+        raise PinnerformerError(f"item_features={feats} needs content vectors, but {ds.path} has none "
+                                "(run `pinnerformer items embed-text` or use item_features=id)")
+    mc = ModelConfig(
+        n_items=m.n_items, n_actions=len(m.actions), n_surfaces=len(m.surfaces), max_len=cfg.data.max_len,
+        width=cfg.model.width, layers=cfg.model.layers, heads=cfg.model.heads, dim=cfg.model.dim,
+        dropout=cfg.model.dropout, item_features=feats, content_dim=0 if content is None else content.shape[1],
+        id_dim=cfg.model.id_dim, action_dim=cfg.model.action_dim, surface_dim=cfg.model.surface_dim,
+        time_features=cfg.model.time_features and m.clock == "seconds",
+        item_tower_hidden=cfg.model.item_tower_hidden)
+    if mc.width % mc.heads:
+        raise PinnerformerError(f"model.width {mc.width} is not divisible by model.heads {mc.heads}")
+    return PinnerFormer(mc, None if content is None or feats == "id" else torch.from_numpy(np.array(content))), mc
+
+
+@torch.no_grad()
+def embed_users(model: PinnerFormer, ds: Dataset, starts: np.ndarray, ends: np.ndarray, device: torch.device,
+                batch_size: int = 256) -> torch.Tensor:
+    """User embeddings from the last M actions of each [start, end) range. [U, D] float32."""
+    model.eval()
+    M = model.cfg.max_len
+    starts = np.maximum(starts, ends - M)
+    out = []
+    for i in range(0, len(starts), batch_size):
+        b = to_torch(build_sequence_batch(ds.timelines, starts[i:i + batch_size], ends[i:i + batch_size],
+                                          model.cfg.time_features), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model.user_embedding(b).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_items(model: PinnerFormer, device: torch.device, chunk: int = 8192) -> torch.Tensor:
+    model.eval()
+    n = model.cfg.n_items
+    out = []
+    for i in range(0, n, chunk):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(model.item_embedding(torch.arange(i, min(i + chunk, n), device=device)).float())
+    return torch.cat(out)
+
+
+def evaluate_task(user_vecs: torch.Tensor, item_vecs: torch.Tensor | None, task: EvalTask, k: int,
+                  item_scores: torch.Tensor | None = None, batch: int = 512) -> dict[str, float]:
+    """Full-catalogue ranking metrics of a task; scores = user · item, or fixed per-item scores (popularity)."""
+    ranks: list[np.ndarray] = []
+    for i in range(0, len(task), batch):
+        if item_scores is not None:
+            scores = item_scores.unsqueeze(0).expand(min(batch, len(task) - i), -1)
+        else:
+            scores = user_vecs[i:i + batch] @ item_vecs.T
+        ranks += label_ranks(scores, task.labels[i:i + batch])
+    return {f"recall@{k}": float(np.nanmean(recall_at_k(ranks, k))),
+            f"hr@{k}": float(np.nanmean(hit_rate_at_k(ranks, k))),
+            f"ndcg@{k}": float(np.nanmean(ndcg_at_k(ranks, k))), "users": len(task)}
+
+
+class Trainer:
+    def __init__(self, ds: Dataset, cfg: TrainConfig, run_dir: Path, log=print):
+        self.ds, self.cfg, self.run_dir, self.log = ds, cfg, Path(run_dir), log
+        m = ds.manifest
+        if not m.positive_codes:
+            raise PinnerformerError(f"{ds.path}: the dataset has no positive action types, so there is nothing "
+                                    "to learn to predict (prepare it with --positive)")
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.protocol = cfg.eval.protocol
+        if self.protocol == "auto":
+            self.protocol = "leave-one-out" if m.clock == "order" else "future-window"
+        if self.protocol == "future-window" and m.clock == "order":
+            raise PinnerformerError("the future-window protocol needs real timestamps; this dataset is order-only "
+                                    "(use --protocol leave-one-out)")
+        self.notes: list[str] = []
+        if m.clock == "order":
+            self.notes.append("order-only clock: no time features; the label window is counted in actions "
+                              f"(K = {cfg.data.window_actions} actions)")
+        user_ids = ds.users["user_id"].to_list()
+        self.split = (user_split(user_ids, cfg.seed, cfg.eval.val_fraction, cfg.eval.test_fraction)
+                      if self.protocol == "future-window" else np.zeros(len(user_ids), dtype=np.int8))
+        view = training_view(ds, self.protocol, self.split)
+        order = m.clock == "order"
+        self.sampler = ExampleSampler(
+            ds.timelines, np.array(m.positive_codes), view,
+            ExampleConfig(objective=cfg.loss.objective, max_len=cfg.data.max_len, positions=cfg.data.positions,
+                          labels_per_position=cfg.data.labels_per_position, max_labels=cfg.data.max_labels,
+                          window=cfg.data.window_actions if order else cfg.data.window_days * 86400.0,
+                          window_in_actions=order))
+        n_elig = len(self.sampler.eligible)
+        if n_elig < cfg.optim.batch_size:
+            raise PinnerformerError(
+                f"only {n_elig} training users have an action followed by a positive action, fewer than one batch "
+                f"(batch_size {cfg.optim.batch_size}); use a smaller batch or more data")
+        if self.protocol == "future-window":
+            val_users = np.flatnonzero(self.split == 1)
+            self.val_task = future_window_task(ds, val_users, cfg.eval.label_days, cfg.seed, "future-window/validation",
+                                               cfg.eval.max_val_users)
+            self.metric = f"recall@{cfg.eval.k}"
+        else:
+            self.val_task = leave_one_out_task(ds, "validation")
+            self.metric = f"ndcg@{cfg.eval.k}"
+        if len(self.val_task) == 0:
+            raise PinnerformerError("no validation user has labels: cannot select a model")
+        self.model, self.model_cfg = build_model(ds, cfg)
+        self.model.to(self.device)
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr)
+        self.seqs_per_epoch = n_elig * cfg.data.sequences_per_user
+        self.steps_per_epoch = self.seqs_per_epoch // cfg.optim.batch_size  # drop the ragged last batch
+        self.total_steps = self.steps_per_epoch * cfg.optim.max_epochs
+        self.sketch = CountMinSketch(cfg.loss.sketch_width, cfg.loss.sketch_depth, seed=cfg.seed)
+        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": -math.inf, "best_epoch": -1,
+                      "bad_epochs": 0, "history": [], "done": False}
+
+    # ---- schedule ----------------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        o = self.cfg.optim
+        if step < o.warmup_steps:
+            return o.lr * (step + 1) / o.warmup_steps
+        progress = (step - o.warmup_steps) / max(1, self.total_steps - o.warmup_steps)
+        return o.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    # ---- one step --------------------------------------------------------------------------------------
+    def loss_on(self, users: np.ndarray, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
+        cfg, dev = self.cfg, self.device
+        batch = self.sampler.sample(users, rng)
+        seq = to_torch(build_sequence_batch(self.ds.timelines, batch.starts, batch.ends,
+                                            self.model_cfg.time_features), dev)
+        B = len(users)
+        q_example = torch.from_numpy(batch.q_example).to(dev)
+        label_items = torch.from_numpy(batch.q_item).to(dev)
+        self.sketch.update(label_items)
+        n_items = self.model_cfg.n_items
+        pool = build_negative_pool(label_items, cfg.loss.negatives, cfg.loss.n_random, n_items, self.sketch,
+                                   cfg.loss.logq, gen)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            out = self.model.encode_sequence(seq)  # [B, T, D]
+            q = out[q_example, torch.from_numpy(batch.q_position).to(dev)]
+            uniq, inv = torch.unique(torch.cat([label_items, pool.items]), return_inverse=True)
+            emb = self.model.item_embedding(uniq)
+        pos_e, neg_e = emb[inv[:len(label_items)]], emb[inv[len(label_items):]]
+        tau = self.model.temperature
+        pos_logit = (q * pos_e).sum(-1) / tau
+        neg_logit = (q @ neg_e.T) / tau
+        n_ib = len(label_items) if cfg.loss.negatives != "random" else 0
+        n_rand = cfg.loss.n_random if cfg.loss.negatives != "in-batch" else 0
+        pos_log_q = (log_q_of(label_items, cfg.loss.negatives, n_ib, n_rand, n_items, self.sketch)
+                     if cfg.loss.logq else torch.zeros_like(pos_logit))
+        mask = own_positive_mask(q_example, pool.items, torch.from_numpy(batch.label_example).to(dev),
+                                 torch.from_numpy(batch.label_item).to(dev), B, n_items)
+        return sampled_softmax_loss(pos_logit.float(), neg_logit.float(), pos_log_q, pool.log_q, mask, q_example, B)
+
+    # ---- validation ------------------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        t = self.val_task
+        users = embed_users(self.model, self.ds, t.starts, t.ends, self.device)
+        items = embed_items(self.model, self.device)
+        return evaluate_task(users, items, t, self.cfg.eval.k)
+
+    def popularity_baseline(self) -> dict[str, float]:
+        """Most-popular positives in the training data, ranked by the same code: context for every number."""
+        view = training_view(self.ds, self.protocol, self.split)
+        tl = self.ds.timelines
+        counts = np.zeros(self.model_cfg.n_items)
+        pos_codes = np.array(self.ds.manifest.positive_codes)
+        for u in np.flatnonzero(view.lengths > 0):
+            x = view.user(u)
+            np.add.at(counts, x.item[np.isin(x.action, pos_codes)], 1)
+        return evaluate_task(None, None, self.val_task, self.cfg.eval.k, item_scores=torch.from_numpy(counts))
+
+    # ---- persistence -----------------------------------------------------------------------------------
+    def _describe(self) -> dict:
+        return {"config": self.cfg.model_dump(), "dataset": {"path": str(self.ds.path.resolve()),
+                                                            "fingerprint": self.ds.manifest.fingerprint},
+                "model": asdict(self.model_cfg), "protocol": self.protocol, "metric": self.metric,
+                "eligible_training_users": int(len(self.sampler.eligible)), "validation_users": len(self.val_task),
+                "steps_per_epoch": self.steps_per_epoch, "notes": self.notes,
+                "parameters": sum(p.numel() for p in self.model.parameters())}
+
+    def _check_resume_compatible(self) -> None:
+        path = self.run_dir / "config.json"
+        if not path.exists():
+            raise PinnerformerError(f"--resume: {self.run_dir} has no config.json (not a training run)")
+        old = json.loads(path.read_text())
+        if old["dataset"]["fingerprint"] != self.ds.manifest.fingerprint:
+            raise PinnerformerError(
+                f"--resume: {self.run_dir} was trained on a different dataset (fingerprint "
+                f"{old['dataset']['fingerprint']}, this one is {self.ds.manifest.fingerprint})")
+        new = self.cfg.model_dump()
+        diffs = [k for k in SHAPE_KEYS if old["config"].get(k) != new.get(k)] + \
+                (["model shape"] if old["model"] != json.loads(json.dumps(asdict(self.model_cfg))) else [])
+        if diffs:
+            raise PinnerformerError(f"--resume: the run was made with a different model/objective configuration "
+                                    f"({', '.join(diffs)} differ); use the same preset and config, or a new run dir")
+
+    def save_checkpoint(self, name: str) -> None:
+        folder = self.run_dir / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                    "sketch": self.sketch.state_dict(), "state": self.state,
+                    "model_config": asdict(self.model_cfg), "fingerprint": self.ds.manifest.fingerprint}, tmp)
+        os.replace(tmp, folder / name)
+
+    def load_checkpoint(self) -> None:
+        ck = torch.load(self.run_dir / "checkpoints" / "last.pt", map_location=self.device, weights_only=False)
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sketch.load_state_dict(ck["sketch"])
+        self.state = ck["state"]
+
+    def _write_metrics(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in self.state["history"]))
+        os.replace(tmp, path)
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, max_steps: int | None = None, stop_after: int | None = None,
+            progress: bool = True) -> dict:
+        """Train to early stop (or max_epochs / max_steps). `stop_after` simulates a kill (tests)."""
+        from tensorboardX import SummaryWriter
+
+        cfg = self.cfg
+        if resume:
+            self._check_resume_compatible()
+            if (self.run_dir / "checkpoints" / "last.pt").exists():
+                self.load_checkpoint()
+                self.log(f"resumed at epoch {self.state['epoch']}, step {self.state['global_step']}")
+        elif (self.run_dir / "checkpoints").exists():
+            raise PinnerformerError(f"{self.run_dir} already holds a training run: use --resume or a new directory")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        schema.write_json_atomic(self.run_dir / "config.json", self._describe())
+        if self.protocol == "future-window":
+            pl.DataFrame({"user_id": self.ds.users["user_id"],
+                          "split": pl.Series(self.split).replace_strict([0, 1, 2], ["train", "validation", "test"])}
+                         ).write_parquet(self.run_dir / "split.parquet")
+        for n in self.notes:
+            self.log("note: " + n)
+        self.log(f"protocol {self.protocol}; {len(self.sampler.eligible):,} training users, "
+                 f"{len(self.val_task):,} validation users; {self.steps_per_epoch} steps/epoch; "
+                 f"device {self.device}; {self._describe()['parameters']:,} parameters")
+        if not self.state["history"]:
+            pop = self.popularity_baseline()
+            self.state["history"].append({"kind": "baseline", "name": "popularity", **pop})
+            self.log(f"popularity baseline on validation: {self.metric} {pop[self.metric]:.4f}")
+        self._write_metrics()
+        tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        B = cfg.optim.batch_size
+        stopped_by = "max_epochs"
+        t_start = time.perf_counter()
+        while self.state["epoch"] < cfg.optim.max_epochs and not self.state["done"]:
+            epoch = self.state["epoch"]
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(
+                np.repeat(self.sampler.eligible, cfg.data.sequences_per_user))
+            bar = tqdm(total=self.steps_per_epoch * B, initial=self.state["step_in_epoch"] * B, unit="seq",
+                       desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+            self.model.train()
+            while self.state["step_in_epoch"] < self.steps_per_epoch:
+                s, g = self.state["step_in_epoch"], self.state["global_step"]
+                if max_steps is not None and g >= max_steps:
+                    self.state["done"], stopped_by = True, "max_steps"
+                    break
+                if stop_after is not None and g >= stop_after:
+                    bar.close()
+                    return {"stopped_by": "simulated kill"}
+                rng = np.random.default_rng([cfg.seed, epoch, s])
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + g)
+                torch.manual_seed(cfg.seed * 7_919 + g)  # dropout
+                lr = self.lr_at(g)
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                loss = self.loss_on(order[s * B:(s + 1) * B], rng, gen)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+                self.opt.step()
+                rec = {"kind": "step", "step": g, "epoch": epoch, "loss": loss.item(), "lr": lr,
+                       "tau": self.model.temperature.item(), "grad_norm": float(gnorm)}
+                self.state["history"].append(rec)
+                with (self.run_dir / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                tb.add_scalar("train/loss", rec["loss"], g)
+                tb.add_scalar("train/lr", lr, g)
+                tb.add_scalar("train/temperature", rec["tau"], g)
+                self.state["step_in_epoch"] += 1
+                self.state["global_step"] += 1
+                bar.update(B)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}")
+                if self.state["global_step"] % cfg.checkpoint_every == 0:
+                    self.save_checkpoint("last.pt")
+            bar.close()
+            if self.state["step_in_epoch"] >= self.steps_per_epoch or self.state["done"]:
+                val = self.validate()
+                improved = val[self.metric] > self.state["best"]
+                rec = {"kind": "validation", "epoch": epoch, "step": self.state["global_step"], **val}
+                self.state["history"].append(rec)
+                with (self.run_dir / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                tb.add_scalar(f"validation/{self.metric}", val[self.metric], epoch)
+                self.log(f"epoch {epoch}: validation {self.metric} {val[self.metric]:.4f}"
+                         + (" (best)" if improved else "") + f"  [{len(self.val_task)} users, {self.protocol}]")
+                if improved:
+                    self.state.update(best=val[self.metric], best_epoch=epoch, bad_epochs=0)
+                    self.save_checkpoint("best.pt")
+                else:
+                    self.state["bad_epochs"] += 1
+                    if self.state["bad_epochs"] >= cfg.optim.patience:
+                        self.state["done"], stopped_by = True, "early stop"
+                self.state["epoch"] += 1
+                self.state["step_in_epoch"] = 0
+                self.save_checkpoint("last.pt")
+        tb.close()
+        summary = {"stopped_by": stopped_by, "best_epoch": self.state["best_epoch"], self.metric: self.state["best"],
+                   "popularity": self.state["history"][0][self.metric], "steps": self.state["global_step"],
+                   "wall_s": round(time.perf_counter() - t_start, 1)}
+        schema.write_json_atomic(self.run_dir / "summary.json", summary)
+        self.log(f"done ({stopped_by}): best validation {self.metric} {self.state['best']:.4f} at epoch "
+                 f"{self.state['best_epoch']} vs popularity {summary['popularity']:.4f}")
+        return summary

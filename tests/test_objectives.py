@@ -1,0 +1,167 @@
+"""Loss against a float64 reference, logQ exactly as the formula says, the count-min sketch, example cutting."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pinnerformer.data.timelines import Timelines
+from pinnerformer.objectives.examples import ExampleConfig, ExampleSampler
+from pinnerformer.objectives.sampled_softmax import (
+    CountMinSketch, build_negative_pool, log_q_of, own_positive_mask, sampled_softmax_loss,
+)
+
+
+def reference_loss(pos, neg, pos_lq, neg_lq, mask, q_example, n_examples):
+    """Float64, loop by loop: L = -log(e^{s_p - logQ_p} / (e^{s_p - logQ_p} + Σ_n e^{s_n - logQ_n}))."""
+    per_ex = [[] for _ in range(n_examples)]
+    for q in range(len(pos)):
+        zp = pos[q] - pos_lq[q]
+        denom = math.exp(zp) + sum(math.exp(neg[q, n] - neg_lq[n]) for n in range(neg.shape[1]) if not mask[q, n])
+        per_ex[q_example[q]].append(-(zp - math.log(denom)))
+    return np.mean([np.mean(v) for v in per_ex if v])
+
+
+def test_loss_equals_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    Q, N, B = 23, 17, 5
+    pos = torch.randn(Q, generator=g) * 3
+    neg = torch.randn(Q, N, generator=g) * 3
+    pos_lq = torch.randn(Q, generator=g)
+    neg_lq = torch.randn(N, generator=g)
+    mask = torch.rand(Q, N, generator=g) < 0.2
+    q_example = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 4])
+    got = sampled_softmax_loss(pos, neg, pos_lq, neg_lq, mask, q_example, B)
+    want = reference_loss(pos.double().numpy(), neg.double().numpy(), pos_lq.double().numpy(),
+                          neg_lq.double().numpy(), mask.numpy(), q_example.numpy(), B)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    # each user weighs equally: example 2 has 12 queries, example 0 three, yet both count once
+    per_query = [reference_loss(pos[i:i + 1].double().numpy(), neg[i:i + 1].double().numpy(),
+                                pos_lq[i:i + 1].double().numpy(), neg_lq.double().numpy(), mask[i:i + 1].numpy(),
+                                [0], 1) for i in range(Q)]
+    assert want != pytest.approx(np.mean(per_query), rel=1e-3)
+
+
+def test_logq_changes_loss_exactly_as_the_formula_says():
+    # one query, positive score 2, negatives scores [1, 0.5]; Q = [0.5 | 2, 0.25]
+    pos, neg = torch.tensor([2.0]), torch.tensor([[1.0, 0.5]])
+    no_mask, ex = torch.zeros(1, 2, dtype=torch.bool), torch.tensor([0])
+    plain = sampled_softmax_loss(pos, neg, torch.zeros(1), torch.zeros(2), no_mask, ex, 1).item()
+    assert plain == pytest.approx(-2 + math.log(math.e ** 2 + math.e + math.e ** 0.5), rel=1e-6)
+    lq_p, lq_n = math.log(0.5), [math.log(2.0), math.log(0.25)]
+    corrected = sampled_softmax_loss(pos, neg, torch.tensor([lq_p]), torch.tensor(lq_n), no_mask, ex, 1).item()
+    zp = 2 - lq_p
+    assert corrected == pytest.approx(-zp + math.log(math.exp(zp) + math.exp(1 - lq_n[0]) + math.exp(0.5 - lq_n[1])),
+                                      rel=1e-6)
+    # masking a negative removes exactly its term
+    masked = sampled_softmax_loss(pos, neg, torch.zeros(1), torch.zeros(2), torch.tensor([[True, False]]), ex, 1)
+    assert masked.item() == pytest.approx(-2 + math.log(math.e ** 2 + math.e ** 0.5), rel=1e-6)
+
+
+def test_count_min_sketch_counts_and_frequencies():
+    cms = CountMinSketch(width=1 << 12, depth=4, seed=1)
+    items = torch.tensor([5] * 50 + [7] * 30 + list(range(100, 120)))
+    cms.update(items)
+    assert cms.total == 100
+    est = cms.count(torch.tensor([5, 7, 100, 999]))
+    assert est[0] >= 50 and est[1] >= 30 and est[2] >= 1  # never under-counts
+    assert est.tolist() == [50, 30, 1, 0]  # 22 keys in 4096 cells: no collisions with this seed
+    assert cms.frequency(torch.tensor([5])).item() == pytest.approx(0.5)
+    tiny = CountMinSketch(width=4, depth=2, seed=0)
+    tiny.update(torch.arange(100))
+    assert (tiny.count(torch.arange(100)) >= 1).all()  # over-estimates under collisions, never under
+    restored = CountMinSketch(width=1 << 12, depth=4, seed=9)
+    restored.load_state_dict(cms.state_dict())
+    assert torch.equal(restored.count(torch.arange(200)), cms.count(torch.arange(200)))
+
+
+def test_negative_pools_and_their_log_q():
+    cms = CountMinSketch(width=1 << 12, seed=0)
+    labels = torch.tensor([3, 3, 3, 8])
+    cms.update(labels)
+    g = torch.Generator().manual_seed(0)
+    ib = build_negative_pool(labels, "in-batch", 16, 100, cms, True, g)
+    assert torch.equal(ib.items, labels)
+    assert torch.allclose(ib.log_q, torch.log(torch.tensor([3.0, 3.0, 3.0, 1.0])))  # N_b · f(x) = 4 · count/4
+    rnd = build_negative_pool(labels, "random", 16, 100, cms, True, g)
+    assert len(rnd.items) == 16 and torch.allclose(rnd.log_q, torch.full((16,), math.log(16 / 100)))
+    mixed = build_negative_pool(labels, "mixed", 16, 100, cms, True, g)
+    assert len(mixed.items) == 20
+    assert mixed.log_q[0].item() == pytest.approx(math.log(3 + 0.16), rel=1e-6)
+    assert torch.equal(log_q_of(torch.tensor([3]), "mixed", 4, 16, 100, cms), mixed.log_q[:1])
+    off = build_negative_pool(labels, "mixed", 16, 100, cms, False, g)
+    assert (off.log_q == 0).all()
+
+
+def test_own_positives_are_masked():
+    pool = torch.tensor([4, 5, 6, 4])
+    label_example, label_item = torch.tensor([0, 0, 1]), torch.tensor([4, 6, 5])
+    mask = own_positive_mask(torch.tensor([0, 1, 1]), pool, label_example, label_item, 2, 10)
+    assert mask.tolist() == [[True, False, True, True], [False, True, False, False], [False, True, False, False]]
+
+
+def toy_timeline(clock="seconds"):
+    # one user, 10 events 1 day apart; positives (action 1) at indices 2, 5, 6, 9
+    action = np.array([0, 0, 1, 0, 0, 1, 1, 0, 0, 1], dtype=np.int16)
+    ts = (np.arange(10) * 86400 if clock == "seconds" else np.arange(10)).astype(np.int64)
+    return Timelines(offsets=np.array([0, 10]), item=np.arange(100, 110, dtype=np.int32), action=action, ts=ts,
+                     surface=np.full(10, -1, np.int16), duration=np.full(10, np.nan, np.float32), clock=clock)
+
+
+@pytest.mark.parametrize("objective", ["next-action", "sasrec", "all-action", "dense-all-action"])
+def test_labels_follow_their_definition(objective):
+    tl = toy_timeline()
+    day = 86400.0
+    s = ExampleSampler(tl, np.array([1]), tl.full(), ExampleConfig(objective=objective, max_len=4, positions=3,
+                                                                     window=2.5 * day, max_labels=32))
+    assert s.eligible.tolist() == [0] and (s.lo[0], s.hi[0]) == (1, 9)
+    pos_items = {102, 105, 106, 109}
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        b = s.sample(np.array([0]), rng)
+        c, start = int(b.ends[0]), int(b.starts[0])
+        assert 1 <= c <= 9 and start == max(0, c - 4)
+        for p, it in zip(b.q_position, b.q_item):
+            i = start + int(p)  # the query's event index
+            assert it in pos_items and it - 100 > i  # a positive strictly after the position
+            if objective == "next-action":
+                assert i == c - 1 and it - 100 == min(j for j in (2, 5, 6, 9) if j >= c)
+            if objective == "sasrec":
+                assert it - 100 == min(j for j in (2, 5, 6, 9) if j > i)
+            if objective in ("all-action", "dense-all-action"):
+                assert (it - 100 - i) * day <= 2.5 * day  # inside the K-day window after that position
+            if objective == "all-action":
+                assert i == c - 1
+        if objective == "all-action":
+            want = {100 + j for j in (2, 5, 6, 9) if c <= j <= c - 1 + 2}
+            assert set(b.q_item.tolist()) == want
+        if objective == "dense-all-action":
+            assert len(set(b.q_position.tolist())) == len(b.q_position) <= 3
+
+
+def test_order_clock_window_counts_actions():
+    tl = toy_timeline(clock="order")
+    s = ExampleSampler(tl, np.array([1]), tl.full(), ExampleConfig(objective="all-action", max_len=4, window=1,
+                                                                     window_in_actions=True))
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        b = s.sample(np.array([0]), rng)
+        c = int(b.ends[0])
+        assert set(b.q_item.tolist()) <= {100 + c} and set(b.q_item.tolist()) == ({100 + c} & {102, 105, 106, 109})
+
+
+def test_label_ranks_ties_pessimistic_and_other_labels_excluded():
+    from pinnerformer.evaluation.metrics import hit_rate_at_k, label_ranks, ndcg_at_k, recall_at_k
+
+    scores = torch.tensor([[0.9, 0.5, 0.5, 0.1, 0.7],
+                           [0.1, 0.2, 0.3, 0.4, 0.5]])
+    ranks = label_ranks(scores, [np.array([1, 4]), np.array([0])])
+    # item 1 (0.5): items 0 (0.9) and 2 (0.5, a tie: counted above) beat it; item 4 is another label: ignored
+    # item 4 (0.7): only item 0 beats it. User 2's label is last of 5.
+    assert [r.tolist() for r in ranks] == [[2, 1], [4]]
+    assert recall_at_k(ranks, 2).tolist() == [0.5, 0.0]
+    assert hit_rate_at_k(ranks, 2).tolist() == [1.0, 0.0]
+    assert ndcg_at_k(ranks, 5).tolist() == pytest.approx([1 / np.log2(3), 1 / np.log2(6)])
+    empty = label_ranks(scores[:1], [np.array([], dtype=np.int64)])
+    assert np.isnan(recall_at_k(empty, 10)[0])

@@ -1,0 +1,93 @@
+"""Model: causality, shapes and normalisation, feature switches, the data pipeline's time features."""
+
+import numpy as np
+import pytest
+import torch
+
+from pinnerformer.data.timelines import Timelines
+from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
+from pinnerformer.models.pinnerformer import ModelConfig, PinnerFormer
+
+
+def random_batch(B=3, T=12, n_items=50, seed=0):
+    g = np.random.default_rng(seed)
+    ts = np.sort(g.integers(1_600_000_000, 1_600_900_000, (B, T)), axis=1)
+    return {"item": g.integers(0, n_items, (B, T)), "action": g.integers(-1, 3, (B, T)),
+            "surface": g.integers(-1, 2, (B, T)), "duration": np.where(g.random((B, T)) < 0.3, np.nan,
+                                                                        g.exponential(10, (B, T))).astype(np.float32),
+            "length": np.array([T, T - 2, 5]), "t_since": g.exponential(1e5, (B, T)).astype(np.float32),
+            "t_gap": g.exponential(1e4, (B, T)).astype(np.float32),
+            "t_abs_frac": g.random((B, T, 12)).astype(np.float32), "t_abs_days": (ts / 86400).astype(np.float32)}
+
+
+def make_model(features="both", time=True, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_items=50, n_actions=3, n_surfaces=2, max_len=16, width=32, layers=2, heads=4, dim=24,
+                      dropout=0.0, item_features=features, content_dim=8 if features != "id" else 0, id_dim=16,
+                      time_features=time)
+    content = torch.randn(50, 8) if features != "id" else None
+    return PinnerFormer(cfg, content).eval()
+
+
+@pytest.mark.parametrize("i", [0, 4, 9])
+def test_output_at_position_i_ignores_later_actions(i):
+    model = make_model()
+    a = random_batch()
+    b = {k: v.copy() for k, v in a.items()}
+    other = random_batch(seed=1)
+    for k in ["item", "action", "surface", "duration", "t_since", "t_gap", "t_abs_frac", "t_abs_days"]:
+        b[k][:, i + 1:] = other[k][:, i + 1:]  # everything about the later actions changes
+    with torch.no_grad():
+        out_a = model.encode_sequence(to_torch(a))
+        out_b = model.encode_sequence(to_torch(b))
+    # positions are indexed by recency from each row's length, so compare rows with the same length
+    assert torch.allclose(out_a[:, :i + 1], out_b[:, :i + 1], atol=1e-6)
+    assert not torch.allclose(out_a[0, i + 1:], out_b[0, i + 1:], atol=1e-3)  # the later positions did change
+
+
+def test_padding_does_not_leak_into_real_positions():
+    model = make_model()
+    a = random_batch()
+    b = {k: v.copy() for k, v in a.items()}
+    b["item"][2, 5:] = 0  # row 2 has length 5: everything after it is padding
+    b["action"][2, 5:] = 2
+    with torch.no_grad():
+        ua = model.user_embedding(to_torch(a))
+        ub = model.user_embedding(to_torch(b))
+    assert torch.allclose(ua, ub, atol=1e-6)
+
+
+@pytest.mark.parametrize("features, time", [("both", True), ("content", True), ("id", False)])
+def test_outputs_are_unit_vectors(features, time):
+    model = make_model(features, time)
+    batch = to_torch(random_batch())
+    with torch.no_grad():
+        out = model.encode_sequence(batch)
+        items = model.item_embedding(torch.arange(50))
+    assert out.shape == (3, 12, 24) and items.shape == (50, 24)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(3, 12), atol=1e-5)
+    assert torch.allclose(items.norm(dim=-1), torch.ones(50), atol=1e-5)
+
+
+def test_temperature_is_clamped():
+    model = make_model()
+    with torch.no_grad():
+        model.log_tau.fill_(-10.0)
+    assert model.temperature.item() == pytest.approx(0.01)
+
+
+def test_sequence_batch_time_features_are_exact():
+    ts = np.array([1_700_000_000, 1_700_000_900, 1_700_086_400], dtype=np.int64)
+    tl = Timelines(offsets=np.array([0, 3]), item=np.array([4, 5, 6], np.int32), action=np.array([0, 1, 0], np.int16),
+                   ts=ts, surface=np.array([-1, 0, 1], np.int16), duration=np.array([np.nan, 0, 5], np.float32))
+    b = build_sequence_batch(tl, np.array([0, 0]), np.array([3, 2]), time_features=True)
+    assert b["length"].tolist() == [3, 2]
+    assert b["item"].tolist() == [[4, 5, 6], [4, 5, 0]] and b["action"][1].tolist() == [0, 1, -1]
+    assert b["t_since"][0].tolist() == [86400, 85500, 0] and b["t_since"][1].tolist() == [900, 0, 0]
+    assert b["t_gap"][0].tolist() == [0, 900, 85500]
+    # 1_700_000_000 mod 900 = 800 (0.25 h period); exact even though the timestamp does not fit float32
+    assert b["t_abs_frac"][0, 0, 0] == pytest.approx(800 / 900)
+    # with an explicit query time, earlier positions do not depend on later actions
+    q = np.array([1_700_100_000, 1_700_100_000])
+    bq = build_sequence_batch(tl, np.array([0, 0]), np.array([3, 2]), True, query_time=q)
+    assert bq["t_since"][0, :2].tolist() == bq["t_since"][1, :2].tolist()
