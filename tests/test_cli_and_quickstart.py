@@ -13,9 +13,11 @@ def test_help_on_every_command(cli, cmd):
 
 
 def test_quickstart_and_stats(cli, tmp_path):
-    r = cli("quickstart", "--workdir", tmp_path / "qs", "--no-text")
+    r = cli("quickstart", "--workdir", tmp_path / "qs", "--no-text", "--max-epochs", "1")
     assert r.exit_code == 0, r.output
     assert "104,519" in r.stdout and "fingerprint" in r.stdout
+    summary = json.loads((tmp_path / "qs" / "run" / "summary.json").read_text())
+    assert summary["best_epoch"] == 0 and summary["steps"] > 0
     r = cli("data", "stats", tmp_path / "qs" / "dataset", "--json")
     assert r.exit_code == 0
     s = json.loads(r.stdout)
@@ -25,7 +27,7 @@ def test_quickstart_and_stats(cli, tmp_path):
     assert s["events_per_user"]["min"] == 20 and s["events_per_user"]["max"] == 3_615
     assert s["time_range"].startswith("1996-03-29")
     # running it again replaces the dataset with an identical one
-    r = cli("quickstart", "--workdir", tmp_path / "qs", "--no-text")
+    r = cli("quickstart", "--workdir", tmp_path / "qs", "--no-text", "--no-train")
     assert r.exit_code == 0 and json.loads(cli("data", "stats", tmp_path / "qs" / "dataset", "--json").stdout)[
         "fingerprint"] == s["fingerprint"]
 

@@ -208,12 +208,14 @@ def train(
 
 @app.command("quickstart")
 def quickstart(workdir: Path = typer.Option(Path("quickstart-run"), help="Where outputs go."),
-               text: bool = typer.Option(True, help="Embed item text (needs the [text] extra).")):
+               text: bool = typer.Option(True, help="Embed item text (needs the [text] extra)."),
+               train: bool = typer.Option(True, help="Train a model on the prepared data."),
+               max_epochs: int = typer.Option(10, help="Training epochs at most (early stopping may end sooner).")):
     """The main job, end to end, on the built-in MovieLens latest-small data."""
     from pinnerformer.quickstart import run_quickstart
 
     run_guarded(lambda: run_quickstart(workdir, text=text, log=lambda s: err_console.print(s, highlight=False),
-                                       show=print_stats))
+                                       show=print_stats, train=train, max_epochs=max_epochs))
 
 
 if __name__ == "__main__":  # pragma: no cover

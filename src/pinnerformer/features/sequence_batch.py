@@ -18,12 +18,13 @@ _ABS_PERIODS_S = np.array(ABS_PERIODS, dtype=np.int64)  # all whole seconds (900
 
 
 def build_sequence_batch(tl: Timelines, starts: np.ndarray, ends: np.ndarray, time_features: bool,
-                         query_time: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                         query_time: np.ndarray | None = None, pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """pad_to: a fixed padded length (static shapes for compiled GPU kernels); default: the longest range."""
     starts = np.asarray(starts, dtype=np.int64)
     lengths = np.asarray(ends, dtype=np.int64) - starts
     if (lengths < 1).any():
         raise ValueError("every example needs at least one action")
-    T = int(lengths.max())
+    T = int(lengths.max()) if pad_to is None else max(int(pad_to), int(lengths.max()))
     pos = np.arange(T)
     valid = pos[None, :] < lengths[:, None]
     idx = np.where(valid, starts[:, None] + pos[None, :], 0)

@@ -185,8 +185,8 @@ class Trainer:
     def loss_on(self, users: np.ndarray, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
         cfg, dev = self.cfg, self.device
         batch = self.sampler.sample(users, rng)
-        seq = to_torch(build_sequence_batch(self.ds.timelines, batch.starts, batch.ends,
-                                            self.model_cfg.time_features), dev)
+        seq = to_torch(build_sequence_batch(self.ds.timelines, batch.starts, batch.ends, self.model_cfg.time_features,
+                                            pad_to=cfg.data.max_len if dev.type == "cuda" else None), dev)
         B = len(users)
         q_example = torch.from_numpy(batch.q_example).to(dev)
         label_items = torch.from_numpy(batch.q_item).to(dev)
