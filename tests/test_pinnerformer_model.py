@@ -45,6 +45,19 @@ def test_output_at_position_i_ignores_later_actions(i):
     assert not torch.allclose(out_a[0, i + 1:], out_b[0, i + 1:], atol=1e-3)  # the later positions did change
 
 
+def test_dropping_later_actions_keeps_earlier_outputs():
+    model = make_model()
+    a = random_batch()
+    b = {k: v.copy() for k, v in a.items()}
+    b["length"] = np.array([4, 4, 4])  # the same users, seen only up to their 4th action
+    with torch.no_grad():
+        full = model.encode_sequence(to_torch(a))
+        cut = model.encode_sequence(to_torch(b))
+        last = model.user_embedding(to_torch(b))
+    assert torch.allclose(full[:, :4], cut[:, :4], atol=1e-6)
+    assert torch.allclose(last, full[:, 3], atol=1e-6)
+
+
 def test_padding_does_not_leak_into_real_positions():
     model = make_model()
     a = random_batch()

@@ -7,13 +7,19 @@ Per action (SPEC §2), concatenated and projected to width H:
     time (real clocks)   three Time2Vec-style encodings, cos/sin(2π·t/p + learned phase) plus log1p(t):
                          absolute time with 12 fixed periods; time since the query (the newest action by
                          default) and gap to the previous action with 32 log-spaced periods from 1 s to 4 weeks
-User tower: learned position embedding (by recency: 0 = newest), L pre-norm blocks with causal self-attention,
+User tower: learned position embedding (by index from the oldest action in the window, so that nothing at
+position i depends on the actions after it), L pre-norm blocks with causal self-attention,
 head LayerNorm -> Linear(H,4H) -> GELU -> Linear(4H,D) -> L2 normalise at every position. The user embedding
 is the newest position's output. Item tower: MLP on the item features -> L2 normalise.
 Score = cosine / τ, τ learned and clamped at τ >= 0.01.
 
 Batches are right-padded (oldest action at position 0), so plain `is_causal=True` attention is exact for the
 real positions (they never see the padding that follows them) and fused kernels apply on GPU.
+
+Causality: the output at position i is a function of actions 0..i only — with one deliberate exception that
+SPEC §2 asks for: "time since the newest action" is measured from a query time, by default the newest action's
+time. Pass an explicit query time (`build_sequence_batch(query_time=...)`) and the output at i is fully
+independent of later actions.
 """
 
 from __future__ import annotations
@@ -165,8 +171,7 @@ class PinnerFormer(nn.Module):
         """[B, T] actions (right-padded) -> [B, T, D] L2-normalised embeddings, causal at every position."""
         x = self.input_proj(self.action_features(b))
         T = x.shape[1]
-        recency = (b["length"].unsqueeze(1) - 1 - torch.arange(T, device=x.device)).clamp(0, self.cfg.max_len - 1)
-        x = x + self.pos_emb(recency)
+        x = x + self.pos_emb(torch.arange(T, device=x.device).clamp(max=self.cfg.max_len - 1))
         for block in self.blocks:
             x = block(x)
         return F.normalize(self.head(x).float(), dim=-1)
