@@ -165,3 +165,20 @@ def test_label_ranks_ties_pessimistic_and_other_labels_excluded():
     assert ndcg_at_k(ranks, 5).tolist() == pytest.approx([1 / np.log2(3), 1 / np.log2(6)])
     empty = label_ranks(scores[:1], [np.array([], dtype=np.int64)])
     assert np.isnan(recall_at_k(empty, 10)[0])
+
+
+def test_interest_entropy_coverage_and_bootstrap():
+    from pinnerformer.evaluation.metrics import bootstrap_ci, interest_entropy, p90_coverage
+
+    interests = [["a"], ["a"], ["b"], ["a", "b"], []]
+    ent = interest_entropy(np.array([[0, 1], [0, 2], [3, 4], [4, 4]]), interests)
+    # user 0: all "a" -> 0; user 1: a,b evenly -> ln 2; user 2: item 3 splits a/b, item 4 adds nothing -> ln 2
+    assert ent[:3].tolist() == pytest.approx([0.0, np.log(2), np.log(2)]) and np.isnan(ent[3])
+    # 10 users' top-2 lists: item 0 fills 10 slots, item 1 eight, items 2 and 3 one each (20 slots)
+    top = np.array([[0, 1]] * 8 + [[0, 2], [0, 3]])
+    # 90% of 20 slots = 18 = items 0 and 1 -> 2 items of an index of 10
+    assert p90_coverage(top, 10) == pytest.approx(0.2)
+    assert p90_coverage(np.arange(20).reshape(10, 2), 20) == pytest.approx(18 / 20)
+    lo, hi = bootstrap_ci(np.array([0.0, 1.0] * 50 + [np.nan]))
+    assert lo < 0.5 < hi and hi - lo < 0.25
+    assert bootstrap_ci(np.ones(10)) == (1.0, 1.0)

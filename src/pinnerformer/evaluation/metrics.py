@@ -40,3 +40,43 @@ def hit_rate_at_k(ranks: list[np.ndarray], k: int) -> np.ndarray:
 def ndcg_at_k(ranks: list[np.ndarray], k: int) -> np.ndarray:
     """Single-target NDCG: 1/log2(rank + 2) when the target is in the top k (the ideal DCG is 1)."""
     return np.array([float(np.where(r < k, 1.0 / np.log2(r + 2.0), 0.0).max()) if len(r) else np.nan for r in ranks])
+
+
+def interest_entropy(top_items: np.ndarray, item_interests: list[list[str]]) -> np.ndarray:
+    """Per user: entropy (nats) of the interest distribution over their top-k items.
+
+    An item with several interests spreads a weight of 1 evenly over them; items with no interests add
+    nothing. Users whose top-k has no interest at all get NaN.
+    """
+    out = np.full(len(top_items), np.nan)
+    for u, row in enumerate(top_items):
+        w: dict[str, float] = {}
+        for it in row:
+            ints = item_interests[int(it)]
+            for name in ints:
+                w[name] = w.get(name, 0.0) + 1.0 / len(ints)
+        if w:
+            p = np.array(list(w.values()))
+            p = p / p.sum()
+            out[u] = float(-(p * np.log(p)).sum())
+    return out
+
+
+def p90_coverage(top_items: np.ndarray, index_size: int) -> float:
+    """Smallest share of the index that fills 90% of all top-k slots over all users (near 0: collapse)."""
+    counts = np.sort(np.bincount(top_items.reshape(-1), minlength=index_size))[::-1]
+    need = 0.9 * top_items.size
+    n = int(np.searchsorted(np.cumsum(counts), need - 1e-9) + 1)
+    return n / index_size
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over users (NaN users are dropped first)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-from tqdm import tqdm
 
 from pinnerformer.data import schema
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.progress import progress_bar
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 DIM = 384
@@ -64,8 +64,7 @@ class TextEncoder:
         lengths = [len(t) for t in texts]
         order = np.argsort(lengths, kind="stable")
         out = np.zeros((len(texts), DIM), dtype=np.float32)
-        bar = tqdm(total=len(texts), unit="item", desc="embedding item text", disable=not progress,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=len(texts), unit="item", desc="embedding item text", disable=not progress)
         for i in range(0, len(texts), batch_size):
             idx = order[i:i + batch_size]
             out[idx] = self.encode_batch([texts[j] for j in idx])

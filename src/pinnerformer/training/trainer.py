@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-from tqdm import tqdm
 
 from pinnerformer.data import schema
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.progress import progress_bar
 from pinnerformer.evaluation.metrics import label_ranks, ndcg_at_k, recall_at_k, hit_rate_at_k
 from pinnerformer.evaluation.protocols import (
     EvalTask, future_window_task, leave_one_out_task, training_view, user_split,
@@ -314,8 +314,8 @@ class Trainer:
             epoch = self.state["epoch"]
             order = np.random.default_rng([cfg.seed, epoch]).permutation(
                 np.repeat(self.sampler.eligible, cfg.data.sequences_per_user))
-            bar = tqdm(total=self.steps_per_epoch * B, initial=self.state["step_in_epoch"] * B, unit="seq",
-                       desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+            bar = progress_bar(total=self.steps_per_epoch * B, initial=self.state["step_in_epoch"] * B, unit="seq",
+                               desc=f"epoch {epoch}", disable=not progress)
             self.model.train()
             while self.state["step_in_epoch"] < self.steps_per_epoch:
                 s, g = self.state["step_in_epoch"], self.state["global_step"]
