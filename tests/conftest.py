@@ -27,3 +27,25 @@ def run_cli(*args: str):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# A tiny model configuration for tests that train.
+TINY = {"data": {"max_len": 16, "positions": 8, "sequences_per_user": 8},
+        "model": {"width": 32, "layers": 1, "heads": 2, "dim": 32, "id_dim": 32, "item_tower_hidden": 64},
+        "optim": {"batch_size": 32, "lr": 3e-3, "warmup_steps": 10, "max_epochs": 6, "patience": 3},
+        "loss": {"n_random": 64}, "eval": {"val_fraction": 0.2, "test_fraction": 0.1}, "checkpoint_every": 5}
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    """A prepared dataset with planted interest groups (see pinnerformer.data.synthetic)."""
+    from pinnerformer.data.synthetic import planted_interest_log
+
+    d = tmp_path_factory.mktemp("planted")
+    planted_interest_log(n_users=300, n_items=200, n_groups=10, events_per_user=40).write_csv(d / "log.csv")
+    r = run_cli("data", "prepare", "-f", "events", "-i", d / "log.csv", "-o", d / "ds", "--action-col", "action",
+                "--positive", "click")
+    assert r.exit_code == 0, r.output
+    return d / "ds"
+
+

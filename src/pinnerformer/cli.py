@@ -206,6 +206,41 @@ def train(
     run_guarded(body)
 
 
+@app.command("evaluate")
+def evaluate(
+    run: Path = typer.Option(..., "--run", "-r", help="A training run directory."),
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="The dataset the run was trained on."),
+    protocol: Optional[str] = typer.Option(None, help="future-window | leave-one-out (default: the run's)."),
+    split: str = typer.Option("test", help="test | validation users."),
+    cutoff: Optional[str] = typer.Option(None, help="future-window cut-off day(s), YYYY-MM-DD[,YYYY-MM-DD…] "
+                                         "(pooled; default: the day with the most eligible users)."),
+    label_days: float = typer.Option(14.0, help="future-window label horizon in days."),
+    k: int = typer.Option(10, help="Cut-off rank k."),
+    index_size: Optional[int] = typer.Option(None, help="Rank against a random pool of N items (default: all)."),
+    checkpoint: str = typer.Option("best", help="best | last"),
+):
+    """Score a trained run on held-out users beside baselines; writes JSON and Markdown into RUN/eval/."""
+
+    def body():
+        from pinnerformer.data.dataset import Dataset
+        from pinnerformer.evaluation.evaluate import evaluate_run, markdown, parse_cutoffs, write_report
+
+        if protocol not in (None, "future-window", "leave-one-out"):
+            raise PinnerformerError(f"unknown protocol '{protocol}': expected future-window or leave-one-out")
+        if label_days <= 0:
+            raise PinnerformerError(f"--label-days must be positive, got {label_days}")
+        if split not in ("test", "validation"):
+            raise PinnerformerError(f"unknown split '{split}': expected test or validation")
+        ds = Dataset.open(dataset)
+        report = evaluate_run(run, ds, protocol, split, parse_cutoffs(cutoff, ds), label_days, k, index_size,
+                              checkpoint, log=lambda s: err_console.print(s, highlight=False))
+        js, md = write_report(report, run)
+        print(markdown(report))
+        err_console.print(f"wrote {js} and {md} ({report['wall_s']} s)", highlight=False)
+
+    run_guarded(body)
+
+
 @app.command("quickstart")
 def quickstart(workdir: Path = typer.Option(Path("quickstart-run"), help="Where outputs go."),
                text: bool = typer.Option(True, help="Embed item text (needs the [text] extra)."),

@@ -48,4 +48,4 @@ class Dataset:
         if self.manifest.content_vectors is None:
             return None
         col = self.items["content_vector"]
-        return col.list.to_array(self.manifest.content_vectors.dim).to_numpy().astype(np.float32, copy=False)
+        return np.array(col.list.to_array(self.manifest.content_vectors.dim).to_numpy(), dtype=np.float32)

@@ -14,14 +14,15 @@ import polars as pl
 
 def planted_interest_log(n_users: int = 300, n_items: int = 200, n_groups: int = 10, events_per_user: int = 40,
                          switch_at: float = 0.4, noise: float = 0.1, seed: int = 0,
-                         start: int = 1_600_000_000, gap_s: int = 3600) -> pl.DataFrame:
+                         start: int = 1_600_000_000, gap_s: int = 3600,
+                         start_spread_s: int = 30 * 86400) -> pl.DataFrame:
     rng = np.random.default_rng(seed)
     group_of_item = np.arange(n_items) % n_groups
     items_by_group = [np.flatnonzero(group_of_item == g) for g in range(n_groups)]
     rows_u, rows_i, rows_a, rows_t = [], [], [], []
     for u in range(n_users):
         g1, g2 = rng.choice(n_groups, 2, replace=False)
-        t0 = start + int(rng.integers(0, 86400 * 30))
+        t0 = start + int(rng.integers(0, start_spread_s))
         for k in range(events_per_user):
             g = g1 if k < switch_at * events_per_user else g2
             if rng.random() < noise:

@@ -1,0 +1,96 @@
+"""`pinnerformer evaluate`: protocols, baselines, reports, and the errors it must give."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+from pinnerformer.data.synthetic import planted_interest_log
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cli=None):
+    from conftest import run_cli
+
+    d = tmp_path_factory.mktemp("evalrun")
+    # users' 40-hour timelines all start within 2 days, so a single cut-off finds many of them mid-timeline
+    planted_interest_log(n_users=300, events_per_user=40, start_spread_s=2 * 86400).write_csv(d / "log.csv")
+    assert run_cli("data", "prepare", "-f", "events", "-i", d / "log.csv", "-o", d / "ds", "--action-col", "action",
+                   "--positive", "click").exit_code == 0
+    cfg = json.loads(json.dumps(TINY))
+    cfg["eval"]["test_fraction"] = 0.3
+    (d / "cfg.json").write_text(json.dumps(cfg))
+    r = run_cli("train", "-d", d / "ds", "-o", d / "run", "--config", d / "cfg.json", "--no-progress")
+    assert r.exit_code == 0, r.output
+    return d
+
+
+def test_future_window_report(trained, cli):
+    r = cli("evaluate", "--run", trained / "run", "--dataset", trained / "ds")
+    assert r.exit_code == 0, r.output
+    assert "default cut-off" in r.stderr and "test users eligible" in r.stderr
+    rep = json.loads((trained / "run" / "eval" / "future-window-test.json").read_text())
+    md = (trained / "run" / "eval" / "future-window-test.md").read_text()
+    assert rep["fingerprint"] in md and rep["user_windows"] > 20
+    ours, pop = rep["results"]["pinnerformer"], rep["results"]["most-popular"]
+    assert ours["Recall@10"]["mean"] > 2 * pop["Recall@10"]["mean"]  # planted groups: popularity cannot know them
+    lo, hi = ours["Recall@10"]["ci95"]
+    assert lo <= ours["Recall@10"]["mean"] <= hi
+    assert f"| pinnerformer | {ours['Recall@10']['mean']:.4f} [{lo:.4f}, {hi:.4f}]" in md
+    assert 0 < ours["P90Coverage@10"]["mean"] <= 1 and "InterestEntropy@50" not in ours  # no interests here
+    assert rep["index"] == "whole catalogue (200 items)"
+    # two cut-offs pooled: at least as many user-windows as either alone
+    r2 = cli("evaluate", "--run", trained / "run", "--dataset", trained / "ds", "--cutoff", "2020-09-14,2020-09-15",
+             "--index-size", "50")
+    assert r2.exit_code == 0, r2.output
+    rep2 = json.loads((trained / "run" / "eval" / "future-window-test.json").read_text())
+    assert rep2["cutoffs"] == ["2020-09-14", "2020-09-15"] and rep2["index"].startswith("random pool of 50")
+
+
+def test_evaluate_errors(trained, cli, tmp_path):
+    r = cli("evaluate", "--run", trained / "run", "--dataset", trained / "ds", "--cutoff", "1999-01-01")
+    assert r.exit_code == 2 and "outside the data's time range" in r.stderr
+    r = cli("evaluate", "--run", trained / "run", "--dataset", trained / "ds", "--cutoff", "2020-10-20")
+    assert r.exit_code == 2 and "outside the data's time range" in r.stderr
+    # a one-second label window: nobody has a positive in it
+    r = cli("evaluate", "--run", trained / "run", "--dataset", trained / "ds", "--cutoff", "2020-09-15",
+            "--label-days", "0.00001")
+    assert r.exit_code == 2 and "no test user is eligible" in r.stderr
+    r = cli("evaluate", "--run", trained / "run", "--dataset", trained / "ds", "--label-days", "0")
+    assert r.exit_code == 2 and "label-days must be positive" in r.stderr
+    planted_interest_log(n_users=50, seed=3).write_csv(tmp_path / "o.csv")
+    assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "o.csv", "-o", tmp_path / "other",
+               "--action-col", "action", "--positive", "click").exit_code == 0
+    r = cli("evaluate", "--run", trained / "run", "--dataset", tmp_path / "other")
+    assert r.exit_code == 2 and "trained on a different dataset" in r.stderr
+    (tmp_path / "s.txt").write_text("1 5 6 7\n2 7 5 6\n")
+    assert cli("data", "prepare", "-f", "sequences", "-i", tmp_path / "s.txt", "-o", tmp_path / "seq").exit_code == 0
+    r = cli("evaluate", "--run", trained / "run", "--dataset", tmp_path / "seq", "--protocol", "future-window")
+    assert r.exit_code == 2 and "different dataset" in r.stderr  # the fingerprint check comes first
+
+
+def test_leave_one_out_report(trained, cli):
+    r = cli("evaluate", "--run", trained / "run", "--dataset", trained / "ds", "--protocol", "leave-one-out")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((trained / "run" / "eval" / "leave-one-out-test.json").read_text())
+    assert rep["user_windows"] == 300
+    res = rep["results"]["pinnerformer"]
+    assert set(res) == {"HR@10", "NDCG@10", "P90Coverage@10"}
+    assert res["NDCG@10"]["mean"] <= res["HR@10"]["mean"]
+
+
+def test_future_window_refused_on_order_only_data(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    lines = [" ".join([str(u)] + [str(int(x)) for x in rng.integers(0, 30, 8)]) for u in range(64)]
+    (tmp_path / "s.txt").write_text("\n".join(lines) + "\n")
+    assert cli("data", "prepare", "-f", "sequences", "-i", tmp_path / "s.txt", "-o", tmp_path / "seq").exit_code == 0
+    cfg = json.loads(json.dumps(TINY))
+    cfg["optim"].update(max_epochs=1, batch_size=16)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    r = cli("train", "-d", tmp_path / "seq", "-o", tmp_path / "run", "--config", tmp_path / "cfg.json", "--no-progress")
+    assert r.exit_code == 0, r.output
+    r = cli("evaluate", "--run", tmp_path / "run", "--dataset", tmp_path / "seq", "--protocol", "future-window")
+    assert r.exit_code == 2 and "is order-only: the future-window protocol needs real timestamps" in r.stderr
+    r = cli("evaluate", "--run", tmp_path / "run", "--dataset", tmp_path / "seq")
+    assert r.exit_code == 0 and "leave-one-out" in r.stdout
