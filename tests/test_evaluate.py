@@ -94,3 +94,37 @@ def test_future_window_refused_on_order_only_data(cli, tmp_path):
     assert r.exit_code == 2 and "is order-only: the future-window protocol needs real timestamps" in r.stderr
     r = cli("evaluate", "--run", tmp_path / "run", "--dataset", tmp_path / "seq")
     assert r.exit_code == 0 and "leave-one-out" in r.stdout
+
+
+def test_inference_frequency(trained, cli):
+    r = cli("evaluate", "--run", trained / "run", "--dataset", trained / "ds", "--frequency", "once,daily,realtime")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((trained / "run" / "eval" / "future-window-test.json").read_text())
+    fr = rep["inference_frequency"]
+    # "once" is the cut-off embedding for every label: exactly the main Recall@10
+    assert fr["once"]["Recall@10"]["mean"] == pytest.approx(rep["results"]["pinnerformer"]["Recall@10"]["mean"])
+    rt, dl = fr["realtime"]["Recall@10"]["mean"], fr["daily"]["Recall@10"]["mean"]
+    assert fr["realtime_to_daily_drop"] == pytest.approx((dl - rt) / rt)
+    # users switch interest group mid-timeline: seeing every action before a label helps
+    assert rt > fr["once"]["Recall@10"]["mean"]
+    assert "Realtime → daily:" in (trained / "run" / "eval" / "future-window-test.md").read_text()
+    r = cli("evaluate", "--run", trained / "run", "--dataset", trained / "ds", "--frequency", "hourly")
+    assert r.exit_code == 2 and "--frequency takes once, daily and/or realtime" in r.stderr
+
+
+def test_label_occurrences_and_realtime_inputs(trained):
+    from pinnerformer.data import Dataset
+    from pinnerformer.evaluation.evaluate import eligible_windows, future_window_eval_task, label_occurrences
+
+    ds = Dataset.open(trained / "ds")
+    tl = ds.timelines
+    t = 1_600_000_000 + 86400
+    task = future_window_eval_task(ds, np.arange(40), [t], 14)
+    occ = label_occurrences(ds, task, 14)
+    for e, labels, idx in zip(task.ends, task.labels, occ):
+        assert (np.asarray(tl.ts[idx]) >= t).all() and (idx >= e).all()
+        assert np.array_equal(np.asarray(tl.item[idx]), labels)  # each index is that label's event
+        for lab, j in zip(labels, idx):  # ... and its first positive occurrence in the window
+            earlier = np.asarray(tl.item[e:j])[np.asarray(tl.action[e:j]) == 0]
+            assert lab not in earlier
+    assert sum(w is not None for w in eligible_windows(ds, np.arange(40), t, 14)) == len(task)

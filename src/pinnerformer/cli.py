@@ -218,6 +218,8 @@ def evaluate(
     k: int = typer.Option(10, help="Cut-off rank k."),
     index_size: Optional[int] = typer.Option(None, help="Rank against a random pool of N items (default: all)."),
     checkpoint: str = typer.Option("best", help="best | last"),
+    frequency: Optional[str] = typer.Option(None, help="future-window: once,daily,realtime (comma list) — recall "
+                                            "when the embedding is refreshed at that rate; reports realtime→daily."),
 ):
     """Score a trained run on held-out users beside baselines; writes JSON and Markdown into RUN/eval/."""
 
@@ -233,7 +235,8 @@ def evaluate(
             raise PinnerformerError(f"unknown split '{split}': expected test or validation")
         ds = Dataset.open(dataset)
         report = evaluate_run(run, ds, protocol, split, parse_cutoffs(cutoff, ds), label_days, k, index_size,
-                              checkpoint, log=lambda s: err_console.print(s, highlight=False))
+                              checkpoint, frequencies=[f.strip() for f in frequency.split(",")] if frequency else None,
+                              log=lambda s: err_console.print(s, highlight=False))
         js, md = write_report(report, run)
         print(markdown(report))
         err_console.print(f"wrote {js} and {md} ({report['wall_s']} s)", highlight=False)

@@ -138,6 +138,58 @@ def future_window_eval_task(ds: Dataset, users: np.ndarray, cutoffs: list[int], 
                     np.array(e_out, dtype=np.int64), labels, np.array(t_out, dtype=np.int64))
 
 
+FREQUENCIES = ["once", "realtime", "daily"]
+
+
+def label_occurrences(ds: Dataset, task: EvalTask, label_days: float) -> list[np.ndarray]:
+    """Per user-window: the event index of each label's first positive occurrence in the window."""
+    tl = ds.timelines
+    pos = np.array(ds.manifest.positive_codes)
+    horizon = int(label_days * DAY)
+    out = []
+    for e, t, labels in zip(task.ends, task.cutoff, task.labels):
+        u_end = int(tl.offsets[np.searchsorted(tl.offsets, e, side="right")])
+        stop = e + int(np.searchsorted(np.asarray(tl.ts[e:u_end]), t + horizon, side="left"))
+        items, acts = np.asarray(tl.item[e:stop]), np.asarray(tl.action[e:stop])
+        first = {}
+        for j in np.flatnonzero(np.isin(acts, pos)):
+            first.setdefault(int(items[j]), e + int(j))
+        out.append(np.array([first[int(x)] for x in labels], dtype=np.int64))
+    return out
+
+
+def frequency_recall(model, ds: Dataset, task: EvalTask, items: torch.Tensor, frequency: str, label_days: float,
+                     k: int) -> np.ndarray:
+    """Per user-window Recall@k when the embedding in use at each label's time is refreshed
+    once (at the cut-off), realtime (after every action) or daily (at each day boundary, one day late)."""
+    from pinnerformer.training.trainer import embed_users
+
+    tl = ds.timelines
+    occ = label_occurrences(ds, task, label_days)
+    rows_w, rows_l, ends = [], [], []
+    for w, (s, e, idx) in enumerate(zip(task.starts, task.ends, occ)):
+        for li, j in enumerate(idx):
+            if frequency == "once":
+                end = e
+            elif frequency == "realtime":
+                end = j  # every action before the label's own
+            else:  # the snapshot served on the label's day was built from data up to the day before it
+                day_start = (int(tl.ts[j]) // DAY) * DAY
+                end = s + int(np.searchsorted(np.asarray(tl.ts[s:j]), day_start - DAY, side="left"))
+            rows_w.append(w)
+            rows_l.append(li)
+            ends.append(max(end, s + 1))  # at least one action, as at the cut-off
+    starts = task.starts[np.array(rows_w)]
+    users = embed_users(model, ds, starts, np.array(ends, dtype=np.int64), torch.device("cpu"))
+    hits = [np.zeros(len(x)) for x in task.labels]
+    for i in range(0, len(rows_w), 512):
+        scores = users[i:i + 512] @ items.T
+        for r in range(scores.shape[0]):
+            w, li = rows_w[i + r], rows_l[i + r]
+            hits[w][li] = label_ranks(scores[r:r + 1], [task.labels[w]])[0][li] < k
+    return np.array([h.mean() for h in hits])
+
+
 def popularity_scores(ds: Dataset, task: EvalTask, protocol: str, trailing_days: float = 28.0) -> torch.Tensor:
     tl = ds.timelines
     is_pos = np.isin(np.asarray(tl.action), np.array(ds.manifest.positive_codes))
@@ -204,7 +256,8 @@ def score_task(scorer: Scorer, task: EvalTask, k: int, interests: list[list[str]
 
 def evaluate_run(run_dir: Path, ds: Dataset, protocol: str | None = None, split: str = "test",
                  cutoffs: list[int] | None = None, label_days: float = 14.0, k: int = 10,
-                 index_size: int | None = None, checkpoint: str = "best", seed: int = 0, log=print) -> dict:
+                 index_size: int | None = None, checkpoint: str = "best", seed: int = 0,
+                 frequencies: list[str] | None = None, log=print) -> dict:
     t0 = time.perf_counter()
     model, desc = load_run(run_dir, ds, checkpoint)
     protocol = protocol or desc["protocol"]
@@ -244,6 +297,21 @@ def evaluate_run(run_dir: Path, ds: Dataset, protocol: str | None = None, split:
     if index_size is not None and index_size < m.n_items:
         pool = np.sort(np.random.default_rng(seed).choice(m.n_items, index_size, replace=False))
     results = {s.name: score_task(s, task, k, interests if has_interests else None, pool, protocol) for s in scorers}
+    freq_report = None
+    if frequencies:
+        bad = [f for f in frequencies if f not in FREQUENCIES]
+        if bad or protocol != "future-window" or pool is not None:
+            raise PinnerformerError("--frequency takes once, daily and/or realtime, with the future-window protocol "
+                                    "and the whole catalogue as index" + (f" (got {', '.join(bad)})" if bad else ""))
+        items = scorers[0].items
+        freq_report = {}
+        for f in frequencies:
+            v = frequency_recall(model, ds, task, items, f, label_days, k)
+            lo, hi = bootstrap_ci(v)
+            freq_report[f] = {f"Recall@{k}": {"mean": float(np.nanmean(v)), "ci95": [lo, hi]}}
+        if "realtime" in freq_report and "daily" in freq_report:
+            rt, dl = freq_report["realtime"][f"Recall@{k}"]["mean"], freq_report["daily"][f"Recall@{k}"]["mean"]
+            freq_report["realtime_to_daily_drop"] = (dl - rt) / rt if rt else None
     report = {
         "run": str(Path(run_dir).resolve()), "dataset": str(ds.path.resolve()), "fingerprint": m.fingerprint,
         "protocol": protocol, "split": split, "k": k, "checkpoint": checkpoint,
@@ -252,7 +320,8 @@ def evaluate_run(run_dir: Path, ds: Dataset, protocol: str | None = None, split:
         "cutoffs": None if protocol != "future-window" else
         [f"{dt.datetime.fromtimestamp(t, dt.timezone.utc):%Y-%m-%d}" for t in cutoffs],
         "label_days": label_days if protocol == "future-window" else None,
-        "user_windows": len(task), "results": results, "wall_s": round(time.perf_counter() - t0, 1),
+        "user_windows": len(task), "results": results, "inference_frequency": freq_report,
+        "wall_s": round(time.perf_counter() - t0, 1),
         "ties": "pessimistic", "history_excluded": False,
     }
     return report
@@ -287,6 +356,16 @@ def markdown(report: dict) -> str:
             v = r[mname]
             cells.append(f"{v['mean']:.4f}" + (f" [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]" if v["ci95"] else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("inference_frequency"):
+        fr = report["inference_frequency"]
+        lines += ["", "Inference frequency (pinnerformer; the embedding in use at each label's time):", "",
+                  "| frequency | Recall@" + str(report["k"]) + " |", "|---|---|"]
+        for f, r in fr.items():
+            if f != "realtime_to_daily_drop":
+                v = next(iter(r.values()))
+                lines.append(f"| {f} | {v['mean']:.4f} [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] |")
+        if fr.get("realtime_to_daily_drop") is not None:
+            lines += ["", f"Realtime → daily: {fr['realtime_to_daily_drop']:+.1%}"]
     lines.append("")
     lines.append("Intervals: 95% bootstrap over user-windows (1,000 resamples, seed 0).")
     return "\n".join(lines) + "\n"
