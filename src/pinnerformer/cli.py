@@ -244,6 +244,33 @@ def evaluate(
     run_guarded(body)
 
 
+@app.command("experiment")
+def experiment(
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="A prepared dataset directory."),
+    grid: str = typer.Option(..., help="objectives | negatives | features | frequency"),
+    output: Path = typer.Option(..., "--output", "-o", help="Report directory (runs, report.md, results.json, PNG)."),
+    preset: str = typer.Option("small", help="small | paper"),
+    config: Optional[Path] = typer.Option(None, help="JSON config shared by every variant."),
+    max_epochs: Optional[int] = typer.Option(None, help="Epoch budget for every variant."),
+    seed: int = typer.Option(0, help="Seed shared by every variant."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """Train and evaluate every variant of one ablation grid; write a Markdown table and PNG plots."""
+
+    def body():
+
+        from pinnerformer.evaluation.experiment import run_experiment
+
+        cmd = " ".join(["pinnerformer experiment", "--dataset", str(dataset), "--grid", grid, "--output", str(output),
+                        "--preset", preset] + (["--config", str(config)] if config else [])
+                       + (["--max-epochs", str(max_epochs)] if max_epochs else []) + ["--seed", str(seed)])
+        run_experiment(dataset, grid, output, preset, config, max_epochs, seed, progress, command=cmd,
+                       log=lambda s: err_console.print(s, highlight=False))
+        print((output / "report.md").read_text())
+
+    run_guarded(body)
+
+
 @app.command("quickstart")
 def quickstart(workdir: Path = typer.Option(Path("quickstart-run"), help="Where outputs go."),
                text: bool = typer.Option(True, help="Embed item text (needs the [text] extra)."),

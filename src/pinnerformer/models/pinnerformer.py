@@ -54,6 +54,10 @@ class ModelConfig:
     action_dim: int = 16
     surface_dim: int = 8
     time_features: bool = True  # False for order-only clocks
+    # feature switches, for leave-one-feature-out ablations
+    use_action: bool = True
+    use_duration_surface: bool = True
+    use_position: bool = True
     item_tower_hidden: int = 256
     init_temperature: float = 0.07
 
@@ -136,7 +140,8 @@ class PinnerFormer(nn.Module):
         self.items = ItemFeatures(cfg, content)
         self.action_emb = nn.Embedding(cfg.n_actions + 1, cfg.action_dim)  # 0 = unknown
         self.surface_emb = nn.Embedding(cfg.n_surfaces + 1, cfg.surface_dim)  # 0 = unknown / not recorded
-        in_dim = self.items.out_dim + cfg.action_dim + cfg.surface_dim + 2
+        in_dim = self.items.out_dim + (cfg.action_dim if cfg.use_action else 0) + \
+            (cfg.surface_dim + 2 if cfg.use_duration_surface else 0)
         if cfg.time_features:
             self.t_abs = Time2Vec(ABS_PERIODS, with_log=True)  # x = days since epoch
             self.t_since = Time2Vec(REL_PERIODS, with_log=True)
@@ -157,11 +162,14 @@ class PinnerFormer(nn.Module):
         return self.log_tau.exp().clamp(min=0.01)
 
     def action_features(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        dur = b["duration"]
-        missing = torch.isnan(dur)
-        log_dur = torch.where(missing, torch.zeros_like(dur), torch.log1p(dur.clamp(min=0)))
-        parts = [self.items(b["item"]), self.action_emb(b["action"] + 1), self.surface_emb(b["surface"] + 1),
-                 log_dur.unsqueeze(-1), missing.float().unsqueeze(-1)]
+        parts = [self.items(b["item"])]
+        if self.cfg.use_action:
+            parts.append(self.action_emb(b["action"] + 1))
+        if self.cfg.use_duration_surface:
+            dur = b["duration"]
+            missing = torch.isnan(dur)
+            log_dur = torch.where(missing, torch.zeros_like(dur), torch.log1p(dur.clamp(min=0)))
+            parts += [self.surface_emb(b["surface"] + 1), log_dur.unsqueeze(-1), missing.float().unsqueeze(-1)]
         if self.cfg.time_features:
             parts += [self.t_abs(b["t_abs_days"], frac=b["t_abs_frac"]), self.t_since(b["t_since"]),
                       self.t_gap(b["t_gap"])]
@@ -171,7 +179,8 @@ class PinnerFormer(nn.Module):
         """[B, T] actions (right-padded) -> [B, T, D] L2-normalised embeddings, causal at every position."""
         x = self.input_proj(self.action_features(b))
         T = x.shape[1]
-        x = x + self.pos_emb(torch.arange(T, device=x.device).clamp(max=self.cfg.max_len - 1))
+        if self.cfg.use_position:
+            x = x + self.pos_emb(torch.arange(T, device=x.device).clamp(max=self.cfg.max_len - 1))
         for block in self.blocks:
             x = block(x)
         return F.normalize(self.head(x).float(), dim=-1)

@@ -40,6 +40,9 @@ class ModelSection(_Strict):
     surface_dim: int = 8
     item_tower_hidden: int = 256
     time_features: bool = True
+    action_features: bool = True  # action-type embedding
+    duration_surface_features: bool = True
+    position_features: bool = True
 
 
 class LossConfig(_Strict):
@@ -91,25 +94,26 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_dicts(base: dict, over: dict) -> dict:
+    """Nested dict update: `over` wins, sub-dicts merge."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
 def load_config(preset: str = "small", config_file: Path | None = None, overrides: dict | None = None) -> TrainConfig:
     if preset not in PRESETS:
         raise PinnerformerError(f"unknown preset '{preset}': expected one of {', '.join(PRESETS)}")
-    raw = _merge({"preset": preset}, PRESETS[preset])
+    raw = merge_dicts({"preset": preset}, PRESETS[preset])
     if config_file is not None:
         try:
-            raw = _merge(raw, json.loads(Path(config_file).read_text()))
+            raw = merge_dicts(raw, json.loads(Path(config_file).read_text()))
         except FileNotFoundError:
             raise PinnerformerError(f"{config_file}: config file not found") from None
         except json.JSONDecodeError as e:
             raise PinnerformerError(f"{config_file}, line {e.lineno}: not valid JSON ({e.msg})") from None
-    raw = _merge(raw, overrides or {})
+    raw = merge_dicts(raw, overrides or {})
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as e:

@@ -1,0 +1,186 @@
+"""`pinnerformer experiment`: train and evaluate the variants of one ablation with a shared seed and budget.
+
+Grids (SPEC §3, the PinnerFormer paper's tables):
+    objectives  the four training objectives
+    negatives   {in-batch, random, mixed} × {logQ, no logQ}
+    features    leave one feature out: content vector, time, action type, duration/surface (where the data
+                has them), position
+    frequency   inference frequency {once, daily, realtime} for the dense all-action vs the SASRec objective
+
+Every variant trains in REPORT_DIR/runs/<variant> with the same preset, config, seed and epoch budget, is
+scored by `evaluate` on the same held-out users, and lands in REPORT_DIR/report.md (table, protocol, data
+fingerprint, the command, wall time), results.json and a PNG of bars with 95% intervals. A finished variant is
+reused when the experiment is run again (its config must match); an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pinnerformer.data.dataset import Dataset
+from pinnerformer.errors import PinnerformerError
+
+GRIDS = ["objectives", "negatives", "features", "frequency"]
+
+
+def variants(grid: str, ds: Dataset) -> list[tuple[str, dict]]:
+    m = ds.manifest
+    if grid == "objectives":
+        return [(o, {"loss": {"objective": o}}) for o in ["next-action", "sasrec", "all-action", "dense-all-action"]]
+    if grid == "negatives":
+        return [(f"{n} + logQ" if q else n, {"loss": {"negatives": n, "logq": q}})
+                for n in ["in-batch", "random", "mixed"] for q in (True, False)]
+    if grid == "features":
+        out = [("all features", {})]
+        if m.content_vectors is not None:
+            out.append(("− content vector", {"model": {"item_features": "id"}}))
+        if m.clock == "seconds":
+            out.append(("− time", {"model": {"time_features": False}}))
+        if len(m.actions) > 1:
+            out.append(("− action type", {"model": {"action_features": False}}))
+        if m.has_duration or m.has_surface:
+            out.append(("− duration/surface", {"model": {"duration_surface_features": False}}))
+        out.append(("− position", {"model": {"position_features": False}}))
+        return out
+    if grid == "frequency":
+        return [(o, {"loss": {"objective": o}}) for o in ["dense-all-action", "sasrec"]]
+    raise PinnerformerError(f"unknown grid '{grid}': expected one of {', '.join(GRIDS)}")
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.replace("−", "no")).strip("-").replace("--", "-")
+
+
+def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small", config_file: Path | None = None,
+                   max_epochs: int | None = None, seed: int = 0, progress: bool = True, command: str = "",
+                   log=print) -> dict:
+    from pinnerformer.evaluation.evaluate import evaluate_run, write_report
+    from pinnerformer.training.config import load_config, merge_dicts
+    from pinnerformer.training.trainer import Trainer
+
+    t0 = time.perf_counter()
+    ds = Dataset.open(dataset)
+    if grid == "frequency" and ds.manifest.clock != "seconds":
+        raise PinnerformerError("the frequency grid needs real timestamps; this dataset is order-only")
+    base = json.loads(Path(config_file).read_text()) if config_file else {}
+    base = merge_dicts(base, {"seed": seed, **({"optim": {"max_epochs": max_epochs}} if max_epochs else {})})
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    vs = variants(grid, ds)
+    for i, (name, over) in enumerate(vs):
+        run_dir = output / "runs" / _slug(name)
+        cfg = load_config(preset, None, merge_dicts(base, over))
+        log(f"[{i + 1}/{len(vs)}] {name} -> {run_dir}")
+        tv = time.perf_counter()
+        summary_path = run_dir / "summary.json"
+        if (run_dir / "config.json").exists():
+            earlier = json.loads((run_dir / "config.json").read_text())["config"]
+            if earlier != json.loads(json.dumps(cfg.model_dump())):
+                raise PinnerformerError(f"{run_dir} was made with another configuration (preset, config, seed or "
+                                        "epoch budget): use a new --output for a different experiment")
+        if summary_path.exists():
+            log("  finished earlier: reusing its checkpoint")
+        else:
+            Trainer(ds, cfg, run_dir, log=lambda s: log("  " + s)).fit(
+                resume=(run_dir / "config.json").exists(), progress=progress)
+        summary = json.loads(summary_path.read_text())
+        report = evaluate_run(run_dir, ds, frequencies=["once", "daily", "realtime"] if grid == "frequency" else None,
+                              seed=seed, log=lambda s: log("  " + s))
+        write_report(report, run_dir)
+        rows.append({"variant": name, "run": str(run_dir), "best_epoch": summary["best_epoch"],
+                     "validation": {k: v for k, v in summary.items() if "@" in k}, "report": report,
+                     "wall_s": round(time.perf_counter() - tv, 1)})
+    result = {"grid": grid, "dataset": str(ds.path.resolve()), "fingerprint": ds.manifest.fingerprint,
+              "preset": preset, "seed": seed, "max_epochs": max_epochs, "command": command,
+              "protocol": rows[0]["report"]["protocol"], "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+    _write(output / "results.json", json.dumps(result, indent=2) + "\n")
+    png = plot(result, output / f"{grid}.png")
+    _write(output / "report.md", report_markdown(result, png.name))
+    log(f"wrote {output / 'report.md'} ({result['wall_s']:.0f} s)")
+    return result
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _metrics(result: dict) -> list[str]:
+    res = result["rows"][0]["report"]["results"]["pinnerformer"]
+    return list(res.keys())
+
+
+def report_markdown(result: dict, png: str) -> str:
+    first = result["rows"][0]["report"]
+    metrics = _metrics(result)
+    lines = [f"# Ablation: {result['grid']}", "",
+             f"- dataset: `{result['dataset']}` (fingerprint `{result['fingerprint']}`)",
+             f"- protocol: {first['protocol']}, {first['split']} users; index: {first['index']}"
+             + (f"; cut-off(s) {', '.join(first['cutoffs'])}, labels {first['label_days']:g} days" if first["cutoffs"] else ""),
+             f"- user-windows: {first['user_windows']}; ties {first['ties']}; history excluded: {first['history_excluded']}",
+             f"- preset {result['preset']}, seed {result['seed']}, max epochs {result['max_epochs'] or 'preset'}; "
+             "model selection on validation users only (early stopping), numbers below on test users",
+             f"- reproduce: `{result['command']}` ({result['wall_s'] / 60:.1f} min on the machine that made it)", "",
+             "| variant | " + " | ".join(metrics) + " | best epoch |", "|---|" + "---|" * (len(metrics) + 1)]
+    for r in result["rows"]:
+        res = r["report"]["results"]["pinnerformer"]
+        cells = [f"{res[m]['mean']:.4f}" + (f" [{res[m]['ci95'][0]:.4f}, {res[m]['ci95'][1]:.4f}]" if res[m]["ci95"] else "")
+                 for m in metrics]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['best_epoch']} |")
+    base = first["results"]
+    lines += ["", "Baselines on the same users: " + "; ".join(
+        f"{name}: " + ", ".join(f"{m} {v['mean']:.4f}" for m, v in res.items())
+        for name, res in base.items() if name != "pinnerformer")]
+    if result["grid"] == "frequency":
+        lines += ["", "| objective | once | daily | realtime | realtime → daily |", "|---|---|---|---|---|"]
+        for r in result["rows"]:
+            fr = r["report"]["inference_frequency"]
+            cell = lambda f: f"{fr[f]['Recall@10']['mean']:.4f}"
+            lines.append(f"| {r['variant']} | {cell('once')} | {cell('daily')} | {cell('realtime')} | "
+                         f"{fr['realtime_to_daily_drop']:+.1%} |")
+    lines += ["", f"![{result['grid']}]({png})", "", "Intervals: 95% bootstrap over user-windows."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in _metrics(result) if not m.startswith("P90")] or _metrics(result)
+    freq = result["grid"] == "frequency"
+    n_panels = len(metrics) + int(freq)
+    fig, axes = plt.subplots(1, n_panels, figsize=(4.5 * n_panels, 3.6), squeeze=False)
+    names = [r["variant"] for r in result["rows"]]
+    if freq:  # grouped bars: Recall@10 per objective when the embedding is refreshed once / daily / realtime
+        ax = axes[0][-1]
+        for j, f in enumerate(["once", "daily", "realtime"]):
+            vals = [r["report"]["inference_frequency"][f]["Recall@10"] for r in result["rows"]]
+            means = np.array([v["mean"] for v in vals])
+            err = np.array([[v["mean"] - v["ci95"][0], v["ci95"][1] - v["mean"]] for v in vals]).T
+            ax.bar(np.arange(len(names)) + (j - 1) * 0.27, means, width=0.27, yerr=err, capsize=3, label=f)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.set_title("Recall@10 by inference frequency")
+        ax.legend(fontsize=8)
+    for ax, m in zip(axes[0], metrics):
+        vals = [r["report"]["results"]["pinnerformer"][m] for r in result["rows"]]
+        means = np.array([v["mean"] for v in vals])
+        err = np.array([[v["mean"] - v["ci95"][0], v["ci95"][1] - v["mean"]] for v in vals]).T
+        ax.bar(range(len(names)), means, yerr=err, capsize=4, color="#4878a8")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(m)
+    fig.suptitle(f"{result['grid']} — {Path(result['dataset']).name} ({result['protocol']}, 95% CI)", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

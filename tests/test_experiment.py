@@ -1,0 +1,55 @@
+"""`pinnerformer experiment`: variants per grid, a report whose numbers are evaluate's, reuse on re-run."""
+
+import json
+
+import pytest
+
+from conftest import TINY
+from pinnerformer.data import Dataset
+from pinnerformer.data.synthetic import planted_interest_log
+from pinnerformer.evaluation.experiment import variants
+
+
+def test_grids_list_the_papers_variants(planted, tmp_path, cli):
+    ds = Dataset.open(planted)  # no content vectors, no duration/surface, two action types
+    assert [n for n, _ in variants("objectives", ds)] == ["next-action", "sasrec", "all-action", "dense-all-action"]
+    assert [n for n, _ in variants("negatives", ds)] == ["in-batch + logQ", "in-batch", "random + logQ", "random",
+                                                        "mixed + logQ", "mixed"]
+    assert [n for n, _ in variants("features", ds)] == ["all features", "− time", "− action type", "− position"]
+    (tmp_path / "s.txt").write_text("1 5 6 7\n2 7 5 6\n")
+    assert cli("data", "prepare", "-f", "sequences", "-i", tmp_path / "s.txt", "-o", tmp_path / "seq").exit_code == 0
+    assert [n for n, _ in variants("features", Dataset.open(tmp_path / "seq"))] == ["all features", "− position"]
+    r = cli("experiment", "-d", tmp_path / "seq", "--grid", "frequency", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "needs real timestamps" in r.stderr
+    r = cli("experiment", "-d", planted, "--grid", "colours", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "unknown grid 'colours'" in r.stderr
+
+
+def test_frequency_experiment_report(tmp_path, cli):
+    planted_interest_log(n_users=300, start_spread_s=2 * 86400).write_csv(tmp_path / "log.csv")
+    assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "log.csv", "-o", tmp_path / "ds",
+               "--action-col", "action", "--positive", "click").exit_code == 0
+    cfg = json.loads(json.dumps(TINY))
+    cfg["eval"]["test_fraction"] = 0.3
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    args = ["experiment", "-d", tmp_path / "ds", "--grid", "frequency", "-o", tmp_path / "rep", "--config",
+            tmp_path / "cfg.json", "--max-epochs", "2", "--no-progress"]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "rep" / "results.json").read_text())
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert (tmp_path / "rep" / "frequency.png").stat().st_size > 5000
+    assert [row["variant"] for row in res["rows"]] == ["dense-all-action", "sasrec"]
+    for row in res["rows"]:  # the table shows exactly what evaluate wrote for that run
+        ev = json.loads((tmp_path / "rep" / "runs" / row["variant"] / "eval" / "future-window-test.json").read_text())
+        rec = ev["results"]["pinnerformer"]["Recall@10"]
+        assert f"| {row['variant']} | {rec['mean']:.4f} [{rec['ci95'][0]:.4f}, {rec['ci95'][1]:.4f}]" in md
+        assert ev["inference_frequency"]["realtime_to_daily_drop"] is not None
+    assert res["fingerprint"] in md and "reproduce: `pinnerformer experiment --dataset" in md
+    # running it again reuses the finished runs and reproduces the same numbers
+    r = cli(*args)
+    assert r.exit_code == 0 and "finished earlier: reusing its checkpoint" in r.stderr
+    again = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert [x["report"]["results"] for x in again["rows"]] == [x["report"]["results"] for x in res["rows"]]
+    r = cli(*args[:-3], "--max-epochs", "3", "--no-progress")
+    assert r.exit_code == 2 and "was made with another configuration" in r.stderr
