@@ -5,9 +5,13 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("cmd", [[], ["data"], ["data", "prepare"], ["data", "stats"], ["items"],
+@pytest.mark.parametrize("cmd", [[], ["data"], ["data", "prepare"], ["data", "stats"], ["items"], ["train"],
+                                 ["evaluate"], ["experiment"],
                                  ["items", "embed-text"], ["quickstart"]])
 def test_help_on_every_command(cli, cmd):
+    from pinnerformer import __version__
+
+    assert cli("--version").stdout.strip() == __version__
     r = cli(*cmd, "--help")
     assert r.exit_code == 0 and "Usage" in r.output
 

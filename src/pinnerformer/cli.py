@@ -24,24 +24,25 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _fail(e: Exception) -> None:
-    print("error: " + str(e), file=sys.stderr)
-    raise typer.Exit(code=2)
-
-
 def run_guarded(fn, *args, **kwargs):
-    """Run a command body; a PinnerformerError becomes a clear message and exit code 2."""
+    """Run a command body; a PinnerformerError becomes a clear message and exit code 2 (no traceback)."""
     try:
         return fn(*args, **kwargs)
     except PinnerformerError as e:
-        _fail(e)
+        print("error: " + str(e), file=sys.stderr)
+        raise typer.Exit(code=2) from None
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
-    if version:
-        console.print(__version__)
-        raise typer.Exit()
+def main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")):
+    """Learn user representations from sequences of user actions, and rank with them."""
 
 
 @data_app.command("prepare")

@@ -50,10 +50,11 @@ class Scorer:
     fixed: torch.Tensor | None = None  # [U, I] or [I] fixed scores
 
     def scores(self, rows: slice) -> torch.Tensor:
-        if self.fixed is not None:
-            f = self.fixed if self.fixed.ndim == 2 else self.fixed.unsqueeze(0).expand(rows.stop - rows.start, -1)
-            return f[rows] if self.fixed.ndim == 2 else f
-        return self.users[rows] @ self.items.T
+        if self.fixed is None:
+            return self.users[rows] @ self.items.T
+        if self.fixed.ndim == 2:
+            return self.fixed[rows]
+        return self.fixed.unsqueeze(0).expand(rows.stop - rows.start, -1)
 
 
 def load_run(run_dir: Path, ds: Dataset, checkpoint: str = "best"):
