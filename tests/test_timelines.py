@@ -89,3 +89,18 @@ def test_mismatched_arrays_rejected():
     with pytest.raises(ValueError, match="do not match"):
         Timelines(offsets=tl.offsets, item=tl.item[:-1], action=tl.action, ts=tl.ts, surface=tl.surface,
                   duration=tl.duration)
+
+
+def test_positive_item_counts_over_a_view():
+    from types import SimpleNamespace
+
+    from pinnerformer.evaluation.protocols import positive_item_counts
+
+    tl = random_timelines()
+    ds = SimpleNamespace(manifest=SimpleNamespace(positive_codes=[1, 3], n_items=50))
+    view = tl.as_of(500).drop_last(1)
+    want = np.zeros(50)
+    for u in range(tl.n_users):
+        x = view.user(u)
+        np.add.at(want, x.item[np.isin(x.action, [1, 3])], 1)
+    assert np.array_equal(positive_item_counts(ds, view), want)

@@ -37,7 +37,8 @@ from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.metrics import (
     bootstrap_ci, hit_rate_at_k, interest_entropy, label_ranks, ndcg_at_k, p90_coverage, recall_at_k,
 )
-from pinnerformer.evaluation.protocols import EvalTask, leave_one_out_task
+from pinnerformer.data.timelines import TimelineView
+from pinnerformer.evaluation.protocols import EvalTask, leave_one_out_task, positive_item_counts
 
 DAY = 86400
 
@@ -192,19 +193,14 @@ def frequency_recall(model, ds: Dataset, task: EvalTask, items: torch.Tensor, fr
 
 
 def popularity_scores(ds: Dataset, task: EvalTask, protocol: str, trailing_days: float = 28.0) -> torch.Tensor:
+    """Most-popular scores: positives in every user's training part (leave-one-out), or in the trailing
+    window before each user-window's cut-off (future-window)."""
     tl = ds.timelines
-    is_pos = np.isin(np.asarray(tl.action), np.array(ds.manifest.positive_codes))
-    n = ds.manifest.n_items
     if protocol == "leave-one-out":
-        # every user's training part: all but the last two actions
-        keep = np.ones(tl.n_events, dtype=bool)
-        keep[np.concatenate([tl.offsets[1:] - 1, tl.offsets[1:] - 2])[tl.lengths.repeat(2) >= 2]] = False
-        return torch.from_numpy(np.bincount(np.asarray(tl.item)[is_pos & keep], minlength=n).astype(np.float64))
-    ts = np.asarray(tl.ts)
-    rows = {}
-    for t in np.unique(task.cutoff):
-        m = is_pos & (ts < t) & (ts >= t - trailing_days * DAY)
-        rows[int(t)] = np.bincount(np.asarray(tl.item)[m], minlength=n).astype(np.float64)
+        return torch.from_numpy(positive_item_counts(ds, tl.drop_last(2)))
+    rows = {int(t): positive_item_counts(ds, TimelineView(tl, tl.as_of(int(t - trailing_days * DAY)).end,
+                                                          tl.as_of(int(t)).end))
+            for t in np.unique(task.cutoff)}
     return torch.from_numpy(np.stack([rows[int(t)] for t in task.cutoff]))
 
 

@@ -102,3 +102,14 @@ def training_view(ds: Dataset, protocol: str, split: np.ndarray | None) -> Timel
     full = tl.full()
     end = np.where(split == 0, full.end, full.start)  # held-out users contribute nothing
     return TimelineView(tl, full.start, end)
+
+
+def positive_item_counts(ds: Dataset, view: TimelineView) -> np.ndarray:
+    """How often each item was a positive action inside the view's ranges: the most-popular baseline's scores."""
+    tl = view.base
+    edges = np.zeros(tl.n_events + 1, dtype=np.int64)  # +1 where a range starts, -1 where it ends
+    np.add.at(edges, view.start, 1)
+    np.add.at(edges, view.end, -1)
+    inside = np.cumsum(edges[:-1]) > 0
+    positive = np.isin(np.asarray(tl.action), np.array(ds.manifest.positive_codes))
+    return np.bincount(np.asarray(tl.item)[inside & positive], minlength=ds.manifest.n_items).astype(np.float64)

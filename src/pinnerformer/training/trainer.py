@@ -33,7 +33,7 @@ from pinnerformer.errors import PinnerformerError
 from pinnerformer.progress import progress_bar
 from pinnerformer.evaluation.metrics import label_ranks, ndcg_at_k, recall_at_k, hit_rate_at_k
 from pinnerformer.evaluation.protocols import (
-    EvalTask, future_window_task, leave_one_out_task, training_view, user_split,
+    EvalTask, future_window_task, leave_one_out_task, positive_item_counts, training_view, user_split,
 )
 from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
 from pinnerformer.models.pinnerformer import ModelConfig, PinnerFormer
@@ -221,13 +221,7 @@ class Trainer:
 
     def popularity_baseline(self) -> dict[str, float]:
         """Most-popular positives in the training data, ranked by the same code: context for every number."""
-        view = training_view(self.ds, self.protocol, self.split)
-        tl = self.ds.timelines
-        counts = np.zeros(self.model_cfg.n_items)
-        pos_codes = np.array(self.ds.manifest.positive_codes)
-        for u in np.flatnonzero(view.lengths > 0):
-            x = view.user(u)
-            np.add.at(counts, x.item[np.isin(x.action, pos_codes)], 1)
+        counts = positive_item_counts(self.ds, training_view(self.ds, self.protocol, self.split))
         return evaluate_task(None, None, self.val_task, self.cfg.eval.k, item_scores=torch.from_numpy(counts))
 
     # ---- persistence -----------------------------------------------------------------------------------
