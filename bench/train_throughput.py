@@ -96,7 +96,7 @@ def main() -> None:
     B = cfg.optim.batch_size
     order = np.random.default_rng(0).permutation(np.repeat(trainer.sampler.eligible, 64))
     trainer.model.train()
-    counts = {"tokens": 0, "queries": 0, "pool": 0, "uniq": 0, "flops": 0.0}
+    counts = {"tokens": 0, "flops": 0.0}
     orig_sample = trainer.sampler.sample
 
     def counting_sample(users, rng):
@@ -115,7 +115,7 @@ def main() -> None:
         if s == args.warmup:
             sync(dev)
             t0 = time.perf_counter()
-            counts = {k: 0 if k != "flops" else 0.0 for k in counts}
+            counts = {"tokens": 0, "flops": 0.0}
         rng = np.random.default_rng([0, s])
         loss = trainer.loss_on(order[s * B:(s + 1) * B], rng, torch.Generator().manual_seed(s))
         trainer.opt.zero_grad(set_to_none=True)
