@@ -272,6 +272,161 @@ def experiment(
     run_guarded(body)
 
 
+@app.command("embed")
+def embed(
+    run: Path = typer.Option(..., "--run", "-r", help="A training run directory (uses checkpoints/best.pt)."),
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="The dataset the run was trained on."),
+    as_of: str = typer.Option(..., "--as-of", help="YYYY-MM-DD: embed each user's actions up to the end of this "
+                              "day (UTC)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Snapshot root: the snapshot goes to OUTPUT/DAY/."),
+    dtype: str = typer.Option("float32", help="float32 | float16 vectors in the Parquet file."),
+    engine: str = typer.Option("local", help="local | ray (needs the [ray] extra)."),
+    ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster (default: start a local one)."),
+    ray_actors: int = typer.Option(2, help="Ray: actors in the pool, each holding the model once."),
+    ray_cpus_per_actor: float = typer.Option(0.5, help="Ray: CPUs reserved per actor (fractions allowed)."),
+    shard_users: int = typer.Option(4096, help="Users per shard: the unit of work and of restart."),
+    batch_size: int = typer.Option(256, help="Users per model batch."),
+    checkpoint: str = typer.Option("best", help="best | last"),
+    force: bool = typer.Option(False, help="Recompute a day that already has a complete snapshot."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Daily batch inference: user embeddings as of a day, incremental over the previous snapshot."""
+
+    def body():
+        from pinnerformer.data.dataset import Dataset
+        from pinnerformer.inference.daily_embed import DailyJob
+        from pinnerformer.inference.snapshot import parse_day
+
+        if shard_users < 1 or batch_size < 1:
+            raise PinnerformerError("--shard-users and --batch-size must be at least 1")
+        job = DailyJob(run, Dataset.open(dataset), parse_day(as_of), output, dtype=dtype, checkpoint=checkpoint,
+                       shard_users=shard_users, batch_size=batch_size)
+        job.run(engine=engine, force=force, ray_address=ray_address, ray_actors=ray_actors,
+                ray_cpus_per_actor=ray_cpus_per_actor, log=lambda s: err_console.print(s, highlight=False),
+                progress=progress)
+
+    run_guarded(body)
+
+
+@app.command("simulate-daily")
+def simulate_daily(
+    run: Path = typer.Option(..., "--run", "-r", help="A future-window training run directory."),
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="The dataset the run was trained on."),
+    first: str = typer.Option(..., "--from", help="First day, YYYY-MM-DD."),
+    last: str = typer.Option(..., "--to", help="Last day, YYYY-MM-DD."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where snapshots and the report go "
+                                          "(default: RUN/simulate-daily)."),
+    k: int = typer.Option(10, help="Recall cut-off rank."),
+    label_days: float = typer.Option(14.0, help="Label horizon in days."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Replay the daily job day by day; report users recomputed and Recall@k of the snapshot in use."""
+
+    def body():
+        from pinnerformer.data.dataset import Dataset
+        from pinnerformer.inference.simulate import simulate_daily as simulate
+        from pinnerformer.inference.snapshot import parse_day
+
+        out = output or run / "simulate-daily"
+        cmd = f"pinnerformer simulate-daily --run {run} --dataset {dataset} --from {first} --to {last} --output {out}"
+        r = simulate(run, Dataset.open(dataset), parse_day(first), parse_day(last), out, k, label_days,
+                     log=lambda s: err_console.print(s, highlight=False), progress=progress, command=cmd)
+        from pinnerformer.inference.simulate import markdown
+
+        print(markdown(r))
+
+    run_guarded(body)
+
+
+def _parse_params(text: Optional[str]) -> dict:
+    """'M=32,ef_search=64' -> {'M': 32, 'ef_search': 64}."""
+    out = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise PinnerformerError(f"--params: {part!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            raise PinnerformerError(f"--params: {key.strip()} must be an integer, got {value!r}") from None
+    return out
+
+
+@app.command("index")
+def index(
+    run: Path = typer.Option(..., "--run", "-r", help="A training run directory."),
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="The dataset the run was trained on."),
+    output: Path = typer.Option(..., "--output", "-o", help="Index directory to write."),
+    kind: str = typer.Option("hnsw", help="hnsw | flat | ivf"),
+    params: Optional[str] = typer.Option(None, help="hnsw: M,ef_construction,ef_search; ivf: nlist,nprobe "
+                                         "(e.g. 'M=32,ef_search=128')."),
+    checkpoint: str = typer.Option("best", help="best | last"),
+):
+    """Item embeddings from the item tower into a FAISS index, with its id map and manifest."""
+
+    def body():
+        from pinnerformer.data.dataset import Dataset
+        from pinnerformer.retrieval.index import build_item_index
+
+        build_item_index(run, Dataset.open(dataset), output, kind, _parse_params(params), checkpoint,
+                         log=lambda s: err_console.print(s, highlight=False))
+
+    run_guarded(body)
+
+
+@app.command("retrieve")
+def retrieve(
+    index: Path = typer.Option(..., "--index", help="An item index directory (`pinnerformer index`)."),
+    snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="A snapshot day directory (`pinnerformer embed`)."),
+    user: Optional[str] = typer.Option(None, "--user", help="One user id: print their top-k."),
+    item: Optional[str] = typer.Option(None, "--item", help="One item id: print the k most similar items."),
+    users_file: Optional[Path] = typer.Option(None, "--users-file", help="Batch: a text file of user ids, one per "
+                                              "line (default with --output: every user in the snapshot)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Batch: Parquet file of (user, rank, item)."),
+    k: int = typer.Option(10, "-k", help="How many items."),
+):
+    """Top-k items for a user (or similar items for an item) from the index; a batch form writes Parquet."""
+
+    def body():
+        from pinnerformer.inference.snapshot import Snapshot
+        from pinnerformer.retrieval.index import ItemIndex
+        from pinnerformer.retrieval.retrieve import similar_items, top_k_batch, top_k_for_user
+
+        if k < 1:
+            raise PinnerformerError(f"-k must be at least 1, got {k}")
+        modes = sum(x is not None for x in (user, item, output))
+        if modes != 1:
+            raise PinnerformerError("give exactly one of --user ID, --item ID or --output FILE (batch)")
+        idx = ItemIndex.open(index)
+        if item is not None:
+            frame, title = similar_items(idx, item, k), f"items similar to item {item}"
+        else:
+            if snapshot is None:
+                raise PinnerformerError("--snapshot is required for user retrieval")
+            snap = Snapshot.open(snapshot)
+            if output is not None:
+                ids = None
+                if users_file is not None:
+                    if not users_file.exists():
+                        raise PinnerformerError(f"{users_file}: users file not found")
+                    ids = [line.strip() for line in users_file.read_text().splitlines() if line.strip()]
+                info = top_k_batch(idx, snap, ids, k, output)
+                err_console.print(f"wrote {info['output']}: top-{k} for {info['users']:,} users "
+                                  f"({info['rows']:,} rows)", highlight=False)
+                return
+            frame, title = top_k_for_user(idx, snap, user, k), f"top {k} for user {user} (as of {snap.manifest['as_of']})"
+        table = Table(title=title)
+        for col in frame.columns:
+            table.add_column(col, overflow="fold")
+        for row in frame.iter_rows():
+            table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+        console.print(table)
+
+    run_guarded(body)
+
+
 @app.command("quickstart")
 def quickstart(workdir: Path = typer.Option(Path("quickstart-run"), help="Where outputs go."),
                text: bool = typer.Option(True, help="Embed item text (needs the [text] extra)."),
