@@ -30,7 +30,7 @@ from pinnerformer.errors import PinnerformerError
 
 KINDS = ("hnsw", "flat", "ivf")
 DEFAULTS = {"hnsw": {"M": 32, "ef_construction": 200, "ef_search": 128},
-            "ivf": {"nlist": None, "nprobe": None},  # None: nlist ~ 4*sqrt(n), nprobe ~ nlist/8
+            "ivf": {"nlist": None, "nprobe": None},  # None: nlist ~ 4*sqrt(n), nprobe ~ max(8, nlist/32)
             "flat": {}}
 
 
@@ -50,7 +50,7 @@ def resolve_params(kind: str, n: int, params: dict | None = None) -> dict:
                                 f"(expected {', '.join(DEFAULTS[kind]) or 'none'})")
     if kind == "ivf":
         p["nlist"] = int(p["nlist"] or max(1, min(n // 39, int(4 * np.sqrt(n)))))  # >= 39 training points per cell
-        p["nprobe"] = int(p["nprobe"] or max(1, p["nlist"] // 8))
+        p["nprobe"] = int(p["nprobe"] or min(p["nlist"], max(8, p["nlist"] // 32)))
     return p
 
 
