@@ -6,7 +6,8 @@ import pytest
 
 
 @pytest.mark.parametrize("cmd", [[], ["data"], ["data", "prepare"], ["data", "stats"], ["items"], ["train"],
-                                 ["evaluate"], ["experiment"],
+                                 ["evaluate"], ["experiment"], ["embed"], ["index"], ["retrieve"],
+                                 ["simulate-daily"],
                                  ["items", "embed-text"], ["quickstart"]])
 def test_help_on_every_command(cli, cmd):
     from pinnerformer import __version__
@@ -22,6 +23,11 @@ def test_quickstart_and_stats(cli, tmp_path):
     assert "104,519" in r.stdout and "fingerprint" in r.stdout
     summary = json.loads((tmp_path / "qs" / "run" / "summary.json").read_text())
     assert summary["best_epoch"] == 0 and summary["steps"] > 0
+    # the production path: a snapshot as of the last day of data, an HNSW index, top-10 for three users
+    snap = json.loads((tmp_path / "qs" / "snapshots" / "2018-09-24" / "manifest.json").read_text())
+    assert snap["users"] == 610 and snap["recomputed"] == 610
+    assert json.loads((tmp_path / "qs" / "index" / "manifest.json").read_text())["items"] == 9_742
+    assert r.stdout.count("top 10 for user") == 3 and "(1995)" in r.stdout  # titles are shown
     r = cli("data", "stats", tmp_path / "qs" / "dataset", "--json")
     assert r.exit_code == 0
     s = json.loads(r.stdout)
