@@ -175,20 +175,25 @@ class PinnerFormer(nn.Module):
                       self.t_gap(b["t_gap"])]
         return torch.cat(parts, dim=-1)
 
-    def encode_sequence(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, T] actions (right-padded) -> [B, T, D] L2-normalised embeddings, causal at every position."""
+    def hidden_states(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, T] actions (right-padded) -> [B, T, H] transformer outputs, causal at every position."""
         x = self.input_proj(self.action_features(b))
         T = x.shape[1]
         if self.cfg.use_position:
             x = x + self.pos_emb(torch.arange(T, device=x.device).clamp(max=self.cfg.max_len - 1))
         for block in self.blocks:
             x = block(x)
-        return F.normalize(self.head(x).float(), dim=-1)
+        return x
+
+    def encode_sequence(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, T, D] L2-normalised embeddings at every position (training: every position is a query)."""
+        return F.normalize(self.head(self.hidden_states(b)).float(), dim=-1)
 
     def user_embedding(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The newest position's output: [B, D]."""
-        out = self.encode_sequence(b)
-        return out[torch.arange(out.shape[0], device=out.device), b["length"] - 1]
+        """The newest position's embedding, [B, D]: the head runs on that position only (inference)."""
+        h = self.hidden_states(b)
+        last = h[torch.arange(h.shape[0], device=h.device), b["length"] - 1]
+        return F.normalize(self.head(last).float(), dim=-1)
 
     def item_embedding(self, item: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.item_tower(self.items(item)).float(), dim=-1)

@@ -1,0 +1,135 @@
+"""Batch inference throughput of the daily embedding job: users/s, model FLOPs per user, and MFU.
+
+Times the job's own embedding function (`embed_user_ranges`: feature arrays, padding to max_len, the
+transformer, the head at the newest position) on users with full-length histories (M actions each), for a
+model of the given preset. Weights are freshly initialised: speed does not depend on their values.
+
+FLOPs per user are *counted*, not estimated: torch's FlopCounterMode over one batch (matmuls, attention), divided
+by the batch size. MFU = counted FLOPs/s over the matmul rate measured on the same device in the same dtype
+(fp32 on CPU; bf16 autocast on GPU).
+
+    python bench/batch_inference.py --preset small                          # CPU
+    python bench/batch_inference.py --preset paper --device cuda --compile  # GPU, bf16
+    python bench/batch_inference.py --preset small --job                    # the whole job (embed CLI path)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pinnerformer.data import Dataset
+from pinnerformer.data.formats import EventColumns, read_source
+from pinnerformer.data.prepare import prepare
+from pinnerformer.data.synthetic import planted_interest_log
+from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
+from pinnerformer.inference.daily_embed import embed_user_ranges
+from pinnerformer.training.config import load_config
+from pinnerformer.training.trainer import build_model
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def generated_dataset(folder: Path, n_users: int, M: int, n_items: int = 20_000) -> Dataset:
+    log = planted_interest_log(n_users=n_users, n_items=n_items, n_groups=200, events_per_user=M, gap_s=600)
+    log.write_csv(folder / "log.csv")
+    raw = read_source("events", folder / "log.csv", positive="click", event_columns=EventColumns(action="action"))
+    prepare(raw, folder / "ds", "events", log=lambda s: None)
+    return Dataset.open(folder / "ds")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--users", type=int, default=4096, help="users with full-length histories in the dataset")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3, help="timed passes over all users")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model's hidden_states")
+    ap.add_argument("--job", action="store_true", help="also time the whole `embed` job (local engine)")
+    args = ap.parse_args()
+
+    cfg = load_config(args.preset)
+    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if args.device == "auto" else args.device))
+    tmp = tempfile.TemporaryDirectory()
+    M = cfg.data.max_len
+    ds = generated_dataset(Path(tmp.name), args.users, M)
+    model, _ = build_model(ds, cfg)
+    model = model.to(dev).eval()
+    if args.compile:
+        model.hidden_states = torch.compile(model.hidden_states, dynamic=False)
+    tl = ds.timelines
+    starts, ends = np.asarray(tl.offsets[:-1]), np.asarray(tl.offsets[1:])
+    assert (ends - starts == M).all()
+
+    # FLOPs per user, counted on one batch
+    B = min(args.batch_size, len(starts))
+    b = to_torch(build_sequence_batch(tl, starts[:B], ends[:B], model.cfg.time_features, pad_to=M), dev)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc, \
+            torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        model.user_embedding(b)
+    flops_per_user = fc.get_total_flops() / B
+
+    embed_user_ranges(model, ds, starts[:2 * B], ends[:2 * B], args.batch_size, dev)  # warm-up (and compile)
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(args.reps):
+        embed_user_ranges(model, ds, starts, ends, args.batch_size, dev)
+    sync(dev)
+    wall = time.perf_counter() - t0
+    users_per_s = args.reps * len(starts) / wall
+    peak_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    peak = matmul_rate(dev, peak_dtype, 8192 if dev.type == "cuda" else 2048, 50 if dev.type == "cuda" else 5)
+    res = {"preset": args.preset, "device": torch.cuda.get_device_name() if dev.type == "cuda" else
+           (platform.processor() or "cpu"), "dtype": "bf16 autocast" if dev.type == "cuda" else "fp32",
+           "compile": args.compile, "batch": args.batch_size, "max_len": M, "users": len(starts),
+           "users_per_s": round(users_per_s, 1), "gflops_per_user": round(flops_per_user / 1e9, 4),
+           "model_tflops_per_s": round(users_per_s * flops_per_user / 1e12, 4),
+           "matmul_peak_tflops_per_s": round(peak / 1e12, 3), "mfu": round(users_per_s * flops_per_user / peak, 3),
+           "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+           "torch": torch.__version__}
+    if args.job:
+        # The whole job as `pinnerformer embed` runs it: plan, shards, Parquet parts, merge, manifest.
+        from pinnerformer.inference.daily_embed import DailyJob
+        from pinnerformer.training.trainer import Trainer
+
+        run = Path(tmp.name) / "run"
+        Trainer(ds, load_config(args.preset, overrides={"device": "cpu"}), run, log=lambda s: None).fit(
+            progress=False, max_steps=1)
+        import datetime as dt
+
+        day = dt.datetime.fromtimestamp(ds.manifest.time_max, dt.timezone.utc).date()
+        m = DailyJob(run, ds, day, Path(tmp.name) / "snaps").run(log=lambda s: None, progress=False)
+        res["job_users_per_s"] = round(m["users"] / m["wall_s"], 1)
+        res["job_wall_s"] = m["wall_s"]
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
