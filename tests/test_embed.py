@@ -222,12 +222,13 @@ def test_simulate_daily_replays_the_job_and_scores_each_day(trained, planted, tm
         after = set(ev.filter((pl.col("ts") >= t) & (pl.col("ts") < t + 14 * 86400) & pl.col("action").is_in(pos))[
             "user"].to_list())
         assert d["eligible_test_users"] == len(test_users & before & after)
-        assert d["frozen_age_days"] == i
-    assert sum(d["eligible_test_users"] for d in res["days"]) == res["pooled"]["user_windows"] + sum(
-        d["eligible_test_users"] - d["eligible_in_first_snapshot"] for d in res["days"]) > 0
-    first = next(d for d in res["days"] if d["eligible_in_first_snapshot"])
-    if first["frozen_age_days"] == 0:  # on the first day the frozen snapshot is the daily one
-        assert first["recall@10_frozen"] == first["recall@10_daily_same_users"]
+        assert d["frozen"]["age_days"] == i and d["weekly"]["age_days"] == i % 7
+        assert d["frozen"]["users"] <= d["eligible_test_users"]
+    first = res["days"][0]
+    assert first["frozen"]["stale_vectors"] == 0 and first["frozen"]["recall@10"] == \
+        first["frozen"]["recall@10_daily_same_users"]  # on the first day the frozen snapshot is today's
+    assert res["daily_user_windows"] == sum(d["eligible_test_users"] for d in res["days"]) > 0
+    assert res["pooled"]["frozen"]["user_windows"] == sum(d["frozen"]["users"] for d in res["days"])
     assert (tmp_path / "sim" / "staleness.png").stat().st_size > 10_000
     assert sorted(p.name for p in (tmp_path / "sim" / "snapshots").iterdir()) == [d["day"] for d in res["days"]]
     assert "| day | recomputed |" in r.stdout

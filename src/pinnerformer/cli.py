@@ -318,6 +318,7 @@ def simulate_daily(
                                           "(default: RUN/simulate-daily)."),
     k: int = typer.Option(10, help="Recall cut-off rank."),
     label_days: float = typer.Option(14.0, help="Label horizon in days."),
+    snapshots: Optional[Path] = typer.Option(None, help="Snapshot root (default: OUTPUT/snapshots)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Replay the daily job day by day; report users recomputed and Recall@k of the snapshot in use."""
@@ -328,9 +329,11 @@ def simulate_daily(
         from pinnerformer.inference.snapshot import parse_day
 
         out = output or run / "simulate-daily"
-        cmd = f"pinnerformer simulate-daily --run {run} --dataset {dataset} --from {first} --to {last} --output {out}"
+        cmd = (f"pinnerformer simulate-daily --run {run} --dataset {dataset} --from {first} --to {last} --output {out}"
+               + (f" --snapshots {snapshots}" if snapshots else ""))
         r = simulate(run, Dataset.open(dataset), parse_day(first), parse_day(last), out, k, label_days,
-                     log=lambda s: err_console.print(s, highlight=False), progress=progress, command=cmd)
+                     log=lambda s: err_console.print(s, highlight=False), progress=progress, command=cmd,
+                     snapshots=snapshots)
         from pinnerformer.inference.simulate import markdown
 
         print(markdown(r))

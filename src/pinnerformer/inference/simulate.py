@@ -4,10 +4,11 @@ For every day D from `--from` to `--to`: the incremental job writes snapshot D (
 snapshot that production would serve after that run is scored with the future-window protocol at the cut-off
 t = end of day D: the run's held-out *test* users with an action before t and a positive action in
 [t, t + label_days) get Recall@k (each label against the whole catalogue minus the user's other labels, exact
-search). Beside it, the same windows scored with the snapshot of the first day, never refreshed: the gap
-between the two curves is what staleness costs, day by day.
+search). Beside it, the same windows scored with the snapshot a slower cadence would be serving — the job run
+only every 7 days, or never after the first day — on the users that snapshot contains, paired with the daily
+snapshot on the same users: the gap is what staleness costs, day by day.
 
-Writes OUTPUT/snapshots/DAY/ (the snapshots), OUTPUT/staleness.json, OUTPUT/staleness.md, OUTPUT/staleness.png.
+Writes the snapshots to OUTPUT/snapshots/DAY/ (or --snapshots), OUTPUT/staleness.json, OUTPUT/staleness.md, OUTPUT/staleness.png.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from pinnerformer.inference.snapshot import Snapshot, day_end_ts
 from pinnerformer.progress import progress_bar
 
 
+CADENCES = {"daily": 1, "weekly": 7, "frozen": 0}  # 0: never refreshed after the first day
+
+
 def test_users(run_dir: Path) -> np.ndarray:
     path = Path(run_dir) / "split.parquet"
     if not path.exists():
@@ -49,7 +53,7 @@ def snapshot_recall(snap: Snapshot, items: torch.Tensor, users: np.ndarray, labe
 
 def simulate_daily(run_dir: Path, ds: Dataset, first: dt.date, last: dt.date, output: Path, k: int = 10,
                    label_days: float = 14.0, dtype: str = "float32", log=print, progress: bool = True,
-                   command: str = "") -> dict:
+                   command: str = "", snapshots: Path | None = None) -> dict:
     from pinnerformer.evaluation.evaluate import load_run
     from pinnerformer.training.trainer import embed_items
 
@@ -63,49 +67,59 @@ def simulate_daily(run_dir: Path, ds: Dataset, first: dt.date, last: dt.date, ou
     model, _ = load_run(run_dir, ds)
     items = embed_items(model, torch.device("cpu"))
     users = test_users(run_dir)
-    root = output / "snapshots"
+    root = Path(snapshots) if snapshots else output / "snapshots"
     days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
-    rows, pooled_daily, pooled_frozen = [], [], []
-    frozen: Snapshot | None = None
+    rows = []
+    pooled: dict[str, tuple[list, list]] = {c: ([], []) for c in CADENCES if c != "daily"}
+    snaps: dict[str, Snapshot] = {}
     bar = progress_bar(total=len(days), unit="day", desc="simulate-daily", disable=not progress)
     for day in days:
         job = DailyJob(run_dir, ds, day, root, dtype=dtype)
         m = job.run(log=lambda s: None, progress=False)
-        snap = Snapshot.open(job.final)
-        frozen = frozen or snap
+        snaps[day.isoformat()] = snap = Snapshot.open(job.final)
         t = day_end_ts(day)
         windows = eligible_windows(ds, users, t, label_days)
         elig = [(int(u), w[1]) for u, w in zip(users, windows) if w is not None]
-        in_frozen = set(frozen.users.tolist())
-        both = [(u, lab) for u, lab in elig if u in in_frozen]
         r_daily = snapshot_recall(snap, items, np.array([u for u, _ in elig]), [lab for _, lab in elig], k) \
             if elig else np.zeros(0)
-        r_frozen = snapshot_recall(frozen, items, np.array([u for u, _ in both]), [lab for _, lab in both], k) \
-            if both else np.zeros(0)
-        # The paired comparison: daily vs frozen on the users both snapshots have.
-        r_daily_both = snapshot_recall(snap, items, np.array([u for u, _ in both]), [lab for _, lab in both], k) \
-            if both else np.zeros(0)
-        pooled_daily.append(r_daily_both)
-        pooled_frozen.append(r_frozen)
-        rows.append({"day": day.isoformat(), "recomputed": m["recomputed"], "carried_over": m["carried_over"],
-                     "users_in_snapshot": m["users"], "eligible_test_users": len(elig),
-                     f"recall@{k}_daily": float(np.mean(r_daily)) if len(r_daily) else None,
-                     "eligible_in_first_snapshot": len(both),
-                     f"recall@{k}_daily_same_users": float(np.mean(r_daily_both)) if len(both) else None,
-                     f"recall@{k}_frozen": float(np.mean(r_frozen)) if len(both) else None,
-                     "frozen_age_days": (day - first).days})
+        row = {"day": day.isoformat(), "recomputed": m["recomputed"], "carried_over": m["carried_over"],
+               "users_in_snapshot": m["users"], "eligible_test_users": len(elig),
+               f"recall@{k}_daily": float(np.mean(r_daily)) if len(r_daily) else None}
+        age = (day - first).days
+        for cadence, every in CADENCES.items():
+            if cadence == "daily":
+                continue
+            # the snapshot in use when the job runs only every `every` days (frozen: only on the first day)
+            used = snaps[(first + dt.timedelta(days=age - age % every if every else 0)).isoformat()]
+            have = {int(u): i for i, u in enumerate(used.users)}
+            pair = [(u, lab) for u, lab in elig if u in have]  # compared on the users that snapshot has
+            pu, pl_ = np.array([u for u, _ in pair]), [lab for _, lab in pair]
+            r_used = snapshot_recall(used, items, pu, pl_, k) if pair else np.zeros(0)
+            r_fresh = snapshot_recall(snap, items, pu, pl_, k) if pair else np.zeros(0)
+            now = {int(u): i for i, u in enumerate(snap.users)}
+            stale = sum(bool((snap.vectors[now[u]] != used.vectors[have[u]]).any()) for u, _ in pair)
+            pooled[cadence][0].append(r_fresh)
+            pooled[cadence][1].append(r_used)
+            row[cadence] = {"users": len(pair), "stale_vectors": int(stale), "age_days": (day - used.day).days,
+                            f"recall@{k}": float(r_used.mean()) if pair else None,
+                            f"recall@{k}_daily_same_users": float(r_fresh.mean()) if pair else None}
+        rows.append(row)
         bar.update(1)
     bar.close()
-    pd_, pf_ = np.concatenate(pooled_daily), np.concatenate(pooled_frozen)
+    summary = {}
+    for cadence, (fresh, used) in pooled.items():
+        f_, u_ = np.concatenate(fresh), np.concatenate(used)
+        summary[cadence] = {"user_windows": int(len(f_)), f"recall@{k}_daily": float(f_.mean()) if len(f_) else None,
+                            f"recall@{k}_daily_ci95": bootstrap_ci(f_),
+                            f"recall@{k}": float(u_.mean()) if len(u_) else None, f"recall@{k}_ci95": bootstrap_ci(u_),
+                            "drop_ci95": bootstrap_ci(f_ - u_)}
+    all_daily = np.concatenate([[r[f"recall@{k}_daily"]] * r["eligible_test_users"] for r in rows
+                                if r["eligible_test_users"]]) if any(r["eligible_test_users"] for r in rows) else []
     result = {
         "run": str(Path(run_dir).resolve()), "dataset": str(Path(ds.path).resolve()),
         "fingerprint": ds.manifest.fingerprint, "from": first.isoformat(), "to": last.isoformat(), "k": k,
         "label_days": label_days, "test_users": int(len(users)), "days": rows,
-        "pooled": {"user_windows": int(len(pd_)),
-                   f"recall@{k}_daily": float(pd_.mean()) if len(pd_) else None,
-                   f"recall@{k}_daily_ci95": bootstrap_ci(pd_),
-                   f"recall@{k}_frozen": float(pf_.mean()) if len(pf_) else None,
-                   f"recall@{k}_frozen_ci95": bootstrap_ci(pf_)},
+        "daily_user_windows": int(len(all_daily)), "pooled": summary,
         "command": command, "wall_s": round(time.perf_counter() - t0, 1),
         "protocol": (f"future-window at each day's end: the run's held-out test users with an action before the "
                      f"cut-off and a positive in the next {label_days:g} days; Recall@{k} against all "
@@ -126,22 +140,28 @@ def markdown(r: dict) -> str:
     def f(v):
         return "–" if v is None else f"{v:.4f}"
 
-    p = r["pooled"]
     lines = [f"# Daily inference, replayed {r['from']} → {r['to']}", "",
              f"- run `{r['run']}`, dataset `{r['dataset']}` (fingerprint {r['fingerprint']})",
              f"- protocol: {r['protocol']}",
-             f"- frozen = the {r['from']} snapshot, never refreshed; compared on the users it contains",
-             f"- pooled over all days ({p['user_windows']} user-windows): daily Recall@{k} {f(p[f'recall@{k}_daily'])} "
-             f"[{p[f'recall@{k}_daily_ci95'][0]:.4f}, {p[f'recall@{k}_daily_ci95'][1]:.4f}] vs frozen "
-             f"{f(p[f'recall@{k}_frozen'])} [{p[f'recall@{k}_frozen_ci95'][0]:.4f}, "
-             f"{p[f'recall@{k}_frozen_ci95'][1]:.4f}]",
-             f"- reproduce: `{r['command']}` ({r['wall_s']} s)", "",
-             f"| day | recomputed | carried over | eligible test users | Recall@{k} daily | same users: daily | "
-             f"frozen (age, days) |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "- daily: the snapshot of that very day; weekly: the job run only every 7 days from the first day; "
+             "frozen: the first day's snapshot, never refreshed. Each is compared with the daily snapshot on the "
+             "eligible users it contains (paired); stale = how many of those have a different vector today"]
+    for cadence, p in r["pooled"].items():
+        lines.append(f"- pooled, {cadence} vs daily ({p['user_windows']} user-windows): Recall@{k} "
+                     f"{f(p[f'recall@{k}'])} [{p[f'recall@{k}_ci95'][0]:.4f}, {p[f'recall@{k}_ci95'][1]:.4f}] vs "
+                     f"{f(p[f'recall@{k}_daily'])} [{p[f'recall@{k}_daily_ci95'][0]:.4f}, "
+                     f"{p[f'recall@{k}_daily_ci95'][1]:.4f}]; daily − {cadence} 95% CI "
+                     f"[{p['drop_ci95'][0]:+.4f}, {p['drop_ci95'][1]:+.4f}]")
+    lines += [f"- reproduce: `{r['command']}` ({r['wall_s']} s)", "",
+              f"| day | recomputed | carried over | eligible | Recall@{k} daily | weekly: users (stale) | weekly | "
+              f"daily, same users | frozen: users (stale) | frozen | daily, same users |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for d in r["days"]:
+        w, z = d["weekly"], d["frozen"]
         lines.append(f"| {d['day']} | {d['recomputed']:,} | {d['carried_over']:,} | {d['eligible_test_users']} | "
-                     f"{f(d[f'recall@{k}_daily'])} | {f(d[f'recall@{k}_daily_same_users'])} | "
-                     f"{f(d[f'recall@{k}_frozen'])} ({d['frozen_age_days']}) |")
+                     f"{f(d[f'recall@{k}_daily'])} | {w['users']} ({w['stale_vectors']}) | {f(w[f'recall@{k}'])} | "
+                     f"{f(w[f'recall@{k}_daily_same_users'])} | {z['users']} ({z['stale_vectors']}) | "
+                     f"{f(z[f'recall@{k}'])} | {f(z[f'recall@{k}_daily_same_users'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -154,12 +174,18 @@ def plot(r: dict, path: Path) -> Path:
     k = r["k"]
     days = [d["day"] for d in r["days"]]
     x = np.arange(len(days))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    for key, label in ((f"recall@{k}_daily_same_users", "refreshed daily"), (f"recall@{k}_frozen", f"frozen at {r['from']}")):
-        ax1.plot(x, [np.nan if d[key] is None else d[key] for d in r["days"]], marker="o", ms=3, label=label)
-    ax1.set_ylabel(f"Recall@{k} (test users)")
-    ax1.legend()
-    ax1.set_title("Staleness: a daily snapshot vs one never refreshed")
+    val = lambda v: np.nan if v is None else v  # noqa: E731
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    ax1.plot(x, [val(d[f"recall@{k}_daily"]) for d in r["days"]], marker="o", ms=3, color="black",
+             label="daily snapshot (all eligible test users)")
+    for cadence, color in (("weekly", "tab:blue"), ("frozen", "tab:orange")):
+        ax1.plot(x, [val(d[cadence][f"recall@{k}"]) for d in r["days"]], marker=".", ms=3, color=color,
+                 label=f"{cadence} (its users)")
+        ax1.plot(x, [val(d[cadence][f"recall@{k}_daily_same_users"]) for d in r["days"]], ls=":", color=color,
+                 label=f"daily, same users as {cadence}")
+    ax1.set_ylabel(f"Recall@{k}")
+    ax1.legend(fontsize=8)
+    ax1.set_title(f"Staleness: snapshot refresh cadence ({r['from']} → {r['to']})")
     ax2.bar(x, [d["recomputed"] for d in r["days"]], color="tab:gray")
     ax2.set_ylabel("users recomputed")
     step = max(1, len(days) // 10)
