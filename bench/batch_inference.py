@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from device_rates import matmul_rate, sync  # bench/ is on sys.path when run as a script
 from pinnerformer.data import Dataset
 from pinnerformer.data.formats import EventColumns, read_source
 from pinnerformer.data.prepare import prepare
@@ -35,24 +36,6 @@ from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
 from pinnerformer.inference.daily_embed import embed_user_ranges
 from pinnerformer.training.config import load_config
 from pinnerformer.training.trainer import build_model
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def generated_dataset(folder: Path, n_users: int, M: int, n_items: int = 20_000) -> Dataset:

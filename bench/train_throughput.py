@@ -26,30 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from device_rates import matmul_rate, sync  # bench/ is on sys.path when run as a script
 from pinnerformer.data import Dataset
 from pinnerformer.data.formats import EventColumns, read_source
 from pinnerformer.data.prepare import prepare
 from pinnerformer.data.synthetic import planted_interest_log
 from pinnerformer.training.config import load_config
 from pinnerformer.training.trainer import Trainer
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def step_flops(trainer: Trainer, tokens: int, queries: int, pool: int, uniq_items: int, T: int) -> float:
