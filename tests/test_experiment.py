@@ -53,3 +53,23 @@ def test_frequency_experiment_report(tmp_path, cli):
     assert [x["report"]["results"] for x in again["rows"]] == [x["report"]["results"] for x in res["rows"]]
     r = cli(*args[:-3], "--max-epochs", "3", "--no-progress")
     assert r.exit_code == 2 and "was made with another configuration" in r.stderr
+
+
+def test_default_grid_leave_one_out_report(planted, tmp_path, cli):
+    tiny = {k: v for k, v in TINY.items() if k not in ("loss", "eval")}
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny))
+    r = cli("experiment", "-d", planted, "--grid", "default", "-o", tmp_path / "rep", "--preset", "loo",
+            "--config", tmp_path / "cfg.json", "--max-epochs", "2", "--no-progress")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "rep" / "results.json").read_text())
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert res["protocol"] == "leave-one-out" and [x["variant"] for x in res["rows"]] == ["pinnerformer"]
+    ev = json.loads((tmp_path / "rep" / "runs" / "pinnerformer" / "eval" / "leave-one-out-test.json").read_text())
+    assert ev["user_windows"] == 300 and ev["split"] == "test"
+    for name, rr in ev["results"].items():  # the model and every baseline, with intervals, in the table
+        nd = rr["NDCG@10"]
+        label = name if name == "pinnerformer" else f"baseline: {name}"
+        assert f"| {label} | {rr['HR@10']['mean']:.4f} [" in md and f"{nd['mean']:.4f} [{nd['ci95'][0]:.4f}" in md
+    val = res["rows"][0]["validation"]["ndcg@10"]
+    assert f"ndcg@10 {val:.4f}" in md and "--preset loo" in md and res["machine"] in md
+    assert (tmp_path / "rep" / "default.png").stat().st_size > 5000

@@ -182,3 +182,58 @@ def test_interest_entropy_coverage_and_bootstrap():
     lo, hi = bootstrap_ci(np.array([0.0, 1.0] * 50 + [np.nan]))
     assert lo < 0.5 < hi and hi - lo < 0.25
     assert bootstrap_ci(np.ones(10)) == (1.0, 1.0)
+
+
+def test_full_softmax_is_cross_entropy_over_the_catalogue():
+    """negatives="full": the pool is every item once, Q = 1, so the loss is plain cross-entropy."""
+    from pinnerformer.objectives.sampled_softmax import label_mask
+
+    cms = CountMinSketch(width=1 << 8, seed=0)
+    labels = torch.tensor([1, 3, 3])  # three queries; queries 0 and 1 belong to example 0, query 2 to example 1
+    cms.update(labels)
+    pool = build_negative_pool(labels, "full", 999, 4, cms, True, torch.Generator().manual_seed(0))
+    assert pool.items.tolist() == [0, 1, 2, 3] and (pool.log_q == 0).all()
+    assert (log_q_of(labels, "full", 3, 999, 4, cms) == 0).all()
+    scores = torch.tensor([[0.0, 2.0, 1.0, -1.0], [0.5, 0.0, 0.0, 3.0], [1.0, 1.0, 1.0, 1.0]])
+    pos = scores[torch.arange(3), labels]
+    q_example = torch.tensor([0, 0, 1])
+    # only each query's own label masked: hand-computed cross-entropy, example 0 averaged over its two queries
+    ce = [-2 + math.log(1 + math.e ** 2 + math.e + math.e ** -1),
+          -3 + math.log(math.e ** 0.5 + 2 + math.e ** 3),
+          -1 + math.log(4 * math.e)]
+    got = sampled_softmax_loss(pos, scores, torch.zeros(3), pool.log_q, label_mask(labels, pool.items), q_example, 2)
+    assert got.item() == pytest.approx(((ce[0] + ce[1]) / 2 + ce[2]) / 2, rel=1e-6)
+    per_query = torch.nn.functional.cross_entropy(scores, labels, reduction="none")
+    assert per_query.tolist() == pytest.approx(ce, rel=1e-6)
+    # masking the example's other positives removes item 3 from query 0's softmax and item 1 from query 1's
+    own = own_positive_mask(q_example, pool.items, torch.tensor([0, 0, 1]), torch.tensor([1, 3, 3]), 2, 4)
+    got = sampled_softmax_loss(pos, scores, torch.zeros(3), pool.log_q, own, q_example, 2)
+    ce_own = [-2 + math.log(1 + math.e ** 2 + math.e), -3 + math.log(math.e ** 0.5 + 1 + math.e ** 3), ce[2]]
+    assert got.item() == pytest.approx(((ce_own[0] + ce_own[1]) / 2 + ce_own[2]) / 2, rel=1e-6)
+
+
+def test_last_cutoff_takes_the_whole_training_sequence():
+    tl = toy_timeline()
+    view = tl.drop_last(2)  # events 0..7 train: the last positive inside is event 6
+    s = ExampleSampler(tl, np.array([1]), view, ExampleConfig(objective="sasrec", max_len=4, cutoff="last"))
+    b = s.sample(np.array([0]), np.random.default_rng(0))
+    assert (int(b.starts[0]), int(b.ends[0])) == (2, 6)  # the last M actions before the last training positive
+    assert b.q_item.tolist() == [105, 105, 105, 106]  # every position -> the next positive, never past event 7
+    with pytest.raises(ValueError, match="unknown cutoff"):
+        ExampleSampler(tl, np.array([1]), view, ExampleConfig(cutoff="first"))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_full_softmax_equals_the_sampled_loss_with_the_full_pool(masked):
+    from pinnerformer.objectives.sampled_softmax import full_softmax_loss, label_mask
+
+    g = torch.Generator().manual_seed(1)
+    Q, I, B = 19, 11, 4
+    logits = torch.randn(Q, I, generator=g) * 2
+    target = torch.randint(0, I, (Q,), generator=g)
+    q_example = torch.sort(torch.randint(0, B, (Q,), generator=g)).values
+    own = torch.rand(Q, I, generator=g) < 0.3 if masked else label_mask(target, torch.arange(I))
+    want = sampled_softmax_loss(logits[torch.arange(Q), target], logits, torch.zeros(Q), torch.zeros(I),
+                                own | label_mask(target, torch.arange(I)), q_example, B)
+    got = full_softmax_loss(logits, target, own if masked else None, q_example, B)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)

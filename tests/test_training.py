@@ -119,3 +119,55 @@ def test_order_only_dataset_trains_with_leave_one_out(tmp_path, cli):
     assert summary["ndcg@10"] > 2 * summary["popularity"]
     r = cli("train", "-d", tmp_path / "ds", "-o", tmp_path / "r2", "--protocol", "future-window")
     assert r.exit_code == 2 and "needs real timestamps" in r.stderr
+
+
+@pytest.mark.parametrize("mask_own", [False, True])
+def test_full_softmax_training_loss_is_cross_entropy_of_the_model(planted, tmp_path, mask_own):
+    """The trainer's loss with negatives="full" equals torch's cross-entropy over every item's score."""
+    import torch
+
+    cfg = config(loss={"objective": "sasrec", "negatives": "full", "mask_own_positives": mask_own})
+    tr = Trainer(Dataset.open(planted), cfg, tmp_path / "run", log=lambda s: None)
+    tr.model.eval()  # no dropout: both computations see the same function
+    users = tr.sampler.eligible[:8]
+    got = tr.loss_on(users, np.random.default_rng(3), torch.Generator().manual_seed(0))
+    batch = tr.sampler.sample(users, np.random.default_rng(3))  # the same examples
+    from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
+
+    with torch.no_grad():
+        out = tr.model.encode_sequence(to_torch(build_sequence_batch(tr.ds.timelines, batch.starts, batch.ends,
+                                                                     tr.model_cfg.time_features)))
+        q = out[torch.from_numpy(batch.q_example), torch.from_numpy(batch.q_position)]
+        logits = q @ tr.model.item_embedding(torch.arange(tr.model_cfg.n_items)).T / tr.model.temperature
+    target = torch.from_numpy(batch.q_item)
+    if mask_own:  # the example's other positives are not negatives
+        for j, (e, t) in enumerate(zip(batch.q_example, batch.q_item)):
+            others = [i for ex, i in zip(batch.label_example, batch.label_item) if ex == e and i != t]
+            logits[j, others] = -torch.inf
+    per_query = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    want = torch.stack([per_query[torch.from_numpy(batch.q_example) == e].mean()
+                        for e in np.unique(batch.q_example)]).mean()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_loo_preset_is_the_leave_one_out_default_and_is_recorded(planted, tmp_path, cli):
+    cfg = load_config("loo")
+    assert (cfg.eval.protocol, cfg.loss.objective, cfg.data.cutoff) == ("leave-one-out", "sasrec", "last")
+    assert not cfg.loss.mask_own_positives
+    assert load_config("small").loss.negatives == "mixed"  # the other presets keep their defaults
+    # on a dataset with real timestamps the preset alone switches to leave-one-out, and config.json says so
+    tiny = {k: v for k, v in TINY.items() if k not in ("loss", "eval")}
+    (tmp_path / "tiny.json").write_text(json.dumps({**tiny, "optim": {**TINY["optim"], "max_epochs": 1}}))
+    r = cli("train", "-d", planted, "-o", tmp_path / "run", "--preset", "loo", "--config", tmp_path / "tiny.json",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    desc = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert desc["protocol"] == "leave-one-out" and desc["metric"] == "ndcg@10"
+    c = desc["config"]
+    assert c["preset"] == "loo" and c["loss"]["objective"] == "sasrec" and c["data"]["cutoff"] == "last"
+    assert c["model"]["dropout"] == load_config("loo").model.dropout
+    assert "default configuration for this protocol" not in r.stderr
+    # leave-one-out with another preset works, with a note that names the default
+    r = cli("train", "-d", planted, "-o", tmp_path / "run2", "--protocol", "leave-one-out", "--config",
+            tmp_path / "tiny.json", "--no-progress")
+    assert r.exit_code == 0 and "the default configuration for this protocol is --preset loo" in " ".join(r.stderr.split())

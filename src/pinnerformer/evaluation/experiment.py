@@ -6,15 +6,19 @@ Grids (SPEC §3, the PinnerFormer paper's tables):
     features    leave one feature out: content vector, time, action type, duration/surface (where the data
                 has them), position
     frequency   inference frequency {once, daily, realtime} for the dense all-action vs the SASRec objective
+    default     one variant: the preset and config as given (a plain report, e.g. `--preset loo` under the
+                leave-one-out protocol)
 
 Every variant trains in REPORT_DIR/runs/<variant> with the same preset, config, seed and epoch budget, is
-scored by `evaluate` on the same held-out users, and lands in REPORT_DIR/report.md (table, protocol, data
-fingerprint, the command, wall time), results.json and a PNG of bars with 95% intervals. A finished variant is
+scored by `evaluate` on the same held-out users, and lands in REPORT_DIR/report.md (table with the best validation
+number beside the test numbers, the baselines with their intervals, protocol, data fingerprint, the command, wall
+time, machine and date), results.json and a PNG of bars with 95% intervals. A finished variant is
 reused when the experiment is run again (its config must match); an interrupted one resumes.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import time
@@ -25,7 +29,7 @@ import numpy as np
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
 
-GRIDS = ["objectives", "negatives", "features", "frequency"]
+GRIDS = ["objectives", "negatives", "features", "frequency", "default"]
 
 
 def variants(grid: str, ds: Dataset) -> list[tuple[str, dict]]:
@@ -49,6 +53,8 @@ def variants(grid: str, ds: Dataset) -> list[tuple[str, dict]]:
         return out
     if grid == "frequency":
         return [(o, {"loss": {"objective": o}}) for o in ["dense-all-action", "sasrec"]]
+    if grid == "default":
+        return [("pinnerformer", {})]
     raise PinnerformerError(f"unknown grid '{grid}': expected one of {', '.join(GRIDS)}")
 
 
@@ -98,12 +104,24 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
                      "wall_s": round(time.perf_counter() - tv, 1)})
     result = {"grid": grid, "dataset": str(ds.path.resolve()), "fingerprint": ds.manifest.fingerprint,
               "preset": preset, "seed": seed, "max_epochs": max_epochs, "command": command,
-              "protocol": rows[0]["report"]["protocol"], "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+              "protocol": rows[0]["report"]["protocol"], "rows": rows, "wall_s": round(time.perf_counter() - t0, 1),
+              "machine": machine(), "date": dt.date.today().isoformat()}
     _write(output / "results.json", json.dumps(result, indent=2) + "\n")
     png = plot(result, output / f"{grid}.png")
     _write(output / "report.md", report_markdown(result, png.name))
     log(f"wrote {output / 'report.md'} ({result['wall_s']:.0f} s)")
     return result
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+
+
+def _cell(v: dict) -> str:
+    return f"{v['mean']:.4f}" + (f" [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]" if v["ci95"] else "")
 
 
 def _write(path: Path, text: str) -> None:
@@ -127,17 +145,19 @@ def report_markdown(result: dict, png: str) -> str:
              f"- user-windows: {first['user_windows']}; ties {first['ties']}; history excluded: {first['history_excluded']}",
              f"- preset {result['preset']}, seed {result['seed']}, max epochs {result['max_epochs'] or 'preset'}; "
              "model selection on validation users only (early stopping), numbers below on test users",
-             f"- reproduce: `{result['command']}` ({result['wall_s'] / 60:.1f} min on the machine that made it)", "",
-             "| variant | " + " | ".join(metrics) + " | best epoch |", "|---|" + "---|" * (len(metrics) + 1)]
+             f"- reproduce: `{result['command']}` ({result['wall_s'] / 60:.1f} min on the machine that made it"
+             + (f": {result['machine']}, {result['date']}" if result.get("machine") else "") + ")", "",
+             "| variant | " + " | ".join(metrics) + " | best epoch | validation (selection) |",
+             "|---|" + "---|" * (len(metrics) + 2)]
     for r in result["rows"]:
         res = r["report"]["results"]["pinnerformer"]
-        cells = [f"{res[m]['mean']:.4f}" + (f" [{res[m]['ci95'][0]:.4f}, {res[m]['ci95'][1]:.4f}]" if res[m]["ci95"] else "")
-                 for m in metrics]
-        lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['best_epoch']} |")
-    base = first["results"]
-    lines += ["", "Baselines on the same users: " + "; ".join(
-        f"{name}: " + ", ".join(f"{m} {v['mean']:.4f}" for m, v in res.items())
-        for name, res in base.items() if name != "pinnerformer")]
+        val = ", ".join(f"{k} {v:.4f}" for k, v in r.get("validation", {}).items())
+        lines.append(f"| {r['variant']} | " + " | ".join(_cell(res[m]) for m in metrics)
+                     + f" | {r['best_epoch']} | {val} |")
+    for name, res in first["results"].items():  # baselines, scored by the same code on the same users
+        if name != "pinnerformer":
+            lines.append(f"| baseline: {name} | " + " | ".join(_cell(res[m]) if m in res else "" for m in metrics)
+                         + " | | |")
     if result["grid"] == "frequency":
         lines += ["", "| objective | once | daily | realtime | realtime → daily |", "|---|---|---|---|---|"]
         for r in result["rows"]:
@@ -170,12 +190,16 @@ def plot(result: dict, path: Path) -> Path:
         ax.set_xticks(range(len(names)), names, fontsize=8)
         ax.set_title("Recall@10 by inference frequency")
         ax.legend(fontsize=8)
+    baselines = [n for n in result["rows"][0]["report"]["results"] if n != "pinnerformer"]
+    labels = names + [n.split(" (")[0] for n in baselines]
     for ax, m in zip(axes[0], metrics):
         vals = [r["report"]["results"]["pinnerformer"][m] for r in result["rows"]]
+        vals += [result["rows"][0]["report"]["results"][b][m] for b in baselines]
         means = np.array([v["mean"] for v in vals])
         err = np.array([[v["mean"] - v["ci95"][0], v["ci95"][1] - v["mean"]] for v in vals]).T
-        ax.bar(range(len(names)), means, yerr=err, capsize=4, color="#4878a8")
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.bar(range(len(labels)), means, yerr=err, capsize=4,
+               color=["#4878a8"] * len(names) + ["#a0a0a0"] * len(baselines))
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(m)
     fig.suptitle(f"{result['grid']} — {Path(result['dataset']).name} ({result['protocol']}, 95% CI)", fontsize=10)
     fig.tight_layout()

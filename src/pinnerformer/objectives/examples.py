@@ -11,7 +11,8 @@ user's training range [s, e); labels are positive actions after the relevant pos
 
 The window is K seconds after the position's timestamp (28 days by default), or K actions for order-only data.
 A query is (example, position, label item); the loss treats every query as one softmax.
-c is drawn uniformly from the cut-offs that leave at least one action before and one positive after.
+c is drawn uniformly from the cut-offs that leave at least one action before and one positive after
+(cutoff="random"), or is the latest such cut-off (cutoff="last": the whole training sequence, as SASRec trains).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ExampleConfig:
     max_labels: int = 32  # all-action
     window: float = 28 * 86400.0  # seconds, or a number of actions for order-only clocks
     window_in_actions: bool = False
+    cutoff: str = "random"  # random | last
 
 
 @dataclass
@@ -52,6 +54,8 @@ class ExampleSampler:
     def __init__(self, tl: Timelines, positive_codes: np.ndarray, view: TimelineView, cfg: ExampleConfig):
         if cfg.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {cfg.objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        if cfg.cutoff not in ("random", "last"):
+            raise ValueError(f"unknown cutoff {cfg.cutoff!r}; expected random or last")
         self.tl, self.view, self.cfg = tl, view, cfg
         is_pos = np.isin(np.asarray(tl.action), positive_codes)
         self.pos_idx = np.flatnonzero(is_pos)  # global indices of positive events, ascending
@@ -91,7 +95,7 @@ class ExampleSampler:
         le, li = [], []
         for b, u in enumerate(users):
             s_u, e_u = int(self.view.start[u]), int(self.view.end[u])
-            c = int(rng.integers(self.lo[u], self.hi[u] + 1))
+            c = int(self.hi[u]) if cfg.cutoff == "last" else int(rng.integers(self.lo[u], self.hi[u] + 1))
             s = max(s_u, c - cfg.max_len)
             starts.append(s)
             ends.append(c)

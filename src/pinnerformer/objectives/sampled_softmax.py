@@ -8,9 +8,12 @@ where s = cosine / τ and Q(x) is the expected number of copies of item x in the
     in-batch  (other queries' positives, N_b of them)   Q(x) = N_b · f(x), f = label frequency (count-min sketch)
     random    (R uniform draws from the catalogue)      Q(x) = R / |I|
     mixed     (the union)                               Q(x) = N_b · f(x) + R / |I|
+    full      (the whole catalogue, once each)          Q(x) = 1: logQ is a constant and drops out, so this is
+                                                        the full softmax (cross-entropy over every item)
 Negatives that are one of the query's own user's positives are masked out (this also removes "accidental
-hits": a random negative equal to the positive). Each user (example) weighs equally: query losses are
-averaged within an example, then over examples.
+hits": a random negative equal to the positive). With `mask_own_positives=False` only the query's own label
+is masked (`label_mask`): the user's other positives stay negatives, as in plain cross-entropy. Each user
+(example) weighs equally: query losses are averaged within an example, then over examples.
 
 Building the pool is a separate step (`build_negative_pool`) so that a distributed trainer can all-gather
 pools across workers before the loss.
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-NEGATIVES = ["mixed", "in-batch", "random"]
+NEGATIVES = ["mixed", "in-batch", "random", "full"]
 MERSENNE = (1 << 31) - 1
 
 
@@ -75,6 +78,8 @@ class NegativePool:
 def log_q_of(items: torch.Tensor, kind: str, n_in_batch: int, n_random: int, n_items: int,
              sketch: CountMinSketch) -> torch.Tensor:
     """log Q(x) for the pool `kind` (see module docstring)."""
+    if kind == "full":  # every item exactly once: Q = 1
+        return torch.zeros(items.shape, device=items.device)
     q = torch.zeros(items.shape, dtype=torch.float64)
     if kind in ("in-batch", "mixed"):
         q += n_in_batch * sketch.frequency(items).clamp(min=1.0 / max(sketch.total, 1))
@@ -85,9 +90,12 @@ def log_q_of(items: torch.Tensor, kind: str, n_in_batch: int, n_random: int, n_i
 
 def build_negative_pool(label_items: torch.Tensor, kind: str, n_random: int, n_items: int, sketch: CountMinSketch,
                         use_logq: bool, generator: torch.Generator) -> NegativePool:
-    """Negatives for one batch: the batch's positives (in-batch), uniform random items, or both."""
+    """Negatives for one batch: the batch's positives (in-batch), uniform random items, both, or every item."""
     if kind not in NEGATIVES:
         raise ValueError(f"unknown negatives {kind!r}; expected one of {', '.join(NEGATIVES)}")
+    if kind == "full":
+        items = torch.arange(n_items, device=label_items.device)
+        return NegativePool(items, torch.zeros(items.shape, device=items.device))
     parts = []
     if kind in ("in-batch", "mixed"):
         parts.append(label_items)
@@ -107,6 +115,30 @@ def own_positive_mask(q_example: torch.Tensor, pool_items: torch.Tensor, label_e
     ex_keys = torch.arange(n_examples, device=pool_items.device).unsqueeze(1) * n_items + pool_items.unsqueeze(0)
     per_example = torch.isin(ex_keys, keys)  # [B, N]
     return per_example[q_example]
+
+
+def label_mask(q_item: torch.Tensor, pool_items: torch.Tensor) -> torch.Tensor:
+    """[Q, N] True where pool item n is query q's own label (an accidental hit): the minimal mask."""
+    return pool_items.unsqueeze(0) == q_item.unsqueeze(1)
+
+
+def full_softmax_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, q_example: torch.Tensor,
+                      n_examples: int) -> torch.Tensor:
+    """The same loss when the pool is the whole catalogue (negatives="full"), computed as one fused cross-entropy.
+
+    logits [Q, I] = s(u, every item); target [Q] item ids; mask [Q, I] True = drop (the query's target is never
+    dropped), or None. Equal to `sampled_softmax_loss` with the full pool, but without the [Q, I] copies.
+    """
+    if mask is not None:
+        mask = mask.clone()
+        mask[torch.arange(len(target), device=mask.device), target] = False
+        logits = logits.masked_fill(mask, float("-inf"))
+    per_query = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    count = torch.zeros(n_examples, device=per_query.device, dtype=per_query.dtype).index_add_(
+        0, q_example, torch.ones_like(per_query))
+    total = torch.zeros_like(count).index_add_(0, q_example, per_query)
+    has = count > 0
+    return (total[has] / count[has]).mean()
 
 
 def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_log_q: torch.Tensor,

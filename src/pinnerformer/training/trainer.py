@@ -39,7 +39,8 @@ from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
 from pinnerformer.models.pinnerformer import ModelConfig, PinnerFormer
 from pinnerformer.objectives.examples import ExampleConfig, ExampleSampler
 from pinnerformer.objectives.sampled_softmax import (
-    CountMinSketch, build_negative_pool, log_q_of, own_positive_mask, sampled_softmax_loss,
+    CountMinSketch, build_negative_pool, full_softmax_loss, label_mask, log_q_of, own_positive_mask,
+    sampled_softmax_loss,
 )
 from pinnerformer.training.config import TrainConfig
 
@@ -132,6 +133,9 @@ class Trainer:
             raise PinnerformerError("the future-window protocol needs real timestamps; this dataset is order-only "
                                     "(use --protocol leave-one-out)")
         self.notes: list[str] = []
+        if self.protocol == "leave-one-out" and cfg.preset != "loo":
+            self.notes.append(f"leave-one-out protocol with preset '{cfg.preset}': the default configuration for "
+                              "this protocol is --preset loo")
         if m.clock == "order":
             self.notes.append("order-only clock: no time features; the label window is counted in actions "
                               f"(K = {cfg.data.window_actions} actions)")
@@ -145,7 +149,7 @@ class Trainer:
             ExampleConfig(objective=cfg.loss.objective, max_len=cfg.data.max_len, positions=cfg.data.positions,
                           labels_per_position=cfg.data.labels_per_position, max_labels=cfg.data.max_labels,
                           window=cfg.data.window_actions if order else cfg.data.window_days * 86400.0,
-                          window_in_actions=order))
+                          window_in_actions=order, cutoff=cfg.data.cutoff))
         n_elig = len(self.sampler.eligible)
         if n_elig < cfg.optim.batch_size:
             raise PinnerformerError(
@@ -195,21 +199,37 @@ class Trainer:
         n_items = self.model_cfg.n_items
         pool = build_negative_pool(label_items, cfg.loss.negatives, cfg.loss.n_random, n_items, self.sketch,
                                    cfg.loss.logq, gen)
+        full = cfg.loss.negatives == "full"
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             out = self.model.encode_sequence(seq)  # [B, T, D]
             q = out[q_example, torch.from_numpy(batch.q_position).to(dev)]
-            uniq, inv = torch.unique(torch.cat([label_items, pool.items]), return_inverse=True)
-            emb = self.model.item_embedding(uniq)
+            if full:  # the pool is every item, in id order: embed the catalogue once
+                all_e = self.model.item_embedding(pool.items)
+            else:
+                uniq, inv = torch.unique(torch.cat([label_items, pool.items]), return_inverse=True)
+                emb = self.model.item_embedding(uniq)
+        if full:  # one fused cross-entropy over the catalogue (the same loss as below with this pool)
+            logits = (q.float() / self.model.temperature) @ all_e.float().T
+            mask = None
+            if cfg.loss.mask_own_positives:  # the example's positives, as own_positive_mask, without a sort
+                per_example = torch.zeros(B, n_items, dtype=torch.bool, device=dev)
+                per_example[torch.from_numpy(batch.label_example).to(dev),
+                            torch.from_numpy(batch.label_item).to(dev)] = True
+                mask = per_example[q_example]
+            return full_softmax_loss(logits, label_items, mask, q_example, B)
         pos_e, neg_e = emb[inv[:len(label_items)]], emb[inv[len(label_items):]]
         tau = self.model.temperature
         pos_logit = (q * pos_e).sum(-1) / tau
         neg_logit = (q @ neg_e.T) / tau
-        n_ib = len(label_items) if cfg.loss.negatives != "random" else 0
-        n_rand = cfg.loss.n_random if cfg.loss.negatives != "in-batch" else 0
+        n_ib = len(label_items) if cfg.loss.negatives in ("in-batch", "mixed") else 0
+        n_rand = cfg.loss.n_random if cfg.loss.negatives in ("random", "mixed") else 0
         pos_log_q = (log_q_of(label_items, cfg.loss.negatives, n_ib, n_rand, n_items, self.sketch)
                      if cfg.loss.logq else torch.zeros_like(pos_logit))
-        mask = own_positive_mask(q_example, pool.items, torch.from_numpy(batch.label_example).to(dev),
-                                 torch.from_numpy(batch.label_item).to(dev), B, n_items)
+        if cfg.loss.mask_own_positives:
+            mask = own_positive_mask(q_example, pool.items, torch.from_numpy(batch.label_example).to(dev),
+                                     torch.from_numpy(batch.label_item).to(dev), B, n_items)
+        else:
+            mask = label_mask(label_items, pool.items)
         return sampled_softmax_loss(pos_logit.float(), neg_logit.float(), pos_log_q, pool.log_q, mask, q_example, B)
 
     # ---- validation ------------------------------------------------------------------------------------
