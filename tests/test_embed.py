@@ -234,3 +234,23 @@ def test_simulate_daily_replays_the_job_and_scores_each_day(trained, planted, tm
     assert "| day | recomputed |" in r.stdout
     r = cli("simulate-daily", "-r", trained, "-d", planted, "--from", last.isoformat(), "--to", D0.isoformat())
     assert r.exit_code == 2 and "is before --from" in r.stderr
+
+
+def test_ray_engine_joins_an_existing_cluster(trained, planted, tmp_path):
+    """scripts/ray_cluster.sh starts a long-lived loopback cluster; the job joins it by address."""
+    pytest.importorskip("ray", reason="the [ray] extra is not installed")
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    env = dict(os.environ, RAY=str(__import__("pathlib").Path(sys.executable).parent / "ray"), PORT="6391", CPUS="2")
+    script = repo / "scripts" / "ray_cluster.sh"
+    started = subprocess.run(["bash", script, "start"], capture_output=True, text=True, env=env)
+    assert started.returncode == 0, started.stderr
+    address = started.stdout.strip().splitlines()[-1]
+    try:
+        ref = job(trained, planted, D0, tmp_path / "local", shard_users=60).run(log=lambda s: None, progress=False)
+        cmd = _embed_cmd(trained, planted, tmp_path / "joined", "--engine", "ray", "--ray-address", address,
+                         "--shard-users", "60")
+        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, RAY_AUTH_MODE="token"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert Snapshot.open(tmp_path / "joined" / D0.isoformat()).manifest["content_sha256"] == ref["content_sha256"]
+    finally:
+        subprocess.run(["bash", script, "stop"], capture_output=True, env=env)

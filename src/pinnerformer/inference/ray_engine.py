@@ -59,7 +59,13 @@ def run_shards_on_ray(job, todo: list[int], pending: np.ndarray, address: str | 
     started = False
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, log_to_driver=False)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, RuntimeError) as e:
+                raise PinnerformerError(
+                    f"could not join the Ray cluster at {address}: {str(e).splitlines()[0]} (is it running? a "
+                    "cluster started with `ray start` uses token authentication: set RAY_AUTH_MODE=token, with "
+                    "the token in ~/.ray/auth_token or RAY_AUTH_TOKEN; see scripts/ray_cluster.sh)") from None
         else:
             ray.init(num_cpus=max(1, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
                      _node_ip_address="127.0.0.1")
