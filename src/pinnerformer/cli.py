@@ -286,6 +286,7 @@ def embed(
     ray_cpus_per_actor: float = typer.Option(0.5, help="Ray: CPUs reserved per actor (fractions allowed)."),
     shard_users: int = typer.Option(4096, help="Users per shard: the unit of work and of restart."),
     batch_size: int = typer.Option(256, help="Users per model batch."),
+    device: str = typer.Option("cpu", help="local engine: cpu | cuda | auto (cuda runs in bf16)."),
     checkpoint: str = typer.Option("best", help="best | last"),
     force: bool = typer.Option(False, help="Recompute a day that already has a complete snapshot."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -300,7 +301,7 @@ def embed(
         if shard_users < 1 or batch_size < 1:
             raise PinnerformerError("--shard-users and --batch-size must be at least 1")
         job = DailyJob(run, Dataset.open(dataset), parse_day(as_of), output, dtype=dtype, checkpoint=checkpoint,
-                       shard_users=shard_users, batch_size=batch_size)
+                       shard_users=shard_users, batch_size=batch_size, device=device)
         job.run(engine=engine, force=force, ray_address=ray_address, ray_actors=ray_actors,
                 ray_cpus_per_actor=ray_cpus_per_actor, log=lambda s: err_console.print(s, highlight=False),
                 progress=progress)

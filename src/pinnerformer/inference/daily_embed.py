@@ -68,17 +68,22 @@ def embed_user_ranges(model, ds: Dataset, starts: np.ndarray, ends: np.ndarray, 
                       device: torch.device | None = None) -> np.ndarray:
     """[n, D] float32 embeddings of the last M actions of each [start, end) range.
 
-    Every batch is padded to the model's max_len (static shapes): a user's vector then does not depend on which
-    other users share its batch, which is what lets a partial recompute equal a full one."""
+    Every model call has the same shape, [batch_size, max_len]: sequences are padded to max_len and the last
+    batch is filled up with copies of its first user (results dropped). Kernels then run the same instruction
+    sequence for every row whichever users share the batch, so a user's vector is bit-for-bit the same in a
+    partial recompute and in a full one (same batch_size and device)."""
     device = device or torch.device("cpu")
     M = model.cfg.max_len
     starts = np.maximum(starts, ends - M)
     out = np.empty((len(starts), model.cfg.dim), dtype=np.float32)
     for i in range(0, len(starts), batch_size):
-        b = to_torch(build_sequence_batch(ds.timelines, starts[i:i + batch_size], ends[i:i + batch_size],
-                                          model.cfg.time_features, pad_to=M), device)
+        s, e = starts[i:i + batch_size], ends[i:i + batch_size]
+        n = len(s)
+        if n < batch_size:
+            s, e = np.concatenate([s, np.repeat(s[:1], batch_size - n)]), np.concatenate([e, np.repeat(e[:1], batch_size - n)])
+        b = to_torch(build_sequence_batch(ds.timelines, s, e, model.cfg.time_features, pad_to=M), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out[i:i + batch_size] = model.user_embedding(b).float().cpu().numpy()
+            out[i:i + n] = model.user_embedding(b)[:n].float().cpu().numpy()
     return out
 
 
@@ -99,7 +104,7 @@ def shard_path(staging: Path, k: int) -> Path:
 def run_shard(model, ds: Dataset, staging: Path, k: int, users: np.ndarray, end_ts: int, batch_size: int) -> int:
     """Embed one shard of users and publish its part file by rename. Shared by every engine."""
     starts, ends = user_ranges_as_of(ds, users, end_ts)
-    vecs = embed_user_ranges(model, ds, starts, ends, batch_size)
+    vecs = embed_user_ranges(model, ds, starts, ends, batch_size, next(model.parameters()).device)
     table = pa.table({"user": pa.array(users, type=pa.int32()),
                       "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])})
     final = shard_path(staging, k)
@@ -119,6 +124,7 @@ class DailyJob:
     checkpoint: str = "best"
     shard_users: int = 4096
     batch_size: int = 256
+    device: str = "cpu"  # local engine: cpu, or cuda (bf16 autocast; vectors then differ from CPU ones ~1e-2)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -133,6 +139,12 @@ class DailyJob:
         self.root = Path(self.root)
         self.final = self.root / self.day.isoformat()
         self.staging = self.root / f".staging-{self.day.isoformat()}"
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise PinnerformerError(f"device {self.device!r}: expected cpu, cuda or auto")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise PinnerformerError("device cuda: no CUDA GPU is visible to torch on this machine")
         self.ck_path = checkpoint_path(self.run_dir, self.checkpoint)
         self.ck_sha = file_sha256(self.ck_path)
 
@@ -148,6 +160,8 @@ class DailyJob:
             return None, f"earlier snapshot {snap.path.name} was made by another checkpoint: full computation"
         if m["dataset"]["fingerprint"] != self.ds.manifest.fingerprint:
             return None, f"earlier snapshot {snap.path.name} was made from another dataset: full computation"
+        if m.get("device", "cpu") != self.device:
+            return None, f"earlier snapshot {snap.path.name} was computed on {m.get('device')}: full computation"
         if m["dtype"] != self.dtype:
             return None, f"earlier snapshot {snap.path.name} is {m['dtype']}, not {self.dtype}: full computation"
         return snap, f"incremental from {snap.path.name}"
@@ -168,7 +182,7 @@ class DailyJob:
                                                        "content_sha256": prev.manifest["content_sha256"]},
                 "pending_users": int(len(pending)),
                 "pending_sha256": hashlib.sha256(pending.astype(np.int64).tobytes()).hexdigest(),
-                "shard_users": self.shard_users}
+                "shard_users": self.shard_users, "device": self.device}
 
     def _open_staging(self, plan: dict, pending: np.ndarray) -> list[int]:
         """Resume a staging directory with the same plan, or start a fresh one. Returns the shards still to do."""
@@ -191,6 +205,8 @@ class DailyJob:
     def run(self, engine: str = "local", force: bool = False, ray_address: str | None = None,
             ray_actors: int = 2, ray_cpus_per_actor: float = 0.5, log=print, progress: bool = True) -> dict:
         t0 = time.perf_counter()
+        if engine == "ray" and self.device != "cpu":
+            raise PinnerformerError("the ray engine runs CPU actors; use --engine local for --device cuda")
         self.root.mkdir(parents=True, exist_ok=True)
         self._recover_replaced()
         if self.final.exists() and not force:
@@ -228,6 +244,7 @@ class DailyJob:
         from pinnerformer.evaluation.evaluate import load_run
 
         model, _ = load_run(self.run_dir, self.ds, self.checkpoint)
+        model = model.to(torch.device(self.device))
         bar = progress_bar(total=sum(len(pending[k * self.shard_users:(k + 1) * self.shard_users]) for k in todo),
                            unit="user", desc="embed", disable=not progress)
         for k in todo:
@@ -273,7 +290,7 @@ class DailyJob:
                                                             "content_sha256": prev.manifest["content_sha256"]},
             "checkpoint": {"run": str(Path(self.run_dir).resolve()), "name": self.checkpoint, "sha256": self.ck_sha},
             "dataset": {"path": str(Path(self.ds.path).resolve()), "fingerprint": self.ds.manifest.fingerprint},
-            "engine": engine, "content_sha256": content_hash(users, vecs),
+            "engine": engine, "device": self.device, "content_sha256": content_hash(users, vecs),
             "wall_s": round(time.perf_counter() - t0, 3),
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
