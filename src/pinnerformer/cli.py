@@ -21,7 +21,7 @@ items_app = typer.Typer(help="Item features.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(items_app, name="items")
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # log lines stay whole (grep-able) in files and CI logs
 
 
 def run_guarded(fn, *args, **kwargs):
