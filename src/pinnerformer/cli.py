@@ -158,9 +158,9 @@ def items_embed_text(dataset: Path = typer.Argument(..., help="A prepared datase
 def train(
     dataset: Path = typer.Option(..., "--dataset", "-d", help="A prepared dataset directory."),
     output: Path = typer.Option(..., "--output", "-o", help="Run directory (checkpoints, metrics, config)."),
-    preset: str = typer.Option("small", help="small | paper"),
+    preset: str = typer.Option("small", help="small | loo | paper (loo: the leave-one-out default)"),
     objective: Optional[str] = typer.Option(None, help="dense-all-action | all-action | sasrec | next-action"),
-    negatives: Optional[str] = typer.Option(None, help="mixed | in-batch | random"),
+    negatives: Optional[str] = typer.Option(None, help="mixed | in-batch | random | full (softmax over every item)"),
     no_logq: bool = typer.Option(False, "--no-logq", help="Turn the logQ correction off."),
     config: Optional[Path] = typer.Option(None, help="JSON file overriding preset values (unknown keys are errors)."),
     protocol: Optional[str] = typer.Option(None, help="auto | future-window | leave-one-out (validation)."),
@@ -248,9 +248,9 @@ def evaluate(
 @app.command("experiment")
 def experiment(
     dataset: Path = typer.Option(..., "--dataset", "-d", help="A prepared dataset directory."),
-    grid: str = typer.Option(..., help="objectives | negatives | features | frequency"),
+    grid: str = typer.Option(..., help="objectives | negatives | features | frequency | default (one variant: the preset and config as given)"),
     output: Path = typer.Option(..., "--output", "-o", help="Report directory (runs, report.md, results.json, PNG)."),
-    preset: str = typer.Option("small", help="small | paper"),
+    preset: str = typer.Option("small", help="small | loo | paper"),
     config: Optional[Path] = typer.Option(None, help="JSON config shared by every variant."),
     max_epochs: Optional[int] = typer.Option(None, help="Epoch budget for every variant."),
     seed: int = typer.Option(0, help="Seed shared by every variant."),
