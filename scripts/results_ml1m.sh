@@ -13,6 +13,9 @@ if [ ! -f "$DS/manifest.json" ]; then
   $PF data prepare --format movielens --input "$DATA/movielens-1m-subset" --output "$DS"
   $PF items embed-text "$DS"
 fi
+# Test protocol: 16 cut-offs pooled, every 14 days from 2000-10-29 to 2001-05-27 (label windows of 14 days do
+# not overlap; each (user, cut-off) window counts once): ~5x the user-windows of the single best day.
+CUTOFFS=$(python3 -c "import datetime as d; print(','.join(str(d.date(2000,10,29)+d.timedelta(days=14*i)) for i in range(16)))")
 for grid in $GRIDS; do
   if [ "$grid" = daily ]; then
     rm -rf /tmp/pinnerformer-ml1m-daily-snapshots
@@ -21,5 +24,5 @@ for grid in $GRIDS; do
       --snapshots /tmp/pinnerformer-ml1m-daily-snapshots --no-progress
     continue
   fi
-  $PF experiment --dataset "$DS" --grid "$grid" --output "docs/results/ml1m-subset-$grid" --no-progress
+  $PF experiment --dataset "$DS" --grid "$grid" --output "docs/results/ml1m-subset-$grid" --cutoff "$CUTOFFS" --no-progress
 done

@@ -254,6 +254,8 @@ def experiment(
     config: Optional[Path] = typer.Option(None, help="JSON config shared by every variant."),
     max_epochs: Optional[int] = typer.Option(None, help="Epoch budget for every variant."),
     seed: int = typer.Option(0, help="Seed shared by every variant."),
+    cutoff: Optional[str] = typer.Option(None, help="future-window cut-off day(s) YYYY-MM-DD[,…], pooled (default: "
+                                         "the day with the most eligible users)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Train and evaluate every variant of one ablation grid; write a Markdown table and PNG plots."""
@@ -264,9 +266,10 @@ def experiment(
 
         cmd = " ".join(["pinnerformer experiment", "--dataset", str(dataset), "--grid", grid, "--output", str(output),
                         "--preset", preset] + (["--config", str(config)] if config else [])
-                       + (["--max-epochs", str(max_epochs)] if max_epochs else []) + ["--seed", str(seed)])
+                       + (["--max-epochs", str(max_epochs)] if max_epochs else []) + ["--seed", str(seed)]
+                       + (["--cutoff", cutoff] if cutoff else []))
         run_experiment(dataset, grid, output, preset, config, max_epochs, seed, progress, command=cmd,
-                       log=lambda s: err_console.print(s, highlight=False))
+                       log=lambda s: err_console.print(s, highlight=False), cutoffs=cutoff)
         print((output / "report.md").read_text())
 
     run_guarded(body)

@@ -64,13 +64,14 @@ def _slug(name: str) -> str:
 
 def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small", config_file: Path | None = None,
                    max_epochs: int | None = None, seed: int = 0, progress: bool = True, command: str = "",
-                   log=print) -> dict:
-    from pinnerformer.evaluation.evaluate import evaluate_run, write_report
-    from pinnerformer.training.config import load_config, merge_dicts
+                   log=print, cutoffs: str | None = None) -> dict:
+    from pinnerformer.evaluation.evaluate import evaluate_run, parse_cutoffs, write_report
+    from pinnerformer.training.config import TrainConfig, load_config, merge_dicts
     from pinnerformer.training.trainer import Trainer
 
     t0 = time.perf_counter()
     ds = Dataset.open(dataset)
+    cut = parse_cutoffs(cutoffs, ds)  # future-window: pooled cut-offs (default: evaluate's single best day)
     if grid == "frequency" and ds.manifest.clock != "seconds":
         raise PinnerformerError("the frequency grid needs real timestamps; this dataset is order-only")
     base = json.loads(Path(config_file).read_text()) if config_file else {}
@@ -86,8 +87,9 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
         tv = time.perf_counter()
         summary_path = run_dir / "summary.json"
         if (run_dir / "config.json").exists():
-            earlier = json.loads((run_dir / "config.json").read_text())["config"]
-            if earlier != json.loads(json.dumps(cfg.model_dump())):
+            # read through today's schema: options added since then take their defaults (the old behaviour)
+            earlier = TrainConfig.model_validate(json.loads((run_dir / "config.json").read_text())["config"])
+            if earlier.model_dump() != cfg.model_dump():
                 raise PinnerformerError(f"{run_dir} was made with another configuration (preset, config, seed or "
                                         "epoch budget): use a new --output for a different experiment")
         if summary_path.exists():
@@ -96,7 +98,7 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
             Trainer(ds, cfg, run_dir, log=lambda s: log("  " + s)).fit(
                 resume=(run_dir / "config.json").exists(), progress=progress)
         summary = json.loads(summary_path.read_text())
-        report = evaluate_run(run_dir, ds, frequencies=["once", "daily", "realtime"] if grid == "frequency" else None,
+        report = evaluate_run(run_dir, ds, cutoffs=cut, frequencies=["once", "daily", "realtime"] if grid == "frequency" else None,
                               seed=seed, log=lambda s: log("  " + s))
         write_report(report, run_dir)
         rows.append({"variant": name, "run": str(run_dir), "best_epoch": summary["best_epoch"],
