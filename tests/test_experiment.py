@@ -53,6 +53,16 @@ def test_frequency_experiment_report(tmp_path, cli):
     assert [x["report"]["results"] for x in again["rows"]] == [x["report"]["results"] for x in res["rows"]]
     r = cli(*args[:-3], "--max-epochs", "3", "--no-progress")
     assert r.exit_code == 2 and "was made with another configuration" in r.stderr
+    # pooled cut-offs: the same runs re-scored; every (user, cut-off) window counts once, and the report says so
+    cuts = "2020-09-14,2020-09-15"
+    r = cli(*args, "--cutoff", cuts)
+    assert r.exit_code == 0, r.output
+    pooled = json.loads((tmp_path / "rep" / "results.json").read_text())
+    ev = pooled["rows"][0]["report"]
+    assert ev["cutoffs"] == cuts.split(",") and f"--cutoff {cuts}" in (tmp_path / "rep" / "report.md").read_text()
+    assert ev["user_windows"] > res["rows"][0]["report"]["user_windows"]  # two cut-offs pooled: more windows
+    r = cli(*args, "--cutoff", "1999-01-01")
+    assert r.exit_code == 2 and "outside the data's time range" in r.stderr
 
 
 def test_default_grid_leave_one_out_report(planted, tmp_path, cli):
