@@ -1,6 +1,6 @@
 """Batch inference throughput of the daily embedding job: users/s, model FLOPs per user, and MFU.
 
-Times the job's own embedding function (`embed_user_ranges`: feature arrays, padding to max_len, the
+Times the job's own embedding function (`training/trainer.embed_users(fixed_shape=True)`: feature arrays, padding to max_len, the
 transformer, the head at the newest position) on users with full-length histories (M actions each), for a
 model of the given preset. Weights are freshly initialised: speed does not depend on their values.
 
@@ -33,9 +33,8 @@ from pinnerformer.data.formats import EventColumns, read_source
 from pinnerformer.data.prepare import prepare
 from pinnerformer.data.synthetic import planted_interest_log
 from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
-from pinnerformer.inference.daily_embed import embed_user_ranges
 from pinnerformer.training.config import load_config
-from pinnerformer.training.trainer import build_model
+from pinnerformer.training.trainer import build_model, embed_users
 
 
 def generated_dataset(folder: Path, n_users: int, M: int, n_items: int = 20_000) -> Dataset:
@@ -79,11 +78,11 @@ def main() -> None:
         model.user_embedding(b)
     flops_per_user = fc.get_total_flops() / B
 
-    embed_user_ranges(model, ds, starts[:2 * B], ends[:2 * B], args.batch_size, dev)  # warm-up (and compile)
+    embed_users(model, ds, starts[:2 * B], ends[:2 * B], dev, args.batch_size, fixed_shape=True)  # warm-up (and compile)
     sync(dev)
     t0 = time.perf_counter()
     for _ in range(args.reps):
-        embed_user_ranges(model, ds, starts, ends, args.batch_size, dev)
+        embed_users(model, ds, starts, ends, dev, args.batch_size, fixed_shape=True)
     sync(dev)
     wall = time.perf_counter() - t0
     users_per_s = args.reps * len(starts) / wall

@@ -81,6 +81,15 @@ def load_run(run_dir: Path, ds: Dataset, checkpoint: str = "best"):
     return model.eval(), desc
 
 
+def held_out_users(run_dir: Path, split: str = "test") -> np.ndarray:
+    """Dataset indices of the run's held-out users (future-window runs record their user split)."""
+    path = Path(run_dir) / "split.parquet"
+    if not path.exists():
+        raise PinnerformerError(f"{run_dir} has no user split (trained with leave-one-out?): future-window "
+                                "evaluation needs users held out from training")
+    return np.flatnonzero((pl.read_parquet(path)["split"] == split).to_numpy())
+
+
 def parse_cutoffs(text: str | None, ds: Dataset) -> list[int] | None:
     if not text:
         return None
@@ -263,12 +272,7 @@ def evaluate_run(run_dir: Path, ds: Dataset, protocol: str | None = None, split:
         if m.clock == "order":
             raise PinnerformerError(f"{ds.path} is order-only: the future-window protocol needs real timestamps "
                                     "(use --protocol leave-one-out)")
-        split_path = Path(run_dir) / "split.parquet"
-        if not split_path.exists():
-            raise PinnerformerError(f"{run_dir} has no user split (it was trained with {desc['protocol']}); "
-                                    "future-window evaluation needs users held out from training")
-        sp = pl.read_parquet(split_path)
-        users = np.flatnonzero((sp["split"] == split).to_numpy())
+        users = held_out_users(run_dir, split)
         if cutoffs is None:
             t, n = default_cutoff(ds, users, label_days)
             cutoffs = [t]

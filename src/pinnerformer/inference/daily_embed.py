@@ -38,12 +38,12 @@ from pinnerformer import __version__
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.data.schema import write_json_atomic
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
 from pinnerformer.inference.snapshot import (
     DTYPES, EMBEDDINGS, MANIFEST, SNAPSHOT_SCHEMA_VERSION, Snapshot, complete_snapshots, content_hash, day_end_ts,
     embeddings_table, vectors_of,
 )
 from pinnerformer.progress import progress_bar
+from pinnerformer.training.trainer import embed_users
 
 DAY = 86400
 
@@ -63,30 +63,6 @@ def checkpoint_path(run_dir: Path, checkpoint: str = "best") -> Path:
     return path
 
 
-@torch.no_grad()
-def embed_user_ranges(model, ds: Dataset, starts: np.ndarray, ends: np.ndarray, batch_size: int = 256,
-                      device: torch.device | None = None) -> np.ndarray:
-    """[n, D] float32 embeddings of the last M actions of each [start, end) range.
-
-    Every model call has the same shape, [batch_size, max_len]: sequences are padded to max_len and the last
-    batch is filled up with copies of its first user (results dropped). Kernels then run the same instruction
-    sequence for every row whichever users share the batch, so a user's vector is bit-for-bit the same in a
-    partial recompute and in a full one (same batch_size and device)."""
-    device = device or torch.device("cpu")
-    M = model.cfg.max_len
-    starts = np.maximum(starts, ends - M)
-    out = np.empty((len(starts), model.cfg.dim), dtype=np.float32)
-    for i in range(0, len(starts), batch_size):
-        s, e = starts[i:i + batch_size], ends[i:i + batch_size]
-        n = len(s)
-        if n < batch_size:
-            s, e = np.concatenate([s, np.repeat(s[:1], batch_size - n)]), np.concatenate([e, np.repeat(e[:1], batch_size - n)])
-        b = to_torch(build_sequence_batch(ds.timelines, s, e, model.cfg.time_features, pad_to=M), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out[i:i + n] = model.user_embedding(b)[:n].float().cpu().numpy()
-    return out
-
-
 def user_ranges_as_of(ds: Dataset, users: np.ndarray, end_ts: int) -> tuple[np.ndarray, np.ndarray]:
     """[start, end) event ranges of `users` holding their actions with ts < end_ts."""
     tl = ds.timelines
@@ -97,6 +73,15 @@ def user_ranges_as_of(ds: Dataset, users: np.ndarray, end_ts: int) -> tuple[np.n
     return starts, ends
 
 
+def shard_of(pending: np.ndarray, k: int, shard_users: int) -> np.ndarray:
+    """The users of shard k: a fixed slice of the sorted pending users, the same in every engine and attempt."""
+    return pending[k * shard_users:(k + 1) * shard_users]
+
+
+def n_shards(pending: np.ndarray, shard_users: int) -> int:
+    return -(-len(pending) // shard_users)
+
+
 def shard_path(staging: Path, k: int) -> Path:
     return staging / "parts" / f"part-{k:05d}.parquet"
 
@@ -104,7 +89,8 @@ def shard_path(staging: Path, k: int) -> Path:
 def run_shard(model, ds: Dataset, staging: Path, k: int, users: np.ndarray, end_ts: int, batch_size: int) -> int:
     """Embed one shard of users and publish its part file by rename. Shared by every engine."""
     starts, ends = user_ranges_as_of(ds, users, end_ts)
-    vecs = embed_user_ranges(model, ds, starts, ends, batch_size, next(model.parameters()).device)
+    vecs = embed_users(model, ds, starts, ends, next(model.parameters()).device, batch_size,
+                       fixed_shape=True).cpu().numpy()
     table = pa.table({"user": pa.array(users, type=pa.int32()),
                       "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])})
     final = shard_path(staging, k)
@@ -198,8 +184,7 @@ class DailyJob:
             np.save(tmp / "pending.npy", pending)
             write_json_atomic(tmp / "plan.json", plan)
             os.replace(tmp, self.staging)
-        n_shards = -(-len(pending) // self.shard_users)
-        return [k for k in range(n_shards) if not shard_path(self.staging, k).exists()]
+        return [k for k in range(n_shards(pending, self.shard_users)) if not shard_path(self.staging, k).exists()]
 
     # -- running ----------------------------------------------------------------------------------------------
     def run(self, engine: str = "local", force: bool = False, ray_address: str | None = None,
@@ -221,10 +206,10 @@ class DailyJob:
         pending = self.pending_users(prev)
         plan = self.plan(prev, pending)
         todo = self._open_staging(plan, pending)
-        n_shards = -(-len(pending) // self.shard_users)
+        shards = n_shards(pending, self.shard_users)
         log(f"as of {self.day} (events before {dt.datetime.fromtimestamp(self.end_ts, dt.timezone.utc):%Y-%m-%d %H:%M} "
-            f"UTC): {why}; {len(pending):,} users to compute in {n_shards} shard(s)"
-            + (f", {n_shards - len(todo)} already done by an earlier attempt" if len(todo) < n_shards else ""))
+            f"UTC): {why}; {len(pending):,} users to compute in {shards} shard(s)"
+            + (f", {shards - len(todo)} already done by an earlier attempt" if len(todo) < shards else ""))
         if todo:
             if engine == "local":
                 self._run_local(todo, pending, progress)
@@ -235,7 +220,7 @@ class DailyJob:
                                   cpus_per_actor=ray_cpus_per_actor, progress=progress)
             else:
                 raise PinnerformerError(f"engine {engine!r}: expected local or ray")
-        manifest = self._publish(prev, pending, n_shards, engine, t0, force)
+        manifest = self._publish(prev, pending, shards, engine, t0)
         log(f"wrote {self.final}: {manifest['users']:,} users ({manifest['recomputed']:,} recomputed, "
             f"{manifest['carried_over']:,} carried over), {self.dtype}, {manifest['wall_s']:.1f}s")
         return manifest
@@ -245,17 +230,16 @@ class DailyJob:
 
         model, _ = load_run(self.run_dir, self.ds, self.checkpoint)
         model = model.to(torch.device(self.device))
-        bar = progress_bar(total=sum(len(pending[k * self.shard_users:(k + 1) * self.shard_users]) for k in todo),
+        bar = progress_bar(total=sum(len(shard_of(pending, k, self.shard_users)) for k in todo),
                            unit="user", desc="embed", disable=not progress)
         for k in todo:
-            users = pending[k * self.shard_users:(k + 1) * self.shard_users]
+            users = shard_of(pending, k, self.shard_users)
             bar.update(run_shard(model, self.ds, self.staging, k, users, self.end_ts, self.batch_size))
         bar.close()
 
-    def _publish(self, prev: Snapshot | None, pending: np.ndarray, n_shards: int, engine: str, t0: float,
-                 force: bool) -> dict:
+    def _publish(self, prev: Snapshot | None, pending: np.ndarray, shards: int, engine: str, t0: float) -> dict:
         parts_u, parts_v = [], []
-        for k in range(n_shards):
+        for k in range(shards):
             path = shard_path(self.staging, k)
             if not path.exists():
                 raise PinnerformerError(f"{path} is missing after the job ran: re-run to complete it")

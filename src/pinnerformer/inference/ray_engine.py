@@ -36,12 +36,12 @@ class ShardEmbedder:
         self.end_ts, self.shard_users, self.batch_size = end_ts, shard_users, batch_size
 
     def __call__(self, batch: dict) -> dict:
-        from pinnerformer.inference.daily_embed import run_shard
+        from pinnerformer.inference.daily_embed import run_shard, shard_of
 
         done = []
         for k in batch["shard"]:
             k = int(k)
-            users = self.pending[k * self.shard_users:(k + 1) * self.shard_users]
+            users = shard_of(self.pending, k, self.shard_users)
             done.append(run_shard(self.model, self.ds, self.staging, k, users, self.end_ts, self.batch_size))
         return {"shard": np.asarray(batch["shard"]), "users": np.array(done, dtype=np.int64)}
 
@@ -73,7 +73,7 @@ def run_shards_on_ray(job, todo: list[int], pending: np.ndarray, address: str | 
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours below counts users, with rate and ETA
-        threads = max(1, int(round(cpus_per_actor))) if cpus_per_actor >= 1 else 1
+        threads = max(1, round(cpus_per_actor))  # torch threads per actor: its CPU share, at least one
         shards = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
         out = shards.map_batches(
             ShardEmbedder, batch_size=1, num_cpus=cpus_per_actor,
@@ -82,7 +82,9 @@ def run_shards_on_ray(job, todo: list[int], pending: np.ndarray, address: str | 
                                        checkpoint=job.checkpoint, staging=str(job.staging.resolve()),
                                        end_ts=int(job.end_ts), shard_users=job.shard_users,
                                        batch_size=job.batch_size, threads=threads))
-        total = sum(len(pending[k * job.shard_users:(k + 1) * job.shard_users]) for k in todo)
+        from pinnerformer.inference.daily_embed import shard_of
+
+        total = sum(len(shard_of(pending, k, job.shard_users)) for k in todo)
         bar = progress_bar(total=total, unit="user", desc="embed (ray)", disable=not progress)
         for row in out.iter_rows():
             bar.update(int(row["users"]))

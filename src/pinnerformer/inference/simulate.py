@@ -14,18 +14,16 @@ Writes the snapshots to OUTPUT/snapshots/DAY/ (or --snapshots), OUTPUT/staleness
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.data.schema import write_json_atomic
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.evaluation.evaluate import eligible_windows
+from pinnerformer.evaluation.evaluate import eligible_windows, held_out_users
 from pinnerformer.evaluation.metrics import bootstrap_ci, label_ranks, recall_at_k
 from pinnerformer.inference.daily_embed import DailyJob
 from pinnerformer.inference.snapshot import Snapshot, day_end_ts
@@ -35,19 +33,10 @@ from pinnerformer.progress import progress_bar
 CADENCES = {"daily": 1, "weekly": 7, "frozen": 0}  # 0: never refreshed after the first day
 
 
-def test_users(run_dir: Path) -> np.ndarray:
-    path = Path(run_dir) / "split.parquet"
-    if not path.exists():
-        raise PinnerformerError(f"{run_dir} has no user split (trained with leave-one-out?): simulate-daily scores "
-                                "held-out test users, so it needs a future-window run")
-    return np.flatnonzero((pl.read_parquet(path)["split"] == "test").to_numpy())
-
-
 def snapshot_recall(snap: Snapshot, items: torch.Tensor, users: np.ndarray, labels: list[np.ndarray],
                     k: int) -> np.ndarray:
     """Per user: Recall@k of the snapshot's vector (users must be in the snapshot)."""
-    row = {int(u): i for i, u in enumerate(snap.users)}
-    vecs = torch.from_numpy(snap.vectors[[row[int(u)] for u in users]].astype(np.float32))
+    vecs = torch.from_numpy(snap.vectors[[snap.row_of_user[int(u)] for u in users]].astype(np.float32))
     return recall_at_k(label_ranks(vecs @ items.T, labels), k)
 
 
@@ -66,7 +55,7 @@ def simulate_daily(run_dir: Path, ds: Dataset, first: dt.date, last: dt.date, ou
     output = Path(output)
     model, _ = load_run(run_dir, ds)
     items = embed_items(model, torch.device("cpu"))
-    users = test_users(run_dir)
+    users = held_out_users(run_dir, "test")
     root = Path(snapshots) if snapshots else output / "snapshots"
     days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
     rows = []
@@ -91,12 +80,12 @@ def simulate_daily(run_dir: Path, ds: Dataset, first: dt.date, last: dt.date, ou
                 continue
             # the snapshot in use when the job runs only every `every` days (frozen: only on the first day)
             used = snaps[(first + dt.timedelta(days=age - age % every if every else 0)).isoformat()]
-            have = {int(u): i for i, u in enumerate(used.users)}
+            have = used.row_of_user
             pair = [(u, lab) for u, lab in elig if u in have]  # compared on the users that snapshot has
             pu, pl_ = np.array([u for u, _ in pair]), [lab for _, lab in pair]
             r_used = snapshot_recall(used, items, pu, pl_, k) if pair else np.zeros(0)
             r_fresh = snapshot_recall(snap, items, pu, pl_, k) if pair else np.zeros(0)
-            now = {int(u): i for i, u in enumerate(snap.users)}
+            now = snap.row_of_user
             stale = sum(bool((snap.vectors[now[u]] != used.vectors[have[u]]).any()) for u, _ in pair)
             pooled[cadence][0].append(r_fresh)
             pooled[cadence][1].append(r_used)
@@ -113,13 +102,11 @@ def simulate_daily(run_dir: Path, ds: Dataset, first: dt.date, last: dt.date, ou
                             f"recall@{k}_daily_ci95": bootstrap_ci(f_),
                             f"recall@{k}": float(u_.mean()) if len(u_) else None, f"recall@{k}_ci95": bootstrap_ci(u_),
                             "drop_ci95": bootstrap_ci(f_ - u_)}
-    all_daily = np.concatenate([[r[f"recall@{k}_daily"]] * r["eligible_test_users"] for r in rows
-                                if r["eligible_test_users"]]) if any(r["eligible_test_users"] for r in rows) else []
     result = {
         "run": str(Path(run_dir).resolve()), "dataset": str(Path(ds.path).resolve()),
         "fingerprint": ds.manifest.fingerprint, "from": first.isoformat(), "to": last.isoformat(), "k": k,
         "label_days": label_days, "test_users": int(len(users)), "days": rows,
-        "daily_user_windows": int(len(all_daily)), "pooled": summary,
+        "daily_user_windows": sum(r["eligible_test_users"] for r in rows), "pooled": summary,
         "command": command, "wall_s": round(time.perf_counter() - t0, 1),
         "protocol": (f"future-window at each day's end: the run's held-out test users with an action before the "
                      f"cut-off and a positive in the next {label_days:g} days; Recall@{k} against all "

@@ -79,11 +79,10 @@ class Snapshot:
     def open(path: str | Path) -> "Snapshot":
         path = Path(path)
         if not (path / MANIFEST).exists():
-            if path.is_dir() and any(p.name.startswith(".staging-") for p in path.iterdir()) or \
-                    (path.is_dir() and any(_DAY_DIR.match(p.name) for p in path.iterdir())):
-                days = ", ".join(sorted(p.name for p in path.iterdir() if _DAY_DIR.match(p.name))) or "none complete"
+            days = [p.name for p in complete_snapshots(path)]
+            if days:
                 raise PinnerformerError(f"{path} is a snapshot root, not a snapshot: pass one of its day "
-                                        f"directories ({days})")
+                                        f"directories ({', '.join(days)})")
             raise PinnerformerError(f"{path}: not a complete embedding snapshot (no {MANIFEST})")
         manifest = json.loads((path / MANIFEST).read_text())
         if manifest.get("kind") != "user-embeddings":
@@ -98,11 +97,16 @@ class Snapshot:
     def table(self) -> pa.Table:
         return pq.read_table(self.path / EMBEDDINGS)
 
-    @property
+    @cached_property
     def users(self) -> np.ndarray:
         return self.table.column("user").to_numpy()
 
-    @property
+    @cached_property
+    def row_of_user(self) -> dict[int, int]:
+        """Dataset user index -> row."""
+        return {int(u): i for i, u in enumerate(self.users)}
+
+    @cached_property
     def vectors(self) -> np.ndarray:
         """[n_users, D] in the stored dtype (float16 or float32)."""
         return vectors_of(self.table)

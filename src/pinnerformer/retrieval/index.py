@@ -114,6 +114,8 @@ class ItemIndex:
         manifest = json.loads((path / "manifest.json").read_text())
         index = _faiss().read_index(str(path / "index.faiss"))
         set_search_params(index, manifest["kind"], manifest["params"])
+        if manifest["kind"] == "ivf":
+            index.make_direct_map()  # IVF lists do not keep row -> vector without it (needed by `vector`)
         return ItemIndex(path, index, pl.read_parquet(path / "items.parquet"), manifest)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -133,10 +135,6 @@ class ItemIndex:
         return int(rows[0])
 
     def vector(self, row: int) -> np.ndarray:
-        return self.index.reconstruct(row) if self.manifest["kind"] != "ivf" else self._ivf_vector(row)
-
-    def _ivf_vector(self, row: int) -> np.ndarray:
-        self.index.make_direct_map()
         return self.index.reconstruct(row)
 
 

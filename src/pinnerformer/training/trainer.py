@@ -77,18 +77,28 @@ def build_model(ds: Dataset, cfg: TrainConfig) -> tuple[PinnerFormer, ModelConfi
 
 @torch.no_grad()
 def embed_users(model: PinnerFormer, ds: Dataset, starts: np.ndarray, ends: np.ndarray, device: torch.device,
-                batch_size: int = 256) -> torch.Tensor:
-    """User embeddings from the last M actions of each [start, end) range. [U, D] float32."""
+                batch_size: int = 256, fixed_shape: bool = False) -> torch.Tensor:
+    """User embeddings from the last M actions of each [start, end) range. [U, D] float32 (on `device`).
+
+    fixed_shape: every model call is [batch_size, max_len] (sequences padded to max_len, the last batch filled up
+    with copies of its first user, results dropped). Kernels then run the same instruction sequence for every row
+    whichever users share the batch, so a user's vector is bit-for-bit the same in a partial recompute and in a
+    full one (same batch_size and device): what the daily job relies on. Otherwise batches are padded to their
+    longest sequence only (cheaper for evaluation)."""
     model.eval()
     M = model.cfg.max_len
     starts = np.maximum(starts, ends - M)
     out = []
     for i in range(0, len(starts), batch_size):
-        b = to_torch(build_sequence_batch(ds.timelines, starts[i:i + batch_size], ends[i:i + batch_size],
-                                          model.cfg.time_features), device)
+        s, e = starts[i:i + batch_size], ends[i:i + batch_size]
+        n = len(s)
+        if fixed_shape and n < batch_size:
+            s, e = np.concatenate([s, np.repeat(s[:1], batch_size - n)]), np.concatenate([e, np.repeat(e[:1], batch_size - n)])
+        b = to_torch(build_sequence_batch(ds.timelines, s, e, model.cfg.time_features,
+                                          pad_to=M if fixed_shape else None), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model.user_embedding(b).float())
-    return torch.cat(out)
+            out.append(model.user_embedding(b)[:n].float())
+    return torch.cat(out) if out else torch.zeros((0, model.cfg.dim), device=device)
 
 
 @torch.no_grad()
