@@ -60,7 +60,7 @@ def timed_search(index, q: np.ndarray, k: int) -> tuple[np.ndarray, float]:
 def run_one(name: str, x: np.ndarray, q: np.ndarray, k: int, args, log) -> list[dict]:
     import faiss
 
-    from pinnerformer.retrieval.index import recall_vs_exact
+    from pinnerformer.retrieval.index import build_faiss_index, recall_vs_exact
 
     results = []
     t = time.perf_counter()
@@ -72,14 +72,11 @@ def run_one(name: str, x: np.ndarray, q: np.ndarray, k: int, args, log) -> list[
     log(f"{name}: exact search {qps:,.0f} QPS")
     del flat
 
-    # HNSW
+    # HNSW: the library's own builder, as `pinnerformer index` uses it
     t = time.perf_counter()
-    hnsw = faiss.IndexHNSWFlat(x.shape[1], args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    hnsw.hnsw.efConstruction = args.ef_construction
     bar = progress_bar(total=len(x), unit="vec", desc=f"{name}: HNSW build")
-    for i in range(0, len(x), 50_000):  # in chunks, for the progress bar; same graph as one add
-        hnsw.add(x[i:i + 50_000])
-        bar.update(min(50_000, len(x) - i))
+    hnsw, _ = build_faiss_index(x, "hnsw", {"M": args.hnsw_m, "ef_construction": args.ef_construction},
+                                on_added=bar.update)
     bar.close()
     build = time.perf_counter() - t
     for ef in args.ef_search:
@@ -93,16 +90,10 @@ def run_one(name: str, x: np.ndarray, q: np.ndarray, k: int, args, log) -> list[
             f"{qps:,.0f} QPS (build {build:.0f}s)")
     del hnsw
 
-    # IVF-Flat
+    # IVF-Flat: k-means on 64 vectors per cell (FAISS's own guidance is 39-256)
     t = time.perf_counter()
     nlist = args.nlist or int(4 * np.sqrt(len(x)))
-    quantizer = faiss.IndexFlatIP(x.shape[1])
-    ivf = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-    rng = np.random.default_rng(1)
-    train = x[rng.choice(len(x), min(len(x), 64 * nlist), replace=False)]
-    ivf.cp.seed = 0
-    ivf.train(train)
-    ivf.add(x)
+    ivf, _ = build_faiss_index(x, "ivf", {"nlist": nlist}, seed=0, train_size=64 * nlist)
     build = time.perf_counter() - t
     for nprobe in args.nprobe:
         ivf.nprobe = nprobe

@@ -54,8 +54,12 @@ def resolve_params(kind: str, n: int, params: dict | None = None) -> dict:
     return p
 
 
-def build_faiss_index(vectors: np.ndarray, kind: str, params: dict | None = None, seed: int = 0):
-    """An inner-product FAISS index over `vectors` ([n, d] float32); returns (index, resolved params)."""
+def build_faiss_index(vectors: np.ndarray, kind: str, params: dict | None = None, seed: int = 0,
+                      train_size: int | None = None, on_added=None):
+    """An inner-product FAISS index over `vectors` ([n, d] float32); returns (index, resolved params).
+
+    train_size: IVF k-means on a seeded sample of this many vectors (default: all). on_added(n): called after
+    each chunk of 50,000 vectors is added (progress for large builds; the index is the same as one add)."""
     faiss = _faiss()
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = x.shape
@@ -69,8 +73,13 @@ def build_faiss_index(vectors: np.ndarray, kind: str, params: dict | None = None
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, p["nlist"], faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
-        index.train(x)
-    index.add(x)
+        sample = x if not train_size or train_size >= n else \
+            x[np.random.default_rng(seed).choice(n, train_size, replace=False)]
+        index.train(sample)
+    for i in range(0, n, 50_000):
+        index.add(x[i:i + 50_000])
+        if on_added:
+            on_added(min(50_000, n - i))
     set_search_params(index, kind, p)
     return index, p
 
