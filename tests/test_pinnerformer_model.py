@@ -104,3 +104,37 @@ def test_sequence_batch_time_features_are_exact():
     q = np.array([1_700_100_000, 1_700_100_000])
     bq = build_sequence_batch(tl, np.array([0, 0]), np.array([3, 2]), True, query_time=q)
     assert bq["t_since"][0, :2].tolist() == bq["t_since"][1, :2].tolist()
+
+
+def test_tied_item_tower_scores_with_the_shared_item_features():
+    """item_tower=none: the item embedding is the normalised input item features (SASRec's tied table), so a
+    gradient step on the item loss moves the same ID rows the user tower reads."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_items=50, n_actions=3, n_surfaces=2, max_len=16, width=32, layers=1, heads=4, dim=16,
+                      item_features="id", id_dim=16, time_features=False, item_tower="none")
+    model = PinnerFormer(cfg).eval()
+    items = torch.arange(50)
+    expected = torch.nn.functional.normalize(model.items(items), dim=-1)
+    assert torch.allclose(model.item_embedding(items), expected)
+    assert not any(n.startswith("item_tower") for n, _ in model.named_parameters())
+    linear = PinnerFormer(ModelConfig(**{**cfg.__dict__, "item_tower": "linear"}))
+    assert [tuple(p.shape) for n, p in linear.named_parameters() if n.startswith("item_tower")] == [(16, 16), (16,)]
+    with pytest.raises(ValueError, match="item_tower=none needs item features of width D=24, got 16"):
+        PinnerFormer(ModelConfig(**{**cfg.__dict__, "dim": 24}))
+
+
+def test_input_dropout_is_active_in_training_only():
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_items=50, n_actions=3, n_surfaces=2, max_len=16, width=32, layers=1, heads=4, dim=16,
+                      dropout=0.0, item_features="id", id_dim=16, time_features=False, input_dropout=0.5)
+    model = PinnerFormer(cfg)
+    b = to_torch({k: v for k, v in random_batch(n_items=50).items() if not k.startswith("t_")})
+    model.train()
+    assert not torch.allclose(model.encode_sequence(b), model.encode_sequence(b))  # two dropout masks
+    model.eval()
+    assert torch.equal(model.encode_sequence(b), model.encode_sequence(b))
+    cfg0 = ModelConfig(**{**cfg.__dict__, "input_dropout": 0.0})
+    torch.manual_seed(0)
+    model0 = PinnerFormer(cfg0).eval()
+    model0.load_state_dict(model.state_dict())  # the dropout adds no parameters
+    assert torch.equal(model0.encode_sequence(b), model.encode_sequence(b))

@@ -66,6 +66,9 @@ def test_training_errors(planted, tmp_path, cli):
     (tmp_path / "big.json").write_text('{"optim": {"batch_size": 100000}}')
     r = cli("train", "-d", planted, "-o", tmp_path / "r", "--config", tmp_path / "big.json")
     assert r.exit_code == 2 and "fewer than one batch" in r.stderr
+    (tmp_path / "tied.json").write_text('{"model": {"item_tower": "none", "id_dim": 32, "dim": 64}}')
+    r = cli("train", "-d", planted, "-o", tmp_path / "r", "--config", tmp_path / "tied.json")
+    assert r.exit_code == 2 and "model.item_tower=none" in r.stderr and "must equal model.dim (64)" in r.stderr
     # a dataset without positive actions
     (tmp_path / "neg.csv").write_text("user,item,timestamp,action\n1,2,1700000000,hide\n1,3,1700000100,skip\n")
     assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "neg.csv", "-o", tmp_path / "negds",

@@ -10,7 +10,8 @@ Per action (SPEC §2), concatenated and projected to width H:
 User tower: learned position embedding (by index from the oldest action in the window, so that nothing at
 position i depends on the actions after it), L pre-norm blocks with causal self-attention,
 head LayerNorm -> Linear(H,4H) -> GELU -> Linear(4H,D) -> L2 normalise at every position. The user embedding
-is the newest position's output. Item tower: MLP on the item features -> L2 normalise.
+is the newest position's output. Item tower: MLP on the item features -> L2 normalise (or, as an option, one
+linear layer, or none: the shared item features themselves, SASRec's tied input/output item embedding).
 Score = cosine / τ, τ learned and clamped at τ >= 0.01.
 
 Batches are right-padded (oldest action at position 0), so plain `is_causal=True` attention is exact for the
@@ -59,6 +60,10 @@ class ModelConfig:
     use_duration_surface: bool = True
     use_position: bool = True
     item_tower_hidden: int = 256
+    # mlp: the paper's item tower; linear: one projection; none: the normalised item features themselves, so the
+    # item-ID table is shared by input and output as in SASRec (needs item feature width == D)
+    item_tower: str = "mlp"
+    input_dropout: float = 0.0  # dropout on the summed input embedding (SASRec's embedding dropout)
     init_temperature: float = 0.07
 
 
@@ -153,8 +158,19 @@ class PinnerFormer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.layers)])
         self.head = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(),
                                   nn.Linear(4 * cfg.width, cfg.dim))
-        self.item_tower = nn.Sequential(nn.Linear(self.items.out_dim, cfg.item_tower_hidden), nn.GELU(),
-                                        nn.Linear(cfg.item_tower_hidden, cfg.dim))
+        self.drop_in = nn.Dropout(cfg.input_dropout)
+        if cfg.item_tower == "mlp":
+            self.item_tower = nn.Sequential(nn.Linear(self.items.out_dim, cfg.item_tower_hidden), nn.GELU(),
+                                            nn.Linear(cfg.item_tower_hidden, cfg.dim))
+        elif cfg.item_tower == "linear":
+            self.item_tower = nn.Linear(self.items.out_dim, cfg.dim)
+        elif cfg.item_tower == "none":
+            if self.items.out_dim != cfg.dim:
+                raise ValueError(f"item_tower=none needs item features of width D={cfg.dim}, "
+                                 f"got {self.items.out_dim}")
+            self.item_tower = nn.Identity()
+        else:
+            raise ValueError(f"unknown item_tower '{cfg.item_tower}': expected mlp, linear or none")
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
 
     @property
@@ -181,6 +197,7 @@ class PinnerFormer(nn.Module):
         T = x.shape[1]
         if self.cfg.use_position:
             x = x + self.pos_emb(torch.arange(T, device=x.device).clamp(max=self.cfg.max_len - 1))
+        x = self.drop_in(x)
         for block in self.blocks:
             x = block(x)
         return x

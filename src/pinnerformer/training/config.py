@@ -40,6 +40,8 @@ class ModelSection(_Strict):
     action_dim: int = 16
     surface_dim: int = 8
     item_tower_hidden: int = 256
+    item_tower: Literal["mlp", "linear", "none"] = "mlp"  # none: tied input/output item features (needs width D)
+    input_dropout: float = 0.0  # dropout on the summed input embedding, before the first block
     time_features: bool = True
     action_features: bool = True  # action-type embedding
     duration_surface_features: bool = True
