@@ -64,3 +64,17 @@ def test_embed_text_command_stores_vectors(cli, tmp_path):
     # running again gives the same bytes
     assert cli("items", "embed-text", tmp_path / "d").exit_code == 0
     assert Dataset.open(tmp_path / "d").manifest.content_vectors.sha256 == cv.sha256
+
+
+def test_features_grid_drops_the_content_vector_only_where_the_base_config_uses_it(cli, tmp_path):
+    from pinnerformer.evaluation.experiment import variants
+
+    (tmp_path / "log.csv").write_text("user,item,timestamp\n1,a,1700000000\n1,b,1700000001\n2,c,1700000002\n")
+    (tmp_path / "items.csv").write_text("item,title\na,Red velvet armchair\nb,Crimson fabric armchair\nc,Lamp\n")
+    assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "log.csv", "-o", tmp_path / "d",
+               "--items", tmp_path / "items.csv", "--items-text-col", "title").exit_code == 0
+    assert cli("items", "embed-text", tmp_path / "d").exit_code == 0
+    ds = Dataset.open(tmp_path / "d")
+    assert [n for n, _ in variants("features", ds)] == ["all features", "− content vector", "− time", "− position"]
+    # the leave-one-out preset uses item IDs only: "− content vector" would repeat "all features"
+    assert [n for n, _ in variants("features", ds, "id")] == ["all features", "− time", "− position"]

@@ -32,7 +32,8 @@ from pinnerformer.errors import PinnerformerError
 GRIDS = ["objectives", "negatives", "features", "frequency", "default"]
 
 
-def variants(grid: str, ds: Dataset) -> list[tuple[str, dict]]:
+def variants(grid: str, ds: Dataset, item_features: str = "auto") -> list[tuple[str, dict]]:
+    """item_features: the base configuration's (a preset that uses item IDs only gets no "− content" variant)."""
     m = ds.manifest
     if grid == "objectives":
         return [(o, {"loss": {"objective": o}}) for o in ["next-action", "sasrec", "all-action", "dense-all-action"]]
@@ -41,7 +42,7 @@ def variants(grid: str, ds: Dataset) -> list[tuple[str, dict]]:
                 for n in ["in-batch", "random", "mixed"] for q in (True, False)]
     if grid == "features":
         out = [("all features", {})]
-        if m.content_vectors is not None:
+        if m.content_vectors is not None and item_features != "id":
             out.append(("− content vector", {"model": {"item_features": "id"}}))
         if m.clock == "seconds":
             out.append(("− time", {"model": {"time_features": False}}))
@@ -79,7 +80,7 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     rows = []
-    vs = variants(grid, ds)
+    vs = variants(grid, ds, load_config(preset, None, base).model.item_features)
     for i, (name, over) in enumerate(vs):
         run_dir = output / "runs" / _slug(name)
         cfg = load_config(preset, None, merge_dicts(base, over))
