@@ -107,8 +107,8 @@ def test_sequence_batch_time_features_are_exact():
 
 
 def test_tied_item_tower_scores_with_the_shared_item_features():
-    """item_tower=none: the item embedding is the normalised input item features (SASRec's tied table), so a
-    gradient step on the item loss moves the same ID rows the user tower reads."""
+    """item_tower=none: the item embedding is the normalised input item features (SASRec's tied table), with no
+    tower parameters in between; linear is one projection."""
     torch.manual_seed(0)
     cfg = ModelConfig(n_items=50, n_actions=3, n_surfaces=2, max_len=16, width=32, layers=1, heads=4, dim=16,
                       item_features="id", id_dim=16, time_features=False, item_tower="none")

@@ -11,7 +11,7 @@ User tower: learned position embedding (by index from the oldest action in the w
 position i depends on the actions after it), L pre-norm blocks with causal self-attention,
 head LayerNorm -> Linear(H,4H) -> GELU -> Linear(4H,D) -> L2 normalise at every position. The user embedding
 is the newest position's output. Item tower: MLP on the item features -> L2 normalise (or, as an option, one
-linear layer, or none: the shared item features themselves, SASRec's tied input/output item embedding).
+linear layer, or none: the item features themselves, i.e. scoring with the input item table as SASRec does).
 Score = cosine / τ, τ learned and clamped at τ >= 0.01.
 
 Batches are right-padded (oldest action at position 0), so plain `is_causal=True` attention is exact for the
@@ -60,11 +60,17 @@ class ModelConfig:
     use_duration_surface: bool = True
     use_position: bool = True
     item_tower_hidden: int = 256
-    # mlp: the paper's item tower; linear: one projection; none: the normalised item features themselves, so the
-    # item-ID table is shared by input and output as in SASRec (needs item feature width == D)
+    # The item features (below) always feed both towers. mlp: the paper's item tower on top of them; linear: one
+    # projection; none: the normalised features are the item embedding, so items are scored with the input item
+    # table itself, as SASRec does (needs item_feature_width == D)
     item_tower: str = "mlp"
     input_dropout: float = 0.0  # dropout on the summed input embedding (SASRec's embedding dropout)
     init_temperature: float = 0.07
+
+    @property
+    def item_feature_width(self) -> int:
+        return (self.content_dim if self.item_features in ("content", "both") else 0) + \
+            (self.id_dim if self.item_features in ("id", "both") else 0)
 
 
 class Time2Vec(nn.Module):
@@ -104,7 +110,7 @@ class ItemFeatures(nn.Module):
         if self.use_id:
             self.id_emb = nn.Embedding(cfg.n_items, cfg.id_dim)
             nn.init.normal_(self.id_emb.weight, std=0.02)
-        self.out_dim = (cfg.content_dim if self.use_content else 0) + (cfg.id_dim if self.use_id else 0)
+        self.out_dim = cfg.item_feature_width
         # unit-norm content vectors and small-init ID embeddings live on very different scales; normalise the
         # concatenation so that neither (nor the action/time features beside it) dominates the projection
         self.norm = nn.LayerNorm(self.out_dim)

@@ -40,7 +40,7 @@ class ModelSection(_Strict):
     action_dim: int = 16
     surface_dim: int = 8
     item_tower_hidden: int = 256
-    item_tower: Literal["mlp", "linear", "none"] = "mlp"  # none: tied input/output item features (needs width D)
+    item_tower: Literal["mlp", "linear", "none"] = "mlp"  # none: score with the input item features (width D)
     input_dropout: float = 0.0  # dropout on the summed input embedding, before the first block
     time_features: bool = True
     action_features: bool = True  # action-type embedding
@@ -96,7 +96,7 @@ PRESETS: dict[str, dict] = {
     # docs/results/README.md). The target is literally the next item, so the SASRec objective (the next item at
     # every position) on whole training sequences; the user's other items stay negatives (history is not
     # excluded at evaluation); mixed negatives + logQ (`negatives: full`, the exact softmax, learned no better per
-    # epoch at twice the time). SASRec's model shape: one item-ID table shared by input and output (no item
+    # epoch at twice the time). SASRec's model shape: items scored with the input item-ID table itself (no item
     # tower), dropout 0.5 on the input embedding and in every block; width 128.
     "loo": {"eval": {"protocol": "leave-one-out"},
             "loss": {"objective": "sasrec", "negatives": "mixed", "mask_own_positives": False},

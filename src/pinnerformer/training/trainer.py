@@ -71,10 +71,9 @@ def build_model(ds: Dataset, cfg: TrainConfig) -> tuple[PinnerFormer, ModelConfi
         item_tower_hidden=cfg.model.item_tower_hidden, item_tower=cfg.model.item_tower,
         input_dropout=cfg.model.input_dropout, use_action=cfg.model.action_features,
         use_duration_surface=cfg.model.duration_surface_features, use_position=cfg.model.position_features)
-    item_width = (0 if feats == "id" else mc.content_dim) + (0 if feats == "content" else mc.id_dim)
-    if mc.item_tower == "none" and item_width != mc.dim:
+    if mc.item_tower == "none" and mc.item_feature_width != mc.dim:
         raise PinnerformerError(f"model.item_tower=none uses the item features as item embeddings, so their width "
-                                f"({item_width}: item_features={feats}) must equal model.dim ({mc.dim})")
+                                f"({mc.item_feature_width}: item_features={feats}) must equal model.dim ({mc.dim})")
     if mc.width % mc.heads:
         raise PinnerformerError(f"model.width {mc.width} is not divisible by model.heads {mc.heads}")
     return PinnerFormer(mc, None if content is None or feats == "id" else torch.from_numpy(np.array(content))), mc
