@@ -29,7 +29,8 @@ for v in ${2:-$ALL}; do
     tied-input-dropout-full-softmax) over="{\"model\": {$TIED}, \"loss\": {\"negatives\": \"full\"}}" ;;
     preset-loo) over="{}" ;;
     preset-loo-input-dropout-0.2) over='{"model": {"input_dropout": 0.2}}' ;;
-    # the preset's model on ML-1M with the data-shape settings of scripts/loo-ml1m.json
+    # the preset's model on ML-1M with the data-shape settings of scripts/loo-ml1m.json; its test number (quoted for
+    # context only): pinnerformer evaluate --run $SCOUT/ml1m-preset-loo --dataset $ML1M
     ml1m-preset-loo) ds=$ML1M
       over='{"loss": {"negatives": "full"}, "data": {"cutoff": "random", "sequences_per_user": 2}, "optim": {"batch_size": 128}}' ;;
     *) echo "unknown variant '$v' (one of: $ALL)" >&2; exit 2 ;;
