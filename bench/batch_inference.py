@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from device_rates import matmul_rate, sync  # bench/ is on sys.path when run as a script
+from device_rates import peak_rate, sync  # bench/ is on sys.path when run as a script
 from pinnerformer.data import Dataset
 from pinnerformer.data.formats import EventColumns, read_source
 from pinnerformer.data.prepare import prepare
@@ -53,6 +53,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3, help="timed passes over all users")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model's hidden_states")
+    ap.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                    help="reduce-overhead: also as CUDA graphs; max-autotune: also tuned Triton matmuls (slow start)")
+    ap.add_argument("--reference", action="store_true",
+                    help="also time the model alone on one batch already on the device (no feature building)")
+    ap.add_argument("--profile", type=Path, help="write a torch.profiler table of one pass to this file")
     ap.add_argument("--job", action="store_true", help="also time the whole `embed` job (local engine)")
     args = ap.parse_args()
 
@@ -65,11 +70,12 @@ def main() -> None:
     model, _ = build_model(ds, cfg)
     model = model.to(dev).eval()
     if args.compile:
-        model.hidden_states = torch.compile(model.hidden_states, dynamic=False)
+        model.hidden_states = torch.compile(model.hidden_states, dynamic=False, mode=args.compile_mode)
     tl = ds.timelines
     starts, ends = np.asarray(tl.offsets[:-1]), np.asarray(tl.offsets[1:])
     assert (ends - starts == M).all()
 
+    peak_before = peak_rate(dev)
     # FLOPs per user, counted on one batch
     B = min(args.batch_size, len(starts))
     b = to_torch(build_sequence_batch(tl, starts[:B], ends[:B], model.cfg.time_features, pad_to=M), dev)
@@ -86,16 +92,40 @@ def main() -> None:
     sync(dev)
     wall = time.perf_counter() - t0
     users_per_s = args.reps * len(starts) / wall
-    peak_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    peak = matmul_rate(dev, peak_dtype, 8192 if dev.type == "cuda" else 2048, 50 if dev.type == "cuda" else 5)
+    peak_after = peak_rate(dev)
+    peak = max(peak_before, peak_after)  # the higher of the two readings: MFU is not flattered by a slow one
     res = {"preset": args.preset, "device": torch.cuda.get_device_name() if dev.type == "cuda" else
            (platform.processor() or "cpu"), "dtype": "bf16 autocast" if dev.type == "cuda" else "fp32",
-           "compile": args.compile, "batch": args.batch_size, "max_len": M, "users": len(starts),
+           "compile": args.compile and args.compile_mode, "batch": args.batch_size, "max_len": M, "users": len(starts),
            "users_per_s": round(users_per_s, 1), "gflops_per_user": round(flops_per_user / 1e9, 4),
            "model_tflops_per_s": round(users_per_s * flops_per_user / 1e12, 4),
-           "matmul_peak_tflops_per_s": round(peak / 1e12, 3), "mfu": round(users_per_s * flops_per_user / peak, 3),
+           "matmul_peak_tflops_per_s": round(peak / 1e12, 3),
+           "matmul_peak_before_after": [round(peak_before / 1e12, 1), round(peak_after / 1e12, 1)], "mfu": round(users_per_s * flops_per_user / peak, 3),
            "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
            "torch": torch.__version__}
+    if args.reference:  # the model alone: the same batch, already on the device, over and over
+        def one():
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                return model.user_embedding(b)
+        for _ in range(3):
+            one()
+        sync(dev)
+        t = time.perf_counter()
+        n_ref = 20 if dev.type == "cuda" else 2
+        for _ in range(n_ref):
+            one()
+        sync(dev)
+        ref = n_ref * B / (time.perf_counter() - t)
+        res.update(model_alone_users_per_s=round(ref, 1), model_alone_mfu=round(ref * flops_per_user / peak, 3))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            embed_users(model, ds, starts, ends, dev, args.batch_size, fixed_shape=True)
+            sync(dev)
+        key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        args.profile.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
     if args.job:
         # The whole job as `pinnerformer embed` runs it: plan, shards, Parquet parts, merge, manifest.
         from pinnerformer.inference.daily_embed import DailyJob

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -12,15 +13,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
-    """FLOP/s of an n×n @ n×n matmul in `dtype` (fp32 on CPU, bf16 on GPU in our benches)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, reps: int, trials: int = 5) -> float:
+    """FLOP/s of an n×n @ n×n matmul in `dtype` (fp32 on CPU, bf16 on GPU in our benches): the median of
+    `trials` timings of `reps` products each, on random data (zeros run faster), after a warm-up."""
+    pairs = [(torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
+             for _ in range(2)]
+    for a, b in pairs * 2:
         a @ b
     sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    rates = []
+    for _ in range(trials):
+        t = time.perf_counter()
+        for i in range(reps):
+            a, b = pairs[i % 2]
+            a @ b
+        sync(device)
+        rates.append(2 * n ** 3 * reps / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def peak_rate(device: torch.device) -> float:
+    """The ceiling MFU is measured against: bf16 8192² on GPU, fp32 2048² on CPU."""
+    if device.type == "cuda":
+        return matmul_rate(device, torch.bfloat16, 8192, 20)
+    return matmul_rate(device, torch.float32, 2048, 3, trials=3)

@@ -1,8 +1,10 @@
 """Training throughput of PinnerFormer: sequences/s, tokens/s and model-FLOPs utilisation (MFU).
 
-Runs real training steps (example cutting, features, model, item tower, negative pool, logQ, loss, backward,
-AdamW) on a generated dataset shaped for the preset, and divides the model FLOPs it counts by the matmul
-rate it measures on the same device (fp32 on CPU, bf16 on GPU).
+Runs the trainer's own steps (its loader: example cutting and features, in worker processes on GPU; then the
+model, item tower, negative pool, logQ, loss, backward, AdamW; numbers read one step late, as `fit` does) on a
+generated dataset shaped for the preset, and divides the model FLOPs it counts by the matmul rate it measures
+on the same device (fp32 on CPU, bf16 on GPU). On GPU it also lists any host-device synchronisation inside a
+step (there should be none), and `--reference` times the encoder alone for comparison.
 
     python bench/train_throughput.py --preset small                    # CPU
     python bench/train_throughput.py --preset paper --device cuda --compile
@@ -21,16 +23,18 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from device_rates import matmul_rate, sync  # bench/ is on sys.path when run as a script
+from device_rates import peak_rate, sync  # bench/ is on sys.path when run as a script
 from pinnerformer.data import Dataset
 from pinnerformer.data.formats import EventColumns, read_source
 from pinnerformer.data.prepare import prepare
 from pinnerformer.data.synthetic import planted_interest_log
+from pinnerformer.features.sequence_batch import to_torch
 from pinnerformer.training.config import load_config
 from pinnerformer.training.trainer import Trainer
 
@@ -54,10 +58,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--workers", type=int, default=-1, help="loader worker processes (-1: the trainer's default)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the sequence encoder")
+    ap.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"])
+    ap.add_argument("--reference", action="store_true",
+                    help="also time the encoder alone (forward + backward + AdamW, no examples, item tower or loss)")
+    ap.add_argument("--profile", type=Path, help="write a torch.profiler table of 5 steps to this file")
     args = ap.parse_args()
 
-    over = {"device": args.device}
+    over = {"device": args.device, "compile": args.compile, "compile_mode": args.compile_mode,
+            "loader_workers": args.workers}
     if args.batch_size:
         over["optim"] = {"batch_size": args.batch_size}
     cfg = load_config(args.preset, overrides=over)
@@ -74,50 +84,118 @@ def main() -> None:
     ds = Dataset.open(args.dataset)
     trainer = Trainer(ds, cfg, Path(tmp.name) / "run", log=lambda s: None)
     dev = trainer.device
-    if args.compile:
-        trainer.model.encode_sequence = torch.compile(trainer.model.encode_sequence)
     B = cfg.optim.batch_size
+    n_steps = args.warmup + args.steps + (5 if args.profile else 0)
+    # the trainer's own pipeline: loader (worker processes on GPU) -> train_step, numbers read one step late
     order = np.random.default_rng(0).permutation(np.repeat(trainer.sampler.eligible, 64))
+    batches = iter(trainer.loader(order, 0, 0, min(n_steps + 5, len(order) // B)))
     trainer.model.train()
-    counts = {"tokens": 0, "flops": 0.0}
-    orig_sample = trainer.sampler.sample
 
-    def counting_sample(users, rng):
-        b = orig_sample(users, rng)
-        T = int((b.ends - b.starts).max())
-        q = len(b.q_item)
+    def step_counts(prep) -> tuple[int, float]:
+        ex = prep.examples
+        T = prep.seq["item"].shape[1]
+        q = len(ex.q_item)
         pool = (q if cfg.loss.negatives != "random" else 0) + (cfg.loss.n_random if cfg.loss.negatives != "in-batch" else 0)
-        uniq = len(np.unique(b.q_item)) + min(pool, ds.manifest.n_items)
-        counts["tokens"] += int((b.ends - b.starts).sum())
-        counts["flops"] += step_flops(trainer, B * T, q, pool, uniq, T)  # padded tokens are computed too
-        return b
+        uniq = len(np.unique(ex.q_item)) + min(pool, ds.manifest.n_items)
+        return int((ex.ends - ex.starts).sum()), step_flops(trainer, B * T, q, pool, uniq, T)  # padding computes too
 
-    trainer.sampler.sample = counting_sample
-    t0 = None
+    peak_before = peak_rate(dev)
+    counts = {"tokens": 0, "flops": 0.0}
+    host_ms = {"wait_for_batch": 0.0, "queue_step": 0.0, "read_loss": 0.0}  # where the host spends a step
+    host_syncs: list[str] = []
+    t0, last = None, None
     for s in range(args.warmup + args.steps):
         if s == args.warmup:
             sync(dev)
             t0 = time.perf_counter()
             counts = {"tokens": 0, "flops": 0.0}
-        rng = np.random.default_rng([0, s])
-        loss = trainer.loss_on(order[s * B:(s + 1) * B], rng, torch.Generator().manual_seed(s))
-        trainer.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
-        trainer.opt.step()
+            host_ms = dict.fromkeys(host_ms, 0.0)
+        t_a = time.perf_counter()
+        prep = next(batches)
+        t_b = time.perf_counter()
+        tok, fl = step_counts(prep)
+        counts["tokens"] += tok
+        counts["flops"] += fl
+        if dev.type == "cuda" and s == args.warmup - 1:  # one warm step under the sync detector
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                out = trainer.train_step(prep, s)
+                torch.cuda.set_sync_debug_mode(0)
+            host_syncs = sorted({str(w.message).splitlines()[0][:120] for w in caught})
+        else:
+            out = trainer.train_step(prep, s)
+        t_c = time.perf_counter()
+        if last is not None:
+            last["loss"].item()  # read one step late, as fit() does
+        last = out
+        for k, dt in zip(host_ms, (t_b - t_a, t_c - t_b, time.perf_counter() - t_c)):
+            host_ms[k] += 1e3 * dt
     sync(dev)
     wall = time.perf_counter() - t0
-    peak_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    peak = matmul_rate(dev, peak_dtype, 8192 if dev.type == "cuda" else 2048, 50 if dev.type == "cuda" else 5)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for s in range(5):
+                trainer.train_step(next(batches), 10_000 + s)
+            sync(dev)
+        key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        args.profile.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    peak_after = peak_rate(dev)
+    peak = max(peak_before, peak_after)  # the higher of the two readings: MFU is not flattered by a slow one
     achieved = counts["flops"] / wall
     res = {"preset": args.preset, "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
-           "dtype": "bf16 autocast" if dev.type == "cuda" else "fp32", "compile": args.compile,
-           "batch": B, "max_len": cfg.data.max_len, "steps_timed": args.steps,
+           "dtype": "bf16 autocast" if dev.type == "cuda" else "fp32", "compile": args.compile and args.compile_mode,
+           "batch": B, "max_len": cfg.data.max_len, "loader_workers": trainer.workers, "steps_timed": args.steps,
+           "ms_per_step": round(1e3 * wall / args.steps, 2),
            "sequences_per_s": round(args.steps * B / wall, 1), "tokens_per_s": round(counts["tokens"] / wall),
            "model_tflops_per_s": round(achieved / 1e12, 3), "matmul_peak_tflops_per_s": round(peak / 1e12, 3),
+           "matmul_peak_before_after": [round(peak_before / 1e12, 1), round(peak_after / 1e12, 1)],
            "mfu": round(achieved / peak, 3), "parameters": sum(p.numel() for p in trainer.model.parameters()),
            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    res["host_ms_per_step"] = {k: round(v / args.steps, 2) for k, v in host_ms.items()}
+    t = time.perf_counter()
+    for _ in range(3):
+        trainer.prepare(order[:B], np.random.default_rng(0))
+    res["prepare_one_batch_ms"] = round(1e3 * (time.perf_counter() - t) / 3, 1)  # in the main process
+    if dev.type == "cuda":
+        res["host_syncs_in_a_step"] = host_syncs
+    if args.reference:
+        res.update(encoder_alone(trainer, next(batches), args.steps, peak))
     print(json.dumps(res, indent=2))
+
+
+def encoder_alone(trainer: Trainer, prep, steps: int, peak: float) -> dict:
+    """The sequence encoder by itself on one batch, over and over: forward, backward of a plain sum, AdamW.
+    What the transformer reaches without example cutting, the item tower, the negatives or the loss."""
+    dev = trainer.device
+    seq = to_torch(prep.seq, dev)
+    c = trainer.model_cfg
+    B, T = seq["item"].shape
+    H, L, D = c.width, c.layers, c.dim
+    F_in = trainer.model.input_proj.in_features
+    flops = 3.0 * B * T * (2 * (F_in * H + L * 12 * H * H) + L * 4 * T * H + 2 * (H * 4 * H + 4 * H * D))
+
+    def one() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            out = trainer.model.encode_sequence(seq)
+        trainer.opt.zero_grad(set_to_none=True)
+        out.float().sum().backward()
+        trainer.opt.step()
+
+    for _ in range(3):
+        one()
+    sync(dev)
+    t = time.perf_counter()
+    for _ in range(steps):
+        one()
+    sync(dev)
+    wall = time.perf_counter() - t
+    return {"encoder_alone_ms_per_step": round(1e3 * wall / steps, 2),
+            "encoder_alone_tflops_per_s": round(flops * steps / wall / 1e12, 3),
+            "encoder_alone_mfu": round(flops * steps / wall / peak, 3)}
 
 
 if __name__ == "__main__":

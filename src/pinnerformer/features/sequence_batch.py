@@ -47,5 +47,13 @@ def build_sequence_batch(tl: Timelines, starts: np.ndarray, ends: np.ndarray, ti
     return out
 
 
-def to_torch(batch: dict[str, np.ndarray], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in batch.items()}
+def to_torch(batch: dict[str, np.ndarray | torch.Tensor], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Host arrays -> tensors on `device`. To a GPU they go through pinned (page-locked) memory with non-blocking
+    copies: a copy from ordinary memory makes the host wait until the GPU has finished all queued work, so the
+    next batch could not be prepared while the current one computes."""
+    cuda = torch.device(device).type == "cuda"
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+        out[k] = t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+    return out

@@ -16,7 +16,8 @@ is masked (`label_mask`): the user's other positives stay negatives, as in plain
 (example) weighs equally: query losses are averaged within an example, then over examples.
 
 Building the pool is a separate step (`build_negative_pool`) so that a distributed trainer can all-gather
-pools across workers before the loss.
+pools across workers before the loss. The pool and its log Q are built on the host (the sketch lives there), from
+host tensors, so that the GPU never has to be waited for; the trainer moves them to the device in one go.
 """
 
 from __future__ import annotations
@@ -110,16 +111,30 @@ def build_negative_pool(label_items: torch.Tensor, kind: str, n_random: int, n_i
 
 def own_positive_mask(q_example: torch.Tensor, pool_items: torch.Tensor, label_example: torch.Tensor,
                       label_item: torch.Tensor, n_examples: int, n_items: int) -> torch.Tensor:
-    """[Q, N] True where pool item n is one of the positives of query q's example (to be masked)."""
-    keys = label_example * n_items + label_item
+    """[Q, N] True where pool item n is one of the positives of query q's example (to be masked).
+
+    A membership test of (example, item) keys by binary search in the sorted label keys: unlike torch.isin, it
+    never makes the host wait for the GPU."""
+    if label_example.numel() == 0:
+        return torch.zeros(len(q_example), len(pool_items), dtype=torch.bool, device=pool_items.device)
+    keys = torch.sort(label_example * n_items + label_item).values
     ex_keys = torch.arange(n_examples, device=pool_items.device).unsqueeze(1) * n_items + pool_items.unsqueeze(0)
-    per_example = torch.isin(ex_keys, keys)  # [B, N]
+    at = torch.searchsorted(keys, ex_keys).clamp_(max=len(keys) - 1)
+    per_example = keys[at] == ex_keys  # [B, N]
     return per_example[q_example]
 
 
 def label_mask(q_item: torch.Tensor, pool_items: torch.Tensor) -> torch.Tensor:
     """[Q, N] True where pool item n is query q's own label (an accidental hit): the minimal mask."""
     return pool_items.unsqueeze(0) == q_item.unsqueeze(1)
+
+
+def mean_over_examples(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mean of total/count over the examples that have queries. Written without boolean indexing, which would make
+    the host wait for the GPU in the middle of every training step."""
+    has = count > 0
+    per_example = torch.where(has, total / count.clamp(min=1), torch.zeros_like(total))
+    return per_example.sum() / has.sum()
 
 
 def full_softmax_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, q_example: torch.Tensor,
@@ -129,16 +144,15 @@ def full_softmax_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Te
     logits [Q, I] = s(u, every item); target [Q] item ids; mask [Q, I] True = drop (the query's target is never
     dropped), or None. Equal to `sampled_softmax_loss` with the full pool, but without the [Q, I] copies.
     """
-    if mask is not None:
-        mask = mask.clone()
-        mask[torch.arange(len(target), device=mask.device), target] = False
+    if mask is not None:  # (index_put_ with a device tensor: assigning a Python scalar would wait for the GPU)
+        mask = mask.clone().index_put_((torch.arange(len(target), device=mask.device), target),
+                                       torch.zeros(len(target), dtype=torch.bool, device=mask.device))
         logits = logits.masked_fill(mask, float("-inf"))
     per_query = torch.nn.functional.cross_entropy(logits, target, reduction="none")
     count = torch.zeros(n_examples, device=per_query.device, dtype=per_query.dtype).index_add_(
         0, q_example, torch.ones_like(per_query))
     total = torch.zeros_like(count).index_add_(0, q_example, per_query)
-    has = count > 0
-    return (total[has] / count[has]).mean()
+    return mean_over_examples(total, count)
 
 
 def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_log_q: torch.Tensor,
@@ -156,5 +170,4 @@ def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_l
     count = torch.zeros(n_examples, device=per_query.device, dtype=per_query.dtype).index_add_(
         0, q_example, torch.ones_like(per_query))
     total = torch.zeros_like(count).index_add_(0, q_example, per_query)
-    has = count > 0
-    return (total[has] / count[has]).mean()
+    return mean_over_examples(total, count)

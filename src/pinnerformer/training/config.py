@@ -87,6 +87,12 @@ class TrainConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     device: str = "auto"  # auto: cuda when available (bf16 autocast), else cpu (fp32)
     checkpoint_every: int = 200  # steps; a checkpoint is also written at every epoch end
+    # Batches are prepared (examples cut, features padded) by this many worker processes, ahead of the GPU.
+    # -1 = auto: none on CPU (the cores are busy training), min(8, cores - 2) on GPU. Results do not depend on it.
+    loader_workers: int = -1
+    compile: bool = False  # torch.compile the sequence encoder (worth it on GPU; slow to start on CPU)
+    # reduce-overhead: the compiled encoder also runs as CUDA graphs (one launch instead of hundreds per step)
+    compile_mode: Literal["default", "reduce-overhead"] = "default"
 
 
 PRESETS: dict[str, dict] = {

@@ -16,11 +16,14 @@ Run directory:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import time
-from dataclasses import asdict
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,7 @@ from pinnerformer.evaluation.protocols import (
 )
 from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
 from pinnerformer.models.pinnerformer import ModelConfig, PinnerFormer
-from pinnerformer.objectives.examples import ExampleConfig, ExampleSampler
+from pinnerformer.objectives.examples import ExampleBatch, ExampleConfig, ExampleSampler
 from pinnerformer.objectives.sampled_softmax import (
     CountMinSketch, build_negative_pool, full_softmax_loss, label_mask, log_q_of, own_positive_mask,
     sampled_softmax_loss,
@@ -79,6 +82,22 @@ def build_model(ds: Dataset, cfg: TrainConfig) -> tuple[PinnerFormer, ModelConfi
     return PinnerFormer(mc, None if content is None or feats == "id" else torch.from_numpy(np.array(content))), mc
 
 
+def prefetched(fn, items, threads: int):
+    """fn(x) for x in items, in order. With threads > 0 the next results are computed ahead in a thread pool
+    (numpy's array work releases the GIL), so host-side preparation overlaps the GPU's work."""
+    if threads <= 0:
+        yield from map(fn, items)
+        return
+    it = iter(items)
+    with ThreadPoolExecutor(threads) as pool:
+        window = deque(pool.submit(fn, x) for x in itertools.islice(it, 2 * threads))
+        while window:
+            done = window.popleft().result()
+            for x in itertools.islice(it, 1):
+                window.append(pool.submit(fn, x))
+            yield done
+
+
 @torch.no_grad()
 def embed_users(model: PinnerFormer, ds: Dataset, starts: np.ndarray, ends: np.ndarray, device: torch.device,
                 batch_size: int = 256, fixed_shape: bool = False) -> torch.Tensor:
@@ -88,19 +107,26 @@ def embed_users(model: PinnerFormer, ds: Dataset, starts: np.ndarray, ends: np.n
     with copies of its first user, results dropped). Kernels then run the same instruction sequence for every row
     whichever users share the batch, so a user's vector is bit-for-bit the same in a partial recompute and in a
     full one (same batch_size and device): what the daily job relies on. Otherwise batches are padded to their
-    longest sequence only (cheaper for evaluation)."""
+    longest sequence only (cheaper for evaluation). On GPU, two threads build the next batches' features (into
+    pinned memory) while the current one computes."""
     model.eval()
     M = model.cfg.max_len
     starts = np.maximum(starts, ends - M)
-    out = []
-    for i in range(0, len(starts), batch_size):
+    cuda = device.type == "cuda"
+
+    def host_batch(i: int) -> tuple[int, dict[str, torch.Tensor]]:
         s, e = starts[i:i + batch_size], ends[i:i + batch_size]
         n = len(s)
         if fixed_shape and n < batch_size:
             s, e = np.concatenate([s, np.repeat(s[:1], batch_size - n)]), np.concatenate([e, np.repeat(e[:1], batch_size - n)])
-        b = to_torch(build_sequence_batch(ds.timelines, s, e, model.cfg.time_features,
-                                          pad_to=M if fixed_shape else None), device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        arrays = build_sequence_batch(ds.timelines, s, e, model.cfg.time_features, pad_to=M if fixed_shape else None)
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        return n, ({k: v.pin_memory() for k, v in tensors.items()} if cuda else tensors)
+
+    out = []
+    for n, host in prefetched(host_batch, range(0, len(starts), batch_size), threads=2 if cuda else 0):
+        b = to_torch(host, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             out.append(model.user_embedding(b)[:n].float())
     return torch.cat(out) if out else torch.zeros((0, model.cfg.dim), device=device)
 
@@ -129,6 +155,40 @@ def evaluate_task(user_vecs: torch.Tensor, item_vecs: torch.Tensor | None, task:
     return {f"recall@{k}": float(np.nanmean(recall_at_k(ranks, k))),
             f"hr@{k}": float(np.nanmean(hit_rate_at_k(ranks, k))),
             f"ndcg@{k}": float(np.nanmean(ndcg_at_k(ranks, k))), "users": len(task)}
+
+
+@dataclass
+class PreparedBatch:
+    """A training step's host-side work: the examples cut for it and their padded feature arrays (CPU tensors)."""
+    examples: ExampleBatch
+    seq: dict[str, torch.Tensor]
+
+    def pin_memory(self) -> "PreparedBatch":  # called by the DataLoader on GPU runs
+        return PreparedBatch(self.examples, {k: v.pin_memory() for k, v in self.seq.items()})
+
+
+def prepare_batch(sampler: ExampleSampler, timelines, time_features: bool, pad_to: int | None, users: np.ndarray,
+                  rng: np.random.Generator) -> PreparedBatch:
+    ex = sampler.sample(users, rng)
+    arrays = build_sequence_batch(timelines, ex.starts, ex.ends, time_features, pad_to=pad_to)
+    return PreparedBatch(ex, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Step s of an epoch -> its PreparedBatch; the example rng is derived from (seed, epoch, s)."""
+
+    def __init__(self, trainer: "Trainer", order: np.ndarray, epoch: int):
+        self.sampler, self.timelines = trainer.sampler, trainer.ds.timelines
+        self.time_features, self.pad_to = trainer.model_cfg.time_features, trainer.pad_to
+        self.order, self.epoch, self.seed, self.B = order, epoch, trainer.cfg.seed, trainer.cfg.optim.batch_size
+
+    def __len__(self) -> int:
+        return len(self.order) // self.B
+
+    def __getitem__(self, s: int) -> PreparedBatch:
+        users = self.order[s * self.B:(s + 1) * self.B]
+        return prepare_batch(self.sampler, self.timelines, self.time_features, self.pad_to, users,
+                             np.random.default_rng([self.seed, self.epoch, s]))
 
 
 class Trainer:
@@ -183,8 +243,22 @@ class Trainer:
         self.model.to(self.device)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
+        cuda = self.device.type == "cuda"
+        # fused: one kernel for the whole update on GPU (the CPU keeps the default, whose results tests pin down)
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr)
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.optim.lr,
+                                     fused=True if cuda else None)
+        # GPU: fixed-length batches (static shapes for compiled kernels); CPU: padded to the longest sequence only
+        self.pad_to = cfg.data.max_len if cuda else None
+        self.workers = cfg.loader_workers if cfg.loader_workers >= 0 else (
+            min(8, max(1, (os.cpu_count() or 1) - 2)) if cuda else 0)
+        if cuda:
+            # The host only does bookkeeping (sketch, pool, copies) while loader workers and the pinning thread
+            # run beside it; a full-width CPU thread pool for those small ops oversubscribes the cores and stalls
+            # the thread that feeds the GPU.
+            torch.set_num_threads(min(torch.get_num_threads(), 2))
+        if cfg.compile:
+            self.model.encode_sequence = torch.compile(self.model.encode_sequence, mode=cfg.compile_mode)
         self.seqs_per_epoch = n_elig * cfg.data.sequences_per_user
         self.steps_per_epoch = self.seqs_per_epoch // cfg.optim.batch_size  # drop the ragged last batch
         self.total_steps = self.steps_per_epoch * cfg.optim.max_epochs
@@ -201,50 +275,95 @@ class Trainer:
         return o.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     # ---- one step --------------------------------------------------------------------------------------
+    def prepare(self, users: np.ndarray, rng: np.random.Generator) -> "PreparedBatch":
+        """The host-side half of a step (examples and padded feature arrays); runs in loader workers."""
+        return prepare_batch(self.sampler, self.ds.timelines, self.model_cfg.time_features, self.pad_to, users, rng)
+
     def loss_on(self, users: np.ndarray, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
+        return self.loss_on_prepared(self.prepare(users, rng), gen)
+
+    def loss_on_prepared(self, prep: "PreparedBatch", gen: torch.Generator) -> torch.Tensor:
+        """The loss of one prepared batch. Nothing here waits for the GPU: the sketch, the negative pool, its log Q
+        and the de-duplication of item ids are host work on host arrays, moved to the device in one go."""
         cfg, dev = self.cfg, self.device
-        batch = self.sampler.sample(users, rng)
-        seq = to_torch(build_sequence_batch(self.ds.timelines, batch.starts, batch.ends, self.model_cfg.time_features,
-                                            pad_to=cfg.data.max_len if dev.type == "cuda" else None), dev)
-        B = len(users)
-        q_example = torch.from_numpy(batch.q_example).to(dev)
-        label_items = torch.from_numpy(batch.q_item).to(dev)
-        self.sketch.update(label_items)
+        batch = prep.examples
+        B = len(batch.starts)
+        label_items_host = torch.from_numpy(batch.q_item)
+        self.sketch.update(label_items_host)
         n_items = self.model_cfg.n_items
-        pool = build_negative_pool(label_items, cfg.loss.negatives, cfg.loss.n_random, n_items, self.sketch,
-                                   cfg.loss.logq, gen)
         full = cfg.loss.negatives == "full"
+        host: dict[str, np.ndarray | torch.Tensor] = {"q_example": batch.q_example, "q_position": batch.q_position,
+                                                      "label_items": batch.q_item}
+        if cfg.loss.mask_own_positives:
+            host.update(label_example=batch.label_example, label_item=batch.label_item)
+        if not full:
+            pool = build_negative_pool(label_items_host, cfg.loss.negatives, cfg.loss.n_random, n_items, self.sketch,
+                                       cfg.loss.logq, gen)
+            n_ib = len(label_items_host) if cfg.loss.negatives in ("in-batch", "mixed") else 0
+            n_rand = cfg.loss.n_random if cfg.loss.negatives in ("random", "mixed") else 0
+            pos_log_q = (log_q_of(label_items_host, cfg.loss.negatives, n_ib, n_rand, n_items, self.sketch)
+                         if cfg.loss.logq else torch.zeros(len(label_items_host)))
+            uniq, inv = np.unique(np.concatenate([batch.q_item, pool.items.numpy()]), return_inverse=True)
+            host.update(pool_items=pool.items, pool_log_q=pool.log_q, pos_log_q=pos_log_q, uniq=uniq, inv=inv)
+        t = to_torch(host, dev)
+        seq = to_torch(prep.seq, dev)
+        q_example, label_items = t["q_example"], t["label_items"]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             out = self.model.encode_sequence(seq)  # [B, T, D]
-            q = out[q_example, torch.from_numpy(batch.q_position).to(dev)]
+            q = out[q_example, t["q_position"]]
             if full:  # the pool is every item, in id order: embed the catalogue once
-                all_e = self.model.item_embedding(pool.items)
+                all_e = self.model.item_embedding(torch.arange(n_items, device=dev))
             else:
-                uniq, inv = torch.unique(torch.cat([label_items, pool.items]), return_inverse=True)
-                emb = self.model.item_embedding(uniq)
+                emb = self.model.item_embedding(t["uniq"])
+                inv = t["inv"]
+                pos_e, neg_e = emb[inv[:len(label_items)]], emb[inv[len(label_items):]]
+                tau = self.model.temperature
+                # on GPU both products take bf16 operands with fp32 accumulation, like the rest of the model
+                pos_logit = torch.bmm(q.unsqueeze(1), pos_e.unsqueeze(2)).view(-1) / tau
+                neg_logit = (q @ neg_e.T) / tau
         if full:  # one fused cross-entropy over the catalogue (the same loss as below with this pool)
             logits = (q.float() / self.model.temperature) @ all_e.float().T
             mask = None
             if cfg.loss.mask_own_positives:  # the example's positives, as own_positive_mask, without a sort
                 per_example = torch.zeros(B, n_items, dtype=torch.bool, device=dev)
-                per_example[torch.from_numpy(batch.label_example).to(dev),
-                            torch.from_numpy(batch.label_item).to(dev)] = True
+                per_example.index_put_((t["label_example"], t["label_item"]),
+                                       torch.ones(len(t["label_item"]), dtype=torch.bool, device=dev))
                 mask = per_example[q_example]
             return full_softmax_loss(logits, label_items, mask, q_example, B)
-        pos_e, neg_e = emb[inv[:len(label_items)]], emb[inv[len(label_items):]]
-        tau = self.model.temperature
-        pos_logit = (q * pos_e).sum(-1) / tau
-        neg_logit = (q @ neg_e.T) / tau
-        n_ib = len(label_items) if cfg.loss.negatives in ("in-batch", "mixed") else 0
-        n_rand = cfg.loss.n_random if cfg.loss.negatives in ("random", "mixed") else 0
-        pos_log_q = (log_q_of(label_items, cfg.loss.negatives, n_ib, n_rand, n_items, self.sketch)
-                     if cfg.loss.logq else torch.zeros_like(pos_logit))
         if cfg.loss.mask_own_positives:
-            mask = own_positive_mask(q_example, pool.items, torch.from_numpy(batch.label_example).to(dev),
-                                     torch.from_numpy(batch.label_item).to(dev), B, n_items)
+            mask = own_positive_mask(q_example, t["pool_items"], t["label_example"], t["label_item"], B, n_items)
         else:
-            mask = label_mask(label_items, pool.items)
-        return sampled_softmax_loss(pos_logit.float(), neg_logit.float(), pos_log_q, pool.log_q, mask, q_example, B)
+            mask = label_mask(label_items, t["pool_items"])
+        return sampled_softmax_loss(pos_logit.float(), neg_logit.float(), t["pos_log_q"], t["pool_log_q"], mask,
+                                    q_example, B)
+
+    def train_step(self, prep: "PreparedBatch", g: int) -> dict:
+        """One optimiser step at global step g. Returns device tensors (loss, τ, gradient norm) and the lr; reading
+        them (`.item()`) is left to the caller, after the next step is queued, so that the GPU never idles."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + g)  # negatives
+        torch.manual_seed(cfg.seed * 7_919 + g)  # dropout
+        lr = self.lr_at(g)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        loss = self.loss_on_prepared(prep, gen)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.opt.step()
+        return {"loss": loss.detach(), "tau": self.model.temperature.detach(), "grad_norm": gnorm, "lr": lr}
+
+    def loader(self, order: np.ndarray, epoch: int, first_step: int, steps: int):
+        """Prepared batches for steps first_step..steps-1 of an epoch, in order. With loader workers (GPU runs),
+        worker processes prepare them ahead, into pinned memory. Every batch is a function of (seed, epoch, step)
+        alone, so the batches are the same with any number of workers, and after a resume."""
+        B = self.cfg.optim.batch_size
+        batches = StepBatches(self, order, epoch)
+        if self.workers == 0:
+            return (batches[s] for s in range(first_step, steps))
+        return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(first_step, steps),
+                                           num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                           prefetch_factor=4, multiprocessing_context="fork")
 
     # ---- validation ------------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
@@ -339,6 +458,23 @@ class Trainer:
         B = cfg.optim.batch_size
         stopped_by = "max_epochs"
         t_start = time.perf_counter()
+        pending: list[dict] = []  # queued steps whose numbers have not been read back from the device yet
+
+        def record_pending(keep: int = 0) -> None:
+            # Reading a loss makes the host wait for that step; the loop reads step g only once step g+1 is
+            # queued (keep=1), so the GPU is never idle while the host logs. Records land in step order.
+            while len(pending) > keep:
+                p = pending.pop(0)
+                rec = {"kind": "step", "step": p["step"], "epoch": p["epoch"], "loss": p["loss"].item(),
+                       "lr": p["lr"], "tau": p["tau"].item(), "grad_norm": float(p["grad_norm"])}
+                self.state["history"].append(rec)
+                with (self.run_dir / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                tb.add_scalar("train/loss", rec["loss"], rec["step"])
+                tb.add_scalar("train/lr", rec["lr"], rec["step"])
+                tb.add_scalar("train/temperature", rec["tau"], rec["step"])
+                bar.set_postfix(loss=f"{rec['loss']:.3f}")
+
         while self.state["epoch"] < cfg.optim.max_epochs and not self.state["done"]:
             epoch = self.state["epoch"]
             order = np.random.default_rng([cfg.seed, epoch]).permutation(
@@ -346,39 +482,27 @@ class Trainer:
             bar = progress_bar(total=self.steps_per_epoch * B, initial=self.state["step_in_epoch"] * B, unit="seq",
                                desc=f"epoch {epoch}", disable=not progress)
             self.model.train()
+            batches = iter(self.loader(order, epoch, self.state["step_in_epoch"], self.steps_per_epoch))
             while self.state["step_in_epoch"] < self.steps_per_epoch:
-                s, g = self.state["step_in_epoch"], self.state["global_step"]
+                g = self.state["global_step"]
                 if max_steps is not None and g >= max_steps:
                     self.state["done"], stopped_by = True, "max_steps"
                     break
                 if stop_after is not None and g >= stop_after:
+                    record_pending()
                     bar.close()
                     return {"stopped_by": "simulated kill"}
-                rng = np.random.default_rng([cfg.seed, epoch, s])
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + g)
-                torch.manual_seed(cfg.seed * 7_919 + g)  # dropout
-                lr = self.lr_at(g)
-                for group in self.opt.param_groups:
-                    group["lr"] = lr
-                loss = self.loss_on(order[s * B:(s + 1) * B], rng, gen)
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-                self.opt.step()
-                rec = {"kind": "step", "step": g, "epoch": epoch, "loss": loss.item(), "lr": lr,
-                       "tau": self.model.temperature.item(), "grad_norm": float(gnorm)}
-                self.state["history"].append(rec)
-                with (self.run_dir / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                tb.add_scalar("train/loss", rec["loss"], g)
-                tb.add_scalar("train/lr", lr, g)
-                tb.add_scalar("train/temperature", rec["tau"], g)
+                out = self.train_step(next(batches), g)
+                pending.append({"step": g, "epoch": epoch, **out})
+                record_pending(keep=1)
                 self.state["step_in_epoch"] += 1
                 self.state["global_step"] += 1
                 bar.update(B)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}")
                 if self.state["global_step"] % cfg.checkpoint_every == 0:
+                    record_pending()
                     self.save_checkpoint("last.pt")
+            record_pending()
+            del batches  # stops loader workers
             bar.close()
             if self.state["step_in_epoch"] >= self.steps_per_epoch or self.state["done"]:
                 val = self.validate()
