@@ -100,7 +100,7 @@ def main() -> None:
            "users_per_s": round(users_per_s, 1), "gflops_per_user": round(flops_per_user / 1e9, 4),
            "model_tflops_per_s": round(users_per_s * flops_per_user / 1e12, 4),
            "matmul_peak_tflops_per_s": round(peak / 1e12, 3),
-           "matmul_peak_before_after": [round(peak_before / 1e12, 1), round(peak_after / 1e12, 1)], "mfu": round(users_per_s * flops_per_user / peak, 3),
+           "matmul_peak_before_after": [round(peak_before / 1e12, 3), round(peak_after / 1e12, 3)], "mfu": round(users_per_s * flops_per_user / peak, 3),
            "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
            "torch": torch.__version__}
     if args.reference:  # the model alone: the same batch, already on the device, over and over

@@ -152,7 +152,7 @@ def main() -> None:
            "ms_per_step": round(1e3 * wall / args.steps, 2),
            "sequences_per_s": round(args.steps * B / wall, 1), "tokens_per_s": round(counts["tokens"] / wall),
            "model_tflops_per_s": round(achieved / 1e12, 3), "matmul_peak_tflops_per_s": round(peak / 1e12, 3),
-           "matmul_peak_before_after": [round(peak_before / 1e12, 1), round(peak_after / 1e12, 1)],
+           "matmul_peak_before_after": [round(peak_before / 1e12, 3), round(peak_after / 1e12, 3)],
            "mfu": round(achieved / peak, 3), "parameters": sum(p.numel() for p in trainer.model.parameters()),
            "threads": torch.get_num_threads(), "torch": torch.__version__}
     res["host_ms_per_step"] = {k: round(v / args.steps, 2) for k, v in host_ms.items()}
