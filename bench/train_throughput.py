@@ -35,7 +35,7 @@ from pinnerformer.data.formats import EventColumns, read_source
 from pinnerformer.data.prepare import prepare
 from pinnerformer.data.synthetic import planted_interest_log
 from pinnerformer.features.sequence_batch import to_torch
-from pinnerformer.training.config import load_config
+from pinnerformer.training.config import load_config, merge_dicts
 from pinnerformer.training.trainer import Trainer
 
 
@@ -64,12 +64,15 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true",
                     help="also time the encoder alone (forward + backward + AdamW, no examples, item tower or loss)")
     ap.add_argument("--profile", type=Path, help="write a torch.profiler table of 5 steps to this file")
+    ap.add_argument("--trace", type=Path, help="with --profile: also the Chrome trace of those steps (.json.gz)")
+    ap.add_argument("--override", default="{}", help='config overrides as JSON, e.g. \'{"model": {"dropout": 0}}\'')
     args = ap.parse_args()
 
     over = {"device": args.device, "compile": args.compile, "compile_mode": args.compile_mode,
             "loader_workers": args.workers}
     if args.batch_size:
         over["optim"] = {"batch_size": args.batch_size}
+    over = merge_dicts(over, json.loads(args.override))
     cfg = load_config(args.preset, overrides=over)
     tmp = tempfile.TemporaryDirectory()
     if args.dataset is None:
@@ -127,7 +130,7 @@ def main() -> None:
             out = trainer.train_step(prep, s)
         t_c = time.perf_counter()
         if last is not None:
-            last["loss"].item()  # read one step late, as fit() does
+            trainer.read_step(last)  # read one step late, as fit() does
         last = out
         for k, dt in zip(host_ms, (t_b - t_a, t_c - t_b, time.perf_counter() - t_c)):
             host_ms[k] += 1e3 * dt
@@ -143,10 +146,12 @@ def main() -> None:
             sync(dev)
         key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
         args.profile.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+        if args.trace:
+            prof.export_chrome_trace(str(args.trace))
     peak_after = peak_rate(dev)
     peak = max(peak_before, peak_after)  # the higher of the two readings: MFU is not flattered by a slow one
     achieved = counts["flops"] / wall
-    res = {"preset": args.preset, "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+    res = {"preset": args.preset, "override": json.loads(args.override), "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
            "dtype": "bf16 autocast" if dev.type == "cuda" else "fp32", "compile": args.compile and args.compile_mode,
            "batch": B, "max_len": cfg.data.max_len, "loader_workers": trainer.workers, "steps_timed": args.steps,
            "ms_per_step": round(1e3 * wall / args.steps, 2),

@@ -338,8 +338,8 @@ class Trainer:
                                     q_example, B)
 
     def train_step(self, prep: "PreparedBatch", g: int) -> dict:
-        """One optimiser step at global step g. Returns device tensors (loss, τ, gradient norm) and the lr; reading
-        them (`.item()`) is left to the caller, after the next step is queued, so that the GPU never idles."""
+        """One optimiser step at global step g. Returns its (loss, τ, gradient norm) still in flight, and the lr;
+        reading them (`read_step`) is left to the caller, after the next step is queued, so the GPU never idles."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + g)  # negatives
         torch.manual_seed(cfg.seed * 7_919 + g)  # dropout
@@ -351,7 +351,25 @@ class Trainer:
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.opt.step()
-        return {"loss": loss.detach(), "tau": self.model.temperature.detach(), "grad_norm": gnorm, "lr": lr}
+        stats = torch.stack([loss.detach().float(), self.model.temperature.detach().float(), gnorm.detach().float()])
+        ready = None
+        if self.device.type == "cuda":
+            # Copied to pinned host memory behind this step's work, with an event to wait on: `.item()` would wait
+            # for everything queued by then, i.e. also the next step, and the GPU would idle while the host queues.
+            host = torch.empty(3, pin_memory=True)
+            host.copy_(stats, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            stats = host
+        return {"stats": stats, "ready": ready, "lr": lr}
+
+    @staticmethod
+    def read_step(out: dict) -> tuple[float, float, float]:
+        """(loss, τ, gradient norm) of a `train_step`, waiting for that step only."""
+        if out["ready"] is not None:
+            out["ready"].synchronize()
+        loss, tau, grad_norm = out["stats"].tolist()
+        return loss, tau, grad_norm
 
     def loader(self, order: np.ndarray, epoch: int, first_step: int, steps: int):
         """Prepared batches for steps first_step..steps-1 of an epoch, in order. With loader workers (GPU runs),
@@ -465,8 +483,9 @@ class Trainer:
             # queued (keep=1), so the GPU is never idle while the host logs. Records land in step order.
             while len(pending) > keep:
                 p = pending.pop(0)
-                rec = {"kind": "step", "step": p["step"], "epoch": p["epoch"], "loss": p["loss"].item(),
-                       "lr": p["lr"], "tau": p["tau"].item(), "grad_norm": float(p["grad_norm"])}
+                loss, tau, grad_norm = self.read_step(p)
+                rec = {"kind": "step", "step": p["step"], "epoch": p["epoch"], "loss": loss, "lr": p["lr"],
+                       "tau": tau, "grad_norm": grad_norm}
                 self.state["history"].append(rec)
                 with (self.run_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(rec) + "\n")
