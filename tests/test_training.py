@@ -211,3 +211,48 @@ def test_prefetched_keeps_order_and_loses_nothing():
     for threads in (0, 1, 3):
         assert list(prefetched(lambda x: x * x, range(23), threads)) == [x * x for x in range(23)]
         assert list(prefetched(lambda x: x, [], threads)) == []
+
+
+RUN_IN_A_NEW_PROCESS = """
+import sys
+from pathlib import Path
+import torch
+from pinnerformer.data import Dataset
+from pinnerformer.training.config import load_config
+from pinnerformer.training.trainer import Trainer
+torch.set_num_threads(2)  # several CPU threads: where summation order could vary from run to run
+ds, run, mode = Dataset.open(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+cfg = load_config("small", overrides={"device": "cpu", "optim": {"max_epochs": 1}, "checkpoint_every": 10})
+tr = Trainer(ds, cfg, run, log=lambda s: None)
+if mode == "whole":
+    tr.fit(progress=False, max_steps=25)
+elif mode == "killed":
+    tr.fit(progress=False, max_steps=25, stop_after=13)
+else:
+    tr.fit(progress=False, max_steps=25, resume=True)
+"""
+
+
+def test_a_run_resumed_in_a_new_process_repeats_bit_for_bit(tmp_path, cli):
+    # separate processes, as a real kill and restart are: nothing may depend on thread scheduling or addresses
+    import subprocess
+    import sys
+
+    planted_interest_log(n_users=400, n_items=2000, n_groups=20, events_per_user=100, gap_s=600).write_csv(
+        tmp_path / "log.csv")
+    r = cli("data", "prepare", "-f", "events", "-i", tmp_path / "log.csv", "-o", tmp_path / "ds", "--action-col",
+            "action", "--positive", "click")
+    assert r.exit_code == 0, r.output
+
+    def run(name: str, mode: str) -> None:
+        p = subprocess.run([sys.executable, "-c", RUN_IN_A_NEW_PROCESS, str(tmp_path / "ds"), str(tmp_path / name),
+                            mode], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+
+    run("whole", "whole")
+    run("other", "whole")
+    run("resumed", "killed")
+    run("resumed", "resume")
+    whole, other, resumed = ((tmp_path / n / "metrics.jsonl").read_text() for n in ("whole", "other", "resumed"))
+    assert whole.count('"kind": "step"') == 19  # 19 steps in the epoch (before max_steps), then validation
+    assert other == whole and resumed == whole

@@ -310,13 +310,16 @@ class Trainer:
         q_example, label_items = t["q_example"], t["label_items"]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             out = self.model.encode_sequence(seq)  # [B, T, D]
-            q = out[q_example, t["q_position"]]
+            # index_select rather than out[q_example, q_position]: the backward of advanced indexing accumulates
+            # with several CPU threads in a run-dependent order; index_select's does not (bit-exact resume)
+            T = out.shape[1]
+            q = out.reshape(B * T, -1).index_select(0, q_example * T + t["q_position"])
             if full:  # the pool is every item, in id order: embed the catalogue once
                 all_e = self.model.item_embedding(torch.arange(n_items, device=dev))
             else:
                 emb = self.model.item_embedding(t["uniq"])
                 inv = t["inv"]
-                pos_e, neg_e = emb[inv[:len(label_items)]], emb[inv[len(label_items):]]
+                pos_e, neg_e = emb.index_select(0, inv[:len(label_items)]), emb.index_select(0, inv[len(label_items):])
                 tau = self.model.temperature
                 # on GPU both products take bf16 operands with fp32 accumulation, like the rest of the model
                 pos_logit = torch.bmm(q.unsqueeze(1), pos_e.unsqueeze(2)).view(-1) / tau
