@@ -39,14 +39,18 @@ from pinnerformer.training.config import load_config, merge_dicts
 from pinnerformer.training.trainer import Trainer
 
 
-def step_flops(trainer: Trainer, tokens: int, queries: int, pool: int, uniq_items: int, T: int) -> float:
+def encoder_flops_per_token(trainer: Trainer, T: int) -> float:
+    """Forward matmul FLOPs of the sequence encoder per (padded) token of a length-T batch, head included."""
     c = trainer.model_cfg
     H, L, D = c.width, c.layers, c.dim
     F_in = trainer.model.input_proj.in_features
-    F_item = trainer.model.items.out_dim
-    per_token = 2 * (F_in * H + L * 12 * H * H) + L * 4 * T * H + 2 * (H * 4 * H + 4 * H * D)
-    item_tower = 2 * (F_item * c.item_tower_hidden + c.item_tower_hidden * D)
-    fwd = tokens * per_token + uniq_items * item_tower + queries * (pool + 1) * 2 * D
+    return 2 * (F_in * H + L * 12 * H * H) + L * 4 * T * H + 2 * (H * 4 * H + 4 * H * D)
+
+
+def step_flops(trainer: Trainer, tokens: int, queries: int, pool: int, uniq_items: int, T: int) -> float:
+    c = trainer.model_cfg
+    item_tower = 2 * (trainer.model.items.out_dim * c.item_tower_hidden + c.item_tower_hidden * c.dim)
+    fwd = tokens * encoder_flops_per_token(trainer, T) + uniq_items * item_tower + queries * (pool + 1) * 2 * c.dim
     return 3.0 * fwd
 
 
@@ -177,11 +181,8 @@ def encoder_alone(trainer: Trainer, prep, steps: int, peak: float) -> dict:
     What the transformer reaches without example cutting, the item tower, the negatives or the loss."""
     dev = trainer.device
     seq = to_torch(prep.seq, dev)
-    c = trainer.model_cfg
     B, T = seq["item"].shape
-    H, L, D = c.width, c.layers, c.dim
-    F_in = trainer.model.input_proj.in_features
-    flops = 3.0 * B * T * (2 * (F_in * H + L * 12 * H * H) + L * 4 * T * H + 2 * (H * 4 * H + 4 * H * D))
+    flops = 3.0 * B * T * encoder_flops_per_token(trainer, T)
 
     def one() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):

@@ -203,6 +203,7 @@ def test_fit_with_loader_workers_logs_every_step_in_order(planted, tmp_path):
     steps0, steps2 = ([l for l in w if l["kind"] == "step"] for w in (w0, w2))
     assert [l["step"] for l in steps2] == list(range(len(steps0))) and len(steps0) > 5
     np.testing.assert_allclose([l["loss"] for l in steps2], [l["loss"] for l in steps0], rtol=1e-5)
+    assert steps2 == steps0  # the same batches, so the same run, bit for bit
 
 
 def test_prefetched_keeps_order_and_loses_nothing():

@@ -119,8 +119,8 @@ def embed_users(model: PinnerFormer, ds: Dataset, starts: np.ndarray, ends: np.n
         n = len(s)
         if fixed_shape and n < batch_size:
             s, e = np.concatenate([s, np.repeat(s[:1], batch_size - n)]), np.concatenate([e, np.repeat(e[:1], batch_size - n)])
-        arrays = build_sequence_batch(ds.timelines, s, e, model.cfg.time_features, pad_to=M if fixed_shape else None)
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        tensors = to_torch(build_sequence_batch(ds.timelines, s, e, model.cfg.time_features,
+                                                pad_to=M if fixed_shape else None))
         return n, ({k: v.pin_memory() for k, v in tensors.items()} if cuda else tensors)
 
     out = []
@@ -170,8 +170,7 @@ class PreparedBatch:
 def prepare_batch(sampler: ExampleSampler, timelines, time_features: bool, pad_to: int | None, users: np.ndarray,
                   rng: np.random.Generator) -> PreparedBatch:
     ex = sampler.sample(users, rng)
-    arrays = build_sequence_batch(timelines, ex.starts, ex.ends, time_features, pad_to=pad_to)
-    return PreparedBatch(ex, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return PreparedBatch(ex, to_torch(build_sequence_batch(timelines, ex.starts, ex.ends, time_features, pad_to=pad_to)))
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -378,7 +377,6 @@ class Trainer:
         """Prepared batches for steps first_step..steps-1 of an epoch, in order. With loader workers (GPU runs),
         worker processes prepare them ahead, into pinned memory. Every batch is a function of (seed, epoch, step)
         alone, so the batches are the same with any number of workers, and after a resume."""
-        B = self.cfg.optim.batch_size
         batches = StepBatches(self, order, epoch)
         if self.workers == 0:
             return (batches[s] for s in range(first_step, steps))
