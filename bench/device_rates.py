@@ -37,3 +37,11 @@ def peak_rate(device: torch.device) -> float:
     if device.type == "cuda":
         return matmul_rate(device, torch.bfloat16, 8192, 20)
     return matmul_rate(device, torch.float32, 2048, 3, trials=3)
+
+
+def assert_compiled() -> None:
+    """Stop if --compile compiled nothing: timings of eager code must never be reported as compiled ones."""
+    import torch._dynamo.utils
+
+    if torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0:
+        raise SystemExit("--compile was asked for but torch.compile produced no graph: the model would run eager")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from device_rates import peak_rate, sync  # bench/ is on sys.path when run as a script
+from device_rates import assert_compiled, peak_rate, sync  # bench/ is on sys.path when run as a script
 from pinnerformer.data import Dataset
 from pinnerformer.data.formats import EventColumns, read_source
 from pinnerformer.data.prepare import prepare
@@ -140,6 +140,8 @@ def main() -> None:
             host_ms[k] += 1e3 * dt
     sync(dev)
     wall = time.perf_counter() - t0
+    if args.compile:
+        assert_compiled()
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

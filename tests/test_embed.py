@@ -16,6 +16,7 @@ import pytest
 
 from conftest import TINY
 from pinnerformer.data import Dataset
+from pinnerformer.errors import PinnerformerError
 from pinnerformer.inference.daily_embed import DailyJob
 from pinnerformer.inference.snapshot import Snapshot, day_end_ts
 from pinnerformer.training.config import load_config
@@ -93,6 +94,23 @@ def test_float16_snapshot(trained, planted, tmp_path):
     logs = []
     m = job(trained, planted, D0 + dt.timedelta(days=1), tmp_path / "h").run(log=logs.append, progress=False)
     assert m["carried_over"] == 0 and "is float16, not float32" in logs[0]
+
+
+def test_compiled_job_matches_eager_and_never_mixes_with_it(trained, planted, tmp_path):
+    """--compile runs torch.compile'd kernels: the same vectors to float32 rounding, and a compiled day never carries
+    over eager vectors (or the other way round), since the two differ in the last bits."""
+    d1 = D0 + dt.timedelta(days=1)
+    eager = job(trained, planted, D0, tmp_path / "snaps").run(log=lambda s: None, progress=False)
+    lines: list[str] = []
+    comp = job(trained, planted, d1, tmp_path / "snaps", compile=True).run(log=lines.append, progress=False)
+    assert eager["compile"] is False and comp["compile"] is True
+    assert comp["carried_over"] == 0 and any("computed by the eager model: full computation" in x for x in lines)
+    full_eager = job(trained, planted, d1, tmp_path / "eager").run(log=lambda s: None, progress=False)
+    a, b = Snapshot.open(tmp_path / "snaps" / d1.isoformat()), Snapshot.open(tmp_path / "eager" / d1.isoformat())
+    assert np.array_equal(a.users, b.users) and full_eager["recomputed"] == comp["recomputed"]
+    np.testing.assert_allclose(a.vectors, b.vectors, atol=2e-5)
+    with pytest.raises(PinnerformerError, match="--compile is for the local engine"):
+        job(trained, planted, d1, tmp_path / "r", compile=True).run(engine="ray", log=lambda s: None, progress=False)
 
 
 def test_rerun_is_idempotent_and_force_reproduces(trained, planted, tmp_path):

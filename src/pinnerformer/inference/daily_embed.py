@@ -111,6 +111,7 @@ class DailyJob:
     shard_users: int = 4096
     batch_size: int = 256
     device: str = "cpu"  # local engine: cpu, or cuda (bf16 autocast; vectors then differ from CPU ones ~1e-2)
+    compile: bool = False  # local engine: torch.compile the transformer (fused kernels; vectors differ in last bits)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -148,6 +149,9 @@ class DailyJob:
             return None, f"earlier snapshot {snap.path.name} was made from another dataset: full computation"
         if m.get("device", "cpu") != self.device:
             return None, f"earlier snapshot {snap.path.name} was computed on {m.get('device')}: full computation"
+        if m.get("compile", False) != self.compile:
+            how = "compiled" if m.get("compile", False) else "eager"
+            return None, f"earlier snapshot {snap.path.name} was computed by the {how} model: full computation"
         if m["dtype"] != self.dtype:
             return None, f"earlier snapshot {snap.path.name} is {m['dtype']}, not {self.dtype}: full computation"
         return snap, f"incremental from {snap.path.name}"
@@ -168,7 +172,7 @@ class DailyJob:
                                                        "content_sha256": prev.manifest["content_sha256"]},
                 "pending_users": int(len(pending)),
                 "pending_sha256": hashlib.sha256(pending.astype(np.int64).tobytes()).hexdigest(),
-                "shard_users": self.shard_users, "device": self.device}
+                "shard_users": self.shard_users, "device": self.device, "compile": self.compile}
 
     def _open_staging(self, plan: dict, pending: np.ndarray) -> list[int]:
         """Resume a staging directory with the same plan, or start a fresh one. Returns the shards still to do."""
@@ -192,6 +196,8 @@ class DailyJob:
         t0 = time.perf_counter()
         if engine == "ray" and self.device != "cpu":
             raise PinnerformerError("the ray engine runs CPU actors; use --engine local for --device cuda")
+        if engine == "ray" and self.compile:
+            raise PinnerformerError("--compile is for the local engine; the ray engine runs the eager model")
         self.root.mkdir(parents=True, exist_ok=True)
         self._recover_replaced()
         if self.final.exists() and not force:
@@ -230,6 +236,8 @@ class DailyJob:
 
         model, _ = load_run(self.run_dir, self.ds, self.checkpoint)
         model = model.to(torch.device(self.device))
+        if self.compile:  # fixed [batch_size, M] shapes: one compiled graph serves every batch
+            model.hidden_states = torch.compile(model.hidden_states, dynamic=False)
         bar = progress_bar(total=sum(len(shard_of(pending, k, self.shard_users)) for k in todo),
                            unit="user", desc="embed", disable=not progress)
         for k in todo:
@@ -274,7 +282,7 @@ class DailyJob:
                                                             "content_sha256": prev.manifest["content_sha256"]},
             "checkpoint": {"run": str(Path(self.run_dir).resolve()), "name": self.checkpoint, "sha256": self.ck_sha},
             "dataset": {"path": str(Path(self.ds.path).resolve()), "fingerprint": self.ds.manifest.fingerprint},
-            "engine": engine, "device": self.device, "content_sha256": content_hash(users, vecs),
+            "engine": engine, "device": self.device, "compile": self.compile, "content_sha256": content_hash(users, vecs),
             "wall_s": round(time.perf_counter() - t0, 3),
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
