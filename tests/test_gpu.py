@@ -1,5 +1,6 @@
-"""The GPU code paths: no host-device synchronisation inside a training step, GPU (bf16) embeddings that agree
-with the CPU (fp32) ones, and `fit` with loader workers and a compiled encoder. CI has no GPU, so these skip
+"""The GPU code paths: no host-device synchronisation inside a training step (eager and compiled), GPU (bf16)
+embeddings that agree with the CPU (fp32) ones, `fit` with loader workers and a compiled encoder, and compiled
+training (encoder + fused loss) following the eager run. CI has no GPU, so these skip
 there; run them on a machine with one (`pytest tests/test_gpu.py`)."""
 
 import json
@@ -20,17 +21,23 @@ def config(**over):
     return load_config("small", overrides=json.loads(json.dumps({**TINY, "device": "cuda", **over})))
 
 
-@pytest.mark.parametrize("negatives,mask_own", [("mixed", True), ("mixed", False), ("full", True)])
-def test_a_training_step_never_waits_for_the_gpu(planted, tmp_path, negatives, mask_own):
+@pytest.mark.parametrize("negatives,mask_own,compiled", [("mixed", True, False), ("mixed", False, False),
+                                                          ("full", True, False), ("mixed", True, True),
+                                                          ("mixed", False, True)])
+def test_a_training_step_never_waits_for_the_gpu(planted, tmp_path, negatives, mask_own, compiled):
     tr = Trainer(Dataset.open(planted), config(loss={**TINY["loss"], "negatives": negatives,
-                                                     "mask_own_positives": mask_own}), tmp_path, log=lambda s: None)
+                                                     "mask_own_positives": mask_own}, compile=compiled),
+                 tmp_path, log=lambda s: None)
     users = tr.sampler.eligible[:tr.cfg.optim.batch_size]
-    preps = [tr.prepare(users, np.random.default_rng(i)) for i in range(3)]
-    tr.train_step(preps[0], 0)  # warm-up: lazy initialisation may synchronise once
+    preps = [tr.prepare(users, np.random.default_rng(i)) for i in range(4)]
+    # warm-up: lazy initialisation (and compilation, with its autotuning) may synchronise; query and pool sizes
+    # differ between batches, so the second warm-up step also checks the fused loss is not compiled again per size
+    for g in range(2):
+        tr.train_step(preps[g], g)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for g, prep in enumerate(preps[1:], start=1):
+        for g, prep in enumerate(preps[2:], start=2):
             out = tr.train_step(prep, g)
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -59,3 +66,16 @@ def test_fit_on_gpu_with_workers_and_compiled_encoder(planted, tmp_path):
     assert [l["step"] for l in steps] == list(range(summary["steps"])) and all(np.isfinite([l["loss"] for l in steps]))
     assert np.mean([l["loss"] for l in steps[-5:]]) < np.mean([l["loss"] for l in steps[:5]])
     assert summary["recall@10"] > summary["popularity"]
+
+
+def test_compiled_training_on_gpu_follows_the_eager_run(planted, tmp_path):
+    """The compiled encoder and fused loss in bf16 against the eager bf16 path, on the same batches (no dropout:
+    compiled kernels draw other dropout masks)."""
+    ds = Dataset.open(planted)
+    over = dict(optim={**TINY["optim"], "max_epochs": 1}, model={**TINY["model"], "dropout": 0.0})
+    for name, comp in (("eager", False), ("comp", True)):
+        Trainer(ds, config(**over, compile=comp), tmp_path / name, log=lambda s: None).fit(progress=False, max_steps=8)
+    losses = [[l["loss"] for l in map(json.loads, (tmp_path / r / "metrics.jsonl").read_text().splitlines())
+               if l["kind"] == "step"] for r in ("eager", "comp")]
+    assert len(losses[0]) == len(losses[1]) == 8
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-2)

@@ -9,7 +9,8 @@ import torch
 from pinnerformer.data.timelines import Timelines
 from pinnerformer.objectives.examples import ExampleConfig, ExampleSampler
 from pinnerformer.objectives.sampled_softmax import (
-    CountMinSketch, build_negative_pool, log_q_of, own_positive_mask, sampled_softmax_loss,
+    CountMinSketch, build_negative_pool, label_mask, log_q_of, own_positive_mask, own_positive_rows, sampled_softmax_loss,
+    sampled_softmax_loss_fused,
 )
 
 
@@ -21,6 +22,45 @@ def reference_loss(pos, neg, pos_lq, neg_lq, mask, q_example, n_examples):
         denom = math.exp(zp) + sum(math.exp(neg[q, n] - neg_lq[n]) for n in range(neg.shape[1]) if not mask[q, n])
         per_ex[q_example[q]].append(-(zp - math.log(denom)))
     return np.mean([np.mean(v) for v in per_ex if v])
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("own", [True, False], ids=["own-positive-mask", "label-mask"])
+def test_fused_loss_equals_the_reference_in_value_and_gradients(own, compiled):
+    """The fused form (what `compile` trains with) against `sampled_softmax_loss` on the same embeddings, float64:
+    value and every gradient (query, positive, pool, temperature) to rounding. Example 3 has all its pool masked
+    (its own positives fill the pool): loss 0 and zero gradients there, no NaN."""
+    g = torch.Generator().manual_seed(3)
+    Q, N, D, B, I = 40, 30, 8, 5, 50
+    q_example = torch.sort(torch.randint(0, B, (Q,), generator=g)).values
+    pool = torch.randint(0, I, (N,), generator=g)
+    q_item = torch.randint(0, I, (Q,), generator=g)
+    label_example = torch.cat([torch.randint(0, B, (25,), generator=g), torch.full((N,), 3)])
+    label_item = torch.cat([torch.randint(0, I, (25,), generator=g), pool])  # example 3: every pool item
+    pos_lq, neg_lq = torch.randn(Q, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+
+    def leaves():
+        gg = torch.Generator().manual_seed(4)
+        unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=gg, dtype=torch.float64), dim=-1)
+        return [unit(Q, D).requires_grad_(), unit(Q, D).requires_grad_(), unit(N, D).requires_grad_(),
+                torch.tensor(0.05, dtype=torch.float64, requires_grad=True)]
+
+    ref_in, fused_in = leaves(), leaves()
+    q, pe, ne, tau = ref_in
+    mask = own_positive_mask(q_example, pool, label_example, label_item, B, I) if own else label_mask(q_item, pool)
+    want = sampled_softmax_loss((q * pe).sum(-1) / tau, q @ ne.T / tau, pos_lq, neg_lq, mask, q_example, B)
+    fn = torch.compile(sampled_softmax_loss_fused, dynamic=True) if compiled else sampled_softmax_loss_fused
+    rows = own_positive_rows(pool, label_example, label_item, B, I) if own else None
+    got = fn(*fused_in, pos_lq, neg_lq, q_example, B, own_rows=rows, q_item=None if own else q_item,
+             pool_items=None if own else pool)
+    want.backward()
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    for a, b in zip(ref_in, fused_in):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-9, atol=1e-12)
+    if own:  # the fully masked example adds nothing to the gradient of its queries
+        assert mask[q_example == 3].all() and (q_example == 3).any()
+        assert torch.all(fused_in[0].grad[q_example == 3] == 0)
 
 
 def test_loss_equals_float64_reference():

@@ -109,19 +109,24 @@ def build_negative_pool(label_items: torch.Tensor, kind: str, n_random: int, n_i
     return NegativePool(items, log_q)
 
 
-def own_positive_mask(q_example: torch.Tensor, pool_items: torch.Tensor, label_example: torch.Tensor,
-                      label_item: torch.Tensor, n_examples: int, n_items: int) -> torch.Tensor:
-    """[Q, N] True where pool item n is one of the positives of query q's example (to be masked).
+def own_positive_rows(pool_items: torch.Tensor, label_example: torch.Tensor, label_item: torch.Tensor,
+                      n_examples: int, n_items: int) -> torch.Tensor:
+    """[B, N] True where pool item n is one of example b's positives: the rows `own_positive_mask` gathers from.
 
     A membership test of (example, item) keys by binary search in the sorted label keys: unlike torch.isin, it
     never makes the host wait for the GPU."""
     if label_example.numel() == 0:
-        return torch.zeros(len(q_example), len(pool_items), dtype=torch.bool, device=pool_items.device)
+        return torch.zeros(n_examples, len(pool_items), dtype=torch.bool, device=pool_items.device)
     keys = torch.sort(label_example * n_items + label_item).values
     ex_keys = torch.arange(n_examples, device=pool_items.device).unsqueeze(1) * n_items + pool_items.unsqueeze(0)
     at = torch.searchsorted(keys, ex_keys).clamp_(max=len(keys) - 1)
-    per_example = keys[at] == ex_keys  # [B, N]
-    return per_example[q_example]
+    return keys[at] == ex_keys
+
+
+def own_positive_mask(q_example: torch.Tensor, pool_items: torch.Tensor, label_example: torch.Tensor,
+                      label_item: torch.Tensor, n_examples: int, n_items: int) -> torch.Tensor:
+    """[Q, N] True where pool item n is one of the positives of query q's example (to be masked)."""
+    return own_positive_rows(pool_items, label_example, label_item, n_examples, n_items)[q_example]
 
 
 def label_mask(q_item: torch.Tensor, pool_items: torch.Tensor) -> torch.Tensor:
@@ -167,6 +172,38 @@ def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_l
     logits = torch.cat([z_pos.unsqueeze(1), z_neg], dim=1)
     per_query = torch.logsumexp(logits, dim=1) - z_pos
     # equal weight per example: sum of its query losses / its number of queries
+    count = torch.zeros(n_examples, device=per_query.device, dtype=per_query.dtype).index_add_(
+        0, q_example, torch.ones_like(per_query))
+    total = torch.zeros_like(count).index_add_(0, q_example, per_query)
+    return mean_over_examples(total, count)
+
+
+def sampled_softmax_loss_fused(q: torch.Tensor, pos_e: torch.Tensor, neg_e: torch.Tensor, tau: torch.Tensor,
+                               pos_log_q: torch.Tensor, neg_log_q: torch.Tensor, q_example: torch.Tensor,
+                               n_examples: int, own_rows: torch.Tensor | None = None,
+                               q_item: torch.Tensor | None = None, pool_items: torch.Tensor | None = None
+                               ) -> torch.Tensor:
+    """`sampled_softmax_loss` from the embeddings, written for torch.compile to fuse (the trainer compiles it when
+    `compile` is on; the plain function above is its reference, and tests compare the two).
+
+    q [Q, D] query embeddings, pos_e [Q, D] their positives, neg_e [N, D] the pool, tau the temperature. The mask is
+    never an input of size [Q, N]: either own_rows [B, N] (`own_positive_rows`), gathered per query by q_example,
+    or, without it, q_item [Q] and pool_items [N] (mask the query's own label). Nothing of size [Q, N] needs to be
+    written to memory: the masked, logQ-corrected logits feed two row reductions (max, then Σ exp) and, backward,
+    one pass that writes the logits' gradient — instead of a dozen eager passes over [Q, N] float32 copies.
+    The log-sum-exp over [z_pos, z_neg] is taken around m = max(z_pos, max z_neg) with z_pos as a separate term
+    (no concatenation); m ≥ z_pos is finite, so a query whose negatives are all masked gets loss 0 and zero
+    gradients, as in the reference.
+    """
+    acc = torch.promote_types(q.dtype, torch.float32)  # float32 from bf16 operands; float64 stays float64
+    pos_logit = (q.to(acc) * pos_e.to(acc)).sum(-1) / tau
+    z_pos = pos_logit - pos_log_q
+    z_neg = (q @ neg_e.T).to(acc) / tau - neg_log_q.unsqueeze(0)  # a bf16 matmul under autocast; `acc` from here
+    mask = own_rows[q_example] if own_rows is not None else pool_items.unsqueeze(0) == q_item.unsqueeze(1)
+    z_neg = z_neg.masked_fill(mask, float("-inf"))
+    m = torch.maximum(z_pos, z_neg.amax(dim=1)).detach()  # any constant is exact here; the max keeps exp() ≤ 1
+    lse = m + torch.log(torch.exp(z_pos - m) + torch.exp(z_neg - m.unsqueeze(1)).sum(dim=1))
+    per_query = lse - z_pos
     count = torch.zeros(n_examples, device=per_query.device, dtype=per_query.dtype).index_add_(
         0, q_example, torch.ones_like(per_query))
     total = torch.zeros_like(count).index_add_(0, q_example, per_query)

@@ -42,8 +42,8 @@ from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
 from pinnerformer.models.pinnerformer import ModelConfig, PinnerFormer
 from pinnerformer.objectives.examples import ExampleBatch, ExampleConfig, ExampleSampler
 from pinnerformer.objectives.sampled_softmax import (
-    CountMinSketch, build_negative_pool, full_softmax_loss, label_mask, log_q_of, own_positive_mask,
-    sampled_softmax_loss,
+    CountMinSketch, build_negative_pool, full_softmax_loss, label_mask, log_q_of, own_positive_mask, own_positive_rows,
+    sampled_softmax_loss, sampled_softmax_loss_fused,
 )
 from pinnerformer.training.config import TrainConfig
 
@@ -256,8 +256,12 @@ class Trainer:
             # run beside it; a full-width CPU thread pool for those small ops oversubscribes the cores and stalls
             # the thread that feeds the GPU.
             torch.set_num_threads(min(torch.get_num_threads(), 2))
+        # compile: the encoder (static shapes), and the loss in its fused form (query and pool sizes vary per batch,
+        # hence dynamic; no CUDA graphs for it, which would be recorded again for every new size)
+        self.fused_loss = None
         if cfg.compile:
             self.model.encode_sequence = torch.compile(self.model.encode_sequence, mode=cfg.compile_mode)
+            self.fused_loss = torch.compile(sampled_softmax_loss_fused, dynamic=True)
         self.seqs_per_epoch = n_elig * cfg.data.sequences_per_user
         self.steps_per_epoch = self.seqs_per_epoch // cfg.optim.batch_size  # drop the ragged last batch
         self.total_steps = self.steps_per_epoch * cfg.optim.max_epochs
@@ -320,6 +324,13 @@ class Trainer:
                 inv = t["inv"]
                 pos_e, neg_e = emb.index_select(0, inv[:len(label_items)]), emb.index_select(0, inv[len(label_items):])
                 tau = self.model.temperature
+                if self.fused_loss is not None:  # the same loss, fused by torch.compile (see its docstring)
+                    own = cfg.loss.mask_own_positives
+                    rows = (own_positive_rows(t["pool_items"], t["label_example"], t["label_item"], B, n_items)
+                            if own else None)
+                    return self.fused_loss(q, pos_e, neg_e, tau, t["pos_log_q"], t["pool_log_q"], q_example, B,
+                                           own_rows=rows, q_item=None if own else label_items,
+                                           pool_items=None if own else t["pool_items"])
                 # on GPU both products take bf16 operands with fp32 accumulation, like the rest of the model
                 pos_logit = torch.bmm(q.unsqueeze(1), pos_e.unsqueeze(2)).view(-1) / tau
                 neg_logit = (q @ neg_e.T) / tau
