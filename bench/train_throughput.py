@@ -64,7 +64,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--workers", type=int, default=-1, help="loader worker processes (-1: the trainer's default)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the sequence encoder")
-    ap.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead"])
+    ap.add_argument("--compile-mode", default="default",
+                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     ap.add_argument("--reference", action="store_true",
                     help="also time the encoder alone (forward + backward + AdamW, no examples, item tower or loss)")
     ap.add_argument("--profile", type=Path, help="write a torch.profiler table of 5 steps to this file")

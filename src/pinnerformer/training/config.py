@@ -91,8 +91,10 @@ class TrainConfig(_Strict):
     # -1 = auto: none on CPU (the cores are busy training), min(8, cores - 2) on GPU. Results do not depend on it.
     loader_workers: int = -1
     compile: bool = False  # torch.compile the sequence encoder and the loss (worth it on GPU; slow to start on CPU)
-    # reduce-overhead: the compiled encoder also runs as CUDA graphs (one launch instead of hundreds per step)
-    compile_mode: Literal["default", "reduce-overhead"] = "default"
+    # reduce-overhead: the compiled encoder also runs as CUDA graphs (one launch instead of hundreds per step);
+    # max-autotune(-no-cudagraphs): also times Triton matmul templates, which can fuse bias/GELU into the matmul
+    # (minutes of compilation on first use)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
 
 PRESETS: dict[str, dict] = {
