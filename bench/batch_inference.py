@@ -1,7 +1,7 @@
 """Batch inference throughput of the daily embedding job: users/s, model FLOPs per user, and MFU.
 
 Times the job's own embedding function (`training/trainer.embed_users(fixed_shape=True)`: feature arrays, padding to max_len, the
-transformer, the head at the newest position) on users with full-length histories (M actions each), for a
+transformer (its last block and the head at the newest position only)) on users with full-length histories (M actions each), for a
 model of the given preset. Weights are freshly initialised: speed does not depend on their values.
 
 FLOPs per user are *counted*, not estimated: torch's FlopCounterMode over one batch (matmuls, attention), divided
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=4096, help="users with full-length histories in the dataset")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3, help="timed passes over all users")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model's hidden_states")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the transformer (model.user_state)")
     ap.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                     help="reduce-overhead: also as CUDA graphs; max-autotune: also tuned Triton matmuls (slow start)")
     ap.add_argument("--reference", action="store_true",
@@ -84,7 +84,7 @@ def main() -> None:
     # Compile only after counting: a compiled function first called under FlopCounterMode is never compiled at all
     # (dynamo skips that frame for good and every later call runs eager; seen with torch 2.11 and 2.13).
     if args.compile:
-        model.hidden_states = torch.compile(model.hidden_states, dynamic=False, mode=args.compile_mode)
+        model.user_state = torch.compile(model.user_state, dynamic=False, mode=args.compile_mode)
 
     embed_users(model, ds, starts[:2 * B], ends[:2 * B], dev, args.batch_size, fixed_shape=True)  # warm-up (and compile)
     if args.compile:

@@ -58,6 +58,28 @@ def test_dropping_later_actions_keeps_earlier_outputs():
     assert torch.allclose(last, full[:, 3], atol=1e-6)
 
 
+def test_user_embedding_is_the_newest_position_with_the_last_block_at_that_position_only():
+    """user_embedding runs the last block at each row's newest position only (Block.forward_at): the same vectors
+    as encode_sequence at length - 1, for rows of different lengths (1 included), with the skipped work counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = make_model()
+    b = random_batch(B=4, T=12)
+    b["length"] = np.array([12, 7, 1, 3])
+    batch = to_torch(b)
+    with torch.no_grad():
+        full = model.encode_sequence(batch)
+        got = model.user_embedding(batch)
+        with FlopCounterMode(display=False) as every:
+            model.hidden_states(batch)
+        with FlopCounterMode(display=False) as newest:
+            model.user_state(batch)
+    torch.testing.assert_close(got, full[torch.arange(4), batch["length"] - 1], atol=1e-6, rtol=0)
+    # the last block's projections: 24·B·T·H² FLOPs at every position, 4·B·T·H² (keys, values) + 20·B·H² at one
+    B, T, H = 4, 12, model.cfg.width
+    assert every.get_total_flops() - newest.get_total_flops() >= 20 * B * H * H * (T - 1)
+
+
 def test_padding_does_not_leak_into_real_positions():
     model = make_model()
     a = random_batch()

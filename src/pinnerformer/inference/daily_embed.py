@@ -237,7 +237,7 @@ class DailyJob:
         model, _ = load_run(self.run_dir, self.ds, self.checkpoint)
         model = model.to(torch.device(self.device))
         if self.compile:  # fixed [batch_size, M] shapes: one compiled graph serves every batch
-            model.hidden_states = torch.compile(model.hidden_states, dynamic=False)
+            model.user_state = torch.compile(model.user_state, dynamic=False)
         bar = progress_bar(total=sum(len(shard_of(pending, k, self.shard_users)) for k in todo),
                            unit="user", desc="embed", disable=not progress)
         for k in todo:
