@@ -180,6 +180,40 @@ def test_labels_follow_their_definition(objective):
             assert len(set(b.q_position.tolist())) == len(b.q_position) <= 3
 
 
+def test_dense_sampling_is_uniform_and_keeps_examples_apart():
+    """The batched dense-all-action sampler: a batch mixing two users keeps each query with its own example and
+    user; positions are distinct, each of the n input slots drawn with probability positions/n; a position's label
+    is uniform over the positives in its window."""
+    day = 86400
+    # user 0: the toy timeline (items 100..109); user 1: 30 events a day apart, every one positive (items 200..229)
+    action = np.concatenate([[0, 0, 1, 0, 0, 1, 1, 0, 0, 1], np.ones(30)]).astype(np.int16)
+    ts = np.concatenate([np.arange(10), np.arange(30)]).astype(np.int64) * day
+    tl = Timelines(offsets=np.array([0, 10, 40]), item=np.concatenate([np.arange(100, 110), np.arange(200, 230)]
+                                                                      ).astype(np.int32),
+                   action=action, ts=ts, surface=np.full(40, -1, np.int16), duration=np.full(40, np.nan, np.float32),
+                   clock="seconds")
+    cfg = ExampleConfig(objective="dense-all-action", max_len=8, positions=3, window=2.5 * day, cutoff="last")
+    smp = ExampleSampler(tl, np.array([1]), tl.full(), cfg)
+    rng = np.random.default_rng(0)
+    slots, label_step = np.zeros(8), np.zeros(3)
+    n = 3000
+    for _ in range(n):
+        b = smp.sample(np.array([0, 1, 0]), rng)
+        assert b.ends.tolist() == [9, 39, 9] and b.starts.tolist() == [1, 31, 1]
+        user_of_query = np.array([0, 1, 0])[b.q_example]
+        assert np.all((b.q_item >= 200) == (user_of_query == 1))
+        one = b.q_example == 1  # user 1: every position has two positives in its window, so exactly 3 queries
+        assert one.sum() == 3 and len(set(b.q_position[one].tolist())) == 3
+        assert np.all(np.diff(b.q_position[one]) > 0)
+        slots[b.q_position[one]] += 1
+        step = (b.q_item[one] - 190) - (b.starts[1] + b.q_position[one])  # label - position (global)
+        last = b.q_position[one] == 7  # the newest position's window holds one positive (the range ends), others two
+        assert np.all(step[last] == 1)
+        np.add.at(label_step, step[~last], 1)
+    np.testing.assert_allclose(slots / n, 3 / 8, atol=0.04)  # each slot with probability positions / n
+    assert label_step[0] == 0 and abs(label_step[1] / label_step.sum() - 0.5) < 0.03
+
+
 def test_order_clock_window_counts_actions():
     tl = toy_timeline(clock="order")
     s = ExampleSampler(tl, np.array([1]), tl.full(), ExampleConfig(objective="all-action", max_len=4, window=1,

@@ -87,47 +87,79 @@ class ExampleSampler:
                 out.append(self.pos_idx[lo + rng.choice(n, k, replace=False)])
         return out
 
+    def _dense_queries(self, rng, s: np.ndarray, c: np.ndarray, s_u: np.ndarray, e_u: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """dense-all-action for a whole batch at once: per example, min(positions, c - s) distinct positions in
+        [s, c), uniformly at random, each with up to labels_per_position random positives from its window.
+        Returns (example, global position, global label index) per query, ordered by example, then position."""
+        cfg = self.cfg
+        B, n = len(s), c - s  # n >= 1
+        # distinct positions: the smallest `positions` of uniform keys over each example's n slots (a uniformly
+        # random subset), slots past n keyed +inf so they are taken only when n < positions, and then dropped
+        keys = rng.random((B, int(n.max())))
+        keys[np.arange(keys.shape[1])[None, :] >= n[:, None]] = np.inf
+        k = min(cfg.positions, keys.shape[1])
+        slot = np.sort(np.argpartition(keys, k - 1, axis=1)[:, :k] if k < keys.shape[1] else
+                       np.argsort(keys, axis=1), axis=1)[:, :k]
+        keep = slot < n[:, None]
+        ex = np.broadcast_to(np.arange(B)[:, None], slot.shape)[keep]
+        pos = (s[:, None] + slot)[keep]
+        stop = np.empty_like(pos)
+        bounds = np.searchsorted(ex, np.arange(B + 1))
+        for b in range(B):  # the window's end, searched within the example's own timeline
+            lo, hi = bounds[b], bounds[b + 1]
+            stop[lo:hi] = self._window_end(int(s_u[b]), int(e_u[b]), pos[lo:hi])
+        first = pos + 1
+        a, z = self.cum_pos[first], self.cum_pos[np.maximum(stop, first)]
+        cnt = z - a  # positives in each position's window
+        if cfg.labels_per_position == 1:
+            has = cnt > 0
+            j = self.pos_idx[a[has] + rng.integers(0, cnt[has])]
+            return ex[has], pos[has], j
+        labels = self._random_positives(rng, first, stop, cfg.labels_per_position)
+        per = np.array([len(x) for x in labels], dtype=np.int64)
+        return np.repeat(ex, per), np.repeat(pos, per), (np.concatenate(labels) if len(labels) else
+                                                         np.zeros(0, np.int64))
+
     def sample(self, users: np.ndarray, rng: np.random.Generator) -> ExampleBatch:
         cfg, tl = self.cfg, self.tl
         item = tl.item
-        starts, ends = [], []
-        qe, qp, qi = [], [], []
-        le, li = [], []
-        for b, u in enumerate(users):
-            s_u, e_u = int(self.view.start[u]), int(self.view.end[u])
-            c = int(self.hi[u]) if cfg.cutoff == "last" else int(rng.integers(self.lo[u], self.hi[u] + 1))
-            s = max(s_u, c - cfg.max_len)
-            starts.append(s)
-            ends.append(c)
-            if cfg.objective == "next-action":
-                pos = np.array([c - 1])
-                labels = [self.pos_idx[self.cum_pos[c]:self.cum_pos[c] + 1]]
-            elif cfg.objective == "sasrec":
-                pos = np.arange(s, c)
-                nxt = self.cum_pos[pos + 1]  # index into pos_idx of the first positive after each position
-                ok = nxt < len(self.pos_idx)
-                ok[ok] = self.pos_idx[nxt[ok]] < e_u
-                pos = pos[ok]
-                labels = [self.pos_idx[n:n + 1] for n in nxt[ok]]
-            elif cfg.objective == "all-action":
-                pos = np.array([c - 1])
-                stop = self._window_end(s_u, e_u, pos)
-                labels = self._random_positives(rng, pos + 1, stop, cfg.max_labels)
-            else:  # dense-all-action
-                n = c - s
-                pos = s + np.sort(rng.choice(n, min(cfg.positions, n), replace=False))
-                stop = self._window_end(s_u, e_u, pos)
-                labels = self._random_positives(rng, pos + 1, stop, cfg.labels_per_position)
-            for p, lab in zip(pos, labels):
-                for j in lab:
-                    qe.append(b)
-                    qp.append(p - s)
-                    qi.append(item[j])
-        q_example = np.array(qe, dtype=np.int64)
-        q_item = np.array(qi, dtype=np.int64)
+        users = np.asarray(users)
+        s_u, e_u = self.view.start[users].astype(np.int64), self.view.end[users].astype(np.int64)
+        c = (self.hi[users] if cfg.cutoff == "last" else rng.integers(self.lo[users], self.hi[users] + 1)
+             ).astype(np.int64)
+        starts = np.maximum(s_u, c - cfg.max_len)
+        if cfg.objective == "dense-all-action":
+            q_ex, q_pos, q_lab = self._dense_queries(rng, starts, c, s_u, e_u)
+        else:
+            qe, qp, ql = [], [], []
+            for b in range(len(users)):
+                s, cb, eb = int(starts[b]), int(c[b]), int(e_u[b])
+                if cfg.objective == "next-action":
+                    pos = np.array([cb - 1])
+                    labels = [self.pos_idx[self.cum_pos[cb]:self.cum_pos[cb] + 1]]
+                elif cfg.objective == "sasrec":
+                    pos = np.arange(s, cb)
+                    nxt = self.cum_pos[pos + 1]  # index into pos_idx of the first positive after each position
+                    ok = nxt < len(self.pos_idx)
+                    ok[ok] = self.pos_idx[nxt[ok]] < eb
+                    pos = pos[ok]
+                    labels = [self.pos_idx[n:n + 1] for n in nxt[ok]]
+                else:  # all-action
+                    pos = np.array([cb - 1])
+                    labels = self._random_positives(rng, pos + 1, self._window_end(int(s_u[b]), eb, pos),
+                                                    cfg.max_labels)
+                per = np.array([len(x) for x in labels], dtype=np.int64)
+                qe.append(np.full(per.sum(), b, np.int64))
+                qp.append(np.repeat(pos, per))
+                ql.append(np.concatenate(labels) if labels else np.zeros(0, np.int64))
+            q_ex, q_pos, q_lab = (np.concatenate(x).astype(np.int64) if x else np.zeros(0, np.int64)
+                                  for x in (qe, qp, ql))
+        q_example = q_ex.astype(np.int64)
+        q_item = np.asarray(item)[q_lab].astype(np.int64)
         # (example, item) pairs: every label of the example is one of "the user's own positives"
-        pairs = np.unique(np.stack([q_example, q_item], 1), axis=0) if len(qe) else np.zeros((0, 2), np.int64)
-        return ExampleBatch(users=np.asarray(users), starts=np.array(starts, dtype=np.int64),
-                            ends=np.array(ends, dtype=np.int64), q_example=q_example,
-                            q_position=np.array(qp, dtype=np.int64), q_item=q_item,
+        pairs = (np.unique(np.stack([q_example, q_item], 1), axis=0) if len(q_example)
+                 else np.zeros((0, 2), np.int64))
+        return ExampleBatch(users=users, starts=starts.astype(np.int64), ends=c, q_example=q_example,
+                            q_position=(q_pos - starts[q_ex]).astype(np.int64), q_item=q_item,
                             label_example=pairs[:, 0], label_item=pairs[:, 1])
