@@ -7,7 +7,7 @@ negatives, dropout) except that the second run rounds q and the item embeddings 
 products, as the tensor cores see them. It prints both runs' validation metric per epoch and the best epoch's,
 beside the popularity baseline, the data fingerprint and the protocol.
 
-    python bench/bf16_logits.py --dataset /tmp/ml1m        # a prepared dataset (e.g. the ML-1M subset)
+    python bench/bf16_logits.py --dataset /tmp/ml1m --results bench/results/bf16-logits-ml1m
 
 Both runs use the trainer's fused loss function eagerly (`sampled_softmax_loss_fused`, the one `compile` uses);
 only its inputs differ. Selection is on validation users only, as in `pinnerformer train`.
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--dataset", type=Path, required=True, help="a prepared dataset directory")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--output", type=Path, help="keep both runs here (default: a temporary folder)")
+    ap.add_argument("--results", type=Path, help="write result.json and curves.png (validation per epoch) here")
     args = ap.parse_args()
 
     ds = Dataset.open(args.dataset)
@@ -51,7 +52,8 @@ def main() -> None:
     for name, loss in (("fp32 operands", sampled_softmax_loss_fused), ("bf16 operands", bf16_operands)):
         tr = Trainer(ds, cfg, root / name.replace(" ", "-"), log=lambda s: None)
         tr.fused_loss = loss
-        summary = tr.fit(progress=False)
+        print(f"training with {name} ...", file=sys.stderr)
+        summary = tr.fit(progress=True)
         lines = [json.loads(l) for l in (tr.run_dir / "metrics.jsonl").read_text().splitlines()]
         res["protocol"], res["metric"] = tr.protocol, tr.metric
         res["runs"][name] = {"per_epoch": [round(l[tr.metric], 4) for l in lines if l["kind"] == "validation"],
@@ -60,6 +62,35 @@ def main() -> None:
                              "final_loss": round([l["loss"] for l in lines if l["kind"] == "step"][-1], 4)}
         print(f"{name}: {res['runs'][name]}", file=sys.stderr)
     print(json.dumps(res, indent=2))
+    if args.results:
+        args.results.mkdir(parents=True, exist_ok=True)
+        tmp = args.results / ".result.json.tmp"
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        tmp.replace(args.results / "result.json")
+        plot(res, args.results / "curves.png")
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for (name, run), style in zip(res["runs"].items(), ("-o", "--s")):
+        ax.plot(range(len(run["per_epoch"])), run["per_epoch"], style, label=name)
+    pop = next(iter(res["runs"].values()))["popularity"]
+    ax.axhline(pop, color="grey", lw=1, ls=":", label="popularity")
+    ax.set_xticks(range(max(len(r["per_epoch"]) for r in res["runs"].values())))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {res['metric']}")
+    ax.set_title(f"{res['preset']} on {Path(res['dataset']).name} ({res['fingerprint']}), {res['protocol']}, "
+                 f"seed {res['seed']}", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
