@@ -4,8 +4,8 @@ Times the job's own embedding function (`training/trainer.embed_users(fixed_shap
 transformer (its last block and the head at the newest position only)) on users with full-length histories (M actions each), for a
 model of the given preset. Weights are freshly initialised: speed does not depend on their values.
 
-FLOPs per user are *counted*, not estimated: torch's FlopCounterMode over one batch (matmuls, attention), divided
-by the batch size. MFU = counted FLOPs/s over the matmul rate measured on the same device in the same dtype
+FLOPs per user are *counted*, not estimated: torch's FlopCounterMode over one batch (matmuls, and attention through
+the math backend so that every device counts it alike), divided by the batch size. MFU = counted FLOPs/s over the matmul rate measured on the same device in the same dtype
 (fp32 on CPU; bf16 autocast on GPU).
 
     python bench/batch_inference.py --preset small                          # CPU
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from device_rates import assert_compiled, peak_rate, sync  # bench/ is on sys.path when run as a script
@@ -53,7 +54,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3, help="timed passes over all users")
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer (model.user_state)")
-    ap.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+    ap.add_argument("--compile-mode", default="default",
+                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                     help="reduce-overhead: also as CUDA graphs; max-autotune: also tuned Triton matmuls (slow start)")
     ap.add_argument("--reference", action="store_true",
                     help="also time the model alone on one batch already on the device (no feature building)")
@@ -74,10 +76,12 @@ def main() -> None:
     assert (ends - starts == M).all()
 
     peak_before = peak_rate(dev)
-    # FLOPs per user, counted on one batch
+    # FLOPs per user, counted on one batch. Attention is counted through the math backend (plain matmuls, the full
+    # T×T as is the convention): FlopCounterMode has no formula for the CPU's fused attention kernel and would
+    # count it as 0, so the count is the same on every device.
     B = min(args.batch_size, len(starts))
     b = to_torch(build_sequence_batch(tl, starts[:B], ends[:B], model.cfg.time_features, pad_to=M), dev)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc, \
+    with torch.no_grad(), FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), \
             torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         model.user_embedding(b)
     flops_per_user = fc.get_total_flops() / B
@@ -141,9 +145,10 @@ def main() -> None:
         import datetime as dt
 
         day = dt.datetime.fromtimestamp(ds.manifest.time_max, dt.timezone.utc).date()
-        m = DailyJob(run, ds, day, Path(tmp.name) / "snaps", compile=args.compile).run(log=lambda s: None,
-                                                                                   progress=False)
+        m = DailyJob(run, ds, day, Path(tmp.name) / "snaps", batch_size=args.batch_size, device=dev.type,
+                     compile=args.compile).run(log=lambda s: None, progress=False)
         res["job_users_per_s"] = round(m["users"] / m["wall_s"], 1)
+        res["job_compile"] = "default" if args.compile else False  # the job's --compile has no mode choice
         res["job_wall_s"] = m["wall_s"]
     print(json.dumps(res, indent=2))
 

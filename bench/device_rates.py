@@ -39,9 +39,12 @@ def peak_rate(device: torch.device) -> float:
     return matmul_rate(device, torch.float32, 2048, 3, trials=3)
 
 
-def assert_compiled() -> None:
-    """Stop if --compile compiled nothing: timings of eager code must never be reported as compiled ones."""
+def assert_compiled(graphs: int = 1) -> None:
+    """Stop unless --compile produced at least `graphs` graphs (one per compiled function): timings of eager code
+    must never be reported as compiled ones."""
     import torch._dynamo.utils
 
-    if torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0:
-        raise SystemExit("--compile was asked for but torch.compile produced no graph: the model would run eager")
+    got = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    if got < graphs:
+        raise SystemExit(f"--compile was asked for but torch.compile produced {got} graph(s), expected {graphs}: "
+                         "part of the model would run eager")

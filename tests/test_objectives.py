@@ -63,6 +63,24 @@ def test_fused_loss_equals_the_reference_in_value_and_gradients(own, compiled):
         assert torch.all(fused_in[0].grad[q_example == 3] == 0)
 
 
+@pytest.mark.parametrize("n_pool", [0, 5], ids=["empty-pool", "random-pool"])
+def test_a_batch_without_queries_has_loss_zero_not_nan(n_pool):
+    """No query in a batch (every sampled window empty; with in-batch negatives the pool is then empty too): both
+    forms of the loss give 0 with zero gradients, never NaN, so one such batch cannot poison a run."""
+    q, pe = torch.zeros(0, 4, requires_grad=True), torch.zeros(0, 4, requires_grad=True)
+    ne = torch.randn(n_pool, 4, requires_grad=True)
+    tau = torch.tensor(0.1, requires_grad=True)
+    ex = torch.zeros(0, dtype=torch.long)
+    ref = sampled_softmax_loss((q * pe).sum(-1) / tau, q @ ne.T / tau, torch.zeros(0), torch.zeros(n_pool),
+                               torch.zeros(0, n_pool, dtype=torch.bool), ex, 3)
+    fused = sampled_softmax_loss_fused(q, pe, ne, tau, torch.zeros(0), torch.zeros(n_pool), ex, 3,
+                                       own_rows=torch.zeros(3, n_pool, dtype=torch.bool))
+    for loss in (ref, fused):
+        assert loss.item() == 0.0
+        loss.backward()
+    assert tau.grad.item() == 0.0 and (ne.grad == 0).all()
+
+
 def test_loss_equals_float64_reference():
     g = torch.Generator().manual_seed(0)
     Q, N, B = 23, 17, 5
@@ -212,6 +230,14 @@ def test_dense_sampling_is_uniform_and_keeps_examples_apart():
         np.add.at(label_step, step[~last], 1)
     np.testing.assert_allclose(slots / n, 3 / 8, atol=0.04)  # each slot with probability positions / n
     assert label_step[0] == 0 and abs(label_step[1] / label_step.sum() - 0.5) < 0.03
+
+
+def test_sampling_no_users_gives_an_empty_batch():
+    tl = toy_timeline()
+    for objective in ("dense-all-action", "all-action", "sasrec", "next-action"):
+        smp = ExampleSampler(tl, np.array([1]), tl.full(), ExampleConfig(objective=objective, max_len=4))
+        b = smp.sample(np.zeros(0, np.int64), np.random.default_rng(0))
+        assert len(b.starts) == len(b.q_item) == len(b.label_item) == 0 and b.q_position.dtype == np.int64
 
 
 def test_order_clock_window_counts_actions():

@@ -226,6 +226,20 @@ def test_compiled_training_follows_the_eager_run(planted, tmp_path, mask_own):
     np.testing.assert_allclose([l["tau"] for l in steps[1]], [l["tau"] for l in steps[0]], rtol=2e-4)
 
 
+def test_steps_without_queries_are_counted_and_reported(planted, tmp_path):
+    """A label window so short that no sampled position has a positive in it: every batch has no query. The loss
+    is 0 (not NaN), each step's record says queries 0, and the summary and the log count them."""
+    lines: list[str] = []
+    cfg = config(data={**TINY["data"], "window_days": 1e-9})
+    summary = Trainer(Dataset.open(planted), cfg, tmp_path / "run", log=lines.append).fit(progress=False,
+                                                                                          max_steps=3)
+    steps = [l for l in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if l["kind"] == "step"]
+    assert [(l["queries"], l["loss"]) for l in steps] == [(0, 0.0)] * 3
+    assert summary["steps_without_queries"] == 3
+    assert any("3 step(s) had no training query" in x for x in lines)
+
+
 def test_prefetched_keeps_order_and_loses_nothing():
     from pinnerformer.training.trainer import prefetched
 

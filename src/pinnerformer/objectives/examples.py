@@ -94,6 +94,8 @@ class ExampleSampler:
         Returns (example, global position, global label index) per query, ordered by example, then position."""
         cfg = self.cfg
         B, n = len(s), c - s  # n >= 1
+        if B == 0:
+            return (np.zeros(0, np.int64),) * 3
         # distinct positions: the smallest `positions` of uniform keys over each example's n slots (a uniformly
         # random subset), slots past n keyed +inf so they are taken only when n < positions, and then dropped
         keys = rng.random((B, int(n.max())))

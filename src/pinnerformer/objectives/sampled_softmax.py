@@ -139,7 +139,7 @@ def mean_over_examples(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor
     the host wait for the GPU in the middle of every training step."""
     has = count > 0
     per_example = torch.where(has, total / count.clamp(min=1), torch.zeros_like(total))
-    return per_example.sum() / has.sum()
+    return per_example.sum() / has.sum().clamp(min=1)  # no queries at all: 0 (the trainer reports such steps)
 
 
 def full_softmax_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, q_example: torch.Tensor,
@@ -196,12 +196,14 @@ def sampled_softmax_loss_fused(q: torch.Tensor, pos_e: torch.Tensor, neg_e: torc
     gradients, as in the reference.
     """
     acc = torch.promote_types(q.dtype, torch.float32)  # float32 from bf16 operands; float64 stays float64
+    # s(u, p) in fp32 (the eager GPU path takes it from a bf16 bmm: the two differ by bf16 rounding of s(u, p))
     pos_logit = (q.to(acc) * pos_e.to(acc)).sum(-1) / tau
     z_pos = pos_logit - pos_log_q
     z_neg = (q @ neg_e.T).to(acc) / tau - neg_log_q.unsqueeze(0)  # a bf16 matmul under autocast; `acc` from here
     mask = own_rows[q_example] if own_rows is not None else pool_items.unsqueeze(0) == q_item.unsqueeze(1)
     z_neg = z_neg.masked_fill(mask, float("-inf"))
-    m = torch.maximum(z_pos, z_neg.amax(dim=1)).detach()  # any constant is exact here; the max keeps exp() ≤ 1
+    neg_max = z_neg.amax(dim=1) if z_neg.shape[1] else torch.full_like(z_pos, float("-inf"))  # (empty pool)
+    m = torch.maximum(z_pos, neg_max).detach()  # any constant is exact here; the max keeps exp() ≤ 1
     lse = m + torch.log(torch.exp(z_pos - m) + torch.exp(z_neg - m.unsqueeze(1)).sum(dim=1))
     per_query = lse - z_pos
     count = torch.zeros(n_examples, device=per_query.device, dtype=per_query.dtype).index_add_(

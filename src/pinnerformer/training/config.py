@@ -90,7 +90,9 @@ class TrainConfig(_Strict):
     # Batches are prepared (examples cut, features padded) by this many worker processes, ahead of the GPU.
     # -1 = auto: none on CPU (the cores are busy training), min(8, cores - 2) on GPU. Results do not depend on it.
     loader_workers: int = -1
-    compile: bool = False  # torch.compile the sequence encoder and the loss (worth it on GPU; slow to start on CPU)
+    # torch.compile the sequence encoder and the sampled-softmax loss (its fused form; negatives=full keeps its
+    # own fused cross-entropy). Worth it on GPU; slow to start on CPU.
+    compile: bool = False
     # reduce-overhead: the compiled encoder also runs as CUDA graphs (one launch instead of hundreds per step);
     # max-autotune(-no-cudagraphs): also times Triton matmul templates, which can fuse bias/GELU into the matmul
     # (minutes of compilation on first use)

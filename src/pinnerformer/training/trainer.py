@@ -374,7 +374,7 @@ class Trainer:
             ready = torch.cuda.Event()
             ready.record()
             stats = host
-        return {"stats": stats, "ready": ready, "lr": lr}
+        return {"stats": stats, "ready": ready, "lr": lr, "queries": len(prep.examples.q_item)}
 
     @staticmethod
     def read_step(out: dict) -> tuple[float, float, float]:
@@ -497,7 +497,7 @@ class Trainer:
                 p = pending.pop(0)
                 loss, tau, grad_norm = self.read_step(p)
                 rec = {"kind": "step", "step": p["step"], "epoch": p["epoch"], "loss": loss, "lr": p["lr"],
-                       "tau": tau, "grad_norm": grad_norm}
+                       "tau": tau, "grad_norm": grad_norm, "queries": p["queries"]}
                 self.state["history"].append(rec)
                 with (self.run_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -559,6 +559,12 @@ class Trainer:
         summary = {"stopped_by": stopped_by, "best_epoch": self.state["best_epoch"], self.metric: self.state["best"],
                    "popularity": self.state["history"][0][self.metric], "steps": self.state["global_step"],
                    "wall_s": round(time.perf_counter() - t_start, 1)}
+        # a batch whose sampled positions all lack a positive in their window has no query: its loss is 0 and it
+        # teaches nothing; never silent (each step's record carries its query count)
+        empty = sum(1 for r in self.state["history"] if r["kind"] == "step" and r.get("queries", 1) == 0)
+        if empty:
+            summary["steps_without_queries"] = empty
+            self.log(f"note: {empty} step(s) had no training query (no positive in any sampled window): loss 0")
         schema.write_json_atomic(self.run_dir / "summary.json", summary)
         self.log(f"done ({stopped_by}): best validation {self.metric} {self.state['best']:.4f} at epoch "
                  f"{self.state['best_epoch']} vs popularity {summary['popularity']:.4f}")
