@@ -60,10 +60,12 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true",
                     help="also time the model alone on one batch already on the device (no feature building)")
     ap.add_argument("--profile", type=Path, help="write a torch.profiler table of one pass to this file")
+    ap.add_argument("--override", default="{}", help='config overrides as JSON, e.g. \'{"model": {"residual_dtype": '
+                    '"compute"}}\'')
     ap.add_argument("--job", action="store_true", help="also time the whole `embed` job (local engine)")
     args = ap.parse_args()
 
-    cfg = load_config(args.preset)
+    cfg = load_config(args.preset, overrides=json.loads(args.override))
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
     tmp = tempfile.TemporaryDirectory()
@@ -102,7 +104,7 @@ def main() -> None:
     users_per_s = args.reps * len(starts) / wall
     peak_after = peak_rate(dev)
     peak = max(peak_before, peak_after)  # the higher of the two readings: MFU is not flattered by a slow one
-    res = {"preset": args.preset, "device": torch.cuda.get_device_name() if dev.type == "cuda" else
+    res = {"preset": args.preset, "override": json.loads(args.override), "device": torch.cuda.get_device_name() if dev.type == "cuda" else
            (platform.processor() or "cpu"), "dtype": "bf16 autocast" if dev.type == "cuda" else "fp32",
            "compile": args.compile and args.compile_mode, "batch": args.batch_size, "max_len": M, "users": len(starts),
            "users_per_s": round(users_per_s, 1), "gflops_per_user": round(flops_per_user / 1e9, 4),

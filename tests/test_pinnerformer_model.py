@@ -80,6 +80,54 @@ def test_user_embedding_is_the_newest_position_with_the_last_block_at_that_posit
     assert every.get_total_flops() - newest.get_total_flops() >= 20 * B * H * H * (T - 1)
 
 
+def test_residual_dtype_compute_is_a_no_op_without_autocast():
+    b = to_torch(random_batch())
+    outs = []
+    for mode in ("float32", "compute"):
+        model = make_model()
+        model.cfg.residual_dtype = mode
+        with torch.no_grad():
+            outs.append(model.encode_sequence(b))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_residual_stream_is_bf16_under_autocast_with_residual_dtype_compute():
+    """model.residual_dtype=compute: under bf16 autocast the blocks pass a bf16 residual stream (float32 otherwise),
+    and the outputs stay within bf16 rounding of the float32 model. Run in a subprocess on the CPU: its bf16
+    matmuls need oneDNN capped below AMX on this kind of VM (ONEDNN_MAX_CPU_ISA, read at start-up)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import sys, torch
+sys.path.insert(0, "tests")
+from test_pinnerformer_model import make_model, random_batch
+from pinnerformer.features.sequence_batch import to_torch
+b = to_torch(random_batch())
+for mode in ("float32", "compute"):
+    model = make_model()
+    model.cfg.residual_dtype = mode
+    seen = []
+    for blk in model.blocks:
+        blk.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    with torch.no_grad():
+        ref = model.encode_sequence(b)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.encode_sequence(b)
+    print(mode, sorted({str(d) for d in seen}), float((ref * out).sum(-1).min()))
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()}
+    assert "['torch.float32']" in rows["float32"] and "['torch.bfloat16']" in rows["compute"]
+    assert all(float(line.split()[-1]) > 0.999 for line in rows.values())
+
+
 def test_padding_does_not_leak_into_real_positions():
     model = make_model()
     a = random_batch()

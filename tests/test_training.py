@@ -99,6 +99,18 @@ def test_resume_refuses_other_dataset_or_shape(planted, tmp_path, cli):
                "--positive", "click").exit_code == 0
     r = cli("train", "-d", tmp_path / "ods", "-o", tmp_path / "run", "--config", tmp_path / "tiny.json", "--resume")
     assert r.exit_code == 2 and "trained on a different dataset" in r.stderr
+    # a run written before a config key existed (here model.residual_dtype) resumes: the key takes its default
+    desc = json.loads((tmp_path / "run" / "config.json").read_text())
+    del desc["config"]["model"]["residual_dtype"], desc["model"]["residual_dtype"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(desc))
+    r = cli("train", "-d", planted, "-o", tmp_path / "run", "--config", tmp_path / "tiny.json", "--resume",
+            "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    # a config this version cannot read is a clear error, not a traceback
+    desc["config"]["model"]["retired_key"] = 1
+    (tmp_path / "run" / "config.json").write_text(json.dumps(desc))
+    r = cli("train", "-d", planted, "-o", tmp_path / "run", "--config", tmp_path / "tiny.json", "--resume")
+    assert r.exit_code == 2 and "holds a config this version cannot read" in r.stderr and "retired_key" in r.stderr
 
 
 def test_order_only_dataset_trains_with_leave_one_out(tmp_path, cli):

@@ -66,6 +66,9 @@ class ModelConfig:
     item_tower: str = "mlp"
     input_dropout: float = 0.0  # dropout on the summed input embedding (SASRec's embedding dropout)
     init_temperature: float = 0.07
+    # The residual stream between blocks: float32, or the autocast dtype when autocast is on ("compute": bf16 on GPU,
+    # half the memory traffic of the LayerNorm/dropout/residual passes, at bf16 precision). No effect without autocast.
+    residual_dtype: str = "float32"
 
     @property
     def item_feature_width(self) -> int:
@@ -220,7 +223,11 @@ class PinnerFormer(nn.Module):
         T = x.shape[1]
         if self.cfg.use_position:
             x = x + self.pos_emb(torch.arange(T, device=x.device).clamp(max=self.cfg.max_len - 1))
-        return self.drop_in(x)
+        x = self.drop_in(x)
+        # the sum above is float32 (the position table is); the blocks keep whatever dtype they are given
+        if self.cfg.residual_dtype == "compute" and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return x
 
     def hidden_states(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, T] actions (right-padded) -> [B, T, H] transformer outputs, causal at every position."""

@@ -42,6 +42,8 @@ class ModelSection(_Strict):
     item_tower_hidden: int = 256
     item_tower: Literal["mlp", "linear", "none"] = "mlp"  # none: score with the input item features (width D)
     input_dropout: float = 0.0  # dropout on the summed input embedding, before the first block
+    # residual stream between blocks: float32, or (compute) the autocast dtype, i.e. bf16 on GPU; no effect on CPU
+    residual_dtype: Literal["float32", "compute"] = "float32"
     time_features: bool = True
     action_features: bool = True  # action-type embedding
     duration_surface_features: bool = True

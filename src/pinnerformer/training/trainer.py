@@ -23,7 +23,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,8 @@ def build_model(ds: Dataset, cfg: TrainConfig) -> tuple[PinnerFormer, ModelConfi
         time_features=cfg.model.time_features and m.clock == "seconds",
         item_tower_hidden=cfg.model.item_tower_hidden, item_tower=cfg.model.item_tower,
         input_dropout=cfg.model.input_dropout, use_action=cfg.model.action_features,
-        use_duration_surface=cfg.model.duration_surface_features, use_position=cfg.model.position_features)
+        use_duration_surface=cfg.model.duration_surface_features, use_position=cfg.model.position_features,
+        residual_dtype=cfg.model.residual_dtype)
     if mc.item_tower == "none" and mc.item_feature_width != mc.dim:
         raise PinnerformerError(f"model.item_tower=none uses the item features as item embeddings, so their width "
                                 f"({mc.item_feature_width}: item_features={feats}) must equal model.dim ({mc.dim})")
@@ -426,8 +427,14 @@ class Trainer:
                 f"--resume: {self.run_dir} was trained on a different dataset (fingerprint "
                 f"{old['dataset']['fingerprint']}, this one is {self.ds.manifest.fingerprint})")
         new = self.cfg.model_dump()
-        diffs = [k for k in SHAPE_KEYS if old["config"].get(k) != new.get(k)] + \
-                (["model shape"] if old["model"] != json.loads(json.dumps(asdict(self.model_cfg))) else [])
+        # a run written before a config key existed has that key's default (validation fills it in)
+        try:
+            old_cfg = TrainConfig.model_validate(old["config"]).model_dump()
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            raise PinnerformerError(f"--resume: {path} holds a config this version cannot read: {e}") from None
+        old_model = {**{f.name: f.default for f in fields(ModelConfig) if f.default is not MISSING}, **old["model"]}
+        diffs = [k for k in SHAPE_KEYS if old_cfg.get(k) != new.get(k)] + \
+                (["model shape"] if old_model != json.loads(json.dumps(asdict(self.model_cfg))) else [])
         if diffs:
             raise PinnerformerError(f"--resume: the run was made with a different model/objective configuration "
                                     f"({', '.join(diffs)} differ); use the same preset and config, or a new run dir")
