@@ -50,6 +50,14 @@ class ExampleBatch:
     label_item: np.ndarray
 
 
+def one_query_per_label(ex: np.ndarray, pos: np.ndarray, labels: list[np.ndarray]
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(example, position) pairs with a label array each -> one (example, position, label) row per label."""
+    per = np.array([len(x) for x in labels], dtype=np.int64)
+    lab = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
+    return np.repeat(ex, per).astype(np.int64), np.repeat(pos, per).astype(np.int64), lab
+
+
 class ExampleSampler:
     def __init__(self, tl: Timelines, positive_codes: np.ndarray, view: TimelineView, cfg: ExampleConfig):
         if cfg.objective not in OBJECTIVES:
@@ -100,9 +108,7 @@ class ExampleSampler:
         # random subset), slots past n keyed +inf so they are taken only when n < positions, and then dropped
         keys = rng.random((B, int(n.max())))
         keys[np.arange(keys.shape[1])[None, :] >= n[:, None]] = np.inf
-        k = min(cfg.positions, keys.shape[1])
-        slot = np.sort(np.argpartition(keys, k - 1, axis=1)[:, :k] if k < keys.shape[1] else
-                       np.argsort(keys, axis=1), axis=1)[:, :k]
+        slot = np.sort(np.argsort(keys, axis=1)[:, :cfg.positions], axis=1)
         keep = slot < n[:, None]
         ex = np.broadcast_to(np.arange(B)[:, None], slot.shape)[keep]
         pos = (s[:, None] + slot)[keep]
@@ -118,10 +124,7 @@ class ExampleSampler:
             has = cnt > 0
             j = self.pos_idx[a[has] + rng.integers(0, cnt[has])]
             return ex[has], pos[has], j
-        labels = self._random_positives(rng, first, stop, cfg.labels_per_position)
-        per = np.array([len(x) for x in labels], dtype=np.int64)
-        return np.repeat(ex, per), np.repeat(pos, per), (np.concatenate(labels) if len(labels) else
-                                                         np.zeros(0, np.int64))
+        return one_query_per_label(ex, pos, self._random_positives(rng, first, stop, cfg.labels_per_position))
 
     def sample(self, users: np.ndarray, rng: np.random.Generator) -> ExampleBatch:
         cfg, tl = self.cfg, self.tl
@@ -132,9 +135,9 @@ class ExampleSampler:
              ).astype(np.int64)
         starts = np.maximum(s_u, c - cfg.max_len)
         if cfg.objective == "dense-all-action":
-            q_ex, q_pos, q_lab = self._dense_queries(rng, starts, c, s_u, e_u)
+            q_example, q_pos, q_lab = self._dense_queries(rng, starts, c, s_u, e_u)
         else:
-            qe, qp, ql = [], [], []
+            qe, qp, ql = [], [], []  # per user: example index and position per position, a label array each
             for b in range(len(users)):
                 s, cb, eb = int(starts[b]), int(c[b]), int(e_u[b])
                 if cfg.objective == "next-action":
@@ -151,17 +154,15 @@ class ExampleSampler:
                     pos = np.array([cb - 1])
                     labels = self._random_positives(rng, pos + 1, self._window_end(int(s_u[b]), eb, pos),
                                                     cfg.max_labels)
-                per = np.array([len(x) for x in labels], dtype=np.int64)
-                qe.append(np.full(per.sum(), b, np.int64))
-                qp.append(np.repeat(pos, per))
-                ql.append(np.concatenate(labels) if labels else np.zeros(0, np.int64))
-            q_ex, q_pos, q_lab = (np.concatenate(x).astype(np.int64) if x else np.zeros(0, np.int64)
-                                  for x in (qe, qp, ql))
-        q_example = q_ex.astype(np.int64)
+                qe.append(np.full(len(pos), b, np.int64))
+                qp.append(pos)
+                ql.extend(labels)
+            q_example, q_pos, q_lab = one_query_per_label(np.concatenate(qe) if qe else np.zeros(0, np.int64),
+                                                          np.concatenate(qp) if qp else np.zeros(0, np.int64), ql)
         q_item = np.asarray(item)[q_lab].astype(np.int64)
         # (example, item) pairs: every label of the example is one of "the user's own positives"
         pairs = (np.unique(np.stack([q_example, q_item], 1), axis=0) if len(q_example)
                  else np.zeros((0, 2), np.int64))
-        return ExampleBatch(users=users, starts=starts.astype(np.int64), ends=c, q_example=q_example,
-                            q_position=(q_pos - starts[q_ex]).astype(np.int64), q_item=q_item,
+        return ExampleBatch(users=users, starts=starts, ends=c, q_example=q_example,
+                            q_position=q_pos - starts[q_example], q_item=q_item,
                             label_example=pairs[:, 0], label_item=pairs[:, 1])

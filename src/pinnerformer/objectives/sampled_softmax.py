@@ -134,9 +134,12 @@ def label_mask(q_item: torch.Tensor, pool_items: torch.Tensor) -> torch.Tensor:
     return pool_items.unsqueeze(0) == q_item.unsqueeze(1)
 
 
-def mean_over_examples(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Mean of total/count over the examples that have queries. Written without boolean indexing, which would make
-    the host wait for the GPU in the middle of every training step."""
+def mean_over_examples(per_query: torch.Tensor, q_example: torch.Tensor, n_examples: int) -> torch.Tensor:
+    """Each user weighs equally: the mean over examples (that have queries) of the mean of their queries' losses.
+    Written without boolean indexing, which would make the host wait for the GPU in the middle of every step."""
+    count = torch.zeros(n_examples, device=per_query.device, dtype=per_query.dtype).index_add_(
+        0, q_example, torch.ones_like(per_query))
+    total = torch.zeros_like(count).index_add_(0, q_example, per_query)
     has = count > 0
     per_example = torch.where(has, total / count.clamp(min=1), torch.zeros_like(total))
     return per_example.sum() / has.sum().clamp(min=1)  # no queries at all: 0 (the trainer reports such steps)
@@ -154,10 +157,7 @@ def full_softmax_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Te
                                        torch.zeros(len(target), dtype=torch.bool, device=mask.device))
         logits = logits.masked_fill(mask, float("-inf"))
     per_query = torch.nn.functional.cross_entropy(logits, target, reduction="none")
-    count = torch.zeros(n_examples, device=per_query.device, dtype=per_query.dtype).index_add_(
-        0, q_example, torch.ones_like(per_query))
-    total = torch.zeros_like(count).index_add_(0, q_example, per_query)
-    return mean_over_examples(total, count)
+    return mean_over_examples(per_query, q_example, n_examples)
 
 
 def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_log_q: torch.Tensor,
@@ -171,11 +171,7 @@ def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_l
     z_neg = (neg_logit - neg_log_q.unsqueeze(0)).masked_fill(mask, float("-inf"))
     logits = torch.cat([z_pos.unsqueeze(1), z_neg], dim=1)
     per_query = torch.logsumexp(logits, dim=1) - z_pos
-    # equal weight per example: sum of its query losses / its number of queries
-    count = torch.zeros(n_examples, device=per_query.device, dtype=per_query.dtype).index_add_(
-        0, q_example, torch.ones_like(per_query))
-    total = torch.zeros_like(count).index_add_(0, q_example, per_query)
-    return mean_over_examples(total, count)
+    return mean_over_examples(per_query, q_example, n_examples)
 
 
 def sampled_softmax_loss_fused(q: torch.Tensor, pos_e: torch.Tensor, neg_e: torch.Tensor, tau: torch.Tensor,
@@ -200,13 +196,10 @@ def sampled_softmax_loss_fused(q: torch.Tensor, pos_e: torch.Tensor, neg_e: torc
     pos_logit = (q.to(acc) * pos_e.to(acc)).sum(-1) / tau
     z_pos = pos_logit - pos_log_q
     z_neg = (q @ neg_e.T).to(acc) / tau - neg_log_q.unsqueeze(0)  # a bf16 matmul under autocast; `acc` from here
-    mask = own_rows[q_example] if own_rows is not None else pool_items.unsqueeze(0) == q_item.unsqueeze(1)
+    mask = own_rows[q_example] if own_rows is not None else label_mask(q_item, pool_items)
     z_neg = z_neg.masked_fill(mask, float("-inf"))
     neg_max = z_neg.amax(dim=1) if z_neg.shape[1] else torch.full_like(z_pos, float("-inf"))  # (empty pool)
     m = torch.maximum(z_pos, neg_max).detach()  # any constant is exact here; the max keeps exp() ≤ 1
     lse = m + torch.log(torch.exp(z_pos - m) + torch.exp(z_neg - m.unsqueeze(1)).sum(dim=1))
     per_query = lse - z_pos
-    count = torch.zeros(n_examples, device=per_query.device, dtype=per_query.dtype).index_add_(
-        0, q_example, torch.ones_like(per_query))
-    total = torch.zeros_like(count).index_add_(0, q_example, per_query)
-    return mean_over_examples(total, count)
+    return mean_over_examples(per_query, q_example, n_examples)
