@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -28,22 +27,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from device_rates import assert_compiled, peak_rate, sync  # bench/ is on sys.path when run as a script
-from pinnerformer.data import Dataset
-from pinnerformer.data.formats import EventColumns, read_source
-from pinnerformer.data.prepare import prepare
-from pinnerformer.data.synthetic import planted_interest_log
+from device_rates import assert_compiled, describe, peak_rate, profile_to, sync  # bench/ is on sys.path
+from generated import generated_dataset
 from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
 from pinnerformer.training.config import load_config
 from pinnerformer.training.trainer import build_model, embed_users
-
-
-def generated_dataset(folder: Path, n_users: int, M: int, n_items: int = 20_000) -> Dataset:
-    log = planted_interest_log(n_users=n_users, n_items=n_items, n_groups=200, events_per_user=M, gap_s=600)
-    log.write_csv(folder / "log.csv")
-    raw = read_source("events", folder / "log.csv", positive="click", event_columns=EventColumns(action="action"))
-    prepare(raw, folder / "ds", "events", log=lambda s: None)
-    return Dataset.open(folder / "ds")
 
 
 def main() -> None:
@@ -104,8 +92,7 @@ def main() -> None:
     users_per_s = args.reps * len(starts) / wall
     peak_after = peak_rate(dev)
     peak = max(peak_before, peak_after)  # the higher of the two readings: MFU is not flattered by a slow one
-    res = {"preset": args.preset, "override": json.loads(args.override), "device": torch.cuda.get_device_name() if dev.type == "cuda" else
-           (platform.processor() or "cpu"), "dtype": "bf16 autocast" if dev.type == "cuda" else "fp32",
+    res = {"preset": args.preset, "override": json.loads(args.override), **describe(dev),
            "compile": args.compile and args.compile_mode, "batch": args.batch_size, "max_len": M, "users": len(starts),
            "users_per_s": round(users_per_s, 1), "gflops_per_user": round(flops_per_user / 1e9, 4),
            "model_tflops_per_s": round(users_per_s * flops_per_user / 1e12, 4),
@@ -128,14 +115,8 @@ def main() -> None:
         ref = n_ref * B / (time.perf_counter() - t)
         res.update(model_alone_users_per_s=round(ref, 1), model_alone_mfu=round(ref * flops_per_user / peak, 3))
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-        with profile(activities=acts) as prof:
-            embed_users(model, ds, starts, ends, dev, args.batch_size, fixed_shape=True)
-            sync(dev)
-        key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-        args.profile.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+        profile_to(args.profile, dev, lambda: embed_users(model, ds, starts, ends, dev, args.batch_size,
+                                                          fixed_shape=True))
     if args.job:
         # The whole job as `pinnerformer embed` runs it: plan, shards, Parquet parts, merge, manifest.
         from pinnerformer.inference.daily_embed import DailyJob

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,3 +50,24 @@ def assert_compiled(graphs: int = 1) -> None:
     if got < graphs:
         raise SystemExit(f"--compile was asked for but torch.compile produced {got} graph(s), expected {graphs}: "
                          "part of the model would run eager")
+
+
+def describe(device: torch.device) -> dict:
+    """The device and compute dtype every result records."""
+    cuda = device.type == "cuda"
+    return {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "dtype": "bf16 autocast" if cuda else "fp32"}
+
+
+def profile_to(path: Path, device: torch.device, fn, trace: Path | None = None) -> None:
+    """A torch.profiler table of fn() (top 40 by device time) written to `path`, and its Chrome trace if asked."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    if trace:
+        prof.export_chrome_trace(str(trace))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -29,11 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from device_rates import assert_compiled, peak_rate, sync  # bench/ is on sys.path when run as a script
+from device_rates import assert_compiled, describe, peak_rate, profile_to, sync  # bench/ is on sys.path
+from generated import generated_dataset
 from pinnerformer.data import Dataset
-from pinnerformer.data.formats import EventColumns, read_source
-from pinnerformer.data.prepare import prepare
-from pinnerformer.data.synthetic import planted_interest_log
 from pinnerformer.features.sequence_batch import to_torch
 from pinnerformer.training.config import load_config, merge_dicts
 from pinnerformer.training.trainer import Trainer
@@ -81,15 +78,9 @@ def main() -> None:
     cfg = load_config(args.preset, overrides=over)
     tmp = tempfile.TemporaryDirectory()
     if args.dataset is None:
-        M = cfg.data.max_len
-        log = planted_interest_log(n_users=max(4 * cfg.optim.batch_size, 600), n_items=20_000, n_groups=200,
-                                   events_per_user=2 * M, gap_s=600)
-        log.write_csv(Path(tmp.name) / "log.csv")
-        raw = read_source("events", Path(tmp.name) / "log.csv", positive="click",
-                          event_columns=EventColumns(action="action"))
-        prepare(raw, Path(tmp.name) / "ds", "events", log=lambda s: None)
-        args.dataset = Path(tmp.name) / "ds"
-    ds = Dataset.open(args.dataset)
+        ds = generated_dataset(Path(tmp.name), max(4 * cfg.optim.batch_size, 600), 2 * cfg.data.max_len)
+    else:
+        ds = Dataset.open(args.dataset)
     trainer = Trainer(ds, cfg, Path(tmp.name) / "run", log=lambda s: None)
     dev = trainer.device
     B = cfg.optim.batch_size
@@ -144,22 +135,12 @@ def main() -> None:
     if args.compile:  # the encoder, and the fused loss unless negatives=full
         assert_compiled(graphs=1 + (cfg.loss.negatives != "full"))
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-        with profile(activities=acts) as prof:
-            for s in range(5):
-                trainer.train_step(next(batches), 10_000 + s)
-            sync(dev)
-        key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-        args.profile.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
-        if args.trace:
-            prof.export_chrome_trace(str(args.trace))
+        profile_to(args.profile, dev, lambda: [trainer.train_step(next(batches), 10_000 + s) for s in range(5)],
+                   trace=args.trace)
     peak_after = peak_rate(dev)
     peak = max(peak_before, peak_after)  # the higher of the two readings: MFU is not flattered by a slow one
     achieved = counts["flops"] / wall
-    res = {"preset": args.preset, "override": json.loads(args.override), "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
-           "dtype": "bf16 autocast" if dev.type == "cuda" else "fp32", "compile": args.compile and args.compile_mode,
+    res = {"preset": args.preset, "override": json.loads(args.override), **describe(dev), "compile": args.compile and args.compile_mode,
            "batch": B, "max_len": cfg.data.max_len, "loader_workers": trainer.workers, "steps_timed": args.steps,
            "ms_per_step": round(1e3 * wall / args.steps, 2),
            "sequences_per_s": round(args.steps * B / wall, 1), "tokens_per_s": round(counts["tokens"] / wall),
