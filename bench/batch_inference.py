@@ -31,7 +31,8 @@ from device_rates import assert_compiled, describe, peak_rate, profile_to, sync 
 from generated import generated_dataset
 from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
 from pinnerformer.training.config import load_config
-from pinnerformer.training.trainer import build_model, embed_users
+from pinnerformer.models.embedding import embed_users
+from pinnerformer.models.pinnerformer import pinnerformer_for
 
 
 def main() -> None:
@@ -59,8 +60,8 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     M = cfg.data.max_len
     ds = generated_dataset(Path(tmp.name), args.users, M)
-    model, _ = build_model(ds, cfg)
-    model = model.to(dev).eval()
+    torch.manual_seed(cfg.seed)
+    model = pinnerformer_for(ds, cfg.model, M).to(dev).eval()
     tl = ds.timelines
     starts, ends = np.asarray(tl.offsets[:-1]), np.asarray(tl.offsets[1:])
     assert (ends - starts == M).all()
@@ -70,7 +71,7 @@ def main() -> None:
     # T×T as is the convention): FlopCounterMode has no formula for the CPU's fused attention kernel and would
     # count it as 0, so the count is the same on every device.
     B = min(args.batch_size, len(starts))
-    b = to_torch(build_sequence_batch(tl, starts[:B], ends[:B], model.cfg.time_features, pad_to=M), dev)
+    b = to_torch(build_sequence_batch(tl, starts[:B], ends[:B], model.time_features, pad_to=M), dev)
     with torch.no_grad(), FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), \
             torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         model.user_embedding(b)
@@ -80,13 +81,13 @@ def main() -> None:
     if args.compile:
         model.user_state = torch.compile(model.user_state, dynamic=False, mode=args.compile_mode)
 
-    embed_users(model, ds, starts[:2 * B], ends[:2 * B], dev, args.batch_size, fixed_shape=True)  # warm-up (and compile)
+    embed_users(model, tl, starts[:2 * B], ends[:2 * B], dev, args.batch_size, fixed_shape=True)  # warm-up (and compile)
     if args.compile:
         assert_compiled()
     sync(dev)
     t0 = time.perf_counter()
     for _ in range(args.reps):
-        embed_users(model, ds, starts, ends, dev, args.batch_size, fixed_shape=True)
+        embed_users(model, tl, starts, ends, dev, args.batch_size, fixed_shape=True)
     sync(dev)
     wall = time.perf_counter() - t0
     users_per_s = args.reps * len(starts) / wall
@@ -115,24 +116,24 @@ def main() -> None:
         ref = n_ref * B / (time.perf_counter() - t)
         res.update(model_alone_users_per_s=round(ref, 1), model_alone_mfu=round(ref * flops_per_user / peak, 3))
     if args.profile:
-        profile_to(args.profile, dev, lambda: embed_users(model, ds, starts, ends, dev, args.batch_size,
+        profile_to(args.profile, dev, lambda: embed_users(model, tl, starts, ends, dev, args.batch_size,
                                                           fixed_shape=True))
     if args.job:
         # The whole job as `pinnerformer embed` runs it: plan, shards, Parquet parts, merge, manifest.
         from pinnerformer.inference.daily_embed import DailyJob
-        from pinnerformer.training.trainer import Trainer
+        from pinnerformer.training.retrieval import retrieval_loop
 
         run = Path(tmp.name) / "run"
-        Trainer(ds, load_config(args.preset, overrides={"device": "cpu"}), run, log=lambda s: None).fit(
+        retrieval_loop(ds, load_config(args.preset, overrides={"device": "cpu"}), run, log=lambda s: None).fit(
             progress=False, max_steps=1)
         import datetime as dt
 
         day = dt.datetime.fromtimestamp(ds.manifest.time_max, dt.timezone.utc).date()
         m = DailyJob(run, ds, day, Path(tmp.name) / "snaps", batch_size=args.batch_size, device=dev.type,
                      compile=args.compile).run(log=lambda s: None, progress=False)
-        res["job_users_per_s"] = round(m["users"] / m["wall_s"], 1)
+        res["job_users_per_s"] = round(m.users / m.wall_s, 1)
         res["job_compile"] = "default" if args.compile else False  # the job's --compile has no mode choice
-        res["job_wall_s"] = m["wall_s"]
+        res["job_wall_s"] = m.wall_s
     print(json.dumps(res, indent=2))
 
 

@@ -26,7 +26,8 @@ import torch
 from pinnerformer.data import Dataset
 from pinnerformer.objectives.sampled_softmax import sampled_softmax_loss_fused
 from pinnerformer.training.config import load_config
-from pinnerformer.training.trainer import Trainer
+from pinnerformer.io import atomic_path, write_json_atomic
+from pinnerformer.training.retrieval import retrieval_loop
 
 
 def bf16_operands(q, pos_e, neg_e, *args, **kw):
@@ -50,23 +51,21 @@ def main() -> None:
     res = {"dataset": str(args.dataset), "fingerprint": ds.manifest.fingerprint, "preset": args.preset,
            "seed": cfg.seed, "runs": {}}
     for name, loss in (("fp32 operands", sampled_softmax_loss_fused), ("bf16 operands", bf16_operands)):
-        tr = Trainer(ds, cfg, root / name.replace(" ", "-"), log=lambda s: None)
-        tr.fused_loss = loss
+        tr = retrieval_loop(ds, cfg, root / name.replace(" ", "-"), log=lambda s: None)
+        tr.task.objective.fused = loss
         print(f"training with {name} ...", file=sys.stderr)
         summary = tr.fit(progress=True)
         lines = [json.loads(l) for l in (tr.run_dir / "metrics.jsonl").read_text().splitlines()]
-        res["protocol"], res["metric"] = tr.protocol, tr.metric
-        res["runs"][name] = {"per_epoch": [round(l[tr.metric], 4) for l in lines if l["kind"] == "validation"],
-                             "best_epoch": summary["best_epoch"], "best": round(summary[tr.metric], 4),
-                             "popularity": round(summary["popularity"], 4), "steps": summary["steps"],
+        res["protocol"], res["metric"] = tr.task.protocol, summary.metric
+        res["runs"][name] = {"per_epoch": [round(l[summary.metric], 4) for l in lines if l["kind"] == "validation"],
+                             "best_epoch": summary.best_epoch, "best": round(summary.best, 4),
+                             "popularity": round(summary.popularity, 4), "steps": summary.steps,
                              "final_loss": round([l["loss"] for l in lines if l["kind"] == "step"][-1], 4)}
         print(f"{name}: {res['runs'][name]}", file=sys.stderr)
     print(json.dumps(res, indent=2))
     if args.results:
         args.results.mkdir(parents=True, exist_ok=True)
-        tmp = args.results / ".result.json.tmp"
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        tmp.replace(args.results / "result.json")
+        write_json_atomic(args.results / "result.json", res)
         plot(res, args.results / "curves.png")
 
 
@@ -88,9 +87,8 @@ def plot(res: dict, path: Path) -> None:
                  f"seed {res['seed']}", fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 if __name__ == "__main__":

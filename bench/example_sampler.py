@@ -1,5 +1,5 @@
 """Example cutting speed: ms per batch for `ExampleSampler.sample` alone, and for the whole host-side preparation of a
-training step (sampling + padded feature arrays, `trainer.prepare_batch`), on the generated data the training bench
+training step (sampling + padded feature arrays, `RetrievalTask.batch_for`), on the generated data the training bench
 uses (timelines of 2·M actions), for a preset's M, positions and batch size.
 
     python bench/example_sampler.py --preset paper     # M=256, 32 positions, batch 128
@@ -18,7 +18,7 @@ import numpy as np
 
 from generated import generated_dataset  # bench/ is on sys.path when run as a script
 from pinnerformer.training.config import load_config
-from pinnerformer.training.trainer import Trainer, prepare_batch
+from pinnerformer.training.retrieval import RetrievalTask
 
 
 def main() -> None:
@@ -31,8 +31,9 @@ def main() -> None:
     B, M = cfg.optim.batch_size, cfg.data.max_len
     tmp = tempfile.TemporaryDirectory()
     ds = generated_dataset(Path(tmp.name), max(4 * B, 600), 2 * M)
-    trainer = Trainer(ds, cfg, Path(tmp.name) / "run", log=lambda s: None)
-    sampler = trainer.sampler
+    task = RetrievalTask(ds, cfg)
+    task.pad_to = M  # fixed-length batches, as on GPU
+    sampler = task.sampler
     rng = np.random.default_rng(0)
     batches = [rng.choice(sampler.eligible, B, replace=False) for _ in range(args.batches)]
 
@@ -41,7 +42,7 @@ def main() -> None:
     sample_ms = 1e3 * (time.perf_counter() - t) / len(batches)
     t = time.perf_counter()
     for i, u in enumerate(batches):
-        prepare_batch(sampler, ds.timelines, trainer.model_cfg.time_features, M, u, np.random.default_rng(i))
+        task.batch_for(u, np.random.default_rng(i))
     prepare_ms = 1e3 * (time.perf_counter() - t) / len(batches)
     print(json.dumps({"preset": args.preset, "objective": cfg.loss.objective, "batch": B, "max_len": M,
                       "positions": cfg.data.positions, "queries_per_batch": round(queries / len(batches)),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pinnerformer.data import Dataset
-from pinnerformer.data.formats import EventColumns, read_source
+from pinnerformer.data.formats import EventsOptions, read_source
 from pinnerformer.data.prepare import prepare
 from pinnerformer.data.synthetic import planted_interest_log
 
@@ -15,6 +15,6 @@ def generated_dataset(folder: Path, n_users: int, events_per_user: int, n_items:
     log = planted_interest_log(n_users=n_users, n_items=n_items, n_groups=200, events_per_user=events_per_user,
                                gap_s=600)
     log.write_csv(folder / "log.csv")
-    raw = read_source("events", folder / "log.csv", positive="click", event_columns=EventColumns(action="action"))
+    raw = read_source("events", folder / "log.csv", EventsOptions(positive=["click"], columns={"action": "action"}))
     prepare(raw, folder / "ds", "events", log=lambda s: None)
     return Dataset.open(folder / "ds")

@@ -33,19 +33,20 @@ from generated import generated_dataset
 from pinnerformer.data import Dataset
 from pinnerformer.features.sequence_batch import to_torch
 from pinnerformer.training.config import load_config, merge_dicts
-from pinnerformer.training.trainer import Trainer
+from pinnerformer.training.loop import TrainingLoop
+from pinnerformer.training.retrieval import retrieval_loop
 
 
-def encoder_flops_per_token(trainer: Trainer, T: int) -> float:
+def encoder_flops_per_token(trainer: TrainingLoop, T: int) -> float:
     """Forward matmul FLOPs of the sequence encoder per (padded) token of a length-T batch, head included."""
-    c = trainer.model_cfg
+    c = trainer.model.cfg
     H, L, D = c.width, c.layers, c.dim
     F_in = trainer.model.input_proj.in_features
     return 2 * (F_in * H + L * 12 * H * H) + L * 4 * T * H + 2 * (H * 4 * H + 4 * H * D)
 
 
-def step_flops(trainer: Trainer, tokens: int, queries: int, pool: int, uniq_items: int, T: int) -> float:
-    c = trainer.model_cfg
+def step_flops(trainer: TrainingLoop, tokens: int, queries: int, pool: int, uniq_items: int, T: int) -> float:
+    c = trainer.model.cfg
     item_tower = 2 * (trainer.model.items.out_dim * c.item_tower_hidden + c.item_tower_hidden * c.dim)
     fwd = tokens * encoder_flops_per_token(trainer, T) + uniq_items * item_tower + queries * (pool + 1) * 2 * c.dim
     return 3.0 * fwd
@@ -75,19 +76,21 @@ def main() -> None:
     if args.batch_size:
         over["optim"] = {"batch_size": args.batch_size}
     over = merge_dicts(over, json.loads(args.override))
+    over = merge_dicts({"data": {"sequences_per_user": 64}}, over)  # an epoch long enough for every timed step
     cfg = load_config(args.preset, overrides=over)
     tmp = tempfile.TemporaryDirectory()
     if args.dataset is None:
         ds = generated_dataset(Path(tmp.name), max(4 * cfg.optim.batch_size, 600), 2 * cfg.data.max_len)
     else:
         ds = Dataset.open(args.dataset)
-    trainer = Trainer(ds, cfg, Path(tmp.name) / "run", log=lambda s: None)
+    trainer = retrieval_loop(ds, cfg, Path(tmp.name) / "run", log=lambda s: None)
+    task = trainer.task
     dev = trainer.device
     B = cfg.optim.batch_size
     n_steps = args.warmup + args.steps + (5 if args.profile else 0)
     # the trainer's own pipeline: loader (worker processes on GPU) -> train_step, numbers read one step late
-    order = np.random.default_rng(0).permutation(np.repeat(trainer.sampler.eligible, 64))
-    batches = iter(trainer.loader(order, 0, 0, min(n_steps + 5, len(order) // B)))
+    assert task.steps_per_epoch >= n_steps + 1, "the generated dataset is too small for that many steps"
+    batches = iter(trainer.loader(0, 0))
     trainer.model.train()
 
     def step_counts(prep) -> tuple[int, float]:
@@ -119,14 +122,14 @@ def main() -> None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
-                out = trainer.train_step(prep, s)
+                out = trainer.train_step(prep, s, 0)
                 torch.cuda.set_sync_debug_mode(0)
             host_syncs = sorted({str(w.message).splitlines()[0][:120] for w in caught})
         else:
-            out = trainer.train_step(prep, s)
+            out = trainer.train_step(prep, s, 0)
         t_c = time.perf_counter()
         if last is not None:
-            trainer.read_step(last)  # read one step late, as fit() does
+            last.read()  # read one step late, as fit() does
         last = out
         for k, dt in zip(host_ms, (t_b - t_a, t_c - t_b, time.perf_counter() - t_c)):
             host_ms[k] += 1e3 * dt
@@ -135,7 +138,7 @@ def main() -> None:
     if args.compile:  # the encoder, and the fused loss unless negatives=full
         assert_compiled(graphs=1 + (cfg.loss.negatives != "full"))
     if args.profile:
-        profile_to(args.profile, dev, lambda: [trainer.train_step(next(batches), 10_000 + s) for s in range(5)],
+        profile_to(args.profile, dev, lambda: [trainer.train_step(next(batches), 10_000 + s, 0) for s in range(5)],
                    trace=args.trace)
     peak_after = peak_rate(dev)
     peak = max(peak_before, peak_after)  # the higher of the two readings: MFU is not flattered by a slow one
@@ -151,7 +154,7 @@ def main() -> None:
     res["host_ms_per_step"] = {k: round(v / args.steps, 2) for k, v in host_ms.items()}
     t = time.perf_counter()
     for _ in range(3):
-        trainer.prepare(order[:B], np.random.default_rng(0))
+        task.batch_for(task.sampler.eligible[:B], np.random.default_rng(0))
     res["prepare_one_batch_ms"] = round(1e3 * (time.perf_counter() - t) / 3, 1)  # in the main process
     if dev.type == "cuda":
         res["host_syncs_in_a_step"] = host_syncs
@@ -160,7 +163,7 @@ def main() -> None:
     print(json.dumps(res, indent=2))
 
 
-def encoder_alone(trainer: Trainer, prep, steps: int, peak: float) -> dict:
+def encoder_alone(trainer: TrainingLoop, prep, steps: int, peak: float) -> dict:
     """The sequence encoder by itself on one batch, over and over: forward, backward of a plain sum, AdamW.
     What the transformer reaches without example cutting, the item tower, the negatives or the loss."""
     dev = trainer.device

@@ -18,9 +18,10 @@ from conftest import TINY
 from pinnerformer.data import Dataset
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.inference.daily_embed import DailyJob
-from pinnerformer.inference.snapshot import Snapshot, day_end_ts
+from pinnerformer.data.clock import day_end_ts
+from pinnerformer.inference.snapshot import Snapshot
 from pinnerformer.training.config import load_config
-from pinnerformer.training.trainer import Trainer
+from pinnerformer.training.retrieval import retrieval_loop
 
 D0 = dt.date(2020, 9, 25)  # planted timelines run 2020-09-13 .. 2020-10-15; about 20 users act on any day
 
@@ -29,7 +30,7 @@ D0 = dt.date(2020, 9, 25)  # planted timelines run 2020-09-13 .. 2020-10-15; abo
 def trained(planted, tmp_path_factory):
     run = tmp_path_factory.mktemp("embed") / "run"
     cfg = load_config("small", overrides=json.loads(json.dumps({**TINY, "optim": {**TINY["optim"], "max_epochs": 2}})))
-    Trainer(Dataset.open(planted), cfg, run, log=lambda s: None).fit(progress=False)
+    retrieval_loop(Dataset.open(planted), cfg, run, log=lambda s: None).fit(progress=False)
     return run
 
 
@@ -47,21 +48,21 @@ def users_with_events(planted, lo: int | None, hi: int) -> np.ndarray:
 def test_incremental_carries_over_bit_identical_and_recomputes_only_that_days_users(trained, planted, tmp_path):
     root = tmp_path / "snaps"
     m0 = job(trained, planted, D0, root).run(log=lambda s: None, progress=False)
-    assert m0["carried_over"] == 0 and m0["recomputed"] == len(users_with_events(planted, None, day_end_ts(D0)))
+    assert m0.carried_over == 0 and m0.recomputed == len(users_with_events(planted, None, day_end_ts(D0)))
     d1 = D0 + dt.timedelta(days=1)
     m1 = job(trained, planted, d1, root).run(log=lambda s: None, progress=False)
     active = users_with_events(planted, day_end_ts(D0), day_end_ts(d1))
-    assert len(active) > 5 and m1["recomputed"] == len(active)
+    assert len(active) > 5 and m1.recomputed == len(active)
     s0, s1 = Snapshot.open(root / D0.isoformat()), Snapshot.open(root / d1.isoformat())
     assert np.array_equal(s1.users, users_with_events(planted, None, day_end_ts(d1)))
-    assert m1["carried_over"] == len(s1.users) - len(active) == len(np.setdiff1d(s0.users, active))
+    assert m1.carried_over == len(s1.users) - len(active) == len(np.setdiff1d(s0.users, active))
     carried = ~np.isin(s1.users, active)
     rows0 = np.searchsorted(s0.users, s1.users[carried])
     assert s1.vectors[carried].tobytes() == s0.vectors[rows0].tobytes()  # bit-identical copies
     # recomputed users really changed (they have new actions)
     again = np.isin(s1.users, s0.users) & ~carried
     assert (s1.vectors[again] != s0.vectors[np.searchsorted(s0.users, s1.users[again])]).any(1).all()
-    assert m1["previous_snapshot"]["content_sha256"] == m0["content_sha256"]
+    assert m1.previous_snapshot.content_sha256 == m0.content_sha256
     ids = Dataset.open(planted).users["user_id"].to_numpy()
     assert s1.table.column("user_id").to_numpy().tolist() == ids[s1.users].tolist()
 
@@ -72,11 +73,11 @@ def test_incremental_equals_full_recompute(trained, planted, tmp_path):
         job(trained, planted, day, tmp_path / "incr", shard_users=7).run(log=lambda s: None, progress=False)
     full = job(trained, planted, d2, tmp_path / "full", shard_users=64).run(log=lambda s: None, progress=False)
     incr = Snapshot.open(tmp_path / "incr" / d2.isoformat())
-    assert incr.manifest["carried_over"] > 0 and full["carried_over"] == 0
+    assert incr.manifest.carried_over > 0 and full.carried_over == 0
     other = Snapshot.open(tmp_path / "full" / d2.isoformat())
     assert np.array_equal(incr.users, other.users)
     assert np.array_equal(incr.vectors, other.vectors)
-    assert incr.manifest["content_sha256"] == full["content_sha256"]
+    assert incr.manifest.content_sha256 == full.content_sha256
     # another batch size changes kernel shapes: equal to float32 rounding, not necessarily bit for bit
     job(trained, planted, d2, tmp_path / "b64", batch_size=64).run(log=lambda s: None, progress=False)
     np.testing.assert_allclose(Snapshot.open(tmp_path / "b64" / d2.isoformat()).vectors, other.vectors, atol=1e-5)
@@ -88,12 +89,12 @@ def test_float16_snapshot(trained, planted, tmp_path):
     h, f = Snapshot.open(tmp_path / "h" / D0.isoformat()), Snapshot.open(tmp_path / "f" / D0.isoformat())
     vtype = pq.read_schema(h.path / "embeddings.parquet").field("vector").type
     assert str(vtype.value_type) == "halffloat" and vtype.list_size == 32
-    assert h.vectors.dtype == np.float16 and m16["dim"] == 32
+    assert h.vectors.dtype == np.float16 and m16.dim == 32
     np.testing.assert_allclose(h.vectors.astype(np.float32), f.vectors, atol=2e-3)
     # a float32 run next day cannot carry float16 vectors: it says so and recomputes everyone
     logs = []
     m = job(trained, planted, D0 + dt.timedelta(days=1), tmp_path / "h").run(log=logs.append, progress=False)
-    assert m["carried_over"] == 0 and "is float16, not float32" in logs[0]
+    assert m.carried_over == 0 and "is float16, not float32" in logs[0]
 
 
 def test_compiled_job_matches_eager_and_never_mixes_with_it(trained, planted, tmp_path):
@@ -103,11 +104,11 @@ def test_compiled_job_matches_eager_and_never_mixes_with_it(trained, planted, tm
     eager = job(trained, planted, D0, tmp_path / "snaps").run(log=lambda s: None, progress=False)
     lines: list[str] = []
     comp = job(trained, planted, d1, tmp_path / "snaps", compile=True).run(log=lines.append, progress=False)
-    assert eager["compile"] is False and comp["compile"] is True
-    assert comp["carried_over"] == 0 and any("computed by the eager model: full computation" in x for x in lines)
+    assert eager.compile is False and comp.compile is True
+    assert comp.carried_over == 0 and any("computed by the eager model: full computation" in x for x in lines)
     full_eager = job(trained, planted, d1, tmp_path / "eager").run(log=lambda s: None, progress=False)
     a, b = Snapshot.open(tmp_path / "snaps" / d1.isoformat()), Snapshot.open(tmp_path / "eager" / d1.isoformat())
-    assert np.array_equal(a.users, b.users) and full_eager["recomputed"] == comp["recomputed"]
+    assert np.array_equal(a.users, b.users) and full_eager.recomputed == comp.recomputed
     np.testing.assert_allclose(a.vectors, b.vectors, atol=2e-5)
     with pytest.raises(PinnerformerError, match="--compile is for the local engine"):
         job(trained, planted, d1, tmp_path / "r", compile=True).run(engine="ray", log=lambda s: None, progress=False)
@@ -122,7 +123,7 @@ def test_rerun_is_idempotent_and_force_reproduces(trained, planted, tmp_path):
     assert "already complete" in logs[0] and again == m
     assert (root / D0.isoformat() / "manifest.json").read_text() == before
     forced = job(trained, planted, D0, root).run(force=True, log=lambda s: None, progress=False)
-    assert forced["content_sha256"] == m["content_sha256"] and forced["created_at"] >= m["created_at"]
+    assert forced.content_sha256 == m.content_sha256 and forced.created_at >= m.created_at
     assert sorted(p.name for p in root.iterdir()) == [D0.isoformat()]  # no staging or replaced dirs left
 
 
@@ -156,8 +157,8 @@ def test_killed_run_restarts_to_the_identical_snapshot(trained, planted, tmp_pat
     assert r.returncode == 0, r.stderr
     assert "already done by an earlier attempt" in " ".join(r.stderr.split())
     snap = Snapshot.open(root / D0.isoformat())
-    assert snap.manifest["content_sha256"] == ref["content_sha256"]
-    assert len(np.unique(snap.users)) == len(snap.users) == ref["users"]
+    assert snap.manifest.content_sha256 == ref.content_sha256
+    assert len(np.unique(snap.users)) == len(snap.users) == ref.users
     assert [p.name for p in root.iterdir()] == [D0.isoformat()]
 
 
@@ -169,7 +170,7 @@ def test_staging_from_a_different_plan_is_discarded(trained, planted, tmp_path):
     (staging / "parts" / "part-00000.parquet").write_text("garbage from another job")
     m = job(trained, planted, D0, root).run(log=lambda s: None, progress=False)
     ref = job(trained, planted, D0, tmp_path / "ref").run(log=lambda s: None, progress=False)
-    assert m["content_sha256"] == ref["content_sha256"]
+    assert m.content_sha256 == ref.content_sha256
 
 
 def test_ray_engine_equals_local(trained, planted, tmp_path):
@@ -177,14 +178,14 @@ def test_ray_engine_equals_local(trained, planted, tmp_path):
     local = job(trained, planted, D0, tmp_path / "local", shard_users=50).run(log=lambda s: None, progress=False)
     ray = job(trained, planted, D0, tmp_path / "ray", shard_users=50).run(
         engine="ray", ray_actors=2, ray_cpus_per_actor=0.5, log=lambda s: None, progress=False)
-    assert ray["engine"] == "ray" and ray["users"] == local["users"]
-    assert ray["content_sha256"] == local["content_sha256"]
+    assert ray.engine == "ray" and ray.users == local.users
+    assert ray.content_sha256 == local.content_sha256
     # and incrementally: the next day on Ray carries over from the local snapshot
     d1 = D0 + dt.timedelta(days=1)
     a = job(trained, planted, d1, tmp_path / "local", shard_users=50).run(log=lambda s: None, progress=False)
     b = job(trained, planted, d1, tmp_path / "ray", shard_users=50).run(engine="ray", log=lambda s: None,
                                                                         progress=False)
-    assert b["carried_over"] == a["carried_over"] > 0 and b["content_sha256"] == a["content_sha256"]
+    assert b.carried_over == a.carried_over > 0 and b.content_sha256 == a.content_sha256
 
 
 def test_embed_errors(trained, planted, tmp_path, cli):
@@ -224,7 +225,7 @@ def test_order_only_dataset_cannot_be_embedded_by_day(tmp_path, cli):
                                               for u in range(100)))
     assert cli("data", "prepare", "-f", "sequences", "-i", tmp_path / "seq.txt", "-o", tmp_path / "ds").exit_code == 0
     cfg = load_config("small", overrides=json.loads(json.dumps({**TINY, "optim": {**TINY["optim"], "max_epochs": 1}})))
-    Trainer(Dataset.open(tmp_path / "ds"), cfg, tmp_path / "run", log=lambda s: None).fit(progress=False)
+    retrieval_loop(Dataset.open(tmp_path / "ds"), cfg, tmp_path / "run", log=lambda s: None).fit(progress=False)
     r = cli("embed", "-r", tmp_path / "run", "-d", tmp_path / "ds", "-o", tmp_path / "s", "--as-of", "2020-01-01")
     assert r.exit_code == 2 and "is order-only" in r.stderr
 
@@ -279,6 +280,6 @@ def test_ray_engine_joins_an_existing_cluster(trained, planted, tmp_path):
                          "--shard-users", "60")
         r = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, RAY_AUTH_MODE="token"))
         assert r.returncode == 0, r.stderr[-2000:]
-        assert Snapshot.open(tmp_path / "joined" / D0.isoformat()).manifest["content_sha256"] == ref["content_sha256"]
+        assert Snapshot.open(tmp_path / "joined" / D0.isoformat()).manifest.content_sha256 == ref.content_sha256
     finally:
         subprocess.run(["bash", script, "stop"], capture_output=True, env=env)

@@ -7,7 +7,7 @@ import pytest
 from conftest import TINY
 from pinnerformer.data import Dataset
 from pinnerformer.data.synthetic import planted_interest_log
-from pinnerformer.evaluation.experiment import variants
+from pinnerformer.runs.experiment import variants
 
 
 def test_grids_list_the_papers_variants(planted, tmp_path, cli):
@@ -42,10 +42,10 @@ def test_frequency_experiment_report(tmp_path, cli):
     assert [row["variant"] for row in res["rows"]] == ["dense-all-action", "sasrec"]
     for row in res["rows"]:  # the table shows exactly what evaluate wrote for that run
         ev = json.loads((tmp_path / "rep" / "runs" / row["variant"] / "eval" / "future-window-test.json").read_text())
-        rec = ev["results"]["pinnerformer"]["Recall@10"]
+        rec = ev["results"]["pinnerformer"]["recall@10"]
         assert f"| {row['variant']} | {rec['mean']:.4f} [{rec['ci95'][0]:.4f}, {rec['ci95'][1]:.4f}]" in md
         assert ev["inference_frequency"]["realtime_to_daily_drop"] is not None
-    assert res["fingerprint"] in md and "reproduce: `pinnerformer experiment --dataset" in md
+    assert res["fingerprint"] in md and f"reproduce: `pinnerformer experiment -d {tmp_path / 'ds'} --grid frequency" in md
     # running it again reuses the finished runs and reproduces the same numbers
     r = cli(*args)
     assert r.exit_code == 0 and "finished earlier: reusing its checkpoint" in r.stderr
@@ -77,9 +77,9 @@ def test_default_grid_leave_one_out_report(planted, tmp_path, cli):
     ev = json.loads((tmp_path / "rep" / "runs" / "pinnerformer" / "eval" / "leave-one-out-test.json").read_text())
     assert ev["user_windows"] == 300 and ev["split"] == "test"
     for name, rr in ev["results"].items():  # the model and every baseline, with intervals, in the table
-        nd = rr["NDCG@10"]
+        nd = rr["ndcg@10"]
         label = name if name == "pinnerformer" else f"baseline: {name}"
-        assert f"| {label} | {rr['HR@10']['mean']:.4f} [" in md and f"{nd['mean']:.4f} [{nd['ci95'][0]:.4f}" in md
+        assert f"| {label} | {rr['hr@10']['mean']:.4f} [" in md and f"{nd['mean']:.4f} [{nd['ci95'][0]:.4f}" in md
     val = res["rows"][0]["validation"]["ndcg@10"]
     assert f"ndcg@10 {val:.4f}" in md and "--preset loo" in md and res["machine"] in md
     assert (tmp_path / "rep" / "default.png").stat().st_size > 5000

@@ -12,7 +12,8 @@ import torch
 from conftest import TINY
 from pinnerformer.data import Dataset
 from pinnerformer.training.config import load_config
-from pinnerformer.training.trainer import Trainer, embed_users
+from pinnerformer.models.embedding import embed_users
+from pinnerformer.training.retrieval import retrieval_loop
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI machines have none)")
 
@@ -25,47 +26,47 @@ def config(**over):
                                                           ("full", True, False), ("mixed", True, True),
                                                           ("mixed", False, True)])
 def test_a_training_step_never_waits_for_the_gpu(planted, tmp_path, negatives, mask_own, compiled):
-    tr = Trainer(Dataset.open(planted), config(loss={**TINY["loss"], "negatives": negatives,
-                                                     "mask_own_positives": mask_own}, compile=compiled),
-                 tmp_path, log=lambda s: None)
-    users = tr.sampler.eligible[:tr.cfg.optim.batch_size]
-    preps = [tr.prepare(users, np.random.default_rng(i)) for i in range(4)]
+    tr = retrieval_loop(Dataset.open(planted), config(loss={**TINY["loss"], "negatives": negatives,
+                                                            "mask_own_positives": mask_own}, compile=compiled),
+                        tmp_path, log=lambda s: None)
+    users = tr.task.sampler.eligible[:tr.cfg.optim.batch_size]
+    preps = [tr.task.batch_for(users, np.random.default_rng(i)) for i in range(4)]
     # warm-up: lazy initialisation (and compilation, with its autotuning) may synchronise; query and pool sizes
     # differ between batches, so the second warm-up step also checks the fused loss is not compiled again per size
     for g in range(2):
-        tr.train_step(preps[g], g)
+        tr.train_step(preps[g], g, 0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for g, prep in enumerate(preps[2:], start=2):
-            out = tr.train_step(prep, g)
+            out = tr.train_step(prep, g, 0)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert np.isfinite(tr.read_step(out)[0])
+    assert np.isfinite(out.read()[0])
 
 
 def test_gpu_bf16_user_embeddings_agree_with_cpu_fp32(planted, tmp_path):
     ds = Dataset.open(planted)
-    tr = Trainer(ds, config(), tmp_path, log=lambda s: None)
+    tr = retrieval_loop(ds, config(), tmp_path, log=lambda s: None)
     tr.fit(progress=False, max_steps=20)
     tl = ds.timelines
     starts, ends = np.asarray(tl.offsets[:-1]), np.asarray(tl.offsets[1:])
-    gpu = embed_users(tr.model, ds, starts, ends, torch.device("cuda"), 64, fixed_shape=True).cpu()
-    cpu = embed_users(tr.model.cpu(), ds, starts, ends, torch.device("cpu"), 64, fixed_shape=True)
+    gpu = embed_users(tr.model, tl, starts, ends, torch.device("cuda"), 64, fixed_shape=True).cpu()
+    cpu = embed_users(tr.model.cpu(), tl, starts, ends, torch.device("cpu"), 64, fixed_shape=True)
     cos = (gpu * cpu).sum(-1)  # both L2-normalised
-    assert gpu.shape == cpu.shape == (len(starts), tr.model_cfg.dim)
+    assert gpu.shape == cpu.shape == (len(starts), tr.model.cfg.dim)
     assert cos.min() > 0.99, cos.min()
 
 
 def test_fit_on_gpu_with_workers_and_compiled_encoder(planted, tmp_path):
-    summary = Trainer(Dataset.open(planted), config(compile=True, loader_workers=2,
-                                                    optim={**TINY["optim"], "max_epochs": 2}),
-                      tmp_path / "run", log=lambda s: None).fit(progress=False)
+    summary = retrieval_loop(Dataset.open(planted), config(compile=True, loader_workers=2,
+                                                           optim={**TINY["optim"], "max_epochs": 2}),
+                             tmp_path / "run", log=lambda s: None).fit(progress=False)
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [l for l in lines if l["kind"] == "step"]
-    assert [l["step"] for l in steps] == list(range(summary["steps"])) and all(np.isfinite([l["loss"] for l in steps]))
+    assert [l["step"] for l in steps] == list(range(summary.steps)) and all(np.isfinite([l["loss"] for l in steps]))
     assert np.mean([l["loss"] for l in steps[-5:]]) < np.mean([l["loss"] for l in steps[:5]])
-    assert summary["recall@10"] > summary["popularity"]
+    assert summary.best > summary.popularity
 
 
 def test_compiled_training_on_gpu_follows_the_eager_run(planted, tmp_path):
@@ -74,7 +75,8 @@ def test_compiled_training_on_gpu_follows_the_eager_run(planted, tmp_path):
     ds = Dataset.open(planted)
     over = dict(optim={**TINY["optim"], "max_epochs": 1}, model={**TINY["model"], "dropout": 0.0})
     for name, comp in (("eager", False), ("comp", True)):
-        Trainer(ds, config(**over, compile=comp), tmp_path / name, log=lambda s: None).fit(progress=False, max_steps=8)
+        retrieval_loop(ds, config(**over, compile=comp), tmp_path / name, log=lambda s: None).fit(progress=False,
+                                                                                                   max_steps=8)
     losses = [[l["loss"] for l in map(json.loads, (tmp_path / r / "metrics.jsonl").read_text().splitlines())
                if l["kind"] == "step"] for r in ("eager", "comp")]
     assert len(losses[0]) == len(losses[1]) == 8

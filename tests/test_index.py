@@ -11,12 +11,13 @@ import torch
 
 from conftest import TINY
 from pinnerformer.data import Dataset
-from pinnerformer.evaluation.evaluate import load_run
 from pinnerformer.inference.daily_embed import DailyJob
 from pinnerformer.inference.snapshot import Snapshot
 from pinnerformer.retrieval.index import ItemIndex, build_faiss_index, exact_top_k, recall_vs_exact
 from pinnerformer.training.config import load_config
-from pinnerformer.training.trainer import Trainer, embed_items
+from pinnerformer.models.embedding import embed_items
+from pinnerformer.runs import RunDir
+from pinnerformer.training.retrieval import retrieval_loop
 
 DAY = dt.date(2020, 10, 20)  # after every planted action: every user has an embedding
 
@@ -30,7 +31,7 @@ def served(planted, tmp_path_factory):
     """A trained run, its snapshot as of DAY, and its flat and HNSW indexes."""
     d = tmp_path_factory.mktemp("served")
     ds = Dataset.open(planted)
-    Trainer(ds, tiny(max_epochs=2), d / "run", log=lambda s: None).fit(progress=False)
+    retrieval_loop(ds, tiny(max_epochs=2), d / "run", log=lambda s: None).fit(progress=False)
     DailyJob(d / "run", ds, DAY, d / "snaps").run(log=lambda s: None, progress=False)
     from pinnerformer.retrieval.index import build_item_index
 
@@ -40,7 +41,7 @@ def served(planted, tmp_path_factory):
 
 
 def exact_scores(served, planted):
-    model, _ = load_run(served / "run", Dataset.open(planted))
+    model = RunDir(served / "run").load_model(Dataset.open(planted))
     items = embed_items(model, torch.device("cpu")).numpy()
     snap = Snapshot.open(served / "snaps" / DAY.isoformat())
     return snap, items, snap.vectors @ items.T
@@ -55,7 +56,7 @@ def test_flat_index_is_exact_and_round_trips(served, planted):
     np.testing.assert_allclose(got_s, np.take_along_axis(scores, want, 1), atol=1e-5)
     # same items up to ties in the last decimal
     assert np.mean([len(np.intersect1d(a, b)) for a, b in zip(got_r, want)]) > 9.9
-    assert idx.manifest["recall@10_vs_exact"] == 1.0 and idx.manifest["items"] == len(items)
+    assert idx.manifest.recall_vs_exact == 1.0 and idx.manifest.recall_k == 10 and idx.manifest.items == len(items)
 
 
 def test_hnsw_and_ivf_recall_against_exact(served, planted):
@@ -135,7 +136,7 @@ def test_retrieve_errors(served, planted, cli, tmp_path):
     assert not (tmp_path / "i").exists()
     # an index from another model does not answer a snapshot's users
     ds = Dataset.open(planted)
-    Trainer(ds, tiny(max_epochs=1), tmp_path / "other", log=lambda s: None).fit(progress=False, max_steps=3)
+    retrieval_loop(ds, tiny(max_epochs=1), tmp_path / "other", log=lambda s: None).fit(progress=False, max_steps=3)
     assert cli("index", "-r", tmp_path / "other", "-d", planted, "-o", tmp_path / "oi", "--kind", "flat").exit_code == 0
     r = cli("retrieve", "--index", tmp_path / "oi", "--snapshot", snapdir, "--user", ds.users["user_id"][0])
     assert r.exit_code == 2 and "were made by different checkpoints" in r.stderr
@@ -147,13 +148,13 @@ def test_hnsw_recall_on_movielens_1m_items(shared_data, tmp_path, cli):
     assert cli("data", "prepare", "-f", "movielens", "-i", shared_data / "movielens-1m-subset",
                "-o", tmp_path / "ds").exit_code == 0
     ds = Dataset.open(tmp_path / "ds")
-    Trainer(ds, load_config("small"), tmp_path / "run", log=lambda s: None).fit(progress=False, max_steps=40)
+    retrieval_loop(ds, load_config("small"), tmp_path / "run", log=lambda s: None).fit(progress=False, max_steps=40)
     r = cli("index", "-r", tmp_path / "run", "-d", tmp_path / "ds", "-o", tmp_path / "hnsw")
     assert r.exit_code == 0, r.output
     DailyJob(tmp_path / "run", ds, dt.date(2003, 3, 1), tmp_path / "snaps").run(log=lambda s: None, progress=False)
     snap = Snapshot.open(tmp_path / "snaps" / "2003-03-01")
     assert len(snap.users) == 2_999
-    model, _ = load_run(tmp_path / "run", ds)
+    model = RunDir(tmp_path / "run").load_model(ds)
     items = embed_items(model, torch.device("cpu")).numpy()
     idx = ItemIndex.open(tmp_path / "hnsw")
     assert idx.index.ntotal == 3_615

@@ -171,8 +171,8 @@ def toy_timeline(clock="seconds"):
 def test_labels_follow_their_definition(objective):
     tl = toy_timeline()
     day = 86400.0
-    s = ExampleSampler(tl, np.array([1]), tl.full(), ExampleConfig(objective=objective, max_len=4, positions=3,
-                                                                     window=2.5 * day, max_labels=32))
+    s = ExampleSampler(tl, np.array([1]), tl.full(), ExampleConfig(max_len=4, positions=3, window_days=2.5,
+                                                                     max_labels=32), objective)
     assert s.eligible.tolist() == [0] and (s.lo[0], s.hi[0]) == (1, 9)
     pos_items = {102, 105, 106, 109}
     rng = np.random.default_rng(0)
@@ -210,8 +210,8 @@ def test_dense_sampling_is_uniform_and_keeps_examples_apart():
                                                                       ).astype(np.int32),
                    action=action, ts=ts, surface=np.full(40, -1, np.int16), duration=np.full(40, np.nan, np.float32),
                    clock="seconds")
-    cfg = ExampleConfig(objective="dense-all-action", max_len=8, positions=3, window=2.5 * day, cutoff="last")
-    smp = ExampleSampler(tl, np.array([1]), tl.full(), cfg)
+    cfg = ExampleConfig(max_len=8, positions=3, window_days=2.5, cutoff="last")
+    smp = ExampleSampler(tl, np.array([1]), tl.full(), cfg, "dense-all-action")
     rng = np.random.default_rng(0)
     slots, label_step = np.zeros(8), np.zeros(3)
     n = 3000
@@ -235,15 +235,15 @@ def test_dense_sampling_is_uniform_and_keeps_examples_apart():
 def test_sampling_no_users_gives_an_empty_batch():
     tl = toy_timeline()
     for objective in ("dense-all-action", "all-action", "sasrec", "next-action"):
-        smp = ExampleSampler(tl, np.array([1]), tl.full(), ExampleConfig(objective=objective, max_len=4))
+        smp = ExampleSampler(tl, np.array([1]), tl.full(), ExampleConfig(max_len=4), objective)
         b = smp.sample(np.zeros(0, np.int64), np.random.default_rng(0))
         assert len(b.starts) == len(b.q_item) == len(b.label_item) == 0 and b.q_position.dtype == np.int64
 
 
 def test_order_clock_window_counts_actions():
     tl = toy_timeline(clock="order")
-    s = ExampleSampler(tl, np.array([1]), tl.full(), ExampleConfig(objective="all-action", max_len=4, window=1,
-                                                                     window_in_actions=True))
+    s = ExampleSampler(tl, np.array([1]), tl.full(), ExampleConfig(max_len=4, window_actions=1), "all-action")
+    assert s.window_in_actions  # an order-only clock counts the window in actions
     rng = np.random.default_rng(0)
     for _ in range(50):
         b = s.sample(np.array([0]), rng)
@@ -315,12 +315,14 @@ def test_full_softmax_is_cross_entropy_over_the_catalogue():
 def test_last_cutoff_takes_the_whole_training_sequence():
     tl = toy_timeline()
     view = tl.drop_last(2)  # events 0..7 train: the last positive inside is event 6
-    s = ExampleSampler(tl, np.array([1]), view, ExampleConfig(objective="sasrec", max_len=4, cutoff="last"))
+    s = ExampleSampler(tl, np.array([1]), view, ExampleConfig(max_len=4, cutoff="last"), "sasrec")
     b = s.sample(np.array([0]), np.random.default_rng(0))
     assert (int(b.starts[0]), int(b.ends[0])) == (2, 6)  # the last M actions before the last training positive
     assert b.q_item.tolist() == [105, 105, 105, 106]  # every position -> the next positive, never past event 7
-    with pytest.raises(ValueError, match="unknown cutoff"):
+    with pytest.raises(ValueError, match=r"cutoff\s+Input should be 'random' or 'last'"):
         ExampleSampler(tl, np.array([1]), view, ExampleConfig(cutoff="first"))
+    with pytest.raises(ValueError, match="unknown objective 'sasrecc'"):
+        ExampleSampler(tl, np.array([1]), view, ExampleConfig(), "sasrecc")
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -6,7 +6,10 @@ import torch
 
 from pinnerformer.data.timelines import Timelines
 from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
-from pinnerformer.models.pinnerformer import ModelConfig, PinnerFormer
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.models.pinnerformer import InputSpec, PinnerFormer, PinnerFormerConfig
+
+SPEC = InputSpec(n_items=50, n_actions=3, n_surfaces=2, max_len=16)
 
 
 def random_batch(B=3, T=12, n_items=50, seed=0):
@@ -22,11 +25,11 @@ def random_batch(B=3, T=12, n_items=50, seed=0):
 
 def make_model(features="both", time=True, seed=0):
     torch.manual_seed(seed)
-    cfg = ModelConfig(n_items=50, n_actions=3, n_surfaces=2, max_len=16, width=32, layers=2, heads=4, dim=24,
-                      dropout=0.0, item_features=features, content_dim=8 if features != "id" else 0, id_dim=16,
-                      time_features=time)
+    cfg = PinnerFormerConfig(width=32, layers=2, heads=4, dim=24, dropout=0.0, item_features=features, id_dim=16)
+    spec = InputSpec(n_items=50, n_actions=3, n_surfaces=2, max_len=16, content_dim=8 if features != "id" else 0,
+                     has_clock=time)
     content = torch.randn(50, 8) if features != "id" else None
-    return PinnerFormer(cfg, content).eval()
+    return PinnerFormer(cfg, spec, content).eval()
 
 
 @pytest.mark.parametrize("i", [0, 4, 9])
@@ -180,31 +183,31 @@ def test_tied_item_tower_scores_with_the_shared_item_features():
     """item_tower=none: the item embedding is the normalised input item features (SASRec's tied table), with no
     tower parameters in between; linear is one projection."""
     torch.manual_seed(0)
-    cfg = ModelConfig(n_items=50, n_actions=3, n_surfaces=2, max_len=16, width=32, layers=1, heads=4, dim=16,
-                      item_features="id", id_dim=16, time_features=False, item_tower="none")
-    model = PinnerFormer(cfg).eval()
+    cfg = PinnerFormerConfig(width=32, layers=1, heads=4, dim=16, item_features="id", id_dim=16, time_features=False,
+                             item_tower="none")
+    model = PinnerFormer(cfg, SPEC).eval()
     items = torch.arange(50)
     expected = torch.nn.functional.normalize(model.items(items), dim=-1)
     assert torch.allclose(model.item_embedding(items), expected)
     assert not any(n.startswith("item_tower") for n, _ in model.named_parameters())
-    linear = PinnerFormer(ModelConfig(**{**cfg.__dict__, "item_tower": "linear"}))
+    linear = PinnerFormer(cfg.model_copy(update={"item_tower": "linear"}), SPEC)
     assert [tuple(p.shape) for n, p in linear.named_parameters() if n.startswith("item_tower")] == [(16, 16), (16,)]
-    with pytest.raises(ValueError, match="item_tower=none needs item features of width D=24, got 16"):
-        PinnerFormer(ModelConfig(**{**cfg.__dict__, "dim": 24}))
+    with pytest.raises(PinnerformerError, match=r"item_features=id\) must equal model.dim \(24\)"):
+        PinnerFormer(cfg.model_copy(update={"dim": 24}), SPEC)
 
 
 def test_input_dropout_is_active_in_training_only():
     torch.manual_seed(0)
-    cfg = ModelConfig(n_items=50, n_actions=3, n_surfaces=2, max_len=16, width=32, layers=1, heads=4, dim=16,
-                      dropout=0.0, item_features="id", id_dim=16, time_features=False, input_dropout=0.5)
-    model = PinnerFormer(cfg)
+    cfg = PinnerFormerConfig(width=32, layers=1, heads=4, dim=16, dropout=0.0, item_features="id", id_dim=16,
+                             time_features=False, input_dropout=0.5)
+    model = PinnerFormer(cfg, SPEC)
     b = to_torch({k: v for k, v in random_batch(n_items=50).items() if not k.startswith("t_")})
     model.train()
     assert not torch.allclose(model.encode_sequence(b), model.encode_sequence(b))  # two dropout masks
     model.eval()
     assert torch.equal(model.encode_sequence(b), model.encode_sequence(b))
-    cfg0 = ModelConfig(**{**cfg.__dict__, "input_dropout": 0.0})
+    cfg0 = cfg.model_copy(update={"input_dropout": 0.0})
     torch.manual_seed(0)
-    model0 = PinnerFormer(cfg0).eval()
+    model0 = PinnerFormer(cfg0, SPEC).eval()
     model0.load_state_dict(model.state_dict())  # the dropout adds no parameters
     assert torch.equal(model0.encode_sequence(b), model.encode_sequence(b))

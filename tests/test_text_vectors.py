@@ -67,7 +67,7 @@ def test_embed_text_command_stores_vectors(cli, tmp_path):
 
 
 def test_features_grid_drops_the_content_vector_only_where_the_base_config_uses_it(cli, tmp_path):
-    from pinnerformer.evaluation.experiment import variants
+    from pinnerformer.runs.experiment import variants
 
     (tmp_path / "log.csv").write_text("user,item,timestamp\n1,a,1700000000\n1,b,1700000001\n2,c,1700000002\n")
     (tmp_path / "items.csv").write_text("item,title\na,Red velvet armchair\nb,Crimson fabric armchair\nc,Lamp\n")

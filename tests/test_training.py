@@ -9,7 +9,7 @@ from pinnerformer.data import Dataset
 from pinnerformer.data.synthetic import planted_interest_log
 from conftest import TINY
 from pinnerformer.training.config import load_config
-from pinnerformer.training.trainer import Trainer
+from pinnerformer.training.retrieval import RetrievalTask, retrieval_loop
 
 def config(**over):
     return load_config("small", overrides=json.loads(json.dumps({**TINY, **over})))
@@ -17,10 +17,10 @@ def config(**over):
 
 def test_trained_model_beats_popularity_by_a_wide_margin(planted, tmp_path):
     ds = Dataset.open(planted)
-    summary = Trainer(ds, config(), tmp_path / "run", log=lambda s: None).fit(progress=False)
+    summary = retrieval_loop(ds, config(), tmp_path / "run", log=lambda s: None).fit(progress=False)
     # each user's future lies in one group of 20 items out of 200: popularity cannot know which group
-    assert summary["popularity"] < 0.12
-    assert summary["recall@10"] > 0.25 and summary["recall@10"] > 4 * summary["popularity"]
+    assert summary.metric == "recall@10" and summary.popularity < 0.12
+    assert summary.best > 0.25 and summary.best > 4 * summary.popularity
     assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["dataset"]["fingerprint"] == ds.manifest.fingerprint and cfg["protocol"] == "future-window"
@@ -34,22 +34,37 @@ def test_trained_model_beats_popularity_by_a_wide_margin(planted, tmp_path):
 def test_every_objective_and_pool_trains(planted, tmp_path, objective, negatives, logq):
     cfg = config(loss={"objective": objective, "negatives": negatives, "logq": logq, "n_random": 64},
                  optim={**TINY["optim"], "max_epochs": 2}, data={**TINY["data"], "sequences_per_user": 2})
-    summary = Trainer(Dataset.open(planted), cfg, tmp_path / "run", log=lambda s: None).fit(progress=False)
+    summary = retrieval_loop(Dataset.open(planted), cfg, tmp_path / "run", log=lambda s: None).fit(progress=False)
     losses = [l["loss"] for l in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
               if l["kind"] == "step"]
     assert all(np.isfinite(losses)) and np.mean(losses[-5:]) < np.mean(losses[:5])
-    assert summary["steps"] == len(losses)
+    assert summary.steps == len(losses)
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(step: int):
+    """An on_step callback that makes the run die (an exception: nothing after it runs) once `step` is done."""
+    def on_step(g: int) -> None:
+        if g + 1 >= step:
+            raise Crash(f"crashed after step {g}")
+    return on_step
 
 
 def test_resume_equals_uninterrupted_bit_for_bit(planted, tmp_path):
     ds = Dataset.open(planted)
     cfg = config(optim={**TINY["optim"], "max_epochs": 2}, data={**TINY["data"], "sequences_per_user": 2})
-    Trainer(ds, cfg, tmp_path / "a", log=lambda s: None).fit(progress=False)
-    # "killed" 3 steps after the checkpoint at step 5 (mid-epoch), then resumed, then killed again after the
+    retrieval_loop(ds, cfg, tmp_path / "a", log=lambda s: None).fit(progress=False)
+    # crashed 3 steps after the checkpoint at step 5 (mid-epoch), then resumed, then crashed again after the
     # epoch boundary (13 steps) and a checkpoint at step 15, then resumed to the end
-    Trainer(ds, cfg, tmp_path / "b", log=lambda s: None).fit(stop_after=8, progress=False)
-    Trainer(ds, cfg, tmp_path / "b", log=lambda s: None).fit(resume=True, stop_after=19, progress=False)
-    Trainer(ds, cfg, tmp_path / "b", log=lambda s: None).fit(resume=True, progress=False)
+    with pytest.raises(Crash):
+        retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None).fit(on_step=crash_after(8), progress=False)
+    with pytest.raises(Crash):
+        retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None).fit(resume=True, on_step=crash_after(19),
+                                                                         progress=False)
+    retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None).fit(resume=True, progress=False)
     a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(a) == 1 + 26 + 2 and a == b  # every loss, lr, τ and validation number identical
@@ -101,7 +116,7 @@ def test_resume_refuses_other_dataset_or_shape(planted, tmp_path, cli):
     assert r.exit_code == 2 and "trained on a different dataset" in r.stderr
     # a run written before a config key existed (here model.residual_dtype) resumes: the key takes its default
     desc = json.loads((tmp_path / "run" / "config.json").read_text())
-    del desc["config"]["model"]["residual_dtype"], desc["model"]["residual_dtype"]
+    del desc["config"]["model"]["residual_dtype"]
     (tmp_path / "run" / "config.json").write_text(json.dumps(desc))
     r = cli("train", "-d", planted, "-o", tmp_path / "run", "--config", tmp_path / "tiny.json", "--resume",
             "--no-progress")
@@ -126,12 +141,12 @@ def test_order_only_dataset_trains_with_leave_one_out(tmp_path, cli):
     ds = Dataset.open(tmp_path / "ds")
     logs = []
     cfg = config(loss={"objective": "sasrec", "n_random": 32}, optim={**TINY["optim"], "batch_size": 16})
-    trainer = Trainer(ds, cfg, tmp_path / "run", log=logs.append)
-    summary = trainer.fit(progress=False)
-    assert trainer.protocol == "leave-one-out" and not trainer.model_cfg.time_features
+    loop = retrieval_loop(ds, cfg, tmp_path / "run", log=logs.append)
+    summary = loop.fit(progress=False)
+    assert loop.task.protocol == "leave-one-out" and not loop.task.model.time_features
     assert any("order-only clock: no time features" in l and "counted in actions" in l for l in logs)
-    assert len(trainer.val_task) == 80  # every user's second-to-last item
-    assert summary["ndcg@10"] > 2 * summary["popularity"]
+    assert len(loop.task.val_task) == 80  # every user's second-to-last item
+    assert summary.metric == "ndcg@10" and summary.best > 2 * summary.popularity
     r = cli("train", "-d", tmp_path / "ds", "-o", tmp_path / "r2", "--protocol", "future-window")
     assert r.exit_code == 2 and "needs real timestamps" in r.stderr
 
@@ -142,18 +157,18 @@ def test_full_softmax_training_loss_is_cross_entropy_of_the_model(planted, tmp_p
     import torch
 
     cfg = config(loss={"objective": "sasrec", "negatives": "full", "mask_own_positives": mask_own})
-    tr = Trainer(Dataset.open(planted), cfg, tmp_path / "run", log=lambda s: None)
+    tr = RetrievalTask(Dataset.open(planted), cfg)
     tr.model.eval()  # no dropout: both computations see the same function
     users = tr.sampler.eligible[:8]
-    got = tr.loss_on(users, np.random.default_rng(3), torch.Generator().manual_seed(0))
+    got = tr.loss(tr.batch_for(users, np.random.default_rng(3)), 0, torch.device("cpu")).loss
     batch = tr.sampler.sample(users, np.random.default_rng(3))  # the same examples
     from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
 
     with torch.no_grad():
         out = tr.model.encode_sequence(to_torch(build_sequence_batch(tr.ds.timelines, batch.starts, batch.ends,
-                                                                     tr.model_cfg.time_features)))
+                                                                     tr.model.time_features)))
         q = out[torch.from_numpy(batch.q_example), torch.from_numpy(batch.q_position)]
-        logits = q @ tr.model.item_embedding(torch.arange(tr.model_cfg.n_items)).T / tr.model.temperature
+        logits = q @ tr.model.item_embedding(torch.arange(tr.model.spec.n_items)).T / tr.model.temperature
     target = torch.from_numpy(batch.q_item)
     if mask_own:  # the example's other positives are not negatives
         for j, (e, t) in enumerate(zip(batch.q_example, batch.q_item)):
@@ -190,13 +205,12 @@ def test_loo_preset_is_the_leave_one_out_default_and_is_recorded(planted, tmp_pa
 
 def test_loader_workers_prepare_exactly_the_same_batches(planted, tmp_path):
     # batches are a function of (seed, epoch, step) alone: worker processes, and a start mid-epoch, change nothing
-    tr = Trainer(Dataset.open(planted), config(), tmp_path / "run", log=lambda s: None)
-    order = np.random.default_rng(5).permutation(np.repeat(tr.sampler.eligible, 2))
-    steps = len(order) // tr.cfg.optim.batch_size
+    tr = retrieval_loop(Dataset.open(planted), config(), tmp_path / "run", log=lambda s: None)
+    steps = tr.task.steps_per_epoch
     tr.workers = 0
-    inline = list(tr.loader(order, 3, 0, steps))
+    inline = list(tr.loader(3, 0))
     tr.workers = 2
-    pooled = list(tr.loader(order, 3, 2, steps))
+    pooled = list(tr.loader(3, 2))
     assert len(inline) == steps and len(pooled) == steps - 2
     for a, b in zip(inline[2:], pooled):
         for f in ("starts", "ends", "q_example", "q_position", "q_item", "label_example", "label_item"):
@@ -209,8 +223,8 @@ def test_fit_with_loader_workers_logs_every_step_in_order(planted, tmp_path):
     ds = Dataset.open(planted)
     cfg0 = config(optim={**TINY["optim"], "max_epochs": 1})
     cfg2 = config(optim={**TINY["optim"], "max_epochs": 1}, loader_workers=2)
-    Trainer(ds, cfg0, tmp_path / "w0", log=lambda s: None).fit(progress=False)
-    Trainer(ds, cfg2, tmp_path / "w2", log=lambda s: None).fit(progress=False)
+    retrieval_loop(ds, cfg0, tmp_path / "w0", log=lambda s: None).fit(progress=False)
+    retrieval_loop(ds, cfg2, tmp_path / "w2", log=lambda s: None).fit(progress=False)
     w0, w2 = ([json.loads(l) for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("w0", "w2"))
     steps0, steps2 = ([l for l in w if l["kind"] == "step"] for w in (w0, w2))
     assert [l["step"] for l in steps2] == list(range(len(steps0))) and len(steps0) > 5
@@ -226,9 +240,9 @@ def test_compiled_training_follows_the_eager_run(planted, tmp_path, mask_own):
     ds = Dataset.open(planted)
     over = dict(optim={**TINY["optim"], "max_epochs": 1}, loss={**TINY["loss"], "mask_own_positives": mask_own},
                 model={**TINY["model"], "dropout": 0.0})
-    eager = Trainer(ds, config(**over), tmp_path / "eager", log=lambda s: None)
-    comp = Trainer(ds, config(**over, compile=True), tmp_path / "comp", log=lambda s: None)
-    assert eager.fused_loss is None and comp.fused_loss is not None
+    eager = retrieval_loop(ds, config(**over), tmp_path / "eager", log=lambda s: None)
+    comp = retrieval_loop(ds, config(**over, compile=True), tmp_path / "comp", log=lambda s: None)
+    assert eager.task.objective.fused is None and comp.task.objective.fused is not None
     eager.fit(progress=False, max_steps=12)
     comp.fit(progress=False, max_steps=12)
     steps = [[l for l in map(json.loads, (tmp_path / r / "metrics.jsonl").read_text().splitlines())
@@ -243,17 +257,17 @@ def test_steps_without_queries_are_counted_and_reported(planted, tmp_path):
     is 0 (not NaN), each step's record says queries 0, and the summary and the log count them."""
     lines: list[str] = []
     cfg = config(data={**TINY["data"], "window_days": 1e-9})
-    summary = Trainer(Dataset.open(planted), cfg, tmp_path / "run", log=lines.append).fit(progress=False,
-                                                                                          max_steps=3)
+    summary = retrieval_loop(Dataset.open(planted), cfg, tmp_path / "run", log=lines.append).fit(progress=False,
+                                                                                                 max_steps=3)
     steps = [l for l in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
              if l["kind"] == "step"]
     assert [(l["queries"], l["loss"]) for l in steps] == [(0, 0.0)] * 3
-    assert summary["steps_without_queries"] == 3
-    assert any("3 step(s) had no training query" in x for x in lines)
+    assert summary.empty_steps == 3
+    assert any("3 step(s) had no training queries (queries = 0): loss 0" in x for x in lines)
 
 
 def test_prefetched_keeps_order_and_loses_nothing():
-    from pinnerformer.training.trainer import prefetched
+    from pinnerformer.models.embedding import prefetched
 
     for threads in (0, 1, 3):
         assert list(prefetched(lambda x: x * x, range(23), threads)) == [x * x for x in range(23)]
@@ -266,24 +280,20 @@ from pathlib import Path
 import torch
 from pinnerformer.data import Dataset
 from pinnerformer.training.config import load_config
-from pinnerformer.training.trainer import Trainer
+from pinnerformer.training.retrieval import retrieval_loop
 torch.set_num_threads(2)  # several CPU threads: where summation order could vary from run to run
 ds, run, mode = Dataset.open(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 cfg = load_config("small", overrides={"device": "cpu", "optim": {"max_epochs": 1}, "checkpoint_every": 10})
-tr = Trainer(ds, cfg, run, log=lambda s: None)
-if mode == "whole":
-    tr.fit(progress=False, max_steps=25)
-elif mode == "killed":
-    tr.fit(progress=False, max_steps=25, stop_after=13)
-else:
-    tr.fit(progress=False, max_steps=25, resume=True)
+retrieval_loop(ds, cfg, run, log=lambda s: None).fit(progress=False, max_steps=25, resume=mode == "resume")
 """
 
 
-def test_a_run_resumed_in_a_new_process_repeats_bit_for_bit(tmp_path, cli):
+def test_a_run_killed_and_resumed_in_a_new_process_repeats_bit_for_bit(tmp_path, cli):
     # separate processes, as a real kill and restart are: nothing may depend on thread scheduling or addresses
+    import signal
     import subprocess
     import sys
+    import time
 
     planted_interest_log(n_users=400, n_items=2000, n_groups=20, events_per_user=100, gap_s=600).write_csv(
         tmp_path / "log.csv")
@@ -291,14 +301,26 @@ def test_a_run_resumed_in_a_new_process_repeats_bit_for_bit(tmp_path, cli):
             "action", "--positive", "click")
     assert r.exit_code == 0, r.output
 
+    def command(name: str, mode: str) -> list[str]:
+        return [sys.executable, "-c", RUN_IN_A_NEW_PROCESS, str(tmp_path / "ds"), str(tmp_path / name), mode]
+
     def run(name: str, mode: str) -> None:
-        p = subprocess.run([sys.executable, "-c", RUN_IN_A_NEW_PROCESS, str(tmp_path / "ds"), str(tmp_path / name),
-                            mode], capture_output=True, text=True)
+        p = subprocess.run(command(name, mode), capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
 
     run("whole", "whole")
     run("other", "whole")
-    run("resumed", "killed")
+    # SIGKILL once 13 steps are logged: after the checkpoint at step 10, before the epoch ends (19 steps)
+    p = subprocess.Popen(command("resumed", "whole"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "resumed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if log.exists() and log.read_text().count('"kind": "step"') >= 13:
+            p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert p.wait() == -signal.SIGKILL and not (tmp_path / "resumed" / "summary.json").exists()
+    assert (tmp_path / "resumed" / "checkpoints" / "last.pt").exists()
     run("resumed", "resume")
     whole, other, resumed = ((tmp_path / n / "metrics.jsonl").read_text() for n in ("whole", "other", "resumed"))
     assert whole.count('"kind": "step"') == 19  # 19 steps in the epoch (before max_steps), then validation

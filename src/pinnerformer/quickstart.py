@@ -77,13 +77,13 @@ def run_quickstart(workdir: Path, text: bool = True, log=print, show=None, train
         import shutil
 
         from pinnerformer.training.config import load_config
-        from pinnerformer.training.trainer import Trainer
+        from pinnerformer.training.retrieval import retrieval_loop
 
         run_dir = workdir / "run"
         shutil.rmtree(run_dir, ignore_errors=True)  # the quickstart always starts a fresh run
         log(f"[3/5] training PinnerFormer (preset small, dense all-action, mixed negatives + logQ) -> {run_dir}")
         cfg = load_config("small", overrides={"optim": {"max_epochs": max_epochs}})
-        Trainer(ds, cfg, run_dir, log=log).fit()
+        retrieval_loop(ds, cfg, run_dir, log=log).fit()
         serve_demo(ds, run_dir, workdir, log=log, show=show_table)
     log(f"quickstart done in {time.perf_counter() - t0:.0f}s; outputs in {workdir}")
     return ds

@@ -8,9 +8,6 @@ interrupted run never leaves a directory that looks like a complete dataset.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -19,31 +16,17 @@ import polars as pl
 
 from pinnerformer import __version__
 from pinnerformer.data import schema
+from pinnerformer.data.clock import day_start_ts
 from pinnerformer.data.formats.base import Checker, RawLog
 from pinnerformer.data.timelines import NO_SURFACE, Timelines
 from pinnerformer.errors import InputError, PinnerformerError
+from pinnerformer.io import atomic_dir, file_sha256, write_json_atomic
 
-DEFAULT_MIN_TIME = "1990-01-01"
-
-
-def parse_day(text: str, field: str) -> int:
-    try:
-        d = dt.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc)
-    except ValueError:
-        raise InputError("not a date", field=field, text=text, expected="YYYY-MM-DD") from None
-    return int(d.timestamp())
+DEFAULT_MIN_TIME = dt.date(1990, 1, 1)
 
 
 def default_max_time() -> int:
     return int(time.time()) + 86400  # a clock a day fast is still sane; a year 2100 stamp is not
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fingerprint(timelines: Timelines, actions: list[schema.ActionType], users: pl.Series, items: pl.Series) -> str:
@@ -86,7 +69,7 @@ def prepare(raw: RawLog, output: Path, fmt: str, *, skip_invalid: bool = False, 
     # time sanity (real clocks only), judged in the source's unit so the error shows the value as written
     clock = "order" if raw.ts_unit == "order" else "seconds"
     if clock == "seconds":
-        lo = parse_day(DEFAULT_MIN_TIME, "min-time") if min_time is None else min_time
+        lo = day_start_ts(DEFAULT_MIN_TIME) if min_time is None else min_time
         hi = default_max_time() if max_time is None else max_time
         scale = 1000 if raw.ts_unit == "ms" else 1
         day = lambda s: dt.datetime.fromtimestamp(s, dt.timezone.utc).strftime("%Y-%m-%d")
@@ -150,7 +133,7 @@ def prepare(raw: RawLog, output: Path, fmt: str, *, skip_invalid: bool = False, 
         events_per_action={a: int(c) for a, c in zip(vocab, counts)},
         time_min=int(timelines.ts.min()), time_max=int(timelines.ts.max()),
         has_surface=bool(surfaces), has_duration=bool(ev["duration"].is_not_null().any()),
-        sources=[schema.SourceFile(path=str(p.resolve()), bytes=p.stat().st_size, sha256=sha256_file(p))
+        sources=[schema.SourceFile(path=str(p.resolve()), bytes=p.stat().st_size, sha256=file_sha256(p))
                  for p in raw.sources],
         options={**raw.options, "positive": list(raw.positive), "skip_invalid": skip_invalid},
         skipped=skipped, duplicates_removed=duplicates, notes=notes,
@@ -158,25 +141,11 @@ def prepare(raw: RawLog, output: Path, fmt: str, *, skip_invalid: bool = False, 
     )
 
     # write everything under a temporary name, then swap it in
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(output) as tmp:
         ev.write_parquet(tmp / schema.EVENTS, statistics=True)
         user_table.write_parquet(tmp / schema.USERS)
         item_table.write_parquet(tmp / schema.ITEMS)
         timelines.save(tmp / schema.TIMELINES)
-        schema.write_json_atomic(tmp / schema.MANIFEST, manifest.model_dump(mode="json"))
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json_atomic(tmp / schema.MANIFEST, manifest)
     log(f"prepared {manifest.n_events:,} events in {time.perf_counter() - t0:.1f}s -> {output}")
     return manifest

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pinnerformer.config import StrictModel
+from pinnerformer.errors import InputError
 
 SCHEMA_VERSION = 1
 
@@ -37,23 +37,26 @@ TIMELINES = "timelines"
 Clock = Literal["seconds", "order"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ActionType(_Strict):
+class ActionType(StrictModel):
     code: int
     name: str
     positive: bool
 
 
-class SourceFile(_Strict):
+class SourceFile(StrictModel):
     path: str
     bytes: int
     sha256: str
 
 
-class ContentVectors(_Strict):
+class DatasetRef(StrictModel):
+    """Which prepared dataset something was made from."""
+
+    path: str
+    fingerprint: str
+
+
+class ContentVectors(StrictModel):
     model: str
     dim: int
     l2_normalised: bool
@@ -62,7 +65,7 @@ class ContentVectors(_Strict):
     sha256: str
 
 
-class Manifest(_Strict):
+class Manifest(StrictModel):
     schema_version: int = SCHEMA_VERSION
     pinnerformer_version: str
     format: str
@@ -100,16 +103,7 @@ class Manifest(_Strict):
         return f"{f(self.time_min)} → {f(self.time_max)} UTC"
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary name in the same directory, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def read_manifest(dataset_dir: Path) -> Manifest:
-    from pinnerformer.errors import InputError
-
     path = Path(dataset_dir) / MANIFEST
     if not Path(dataset_dir).is_dir():
         raise InputError("dataset directory does not exist", path=dataset_dir,

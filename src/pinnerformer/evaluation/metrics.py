@@ -1,5 +1,6 @@
-"""Ranking metrics over a full catalogue. Ties are counted pessimistically: an item tied with the label
-ranks above it. History is not excluded (an item the user already had may be recommended again).
+"""Ranking metrics over a full catalogue, and their names (defined here only). Ties are counted pessimistically: an
+item tied with the label ranks above it. By default history is not excluded (an item the user already had may be
+recommended again); the scorer can remove it from the ranking (`evaluation.scorer`).
 
 A user with several labels has each label ranked against the catalogue *minus the user's other labels*: in
 the PinnerFormer protocol every label competes with an index of random items, not with the user's other
@@ -11,6 +12,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+# Metric names; a reported metric is NAME@k (e.g. "recall@10", "interest-entropy@50").
+RECALL, HIT_RATE, NDCG = "recall", "hr", "ndcg"  # per user (window), from the labels' ranks
+INTEREST_ENTROPY = "interest-entropy"  # per user, from the top-50 items' interests
+P90_COVERAGE = "p90-coverage"  # over all users' top-k items
+ENTROPY_TOP = 50
+
+
+def metric_name(metric: str, k: int) -> str:
+    return f"{metric}@{k}"
+
 
 
 def label_ranks(scores: torch.Tensor, labels: list[np.ndarray]) -> list[np.ndarray]:
@@ -80,3 +92,6 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: f
     means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
     a = (1 - level) / 2
     return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+PER_USER = {RECALL: recall_at_k, HIT_RATE: hit_rate_at_k, NDCG: ndcg_at_k}  # metric -> f(ranks, k)

@@ -1,24 +1,39 @@
-"""Who is trained on, who is evaluated, on which labels.
+"""Who is trained on and who is evaluated, and which metric selects the model.
 
 future-window (real clocks): users are split deterministically by a hash of (seed, user id) into train /
-validation / test. Training uses train users only. An evaluation user u gets a cut-off time t_u; the input
-is every action before t_u and the labels are the distinct items of positive actions in [t_u, t_u + 14 d).
-During training t_u is drawn per user (seeded) among times that leave at least one action before and one
-positive after, so that most held-out users count; the evaluation issue adds global cut-offs.
+validation / test. Training uses train users only; evaluation users are embedded from their actions before a
+cut-off and labelled with their positives in the days after it (`evaluation.tasks`). Selection: recall@k.
 
 leave-one-out (order-only clocks, or by choice): every user trains on all but the last two actions; the
-second-to-last is the validation target and the last the test target. Model selection uses validation only.
+second-to-last is the validation target and the last the test target. Selection: ndcg@k on validation only.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.data.timelines import TimelineView
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.evaluation.metrics import HIT_RATE, NDCG, RECALL
+
+Protocol = Literal["future-window", "leave-one-out"]
+SPLITS = ["train", "validation", "test"]  # codes 0, 1, 2 of `user_split`
+# metrics reported per protocol (besides coverage and, where items have interests, entropy), the first selects
+REPORTED = {"future-window": [RECALL], "leave-one-out": [HIT_RATE, NDCG]}
+SELECTION = {"future-window": RECALL, "leave-one-out": NDCG}
+
+
+def resolve_protocol(setting: str, clock: str) -> Protocol:
+    """"auto" -> leave-one-out for order-only data, future-window otherwise; future-window needs a real clock."""
+    protocol = ("leave-one-out" if clock == "order" else "future-window") if setting == "auto" else setting
+    if protocol == "future-window" and clock == "order":
+        raise PinnerformerError("this dataset is order-only: the future-window protocol needs real timestamps "
+                                "(use --protocol leave-one-out)")
+    return protocol
 
 
 def user_split(user_ids: list, seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
@@ -28,70 +43,6 @@ def user_split(user_ids: list, seed: int, val_fraction: float, test_fraction: fl
         h = int.from_bytes(hashlib.blake2b(f"{seed}:{uid}".encode(), digest_size=8).digest(), "big") / 2.0 ** 64
         out[i] = 1 if h < val_fraction else (2 if h < val_fraction + test_fraction else 0)
     return out
-
-
-@dataclass
-class EvalTask:
-    """Users to embed from [start, end) with labels; labels[i] are item ids (distinct)."""
-
-    name: str
-    users: np.ndarray
-    starts: np.ndarray  # first input action (the caller keeps the last M)
-    ends: np.ndarray  # one past the newest input action
-    labels: list[np.ndarray]
-    cutoff: np.ndarray | None = None  # t_u per user (future-window)
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-
-def future_window_task(ds: Dataset, users: np.ndarray, label_days: float, seed: int, name: str,
-                       max_users: int | None = None) -> EvalTask:
-    tl = ds.timelines
-    pos_codes = np.flatnonzero(ds.positive_mask)
-    rng = np.random.default_rng(seed)
-    horizon = int(label_days * 86400)
-    out_u, out_s, out_e, out_t, labels = [], [], [], [], []
-    for u in users:
-        s, e = int(tl.offsets[u]), int(tl.offsets[u + 1])
-        ts = np.asarray(tl.ts[s:e])
-        is_pos = np.isin(np.asarray(tl.action[s:e]), pos_codes)
-        # candidate cut-offs: the distinct times t after the first action with a positive in [t, t + horizon)
-        times = np.unique(ts[ts > ts[0]])
-        if len(times) == 0:
-            continue
-        first = np.searchsorted(ts, times, side="left")
-        stop = np.searchsorted(ts, times + horizon, side="left")
-        cum = np.concatenate([[0], np.cumsum(is_pos)])
-        ok = cum[stop] > cum[first]
-        if not ok.any():
-            continue
-        j = rng.choice(np.flatnonzero(ok))
-        a, b = first[j], stop[j]
-        out_u.append(u)
-        out_s.append(s)
-        out_e.append(s + a)
-        out_t.append(times[j])
-        labels.append(np.unique(np.asarray(tl.item[s + a:s + b])[is_pos[a:b]]).astype(np.int64))
-    task = EvalTask(name, np.array(out_u, dtype=np.int64), np.array(out_s, dtype=np.int64),
-                    np.array(out_e, dtype=np.int64), labels, np.array(out_t, dtype=np.int64))
-    if max_users is not None and len(task) > max_users:
-        keep = np.sort(np.random.default_rng(seed + 1).choice(len(task), max_users, replace=False))
-        task = EvalTask(name, task.users[keep], task.starts[keep], task.ends[keep], [task.labels[i] for i in keep],
-                        task.cutoff[keep])
-    return task
-
-
-def leave_one_out_task(ds: Dataset, which: str) -> EvalTask:
-    """which = "validation" (target: second-to-last action) or "test" (target: last action)."""
-    tl = ds.timelines
-    drop = 2 if which == "validation" else 1
-    lengths = tl.lengths
-    users = np.flatnonzero(lengths >= drop + 1)  # at least one action of history
-    starts = tl.offsets[:-1][users]
-    ends = tl.offsets[1:][users] - drop
-    labels = [np.array([int(tl.item[e])], dtype=np.int64) for e in ends]
-    return EvalTask(f"leave-one-out/{which}", users, starts, ends, labels)
 
 
 def training_view(ds: Dataset, protocol: str, split: np.ndarray | None) -> TimelineView:

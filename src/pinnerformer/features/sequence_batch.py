@@ -8,12 +8,19 @@ and handed to the model as float32.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from pinnerformer.data.timelines import Timelines
-from pinnerformer.models.pinnerformer import ABS_PERIODS
 
+# Periods of the Time2Vec-style time encodings (SPEC §2, "time features"): the batch computes the phase of absolute
+# times exactly here; the model turns the phases and relative times into cos/sin features.
+HOUR, DAY, WEEK = 3600.0, 86400.0, 7 * 86400.0
+ABS_PERIODS = [0.25 * HOUR, 0.5 * HOUR, 0.75 * HOUR, HOUR, 2 * HOUR, 4 * HOUR, 8 * HOUR, 16 * HOUR, DAY, 7 * DAY,
+               28 * DAY, 365 * DAY]
+REL_PERIODS = torch.logspace(0, math.log10(4 * WEEK), 32).tolist()  # 1 s … 4 weeks
 _ABS_PERIODS_S = np.array(ABS_PERIODS, dtype=np.int64)  # all whole seconds (900 s … 365 d)
 
 

@@ -20,6 +20,7 @@ import torch
 from pinnerformer.data import schema
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.io import atomic_path, write_json_atomic
 from pinnerformer.progress import progress_bar
 
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -96,11 +97,9 @@ def embed_items_text(dataset_dir: Path, batch_size: int = 128, device: str = "cp
         pl.Series("content_vector", vectors).cast(pl.List(pl.Float32)))
     # items first, then the manifest that announces the vectors: a crash in between leaves a dataset whose
     # manifest does not claim vectors, which is the truth as far as any reader is concerned.
-    tmp = dataset_dir / f".{schema.ITEMS}.tmp-{os.getpid()}"
-    new_items.write_parquet(tmp)
-    os.replace(tmp, dataset_dir / schema.ITEMS)
-    manifest = ds.manifest.model_copy(update={"content_vectors": info})
-    schema.write_json_atomic(dataset_dir / schema.MANIFEST, manifest.model_dump(mode="json"))
+    with atomic_path(Path(dataset_dir) / schema.ITEMS) as tmp:
+        new_items.write_parquet(tmp)
+    write_json_atomic(Path(dataset_dir) / schema.MANIFEST, ds.manifest.model_copy(update={"content_vectors": info}))
     log(f"embedded {n_text:,} item texts ({missing:,} items without text keep zero vectors) "
         f"in {time.perf_counter() - t0:.1f}s with {MODEL_NAME}")
     return info

@@ -1,21 +1,21 @@
-"""`pinnerformer embed`: the daily batch job that computes user embeddings as of the end of a day (SPEC §4).
+"""`pinnerformer embed`: the daily batch job that computes user embeddings as of the end of a day.
 
-Incremental: when an earlier complete snapshot made by the same checkpoint (and dtype) exists, only users with
-an action after that snapshot's day and up to the end of the as-of day are recomputed; every other user's
-vector is copied from it byte for byte. Without one, every user with an action up to the as-of day is computed.
-(A user's embedding depends only on their own actions, their times relative to the newest one included, so a
-user without new actions would get the same vector again.)
+Incremental: when an earlier complete snapshot made by the same checkpoint (and dtype, device, compilation) exists,
+only users with an action after that snapshot's day and up to the end of the as-of day are recomputed; every other
+user's vector is copied from it byte for byte. Without one, every user with an action up to the as-of day is
+computed. (A user's embedding depends only on their own actions, their times relative to the newest one included,
+so a user without new actions would get the same vector again.)
 
 Kill-safe and idempotent: the job writes into `.staging-DAY/`, whose `plan.json` fixes the work (checkpoint,
-previous snapshot, the users to recompute, the shard size). Users are cut into shards; each shard is written to
-`parts/part-NNNNN.parquet` by rename, so a part is either complete or absent. A restarted job with the same plan
-skips the parts already there; a different plan discards the staging directory. The parts and the carried-over
-rows are merged into `embeddings.parquet`, the manifest is written, and the staging directory is renamed to
-`DAY/` — the only moment the snapshot becomes visible. Re-running a day that is complete does nothing (use
-`force` to recompute it; the old snapshot is replaced by rename, never edited in place).
+previous snapshot, the users to recompute, the shard size). Users are cut into shards (`inference.shards`), each
+written to its own part file by rename. A restarted job with the same plan skips the parts already there; a
+different plan discards the staging directory. The parts and the carried-over rows are merged into
+`embeddings.parquet`, the manifest is written, and the staging directory is renamed to `DAY/` — the only moment
+the snapshot becomes visible. Re-running a day that is complete does nothing (use `force` to recompute it; the old
+snapshot is replaced by rename, never edited in place).
 
-Engines: "local" runs the shards in this process; "ray" runs the same shard function in a pool of Ray actors
-(`pinnerformer.inference.ray_engine`). Both write the same parts, so they produce the same snapshot.
+Engines: "local" runs the shards in this process; "ray" runs the same shard function in a pool of Ray actors.
+Both write the same parts, so they produce the same snapshot.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -35,69 +34,33 @@ import pyarrow.parquet as pq
 import torch
 
 from pinnerformer import __version__
+from pinnerformer.config import StrictModel
+from pinnerformer.data.clock import day_end_ts
 from pinnerformer.data.dataset import Dataset
-from pinnerformer.data.schema import write_json_atomic
+from pinnerformer.data.schema import DatasetRef
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.inference.shards import LocalEngine, RayEngine, ShardWork, n_shards, shard_path
 from pinnerformer.inference.snapshot import (
-    DTYPES, EMBEDDINGS, MANIFEST, SNAPSHOT_SCHEMA_VERSION, Snapshot, complete_snapshots, content_hash, day_end_ts,
-    embeddings_table, vectors_of,
+    DTYPES, EMBEDDINGS, MANIFEST, CheckpointRef, Dtype, Snapshot, SnapshotManifest, SnapshotRef, complete_snapshots,
+    content_hash, embeddings_table, vectors_of,
 )
-from pinnerformer.progress import progress_bar
-from pinnerformer.training.trainer import embed_users
-
-DAY = 86400
+from pinnerformer.io import atomic_dir, atomic_path, recover_swap, swap_in, write_json_atomic
+from pinnerformer.runs.run_dir import RunDir
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+class EmbedPlan(StrictModel):
+    """The work of one day's job, fixed before any shard runs: a restarted job resumes only an identical plan."""
 
-
-def checkpoint_path(run_dir: Path, checkpoint: str = "best") -> Path:
-    path = Path(run_dir) / "checkpoints" / f"{checkpoint}.pt"
-    if not path.exists():
-        raise PinnerformerError(f"{path} does not exist (is {run_dir} a finished training run?)")
-    return path
-
-
-def user_ranges_as_of(ds: Dataset, users: np.ndarray, end_ts: int) -> tuple[np.ndarray, np.ndarray]:
-    """[start, end) event ranges of `users` holding their actions with ts < end_ts."""
-    tl = ds.timelines
-    starts = np.asarray(tl.offsets[:-1])[users].astype(np.int64)
-    stops = np.asarray(tl.offsets[1:])[users].astype(np.int64)
-    ends = np.array([s + int(np.searchsorted(tl.ts[s:e], end_ts, side="left")) for s, e in zip(starts, stops)],
-                    dtype=np.int64)
-    return starts, ends
-
-
-def shard_of(pending: np.ndarray, k: int, shard_users: int) -> np.ndarray:
-    """The users of shard k: a fixed slice of the sorted pending users, the same in every engine and attempt."""
-    return pending[k * shard_users:(k + 1) * shard_users]
-
-
-def n_shards(pending: np.ndarray, shard_users: int) -> int:
-    return -(-len(pending) // shard_users)
-
-
-def shard_path(staging: Path, k: int) -> Path:
-    return staging / "parts" / f"part-{k:05d}.parquet"
-
-
-def run_shard(model, ds: Dataset, staging: Path, k: int, users: np.ndarray, end_ts: int, batch_size: int) -> int:
-    """Embed one shard of users and publish its part file by rename. Shared by every engine."""
-    starts, ends = user_ranges_as_of(ds, users, end_ts)
-    vecs = embed_users(model, ds, starts, ends, next(model.parameters()).device, batch_size,
-                       fixed_shape=True).cpu().numpy()
-    table = pa.table({"user": pa.array(users, type=pa.int32()),
-                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])})
-    final = shard_path(staging, k)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)
-    return len(users)
+    as_of: str
+    checkpoint_sha256: str
+    dataset_fingerprint: str
+    dtype: Dtype
+    previous: SnapshotRef | None
+    pending_users: int
+    pending_sha256: str
+    shard_users: int
+    device: str
+    compile: bool
 
 
 @dataclass
@@ -132,8 +95,8 @@ class DailyJob:
             raise PinnerformerError(f"device {self.device!r}: expected cpu, cuda or auto")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise PinnerformerError("device cuda: no CUDA GPU is visible to torch on this machine")
-        self.ck_path = checkpoint_path(self.run_dir, self.checkpoint)
-        self.ck_sha = file_sha256(self.ck_path)
+        self.model_run = RunDir(self.run_dir)
+        self.ck_sha = self.model_run.checkpoint_sha256(self.checkpoint)
 
     # -- planning ---------------------------------------------------------------------------------------------
     def previous(self) -> tuple[Snapshot | None, str]:
@@ -143,17 +106,17 @@ class DailyJob:
             return None, "no earlier snapshot: full computation"
         snap = Snapshot.open(older[-1])
         m = snap.manifest
-        if m["checkpoint"]["sha256"] != self.ck_sha:
+        if m.checkpoint.sha256 != self.ck_sha:
             return None, f"earlier snapshot {snap.path.name} was made by another checkpoint: full computation"
-        if m["dataset"]["fingerprint"] != self.ds.manifest.fingerprint:
+        if m.dataset.fingerprint != self.ds.manifest.fingerprint:
             return None, f"earlier snapshot {snap.path.name} was made from another dataset: full computation"
-        if m.get("device", "cpu") != self.device:
-            return None, f"earlier snapshot {snap.path.name} was computed on {m.get('device')}: full computation"
-        if m.get("compile", False) != self.compile:
-            how = "compiled" if m.get("compile", False) else "eager"
+        if m.device != self.device:
+            return None, f"earlier snapshot {snap.path.name} was computed on {m.device}: full computation"
+        if m.compile != self.compile:
+            how = "compiled" if m.compile else "eager"
             return None, f"earlier snapshot {snap.path.name} was computed by the {how} model: full computation"
-        if m["dtype"] != self.dtype:
-            return None, f"earlier snapshot {snap.path.name} is {m['dtype']}, not {self.dtype}: full computation"
+        if m.dtype != self.dtype:
+            return None, f"earlier snapshot {snap.path.name} is {m.dtype}, not {self.dtype}: full computation"
         return snap, f"incremental from {snap.path.name}"
 
     def pending_users(self, prev: Snapshot | None) -> np.ndarray:
@@ -165,87 +128,75 @@ class DailyJob:
             mask &= ts >= day_end_ts(prev.day)
         return np.unique(tl.user_of_event()[mask]).astype(np.int64)
 
-    def plan(self, prev: Snapshot | None, pending: np.ndarray) -> dict:
-        return {"as_of": self.day.isoformat(), "checkpoint_sha256": self.ck_sha,
-                "dataset_fingerprint": self.ds.manifest.fingerprint, "dtype": self.dtype,
-                "previous": None if prev is None else {"as_of": prev.manifest["as_of"],
-                                                       "content_sha256": prev.manifest["content_sha256"]},
-                "pending_users": int(len(pending)),
-                "pending_sha256": hashlib.sha256(pending.astype(np.int64).tobytes()).hexdigest(),
-                "shard_users": self.shard_users, "device": self.device, "compile": self.compile}
+    def plan(self, prev: Snapshot | None, pending: np.ndarray) -> EmbedPlan:
+        return EmbedPlan(as_of=self.day.isoformat(), checkpoint_sha256=self.ck_sha,
+                         dataset_fingerprint=self.ds.manifest.fingerprint, dtype=self.dtype,
+                         previous=None if prev is None else prev.manifest.ref(), pending_users=int(len(pending)),
+                         pending_sha256=hashlib.sha256(pending.astype(np.int64).tobytes()).hexdigest(),
+                         shard_users=self.shard_users, device=self.device, compile=self.compile)
 
-    def _open_staging(self, plan: dict, pending: np.ndarray) -> list[int]:
+    def work(self) -> ShardWork:
+        return ShardWork(run_dir=str(self.model_run.path.resolve()), dataset_dir=str(Path(self.ds.path).resolve()),
+                         checkpoint=self.checkpoint, staging=str(self.staging.resolve()), end_ts=int(self.end_ts),
+                         shard_users=self.shard_users, batch_size=self.batch_size, device=self.device,
+                         compile=self.compile)
+
+    def _open_staging(self, plan: EmbedPlan, pending: np.ndarray) -> list[int]:
         """Resume a staging directory with the same plan, or start a fresh one. Returns the shards still to do."""
         plan_path = self.staging / "plan.json"
         if self.staging.exists():
-            same = plan_path.exists() and json.loads(plan_path.read_text()) == plan
+            try:
+                same = EmbedPlan.model_validate(json.loads(plan_path.read_text())) == plan
+            except (OSError, ValueError):  # no plan, or not one this version wrote: another job's leftovers
+                same = False
             if not same:
                 shutil.rmtree(self.staging)
         if not self.staging.exists():
-            tmp = self.root / f".staging-{self.day.isoformat()}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "parts").mkdir(parents=True)
-            np.save(tmp / "pending.npy", pending)
-            write_json_atomic(tmp / "plan.json", plan)
-            os.replace(tmp, self.staging)
+            # the staging directory appears complete with its plan, or not at all
+            with atomic_dir(self.staging) as tmp:
+                (tmp / "parts").mkdir()
+                np.save(tmp / "pending.npy", pending)
+                write_json_atomic(tmp / "plan.json", plan)
         return [k for k in range(n_shards(pending, self.shard_users)) if not shard_path(self.staging, k).exists()]
 
     # -- running ----------------------------------------------------------------------------------------------
     def run(self, engine: str = "local", force: bool = False, ray_address: str | None = None,
-            ray_actors: int = 2, ray_cpus_per_actor: float = 0.5, log=print, progress: bool = True) -> dict:
+            ray_actors: int = 2, ray_cpus_per_actor: float = 0.5, log=print, progress: bool = True
+            ) -> SnapshotManifest:
         t0 = time.perf_counter()
-        if engine == "ray" and self.device != "cpu":
-            raise PinnerformerError("the ray engine runs CPU actors; use --engine local for --device cuda")
-        if engine == "ray" and self.compile:
-            raise PinnerformerError("--compile is for the local engine; the ray engine runs the eager model")
+        if engine == "local":
+            runner = LocalEngine()
+        elif engine == "ray":
+            runner = RayEngine(ray_address, ray_actors, ray_cpus_per_actor)
+        else:
+            raise PinnerformerError(f"engine {engine!r}: expected local or ray")
+        work = self.work()
+        runner.check(work)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._recover_replaced()
+        recover_swap(self.final)  # a --force swap killed between its two renames: put the old snapshot back
         if self.final.exists() and not force:
-            done = Snapshot.open(self.final)
-            if done.manifest["checkpoint"]["sha256"] == self.ck_sha and done.manifest["dtype"] == self.dtype:
-                log(f"{self.final} is already complete ({done.manifest['users']:,} users); nothing to do "
-                    "(--force recomputes it)")
-                return done.manifest
+            done = Snapshot.open(self.final).manifest
+            if done.checkpoint.sha256 == self.ck_sha and done.dtype == self.dtype:
+                log(f"{self.final} is already complete ({done.users:,} users); nothing to do (--force recomputes it)")
+                return done
             raise PinnerformerError(f"{self.final} exists but was made by another checkpoint or dtype: "
                                     "use --force to replace it, or another --output")
         prev, why = self.previous()
         pending = self.pending_users(prev)
-        plan = self.plan(prev, pending)
-        todo = self._open_staging(plan, pending)
+        todo = self._open_staging(self.plan(prev, pending), pending)
         shards = n_shards(pending, self.shard_users)
         log(f"as of {self.day} (events before {dt.datetime.fromtimestamp(self.end_ts, dt.timezone.utc):%Y-%m-%d %H:%M} "
             f"UTC): {why}; {len(pending):,} users to compute in {shards} shard(s)"
             + (f", {shards - len(todo)} already done by an earlier attempt" if len(todo) < shards else ""))
         if todo:
-            if engine == "local":
-                self._run_local(todo, pending, progress)
-            elif engine == "ray":
-                from pinnerformer.inference.ray_engine import run_shards_on_ray
-
-                run_shards_on_ray(self, todo, pending, address=ray_address, actors=ray_actors,
-                                  cpus_per_actor=ray_cpus_per_actor, progress=progress)
-            else:
-                raise PinnerformerError(f"engine {engine!r}: expected local or ray")
+            runner.run(work, todo, pending, progress)
         manifest = self._publish(prev, pending, shards, engine, t0)
-        log(f"wrote {self.final}: {manifest['users']:,} users ({manifest['recomputed']:,} recomputed, "
-            f"{manifest['carried_over']:,} carried over), {self.dtype}, {manifest['wall_s']:.1f}s")
+        log(f"wrote {self.final}: {manifest.users:,} users ({manifest.recomputed:,} recomputed, "
+            f"{manifest.carried_over:,} carried over), {self.dtype}, {manifest.wall_s:.1f}s")
         return manifest
 
-    def _run_local(self, todo: list[int], pending: np.ndarray, progress: bool) -> None:
-        from pinnerformer.evaluation.evaluate import load_run
-
-        model, _ = load_run(self.run_dir, self.ds, self.checkpoint)
-        model = model.to(torch.device(self.device))
-        if self.compile:  # fixed [batch_size, M] shapes: one compiled graph serves every batch
-            model.user_state = torch.compile(model.user_state, dynamic=False)
-        bar = progress_bar(total=sum(len(shard_of(pending, k, self.shard_users)) for k in todo),
-                           unit="user", desc="embed", disable=not progress)
-        for k in todo:
-            users = shard_of(pending, k, self.shard_users)
-            bar.update(run_shard(model, self.ds, self.staging, k, users, self.end_ts, self.batch_size))
-        bar.close()
-
-    def _publish(self, prev: Snapshot | None, pending: np.ndarray, shards: int, engine: str, t0: float) -> dict:
+    def _publish(self, prev: Snapshot | None, pending: np.ndarray, shards: int, engine: str, t0: float
+                 ) -> SnapshotManifest:
         parts_u, parts_v = [], []
         for k in range(shards):
             path = shard_path(self.staging, k)
@@ -270,48 +221,27 @@ class DailyJob:
         order = np.argsort(users, kind="stable")
         users, vecs = users[order], vecs[order]
         user_ids = self.ds.users["user_id"].to_arrow().take(pa.array(users))
-        table = embeddings_table(users, user_ids, vecs)
-        tmp = self.staging / f".{EMBEDDINGS}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.staging / EMBEDDINGS)
-        manifest = {
-            "kind": "user-embeddings", "schema_version": SNAPSHOT_SCHEMA_VERSION, "pinnerformer_version": __version__,
-            "as_of": self.day.isoformat(), "inputs_before_ts": self.end_ts, "dtype": self.dtype, "dim": int(dim),
-            "users": int(len(users)), "recomputed": int(len(new_u)), "carried_over": int(len(old_u)),
-            "previous_snapshot": None if prev is None else {"as_of": prev.manifest["as_of"],
-                                                            "content_sha256": prev.manifest["content_sha256"]},
-            "checkpoint": {"run": str(Path(self.run_dir).resolve()), "name": self.checkpoint, "sha256": self.ck_sha},
-            "dataset": {"path": str(Path(self.ds.path).resolve()), "fingerprint": self.ds.manifest.fingerprint},
-            "engine": engine, "device": self.device, "compile": self.compile, "content_sha256": content_hash(users, vecs),
-            "wall_s": round(time.perf_counter() - t0, 3),
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
+        with atomic_path(self.staging / EMBEDDINGS) as tmp:
+            pq.write_table(embeddings_table(users, user_ids, vecs), tmp)
+        manifest = SnapshotManifest(
+            pinnerformer_version=__version__, as_of=self.day.isoformat(), inputs_before_ts=self.end_ts,
+            dtype=self.dtype, dim=int(dim), users=int(len(users)), recomputed=int(len(new_u)),
+            carried_over=int(len(old_u)), previous_snapshot=None if prev is None else prev.manifest.ref(),
+            checkpoint=CheckpointRef(run=str(self.model_run.path.resolve()), name=self.checkpoint, sha256=self.ck_sha),
+            dataset=DatasetRef(path=str(Path(self.ds.path).resolve()), fingerprint=self.ds.manifest.fingerprint),
+            engine=engine, device=self.device, compile=self.compile, content_sha256=content_hash(users, vecs),
+            wall_s=round(time.perf_counter() - t0, 3),
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
         write_json_atomic(self.staging / MANIFEST, manifest)
         for name in ("parts", "pending.npy", "plan.json"):
             p = self.staging / name
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-        if self.final.exists():  # --force: swap by renames, never edit a published snapshot in place
-            old = self.root / f".replaced-{self.day.isoformat()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.final, old)
-            os.replace(self.staging, self.final)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.staging, self.final)
+        swap_in(self.staging, self.final)  # --force: by renames, never editing a published snapshot in place
         return manifest
-
-    def _recover_replaced(self) -> None:
-        """A job killed between the two renames of a --force swap: put the old snapshot back."""
-        old = self.root / f".replaced-{self.day.isoformat()}"
-        if old.exists():
-            if self.final.exists():
-                shutil.rmtree(old)
-            else:
-                os.replace(old, self.final)
 
     def _dim(self, parts_v: list[np.ndarray], prev: Snapshot | None) -> int:
         if parts_v:
             return parts_v[0].shape[1]
         if prev is not None:
-            return int(prev.manifest["dim"])
+            return prev.manifest.dim
         raise PinnerformerError(f"no user has an action up to {self.day}: nothing to embed")

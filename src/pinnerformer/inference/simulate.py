@@ -20,14 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pinnerformer.data.clock import day_end_ts
 from pinnerformer.data.dataset import Dataset
-from pinnerformer.data.schema import write_json_atomic
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.evaluation.evaluate import eligible_windows, held_out_users
-from pinnerformer.evaluation.metrics import bootstrap_ci, label_ranks, recall_at_k
+from pinnerformer.evaluation.metrics import RECALL, bootstrap_ci, label_ranks, metric_name, recall_at_k
+from pinnerformer.evaluation.tasks import eligible_windows
 from pinnerformer.inference.daily_embed import DailyJob
-from pinnerformer.inference.snapshot import Snapshot, day_end_ts
+from pinnerformer.inference.snapshot import Snapshot
+from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic
+from pinnerformer.models.embedding import embed_items
 from pinnerformer.progress import progress_bar
+from pinnerformer.runs.run_dir import RunDir
 
 
 CADENCES = {"daily": 1, "weekly": 7, "frozen": 0}  # 0: never refreshed after the first day
@@ -43,9 +46,7 @@ def snapshot_recall(snap: Snapshot, items: torch.Tensor, users: np.ndarray, labe
 def simulate_daily(run_dir: Path, ds: Dataset, first: dt.date, last: dt.date, output: Path, k: int = 10,
                    label_days: float = 14.0, dtype: str = "float32", log=print, progress: bool = True,
                    command: str = "", snapshots: Path | None = None) -> dict:
-    from pinnerformer.evaluation.evaluate import load_run
-    from pinnerformer.training.trainer import embed_items
-
+    rk = metric_name(RECALL, k)
     if last < first:
         raise PinnerformerError(f"--to {last} is before --from {first}")
     if day_end_ts(last) > ds.manifest.time_max + int(label_days * 86400):
@@ -53,9 +54,9 @@ def simulate_daily(run_dir: Path, ds: Dataset, first: dt.date, last: dt.date, ou
             "run past the end of the data; later days have fewer eligible users")
     t0 = time.perf_counter()
     output = Path(output)
-    model, _ = load_run(run_dir, ds)
-    items = embed_items(model, torch.device("cpu"))
-    users = held_out_users(run_dir, "test")
+    run = RunDir(run_dir)
+    items = embed_items(run.load_model(ds), torch.device("cpu"))
+    users = run.held_out_users("test")
     root = Path(snapshots) if snapshots else output / "snapshots"
     days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
     rows = []
@@ -71,9 +72,9 @@ def simulate_daily(run_dir: Path, ds: Dataset, first: dt.date, last: dt.date, ou
         elig = [(int(u), w[1]) for u, w in zip(users, windows) if w is not None]
         r_daily = snapshot_recall(snap, items, np.array([u for u, _ in elig]), [lab for _, lab in elig], k) \
             if elig else np.zeros(0)
-        row = {"day": day.isoformat(), "recomputed": m["recomputed"], "carried_over": m["carried_over"],
-               "users_in_snapshot": m["users"], "eligible_test_users": len(elig),
-               f"recall@{k}_daily": float(np.mean(r_daily)) if len(r_daily) else None}
+        row = {"day": day.isoformat(), "recomputed": m.recomputed, "carried_over": m.carried_over,
+               "users_in_snapshot": m.users, "eligible_test_users": len(elig),
+               f"{rk}_daily": float(np.mean(r_daily)) if len(r_daily) else None}
         age = (day - first).days
         for cadence, every in CADENCES.items():
             if cadence == "daily":
@@ -90,17 +91,17 @@ def simulate_daily(run_dir: Path, ds: Dataset, first: dt.date, last: dt.date, ou
             pooled[cadence][0].append(r_fresh)
             pooled[cadence][1].append(r_used)
             row[cadence] = {"users": len(pair), "stale_vectors": int(stale), "age_days": (day - used.day).days,
-                            f"recall@{k}": float(r_used.mean()) if pair else None,
-                            f"recall@{k}_daily_same_users": float(r_fresh.mean()) if pair else None}
+                            rk: float(r_used.mean()) if pair else None,
+                            f"{rk}_daily_same_users": float(r_fresh.mean()) if pair else None}
         rows.append(row)
         bar.update(1)
     bar.close()
     summary = {}
     for cadence, (fresh, used) in pooled.items():
         f_, u_ = np.concatenate(fresh), np.concatenate(used)
-        summary[cadence] = {"user_windows": int(len(f_)), f"recall@{k}_daily": float(f_.mean()) if len(f_) else None,
-                            f"recall@{k}_daily_ci95": bootstrap_ci(f_),
-                            f"recall@{k}": float(u_.mean()) if len(u_) else None, f"recall@{k}_ci95": bootstrap_ci(u_),
+        summary[cadence] = {"user_windows": int(len(f_)), f"{rk}_daily": float(f_.mean()) if len(f_) else None,
+                            f"{rk}_daily_ci95": bootstrap_ci(f_),
+                            rk: float(u_.mean()) if len(u_) else None, f"{rk}_ci95": bootstrap_ci(u_),
                             "drop_ci95": bootstrap_ci(f_ - u_)}
     result = {
         "run": str(Path(run_dir).resolve()), "dataset": str(Path(ds.path).resolve()),
@@ -109,20 +110,20 @@ def simulate_daily(run_dir: Path, ds: Dataset, first: dt.date, last: dt.date, ou
         "daily_user_windows": sum(r["eligible_test_users"] for r in rows), "pooled": summary,
         "command": command, "wall_s": round(time.perf_counter() - t0, 1),
         "protocol": (f"future-window at each day's end: the run's held-out test users with an action before the "
-                     f"cut-off and a positive in the next {label_days:g} days; Recall@{k} against all "
+                     f"cut-off and a positive in the next {label_days:g} days; {rk} against all "
                      f"{ds.manifest.n_items:,} items (exact search), each label against the catalogue minus the "
                      "user's other labels"),
     }
     output.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output / "staleness.json", result)
-    (output / "staleness.md").write_text(markdown(result))
+    write_text_atomic(output / "staleness.md", markdown(result))
     plot(result, output / "staleness.png")
     log(f"wrote {output}/staleness.md, .json and .png ({result['wall_s']} s)")
     return result
 
 
 def markdown(r: dict) -> str:
-    k = r["k"]
+    rk = metric_name(RECALL, r["k"])
 
     def f(v):
         return "–" if v is None else f"{v:.4f}"
@@ -134,21 +135,21 @@ def markdown(r: dict) -> str:
              "frozen: the first day's snapshot, never refreshed. Each is compared with the daily snapshot on the "
              "eligible users it contains (paired); stale = how many of those have a different vector today"]
     for cadence, p in r["pooled"].items():
-        lines.append(f"- pooled, {cadence} vs daily ({p['user_windows']} user-windows): Recall@{k} "
-                     f"{f(p[f'recall@{k}'])} [{p[f'recall@{k}_ci95'][0]:.4f}, {p[f'recall@{k}_ci95'][1]:.4f}] vs "
-                     f"{f(p[f'recall@{k}_daily'])} [{p[f'recall@{k}_daily_ci95'][0]:.4f}, "
-                     f"{p[f'recall@{k}_daily_ci95'][1]:.4f}]; daily − {cadence} 95% CI "
+        lines.append(f"- pooled, {cadence} vs daily ({p['user_windows']} user-windows): {rk} "
+                     f"{f(p[rk])} [{p[f'{rk}_ci95'][0]:.4f}, {p[f'{rk}_ci95'][1]:.4f}] vs "
+                     f"{f(p[f'{rk}_daily'])} [{p[f'{rk}_daily_ci95'][0]:.4f}, "
+                     f"{p[f'{rk}_daily_ci95'][1]:.4f}]; daily − {cadence} 95% CI "
                      f"[{p['drop_ci95'][0]:+.4f}, {p['drop_ci95'][1]:+.4f}]")
     lines += [f"- reproduce: `{r['command']}` ({r['wall_s']} s)", "",
-              f"| day | recomputed | carried over | eligible | Recall@{k} daily | weekly: users (stale) | weekly | "
+              f"| day | recomputed | carried over | eligible | {rk} daily | weekly: users (stale) | weekly | "
               f"daily, same users | frozen: users (stale) | frozen | daily, same users |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for d in r["days"]:
         w, z = d["weekly"], d["frozen"]
         lines.append(f"| {d['day']} | {d['recomputed']:,} | {d['carried_over']:,} | {d['eligible_test_users']} | "
-                     f"{f(d[f'recall@{k}_daily'])} | {w['users']} ({w['stale_vectors']}) | {f(w[f'recall@{k}'])} | "
-                     f"{f(w[f'recall@{k}_daily_same_users'])} | {z['users']} ({z['stale_vectors']}) | "
-                     f"{f(z[f'recall@{k}'])} | {f(z[f'recall@{k}_daily_same_users'])} |")
+                     f"{f(d[f'{rk}_daily'])} | {w['users']} ({w['stale_vectors']}) | {f(w[rk])} | "
+                     f"{f(w[f'{rk}_daily_same_users'])} | {z['users']} ({z['stale_vectors']}) | "
+                     f"{f(z[rk])} | {f(z[f'{rk}_daily_same_users'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,19 +159,19 @@ def plot(r: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = r["k"]
+    rk = metric_name(RECALL, r["k"])
     days = [d["day"] for d in r["days"]]
     x = np.arange(len(days))
     val = lambda v: np.nan if v is None else v  # noqa: E731
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    ax1.plot(x, [val(d[f"recall@{k}_daily"]) for d in r["days"]], marker="o", ms=3, color="black",
+    ax1.plot(x, [val(d[f"{rk}_daily"]) for d in r["days"]], marker="o", ms=3, color="black",
              label="daily snapshot (all eligible test users)")
     for cadence, color in (("weekly", "tab:blue"), ("frozen", "tab:orange")):
-        ax1.plot(x, [val(d[cadence][f"recall@{k}"]) for d in r["days"]], marker=".", ms=3, color=color,
+        ax1.plot(x, [val(d[cadence][rk]) for d in r["days"]], marker=".", ms=3, color=color,
                  label=f"{cadence} (its users)")
-        ax1.plot(x, [val(d[cadence][f"recall@{k}_daily_same_users"]) for d in r["days"]], ls=":", color=color,
+        ax1.plot(x, [val(d[cadence][f"{rk}_daily_same_users"]) for d in r["days"]], ls=":", color=color,
                  label=f"daily, same users as {cadence}")
-    ax1.set_ylabel(f"Recall@{k}")
+    ax1.set_ylabel(f"{rk}")
     ax1.legend(fontsize=8)
     ax1.set_title(f"Staleness: snapshot refresh cadence ({r['from']} → {r['to']})")
     ax2.bar(x, [d["recomputed"] for d in r["days"]], color="tab:gray")
@@ -178,6 +179,7 @@ def plot(r: dict, path: Path) -> Path:
     step = max(1, len(days) // 10)
     ax2.set_xticks(x[::step], days[::step], rotation=30, ha="right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path

@@ -22,31 +22,63 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pinnerformer.config import StrictModel
+from pinnerformer.data.schema import DatasetRef
 from pinnerformer.errors import PinnerformerError
 
 SNAPSHOT_SCHEMA_VERSION = 1
 EMBEDDINGS = "embeddings.parquet"
 MANIFEST = "manifest.json"
 DTYPES = {"float16": np.float16, "float32": np.float32}
+Dtype = Literal["float16", "float32"]
 _DAY_DIR = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
-def parse_day(text: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(text.strip())
-    except ValueError:
-        raise PinnerformerError(f"{text!r} is not a day (expected YYYY-MM-DD)") from None
+class CheckpointRef(StrictModel):
+    run: str
+    name: str
+    sha256: str
 
 
-def day_end_ts(day: dt.date) -> int:
-    """Unix seconds of the end of `day` in UTC (= midnight starting the next day): the as-of cut-off."""
-    nxt = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.timezone.utc)
-    return int(nxt.timestamp())
+class SnapshotRef(StrictModel):
+    as_of: str
+    content_sha256: str
+
+
+class SnapshotManifest(StrictModel):
+    kind: Literal["user-embeddings"] = "user-embeddings"
+    schema_version: int = SNAPSHOT_SCHEMA_VERSION
+    pinnerformer_version: str
+    as_of: str  # YYYY-MM-DD: every input action is before the end of this day (UTC)
+    inputs_before_ts: int
+    dtype: Dtype
+    dim: int
+    users: int
+    recomputed: int
+    carried_over: int
+    previous_snapshot: SnapshotRef | None  # the snapshot the carried-over vectors come from
+    checkpoint: CheckpointRef
+    dataset: DatasetRef
+    engine: str
+    device: str = "cpu"  # (snapshots written before these two keys existed were eager CPU ones)
+    compile: bool = False
+    content_sha256: str
+    wall_s: float
+    created_at: str
+
+    @property
+    def day(self) -> dt.date:
+        return dt.date.fromisoformat(self.as_of)
+
+    def ref(self) -> SnapshotRef:
+        return SnapshotRef(as_of=self.as_of, content_sha256=self.content_sha256)
 
 
 def content_hash(users: np.ndarray, vectors: np.ndarray) -> str:
@@ -73,7 +105,7 @@ class Snapshot:
     """A complete snapshot directory, opened."""
 
     path: Path
-    manifest: dict
+    manifest: SnapshotManifest
 
     @staticmethod
     def open(path: str | Path) -> "Snapshot":
@@ -84,14 +116,17 @@ class Snapshot:
                 raise PinnerformerError(f"{path} is a snapshot root, not a snapshot: pass one of its day "
                                         f"directories ({', '.join(days)})")
             raise PinnerformerError(f"{path}: not a complete embedding snapshot (no {MANIFEST})")
-        manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("kind") != "user-embeddings":
+        raw = json.loads((path / MANIFEST).read_text())
+        if raw.get("kind") != "user-embeddings":
             raise PinnerformerError(f"{path / MANIFEST}: not a user-embedding snapshot manifest")
-        return Snapshot(path, manifest)
+        try:
+            return Snapshot(path, SnapshotManifest.model_validate(raw))
+        except ValueError as e:
+            raise PinnerformerError(f"{path / MANIFEST}: not a snapshot manifest this version can read: {e}") from None
 
     @property
     def day(self) -> dt.date:
-        return dt.date.fromisoformat(self.manifest["as_of"])
+        return self.manifest.day
 
     @cached_property
     def table(self) -> pa.Table:
@@ -118,13 +153,11 @@ class Snapshot:
             key = pa.scalar(user_id).cast(ids.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
             raise PinnerformerError(f"user id {user_id!r} is not a valid {ids.type} id") from None
-        import pyarrow.compute as pc
-
         rows = pc.index(ids, key).as_py()
         if rows < 0:
             raise PinnerformerError(
                 f"user {user_id!r} is not in snapshot {self.path} ({self.table.num_rows:,} users as of "
-                f"{self.manifest['as_of']}): unknown id, or no action up to that day")
+                f"{self.manifest.as_of}): unknown id, or no action up to that day")
         return rows
 
 

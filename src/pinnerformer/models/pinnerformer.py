@@ -27,53 +27,66 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import model_validator
 
-HOUR, DAY, WEEK = 3600.0, 86400.0, 7 * 86400.0
-ABS_PERIODS = [0.25 * HOUR, 0.5 * HOUR, 0.75 * HOUR, HOUR, 2 * HOUR, 4 * HOUR, 8 * HOUR, 16 * HOUR, DAY, 7 * DAY,
-               28 * DAY, 365 * DAY]
-REL_PERIODS = torch.logspace(0, math.log10(4 * WEEK), 32).tolist()  # 1 s … 4 weeks
+from pinnerformer.config import StrictModel
+from pinnerformer.data.dataset import Dataset
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.features.sequence_batch import ABS_PERIODS, REL_PERIODS
 
 
-@dataclass
-class ModelConfig:
-    n_items: int
-    n_actions: int
-    n_surfaces: int
-    max_len: int = 64  # M
+class PinnerFormerConfig(StrictModel):
+    """The model's shape and feature switches: the `model` section of a training config."""
+
     width: int = 64  # H
     layers: int = 2  # L
     heads: int = 2
     dim: int = 64  # D
     dropout: float = 0.1
-    item_features: str = "both"  # content | id | both
-    content_dim: int = 0  # 0 when the dataset has no content vectors
+    # content: the item's content vector; id: a learned ID embedding; both; auto: both if the data has vectors
+    item_features: Literal["auto", "content", "id", "both"] = "auto"
     id_dim: int = 64
     action_dim: int = 16
     surface_dim: int = 8
-    time_features: bool = True  # False for order-only clocks
-    # feature switches, for leave-one-feature-out ablations
-    use_action: bool = True
-    use_duration_surface: bool = True
-    use_position: bool = True
     item_tower_hidden: int = 256
-    # The item features (below) always feed both towers. mlp: the paper's item tower on top of them; linear: one
+    # The item features always feed both towers. mlp: the paper's item tower on top of them; linear: one
     # projection; none: the normalised features are the item embedding, so items are scored with the input item
-    # table itself, as SASRec does (needs item_feature_width == D)
-    item_tower: str = "mlp"
-    input_dropout: float = 0.0  # dropout on the summed input embedding (SASRec's embedding dropout)
+    # table itself, as SASRec does (needs item features of width D)
+    item_tower: Literal["mlp", "linear", "none"] = "mlp"
+    input_dropout: float = 0.0  # dropout on the summed input embedding, before the first block (SASRec's)
     init_temperature: float = 0.07
     # The residual stream between blocks: float32, or the autocast dtype when autocast is on ("compute": bf16 on GPU,
     # half the memory traffic of the LayerNorm/dropout/residual passes, at bf16 precision). No effect without autocast.
-    residual_dtype: str = "float32"
+    residual_dtype: Literal["float32", "compute"] = "float32"
+    # feature switches, for leave-one-feature-out ablations (time features also need a real clock)
+    time_features: bool = True
+    action_features: bool = True  # action-type embedding
+    duration_surface_features: bool = True
+    position_features: bool = True
 
-    @property
-    def item_feature_width(self) -> int:
-        return (self.content_dim if self.item_features in ("content", "both") else 0) + \
-            (self.id_dim if self.item_features in ("id", "both") else 0)
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "PinnerFormerConfig":
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        return self
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the data fixes: vocabulary sizes, the input length M, the content vectors' width, a real clock."""
+
+    n_items: int
+    n_actions: int
+    n_surfaces: int
+    max_len: int  # M
+    content_dim: int = 0  # 0: the dataset has no content vectors
+    has_clock: bool = True  # False for order-only data: no time features
 
 
 class Time2Vec(nn.Module):
@@ -102,18 +115,17 @@ class Time2Vec(nn.Module):
 class ItemFeatures(nn.Module):
     """Raw item features shared by the action input and the item tower: content vector ‖ ID embedding."""
 
-    def __init__(self, cfg: ModelConfig, content: torch.Tensor | None):
+    def __init__(self, kind: str, n_items: int, id_dim: int, content: torch.Tensor | None):
         super().__init__()
-        self.use_content = cfg.item_features in ("content", "both")
-        self.use_id = cfg.item_features in ("id", "both")
+        self.use_content, self.use_id = kind in ("content", "both"), kind in ("id", "both")
         if self.use_content:
             if content is None:
-                raise ValueError("item_features needs content vectors, but the dataset has none")
+                raise PinnerformerError(f"item_features={kind} needs content vectors, but none were given")
             self.register_buffer("content", content.float(), persistent=False)  # frozen; rebuilt from dataset
         if self.use_id:
-            self.id_emb = nn.Embedding(cfg.n_items, cfg.id_dim)
+            self.id_emb = nn.Embedding(n_items, id_dim)
             nn.init.normal_(self.id_emb.weight, std=0.02)
-        self.out_dim = cfg.item_feature_width
+        self.out_dim = (content.shape[1] if self.use_content else 0) + (id_dim if self.use_id else 0)
         # unit-norm content vectors and small-init ID embeddings live on very different scales; normalise the
         # concatenation so that neither (nor the action/time features beside it) dominates the projection
         self.norm = nn.LayerNorm(self.out_dim)
@@ -165,21 +177,25 @@ class Block(nn.Module):
 
 
 class PinnerFormer(nn.Module):
-    def __init__(self, cfg: ModelConfig, content: torch.Tensor | None = None):
+    def __init__(self, cfg: PinnerFormerConfig, spec: InputSpec, content: torch.Tensor | None = None):
+        """content: [n_items, spec.content_dim] item content vectors, needed when the item features use them."""
         super().__init__()
-        self.cfg = cfg
-        self.items = ItemFeatures(cfg, content)
-        self.action_emb = nn.Embedding(cfg.n_actions + 1, cfg.action_dim)  # 0 = unknown
-        self.surface_emb = nn.Embedding(cfg.n_surfaces + 1, cfg.surface_dim)  # 0 = unknown / not recorded
-        in_dim = self.items.out_dim + (cfg.action_dim if cfg.use_action else 0) + \
-            (cfg.surface_dim + 2 if cfg.use_duration_surface else 0)
-        if cfg.time_features:
+        self.cfg, self.spec = cfg, spec
+        self.item_feature_kind = cfg.item_features if cfg.item_features != "auto" else (
+            "both" if spec.content_dim else "id")
+        self.time_features = cfg.time_features and spec.has_clock
+        self.items = ItemFeatures(self.item_feature_kind, spec.n_items, cfg.id_dim, content)
+        self.action_emb = nn.Embedding(spec.n_actions + 1, cfg.action_dim)  # 0 = unknown
+        self.surface_emb = nn.Embedding(spec.n_surfaces + 1, cfg.surface_dim)  # 0 = unknown / not recorded
+        in_dim = self.items.out_dim + (cfg.action_dim if cfg.action_features else 0) + \
+            (cfg.surface_dim + 2 if cfg.duration_surface_features else 0)
+        if self.time_features:
             self.t_abs = Time2Vec(ABS_PERIODS, with_log=True)  # x = days since epoch
             self.t_since = Time2Vec(REL_PERIODS, with_log=True)
             self.t_gap = Time2Vec(REL_PERIODS, with_log=True)
             in_dim += self.t_abs.out_dim + self.t_since.out_dim + self.t_gap.out_dim
         self.input_proj = nn.Linear(in_dim, cfg.width)
-        self.pos_emb = nn.Embedding(cfg.max_len, cfg.width)
+        self.pos_emb = nn.Embedding(spec.max_len, cfg.width)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.blocks = nn.ModuleList([Block(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.layers)])
         self.head = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(),
@@ -190,13 +206,12 @@ class PinnerFormer(nn.Module):
                                             nn.Linear(cfg.item_tower_hidden, cfg.dim))
         elif cfg.item_tower == "linear":
             self.item_tower = nn.Linear(self.items.out_dim, cfg.dim)
-        elif cfg.item_tower == "none":
+        else:  # none
             if self.items.out_dim != cfg.dim:
-                raise ValueError(f"item_tower=none needs item features of width D={cfg.dim}, "
-                                 f"got {self.items.out_dim}")
+                raise PinnerformerError(
+                    f"model.item_tower=none uses the item features as item embeddings, so their width "
+                    f"({self.items.out_dim}: item_features={self.item_feature_kind}) must equal model.dim ({cfg.dim})")
             self.item_tower = nn.Identity()
-        else:
-            raise ValueError(f"unknown item_tower '{cfg.item_tower}': expected mlp, linear or none")
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
 
     @property
@@ -205,14 +220,14 @@ class PinnerFormer(nn.Module):
 
     def action_features(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = [self.items(b["item"])]
-        if self.cfg.use_action:
+        if self.cfg.action_features:
             parts.append(self.action_emb(b["action"] + 1))
-        if self.cfg.use_duration_surface:
+        if self.cfg.duration_surface_features:
             dur = b["duration"]
             missing = torch.isnan(dur)
             log_dur = torch.where(missing, torch.zeros_like(dur), torch.log1p(dur.clamp(min=0)))
             parts += [self.surface_emb(b["surface"] + 1), log_dur.unsqueeze(-1), missing.float().unsqueeze(-1)]
-        if self.cfg.time_features:
+        if self.time_features:
             parts += [self.t_abs(b["t_abs_days"], frac=b["t_abs_frac"]), self.t_since(b["t_since"]),
                       self.t_gap(b["t_gap"])]
         return torch.cat(parts, dim=-1)
@@ -221,8 +236,8 @@ class PinnerFormer(nn.Module):
         """[B, T] actions (right-padded) -> [B, T, H] inputs of the first transformer block."""
         x = self.input_proj(self.action_features(b))
         T = x.shape[1]
-        if self.cfg.use_position:
-            x = x + self.pos_emb(torch.arange(T, device=x.device).clamp(max=self.cfg.max_len - 1))
+        if self.cfg.position_features:
+            x = x + self.pos_emb(torch.arange(T, device=x.device).clamp(max=self.spec.max_len - 1))
         x = self.drop_in(x)
         # the sum above is float32 (the position table is); the blocks keep whatever dtype they are given
         if self.cfg.residual_dtype == "compute" and torch.is_autocast_enabled(x.device.type):
@@ -258,3 +273,20 @@ class PinnerFormer(nn.Module):
 
     def item_embedding(self, item: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.item_tower(self.items(item)).float(), dim=-1)
+
+
+def input_spec(ds: Dataset, max_len: int) -> InputSpec:
+    m = ds.manifest
+    return InputSpec(n_items=m.n_items, n_actions=len(m.actions), n_surfaces=len(m.surfaces), max_len=max_len,
+                     content_dim=m.content_vectors.dim if m.content_vectors else 0, has_clock=m.clock == "seconds")
+
+
+def pinnerformer_for(ds: Dataset, cfg: PinnerFormerConfig, max_len: int) -> PinnerFormer:
+    """A PinnerFormer for a dataset's vocabulary, with its content vectors when the item features use them."""
+    spec = input_spec(ds, max_len)
+    kind = cfg.item_features
+    if kind in ("content", "both") and not spec.content_dim:
+        raise PinnerformerError(f"item_features={kind} needs content vectors, but {ds.path} has none "
+                                "(run `pinnerformer items embed-text` or use item_features=id)")
+    uses_content = kind in ("content", "both") or (kind == "auto" and spec.content_dim)
+    return PinnerFormer(cfg, spec, torch.from_numpy(np.array(ds.content_vectors())) if uses_content else None)

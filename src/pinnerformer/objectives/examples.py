@@ -1,4 +1,4 @@
-"""Training examples cut from user timelines on the fly, for the four objectives of SPEC §2.
+"""Training examples cut from user timelines on the fly, for the four objectives of the PinnerFormer paper.
 
 An example is (user, cut-off c): the input is the last M actions before c, i.e. events [max(s, c-M), c) of the
 user's training range [s, e); labels are positive actions after the relevant position:
@@ -9,7 +9,7 @@ user's training range [s, e); labels are positive actions after the relevant pos
     dense-all-action   `positions` sampled positions i -> `labels_per_position` random positives in the
                        window after i (the window after *that position's* time, so it needs the causal mask)
 
-The window is K seconds after the position's timestamp (28 days by default), or K actions for order-only data.
+The window is K days after the position's timestamp (28 by default), or K actions for order-only data.
 A query is (example, position, label item); the loss treats every query as one softmax.
 c is drawn uniformly from the cut-offs that leave at least one action before and one positive after
 (cutoff="random"), or is the latest such cut-off (cutoff="last": the whole training sequence, as SASRec trains).
@@ -18,24 +18,29 @@ c is drawn uniformly from the cut-offs that leave at least one action before and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
+from pinnerformer.config import StrictModel
+from pinnerformer.data.clock import DAY
 from pinnerformer.data.timelines import Timelines, TimelineView
 
-OBJECTIVES = ["dense-all-action", "all-action", "sasrec", "next-action"]
+Objective = Literal["dense-all-action", "all-action", "sasrec", "next-action"]
+OBJECTIVES = list(Objective.__args__)
 
 
-@dataclass
-class ExampleConfig:
-    objective: str = "dense-all-action"
-    max_len: int = 64  # M
+class ExampleConfig(StrictModel):
+    """How examples are cut: the `data` section of a training config."""
+
+    max_len: int = 64  # M: actions per input sequence
     positions: int = 16  # dense-all-action: positions sampled per sequence
     labels_per_position: int = 1  # dense-all-action
-    max_labels: int = 32  # all-action
-    window: float = 28 * 86400.0  # seconds, or a number of actions for order-only clocks
-    window_in_actions: bool = False
-    cutoff: str = "random"  # random | last
+    max_labels: int = 32  # all-action: labels per sequence
+    sequences_per_user: int = 4  # examples per training user per epoch
+    window_days: float = 28.0  # K, for real clocks
+    window_actions: int = 20  # K, for order-only clocks
+    cutoff: Literal["random", "last"] = "random"  # example cut-off: random, or the end of the training range
 
 
 @dataclass
@@ -59,12 +64,14 @@ def one_query_per_label(ex: np.ndarray, pos: np.ndarray, labels: list[np.ndarray
 
 
 class ExampleSampler:
-    def __init__(self, tl: Timelines, positive_codes: np.ndarray, view: TimelineView, cfg: ExampleConfig):
-        if cfg.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {cfg.objective!r}; expected one of {', '.join(OBJECTIVES)}")
-        if cfg.cutoff not in ("random", "last"):
-            raise ValueError(f"unknown cutoff {cfg.cutoff!r}; expected random or last")
-        self.tl, self.view, self.cfg = tl, view, cfg
+    def __init__(self, tl: Timelines, positive_codes: np.ndarray, view: TimelineView, cfg: ExampleConfig,
+                 objective: Objective = "dense-all-action"):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        self.tl, self.view, self.cfg, self.objective = tl, view, cfg, objective
+        # K: seconds after the position on a real clock, a number of actions on an order-only one
+        self.window_in_actions = tl.clock == "order"
+        self.window = cfg.window_actions if self.window_in_actions else cfg.window_days * float(DAY)
         is_pos = np.isin(np.asarray(tl.action), positive_codes)
         self.pos_idx = np.flatnonzero(is_pos)  # global indices of positive events, ascending
         self.cum_pos = np.concatenate([[0], np.cumsum(is_pos)])  # positives in events [0, j)
@@ -78,10 +85,10 @@ class ExampleSampler:
 
     def _window_end(self, s: int, e: int, i: np.ndarray) -> np.ndarray:
         """One past the last event inside the label window after positions i (global indices)."""
-        if self.cfg.window_in_actions:
-            return np.minimum(i + 1 + int(self.cfg.window), e)
+        if self.window_in_actions:
+            return np.minimum(i + 1 + int(self.window), e)
         ts = self.tl.ts[s:e]
-        return s + np.searchsorted(ts, ts[i - s] + self.cfg.window, side="right")
+        return s + np.searchsorted(ts, ts[i - s] + self.window, side="right")
 
     def _random_positives(self, rng, first: np.ndarray, stop: np.ndarray, k: int) -> list[np.ndarray]:
         """For each window [first, stop) of global indices: up to k distinct positives, chosen at random."""
@@ -134,16 +141,16 @@ class ExampleSampler:
         c = (self.hi[users] if cfg.cutoff == "last" else rng.integers(self.lo[users], self.hi[users] + 1)
              ).astype(np.int64)
         starts = np.maximum(s_u, c - cfg.max_len)
-        if cfg.objective == "dense-all-action":
+        if self.objective == "dense-all-action":
             q_example, q_pos, q_lab = self._dense_queries(rng, starts, c, s_u, e_u)
         else:
             qe, qp, ql = [], [], []  # per user: example index and position per position, a label array each
             for b in range(len(users)):
                 s, cb, eb = int(starts[b]), int(c[b]), int(e_u[b])
-                if cfg.objective == "next-action":
+                if self.objective == "next-action":
                     pos = np.array([cb - 1])
                     labels = [self.pos_idx[self.cum_pos[cb]:self.cum_pos[cb] + 1]]
-                elif cfg.objective == "sasrec":
+                elif self.objective == "sasrec":
                     pos = np.arange(s, cb)
                     nxt = self.cum_pos[pos + 1]  # index into pos_idx of the first positive after each position
                     ok = nxt < len(self.pos_idx)

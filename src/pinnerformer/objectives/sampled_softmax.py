@@ -1,6 +1,6 @@
 """Sampled softmax with logQ correction, its negative pool, and the count-min sketch behind Q.
 
-For a query u with positive p and negatives n (SPEC §2):
+For a query u with positive p and negatives n (the PinnerFormer paper's loss):
 
     L(u) = -log( e^{s(u,p) - log Q(p)} / (e^{s(u,p) - log Q(p)} + Σ_n e^{s(u,n) - log Q(n)}) )
 
@@ -15,19 +15,39 @@ hits": a random negative equal to the positive). With `mask_own_positives=False`
 is masked (`label_mask`): the user's other positives stay negatives, as in plain cross-entropy. Each user
 (example) weighs equally: query losses are averaged within an example, then over examples.
 
-Building the pool is a separate step (`build_negative_pool`) so that a distributed trainer can all-gather
-pools across workers before the loss. The pool and its log Q are built on the host (the sketch lives there), from
-host tensors, so that the GPU never has to be waited for; the trainer moves them to the device in one go.
+`SampledSoftmaxLoss` is the loss of a training batch: its host half (`host_inputs`: the sketch, the negative pool,
+its log Q, de-duplicated item ids) runs on the host, from host arrays, so that the GPU never has to be waited for;
+the caller moves the result to the device in one go. Its device half (`__call__`) takes the queries' embeddings and
+the item tower. Building the pool is a separate function (`build_negative_pool`) so that a distributed trainer can
+all-gather pools across workers before the loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Literal
 
+import numpy as np
 import torch
 
-NEGATIVES = ["mixed", "in-batch", "random", "full"]
+from pinnerformer.config import StrictModel
+from pinnerformer.objectives.examples import ExampleBatch, Objective
+
+Negatives = Literal["mixed", "in-batch", "random", "full"]
+NEGATIVES = list(Negatives.__args__)
 MERSENNE = (1 << 31) - 1
+
+
+class LossConfig(StrictModel):
+    """The training objective and its loss: the `loss` section of a training config."""
+
+    objective: Objective = "dense-all-action"
+    negatives: Negatives = "mixed"  # full: softmax over the whole catalogue
+    n_random: int = 1024
+    logq: bool = True
+    mask_own_positives: bool = True  # False: only the query's own label is masked; other positives stay negatives
+    sketch_width: int = 1 << 18
+    sketch_depth: int = 4
 
 
 class CountMinSketch:
@@ -203,3 +223,77 @@ def sampled_softmax_loss_fused(q: torch.Tensor, pos_e: torch.Tensor, neg_e: torc
     lse = m + torch.log(torch.exp(z_pos - m) + torch.exp(z_neg - m.unsqueeze(1)).sum(dim=1))
     per_query = lse - z_pos
     return mean_over_examples(per_query, q_example, n_examples)
+
+
+class SampledSoftmaxLoss:
+    """The loss of one batch of examples under `LossConfig`, with the count-min sketch it keeps across batches.
+
+    fused: compute the sampled softmax with `sampled_softmax_loss_fused` compiled by torch.compile (query and pool
+    sizes vary per batch, hence dynamic shapes; no CUDA graphs, which would be recorded again for every new size);
+    negatives=full keeps its own fused cross-entropy."""
+
+    def __init__(self, cfg: LossConfig, n_items: int, seed: int, fused: bool = False):
+        self.cfg, self.n_items = cfg, n_items
+        self.sketch = CountMinSketch(cfg.sketch_width, cfg.sketch_depth, seed=seed)
+        self.fused = torch.compile(sampled_softmax_loss_fused, dynamic=True) if fused else None
+
+    def host_inputs(self, batch: ExampleBatch, generator: torch.Generator) -> dict[str, np.ndarray | torch.Tensor]:
+        """Host arrays for `__call__`: the queries, the masks' inputs, and (sampled pools) the pool, log Q of the
+        positives and of the pool, and the de-duplicated item ids (`uniq`, with `inv` mapping back: positives first,
+        then the pool). Counts the batch's positives into the sketch first."""
+        cfg = self.cfg
+        label_items = torch.from_numpy(batch.q_item)
+        self.sketch.update(label_items)
+        host: dict[str, np.ndarray | torch.Tensor] = {"q_example": batch.q_example, "q_position": batch.q_position,
+                                                      "label_items": batch.q_item}
+        if cfg.mask_own_positives:
+            host.update(label_example=batch.label_example, label_item=batch.label_item)
+        if cfg.negatives != "full":
+            pool = build_negative_pool(label_items, cfg.negatives, cfg.n_random, self.n_items, self.sketch, cfg.logq,
+                                       generator)
+            n_ib = len(label_items) if cfg.negatives in ("in-batch", "mixed") else 0
+            n_rand = cfg.n_random if cfg.negatives in ("random", "mixed") else 0
+            pos_log_q = (log_q_of(label_items, cfg.negatives, n_ib, n_rand, self.n_items, self.sketch) if cfg.logq
+                         else torch.zeros(len(label_items)))
+            uniq, inv = np.unique(np.concatenate([batch.q_item, pool.items.numpy()]), return_inverse=True)
+            host.update(pool_items=pool.items, pool_log_q=pool.log_q, pos_log_q=pos_log_q, uniq=uniq, inv=inv)
+        return host
+
+    def __call__(self, q: torch.Tensor, item_embedding: Callable[[torch.Tensor], torch.Tensor], tau: torch.Tensor,
+                 t: dict[str, torch.Tensor], n_examples: int) -> torch.Tensor:
+        """q [Q, D] the queries' embeddings; item_embedding(ids) -> [n, D] normalised; tau the temperature;
+        t = host_inputs(...) on q's device. Scores run under bf16 autocast on GPU, the loss itself in float32."""
+        cfg, dev, B = self.cfg, q.device, n_examples
+        q_example, label_items = t["q_example"], t["label_items"]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            if cfg.negatives == "full":  # the pool is every item, in id order: embed the catalogue once
+                all_e = item_embedding(torch.arange(self.n_items, device=dev))
+            else:
+                emb = item_embedding(t["uniq"])
+                inv = t["inv"]
+                pos_e, neg_e = emb.index_select(0, inv[:len(label_items)]), emb.index_select(0, inv[len(label_items):])
+                if self.fused is not None:  # the same loss, fused by torch.compile (see its docstring)
+                    own = cfg.mask_own_positives
+                    rows = (own_positive_rows(t["pool_items"], t["label_example"], t["label_item"], B, self.n_items)
+                            if own else None)
+                    return self.fused(q, pos_e, neg_e, tau, t["pos_log_q"], t["pool_log_q"], q_example, B,
+                                      own_rows=rows, q_item=None if own else label_items,
+                                      pool_items=None if own else t["pool_items"])
+                # on GPU both products take bf16 operands with fp32 accumulation, like the rest of the model
+                pos_logit = torch.bmm(q.unsqueeze(1), pos_e.unsqueeze(2)).view(-1) / tau
+                neg_logit = (q @ neg_e.T) / tau
+        if cfg.negatives == "full":  # one fused cross-entropy over the catalogue (the same loss with this pool)
+            logits = (q.float() / tau) @ all_e.float().T
+            mask = None
+            if cfg.mask_own_positives:  # the example's positives, as own_positive_mask, without a sort
+                per_example = torch.zeros(B, self.n_items, dtype=torch.bool, device=dev)
+                per_example.index_put_((t["label_example"], t["label_item"]),
+                                       torch.ones(len(t["label_item"]), dtype=torch.bool, device=dev))
+                mask = per_example[q_example]
+            return full_softmax_loss(logits, label_items, mask, q_example, B)
+        if cfg.mask_own_positives:
+            mask = own_positive_mask(q_example, t["pool_items"], t["label_example"], t["label_item"], B, self.n_items)
+        else:
+            mask = label_mask(label_items, t["pool_items"])
+        return sampled_softmax_loss(pos_logit.float(), neg_logit.float(), t["pos_log_q"], t["pool_log_q"], mask,
+                                    q_example, B)

@@ -17,21 +17,44 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
+import torch
 
+from pinnerformer.config import StrictModel
+from pinnerformer.data.dataset import Dataset
+from pinnerformer.data.schema import DatasetRef
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.inference.snapshot import CheckpointRef
+from pinnerformer.io import atomic_dir, write_json_atomic
+from pinnerformer.models.embedding import embed_items
+from pinnerformer.runs.run_dir import RunDir
 
 KINDS = ("hnsw", "flat", "ivf")
 DEFAULTS = {"hnsw": {"M": 32, "ef_construction": 200, "ef_search": 128},
             "ivf": {"nlist": None, "nprobe": None},  # None: nlist ~ 4*sqrt(n), nprobe ~ max(8, nlist/32)
             "flat": {}}
+
+
+class IndexManifest(StrictModel):
+    kind: Literal["hnsw", "flat", "ivf"]
+    params: dict[str, Any]
+    metric: str
+    dim: int
+    items: int
+    checkpoint: CheckpointRef
+    dataset: DatasetRef
+    embed_s: float
+    build_s: float
+    recall_vs_exact: float  # recall@recall_k of the index against exact search, measured at build time
+    recall_k: int
+    recall_queries: str
+    created_at: str
 
 
 def _faiss():
@@ -112,7 +135,7 @@ class ItemIndex:
     path: Path
     index: object
     items: pl.DataFrame
-    manifest: dict
+    manifest: IndexManifest
 
     @staticmethod
     def open(path: str | Path) -> "ItemIndex":
@@ -120,10 +143,14 @@ class ItemIndex:
         if not (path / "manifest.json").exists():
             raise PinnerformerError(f"{path}: not an item index (no manifest.json; build one with "
                                     "`pinnerformer index`)")
-        manifest = json.loads((path / "manifest.json").read_text())
+        try:
+            manifest = IndexManifest.model_validate(json.loads((path / "manifest.json").read_text()))
+        except ValueError as e:
+            raise PinnerformerError(f"{path / 'manifest.json'}: not an index manifest this version can read: {e}") \
+                from None
         index = _faiss().read_index(str(path / "index.faiss"))
-        set_search_params(index, manifest["kind"], manifest["params"])
-        if manifest["kind"] == "ivf":
+        set_search_params(index, manifest.kind, manifest.params)
+        if manifest.kind == "ivf":
             index.make_direct_map()  # IVF lists do not keep row -> vector without it (needed by `vector`)
         return ItemIndex(path, index, pl.read_parquet(path / "items.parquet"), manifest)
 
@@ -147,17 +174,12 @@ class ItemIndex:
         return self.index.reconstruct(row)
 
 
-def build_item_index(run_dir: Path, ds, output: Path, kind: str = "hnsw", params: dict | None = None,
-                     checkpoint: str = "best", log=print) -> dict:
-    import torch
-
-    from pinnerformer.evaluation.evaluate import load_run
-    from pinnerformer.inference.daily_embed import checkpoint_path, file_sha256
-    from pinnerformer.training.trainer import embed_items
-
+def build_item_index(run_dir: Path, ds: Dataset, output: Path, kind: str = "hnsw", params: dict | None = None,
+                     checkpoint: str = "best", log=print) -> IndexManifest:
     t0 = time.perf_counter()
-    model, _ = load_run(run_dir, ds, checkpoint)
-    vecs = embed_items(model, torch.device("cpu")).numpy()
+    p = resolve_params(kind, ds.manifest.n_items, params)  # bad parameters fail before any work
+    run = RunDir(run_dir)
+    vecs = embed_items(run.load_model(ds, checkpoint), torch.device("cpu")).numpy()
     t_embed = time.perf_counter() - t0
     index, p = build_faiss_index(vecs, kind, params)
     t_build = time.perf_counter() - t0 - t_embed
@@ -167,33 +189,21 @@ def build_item_index(run_dir: Path, ds, output: Path, kind: str = "hnsw", params
     k = min(10, len(vecs))
     recall = recall_vs_exact(index.search(sample, k)[1], exact_top_k(vecs, sample, k))
     output = Path(output)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _faiss().write_index(index, str(tmp / "index.faiss"))
-    items = ds.items.select("item", "item_id", *(["text"] if "text" in ds.items.columns else []))
-    items.write_parquet(tmp / "items.parquet")
-    manifest = {
-        "kind": kind, "params": p, "metric": "inner product (vectors L2-normalised)", "dim": int(vecs.shape[1]),
-        "items": int(len(vecs)),
-        "checkpoint": {"run": str(Path(run_dir).resolve()), "name": checkpoint,
-                       "sha256": file_sha256(checkpoint_path(run_dir, checkpoint))},
-        "dataset": {"path": str(Path(ds.path).resolve()), "fingerprint": ds.manifest.fingerprint},
-        "embed_s": round(t_embed, 3), "build_s": round(t_build, 3),
-        f"recall@{k}_vs_exact": round(recall, 4), "recall_queries": f"{len(sample)} item vectors (seed 0)",
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if output.exists():
-        if not (output / "manifest.json").exists():
-            raise PinnerformerError(f"{output} exists and is not an item index: refusing to replace it")
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old)
-    else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, output)
+    if output.exists() and not (output / "manifest.json").exists():
+        raise PinnerformerError(f"{output} exists and is not an item index: refusing to replace it")
+    manifest = IndexManifest(
+        kind=kind, params=p, metric="inner product (vectors L2-normalised)", dim=int(vecs.shape[1]),
+        items=int(len(vecs)),
+        checkpoint=CheckpointRef(run=str(run.path.resolve()), name=checkpoint, sha256=run.checkpoint_sha256(checkpoint)),
+        dataset=DatasetRef(path=str(Path(ds.path).resolve()), fingerprint=ds.manifest.fingerprint),
+        embed_s=round(t_embed, 3), build_s=round(t_build, 3), recall_vs_exact=round(recall, 4), recall_k=k,
+        recall_queries=f"{len(sample)} item vectors (seed 0)",
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    with atomic_dir(output) as tmp:
+        _faiss().write_index(index, str(tmp / "index.faiss"))
+        ds.items.select("item", "item_id", *(["text"] if "text" in ds.items.columns else [])).write_parquet(
+            tmp / "items.parquet")
+        write_json_atomic(tmp / "manifest.json", manifest)
     log(f"wrote {output}: {kind} {p} over {len(vecs):,} items (dim {vecs.shape[1]}); built in {t_build:.2f}s; "
         f"recall@{k} vs exact {recall:.4f} on {len(sample)} item queries")
     return manifest

@@ -6,7 +6,6 @@ a user vector from one model means nothing in another model's item space.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,12 @@ import polars as pl
 
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.inference.snapshot import Snapshot
+from pinnerformer.io import atomic_path
 from pinnerformer.retrieval.index import ItemIndex
 
 
 def check_compatible(index: ItemIndex, snap: Snapshot) -> None:
-    a, b = index.manifest["checkpoint"]["sha256"], snap.manifest["checkpoint"]["sha256"]
+    a, b = index.manifest.checkpoint.sha256, snap.manifest.checkpoint.sha256
     if a != b:
         raise PinnerformerError(f"{index.path} and {snap.path} were made by different checkpoints "
                                 f"({a[:12]} vs {b[:12]}): rebuild the index from the snapshot's run")
@@ -61,7 +61,7 @@ def top_k_batch(index: ItemIndex, snap: Snapshot, user_ids: list | None, k: int,
         if missing:
             raise PinnerformerError(f"{len(missing):,} of {len(user_ids):,} user ids are not in snapshot {snap.path} "
                                     f"(first: {', '.join(map(str, missing[:5]))}); unknown ids, or no action up to "
-                                    f"{snap.manifest['as_of']}")
+                                    f"{snap.manifest.as_of}")
         rows = np.array([pos[str(u)] for u in user_ids], dtype=np.int64)
     vecs = snap.vectors
     ids = snap.table.column("user_id").to_numpy(zero_copy_only=False)
@@ -77,7 +77,6 @@ def top_k_batch(index: ItemIndex, snap: Snapshot, user_ids: list | None, k: int,
         index.items.select("item", "item_id"), on="item", how="left", maintain_order="left")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    out.write_parquet(tmp)
-    os.replace(tmp, output)
+    with atomic_path(output) as tmp:
+        out.write_parquet(tmp)
     return {"users": int(len(rows)), "rows": out.height, "output": str(output)}

@@ -1,7 +1,5 @@
-"""Training configuration: one pydantic model, two presets, JSON/YAML-free overrides from a JSON file.
-
-Unknown keys are errors (a typo must not silently fall back to a default).
-"""
+"""Training configuration: the loop's settings, the retrieval task's sections (each owned by its stage), presets,
+and overrides from a JSON file. Unknown keys are errors (a typo must not silently fall back to a default)."""
 
 from __future__ import annotations
 
@@ -9,58 +7,14 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
+from pinnerformer.config import StrictModel, merge_dicts, validate
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.models.pinnerformer import PinnerFormerConfig
+from pinnerformer.objectives.examples import ExampleConfig
+from pinnerformer.objectives.sampled_softmax import LossConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Strict):
-    max_len: int = 64  # M: actions per input sequence
-    positions: int = 16  # dense-all-action: positions sampled per sequence
-    labels_per_position: int = 1
-    max_labels: int = 32  # all-action: labels per sequence
-    sequences_per_user: int = 4  # examples per training user per epoch
-    window_days: float = 28.0  # K, for real clocks
-    window_actions: int = 20  # K, for order-only clocks
-    cutoff: Literal["random", "last"] = "random"  # example cut-off: random, or the end of the training range
-
-
-class ModelSection(_Strict):
-    width: int = 64
-    layers: int = 2
-    heads: int = 2
-    dim: int = 64
-    dropout: float = 0.1
-    item_features: Literal["auto", "content", "id", "both"] = "auto"  # auto: both if vectors exist, else id
-    id_dim: int = 64
-    action_dim: int = 16
-    surface_dim: int = 8
-    item_tower_hidden: int = 256
-    item_tower: Literal["mlp", "linear", "none"] = "mlp"  # none: score with the input item features (width D)
-    input_dropout: float = 0.0  # dropout on the summed input embedding, before the first block
-    # residual stream between blocks: float32, or (compute) the autocast dtype, i.e. bf16 on GPU; no effect on CPU
-    residual_dtype: Literal["float32", "compute"] = "float32"
-    time_features: bool = True
-    action_features: bool = True  # action-type embedding
-    duration_surface_features: bool = True
-    position_features: bool = True
-
-
-class LossConfig(_Strict):
-    objective: Literal["dense-all-action", "all-action", "sasrec", "next-action"] = "dense-all-action"
-    negatives: Literal["mixed", "in-batch", "random", "full"] = "mixed"  # full: softmax over the whole catalogue
-    n_random: int = 1024
-    logq: bool = True
-    mask_own_positives: bool = True  # False: only the query's own label is masked; other positives stay negatives
-    sketch_width: int = 1 << 18
-    sketch_depth: int = 4
-
-
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -70,7 +24,26 @@ class OptimConfig(_Strict):
     patience: int = 3  # epochs without validation improvement before stopping
 
 
-class EvalConfig(_Strict):
+class LoopConfig(StrictModel):
+    """What the training loop itself reads, whatever the task."""
+
+    seed: int = 0
+    optim: OptimConfig = OptimConfig()
+    device: str = "auto"  # auto: cuda when available (bf16 autocast), else cpu (fp32)
+    checkpoint_every: int = 200  # steps; a checkpoint is also written at every epoch end
+    # Batches are prepared (examples cut, features padded) by this many worker processes, ahead of the GPU.
+    # -1 = auto: none on CPU (the cores are busy training), min(8, cores - 2) on GPU. Results do not depend on it.
+    loader_workers: int = -1
+    # torch.compile the task's model and loss (retrieval: the sequence encoder, and the sampled-softmax loss in its
+    # fused form; negatives=full keeps its own fused cross-entropy). Worth it on GPU; slow to start on CPU.
+    compile: bool = False
+    # reduce-overhead: the compiled encoder also runs as CUDA graphs (one launch instead of hundreds per step);
+    # max-autotune(-no-cudagraphs): also times Triton matmul templates, which can fuse bias/GELU into the matmul
+    # (minutes of compilation on first use)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+
+
+class EvalConfig(StrictModel):
     protocol: Literal["auto", "future-window", "leave-one-out"] = "auto"  # auto: by the dataset's clock
     val_fraction: float = 0.1  # future-window: held-out validation users
     test_fraction: float = 0.1  # future-window: held-out test users (never touched by training)
@@ -79,26 +52,14 @@ class EvalConfig(_Strict):
     k: int = 10
 
 
-class TrainConfig(_Strict):
+class TrainConfig(LoopConfig):
+    """PinnerFormer retrieval training: the loop's settings plus the task's sections."""
+
     preset: str = "small"
-    seed: int = 0
-    data: DataConfig = DataConfig()
-    model: ModelSection = ModelSection()
+    data: ExampleConfig = ExampleConfig()
+    model: PinnerFormerConfig = PinnerFormerConfig()
     loss: LossConfig = LossConfig()
-    optim: OptimConfig = OptimConfig()
     eval: EvalConfig = EvalConfig()
-    device: str = "auto"  # auto: cuda when available (bf16 autocast), else cpu (fp32)
-    checkpoint_every: int = 200  # steps; a checkpoint is also written at every epoch end
-    # Batches are prepared (examples cut, features padded) by this many worker processes, ahead of the GPU.
-    # -1 = auto: none on CPU (the cores are busy training), min(8, cores - 2) on GPU. Results do not depend on it.
-    loader_workers: int = -1
-    # torch.compile the sequence encoder and the sampled-softmax loss (its fused form; negatives=full keeps its
-    # own fused cross-entropy). Worth it on GPU; slow to start on CPU.
-    compile: bool = False
-    # reduce-overhead: the compiled encoder also runs as CUDA graphs (one launch instead of hundreds per step);
-    # max-autotune(-no-cudagraphs): also times Triton matmul templates, which can fuse bias/GELU into the matmul
-    # (minutes of compilation on first use)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
 
 PRESETS: dict[str, dict] = {
@@ -122,14 +83,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def merge_dicts(base: dict, over: dict) -> dict:
-    """Nested dict update: `over` wins, sub-dicts merge."""
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_config(preset: str = "small", config_file: Path | None = None, overrides: dict | None = None) -> TrainConfig:
     if preset not in PRESETS:
         raise PinnerformerError(f"unknown preset '{preset}': expected one of {', '.join(PRESETS)}")
@@ -142,9 +95,5 @@ def load_config(preset: str = "small", config_file: Path | None = None, override
         except json.JSONDecodeError as e:
             raise PinnerformerError(f"{config_file}, line {e.lineno}: not valid JSON ({e.msg})") from None
     raw = merge_dicts(raw, overrides or {})
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        where = f"{config_file}: " if config_file else ""
-        raise PinnerformerError(f"{where}invalid training config: {problems}") from None
+    return validate(TrainConfig, raw, f"{config_file}: invalid training config" if config_file
+                    else "invalid training config")

@@ -9,17 +9,17 @@ An optional item table (CSV or Parquet) gives item text and interests (`|`-separ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
 
-from pinnerformer.errors import InputError
+from pinnerformer.config import StrictModel
 from pinnerformer.data.formats.base import Checker, RawLog, TimeUnit, read_csv_records
+from pinnerformer.errors import InputError
 
 
-@dataclass
-class EventColumns:
+class EventColumns(StrictModel):
     user: str = "user"
     item: str = "item"
     time: str = "timestamp"
@@ -28,12 +28,24 @@ class EventColumns:
     duration: str | None = None
 
 
-@dataclass
-class ItemColumns:
+class ItemColumns(StrictModel):
     item: str = "item"
     text: str | None = None
     interests: str | None = None
     interests_separator: str = "|"
+
+
+class EventsOptions(StrictModel):
+    """Options of the `events` format."""
+
+    columns: EventColumns = EventColumns()
+    time_format: str = "unix"  # unix | unix-ms | iso | order | a strftime pattern
+    positive: list[str] = []  # default: the single action, when there is no action column
+    actions: list[str] | None = None  # the allowed action values (others are errors); default: those found
+    separator: str = ","
+    id_type: Literal["auto", "int", "str"] = "auto"
+    items: Path | None = None  # item table (CSV or Parquet)
+    item_columns: ItemColumns = ItemColumns()
 
 
 def _read_table(path: Path, columns: list[str], checker: Checker, separator: str, required: list[str]) -> pl.DataFrame:
@@ -79,8 +91,6 @@ def _ids(df: pl.DataFrame, col: str, id_type: str, checker: Checker) -> pl.DataF
     if id_type == "auto":
         all_int = df.select((as_int.is_null() == pl.col(col).is_null()).all()).item()
         return df.with_columns((as_int if all_int else s).alias(col))
-    if id_type != "int":
-        raise InputError(f"unknown id type '{id_type}'", field="id-type", expected="auto, int or str")
     df = checker.check(df, as_int.is_null(), reason=f"non_integer_{col}", problem="id is not an integer",
                        field=col, expected="integer ids (--id-type int)")
     return df.with_columns(as_int.alias(col))
@@ -113,9 +123,9 @@ def _time(df: pl.DataFrame, col: str, time_format: str, checker: Checker) -> tup
     return df.with_columns(parsed.dt.epoch("ms").alias("ts")), "ms"
 
 
-def read_events(path: Path, cols: EventColumns, time_format: str, positive: list[str], skip_invalid: bool,
-                actions: list[str] | None = None, separator: str = ",", id_type: str = "auto",
-                items_path: Path | None = None, item_columns: ItemColumns | None = None) -> RawLog:
+def read_events(path: Path, options: EventsOptions, skip_invalid: bool) -> RawLog:
+    cols, time_format, positive, actions = options.columns, options.time_format, list(options.positive), options.actions
+    separator, id_type, items_path, ic = options.separator, options.id_type, options.items, options.item_columns
     skipped: dict[str, int] = {}
     checker = Checker(skip_invalid, skipped)
     wanted = [c for c in (cols.user, cols.item, cols.time, cols.action, cols.surface, cols.duration) if c]
@@ -166,7 +176,6 @@ def read_events(path: Path, cols: EventColumns, time_format: str, positive: list
     sources = [path]
     item_ids = events["item"].unique().sort()
     if items_path is not None:
-        ic = item_columns or ItemColumns()
         icols = [c for c in (ic.item, ic.text, ic.interests) if c]
         ichecker = Checker(skip_invalid, skipped)
         it = _read_table(items_path, icols, ichecker, separator, required=[ic.item]).rename({ic.item: "item"})
@@ -189,4 +198,4 @@ def read_events(path: Path, cols: EventColumns, time_format: str, positive: list
     notes = ["time format 'order': file order within each user is the time order, no real clock"] if unit == "order" else []
     return RawLog(events=events, ts_unit=unit, actions=list(actions), positive=list(positive), items=items,
                   sources=sources, line_label=checker.line_label, skipped=skipped, notes=notes,
-                  options={"columns": vars(cols), "time_format": time_format, "separator": separator})
+                  options={"columns": cols.model_dump(), "time_format": time_format, "separator": separator})

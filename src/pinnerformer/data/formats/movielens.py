@@ -14,13 +14,26 @@ from pathlib import Path
 
 import polars as pl
 
-from pinnerformer.errors import InputError
 from pinnerformer.data.formats.base import (
-    Checker, RatingRule, RawLog, apply_rating_rule, cast_float, cast_int, movie_text, read_csv_records, read_lines,
-    split_fields,
+    Checker, RawLog, cast_float, cast_int, read_csv_records, read_lines, split_fields,
 )
+from pinnerformer.data.formats.ratings import DEFAULT_RATING_POSITIVE, DEFAULT_RATING_RULE, RatingRule, apply_rating_rule
+from pinnerformer.config import StrictModel
+from pinnerformer.errors import InputError
 
 TS_EXPECTED = "an integer Unix timestamp in seconds"
+
+
+class MovieLensOptions(StrictModel):
+    """Options of the `movielens` and `movielens-latest` formats."""
+
+    rating_rule: str = DEFAULT_RATING_RULE  # rating -> action type, inclusive ranges
+    positive: list[str] = DEFAULT_RATING_POSITIVE
+
+
+def movie_text(title: pl.Expr, genres: pl.Expr) -> pl.Expr:
+    """Item text for MovieLens: "Title (year). Genres: A, B"."""
+    return pl.concat_str([title, pl.lit(". Genres: "), genres.list.join(", ")])
 
 
 def _folder(path: Path, marker_files: list[str], fmt: str) -> Path:
@@ -52,7 +65,8 @@ def _ratings_events(df: pl.DataFrame, rule: RatingRule, checker: Checker) -> pl.
                      pl.col("rating").cast(pl.String).alias("detail"), "_file", "_line")
 
 
-def read_movielens(path: Path, rule: RatingRule, positive: list[str], skip_invalid: bool) -> RawLog:
+def read_movielens(path: Path, options: MovieLensOptions, skip_invalid: bool) -> RawLog:
+    rule, positive = RatingRule.parse(options.rating_rule), options.positive
     folder = _folder(path, ["ratings.dat", "u.data"], "MovieLens (ML-1M or ML-100K)")
     skipped: dict[str, int] = {}
     checker = Checker(skip_invalid, skipped)
@@ -96,8 +110,8 @@ def read_movielens(path: Path, rule: RatingRule, positive: list[str], skip_inval
                   options={"variant": variant, "rating_rule": str(rule)})
 
 
-def read_movielens_latest(path: Path, rule: RatingRule, positive: list[str], skip_invalid: bool,
-                          tag_action: str = "tag") -> RawLog:
+def read_movielens_latest(path: Path, options: MovieLensOptions, skip_invalid: bool, tag_action: str = "tag") -> RawLog:
+    rule, positive = RatingRule.parse(options.rating_rule), options.positive
     folder = _folder(path, ["ratings.csv"], "MovieLens latest")
     skipped: dict[str, int] = {}
     checker = Checker(skip_invalid, skipped)

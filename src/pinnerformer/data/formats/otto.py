@@ -11,12 +11,21 @@ from pathlib import Path
 
 import polars as pl
 
+from pinnerformer.config import StrictModel
+from pinnerformer.data.formats.base import Checker, RawLog, drop_blank_lines, read_lines
 from pinnerformer.errors import InputError
-from pinnerformer.data.formats.base import Checker, RawLog, read_lines
 
 OTTO_ACTIONS = ["clicks", "carts", "orders"]
 EVENT_DTYPE = pl.Struct({"session": pl.Int64,
                          "events": pl.List(pl.Struct({"aid": pl.Int64, "ts": pl.Int64, "type": pl.String}))})
+
+
+class OttoOptions(StrictModel):
+    """Options of the `otto` format."""
+
+    positive: list[str] = list(OTTO_ACTIONS)
+
+
 EXPECTED = '{"session": <int>, "events": [{"aid": <int>, "ts": <int ms>, "type": "clicks"|"carts"|"orders"}, …]}'
 
 
@@ -47,15 +56,12 @@ def _locate_bad_json(lines: pl.DataFrame, file: Path) -> None:
             raise InputError(problem, path=file, line=line_no, text=raw, expected=EXPECTED)
 
 
-def read_otto(path: Path, positive: list[str], skip_invalid: bool) -> RawLog:
+def read_otto(path: Path, options: OttoOptions, skip_invalid: bool) -> RawLog:
+    positive = options.positive
     file = _find_file(path)
     skipped: dict[str, int] = {}
     checker = Checker(skip_invalid, skipped)
-    lines = read_lines(file)
-    blank = lines["raw"].str.strip_chars() == ""
-    if int(blank.sum()):
-        skipped["blank_lines"] = int(blank.sum())
-        lines = lines.filter(~blank)
+    lines = drop_blank_lines(read_lines(file), skipped)
     try:
         decoded = lines.with_columns(pl.col("raw").str.json_decode(EVENT_DTYPE).alias("rec"))
     except pl.exceptions.ComputeError:

@@ -12,8 +12,19 @@ from pathlib import Path
 
 import polars as pl
 
+from typing import Literal
+
+from pinnerformer.config import StrictModel
+from pinnerformer.data.formats.base import Checker, RawLog, drop_blank_lines, read_lines
 from pinnerformer.errors import InputError
-from pinnerformer.data.formats.base import Checker, RawLog, read_lines
+
+
+class SequencesOptions(StrictModel):
+    """Options of the `sequences` format."""
+
+    action: str = "interact"  # the one action type every event gets (positive)
+    id_type: Literal["auto", "int", "str"] = "auto"
+    item_attributes: Path | None = None  # default: a single *item2attributes.json beside the input
 
 
 def _find_file(path: Path) -> Path:
@@ -28,16 +39,12 @@ def _find_file(path: Path) -> Path:
     return txt[0]
 
 
-def read_sequences(path: Path, skip_invalid: bool, action: str = "interact", id_type: str = "auto",
-                   item_attributes: Path | None = None) -> RawLog:
+def read_sequences(path: Path, options: SequencesOptions, skip_invalid: bool) -> RawLog:
+    action, id_type, item_attributes = options.action, options.id_type, options.item_attributes
     file = _find_file(path)
     skipped: dict[str, int] = {}
     checker = Checker(skip_invalid, skipped)
-    lines = read_lines(file)
-    blank = lines["raw"].str.strip_chars() == ""
-    if int(blank.sum()):
-        skipped["blank_lines"] = int(blank.sum())
-        lines = lines.filter(~blank)
+    lines = drop_blank_lines(read_lines(file), skipped)
     lines = lines.with_columns(pl.lit(str(file)).alias("_file"),
                                pl.col("raw").str.strip_chars().str.split(" ").list.eval(
                                    pl.element().filter(pl.element() != "")).alias("tokens"))
@@ -62,8 +69,6 @@ def read_sequences(path: Path, skip_invalid: bool, action: str = "interact", id_
             events = checker.check(events, bad, reason=f"non_integer_{col}", problem=f"{col} id is not an integer",
                                    field=col, expected="integer ids (--id-type int)")
             events = events.with_columns(pl.col(col).cast(pl.Int64))
-    elif id_type != "str":
-        raise InputError(f"unknown id type '{id_type}'", field="id-type", expected="auto, int or str")
     events = events.select("user", "item", pl.lit(action).alias("action"), "ts",
                            pl.lit(None, pl.String).alias("surface"), pl.lit(None, pl.Float64).alias("duration"),
                            pl.lit(None, pl.String).alias("detail"), "_file", "_line")

@@ -1,6 +1,6 @@
 """`pinnerformer experiment`: train and evaluate the variants of one ablation with a shared seed and budget.
 
-Grids (SPEC §3, the PinnerFormer paper's tables):
+Grids (the PinnerFormer paper's tables):
     objectives  the four training objectives
     negatives   {in-batch, random, mixed} × {logQ, no logQ}
     features    leave one feature out: content vector, time, action type, duration/surface (where the data
@@ -26,8 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
+from pinnerformer.config import StrictModel, merge_dicts
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.evaluation.evaluate import EvaluateOptions
+from pinnerformer.evaluation.report import EvaluationReport, history_text
+from pinnerformer.evaluation.tasks import parse_cutoffs
+from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic
+from pinnerformer.runs.evaluate import evaluate_run
+from pinnerformer.runs.run_dir import RunDir
+from pinnerformer.training import run_files as rf
+from pinnerformer.training.config import TrainConfig, load_config
+from pinnerformer.training.retrieval import retrieval_loop
 
 GRIDS = ["objectives", "negatives", "features", "frequency", "default"]
 
@@ -63,18 +73,41 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.replace("−", "no")).strip("-").replace("--", "-")
 
 
+class ExperimentRow(StrictModel):
+    variant: str
+    run: str
+    best_epoch: int
+    validation: dict[str, float]  # the selection metric's best value on validation
+    report: EvaluationReport  # the test report, as `pinnerformer evaluate` writes it
+    wall_s: float
+
+
+class ExperimentResult(StrictModel):
+    grid: str
+    dataset: str
+    fingerprint: str
+    preset: str
+    seed: int
+    max_epochs: int | None
+    command: str
+    protocol: str
+    rows: list[ExperimentRow]
+    wall_s: float
+    machine: str
+    date: str
+
+
 def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small", config_file: Path | None = None,
                    max_epochs: int | None = None, seed: int = 0, progress: bool = True, command: str = "",
-                   log=print, cutoffs: str | None = None) -> dict:
-    from pinnerformer.evaluation.evaluate import evaluate_run, parse_cutoffs, write_report
-    from pinnerformer.training.config import TrainConfig, load_config, merge_dicts
-    from pinnerformer.training.trainer import Trainer
-
+                   log=print, cutoffs: list[str] | None = None) -> ExperimentResult:
     t0 = time.perf_counter()
     ds = Dataset.open(dataset)
-    cut = parse_cutoffs(cutoffs, ds)  # future-window: pooled cut-offs (default: evaluate's single best day)
     if grid == "frequency" and ds.manifest.clock != "seconds":
         raise PinnerformerError("the frequency grid needs real timestamps; this dataset is order-only")
+    # future-window: pooled cut-offs (default: evaluate's single best day); checked before any training
+    options = EvaluateOptions(cutoffs=cutoffs, seed=seed, frequency=["once", "daily", "realtime"] if grid == "frequency"
+                              else None)
+    parse_cutoffs(options.cutoffs, ds)
     base = json.loads(Path(config_file).read_text()) if config_file else {}
     base = merge_dicts(base, {"seed": seed, **({"optim": {"max_epochs": max_epochs}} if max_epochs else {})})
     output = Path(output)
@@ -86,33 +119,31 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
         cfg = load_config(preset, None, merge_dicts(base, over))
         log(f"[{i + 1}/{len(vs)}] {name} -> {run_dir}")
         tv = time.perf_counter()
-        summary_path = run_dir / "summary.json"
-        if (run_dir / "config.json").exists():
+        if (run_dir / rf.CONFIG).exists():
             # read through today's schema: options added since then take their defaults (the old behaviour)
-            earlier = TrainConfig.model_validate(json.loads((run_dir / "config.json").read_text())["config"])
+            earlier = TrainConfig.model_validate(json.loads((run_dir / rf.CONFIG).read_text())["config"])
             if earlier.model_dump() != cfg.model_dump():
                 raise PinnerformerError(f"{run_dir} was made with another configuration (preset, config, seed or "
                                         "epoch budget): use a new --output for a different experiment")
-        if summary_path.exists():
+        sub_log = lambda s: log("  " + s)  # noqa: E731
+        if (run_dir / rf.SUMMARY).exists():
             log("  finished earlier: reusing its checkpoint")
         else:
-            Trainer(ds, cfg, run_dir, log=lambda s: log("  " + s)).fit(
-                resume=(run_dir / "config.json").exists(), progress=progress)
-        summary = json.loads(summary_path.read_text())
-        report = evaluate_run(run_dir, ds, cutoffs=cut, frequencies=["once", "daily", "realtime"] if grid == "frequency" else None,
-                              seed=seed, log=lambda s: log("  " + s))
-        write_report(report, run_dir)
-        rows.append({"variant": name, "run": str(run_dir), "best_epoch": summary["best_epoch"],
-                     "validation": {k: v for k, v in summary.items() if "@" in k}, "report": report,
-                     "wall_s": round(time.perf_counter() - tv, 1)})
-    result = {"grid": grid, "dataset": str(ds.path.resolve()), "fingerprint": ds.manifest.fingerprint,
-              "preset": preset, "seed": seed, "max_epochs": max_epochs, "command": command,
-              "protocol": rows[0]["report"]["protocol"], "rows": rows, "wall_s": round(time.perf_counter() - t0, 1),
-              "machine": machine(), "date": dt.date.today().isoformat()}
-    _write(output / "results.json", json.dumps(result, indent=2) + "\n")
+            retrieval_loop(ds, cfg, run_dir, log=sub_log).fit(resume=(run_dir / rf.CONFIG).exists(), progress=progress)
+        run = RunDir(run_dir)
+        summary = run.summary()
+        report, _, _ = evaluate_run(run, ds, options, log=sub_log)
+        rows.append(ExperimentRow(variant=name, run=str(run_dir), best_epoch=summary.best_epoch,
+                                  validation={summary.metric: summary.best}, report=report,
+                                  wall_s=round(time.perf_counter() - tv, 1)))
+    result = ExperimentResult(grid=grid, dataset=str(ds.path.resolve()), fingerprint=ds.manifest.fingerprint,
+                              preset=preset, seed=seed, max_epochs=max_epochs, command=command,
+                              protocol=rows[0].report.protocol, rows=rows, wall_s=round(time.perf_counter() - t0, 1),
+                              machine=machine(), date=dt.date.today().isoformat())
+    write_json_atomic(output / "results.json", result)
     png = plot(result, output / f"{grid}.png")
-    _write(output / "report.md", report_markdown(result, png.name))
-    log(f"wrote {output / 'report.md'} ({result['wall_s']:.0f} s)")
+    write_text_atomic(output / "report.md", report_markdown(result, png.name))
+    log(f"wrote {output / 'report.md'} ({result.wall_s:.0f} s)")
     return result
 
 
@@ -123,91 +154,82 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
 
 
-def _cell(v: dict) -> str:
-    return f"{v['mean']:.4f}" + (f" [{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}]" if v["ci95"] else "")
+def _cell(v) -> str:
+    return f"{v.mean:.4f}" + (f" [{v.ci95[0]:.4f}, {v.ci95[1]:.4f}]" if v.ci95 else "")
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _metrics(result: ExperimentResult) -> list[str]:
+    return list(result.rows[0].report.results["pinnerformer"].keys())
 
 
-def _metrics(result: dict) -> list[str]:
-    res = result["rows"][0]["report"]["results"]["pinnerformer"]
-    return list(res.keys())
-
-
-def report_markdown(result: dict, png: str) -> str:
-    first = result["rows"][0]["report"]
+def report_markdown(result: ExperimentResult, png: str) -> str:
+    first = result.rows[0].report
     metrics = _metrics(result)
-    lines = [f"# Ablation: {result['grid']}", "",
-             f"- dataset: `{result['dataset']}` (fingerprint `{result['fingerprint']}`)",
-             f"- protocol: {first['protocol']}, {first['split']} users; index: {first['index']}"
-             + (f"; cut-off(s) {', '.join(first['cutoffs'])}, labels {first['label_days']:g} days" if first["cutoffs"] else ""),
-             f"- user-windows: {first['user_windows']}; ties {first['ties']}; history excluded: {first['history_excluded']}",
-             f"- preset {result['preset']}, seed {result['seed']}, max epochs {result['max_epochs'] or 'preset'}; "
+    lines = [f"# Ablation: {result.grid}", "",
+             f"- dataset: `{result.dataset}` (fingerprint `{result.fingerprint}`)",
+             f"- protocol: {first.protocol}, {first.split} users; index: {first.index}"
+             + (f"; cut-off(s) {', '.join(first.cutoffs)}, labels {first.label_days:g} days" if first.cutoffs else ""),
+             f"- user-windows: {first.user_windows}; ties {first.ties}; {history_text(first)}",
+             f"- preset {result.preset}, seed {result.seed}, max epochs {result.max_epochs or 'preset'}; "
              "model selection on validation users only (early stopping), numbers below on test users",
-             f"- reproduce: `{result['command']}` ({result['wall_s'] / 60:.1f} min on the machine that made it"
-             + (f": {result['machine']}, {result['date']}" if result.get("machine") else "") + ")", "",
+             f"- reproduce: `{result.command}` ({result.wall_s / 60:.1f} min on the machine that made it: "
+             f"{result.machine}, {result.date})", "",
              "| variant | " + " | ".join(metrics) + " | best epoch | validation (selection) |",
              "|---|" + "---|" * (len(metrics) + 2)]
-    for r in result["rows"]:
-        res = r["report"]["results"]["pinnerformer"]
-        val = ", ".join(f"{k} {v:.4f}" for k, v in r.get("validation", {}).items())
-        lines.append(f"| {r['variant']} | " + " | ".join(_cell(res[m]) for m in metrics)
-                     + f" | {r['best_epoch']} | {val} |")
-    for name, res in first["results"].items():  # baselines, scored by the same code on the same users
+    for r in result.rows:
+        res = r.report.results["pinnerformer"]
+        val = ", ".join(f"{k} {v:.4f}" for k, v in r.validation.items())
+        lines.append(f"| {r.variant} | " + " | ".join(_cell(res[m]) for m in metrics) + f" | {r.best_epoch} | {val} |")
+    for name, res in first.results.items():  # baselines, scored by the same code on the same users
         if name != "pinnerformer":
             lines.append(f"| baseline: {name} | " + " | ".join(_cell(res[m]) if m in res else "" for m in metrics)
                          + " | | |")
-    if result["grid"] == "frequency":
+    if result.grid == "frequency":
         lines += ["", "| objective | once | daily | realtime | realtime → daily |", "|---|---|---|---|---|"]
-        for r in result["rows"]:
-            fr = r["report"]["inference_frequency"]
-            cell = lambda f: f"{fr[f]['Recall@10']['mean']:.4f}"
-            lines.append(f"| {r['variant']} | {cell('once')} | {cell('daily')} | {cell('realtime')} | "
-                         f"{fr['realtime_to_daily_drop']:+.1%} |")
-    lines += ["", f"![{result['grid']}]({png})", "", "Intervals: 95% bootstrap over user-windows."]
+        for r in result.rows:
+            fr = r.report.inference_frequency
+            lines.append(f"| {r.variant} | " + " | ".join(f"{fr.results[f].mean:.4f}" for f in ("once", "daily", "realtime"))
+                         + f" | {fr.realtime_to_daily_drop:+.1%} |")
+    lines += ["", f"![{result.grid}]({png})", "", "Intervals: 95% bootstrap over user-windows."]
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path) -> Path:
+def _bars(ax, x, values, **kw) -> None:
+    means = np.array([v.mean for v in values])
+    err = np.array([[v.mean - v.ci95[0], v.ci95[1] - v.mean] for v in values]).T
+    ax.bar(x, means, yerr=err, **kw)
+
+
+def plot(result: ExperimentResult, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in _metrics(result) if not m.startswith("P90")] or _metrics(result)
-    freq = result["grid"] == "frequency"
+    metrics = [m for m in _metrics(result) if not m.startswith("p90")] or _metrics(result)
+    freq = result.grid == "frequency"
     n_panels = len(metrics) + int(freq)
     fig, axes = plt.subplots(1, n_panels, figsize=(4.5 * n_panels, 3.6), squeeze=False)
-    names = [r["variant"] for r in result["rows"]]
-    if freq:  # grouped bars: Recall@10 per objective when the embedding is refreshed once / daily / realtime
+    names = [r.variant for r in result.rows]
+    if freq:  # grouped bars: recall per objective when the embedding is refreshed once / daily / realtime
         ax = axes[0][-1]
         for j, f in enumerate(["once", "daily", "realtime"]):
-            vals = [r["report"]["inference_frequency"][f]["Recall@10"] for r in result["rows"]]
-            means = np.array([v["mean"] for v in vals])
-            err = np.array([[v["mean"] - v["ci95"][0], v["ci95"][1] - v["mean"]] for v in vals]).T
-            ax.bar(np.arange(len(names)) + (j - 1) * 0.27, means, width=0.27, yerr=err, capsize=3, label=f)
+            _bars(ax, np.arange(len(names)) + (j - 1) * 0.27,
+                  [r.report.inference_frequency.results[f] for r in result.rows], width=0.27, capsize=3, label=f)
         ax.set_xticks(range(len(names)), names, fontsize=8)
-        ax.set_title("Recall@10 by inference frequency")
+        ax.set_title(f"{result.rows[0].report.inference_frequency.metric} by inference frequency")
         ax.legend(fontsize=8)
-    baselines = [n for n in result["rows"][0]["report"]["results"] if n != "pinnerformer"]
+    first = result.rows[0].report
+    baselines = [n for n in first.results if n != "pinnerformer"]
     labels = names + [n.split(" (")[0] for n in baselines]
     for ax, m in zip(axes[0], metrics):
-        vals = [r["report"]["results"]["pinnerformer"][m] for r in result["rows"]]
-        vals += [result["rows"][0]["report"]["results"][b][m] for b in baselines]
-        means = np.array([v["mean"] for v in vals])
-        err = np.array([[v["mean"] - v["ci95"][0], v["ci95"][1] - v["mean"]] for v in vals]).T
-        ax.bar(range(len(labels)), means, yerr=err, capsize=4,
-               color=["#4878a8"] * len(names) + ["#a0a0a0"] * len(baselines))
+        vals = [r.report.results["pinnerformer"][m] for r in result.rows] + [first.results[b][m] for b in baselines]
+        _bars(ax, range(len(labels)), vals, capsize=4, color=["#4878a8"] * len(names) + ["#a0a0a0"] * len(baselines))
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(m)
-    fig.suptitle(f"{result['grid']} — {Path(result['dataset']).name} ({result['protocol']}, 95% CI)", fontsize=10)
+    fig.suptitle(f"{result.grid} — {Path(result.dataset).name} ({result.protocol}, 95% CI)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

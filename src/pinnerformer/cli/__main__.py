@@ -1,0 +1,5 @@
+import sys
+
+from pinnerformer.cli import app
+
+sys.exit(app())

@@ -1,0 +1,67 @@
+"""What every command shares: the app, the one logger, errors as messages, and the command line as typed."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+
+from pinnerformer import __version__
+from pinnerformer.errors import PinnerformerError
+
+
+class RecordingGroup(TyperGroup):
+    """Keeps the arguments as typed (ctx.meta["argv"]), so that reports can say how to reproduce them."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta.setdefault("argv", list(args))
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(cls=RecordingGroup, help="Learn user representations from sequences of user actions, and rank "
+                  "with them.", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Prepare event logs into datasets and inspect them.", no_args_is_help=True)
+items_app = typer.Typer(help="Item features.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(items_app, name="items")
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # log lines stay whole (grep-able) in files and CI logs
+
+
+def log(message: str) -> None:
+    """Progress and notes go to stderr; results to stdout."""
+    err_console.print(message, highlight=False)
+
+
+def command_line(ctx: typer.Context) -> str:
+    """The command as typed: `shlex.join(sys.argv)` with the program named `pinnerformer` (also in-process)."""
+    return shlex.join(["pinnerformer", *ctx.meta.get("argv", sys.argv[1:])])
+
+
+def run_guarded(fn, *args, **kwargs):
+    """Run a command body; a PinnerformerError becomes a clear message and exit code 2 (no traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except PinnerformerError as e:
+        print("error: " + str(e), file=sys.stderr)
+        raise typer.Exit(code=2) from None
+
+
+def parse_list(text: str | None) -> list[str] | None:
+    """'a, b' -> ['a', 'b']; None stays None (not given)."""
+    return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")):
+    """Learn user representations from sequences of user actions, and rank with them."""

@@ -1,0 +1,75 @@
+"""`pinnerformer evaluate` and `pinnerformer experiment`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pinnerformer.cli.common import app, command_line, log, parse_list, run_guarded
+
+
+@app.command("evaluate")
+def evaluate(
+    run: Path = typer.Option(..., "--run", "-r", help="A training run directory."),
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="The dataset the run was trained on."),
+    protocol: Optional[str] = typer.Option(None, help="future-window | leave-one-out (default: the run's)."),
+    split: str = typer.Option("test", help="test | validation users."),
+    cutoff: Optional[str] = typer.Option(None, help="future-window cut-off day(s), YYYY-MM-DD[,YYYY-MM-DD…] "
+                                         "(pooled; default: the day with the most eligible users)."),
+    label_days: float = typer.Option(14.0, help="future-window label horizon in days."),
+    k: int = typer.Option(10, help="Cut-off rank k."),
+    index_size: Optional[int] = typer.Option(None, help="Rank against a random pool of N items (default: all)."),
+    checkpoint: str = typer.Option("best", help="best | last"),
+    frequency: Optional[str] = typer.Option(None, help="future-window: once,daily,realtime (comma list) — recall "
+                                            "when the embedding is refreshed at that rate; reports realtime→daily."),
+    exclude_history: bool = typer.Option(False, "--exclude-history", help="Remove each user's own earlier items from "
+                                         "the ranking (the S3-Rec / ICLRec / eSASRec leave-one-out variant)."),
+):
+    """Score a trained run on held-out users beside baselines; writes JSON and Markdown into RUN/eval/."""
+
+    def body():
+        from pinnerformer.config import validate
+        from pinnerformer.data.dataset import Dataset
+        from pinnerformer.evaluation.evaluate import EvaluateOptions
+        from pinnerformer.evaluation.report import markdown
+        from pinnerformer.runs import RunDir
+        from pinnerformer.runs.evaluate import evaluate_run
+
+        options = validate(EvaluateOptions, {
+            "protocol": protocol, "split": split, "cutoffs": parse_list(cutoff), "label_days": label_days, "k": k,
+            "index_size": index_size, "checkpoint": checkpoint, "frequency": parse_list(frequency),
+            "exclude_history": exclude_history}, "evaluate")
+        report, js, md = evaluate_run(RunDir(run), Dataset.open(dataset), options, log=log)
+        print(markdown(report))
+        log(f"wrote {js} and {md} ({report.wall_s} s)")
+
+    run_guarded(body)
+
+
+@app.command("experiment")
+def experiment(
+    ctx: typer.Context,
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="A prepared dataset directory."),
+    grid: str = typer.Option(..., help="objectives | negatives | features | frequency | default (one variant: the "
+                             "preset and config as given)"),
+    output: Path = typer.Option(..., "--output", "-o", help="Report directory (runs, report.md, results.json, PNG)."),
+    preset: str = typer.Option("small", help="small | loo | paper"),
+    config: Optional[Path] = typer.Option(None, help="JSON config shared by every variant."),
+    max_epochs: Optional[int] = typer.Option(None, help="Epoch budget for every variant."),
+    seed: int = typer.Option(0, help="Seed shared by every variant."),
+    cutoff: Optional[str] = typer.Option(None, help="future-window cut-off day(s) YYYY-MM-DD[,…], pooled (default: "
+                                         "the day with the most eligible users)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """Train and evaluate every variant of one ablation grid; write a Markdown table and PNG plots."""
+
+    def body():
+        from pinnerformer.runs.experiment import run_experiment
+
+        run_experiment(dataset, grid, output, preset, config, max_epochs, seed, progress, command=command_line(ctx),
+                       log=log, cutoffs=parse_list(cutoff))
+        print((output / "report.md").read_text())
+
+    run_guarded(body)

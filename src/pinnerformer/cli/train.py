@@ -1,0 +1,46 @@
+"""`pinnerformer train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pinnerformer.cli.common import app, console, log, run_guarded
+
+
+@app.command("train")
+def train(
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="A prepared dataset directory."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run directory (checkpoints, metrics, config)."),
+    preset: str = typer.Option("small", help="small | loo | paper (loo: the leave-one-out default)"),
+    objective: Optional[str] = typer.Option(None, help="dense-all-action | all-action | sasrec | next-action"),
+    negatives: Optional[str] = typer.Option(None, help="mixed | in-batch | random | full (softmax over every item)"),
+    no_logq: bool = typer.Option(False, "--no-logq", help="Turn the logQ correction off."),
+    config: Optional[Path] = typer.Option(None, help="JSON file overriding preset values (unknown keys are errors)."),
+    protocol: Optional[str] = typer.Option(None, help="auto | future-window | leave-one-out (validation)."),
+    max_epochs: Optional[int] = typer.Option(None, help="Override optim.max_epochs."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (then validate)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    seed: Optional[int] = typer.Option(None, help="Override the seed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Train a PinnerFormer user tower (and item tower) with early stopping on validation data."""
+
+    def body():
+        from pinnerformer.data.dataset import Dataset
+        from pinnerformer.training.config import load_config
+        from pinnerformer.training.retrieval import retrieval_loop
+
+        over = {"loss": {"objective": objective, "negatives": negatives, "logq": False if no_logq else None},
+                "optim": {"max_epochs": max_epochs}, "eval": {"protocol": protocol}, "device": device, "seed": seed}
+        over = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
+                for k, v in over.items() if v is not None}
+        cfg = load_config(preset, config, over)  # the values are checked there, once (unknown ones named)
+        summary = retrieval_loop(Dataset.open(dataset), cfg, output, log=log).fit(resume=resume, max_steps=max_steps,
+                                                                                  progress=progress)
+        console.print_json(summary.model_dump_json())
+
+    run_guarded(body)

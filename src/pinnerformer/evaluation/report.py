@@ -1,0 +1,81 @@
+"""The evaluation report: a typed record of what was scored how, and its Markdown rendering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pinnerformer.config import StrictModel
+from pinnerformer.evaluation.scorer import MetricValue
+from pinnerformer.io import write_json_atomic, write_text_atomic
+
+
+class InferenceFrequency(StrictModel):
+    metric: str  # e.g. recall@10
+    results: dict[str, MetricValue]  # once | daily | realtime -> the model's metric
+    realtime_to_daily_drop: float | None  # (daily - realtime) / realtime
+
+
+class EvaluationReport(StrictModel):
+    run: str
+    dataset: str
+    fingerprint: str
+    protocol: str
+    split: str
+    k: int
+    checkpoint: str
+    index: str  # what each label was ranked against
+    cutoffs: list[str] | None  # future-window cut-off days
+    label_days: float | None
+    user_windows: int
+    results: dict[str, dict[str, MetricValue]]  # scorer (model, then baselines) -> metric -> value
+    inference_frequency: InferenceFrequency | None = None
+    wall_s: float
+    ties: str = "pessimistic"
+    history_excluded: bool = False
+    labels_in_history: int | None = None  # with history excluded: labels that were history items (misses)
+
+
+def _cell(v: MetricValue) -> str:
+    return f"{v.mean:.4f}" + (f" [{v.ci95[0]:.4f}, {v.ci95[1]:.4f}]" if v.ci95 else "")
+
+
+def history_text(report: EvaluationReport) -> str:
+    if not report.history_excluded:
+        return "history excluded: no (items the user already had stay in the ranking)"
+    return (f"history excluded: yes (each user's input items are removed from the ranking; "
+            f"{report.labels_in_history} label(s) were history items and count as misses)")
+
+
+def markdown(report: EvaluationReport) -> str:
+    metrics = list(next(iter(report.results.values())).keys())
+    lines = [f"# Evaluation: {report.protocol} ({report.split} users)", "",
+             f"- run: `{report.run}` (checkpoint {report.checkpoint})",
+             f"- dataset fingerprint: `{report.fingerprint}`",
+             f"- index: {report.index}; ties {report.ties}; {history_text(report)}"]
+    if report.cutoffs:
+        lines.append(f"- cut-off(s): {', '.join(report.cutoffs)}; labels: positives in the "
+                     f"{report.label_days:g} days after")
+    lines += [f"- user-windows evaluated: {report.user_windows}", "",
+              "| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for name, r in report.results.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(r[m]) for m in metrics) + " |")
+    fr = report.inference_frequency
+    if fr is not None:
+        lines += ["", "Inference frequency (pinnerformer; the embedding in use at each label's time):", "",
+                  f"| frequency | {fr.metric} |", "|---|---|"]
+        lines += [f"| {f} | {_cell(v)} |" for f, v in fr.results.items()]
+        if fr.realtime_to_daily_drop is not None:
+            lines += ["", f"Realtime → daily: {fr.realtime_to_daily_drop:+.1%}"]
+    lines += ["", "Intervals: 95% bootstrap over user-windows (1,000 resamples, seed 0)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: EvaluationReport, folder: Path) -> tuple[Path, Path]:
+    """FOLDER/PROTOCOL-SPLIT.json and .md, each written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{report.protocol}-{report.split}" + ("-history-excluded" if report.history_excluded else "")
+    js, md = folder / f"{stem}.json", folder / f"{stem}.md"
+    write_json_atomic(js, report)
+    write_text_atomic(md, markdown(report))
+    return js, md

@@ -1,0 +1,103 @@
+"""Writing files so that a reader never sees half of one: every output is written under a temporary name in the
+same directory and renamed into place (a rename is atomic on one file system).
+
+    write_text_atomic / write_json_atomic      small files
+    atomic_path(path)                          any writer (Parquet, torch.save, savefig): write to the yielded path
+    atomic_dir(path)                           a whole directory, built aside and swapped in
+    recover_swap(path)                         put back a directory whose swap was killed between its two renames
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import BaseModel
+
+
+def _temp_name(path: Path) -> Path:
+    # ".tmp-<pid>" in the name: .gitignore and readers of a directory never take it for an output
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; when the block ends without an error it is renamed to `path`,
+    otherwise removed."""
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | Path, payload: dict | BaseModel) -> None:
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump(mode="json")
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def _replaced(path: Path) -> Path:
+    return path.with_name(f".{path.name}.replaced")
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yields an empty temporary directory beside `path`; when the block ends without an error it becomes `path`.
+    An existing `path` is swapped out by two renames (path -> .NAME.replaced, temporary -> path) and then deleted,
+    so `path` is always either the old directory or the new one; `recover_swap` repairs a kill between the renames."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_swap(path)
+    tmp = _temp_name(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        swap_in(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in(new: Path, path: Path) -> None:
+    """Rename directory `new` to `path`, replacing an existing `path` (see `atomic_dir`)."""
+    if path.exists():
+        old = _replaced(path)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(new, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, path)
+
+
+def recover_swap(path: str | Path) -> None:
+    """A swap killed between its two renames leaves only `.NAME.replaced`: put it back (or drop it, if the new
+    directory made it into place)."""
+    path = Path(path)
+    old = _replaced(path)
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,90 @@
+"""The run directory: the one hand-off from training to everything after it (evaluate, embed, index, simulate).
+
+Training writes it (`training.run_files` has the layout); this is how it is read: the run's description and config,
+its user split, its checkpoints and their hashes, and the trained model rebuilt for a dataset. Later stages never
+reach into the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from pinnerformer.data.dataset import Dataset
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.io import file_sha256
+from pinnerformer.models.pinnerformer import PinnerFormer, pinnerformer_for
+from pinnerformer.training import run_files as rf
+from pinnerformer.training.config import TrainConfig
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise PinnerformerError(f"{self.path} does not exist (is it a training run directory?)")
+        if not (self.path / rf.CONFIG).exists():
+            raise PinnerformerError(f"{self.path}: not a training run (no {rf.CONFIG})")
+        self._sha: dict[str, str] = {}
+
+    @cached_property
+    def description(self) -> rf.RunDescription:
+        path = self.path / rf.CONFIG
+        try:
+            return rf.RunDescription.model_validate(json.loads(path.read_text()))
+        except ValueError as e:  # invalid JSON or a description this version cannot read
+            raise PinnerformerError(f"{path}: not a run description this version can read: {e}") from None
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.description.config
+
+    @property
+    def protocol(self) -> str:
+        return self.description.protocol
+
+    def summary(self) -> rf.TrainSummary | None:
+        """The training summary, or None while the run has not ended."""
+        path = self.path / rf.SUMMARY
+        return rf.TrainSummary.model_validate(json.loads(path.read_text())) if path.exists() else None
+
+    def check_dataset(self, ds: Dataset) -> None:
+        """The run's model only makes sense on the dataset it was trained on."""
+        fp = self.description.dataset.fingerprint
+        if fp != ds.manifest.fingerprint:
+            raise PinnerformerError(f"{self.path} was trained on a different dataset: its fingerprint is {fp}, "
+                                    f"{ds.path} has {ds.manifest.fingerprint}")
+
+    def checkpoint_path(self, name: str = "best") -> Path:
+        path = self.path / rf.CHECKPOINTS / f"{name}.pt"
+        if not path.exists():
+            raise PinnerformerError(f"{path} does not exist (did the run finish an epoch?)")
+        return path
+
+    def checkpoint_sha256(self, name: str = "best") -> str:
+        """The checkpoint file's SHA-256: what snapshots and indexes record as "the model" that made them."""
+        if name not in self._sha:
+            self._sha[name] = file_sha256(self.checkpoint_path(name))
+        return self._sha[name]
+
+    def load_model(self, ds: Dataset, checkpoint: str = "best") -> PinnerFormer:
+        """The trained model (in eval mode, on the CPU), after checking that it was trained on this very dataset."""
+        self.check_dataset(ds)
+        path = self.checkpoint_path(checkpoint)
+        cfg = self.config
+        model = pinnerformer_for(ds, cfg.model, cfg.data.max_len)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+        return model.eval()
+
+    def held_out_users(self, split: str = "test") -> np.ndarray:
+        """Dataset indices of the run's held-out users (future-window runs record their user split)."""
+        path = self.path / rf.SPLIT
+        if not path.exists():
+            raise PinnerformerError(f"{self.path} has no user split (trained with leave-one-out?): future-window "
+                                    "evaluation needs users held out from training")
+        return np.flatnonzero((pl.read_parquet(path)["split"] == split).to_numpy())

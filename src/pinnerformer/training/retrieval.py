@@ -1,0 +1,174 @@
+"""PinnerFormer's retrieval training as a `TrainingTask`: examples cut from the training users' timelines
+(`objectives.examples`), the user tower's embeddings at the query positions, and the sampled softmax with mixed
+negatives and logQ (`objectives.sampled_softmax`); validation is the evaluation scorer on held-out validation
+users (future-window) or on every user's second-to-last item (leave-one-out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from pinnerformer.data.dataset import Dataset
+from pinnerformer.data.schema import DatasetRef
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.evaluation.metrics import HIT_RATE, NDCG, RECALL, metric_name
+from pinnerformer.evaluation.protocols import SELECTION, SPLITS, resolve_protocol, training_view, user_split
+from pinnerformer.evaluation.scorer import Scorer, popularity_scores, score_task
+from pinnerformer.evaluation.tasks import future_window_task, leave_one_out_task
+from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
+from pinnerformer.io import atomic_path
+from pinnerformer.models.embedding import embed_items, embed_users
+from pinnerformer.models.pinnerformer import pinnerformer_for
+from pinnerformer.objectives.examples import ExampleBatch, ExampleSampler
+from pinnerformer.objectives.sampled_softmax import SampledSoftmaxLoss, sampled_softmax_loss_fused
+from pinnerformer.training import run_files as rf
+from pinnerformer.training.config import TrainConfig
+from pinnerformer.training.loop import TrainingLoop, resolve_device
+from pinnerformer.training.task import StepLoss, epoch_order
+
+
+@dataclass
+class RetrievalBatch:
+    """A step's host-side work: the examples cut for it and their padded feature arrays (CPU tensors)."""
+
+    examples: ExampleBatch
+    seq: dict[str, torch.Tensor]
+
+    def pin_memory(self) -> "RetrievalBatch":  # called by the DataLoader on GPU runs
+        return RetrievalBatch(self.examples, {k: v.pin_memory() for k, v in self.seq.items()})
+
+
+class RetrievalTask:
+    size_key = "queries"
+    resume_keys = ("data", "model", "loss")
+
+    def __init__(self, ds: Dataset, cfg: TrainConfig):
+        self.ds, self.cfg = ds, cfg
+        m = ds.manifest
+        if not m.positive_codes:
+            raise PinnerformerError(f"{ds.path}: the dataset has no positive action types, so there is nothing "
+                                    "to learn to predict (prepare it with --positive)")
+        self.dataset_fingerprint = m.fingerprint
+        self.protocol = resolve_protocol(cfg.eval.protocol, m.clock)
+        self.notes: list[str] = []
+        if self.protocol == "leave-one-out" and cfg.preset != "loo":
+            self.notes.append(f"leave-one-out protocol with preset '{cfg.preset}': the default configuration for "
+                              "this protocol is --preset loo")
+        if m.clock == "order":
+            self.notes.append("order-only clock: no time features; the label window is counted in actions "
+                              f"(K = {cfg.data.window_actions} actions)")
+        user_ids = ds.users["user_id"].to_list()
+        self.split = (user_split(user_ids, cfg.seed, cfg.eval.val_fraction, cfg.eval.test_fraction)
+                      if self.protocol == "future-window" else np.zeros(len(user_ids), dtype=np.int8))
+        self.view = training_view(ds, self.protocol, self.split)
+        self.sampler = ExampleSampler(ds.timelines, np.array(m.positive_codes), self.view, cfg.data, cfg.loss.objective)
+        n_elig = len(self.sampler.eligible)
+        self.batch_size = cfg.optim.batch_size
+        if n_elig < self.batch_size:
+            raise PinnerformerError(
+                f"only {n_elig} training users have an action followed by a positive action, fewer than one batch "
+                f"(batch_size {self.batch_size}); use a smaller batch or more data")
+        if self.protocol == "future-window":
+            self.val_task = future_window_task(ds, np.flatnonzero(self.split == 1), cfg.eval.label_days,
+                                               "future-window/validation", seed=cfg.seed,
+                                               max_users=cfg.eval.max_val_users)
+        else:
+            self.val_task = leave_one_out_task(ds, "validation")
+        if len(self.val_task) == 0:
+            raise PinnerformerError("no validation user has labels: cannot select a model")
+        self.metric = metric_name(SELECTION[self.protocol], cfg.eval.k)
+        torch.manual_seed(cfg.seed)  # the model's initial weights
+        self.model = pinnerformer_for(ds, cfg.model, cfg.data.max_len)
+        self.objective = SampledSoftmaxLoss(cfg.loss, m.n_items, seed=cfg.seed)
+        # GPU: fixed-length batches (static shapes for compiled kernels); CPU: padded to the longest sequence only
+        self.pad_to = cfg.data.max_len if resolve_device(cfg.device).type == "cuda" else None
+        # every epoch: each eligible user `sequences_per_user` times; the ragged last batch is dropped
+        self.steps_per_epoch = n_elig * cfg.data.sequences_per_user // self.batch_size
+        self._order: tuple[int, np.ndarray] | None = None
+
+    # ---- batches -----------------------------------------------------------------------------------------
+    def batch_for(self, users: np.ndarray, rng: np.random.Generator) -> RetrievalBatch:
+        ex = self.sampler.sample(users, rng)
+        return RetrievalBatch(ex, to_torch(build_sequence_batch(self.ds.timelines, ex.starts, ex.ends,
+                                                                self.model.time_features, pad_to=self.pad_to)))
+
+    def host_batch(self, epoch: int, step: int) -> RetrievalBatch:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.sampler.eligible,
+                                              self.cfg.data.sequences_per_user))
+        users = self._order[1][step * self.batch_size:(step + 1) * self.batch_size]
+        return self.batch_for(users, np.random.default_rng([self.cfg.seed, epoch, step]))
+
+    # ---- the loss --------------------------------------------------------------------------------------
+    def loss(self, batch: RetrievalBatch, global_step: int, device: torch.device) -> StepLoss:
+        """Nothing here waits for the GPU: the sketch, the negative pool, its log Q and the de-duplication of item
+        ids are host work on host arrays (`SampledSoftmaxLoss.host_inputs`), moved to the device in one go."""
+        ex = batch.examples
+        negatives = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + global_step)
+        t = to_torch(self.objective.host_inputs(ex, negatives), device)
+        seq = to_torch(batch.seq, device)
+        B = len(ex.starts)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = self.model.encode_sequence(seq)  # [B, T, D]
+            # index_select rather than out[q_example, q_position]: the backward of advanced indexing accumulates
+            # with several CPU threads in a run-dependent order; index_select's does not (bit-exact resume)
+            T = out.shape[1]
+            q = out.reshape(B * T, -1).index_select(0, t["q_example"] * T + t["q_position"])
+        loss = self.objective(q, self.model.item_embedding, self.model.temperature, t, B)
+        return StepLoss(loss, {"queries": len(ex.q_item)})
+
+    def step_scalars(self) -> dict[str, torch.Tensor]:
+        return {"tau": self.model.temperature}
+
+    def compile(self, mode: str) -> None:
+        # the encoder with static shapes; the loss in its fused form, with dynamic shapes (see SampledSoftmaxLoss)
+        self.model.encode_sequence = torch.compile(self.model.encode_sequence, mode=mode)
+        self.objective.fused = torch.compile(sampled_softmax_loss_fused, dynamic=True)
+
+    # ---- validation ------------------------------------------------------------------------------------
+    def _scores(self, scorer: Scorer) -> dict[str, float]:
+        values, _ = score_task(self.val_task, scorer, self.cfg.eval.k, [RECALL, HIT_RATE, NDCG], intervals=False)
+        return {name: v.mean for name, v in values.items()} | {"users": len(self.val_task)}
+
+    def validate(self, device: torch.device) -> dict[str, float]:
+        t = self.val_task
+        return self._scores(Scorer("model", embed_users(self.model, self.ds.timelines, t.starts, t.ends, device),
+                                   embed_items(self.model, device)))
+
+    def baseline(self) -> tuple[str, dict[str, float]]:
+        """Most-popular positives in the training data, ranked by the same code: context for every number."""
+        pop = popularity_scores(self.ds, self.val_task, self.protocol, view=self.view)
+        return "popularity", self._scores(Scorer("popularity", None, None, fixed=pop))
+
+    # ---- the run directory -----------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {"task": "retrieval", "config": self.cfg,
+                "dataset": DatasetRef(path=str(self.ds.path.resolve()), fingerprint=self.dataset_fingerprint),
+                "model": {**asdict(self.model.spec), "item_features": self.model.item_feature_kind,
+                          "time_features": self.model.time_features},
+                "protocol": self.protocol, "metric": self.metric,
+                "eligible_training_users": int(len(self.sampler.eligible)), "validation_users": len(self.val_task),
+                "notes": self.notes}
+
+    def write_inputs(self, run_dir: Path) -> None:
+        if self.protocol == "future-window":
+            split = pl.DataFrame({"user_id": self.ds.users["user_id"],
+                                  "split": pl.Series(self.split).replace_strict([0, 1, 2], SPLITS)})
+            with atomic_path(Path(run_dir) / rf.SPLIT) as tmp:
+                split.write_parquet(tmp)
+
+    def state_dict(self) -> dict:
+        return {"sketch": self.objective.sketch.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.objective.sketch.load_state_dict(state["sketch"])
+
+
+def retrieval_loop(ds: Dataset, cfg: TrainConfig, run_dir: Path, log=print) -> TrainingLoop:
+    """The training loop over PinnerFormer's retrieval task: `retrieval_loop(ds, cfg, run_dir).fit()`."""
+    return TrainingLoop(RetrievalTask(ds, cfg), cfg, run_dir, log=log)

@@ -1,0 +1,63 @@
+"""What a training run writes: the run directory's layout and its typed records (read back by `pinnerformer.runs`).
+
+    config.json         RunDescription: the task, its full resolved config, the dataset it was trained on (path and
+                        fingerprint), the model's inputs, protocol, selection metric, counts, notes
+    split.parquet       user id -> train / validation / test (future-window protocol)
+    metrics.jsonl       one JSON object per line: the baseline, every step, every validation (see `TrainState`)
+    summary.json        TrainSummary, once training has ended
+    checkpoints/        last.pt (resume), best.pt (best validation metric: the model later stages use)
+    tensorboard/        scalars
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pinnerformer.config import StrictModel
+from pinnerformer.data.schema import DatasetRef
+from pinnerformer.evaluation.protocols import Protocol
+from pinnerformer.training.config import TrainConfig
+
+CONFIG, SPLIT, METRICS, SUMMARY = "config.json", "split.parquet", "metrics.jsonl", "summary.json"
+CHECKPOINTS, TENSORBOARD, EVAL = "checkpoints", "tensorboard", "eval"
+
+
+class RunDescription(StrictModel):
+    task: Literal["retrieval"] = "retrieval"  # which training task made the run (and how to rebuild its model)
+    config: TrainConfig
+    dataset: DatasetRef
+    model: dict[str, Any]  # what the data fixed about the model (vocabulary sizes, M, content width, clock)
+    protocol: Protocol
+    metric: str  # the validation metric that selected best.pt
+    eligible_training_users: int
+    validation_users: int
+    steps_per_epoch: int
+    notes: list[str]
+    parameters: int
+
+
+class TrainState(StrictModel):
+    """Where a run is, saved in every checkpoint. `history` holds the records of metrics.jsonl in order:
+    {"kind": "baseline", "name", <metrics>}, {"kind": "step", "step", "epoch", "loss", "lr", <task scalars, e.g. tau>,
+    "grad_norm", <batch counts, e.g. queries>}, {"kind": "validation", "epoch", "step", <metrics>}."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    done: bool = False
+    history: list[dict[str, Any]] = []
+
+
+class TrainSummary(StrictModel):
+    stopped_by: Literal["max_epochs", "max_steps", "early stop"]
+    best_epoch: int
+    metric: str  # the selection metric, on validation
+    best: float  # its best value (at best_epoch)
+    popularity: float  # the most-popular baseline's value of it, on the same validation users
+    steps: int
+    wall_s: float
+    empty_steps: int = 0  # steps whose batch had nothing to learn from (retrieval: no query; loss 0): reported

@@ -1,0 +1,71 @@
+"""What the training loop asks of a task (`TrainingLoop` in loop.py). PinnerFormer's retrieval training is one task
+(retrieval.py); a ranker's multi-task training is another, and a distributed run wraps the loop, not the task.
+
+A task owns its model, its data and its loss; the loop owns the optimiser, the schedule, the random seeds of each
+step, mixed precision, checkpoints, early stopping, logs and progress. Determinism: a task's host batch must be a
+function of (seed, epoch, step) alone, so that a resumed run, and any number of loader workers, see the same
+batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+
+class HostBatch(Protocol):
+    """A step's host-side work (built in loader workers): anything the DataLoader can pin and hand over."""
+
+    def pin_memory(self) -> "HostBatch": ...
+
+
+@dataclass
+class StepLoss:
+    loss: torch.Tensor  # scalar, on the device, to be minimised
+    counts: dict[str, int]  # what the batch held, logged with the step (e.g. {"queries": 512}); 0 means no signal
+
+
+class TrainingTask(Protocol):
+    model: torch.nn.Module
+    metric: str  # the validation metric that selects the best checkpoint (higher is better)
+    steps_per_epoch: int
+    batch_size: int  # training units per step (for the progress bar's rate)
+    size_key: str  # the count in StepLoss.counts that is 0 when a batch has nothing to learn from (e.g. "queries")
+    resume_keys: tuple[str, ...]  # config sections a resumed run must share with the run it continues
+    dataset_fingerprint: str
+
+    def host_batch(self, epoch: int, step: int) -> HostBatch:
+        """The host half of step `step` of epoch `epoch` (examples cut, features padded): no device work."""
+
+    def loss(self, batch: HostBatch, global_step: int, device: torch.device) -> StepLoss:
+        """The device half: move the batch, run the model, return the loss (random draws seeded from the step)."""
+
+    def step_scalars(self) -> dict[str, torch.Tensor]:
+        """Scalars to log after each optimiser step, still on the device (e.g. the learned temperature)."""
+
+    def validate(self, device: torch.device) -> dict[str, float]:
+        """Validation metrics of the current model (`metric` among them)."""
+
+    def baseline(self) -> tuple[str, dict[str, float]]:
+        """A reference scored like `validate` (e.g. most-popular), logged once at the start: context for the numbers."""
+
+    def describe(self) -> dict[str, Any]:
+        """The task's part of the run description (config.json)."""
+
+    def write_inputs(self, run_dir) -> None:
+        """Files later stages need besides the checkpoint (e.g. the user split)."""
+
+    def compile(self, mode: str) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """State besides the model's weights that a resumed run needs (e.g. a frequency sketch)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def epoch_order(seed: int, epoch: int, units: np.ndarray, repeats: int) -> np.ndarray:
+    """Every training unit `repeats` times, in the epoch's seeded order."""
+    return np.random.default_rng([seed, epoch]).permutation(np.repeat(units, repeats))
