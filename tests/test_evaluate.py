@@ -131,3 +131,46 @@ def test_label_occurrences_and_realtime_inputs(trained):
             earlier = np.asarray(tl.item[e:j])[np.asarray(tl.action[e:j]) == 0]
             assert lab not in earlier
     assert sum(w is not None for w in eligible_windows(ds, np.arange(40), t, 14)) == len(task)
+
+
+def test_exclude_history_removes_the_users_own_items_from_the_ranking():
+    import torch
+
+    from pinnerformer.data.timelines import Timelines
+    from pinnerformer.evaluation.scorer import Scorer, rank_task
+    from pinnerformer.evaluation.tasks import EvalTask
+
+    tl = Timelines(offsets=np.array([0, 3, 5]), item=np.array([0, 1, 2, 3, 4], np.int32),
+                   action=np.zeros(5, np.int16), ts=np.arange(5, dtype=np.int64), surface=np.full(5, -1, np.int16),
+                   duration=np.full(5, np.nan, np.float32), clock="order")
+    # user 0's input is items 0, 1 (item 2 is after the cut), label 5; user 1's input is item 3, its label too
+    task = EvalTask("t", np.array([0, 1]), np.array([0, 3]), np.array([2, 4]), [np.array([5]), np.array([3])])
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.2, 0.3, 0.7, 0.0, 0.0],
+                           [0.1, 0.2, 0.3, 0.9, 0.4, 0.5, 0.6, 0.0]], dtype=torch.float64)
+    kept = rank_task(task, Scorer("fixed", None, None, fixed=scores))
+    gone = rank_task(task, Scorer("fixed", None, None, fixed=scores), history=tl)
+    assert [r.tolist() for r in kept.ranks] == [[2], [0]] and kept.labels_in_history == 0
+    # user 0: the two history items above the label are gone; user 1: the label is a history item, a miss at the end
+    assert [r.tolist() for r in gone.ranks] == [[0], [7]] and gone.labels_in_history == 1
+
+
+def test_leave_one_out_with_history_excluded(trained, cli):
+    import polars as pl
+
+    args = ["evaluate", "--run", trained / "run", "--dataset", trained / "ds", "--protocol", "leave-one-out"]
+    assert cli(*args).exit_code == 0
+    r = cli(*args, "--exclude-history")
+    assert r.exit_code == 0, r.output
+    kept = json.loads((trained / "run" / "eval" / "leave-one-out-test.json").read_text())
+    gone = json.loads((trained / "run" / "eval" / "leave-one-out-test-history-excluded.json").read_text())
+    assert not kept["history_excluded"] and gone["history_excluded"]
+    assert "history excluded: yes" in r.stdout and "history excluded: no" not in r.stdout
+    # counted independently: users whose last item is among their earlier items
+    ev = pl.read_parquet(trained / "ds" / "events.parquet")
+    n_rep = sum(items[-1] in items[:-1] for items in ev.group_by("user").agg("item")["item"].to_list())
+    assert gone["labels_in_history"] == n_rep > 0
+    # every other label can only move up when items are removed: hits are lost only where the label was history
+    for scorer in ("pinnerformer", "most-popular"):
+        hr_kept, hr_gone = (x["results"][scorer]["hr@10"]["mean"] for x in (kept, gone))
+        assert hr_gone >= hr_kept - n_rep / gone["user_windows"] - 1e-12
+    assert gone["results"]["pinnerformer"]["hr@10"]["mean"] != kept["results"]["pinnerformer"]["hr@10"]["mean"]

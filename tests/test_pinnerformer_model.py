@@ -9,7 +9,7 @@ from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.models.pinnerformer import InputSpec, PinnerFormer, PinnerFormerConfig
 
-SPEC = InputSpec(n_items=50, n_actions=3, n_surfaces=2, max_len=16)
+INPUTS = InputSpec(n_items=50, n_actions=3, n_surfaces=2, max_len=16)
 
 
 def random_batch(B=3, T=12, n_items=50, seed=0):
@@ -185,22 +185,22 @@ def test_tied_item_tower_scores_with_the_shared_item_features():
     torch.manual_seed(0)
     cfg = PinnerFormerConfig(width=32, layers=1, heads=4, dim=16, item_features="id", id_dim=16, time_features=False,
                              item_tower="none")
-    model = PinnerFormer(cfg, SPEC).eval()
+    model = PinnerFormer(cfg, INPUTS).eval()
     items = torch.arange(50)
     expected = torch.nn.functional.normalize(model.items(items), dim=-1)
     assert torch.allclose(model.item_embedding(items), expected)
     assert not any(n.startswith("item_tower") for n, _ in model.named_parameters())
-    linear = PinnerFormer(cfg.model_copy(update={"item_tower": "linear"}), SPEC)
+    linear = PinnerFormer(cfg.model_copy(update={"item_tower": "linear"}), INPUTS)
     assert [tuple(p.shape) for n, p in linear.named_parameters() if n.startswith("item_tower")] == [(16, 16), (16,)]
     with pytest.raises(PinnerformerError, match=r"item_features=id\) must equal model.dim \(24\)"):
-        PinnerFormer(cfg.model_copy(update={"dim": 24}), SPEC)
+        PinnerFormer(cfg.model_copy(update={"dim": 24}), INPUTS)
 
 
 def test_input_dropout_is_active_in_training_only():
     torch.manual_seed(0)
     cfg = PinnerFormerConfig(width=32, layers=1, heads=4, dim=16, dropout=0.0, item_features="id", id_dim=16,
                              time_features=False, input_dropout=0.5)
-    model = PinnerFormer(cfg, SPEC)
+    model = PinnerFormer(cfg, INPUTS)
     b = to_torch({k: v for k, v in random_batch(n_items=50).items() if not k.startswith("t_")})
     model.train()
     assert not torch.allclose(model.encode_sequence(b), model.encode_sequence(b))  # two dropout masks
@@ -208,6 +208,6 @@ def test_input_dropout_is_active_in_training_only():
     assert torch.equal(model.encode_sequence(b), model.encode_sequence(b))
     cfg0 = cfg.model_copy(update={"input_dropout": 0.0})
     torch.manual_seed(0)
-    model0 = PinnerFormer(cfg0, SPEC).eval()
+    model0 = PinnerFormer(cfg0, INPUTS).eval()
     model0.load_state_dict(model.state_dict())  # the dropout adds no parameters
     assert torch.equal(model0.encode_sequence(b), model.encode_sequence(b))

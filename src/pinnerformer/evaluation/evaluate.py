@@ -30,7 +30,7 @@ from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.frequency import Frequency, frequency_recall
 from pinnerformer.evaluation.metrics import RECALL, bootstrap_ci, metric_name
 from pinnerformer.evaluation.protocols import REPORTED, Protocol, resolve_protocol
-from pinnerformer.evaluation.report import EvaluationReport, InferenceFrequency
+from pinnerformer.evaluation.report import MODEL, EvaluationReport, InferenceFrequency
 from pinnerformer.evaluation.scorer import MetricValue, Scorer, content_user_vectors, popularity_scores, score_task
 from pinnerformer.evaluation.tasks import default_cutoff, future_window_task, leave_one_out_task, parse_cutoffs
 from pinnerformer.models.embedding import embed_items, embed_users
@@ -70,7 +70,7 @@ def evaluate_model(model: PinnerFormer, ds: Dataset, protocol: Protocol, options
     else:
         task = leave_one_out_task(ds, o.split)
     dev = torch.device("cpu")
-    scorers = [Scorer("pinnerformer", embed_users(model, ds.timelines, task.starts, task.ends, dev),
+    scorers = [Scorer(MODEL, embed_users(model, ds.timelines, task.starts, task.ends, dev),
                       embed_items(model, dev)),
                Scorer("most-popular", None, None, fixed=popularity_scores(ds, task, protocol))]
     cu = content_user_vectors(ds, task)

@@ -9,6 +9,9 @@ from pinnerformer.evaluation.scorer import MetricValue
 from pinnerformer.io import write_json_atomic, write_text_atomic
 
 
+MODEL = "pinnerformer"  # the evaluated model's key in EvaluationReport.results (the others are baselines)
+
+
 class InferenceFrequency(StrictModel):
     metric: str  # e.g. recall@10
     results: dict[str, MetricValue]  # once | daily | realtime -> the model's metric
@@ -33,6 +36,14 @@ class EvaluationReport(StrictModel):
     ties: str = "pessimistic"
     history_excluded: bool = False
     labels_in_history: int | None = None  # with history excluded: labels that were history items (misses)
+
+    @property
+    def model(self) -> dict[str, MetricValue]:
+        return self.results[MODEL]
+
+    @property
+    def baselines(self) -> dict[str, dict[str, MetricValue]]:
+        return {name: r for name, r in self.results.items() if name != MODEL}
 
 
 def _cell(v: MetricValue) -> str:

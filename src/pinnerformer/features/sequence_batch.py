@@ -15,7 +15,7 @@ import torch
 
 from pinnerformer.data.timelines import Timelines
 
-# Periods of the Time2Vec-style time encodings (SPEC §2, "time features"): the batch computes the phase of absolute
+# Periods of the Time2Vec-style time encodings (the PinnerFormer paper's time features): the batch computes the phase of absolute
 # times exactly here; the model turns the phases and relative times into cos/sin features.
 HOUR, DAY, WEEK = 3600.0, 86400.0, 7 * 86400.0
 ABS_PERIODS = [0.25 * HOUR, 0.5 * HOUR, 0.75 * HOUR, HOUR, 2 * HOUR, 4 * HOUR, 8 * HOUR, 16 * HOUR, DAY, 7 * DAY,

@@ -1,6 +1,6 @@
 """PinnerFormer: a causal transformer user tower and an MLP item tower in one embedding space.
 
-Per action (SPEC §2), concatenated and projected to width H:
+Per action (the PinnerFormer paper, KDD 2022), concatenated and projected to width H:
     item features        content vector (frozen) and/or a learned item-ID embedding
     action, surface      small learned tables; index 0 is reserved for unknown / not recorded
     log(duration)        log1p(seconds) and a "missing" flag
@@ -18,7 +18,7 @@ Batches are right-padded (oldest action at position 0), so plain `is_causal=True
 real positions (they never see the padding that follows them) and fused kernels apply on GPU.
 
 Causality: the output at position i is a function of actions 0..i only — with one deliberate exception that
-SPEC §2 asks for: "time since the newest action" is measured from a query time, by default the newest action's
+the paper describes: "time since the newest action" is measured from a query time, by default the newest action's
 time. Pass an explicit query time (`build_sequence_batch(query_time=...)`) and the output at i is fully
 independent of later actions.
 """

@@ -30,7 +30,8 @@ from pinnerformer.config import StrictModel, merge_dicts
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.evaluate import EvaluateOptions
-from pinnerformer.evaluation.report import EvaluationReport, history_text
+from pinnerformer.evaluation.metrics import P90_COVERAGE
+from pinnerformer.evaluation.report import MODEL, EvaluationReport, history_text
 from pinnerformer.evaluation.tasks import parse_cutoffs
 from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic
 from pinnerformer.runs.evaluate import evaluate_run
@@ -65,7 +66,7 @@ def variants(grid: str, ds: Dataset, item_features: str = "auto") -> list[tuple[
     if grid == "frequency":
         return [(o, {"loss": {"objective": o}}) for o in ["dense-all-action", "sasrec"]]
     if grid == "default":
-        return [("pinnerformer", {})]
+        return [(MODEL, {})]
     raise PinnerformerError(f"unknown grid '{grid}': expected one of {', '.join(GRIDS)}")
 
 
@@ -159,7 +160,7 @@ def _cell(v) -> str:
 
 
 def _metrics(result: ExperimentResult) -> list[str]:
-    return list(result.rows[0].report.results["pinnerformer"].keys())
+    return list(result.rows[0].report.model.keys())
 
 
 def report_markdown(result: ExperimentResult, png: str) -> str:
@@ -177,13 +178,12 @@ def report_markdown(result: ExperimentResult, png: str) -> str:
              "| variant | " + " | ".join(metrics) + " | best epoch | validation (selection) |",
              "|---|" + "---|" * (len(metrics) + 2)]
     for r in result.rows:
-        res = r.report.results["pinnerformer"]
+        res = r.report.model
         val = ", ".join(f"{k} {v:.4f}" for k, v in r.validation.items())
         lines.append(f"| {r.variant} | " + " | ".join(_cell(res[m]) for m in metrics) + f" | {r.best_epoch} | {val} |")
-    for name, res in first.results.items():  # baselines, scored by the same code on the same users
-        if name != "pinnerformer":
-            lines.append(f"| baseline: {name} | " + " | ".join(_cell(res[m]) if m in res else "" for m in metrics)
-                         + " | | |")
+    for name, res in first.baselines.items():  # scored by the same code on the same users
+        lines.append(f"| baseline: {name} | " + " | ".join(_cell(res[m]) if m in res else "" for m in metrics)
+                     + " | | |")
     if result.grid == "frequency":
         lines += ["", "| objective | once | daily | realtime | realtime → daily |", "|---|---|---|---|---|"]
         for r in result.rows:
@@ -206,7 +206,7 @@ def plot(result: ExperimentResult, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in _metrics(result) if not m.startswith("p90")] or _metrics(result)
+    metrics = [m for m in _metrics(result) if not m.startswith(P90_COVERAGE)] or _metrics(result)
     freq = result.grid == "frequency"
     n_panels = len(metrics) + int(freq)
     fig, axes = plt.subplots(1, n_panels, figsize=(4.5 * n_panels, 3.6), squeeze=False)
@@ -220,10 +220,10 @@ def plot(result: ExperimentResult, path: Path) -> Path:
         ax.set_title(f"{result.rows[0].report.inference_frequency.metric} by inference frequency")
         ax.legend(fontsize=8)
     first = result.rows[0].report
-    baselines = [n for n in first.results if n != "pinnerformer"]
+    baselines = list(first.baselines)
     labels = names + [n.split(" (")[0] for n in baselines]
     for ax, m in zip(axes[0], metrics):
-        vals = [r.report.results["pinnerformer"][m] for r in result.rows] + [first.results[b][m] for b in baselines]
+        vals = [r.report.model[m] for r in result.rows] + [first.results[b][m] for b in baselines]
         _bars(ax, range(len(labels)), vals, capsize=4, color=["#4878a8"] * len(names) + ["#a0a0a0"] * len(baselines))
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(m)

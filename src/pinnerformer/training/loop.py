@@ -8,7 +8,7 @@ its step seed — so a run restarted from a checkpoint replays the same batches.
 the optimiser, the task's state, the position in the run, early-stopping state and the log so far.
 
 On GPU the host never waits for a step it has just queued: each step's numbers are copied to pinned memory behind
-its work and read one step late (`read_step`), and loader workers prepare the next batches meanwhile.
+its work and read one step late (`QueuedStep.read`), and loader workers prepare the next batches meanwhile.
 """
 
 from __future__ import annotations
