@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-RANK = {"errors": 0, "io": 0, "config": 0, "progress": 0, "data": 1, "features": 2, "ops": 3, "models": 4,
+RANK = {"errors": 0, "io": 0, "config": 0, "progress": 0, "data": 1, "features": 2, "nn": 3, "ops": 3, "models": 4,
         "objectives": 5, "evaluation": 6, "training": 7, "distributed": 7, "runs": 8, "inference": 9, "retrieval": 9,
         "ranking": 9, "serving": 10, "quickstart": 11, "cli": 12}
 MAX_LINES = 450
