@@ -169,6 +169,19 @@ def test_unknown_format_and_existing_output(cli, tmp_path):
     assert r.exit_code == 2 and "is not a prepared dataset" in r.stderr and (precious / "thesis.tex").exists()
 
 
+def test_options_of_another_format_are_errors_not_ignored(cli, tmp_path):
+    src = ml1m(tmp_path / "src")
+    r = prepare(cli, src, tmp_path / "out", "--user-col", "uid")
+    assert r.exit_code == 2 and "--user-col does not apply to --format movielens (it is for events)" in r.stderr
+    r = prepare(cli, src, tmp_path / "out", "--item-attributes", tmp_path / "a.json")
+    assert r.exit_code == 2 and "--item-attributes does not apply to --format movielens (it is for sequences)" \
+        in r.stderr
+    (tmp_path / "s.txt").write_text("1 5 6 7\n")
+    r = prepare(cli, tmp_path / "s.txt", tmp_path / "seq", "--id-type", "float", fmt="sequences")
+    assert r.exit_code == 2 and "id_type: unknown id type 'float' (expected one of: auto, int, str)" in r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "seq").exists()
+
+
 def test_interrupted_prepare_leaves_nothing_that_looks_complete(cli, tmp_path, monkeypatch):
     from pinnerformer.data import timelines
 

@@ -27,8 +27,10 @@ APPLIES = {
 
 def format_options(fmt: str, given: dict[str, object]) -> dict:
     """The format's options (see `data.formats`) from the command-line options that were given."""
+    from pinnerformer.data.formats import FORMATS
+
     for flag in given:
-        if fmt in {"movielens", "movielens-latest", "sequences", "otto", "events"} and fmt not in APPLIES[flag]:
+        if fmt in FORMATS and fmt not in APPLIES[flag]:
             raise PinnerformerError(f"--{flag} does not apply to --format {fmt} (it is for "
                                     f"{' and '.join(sorted(APPLIES[flag]))})")
     g = given.get

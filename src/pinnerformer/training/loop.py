@@ -27,7 +27,7 @@ from pinnerformer.errors import PinnerformerError
 from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic
 from pinnerformer.progress import progress_bar
 from pinnerformer.training import run_files as rf
-from pinnerformer.training.config import LoopConfig, TrainConfig
+from pinnerformer.training.config import LoopConfig
 from pinnerformer.training.task import HostBatch, TrainingTask
 
 
@@ -165,7 +165,7 @@ class TrainingLoop:
             raise PinnerformerError(f"--resume: {self.run_dir} has no {rf.CONFIG} (not a training run)")
         raw = json.loads(path.read_text())
         try:  # a run written before a config key existed has that key's default (validation fills it in)
-            old = TrainConfig.model_validate(raw["config"])
+            old = type(self.cfg).model_validate(raw["config"])
         except ValueError as e:  # pydantic's ValidationError is a ValueError
             raise PinnerformerError(f"--resume: {path} holds a config this version cannot read: {e}") from None
         if raw["dataset"]["fingerprint"] != self.task.dataset_fingerprint:
