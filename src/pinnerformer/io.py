@@ -5,10 +5,12 @@ same directory and renamed into place (a rename is atomic on one file system).
     atomic_path(path)                          any writer (Parquet, torch.save, savefig): write to the yielded path
     atomic_dir(path)                           a whole directory, built aside and swapped in
     recover_swap(path)                         put back a directory whose swap was killed between its two renames
+    exclusive(path)                            one writer at a time (an advisory file lock, released at exit or death)
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Iterator
 
 from pydantic import BaseModel
+
+from pinnerformer.errors import PinnerformerError
 
 
 def _temp_name(path: Path) -> Path:
@@ -101,3 +105,24 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextmanager
+def exclusive(path: str | Path, what: str, wait: bool = True, log=None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (a directory or file that exists) while the block runs: a second writer
+    waits (wait=True, saying so through `log`) or fails naming `what`. The kernel releases the lock when the
+    holder exits or is killed, so a dead writer never blocks the next one."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise PinnerformerError(f"{what} is being written by another process (lock on {path}); "
+                                        "wait for it to finish") from None
+            if log:
+                log(f"{what} is being written by another process: waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

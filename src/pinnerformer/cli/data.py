@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Optional
@@ -9,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pinnerformer.cli.common import console, data_app, items_app, log, parse_list, run_guarded
+from pinnerformer.cli.common import app, console, data_app, items_app, log, parse_list, run_guarded
 from pinnerformer.errors import PinnerformerError
 
 # which --options apply to which --format (an option given for another format is an error, never ignored)
@@ -58,61 +59,141 @@ def format_options(fmt: str, given: dict[str, object]) -> dict:
     return {}
 
 
+# The options of the input formats, shared by `data prepare` and `data append`: (flag, type, help)
+FORMAT_FLAGS = [
+    ("rating-rule", str, "MovieLens rating -> action, e.g. '5=love,4-4.5=like,3-3.5=neutral,0.5-2.5=dislike' (the "
+                         "default)."),
+    ("positive", str, "Comma-separated positive action types (MovieLens default: love,like; otto: clicks,carts,"
+                      "orders)."),
+    ("actions", str, "events: the allowed action values (others are errors); sequences: the name of the single "
+                     "action (default interact)."),
+    ("user-col", str, "events: user id column (default user)."),
+    ("item-col", str, "events: item id column (default item)."),
+    ("time-col", str, "events: time column (default timestamp)."),
+    ("action-col", str, "events: action type column (default: none, one action)."),
+    ("surface-col", str, "events: surface column."),
+    ("duration-col", str, "events: duration column (seconds)."),
+    ("time-format", str, "events: unix (default) | unix-ms | iso | order | a strftime pattern."),
+    ("separator", str, "events: CSV field separator (default ',')."),
+    ("id-type", str, "events/sequences: auto (default) | int | str."),
+    ("items", Path, "events: item table (CSV or Parquet)."),
+    ("items-id-col", str, "events: item id column of the item table (default item)."),
+    ("items-text-col", str, "events: item text column."),
+    ("items-interests-col", str, "events: item interests column ('|'-separated)."),
+    ("item-attributes", Path, "sequences: item -> attributes JSON (default: a *item2attributes.json beside the "
+                              "input)."),
+]
+
+
+def with_format_flags(fn):
+    """Adds the format options (FORMAT_FLAGS) to a command's signature; the command gets them as **flags."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(flag.replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
+                               default=typer.Option(None, f"--{flag}", help=text)) for flag, kind, text in FORMAT_FLAGS]
+    fn.__signature__ = sig.replace(parameters=own + extra)
+    return fn
+
+
+def read_input(format: str, input: Path, flags: dict, skip_invalid: bool):
+    from pinnerformer.data.formats import read_source
+
+    given = {name.replace("_", "-"): v for name, v in flags.items() if v is not None}
+    return read_source(format, input, format_options(format, given), skip_invalid=skip_invalid)
+
+
+def time_bounds(min_time: str, max_time: Optional[str]) -> tuple[int, int | None]:
+    from pinnerformer.data.clock import day_start_ts, parse_day
+
+    return (day_start_ts(parse_day(min_time, "--min-time")),
+            day_start_ts(parse_day(max_time, "--max-time")) if max_time else None)
+
+
+FORMAT_HELP = "movielens | movielens-latest | sequences | otto | events"
+
+
 @data_app.command("prepare")
+@with_format_flags
 def data_prepare(
-    format: str = typer.Option(..., "--format", "-f",
-                               help="movielens | movielens-latest | sequences | otto | events"),
+    format: str = typer.Option(..., "--format", "-f", help=FORMAT_HELP),
     input: Path = typer.Option(..., "--input", "-i", help="Source file or folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Dataset directory to write."),
     overwrite: bool = typer.Option(False, help="Replace an existing dataset directory."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid",
                                       help="Skip malformed rows and count them (default: stop at the first)."),
-    rating_rule: Optional[str] = typer.Option(None, help="MovieLens rating -> action, e.g. "
-                                              "'5=love,4-4.5=like,3-3.5=neutral,0.5-2.5=dislike' (the default)."),
-    positive: Optional[str] = typer.Option(None, help="Comma-separated positive action types "
-                                           "(MovieLens default: love,like; otto: clicks,carts,orders)."),
-    actions: Optional[str] = typer.Option(None, help="events: the allowed action values (others are errors); "
-                                          "sequences: the name of the single action (default interact)."),
     min_time: str = typer.Option("1990-01-01", help="Earliest sane timestamp (YYYY-MM-DD, UTC)."),
     max_time: Optional[str] = typer.Option(None, help="Latest sane timestamp (default: tomorrow)."),
-    user_col: Optional[str] = typer.Option(None, help="events: user id column (default user)."),
-    item_col: Optional[str] = typer.Option(None, help="events: item id column (default item)."),
-    time_col: Optional[str] = typer.Option(None, help="events: time column (default timestamp)."),
-    action_col: Optional[str] = typer.Option(None, help="events: action type column (default: none, one action)."),
-    surface_col: Optional[str] = typer.Option(None, help="events: surface column."),
-    duration_col: Optional[str] = typer.Option(None, help="events: duration column (seconds)."),
-    time_format: Optional[str] = typer.Option(None, help="events: unix (default) | unix-ms | iso | order | a "
-                                              "strftime pattern."),
-    separator: Optional[str] = typer.Option(None, help="events: CSV field separator (default ',')."),
-    id_type: Optional[str] = typer.Option(None, help="events/sequences: auto (default) | int | str."),
-    items: Optional[Path] = typer.Option(None, help="events: item table (CSV or Parquet)."),
-    items_id_col: Optional[str] = typer.Option(None, help="events: item id column of the item table (default item)."),
-    items_text_col: Optional[str] = typer.Option(None, help="events: item text column."),
-    items_interests_col: Optional[str] = typer.Option(None, help="events: item interests column ('|'-separated)."),
-    item_attributes: Optional[Path] = typer.Option(None, help="sequences: item -> attributes JSON "
-                                                   "(default: a *item2attributes.json beside the input)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    **flags,
 ):
     """Turn a source event log into a canonical dataset directory (events, items, timelines, manifest)."""
-    from pinnerformer.data.clock import day_start_ts, parse_day
     from pinnerformer.data.dataset import Dataset
-    from pinnerformer.data.formats import read_source
     from pinnerformer.data.prepare import prepare
 
     def body():
-        given = {flag: v for flag, v in {
-            "rating-rule": rating_rule, "positive": positive, "actions": actions, "user-col": user_col,
-            "item-col": item_col, "time-col": time_col, "action-col": action_col, "surface-col": surface_col,
-            "duration-col": duration_col, "time-format": time_format, "separator": separator, "id-type": id_type,
-            "items": items, "items-id-col": items_id_col, "items-text-col": items_text_col,
-            "items-interests-col": items_interests_col, "item-attributes": item_attributes}.items() if v is not None}
-        raw = read_source(format, input, format_options(format, given), skip_invalid=skip_invalid)
-        prepare(raw, output, format, skip_invalid=skip_invalid, min_time=day_start_ts(parse_day(min_time, "--min-time")),
-                max_time=day_start_ts(parse_day(max_time, "--max-time")) if max_time else None, overwrite=overwrite,
-                log=log)
+        raw = read_input(format, input, flags, skip_invalid)
+        lo, hi = time_bounds(min_time, max_time)
+        prepare(raw, output, format, skip_invalid=skip_invalid, min_time=lo, max_time=hi, overwrite=overwrite, log=log)
         print_stats(Dataset.open(output), as_json)
 
     run_guarded(body)
+
+
+@data_app.command("append")
+@with_format_flags
+def data_append(
+    dataset: Path = typer.Argument(..., help="A prepared dataset directory, to grow."),
+    format: str = typer.Option(..., "--format", "-f", help=FORMAT_HELP),
+    input: Path = typer.Option(..., "--input", "-i", help="The new period's events (file or folder)."),
+    allow_late: bool = typer.Option(False, "--allow-late", help="Keep events older than the dataset's end (counted; "
+                                    "the next embed recomputes every user)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid",
+                                      help="Skip malformed rows and count them (default: stop at the first)."),
+    min_time: str = typer.Option("1990-01-01", help="Earliest sane timestamp (YYYY-MM-DD, UTC)."),
+    max_time: Optional[str] = typer.Option(None, help="Latest sane timestamp (default: tomorrow)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    **flags,
+):
+    """Add a new period's events to a dataset: ids keep their indexes, the manifest records the lineage."""
+    from pinnerformer.data.append import append
+    from pinnerformer.data.dataset import Dataset
+
+    def body():
+        if flags.get("positive") is not None:
+            raise PinnerformerError("--positive: on append the dataset's positive actions apply (they are part of "
+                                    "what a model trained on it learned)")
+        raw = read_input(format, input, as_in_dataset(format, dataset, flags), skip_invalid)
+        lo, hi = time_bounds(min_time, max_time)
+        append(dataset, raw, skip_invalid=skip_invalid, allow_late=allow_late, min_time=lo, max_time=hi,
+               vectorize=text_vectorizer(dataset), log=log)
+        print_stats(Dataset.open(dataset), as_json)
+
+    run_guarded(body)
+
+
+def as_in_dataset(format: str, dataset: Path, flags: dict) -> dict:
+    """New events are read with the dataset's action vocabulary: its positive actions, and (events with an action
+    column) its action types as the allowed ones, so that an unknown action is named as such."""
+    from pinnerformer.data.dataset import Dataset
+
+    actions = Dataset.open(dataset).manifest.actions
+    flags = dict(flags)
+    if format in APPLIES["positive"]:
+        flags["positive"] = ",".join(a.name for a in actions if a.positive)
+    if format == "events" and flags.get("action_col") and flags.get("actions") is None:
+        flags["actions"] = ",".join(a.name for a in actions)
+    return flags
+
+
+def text_vectorizer(dataset: Path):
+    """The item-text encoder when the dataset has content vectors (new items need theirs), else None."""
+    from pinnerformer.data.dataset import Dataset
+
+    if Dataset.open(dataset).manifest.content_vectors is None:
+        return None
+    from pinnerformer.features.text import TextEncoder
+
+    return lambda texts: TextEncoder().encode(texts, progress=False)
 
 
 @data_app.command("stats")
@@ -165,3 +246,34 @@ def items_embed_text(dataset: Path = typer.Argument(..., help="A prepared datase
     from pinnerformer.features.text import embed_items_text
 
     run_guarded(lambda: embed_items_text(dataset, batch_size=batch_size, device=device, log=log))
+
+
+@app.command("daily")
+@with_format_flags
+def daily(
+    run: Path = typer.Option(..., "--run", "-r", help="A training run directory."),
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="The dataset the run was trained on (or grown from it)."),
+    input: Path = typer.Option(..., "--input", "-i", help="The new period's events."),
+    format: str = typer.Option(..., "--format", "-f", help=FORMAT_HELP),
+    snapshot_root: Path = typer.Option(..., "--snapshot-root", help="Where the daily snapshots go (ROOT/DAY/)."),
+    index: Path = typer.Option(..., "--index", help="The item index directory, rebuilt when items or model change."),
+    allow_late: bool = typer.Option(False, "--allow-late", help="Keep events older than the dataset's end."),
+    checkpoint: str = typer.Option("best", help="best | last"),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+    **flags,
+):
+    """The daily loop in one command: append the new events, embed the new day incrementally, refresh the index."""
+    from pinnerformer.daily import run_daily
+    from pinnerformer.data.dataset import Dataset
+
+    def body():
+        raw = read_input(format, input, as_in_dataset(format, dataset, flags), False)
+        report = run_daily(run, dataset, raw, snapshot_root, index, allow_late=allow_late,
+                           vectorize=text_vectorizer(dataset), checkpoint=checkpoint, log=log, progress=progress)
+        s = report.snapshot
+        log(f"daily {report.day}: {'appended' if report.appended else 'already appended'}; snapshot {s.users:,} users "
+            f"({s.recomputed:,} recomputed, {s.carried_over:,} carried over; unseen by the model: "
+            f"{s.unseen.get('users', 0):,} users, {s.unseen.get('items', 0):,} items); index "
+            f"{'rebuilt' if report.index_rebuilt else 'kept'} ({report.index_reason})")
+
+    run_guarded(body)

@@ -39,33 +39,17 @@ def fingerprint(timelines: Timelines, actions: list[schema.ActionType], users: p
     return h.hexdigest()[:16]
 
 
-def prepare(raw: RawLog, output: Path, fmt: str, *, skip_invalid: bool = False, min_time: int | None = None,
-            max_time: int | None = None, overwrite: bool = False, log=print) -> schema.Manifest:
-    t0 = time.perf_counter()
-    output = Path(output)
-    if output.exists():
-        if not overwrite:
-            raise PinnerformerError(f"{output} already exists (use --overwrite to replace it)")
-        if output.is_file() or (any(output.iterdir()) and not (output / schema.MANIFEST).exists()):
-            raise PinnerformerError(f"{output} exists and is not a prepared dataset: refusing to replace it")
+def clean_events(raw: RawLog, vocab: list[str], checker: Checker, min_time: int | None, max_time: int | None
+                 ) -> tuple[pl.DataFrame, str, int]:
+    """Action codes (position in `vocab`), time sanity (real clocks), exact duplicates removed (counted), times in
+    seconds. Returns (events, clock, duplicates removed)."""
     ev = raw.events
     if ev.height == 0:
         raise InputError("the input yields no events" + (f" (skipped: {raw.skipped})" if raw.skipped else ""),
                          path=", ".join(map(str, raw.sources)))
-    checker = Checker(skip_invalid, raw.skipped, raw.line_label)
-
-    # action codes: position in the vocabulary
-    vocab = list(raw.actions)
     ev = checker.check(ev, ~pl.col("action").is_in(vocab), reason="unknown_action", problem="unknown action value",
                        field="action", expected=f"one of {', '.join(vocab)}")
-    if not raw.positive:
-        raise InputError("no positive action types", field="positive", expected=f"some of {', '.join(vocab)}")
-    bad_pos = [p for p in raw.positive if p not in vocab]
-    if bad_pos:
-        raise InputError(f"positive action(s) {', '.join(bad_pos)} are not action types of this input",
-                         field="positive", expected=f"some of {', '.join(vocab)}")
     ev = ev.with_columns(pl.col("action").replace_strict(vocab, list(range(len(vocab))), return_dtype=pl.Int16))
-
     # time sanity (real clocks only), judged in the source's unit so the error shows the value as written
     clock = "order" if raw.ts_unit == "order" else "seconds"
     if clock == "seconds":
@@ -80,51 +64,101 @@ def prepare(raw: RawLog, output: Path, fmt: str, *, skip_invalid: bool = False, 
     if ev.height == 0:
         raise InputError(f"the input yields no events: everything was skipped ({raw.skipped})",
                          path=", ".join(map(str, raw.sources)))
-
     # deduplicate identical events (same user, item, action, time and source detail), keep the first
     n_before = ev.height
     ev = ev.unique(subset=["user", "item", "action", "ts", "detail"], keep="first", maintain_order=True)
     duplicates = n_before - ev.height
     if raw.ts_unit == "ms":
         ev = ev.with_columns(pl.col("ts") // 1000)
+    return ev, clock, duplicates
 
-    # dense indices, in sorted source-id order
-    users = ev["user"].unique().sort()
-    items = ev["item"].unique().sort()
+
+def encode_ids(ev: pl.DataFrame, users: pl.Series, items: pl.Series, surfaces: list[str]) -> pl.DataFrame:
+    """Source ids -> dense indices (position in the id maps), surface names -> codes, sorted by (user, time) with
+    ties in input order."""
     ev = ev.with_columns(
         pl.col("user").replace_strict(users, pl.int_range(users.len(), eager=True), return_dtype=pl.Int32),
         pl.col("item").replace_strict(items, pl.int_range(items.len(), eager=True), return_dtype=pl.Int32),
-    )
-    surfaces = sorted(ev["surface"].drop_nulls().unique().to_list())
-    ev = ev.with_columns(pl.col("surface").replace_strict(surfaces, list(range(len(surfaces))), default=None,
-                                                          return_dtype=pl.Int16),
-                         pl.col("duration").cast(pl.Float32))
-    ev = ev.sort(["user", "ts"], maintain_order=True).drop("_file", "_line")
+        pl.col("surface").replace_strict(surfaces, list(range(len(surfaces))), default=None, return_dtype=pl.Int16),
+        pl.col("duration").cast(pl.Float32))
+    return ev.sort(["user", "ts"], maintain_order=True).drop("_file", "_line")
 
-    # item table: every item with events; metadata rows without events are counted, not kept
+
+def item_rows(raw: RawLog, index_from: int, ids: pl.Series) -> tuple[pl.DataFrame, int, int]:
+    """Item table rows for the items `ids` (indices from `index_from`), with the input's text and interests.
+    Returns (rows, items without a metadata row, metadata rows whose item has no event)."""
     meta = raw.items.unique(subset=["item"], keep="first", maintain_order=True)
     if meta.height != raw.items.height:
         raise InputError(f"{raw.items.height - meta.height} item id(s) appear more than once in the item table",
                          path=", ".join(map(str, raw.sources[1:])) or None)
-    item_table = (pl.DataFrame({"item": pl.int_range(items.len(), eager=True, dtype=pl.Int32), "item_id": items})
-                  .join(meta.rename({"item": "item_id"}), on="item_id", how="left", maintain_order="left")
-                  .with_columns(pl.col("interests").fill_null(pl.lit([], pl.List(pl.String)))))
+    rows = (pl.DataFrame({"item": pl.int_range(index_from, index_from + ids.len(), eager=True, dtype=pl.Int32),
+                          "item_id": ids})
+            .join(meta.rename({"item": "item_id"}), on="item_id", how="left", maintain_order="left")
+            .with_columns(pl.col("interests").fill_null(pl.lit([], pl.List(pl.String)))))
+    n_no_meta = rows.height - int(ids.is_in(meta["item"].implode()).sum())
+    return rows, n_no_meta if meta.height else 0, meta.height - int(meta["item"].is_in(ids.implode()).sum())
+
+
+def build_timelines(ev: pl.DataFrame, n_users: int, clock: str) -> Timelines:
+    offsets = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(ev["user"].to_numpy(), minlength=n_users), out=offsets[1:])
+    return Timelines(
+        offsets=offsets, item=ev["item"].to_numpy(), action=ev["action"].to_numpy(), ts=ev["ts"].to_numpy(),
+        surface=ev["surface"].fill_null(NO_SURFACE).to_numpy(), duration=ev["duration"].fill_null(np.nan).to_numpy(),
+        clock=clock)
+
+
+def source_files(paths: list[Path]) -> list[schema.SourceFile]:
+    return [schema.SourceFile(path=str(p.resolve()), bytes=p.stat().st_size, sha256=file_sha256(p)) for p in paths]
+
+
+def write_dataset(output: Path, ev: pl.DataFrame, user_table: pl.DataFrame, item_table: pl.DataFrame,
+                  timelines: Timelines, manifest: schema.Manifest) -> None:
+    """Everything under a temporary name, then swapped in: never a directory that looks complete but is not."""
+    with atomic_dir(output) as tmp:
+        ev.write_parquet(tmp / schema.EVENTS, statistics=True)
+        user_table.write_parquet(tmp / schema.USERS)
+        item_table.write_parquet(tmp / schema.ITEMS)
+        timelines.save(tmp / schema.TIMELINES)
+        write_json_atomic(tmp / schema.MANIFEST, manifest)
+
+
+def prepare(raw: RawLog, output: Path, fmt: str, *, skip_invalid: bool = False, min_time: int | None = None,
+            max_time: int | None = None, overwrite: bool = False, log=print) -> schema.Manifest:
+    t0 = time.perf_counter()
+    output = Path(output)
+    if output.exists():
+        if not overwrite:
+            raise PinnerformerError(f"{output} already exists (use --overwrite to replace it)")
+        if output.is_file() or (any(output.iterdir()) and not (output / schema.MANIFEST).exists()):
+            raise PinnerformerError(f"{output} exists and is not a prepared dataset: refusing to replace it")
+    checker = Checker(skip_invalid, raw.skipped, raw.line_label)
+    vocab = list(raw.actions)
+    if not raw.positive:
+        raise InputError("no positive action types", field="positive", expected=f"some of {', '.join(vocab)}")
+    bad_pos = [p for p in raw.positive if p not in vocab]
+    if bad_pos:
+        raise InputError(f"positive action(s) {', '.join(bad_pos)} are not action types of this input",
+                         field="positive", expected=f"some of {', '.join(vocab)}")
+    ev, clock, duplicates = clean_events(raw, vocab, checker, min_time, max_time)
+
+    # dense indices, in sorted source-id order
+    users = ev["user"].unique().sort()
+    items = ev["item"].unique().sort()
+    surfaces = sorted(ev["surface"].drop_nulls().unique().to_list())
+    ev = encode_ids(ev, users, items, surfaces)
+
+    # item table: every item with events; metadata rows without events are counted, not kept
+    item_table, n_no_meta, n_catalogue_only = item_rows(raw, 0, items)
     notes = list(raw.notes)
-    n_no_meta = item_table.height - items.is_in(meta["item"].implode()).sum()
-    if n_no_meta and meta.height:
+    if n_no_meta:
         notes.append(f"{n_no_meta} item(s) with events have no row in the item table (no text, no interests)")
-    n_catalogue_only = meta.height - int(meta["item"].is_in(items.implode()).sum())
     skipped = dict(raw.skipped)
     if n_catalogue_only:
         skipped["catalogue_items_without_events"] = n_catalogue_only
     user_table = pl.DataFrame({"user": pl.int_range(users.len(), eager=True, dtype=pl.Int32), "user_id": users})
 
-    offsets = np.zeros(users.len() + 1, dtype=np.int64)
-    np.cumsum(np.bincount(ev["user"].to_numpy(), minlength=users.len()), out=offsets[1:])
-    timelines = Timelines(
-        offsets=offsets, item=ev["item"].to_numpy(), action=ev["action"].to_numpy(), ts=ev["ts"].to_numpy(),
-        surface=ev["surface"].fill_null(NO_SURFACE).to_numpy(), duration=ev["duration"].fill_null(np.nan).to_numpy(),
-        clock=clock)
+    timelines = build_timelines(ev, users.len(), clock)
     action_types = [schema.ActionType(code=i, name=a, positive=a in raw.positive) for i, a in enumerate(vocab)]
     counts = np.bincount(timelines.action, minlength=len(vocab))
     manifest = schema.Manifest(
@@ -133,19 +167,11 @@ def prepare(raw: RawLog, output: Path, fmt: str, *, skip_invalid: bool = False, 
         events_per_action={a: int(c) for a, c in zip(vocab, counts)},
         time_min=int(timelines.ts.min()), time_max=int(timelines.ts.max()),
         has_surface=bool(surfaces), has_duration=bool(ev["duration"].is_not_null().any()),
-        sources=[schema.SourceFile(path=str(p.resolve()), bytes=p.stat().st_size, sha256=file_sha256(p))
-                 for p in raw.sources],
+        sources=source_files(raw.sources),
         options={**raw.options, "positive": list(raw.positive), "skip_invalid": skip_invalid},
         skipped=skipped, duplicates_removed=duplicates, notes=notes,
         fingerprint=fingerprint(timelines, action_types, users, items),
     )
-
-    # write everything under a temporary name, then swap it in
-    with atomic_dir(output) as tmp:
-        ev.write_parquet(tmp / schema.EVENTS, statistics=True)
-        user_table.write_parquet(tmp / schema.USERS)
-        item_table.write_parquet(tmp / schema.ITEMS)
-        timelines.save(tmp / schema.TIMELINES)
-        write_json_atomic(tmp / schema.MANIFEST, manifest)
+    write_dataset(output, ev, user_table, item_table, timelines, manifest)
     log(f"prepared {manifest.n_events:,} events in {time.perf_counter() - t0:.1f}s -> {output}")
     return manifest

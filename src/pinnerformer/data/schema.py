@@ -65,6 +65,22 @@ class ContentVectors(StrictModel):
     sha256: str
 
 
+class AppendRecord(StrictModel):
+    """One `pinnerformer data append`: what came in, on top of which dataset."""
+
+    parent_fingerprint: str
+    sources: list[SourceFile]
+    time_min: int  # the appended events' time range
+    time_max: int
+    events: int  # events added (after duplicates were removed)
+    new_users: int
+    new_items: int
+    late_events: int  # events older than the parent's end, kept with --allow-late
+    duplicates_removed: int  # within the new events, or already in the dataset
+    skipped: dict[str, int]
+    appended_at: str
+
+
 class Manifest(StrictModel):
     schema_version: int = SCHEMA_VERSION
     pinnerformer_version: str
@@ -88,6 +104,14 @@ class Manifest(StrictModel):
     notes: list[str]
     fingerprint: str
     content_vectors: ContentVectors | None = None
+    # Growing datasets: the fingerprints of the datasets this one was appended onto (oldest first), and each
+    # append. User and item indexes never change on append, so a model trained on an ancestor still applies.
+    ancestors: list[str] = []
+    lineage: list[AppendRecord] = []
+
+    def descends_from(self, fingerprint: str) -> bool:
+        """This dataset is `fingerprint`, or was grown from it by appends."""
+        return fingerprint == self.fingerprint or fingerprint in self.ancestors
 
     @property
     def positive_codes(self) -> list[int]:

@@ -44,7 +44,7 @@ from pinnerformer.inference.snapshot import (
     DTYPES, EMBEDDINGS, MANIFEST, CheckpointRef, Dtype, Snapshot, SnapshotManifest, SnapshotRef, complete_snapshots,
     content_hash, embeddings_table, vectors_of,
 )
-from pinnerformer.io import atomic_dir, atomic_path, recover_swap, swap_in, write_json_atomic
+from pinnerformer.io import atomic_dir, atomic_path, exclusive, recover_swap, swap_in, write_json_atomic
 from pinnerformer.runs.run_dir import RunDir
 
 
@@ -108,8 +108,13 @@ class DailyJob:
         m = snap.manifest
         if m.checkpoint.sha256 != self.ck_sha:
             return None, f"earlier snapshot {snap.path.name} was made by another checkpoint: full computation"
-        if m.dataset.fingerprint != self.ds.manifest.fingerprint:
+        if not self.ds.manifest.descends_from(m.dataset.fingerprint):
             return None, f"earlier snapshot {snap.path.name} was made from another dataset: full computation"
+        lineage = self.ds.manifest.lineage
+        since = next((i for i, r in enumerate(lineage) if r.parent_fingerprint == m.dataset.fingerprint), len(lineage))
+        if any(r.late_events for r in lineage[since:]):
+            return None, (f"events older than earlier snapshot {snap.path.name}'s data were appended since "
+                          "(--allow-late): full computation")
         if m.device != self.device:
             return None, f"earlier snapshot {snap.path.name} was computed on {m.device}: full computation"
         if m.compile != self.compile:
@@ -117,15 +122,24 @@ class DailyJob:
             return None, f"earlier snapshot {snap.path.name} was computed by the {how} model: full computation"
         if m.dtype != self.dtype:
             return None, f"earlier snapshot {snap.path.name} is {m.dtype}, not {self.dtype}: full computation"
+        try:
+            snap.verify()
+        except PinnerformerError as e:
+            return None, f"{e}: not carried over, full computation"
         return snap, f"incremental from {snap.path.name}"
 
     def pending_users(self, prev: Snapshot | None) -> np.ndarray:
-        """Users to recompute: an action in (previous day, as-of day] (incremental), or any action up to it."""
+        """Users to recompute: an action after the previous snapshot's inputs and up to the as-of day
+        (incremental), or any action up to it. The previous snapshot's inputs end with its day, or earlier when its
+        dataset ended earlier (events of that day appended since must be taken in)."""
         tl = self.ds.timelines
         ts = np.asarray(tl.ts)
         mask = ts < self.end_ts
         if prev is not None:
-            mask &= ts >= day_end_ts(prev.day)
+            since = day_end_ts(prev.day)
+            if prev.manifest.data_time_max is not None:
+                since = min(since, prev.manifest.data_time_max)
+            mask &= ts >= since
         return np.unique(tl.user_of_event()[mask]).astype(np.int64)
 
     def plan(self, prev: Snapshot | None, pending: np.ndarray) -> EmbedPlan:
@@ -173,6 +187,13 @@ class DailyJob:
         work = self.work()
         runner.check(work)
         self.root.mkdir(parents=True, exist_ok=True)
+        # one writer per snapshot root: a second job waits, then finds the day complete (or made by another
+        # checkpoint, and refuses): two jobs never mix their vectors in one snapshot
+        with exclusive(self.root, f"snapshot root {self.root}", log=log):
+            return self._run(runner, work, engine, force, log, progress, t0)
+
+    def _run(self, runner, work: ShardWork, engine: str, force: bool, log, progress: bool, t0: float
+             ) -> SnapshotManifest:
         recover_swap(self.final)  # a --force swap killed between its two renames: put the old snapshot back
         if self.final.exists() and not force:
             done = Snapshot.open(self.final).manifest
@@ -208,6 +229,9 @@ class DailyJob:
         dim = self._dim(parts_v, prev)
         new_u = np.concatenate(parts_u) if parts_u else np.zeros(0, np.int32)
         new_v = (np.concatenate(parts_v) if parts_v else np.zeros((0, dim), np.float32)).astype(DTYPES[self.dtype])
+        if not np.isfinite(new_v).all():
+            raise PinnerformerError(f"{self.staging}: the model produced NaN or infinite vectors for "
+                                    f"{int((~np.isfinite(new_v).all(1)).sum())} user(s); nothing was published")
         if not np.array_equal(new_u, pending):
             raise PinnerformerError(f"{self.staging}: the parts do not hold exactly the planned users; delete the "
                                     "staging directory and re-run")
@@ -231,7 +255,8 @@ class DailyJob:
             dataset=DatasetRef(path=str(Path(self.ds.path).resolve()), fingerprint=self.ds.manifest.fingerprint),
             engine=engine, device=self.device, compile=self.compile, content_sha256=content_hash(users, vecs),
             wall_s=round(time.perf_counter() - t0, 3),
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            data_time_max=self.ds.manifest.time_max, unseen=self.model_run.unseen(self.ds))
         write_json_atomic(self.staging / MANIFEST, manifest)
         for name in ("parts", "pending.npy", "plan.json"):
             p = self.staging / name

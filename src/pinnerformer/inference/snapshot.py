@@ -72,6 +72,8 @@ class SnapshotManifest(StrictModel):
     content_sha256: str
     wall_s: float
     created_at: str
+    data_time_max: int | None = None  # the dataset's last event when the snapshot was made (it may grow later)
+    unseen: dict[str, int] = {}  # users and items the model's training dataset did not have
 
     @property
     def day(self) -> dt.date:
@@ -145,6 +147,20 @@ class Snapshot:
     def vectors(self) -> np.ndarray:
         """[n_users, D] in the stored dtype (float16 or float32)."""
         return vectors_of(self.table)
+
+    def verify(self) -> None:
+        """The stored vectors are the ones the manifest describes (content hash, count, shape) and all finite."""
+        m, vecs = self.manifest, self.vectors
+        problem = None
+        if len(self.users) != m.users or vecs.shape != (m.users, m.dim):
+            problem = f"holds {len(self.users)} users × {vecs.shape[1] if vecs.ndim == 2 else '?'} where its " \
+                      f"manifest says {m.users} × {m.dim}"
+        elif not np.isfinite(vecs).all():
+            problem = "holds NaN or infinite vectors"
+        elif content_hash(self.users, vecs) != m.content_sha256:
+            problem = "does not match its manifest's content hash (altered or corrupted)"
+        if problem:
+            raise PinnerformerError(f"snapshot {self.path} {problem}")
 
     def lookup(self, user_id) -> int:
         """Row of an external user id; a clear error when the user has no embedding in this snapshot."""

@@ -26,7 +26,7 @@ independent of later actions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -170,8 +170,12 @@ class Block(nn.Module):
         rows = torch.arange(B, device=x.device)
         q = F.linear(h[rows, pos], w_q, b_q).view(B, self.heads, 1, H // self.heads)
         visible = torch.arange(T, device=x.device).unsqueeze(0) <= pos.unsqueeze(1)  # the causal row of pos
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :],
-                                           dropout_p=self.dropout if self.training else 0.0)
+        # attention for the one query, written out: the fused CPU kernel's result for a row depended (in the last
+        # bit, on several threads) on which other rows shared the batch, and the daily job's carry-over relies on a
+        # user's vector being the same whatever the batch
+        scores = (q @ k.transpose(-2, -1)) * (H // self.heads) ** -0.5  # [B, heads, 1, T]
+        weights = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
+        a = F.dropout(weights, self.dropout, self.training) @ v
         x = x[rows, pos] + self.drop(self.proj(a.reshape(B, H)))
         return x + self.drop(self.ffn(self.ln2(x)))
 
@@ -274,6 +278,23 @@ class PinnerFormer(nn.Module):
     def item_embedding(self, item: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.item_tower(self.items(item)).float(), dim=-1)
 
+    @torch.no_grad()
+    def grow(self, n_items: int, n_surfaces: int) -> None:
+        """Serve a dataset grown by appends (ids keep their indexes, new ones come after): an item the model never
+        saw is read through its content vector where the item features use one, and through an explicit
+        unknown-item ID embedding, the mean of the trained ones (the same for every new item, so its vector does
+        not depend on how many arrived); a new surface reads as the reserved unknown one."""
+        if n_items > self.spec.n_items and self.items.use_id:
+            w = self.items.id_emb.weight
+            unknown = w.mean(0, keepdim=True).expand(n_items - w.shape[0], -1)
+            self.items.id_emb = nn.Embedding.from_pretrained(torch.cat([w, unknown]), freeze=False)
+        if n_surfaces > self.spec.n_surfaces:
+            w = self.surface_emb.weight
+            self.surface_emb = nn.Embedding.from_pretrained(
+                torch.cat([w, w[:1].expand(n_surfaces - self.spec.n_surfaces, -1)]), freeze=False)
+        self.spec = replace(self.spec, n_items=max(n_items, self.spec.n_items),
+                            n_surfaces=max(n_surfaces, self.spec.n_surfaces))
+
 
 def input_spec(ds: Dataset, max_len: int) -> InputSpec:
     m = ds.manifest
@@ -281,12 +302,16 @@ def input_spec(ds: Dataset, max_len: int) -> InputSpec:
                      content_dim=m.content_vectors.dim if m.content_vectors else 0, has_clock=m.clock == "seconds")
 
 
-def pinnerformer_for(ds: Dataset, cfg: PinnerFormerConfig, max_len: int) -> PinnerFormer:
-    """A PinnerFormer for a dataset's vocabulary, with its content vectors when the item features use them."""
-    spec = input_spec(ds, max_len)
-    kind = cfg.item_features
-    if kind in ("content", "both") and not spec.content_dim:
+def content_for(ds: Dataset, cfg: PinnerFormerConfig) -> torch.Tensor | None:
+    """The dataset's item content vectors when the item features use them (None otherwise)."""
+    kind, has = cfg.item_features, ds.manifest.content_vectors is not None
+    if kind in ("content", "both") and not has:
         raise PinnerformerError(f"item_features={kind} needs content vectors, but {ds.path} has none "
                                 "(run `pinnerformer items embed-text` or use item_features=id)")
-    uses_content = kind in ("content", "both") or (kind == "auto" and spec.content_dim)
-    return PinnerFormer(cfg, spec, torch.from_numpy(np.array(ds.content_vectors())) if uses_content else None)
+    uses_content = kind in ("content", "both") or (kind == "auto" and has)
+    return torch.from_numpy(np.array(ds.content_vectors())) if uses_content else None
+
+
+def pinnerformer_for(ds: Dataset, cfg: PinnerFormerConfig, max_len: int) -> PinnerFormer:
+    """A PinnerFormer for a dataset's vocabulary, with its content vectors when the item features use them."""
+    return PinnerFormer(cfg, input_spec(ds, max_len), content_for(ds, cfg))

@@ -18,7 +18,7 @@ import torch
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.io import file_sha256
-from pinnerformer.models.pinnerformer import PinnerFormer, pinnerformer_for
+from pinnerformer.models.pinnerformer import InputSpec, PinnerFormer, content_for
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import TrainConfig
 
@@ -54,11 +54,25 @@ class RunDir:
         return rf.TrainSummary.model_validate(json.loads(path.read_text())) if path.exists() else None
 
     def check_dataset(self, ds: Dataset) -> None:
-        """The run's model only makes sense on the dataset it was trained on."""
+        """The run's model applies to the dataset it was trained on and to any dataset grown from it by appends
+        (whose user and item indexes are the same); to nothing else."""
         fp = self.description.dataset.fingerprint
-        if fp != ds.manifest.fingerprint:
+        if not ds.manifest.descends_from(fp):
             raise PinnerformerError(f"{self.path} was trained on a different dataset: its fingerprint is {fp}, "
-                                    f"{ds.path} has {ds.manifest.fingerprint}")
+                                    f"{ds.path} has {ds.manifest.fingerprint} and does not descend from it")
+
+    def trained_inputs(self) -> InputSpec:
+        """What the training dataset fixed about the model (vocabulary sizes, M, content width, clock)."""
+        m = self.description.model
+        return InputSpec(n_items=m["n_items"], n_actions=m["n_actions"], n_surfaces=m["n_surfaces"],
+                         max_len=m["max_len"], content_dim=m.get("content_dim", 0),
+                         has_clock=m.get("has_clock", m.get("time_features", True)))
+
+    def unseen(self, ds: Dataset) -> dict[str, int]:
+        """Users and items of `ds` that the training dataset did not have (appended since)."""
+        fp, lineage = self.description.dataset.fingerprint, ds.manifest.lineage
+        after = next((i for i, r in enumerate(lineage) if r.parent_fingerprint == fp), len(lineage))
+        return {"users": sum(r.new_users for r in lineage[after:]), "items": sum(r.new_items for r in lineage[after:])}
 
     def checkpoint_path(self, name: str = "best") -> Path:
         path = self.path / rf.CHECKPOINTS / f"{name}.pt"
@@ -73,12 +87,13 @@ class RunDir:
         return self._sha[name]
 
     def load_model(self, ds: Dataset, checkpoint: str = "best") -> PinnerFormer:
-        """The trained model (in eval mode, on the CPU), after checking that it was trained on this very dataset."""
+        """The trained model (in eval mode, on the CPU) for `ds`: the training dataset or a descendant of it, whose
+        new items and surfaces the model reads as it was built to (`PinnerFormer.grow`)."""
         self.check_dataset(ds)
         path = self.checkpoint_path(checkpoint)
-        cfg = self.config
-        model = pinnerformer_for(ds, cfg.model, cfg.data.max_len)
+        model = PinnerFormer(self.config.model, self.trained_inputs(), content_for(ds, self.config.model))
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+        model.grow(ds.manifest.n_items, len(ds.manifest.surfaces))
         return model.eval()
 
     def held_out_users(self, split: str = "test") -> np.ndarray:
