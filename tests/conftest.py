@@ -49,3 +49,21 @@ def planted(tmp_path_factory):
     return d / "ds"
 
 
+
+
+PLANTED_DAY = __import__("datetime").date(2020, 9, 25)  # planted timelines run 2020-09-13 .. 2020-10-15
+
+
+@pytest.fixture(scope="module")
+def trained(planted, tmp_path_factory):
+    """A tiny run on the planted dataset (2 epochs); module-scoped: tests that damage it restore it."""
+    import json
+
+    from pinnerformer.data import Dataset
+    from pinnerformer.training.config import load_config
+    from pinnerformer.training.retrieval import retrieval_loop
+
+    run = tmp_path_factory.mktemp("run") / "run"
+    cfg = load_config("small", overrides=json.loads(json.dumps({**TINY, "optim": {**TINY["optim"], "max_epochs": 2}})))
+    retrieval_loop(Dataset.open(planted), cfg, run, log=lambda s: None).fit(progress=False)
+    return run

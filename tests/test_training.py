@@ -107,7 +107,7 @@ def test_resume_refuses_other_dataset_or_shape(planted, tmp_path, cli):
     wider["model"]["width"] = 64
     (tmp_path / "wide.json").write_text(json.dumps(wider))
     r = cli("train", "-d", planted, "-o", tmp_path / "run", "--config", tmp_path / "wide.json", "--resume")
-    assert r.exit_code == 2 and "different model/objective configuration (model" in r.stderr
+    assert r.exit_code == 2 and "these options would change it: model.width 32 -> 64" in r.stderr
     other = tmp_path / "other.csv"
     planted_interest_log(n_users=120, seed=5).write_csv(other)
     assert cli("data", "prepare", "-f", "events", "-i", other, "-o", tmp_path / "ods", "--action-col", "action",
@@ -125,7 +125,7 @@ def test_resume_refuses_other_dataset_or_shape(planted, tmp_path, cli):
     desc["config"]["model"]["retired_key"] = 1
     (tmp_path / "run" / "config.json").write_text(json.dumps(desc))
     r = cli("train", "-d", planted, "-o", tmp_path / "run", "--config", tmp_path / "tiny.json", "--resume")
-    assert r.exit_code == 2 and "holds a config this version cannot read" in r.stderr and "retired_key" in r.stderr
+    assert r.exit_code == 2 and "not a run description this version can read" in r.stderr and "retired_key" in r.stderr
 
 
 def test_order_only_dataset_trains_with_leave_one_out(tmp_path, cli):
@@ -325,3 +325,36 @@ def test_a_run_killed_and_resumed_in_a_new_process_repeats_bit_for_bit(tmp_path,
     whole, other, resumed = ((tmp_path / n / "metrics.jsonl").read_text() for n in ("whole", "other", "resumed"))
     assert whole.count('"kind": "step"') == 19  # 19 steps in the epoch (before max_steps), then validation
     assert other == whole and resumed == whole
+
+
+def test_resume_keeps_the_runs_own_config_and_split_and_says_what_it_continues(planted, tmp_path, cli):
+    """Found by a fault probe: --resume with another --seed rewrote the split (training users became test users);
+    --resume rebuilt the config from the preset (max_epochs 1 -> 40) and trained on; --resume --max-steps on a
+    finished run trained nothing and reported a false reason."""
+    (tmp_path / "tiny.json").write_text(json.dumps({**TINY, "optim": {**TINY["optim"], "max_epochs": 1}}))
+    run = tmp_path / "run"
+    assert cli("train", "-d", planted, "-o", run, "--config", tmp_path / "tiny.json", "--no-progress").exit_code == 0
+    split, metrics = (run / "split.parquet").read_bytes(), (run / "metrics.jsonl").read_text()
+    r = cli("train", "-d", planted, "-o", run, "--resume", "--seed", "1")
+    assert r.exit_code == 2 and "these options would change it: seed 0 -> 1" in r.stderr
+    r = cli("train", "-d", planted, "-o", run, "--resume", "--preset", "loo")
+    assert r.exit_code == 2 and "it was made with --preset small, not loo" in r.stderr
+    r = cli("train", "-d", planted, "-o", run, "--resume", "--no-progress")  # no config given: the run's own
+    assert r.exit_code == 0 and "the run already trained 1 epoch(s), optim.max_epochs is 1" in " ".join(r.stderr.split())
+    assert (run / "split.parquet").read_bytes() == split and (run / "metrics.jsonl").read_text() == metrics
+    r = cli("train", "-d", planted, "-o", run, "--resume", "--max-epochs", "2", "--no-progress")
+    assert r.exit_code == 0 and "resuming with optim.max_epochs 1 -> 2" in r.stderr
+    assert json.loads((run / "config.json").read_text())["config"]["optim"]["max_epochs"] == 2
+    assert (run / "split.parquet").read_bytes() == split
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines if x["kind"] == "validation"] == [0, 1]
+    # an early-stopped run: a larger step budget does not make it train, and the reason stays the true one
+    (tmp_path / "stop.json").write_text(json.dumps({**TINY, "optim": {**TINY["optim"], "patience": 1,
+                                                                         "max_epochs": 30, "lr": 1e-9}}))
+    es = tmp_path / "es"
+    r = cli("train", "-d", planted, "-o", es, "--config", tmp_path / "stop.json", "--no-progress")
+    summary = json.loads((es / "summary.json").read_text())
+    assert r.exit_code == 0 and summary["stopped_by"] == "early stop"
+    r = cli("train", "-d", planted, "-o", es, "--resume", "--max-steps", "100000", "--no-progress")
+    assert r.exit_code == 0 and "the run already ended (early stop" in r.stderr
+    assert json.loads((es / "summary.json").read_text()) == summary

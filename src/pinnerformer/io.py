@@ -126,3 +126,22 @@ def exclusive(path: str | Path, what: str, wait: bool = True, log=None) -> Itera
         yield
     finally:
         os.close(fd)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A torch checkpoint written by the training loop, or a clear error for a file that is not one (empty,
+    truncated, damaged)."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        size = Path(path).stat().st_size
+        raise PinnerformerError(f"{path} is not a readable checkpoint ({size:,} bytes; {str(e).splitlines()[0][:120]}): "
+                                "it is damaged or was cut off; train again or use another checkpoint") from None
+    if not isinstance(ck, dict) or "model" not in ck:
+        raise PinnerformerError(f"{path} is not a checkpoint written by `pinnerformer train`")
+    return ck

@@ -48,6 +48,10 @@ def run_guarded(fn, *args, **kwargs):
     except PinnerformerError as e:
         print("error: " + str(e), file=sys.stderr)
         raise typer.Exit(code=2) from None
+    except OSError as e:  # the machine's, not the input's: a full disk, a path under a file, a permission
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}; nothing half-written was left looking complete", file=sys.stderr)
+        raise typer.Exit(code=2) from None
 
 
 def parse_list(text: str | None) -> list[str] | None:

@@ -72,12 +72,15 @@ def retrieve(
         if sum(x is not None for x in (user, item, output)) != 1:
             raise PinnerformerError("give exactly one of --user ID, --item ID or --output FILE (batch)")
         idx = ItemIndex.open(index)
+        if k > idx.index.ntotal:
+            log(f"note: the index holds {idx.index.ntotal:,} items: at most that many per query, not {k:,}")
         if item is not None:
             frame, title = similar_items(idx, item, k), f"items similar to item {item}"
         else:
             if snapshot is None:
                 raise PinnerformerError("--snapshot is required for user retrieval")
             snap = Snapshot.open(snapshot)
+            snap.verify()  # never serve vectors that are not the ones the job wrote
             if output is not None:
                 ids = None
                 if users_file is not None:

@@ -8,13 +8,14 @@ from typing import Optional
 import typer
 
 from pinnerformer.cli.common import app, console, log, run_guarded
+from pinnerformer.errors import PinnerformerError
 
 
 @app.command("train")
 def train(
     dataset: Path = typer.Option(..., "--dataset", "-d", help="A prepared dataset directory."),
     output: Path = typer.Option(..., "--output", "-o", help="Run directory (checkpoints, metrics, config)."),
-    preset: str = typer.Option("small", help="small | loo | paper (loo: the leave-one-out default)"),
+    preset: Optional[str] = typer.Option(None, help="small (default) | loo | paper (loo: the leave-one-out default)"),
     objective: Optional[str] = typer.Option(None, help="dense-all-action | all-action | sasrec | next-action"),
     negatives: Optional[str] = typer.Option(None, help="mixed | in-batch | random | full (softmax over every item)"),
     no_logq: bool = typer.Option(False, "--no-logq", help="Turn the logQ correction off."),
@@ -31,14 +32,25 @@ def train(
 
     def body():
         from pinnerformer.data.dataset import Dataset
-        from pinnerformer.training.config import load_config
+        from pinnerformer.config import merge_dicts
+        from pinnerformer.training.config import load_config, read_config_file
         from pinnerformer.training.retrieval import retrieval_loop
 
         over = {"loss": {"objective": objective, "negatives": negatives, "logq": False if no_logq else None},
                 "optim": {"max_epochs": max_epochs}, "eval": {"protocol": protocol}, "device": device, "seed": seed}
         over = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v)
                 for k, v in over.items() if v is not None}
-        cfg = load_config(preset, config, over)  # the values are checked there, once (unknown ones named)
+        if resume and (output / "config.json").exists():  # the run's own config; given options must not change it
+            from pinnerformer.runs import RunDir
+
+            run = RunDir(output)
+            if preset is not None and preset != run.config.preset:
+                raise PinnerformerError(f"--resume continues {output} with its own configuration; it was made with "
+                                        f"--preset {run.config.preset}, not {preset}")
+            file_over = read_config_file(config) if config else {}
+            cfg = run.resume_config(merge_dicts(file_over, over), log=log)
+        else:
+            cfg = load_config(preset or "small", config, over)  # the values are checked there (unknown ones named)
         summary = retrieval_loop(Dataset.open(dataset), cfg, output, log=log).fit(resume=resume, max_steps=max_steps,
                                                                                   progress=progress)
         console.print_json(summary.model_dump_json())

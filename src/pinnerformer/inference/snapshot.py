@@ -132,7 +132,11 @@ class Snapshot:
 
     @cached_property
     def table(self) -> pa.Table:
-        return pq.read_table(self.path / EMBEDDINGS)
+        try:
+            return pq.read_table(self.path / EMBEDDINGS)
+        except (OSError, pa.ArrowException) as e:
+            raise PinnerformerError(f"snapshot {self.path}: {EMBEDDINGS} cannot be read ({str(e).splitlines()[0]}): "
+                                    "it is damaged; run the day again with --force") from None
 
     @cached_property
     def users(self) -> np.ndarray:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from pinnerformer.config import StrictModel
 from pinnerformer.data.dataset import Dataset
@@ -44,23 +44,23 @@ from pinnerformer.features.sequence_batch import ABS_PERIODS, REL_PERIODS
 class PinnerFormerConfig(StrictModel):
     """The model's shape and feature switches: the `model` section of a training config."""
 
-    width: int = 64  # H
-    layers: int = 2  # L
-    heads: int = 2
-    dim: int = 64  # D
-    dropout: float = 0.1
+    width: int = Field(64, ge=1)  # H
+    layers: int = Field(2, ge=0)  # L
+    heads: int = Field(2, ge=1)
+    dim: int = Field(64, ge=1)  # D
+    dropout: float = Field(0.1, ge=0, lt=1)
     # content: the item's content vector; id: a learned ID embedding; both; auto: both if the data has vectors
     item_features: Literal["auto", "content", "id", "both"] = "auto"
-    id_dim: int = 64
-    action_dim: int = 16
-    surface_dim: int = 8
-    item_tower_hidden: int = 256
+    id_dim: int = Field(64, ge=1)
+    action_dim: int = Field(16, ge=1)
+    surface_dim: int = Field(8, ge=1)
+    item_tower_hidden: int = Field(256, ge=1)
     # The item features always feed both towers. mlp: the paper's item tower on top of them; linear: one
     # projection; none: the normalised features are the item embedding, so items are scored with the input item
     # table itself, as SASRec does (needs item features of width D)
     item_tower: Literal["mlp", "linear", "none"] = "mlp"
-    input_dropout: float = 0.0  # dropout on the summed input embedding, before the first block (SASRec's)
-    init_temperature: float = 0.07
+    input_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the summed input embedding, before the first block (SASRec's)
+    init_temperature: float = Field(0.07, gt=0)
     # The residual stream between blocks: float32, or the autocast dtype when autocast is on ("compute": bf16 on GPU,
     # half the memory traffic of the LayerNorm/dropout/residual passes, at bf16 precision). No effect without autocast.
     residual_dtype: Literal["float32", "compute"] = "float32"

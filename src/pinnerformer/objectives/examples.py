@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from pinnerformer.config import StrictModel
 from pinnerformer.data.clock import DAY
@@ -33,13 +34,13 @@ OBJECTIVES = list(Objective.__args__)
 class ExampleConfig(StrictModel):
     """How examples are cut: the `data` section of a training config."""
 
-    max_len: int = 64  # M: actions per input sequence
-    positions: int = 16  # dense-all-action: positions sampled per sequence
-    labels_per_position: int = 1  # dense-all-action
-    max_labels: int = 32  # all-action: labels per sequence
-    sequences_per_user: int = 4  # examples per training user per epoch
-    window_days: float = 28.0  # K, for real clocks
-    window_actions: int = 20  # K, for order-only clocks
+    max_len: int = Field(64, ge=1)  # M: actions per input sequence
+    positions: int = Field(16, ge=1)  # dense-all-action: positions sampled per sequence
+    labels_per_position: int = Field(1, ge=1)  # dense-all-action
+    max_labels: int = Field(32, ge=1)  # all-action: labels per sequence
+    sequences_per_user: int = Field(4, ge=1)  # examples per training user per epoch
+    window_days: float = Field(28.0, gt=0)  # K, for real clocks
+    window_actions: int = Field(20, ge=1)  # K, for order-only clocks
     cutoff: Literal["random", "last"] = "random"  # example cut-off: random, or the end of the training range
 
 

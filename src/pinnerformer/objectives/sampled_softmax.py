@@ -29,6 +29,7 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from pinnerformer.config import StrictModel
 from pinnerformer.objectives.examples import ExampleBatch, Objective
@@ -43,11 +44,11 @@ class LossConfig(StrictModel):
 
     objective: Objective = "dense-all-action"
     negatives: Negatives = "mixed"  # full: softmax over the whole catalogue
-    n_random: int = 1024
+    n_random: int = Field(1024, ge=1)
     logq: bool = True
     mask_own_positives: bool = True  # False: only the query's own label is masked; other positives stay negatives
-    sketch_width: int = 1 << 18
-    sketch_depth: int = 4
+    sketch_width: int = Field(1 << 18, ge=1)
+    sketch_depth: int = Field(4, ge=1)
 
 
 class CountMinSketch:

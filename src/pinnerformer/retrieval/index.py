@@ -31,7 +31,7 @@ from pinnerformer.data.dataset import Dataset
 from pinnerformer.data.schema import DatasetRef
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.inference.snapshot import CheckpointRef
-from pinnerformer.io import atomic_dir, write_json_atomic
+from pinnerformer.io import atomic_dir, file_sha256, write_json_atomic
 from pinnerformer.models.embedding import embed_items
 from pinnerformer.runs.run_dir import RunDir
 
@@ -55,6 +55,7 @@ class IndexManifest(StrictModel):
     recall_k: int
     recall_queries: str
     created_at: str
+    index_sha256: str | None = None  # of index.faiss, checked when the index is opened
 
 
 def _faiss():
@@ -148,16 +149,36 @@ class ItemIndex:
         except ValueError as e:
             raise PinnerformerError(f"{path / 'manifest.json'}: not an index manifest this version can read: {e}") \
                 from None
-        index = _faiss().read_index(str(path / "index.faiss"))
+        if manifest.index_sha256 is not None and file_sha256(path / "index.faiss") != manifest.index_sha256:
+            raise PinnerformerError(f"{path / 'index.faiss'} does not match its manifest's hash (damaged or "
+                                    "replaced): build the index again")
+        try:
+            index = _faiss().read_index(str(path / "index.faiss"))
+        except RuntimeError as e:
+            raise PinnerformerError(f"{path / 'index.faiss'} cannot be read ({str(e).splitlines()[0][:160]}): "
+                                    "build the index again") from None
         set_search_params(index, manifest.kind, manifest.params)
         if manifest.kind == "ivf":
             index.make_direct_map()  # IVF lists do not keep row -> vector without it (needed by `vector`)
         return ItemIndex(path, index, pl.read_parquet(path / "items.parquet"), manifest)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores [q, k], item rows [q, k]); rows are -1 when fewer than k items exist."""
+        """(scores [q, k'], item rows [q, k']) with k' = min(k, items in the index): always k' real items. HNSW
+        searches with efSearch >= k (below it the graph search returns fewer than k); an IVF query whose probed
+        lists hold fewer than k items is searched again over every list."""
         k = min(k, self.index.ntotal)
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.manifest.kind == "hnsw":
+            self.index.hnsw.efSearch = max(int(self.manifest.params["ef_search"]), k)
+        scores, rows = self.index.search(q, k)
+        short = (rows < 0).any(1)
+        if short.any() and self.manifest.kind == "ivf":
+            self.index.nprobe = self.index.nlist
+            scores[short], rows[short] = self.index.search(q[short], k)
+            self.index.nprobe = int(self.manifest.params["nprobe"])
+        if (rows < 0).any():
+            raise PinnerformerError(f"index {self.path} returned fewer than {k} items for a query")
+        return scores, rows
 
     def row_of(self, item_id) -> int:
         ids = self.items["item_id"]
@@ -201,6 +222,7 @@ def build_item_index(run_dir: Path, ds: Dataset, output: Path, kind: str = "hnsw
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     with atomic_dir(output) as tmp:
         _faiss().write_index(index, str(tmp / "index.faiss"))
+        manifest.index_sha256 = file_sha256(tmp / "index.faiss")
         ds.items.select("item", "item_id", *(["text"] if "text" in ds.items.columns else [])).write_parquet(
             tmp / "items.parquet")
         write_json_atomic(tmp / "manifest.json", manifest)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from pinnerformer.data.dataset import Dataset
+from pinnerformer.config import merge_dicts, validate
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.io import file_sha256
+from pinnerformer.io import file_sha256, load_checkpoint
 from pinnerformer.models.pinnerformer import InputSpec, PinnerFormer, content_for
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import TrainConfig
@@ -47,6 +47,34 @@ class RunDir:
     @property
     def protocol(self) -> str:
         return self.description.protocol
+
+    # what a resumed run may change: how long it trains, and where (results do not depend on the loader workers)
+    RESUME_MAY_CHANGE = {"optim.max_epochs", "device", "loader_workers", "compile", "compile_mode"}
+
+    def resume_config(self, overrides: dict, log=print) -> TrainConfig:
+        """The run's own configuration for `--resume`, with the options given on the command line applied only
+        where the run allows it (RESUME_MAY_CHANGE); any other difference is refused, naming it: a resumed run keeps
+        its config, hence its split and its batches."""
+        stored = self.config.model_dump()
+        wanted = validate(TrainConfig, merge_dicts(stored, overrides), f"--resume {self.path}").model_dump()
+
+        def diffs(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+            out = []
+            for k in a:
+                if isinstance(a[k], dict):
+                    out += diffs(a[k], b[k], f"{prefix}{k}.")
+                elif a[k] != b[k]:
+                    out.append((f"{prefix}{k}", a[k], b[k]))
+            return out
+
+        changed = diffs(stored, wanted)
+        refused = [f"{k} {old!r} -> {new!r}" for k, old, new in changed if k not in self.RESUME_MAY_CHANGE]
+        if refused:
+            raise PinnerformerError(f"--resume continues {self.path} with its own configuration; these options would "
+                                    f"change it: {'; '.join(refused)} (start a new run directory instead)")
+        for k, old, new in changed:
+            log(f"resuming with {k} {old!r} -> {new!r}")
+        return TrainConfig.model_validate(wanted)
 
     def summary(self) -> rf.TrainSummary | None:
         """The training summary, or None while the run has not ended."""
@@ -92,7 +120,7 @@ class RunDir:
         self.check_dataset(ds)
         path = self.checkpoint_path(checkpoint)
         model = PinnerFormer(self.config.model, self.trained_inputs(), content_for(ds, self.config.model))
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
+        model.load_state_dict(load_checkpoint(path)["model"])
         model.grow(ds.manifest.n_items, len(ds.manifest.surfaces))
         return model.eval()
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from pinnerformer.config import StrictModel, merge_dicts, validate
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.models.pinnerformer import PinnerFormerConfig
@@ -15,13 +17,13 @@ from pinnerformer.objectives.sampled_softmax import LossConfig
 
 
 class OptimConfig(StrictModel):
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    max_epochs: int = 40
-    grad_clip: float = 1.0
-    patience: int = 3  # epochs without validation improvement before stopping
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=1)
+    max_epochs: int = Field(40, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    patience: int = Field(3, ge=1)  # epochs without validation improvement before stopping
 
 
 class LoopConfig(StrictModel):
@@ -30,7 +32,7 @@ class LoopConfig(StrictModel):
     seed: int = 0
     optim: OptimConfig = OptimConfig()
     device: str = "auto"  # auto: cuda when available (bf16 autocast), else cpu (fp32)
-    checkpoint_every: int = 200  # steps; a checkpoint is also written at every epoch end
+    checkpoint_every: int = Field(200, ge=1)  # steps; a checkpoint is also written at every epoch end
     # Batches are prepared (examples cut, features padded) by this many worker processes, ahead of the GPU.
     # -1 = auto: none on CPU (the cores are busy training), min(8, cores - 2) on GPU. Results do not depend on it.
     loader_workers: int = -1
@@ -83,17 +85,30 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def read_config_file(config_file: Path) -> dict:
+    """A JSON config file's overrides, or a clear error naming the file (and the line of a JSON mistake)."""
+    try:
+        text = Path(config_file).read_text()
+    except (FileNotFoundError, IsADirectoryError):
+        raise PinnerformerError(f"{config_file}: config file not found") from None
+    except UnicodeDecodeError:
+        raise PinnerformerError(f"{config_file}: not a text file (expected JSON)") from None
+    try:
+        over = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PinnerformerError(f"{config_file}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(over, dict):
+        raise PinnerformerError(f"{config_file}: the config must be a JSON object of sections "
+                                f"(found a {type(over).__name__})")
+    return over
+
+
 def load_config(preset: str = "small", config_file: Path | None = None, overrides: dict | None = None) -> TrainConfig:
     if preset not in PRESETS:
         raise PinnerformerError(f"unknown preset '{preset}': expected one of {', '.join(PRESETS)}")
     raw = merge_dicts({"preset": preset}, PRESETS[preset])
     if config_file is not None:
-        try:
-            raw = merge_dicts(raw, json.loads(Path(config_file).read_text()))
-        except FileNotFoundError:
-            raise PinnerformerError(f"{config_file}: config file not found") from None
-        except json.JSONDecodeError as e:
-            raise PinnerformerError(f"{config_file}, line {e.lineno}: not valid JSON ({e.msg})") from None
+        raw = merge_dicts(raw, read_config_file(config_file))
     raw = merge_dicts(raw, overrides or {})
     return validate(TrainConfig, raw, f"{config_file}: invalid training config" if config_file
                     else "invalid training config")

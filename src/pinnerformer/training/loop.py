@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic
+from pinnerformer.io import atomic_path, load_checkpoint, write_json_atomic, write_text_atomic
 from pinnerformer.progress import progress_bar
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import LoopConfig
@@ -149,7 +149,7 @@ class TrainingLoop:
                         "fingerprint": self.task.dataset_fingerprint}, tmp)
 
     def load_checkpoint(self) -> None:
-        ck = torch.load(self.run_dir / rf.CHECKPOINTS / "last.pt", map_location=self.device, weights_only=False)
+        ck = load_checkpoint(self.run_dir / rf.CHECKPOINTS / "last.pt", map_location=self.device)
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.task.load_state_dict(ck["task"] if "task" in ck else {"sketch": ck["sketch"]})  # (older checkpoints)
@@ -198,6 +198,16 @@ class TrainingLoop:
                 self.log(f"resumed at epoch {self.state.epoch}, step {self.state.global_step}")
         elif (self.run_dir / rf.CHECKPOINTS).exists():
             raise PinnerformerError(f"{self.run_dir} already holds a training run: use --resume or a new directory")
+        s = self.state
+        if s.done and s.stopped_by == "max_steps" and (max_steps is None or max_steps > s.global_step):
+            s.done = False  # stopped at a step budget, resumed with a larger one (or none): go on
+        if s.done and (self.run_dir / rf.SUMMARY).exists():
+            self.log(f"the run already ended ({s.stopped_by or 'done'} at epoch {s.epoch - 1}, step {s.global_step}): "
+                     "nothing to continue")
+            return rf.TrainSummary.model_validate_json((self.run_dir / rf.SUMMARY).read_text())
+        if s.epoch >= cfg.optim.max_epochs:
+            self.log(f"the run already trained {s.epoch} epoch(s), optim.max_epochs is {cfg.optim.max_epochs}: "
+                     "nothing to continue (raise --max-epochs to train more)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.desc = desc = self.describe()
         write_json_atomic(self.run_dir / rf.CONFIG, desc)
@@ -214,7 +224,7 @@ class TrainingLoop:
         # the log on disk is the checkpoint's: steps after the last checkpoint are dropped, to be replayed
         write_text_atomic(self.run_dir / rf.METRICS, "".join(json.dumps(h) + "\n" for h in self.state.history))
         tb = SummaryWriter(str(self.run_dir / rf.TENSORBOARD))
-        stopped_by = "max_epochs"
+        stopped_by = s.stopped_by or "max_epochs"
         t_start = time.perf_counter()
         pending: list[QueuedStep] = []  # queued steps whose numbers have not been read back from the device yet
 
@@ -233,7 +243,6 @@ class TrainingLoop:
                     tb.add_scalar(f"train/{name}", v, p.step)
                 bar.set_postfix(loss=f"{loss:.3f}")
 
-        s = self.state
         while s.epoch < cfg.optim.max_epochs and not s.done:
             epoch = s.epoch
             B = task.batch_size
@@ -244,7 +253,8 @@ class TrainingLoop:
             while s.step_in_epoch < task.steps_per_epoch:
                 g = s.global_step
                 if max_steps is not None and g >= max_steps:
-                    s.done, stopped_by = True, "max_steps"
+                    s.done, s.stopped_by = True, "max_steps"
+                    stopped_by = s.stopped_by
                     break
                 pending.append(self.train_step(next(batches), g, epoch))
                 record_pending(keep=1)
@@ -262,7 +272,8 @@ class TrainingLoop:
             if s.step_in_epoch >= task.steps_per_epoch or s.done:
                 self._validate(epoch, tb)
                 if s.bad_epochs >= cfg.optim.patience:
-                    s.done, stopped_by = True, "early stop"
+                    s.done, s.stopped_by = True, "early stop"
+                    stopped_by = s.stopped_by
                 s.epoch += 1
                 s.step_in_epoch = 0
                 self.save_checkpoint("last.pt")

@@ -49,6 +49,7 @@ class TrainState(StrictModel):
     best_epoch: int = -1
     bad_epochs: int = 0
     done: bool = False
+    stopped_by: str | None = None  # why the run ended (early stop, max_steps), when it has
     history: list[dict[str, Any]] = []
 
 
