@@ -26,7 +26,26 @@ from pinnerformer.errors import PinnerformerError
 
 def _temp_name(path: Path) -> Path:
     # ".tmp-<pid>" in the name: .gitignore and readers of a directory never take it for an output
+    clean_stale(path)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(path: Path) -> None:
+    """Remove what killed writers of `path` left: its temporary siblings whose process no longer exists."""
+    for p in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = p.name[len(path.name) + 6:].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 @contextmanager

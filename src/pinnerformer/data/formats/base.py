@@ -157,6 +157,9 @@ def read_csv_records(path: Path, header: list[str] | None, checker: Checker, *, 
     """
     if not path.exists():
         raise InputError("file not found", path=path)
+    if not path.read_bytes()[:4096].strip():
+        raise InputError("the file is empty", path=path,
+                         expected=separator.join(header) if header else f"a {separator!r}-separated header and rows")
     with path.open("rb") as f:
         first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
     if separator not in first and guess_delimiter_hint(first, separator):
@@ -167,6 +170,8 @@ def read_csv_records(path: Path, header: list[str] | None, checker: Checker, *, 
         raise InputError("unexpected header", path=path, line=1, text=first, expected=separator.join(header))
     try:
         df = pl.read_csv(path, infer_schema=False, has_header=True, separator=separator)
+    except pl.exceptions.NoDataError:
+        raise InputError("the file has no rows", path=path) from None
     except pl.exceptions.ComputeError as e:
         _locate_ragged(path, separator)
         raise InputError(f"cannot parse as CSV: {str(e).splitlines()[0]}", path=path) from None
