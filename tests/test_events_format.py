@@ -1,5 +1,7 @@
 """The generic `events` format (CSV and Parquet with a column mapping), and `otto`/`sequences` edge cases."""
 
+import json
+
 import polars as pl
 import pytest
 
@@ -108,3 +110,47 @@ def test_otto_bad_json_names_line(cli, tmp_path):
     (tmp_path / "t.jsonl").write_text(good + "\n" + good.replace("clicks", "wishlist").replace('"session":1', '"session":2') + "\n")
     r = cli("data", "prepare", "-f", "otto", "-i", tmp_path / "t.jsonl", "-o", tmp_path / "o")
     assert r.exit_code == 2 and "line 2: unknown event type" in r.stderr and "'wishlist'" in r.stderr
+
+
+def test_ids_written_as_1_and_1_0_are_one_user_and_one_item(cli, tmp_path):
+    """Found by a fault probe: ids `1` and `1.0` became two users; a float Parquet id column became strings."""
+    (tmp_path / "log.csv").write_text("user,item,timestamp\n1,7,1700000000\n1.0,7.0,1700000001\n2,8,1700000002\n")
+    assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "log.csv", "-o", tmp_path / "a").exit_code == 0
+    ds = Dataset.open(tmp_path / "a")
+    assert ds.users["user_id"].to_list() == [1, 2] and ds.items["item_id"].to_list() == [7, 8]
+    pl.DataFrame({"user": [1.0, 2.0], "item": [7.0, 7.0], "timestamp": [1700000000, 1700000001]}).write_parquet(
+        tmp_path / "log.parquet")
+    assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "log.parquet", "-o", tmp_path / "b").exit_code == 0
+    assert Dataset.open(tmp_path / "b").users["user_id"].dtype == pl.Int64
+    pl.DataFrame({"user": [[1], [2]], "item": [7, 7], "timestamp": [1700000000, 1700000001]}).write_parquet(
+        tmp_path / "list.parquet")
+    r = cli("data", "prepare", "-f", "events", "-i", tmp_path / "list.parquet", "-o", tmp_path / "c")
+    assert r.exit_code == 2 and "column 'user' holds List(Int64) values, not ids" in r.stderr
+    (tmp_path / "huge.csv").write_text("user,item,timestamp\n1,2,9223372036854776.0\n")
+    r = cli("data", "prepare", "-f", "events", "-i", tmp_path / "huge.csv", "-o", tmp_path / "d")
+    assert r.exit_code == 2 and "timestamp is not parseable" in r.stderr and "Traceback" not in r.output
+
+
+def test_byte_order_marks_and_cut_off_last_lines(cli, tmp_path, shared_data):
+    """Found by a fault probe: a UTF-8 BOM renamed the first user; a UTF-16 file gave a decoding error without
+    saying so; a file cut inside its last line made a new action type of the cut-off word."""
+    (tmp_path / "bom.txt").write_bytes("u1 a b\nu2 b c\n".encode("utf-8-sig"))
+    assert cli("data", "prepare", "-f", "sequences", "-i", tmp_path / "bom.txt", "-o", tmp_path / "s").exit_code == 0
+    assert Dataset.open(tmp_path / "s").users["user_id"].to_list() == ["u1", "u2"]
+    (tmp_path / "u16.txt").write_bytes("u1 a b\n".encode("utf-16"))
+    r = cli("data", "prepare", "-f", "sequences", "-i", tmp_path / "u16.txt", "-o", tmp_path / "t")
+    assert r.exit_code == 2 and "is UTF-16 (little-endian) text" in r.stderr
+    # the real Taobao sample ends inside its last line (`100370,1968385,1875258,pv`, no timestamp)
+    tail = (shared_data / "taobao-userbehavior-head" / "UserBehavior.csv").read_bytes()[-400:].split(b"\n", 1)[1]
+    assert not tail.endswith(b"\n")
+    (tmp_path / "tb.csv").write_bytes(b"user,item,category,action,timestamp\n" + tail)
+    args = ["data", "prepare", "-f", "events", "-i", tmp_path / "tb.csv", "--action-col", "action", "--actions",
+            "pv,cart,fav,buy", "--positive", "buy,cart,fav,pv"]
+    n_lines = tail.count(b"\n") + 1
+    r = cli(*args, "-o", tmp_path / "tb")
+    assert r.exit_code == 2 and f"tb.csv, line {n_lines + 1}: the file does not end with a newline" in r.stderr
+    r = cli(*args, "-o", tmp_path / "tb", "--skip-invalid", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["skipped"] == {"truncated_last_line": 1} and s["events"] == n_lines - 1
+    assert set(s["events_per_action"]) == {"pv", "cart", "fav", "buy"}  # no action type made of a cut-off word

@@ -8,6 +8,7 @@ the user chose `skip_invalid`, is removed and counted by reason in `RawLog.skipp
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -74,11 +75,35 @@ def drop_blank_lines(lines: pl.DataFrame, skipped: dict[str, int]) -> pl.DataFra
     return lines.filter(~blank)
 
 
-def read_lines(path: Path, encoding: str = "utf-8") -> pl.DataFrame:
-    """Every line of a text file with its 1-based line number. Blank lines are kept (callers decide)."""
+BOMS = {b"\xff\xfe": "UTF-16 (little-endian)", b"\xfe\xff": "UTF-16 (big-endian)"}
+
+
+def check_encoding(path: Path, data: bytes) -> bytes:
+    """The bytes without a UTF-8 byte-order mark; a UTF-16 file is named as such (convert it to UTF-8)."""
+    for bom, name in BOMS.items():
+        if data.startswith(bom) and not data.startswith(b"\xff\xfe\x00\x00"):
+            raise InputError(f"the file is {name} text (it starts with a byte-order mark)", path=path,
+                             expected="UTF-8 text (convert it, e.g. iconv -f UTF-16 -t UTF-8)")
+    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+
+
+def cut_last_line(path: Path, lines: list[str], checker: "Checker | None") -> list[str]:
+    """A file that does not end with a newline was probably cut off inside its last line (a partial copy or
+    download): that line is an error, or, with skip_invalid, dropped and counted as `truncated_last_line`."""
+    if checker is None or not checker.skip_invalid:
+        raise InputError("the file does not end with a newline: its last line looks cut off", path=path,
+                         line=len(lines), text=lines[-1], expected="complete lines, each ending with a newline",
+                         hint="--skip-invalid drops that line and counts it")
+    checker.skipped["truncated_last_line"] = checker.skipped.get("truncated_last_line", 0) + 1
+    return lines[:-1]
+
+
+def read_lines(path: Path, encoding: str = "utf-8", checker: "Checker | None" = None) -> pl.DataFrame:
+    """Every line of a text file with its 1-based line number. Blank lines are kept (callers decide); a leading
+    UTF-8 byte-order mark is dropped; a last line without its newline is refused or counted (`cut_last_line`)."""
     if not path.exists():
         raise InputError("file not found", path=path)
-    data = path.read_bytes()
+    data = check_encoding(path, path.read_bytes())
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as e:
@@ -88,6 +113,8 @@ def read_lines(path: Path, encoding: str = "utf-8") -> pl.DataFrame:
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
+    elif lines and lines[-1].strip():
+        lines = cut_last_line(path, lines, checker)
     return pl.DataFrame({"_line": pl.int_range(1, len(lines) + 1, eager=True, dtype=pl.Int64),
                          "raw": pl.Series(lines, dtype=pl.String).str.strip_suffix("\r")})
 
@@ -157,11 +184,16 @@ def read_csv_records(path: Path, header: list[str] | None, checker: Checker, *, 
     """
     if not path.exists():
         raise InputError("file not found", path=path)
-    if not path.read_bytes()[:4096].strip():
+    data = check_encoding(path, path.read_bytes())
+    if not data.strip():
         raise InputError("the file is empty", path=path,
                          expected=separator.join(header) if header else f"a {separator!r}-separated header and rows")
-    with path.open("rb") as f:
-        first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+    tail = data.rsplit(b"\n", 1)[-1]
+    if tail.strip() and b"\n" in data:  # the last line has no newline: cut off?
+        newlines = data.count(b"\n")
+        cut_last_line(path, [""] * newlines + [tail.decode("utf-8", errors="replace")], checker)  # raises, or counts
+        data = data[: len(data) - len(tail)]
+    first = data.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
     if separator not in first and guess_delimiter_hint(first, separator):
         raise InputError("header is not " + _OTHER_DELIMITERS.get(separator, repr(separator)) + "-separated"
                          + guess_delimiter_hint(first, separator), path=path, line=1, text=first,
@@ -169,22 +201,18 @@ def read_csv_records(path: Path, header: list[str] | None, checker: Checker, *, 
     if header is not None and first.split(separator) != header:
         raise InputError("unexpected header", path=path, line=1, text=first, expected=separator.join(header))
     try:
-        df = pl.read_csv(path, infer_schema=False, has_header=True, separator=separator)
+        df = pl.read_csv(io.BytesIO(data), infer_schema=False, has_header=True, separator=separator)
     except pl.exceptions.NoDataError:
         raise InputError("the file has no rows", path=path) from None
     except pl.exceptions.ComputeError as e:
         _locate_ragged(path, separator)
         raise InputError(f"cannot parse as CSV: {str(e).splitlines()[0]}", path=path) from None
-    with path.open("rb") as f:
-        newlines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b""))
-        f.seek(-1, 2)
-        last_is_newline = f.read(1) == b"\n"
-    exact_lines = df.height == newlines - (1 if last_is_newline else 0)
+    exact_lines = df.height == data.count(b"\n") - 1
     if not exact_lines:
         checker.line_label = "record"
     df = df.with_columns(pl.lit(str(path)).alias("_file"),
                          pl.int_range(2, df.height + 2, dtype=pl.Int64).alias("_line"))
-    blank = pl.all_horizontal([pl.col(c).is_null() for c in df.columns if not c.startswith("_")])
+    blank = pl.all_horizontal([pl.col(c).is_null() for c in df.columns if c not in ("_file", "_line")])
     n_blank = int(df.select(blank.sum()).item())
     if n_blank:
         checker.skipped["blank_lines"] = checker.skipped.get("blank_lines", 0) + n_blank

@@ -72,7 +72,7 @@ def _read_table(path: Path, columns: list[str], checker: Checker, separator: str
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise InputError(f"missing column(s) {', '.join(missing)}", path=path, line=1,
-                         text=separator.join(c for c in df.columns if not c.startswith("_")),
+                         text=separator.join(c for c in df.columns if c not in ("_file", "_line")),
                          expected=f"a header with {', '.join(columns)} (set the column names with --*-col options)")
     df = df.select(*columns, "_file", "_line")
     for col in required:
@@ -82,12 +82,20 @@ def _read_table(path: Path, columns: list[str], checker: Checker, separator: str
 
 
 def _ids(df: pl.DataFrame, col: str, id_type: str, checker: Checker) -> pl.DataFrame:
-    if df.schema[col].is_integer():
+    """Ids as Int64 when they are all whole numbers (auto; `1` and `1.0`, as a float column writes it, are one id),
+    else as strings; a column of lists or structs is not an id column."""
+    dtype = df.schema[col]
+    if dtype.is_integer():
         return df.with_columns(pl.col(col).cast(pl.Int64))
+    if dtype.is_nested():
+        raise InputError(f"column '{col}' holds {dtype} values, not ids", path=df["_file"][0] if df.height else None,
+                         field=col, expected="integer or text ids")
     s = pl.col(col).cast(pl.String).str.strip_chars()
     if id_type == "str":
         return df.with_columns(s.alias(col))
-    as_int = s.cast(pl.Int64, strict=False)
+    as_num = s.cast(pl.Float64, strict=False)
+    whole = as_num.is_finite() & (as_num == as_num.round()) & (as_num.abs() < 2.0 ** 53)
+    as_int = pl.when(whole).then(as_num).otherwise(None).cast(pl.Int64)
     if id_type == "auto":
         all_int = df.select((as_int.is_null() == pl.col(col).is_null()).all()).item()
         return df.with_columns((as_int if all_int else s).alias(col))
@@ -108,7 +116,7 @@ def _time(df: pl.DataFrame, col: str, time_format: str, checker: Checker) -> tup
         parsed = raw.cast(pl.Float64, strict=False)
         ms = parsed * 1000 if time_format == "unix" else parsed
         expected = "a Unix timestamp in " + ("seconds" if time_format == "unix" else "milliseconds")
-        ok = parsed.is_not_null() & parsed.is_finite()
+        ok = parsed.is_not_null() & parsed.is_finite() & (ms.abs() < 4e18)  # beyond: no int64 milliseconds
         df = checker.check(df, ~ok, reason="unparseable_time", problem="timestamp is not parseable", field=col,
                            expected=expected)
         return df.with_columns(ms.round().cast(pl.Int64).alias("ts")), "ms"

@@ -74,9 +74,10 @@ def read_movielens(path: Path, options: MovieLensOptions, skip_invalid: bool) ->
         variant = "ml-1m"
         ratings = _require(folder, "ratings.dat", "ratings")
         movies = _require(folder, "movies.dat", "titles and genres")
-        ev = split_fields(read_lines(ratings, "latin-1"), ratings, "::", ["user", "item", "rating", "ts"], checker,
+        ev = split_fields(read_lines(ratings, "latin-1", checker), ratings, "::", ["user", "item", "rating", "ts"],
+                          checker,
                           "UserID::MovieID::Rating::Timestamp")
-        mv = split_fields(read_lines(movies, "latin-1"), movies, "::", ["item", "title", "genres"], checker,
+        mv = split_fields(read_lines(movies, "latin-1", checker), movies, "::", ["item", "title", "genres"], checker,
                           "MovieID::Title::Genres")
         mv = cast_int(mv, "item", checker, "movie id")
         genres = pl.col("genres").str.split("|")
@@ -85,15 +86,17 @@ def read_movielens(path: Path, options: MovieLensOptions, skip_invalid: bool) ->
         ratings = _require(folder, "u.data", "ratings")
         movies = _require(folder, "u.item", "titles and genre flags")
         genre_file = _require(folder, "u.genre", "genre names")
-        ev = split_fields(read_lines(ratings, "latin-1"), ratings, "\t", ["user", "item", "rating", "ts"], checker,
+        ev = split_fields(read_lines(ratings, "latin-1", checker), ratings, "\t", ["user", "item", "rating", "ts"],
+                          checker,
                           "user<TAB>item<TAB>rating<TAB>timestamp")
-        gn = split_fields(read_lines(genre_file, "latin-1"), genre_file, "|", ["name", "idx"], checker, "name|index")
+        gn = split_fields(read_lines(genre_file, "latin-1", checker), genre_file, "|", ["name", "idx"], checker,
+                          "name|index")
         gn = cast_int(gn, "idx", checker, "genre index").sort("idx")
         names = gn["name"].to_list()
         if gn["idx"].to_list() != list(range(len(names))):
             raise InputError("genre indices are not 0..n-1", path=genre_file, expected="lines 'name|0' … 'name|n-1'")
         flags = [f"g{i}" for i in range(len(names))]
-        mv = split_fields(read_lines(movies, "latin-1"), movies, "|",
+        mv = split_fields(read_lines(movies, "latin-1", checker), movies, "|",
                           ["item", "title", "release", "video_release", "url", *flags], checker,
                           f"movie id|title|release date|video release date|IMDb URL|{len(names)} genre flags")
         mv = cast_int(mv, "item", checker, "movie id")

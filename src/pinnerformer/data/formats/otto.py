@@ -61,7 +61,7 @@ def read_otto(path: Path, options: OttoOptions, skip_invalid: bool) -> RawLog:
     file = _find_file(path)
     skipped: dict[str, int] = {}
     checker = Checker(skip_invalid, skipped)
-    lines = drop_blank_lines(read_lines(file), skipped)
+    lines = drop_blank_lines(read_lines(file, checker=checker), skipped)
     try:
         decoded = lines.with_columns(pl.col("raw").str.json_decode(EVENT_DTYPE).alias("rec"))
     except pl.exceptions.ComputeError:

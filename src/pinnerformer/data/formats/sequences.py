@@ -44,7 +44,7 @@ def read_sequences(path: Path, options: SequencesOptions, skip_invalid: bool) ->
     file = _find_file(path)
     skipped: dict[str, int] = {}
     checker = Checker(skip_invalid, skipped)
-    lines = drop_blank_lines(read_lines(file), skipped)
+    lines = drop_blank_lines(read_lines(file, checker=checker), skipped)
     lines = lines.with_columns(pl.lit(str(file)).alias("_file"),
                                pl.col("raw").str.strip_chars().str.split(" ").list.eval(
                                    pl.element().filter(pl.element() != "")).alias("tokens"))
