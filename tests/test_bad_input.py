@@ -206,3 +206,13 @@ def test_dataset_dir_without_manifest(cli, tmp_path):
     (tmp_path / "half").mkdir()
     r = cli("data", "stats", tmp_path / "half")
     assert r.exit_code == 2 and "no manifest.json" in r.stderr
+
+
+def test_overwrite_through_a_symlink_is_refused(cli, tmp_path):
+    src = ml1m(tmp_path / "src")
+    assert prepare(cli, src, tmp_path / "real").exit_code == 0
+    before = Dataset.open(tmp_path / "real").manifest.fingerprint
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    r = prepare(cli, ml1m(tmp_path / "src2", RATINGS[:2]), tmp_path / "link", "--overwrite")
+    assert r.exit_code == 2 and "is a symbolic link" in r.stderr
+    assert (tmp_path / "link").is_symlink() and Dataset.open(tmp_path / "real").manifest.fingerprint == before

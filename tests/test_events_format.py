@@ -154,3 +154,26 @@ def test_byte_order_marks_and_cut_off_last_lines(cli, tmp_path, shared_data):
     s = json.loads(r.stdout)
     assert s["skipped"] == {"truncated_last_line": 1} and s["events"] == n_lines - 1
     assert set(s["events_per_action"]) == {"pv", "cart", "fav", "buy"}  # no action type made of a cut-off word
+
+
+def test_clear_messages_for_iso_offsets_unbalanced_quotes_binary_files_and_paths(cli, tmp_path):
+    """Found by a fault probe: ISO times with Z or an offset were rejected as not ISO-8601; an unbalanced quote was
+    reported 50 lines late, at the end of the file; binary input; an output path under a regular file."""
+    (tmp_path / "iso.csv").write_text("user,item,timestamp\n1,2,2020-01-01T00:00:00Z\n1,3,2020-01-01T03:00:00+02:00\n"
+                                      "1,4,2020-01-01 02:00:00.5\n2,2,2020-01-02\n")
+    r = cli("data", "prepare", "-f", "events", "-i", tmp_path / "iso.csv", "-o", tmp_path / "iso", "--time-format",
+            "iso")
+    assert r.exit_code == 0, r.output
+    ts = Dataset.open(tmp_path / "iso").events()["ts"].to_list()
+    assert ts == [1577836800, 1577840400, 1577844000, 1577923200]  # Z, +02:00 -> UTC, naive = UTC, a date
+    (tmp_path / "q.csv").write_text("user,item,timestamp\n1,2,1600000000\n3,\"4,1600000000\n"
+                                    + "".join(f"{i},5,1600000000\n" for i in range(50)))
+    r = cli("data", "prepare", "-f", "events", "-i", tmp_path / "q.csv", "-o", tmp_path / "q")
+    assert r.exit_code == 2 and "q.csv, line 3: a quoted field opens on line 3 and is never closed" in r.stderr
+    (tmp_path / "z.csv").write_bytes(b"user,item,timestamp\n\x1f\x8b\x08\x00\x00\x00binary")
+    r = cli("data", "prepare", "-f", "events", "-i", tmp_path / "z.csv", "-o", tmp_path / "z")
+    assert r.exit_code == 2 and "the file looks binary" in r.stderr and "\\x8b" not in r.stderr
+    (tmp_path / "afile").write_text("x")
+    r = cli("data", "prepare", "-f", "events", "-i", tmp_path / "iso.csv", "-o", tmp_path / "afile" / "ds",
+            "--time-format", "iso")
+    assert r.exit_code == 2 and "afile" in r.stderr and "Traceback" not in r.output

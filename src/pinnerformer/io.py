@@ -82,6 +82,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     An existing `path` is swapped out by two renames (path -> .NAME.replaced, temporary -> path) and then deleted,
     so `path` is always either the old directory or the new one; `recover_swap` repairs a kill between the renames."""
     path = Path(path)
+    if path.is_symlink():  # swapping would replace the link, not what it points to, and leave that behind
+        raise PinnerformerError(f"{path} is a symbolic link (to {os.readlink(path)}): refusing to replace it; "
+                                "give the real path")
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_swap(path)
     tmp = _temp_name(path)

@@ -127,6 +127,9 @@ def prepare(raw: RawLog, output: Path, fmt: str, *, skip_invalid: bool = False, 
             max_time: int | None = None, overwrite: bool = False, log=print) -> schema.Manifest:
     t0 = time.perf_counter()
     output = Path(output)
+    if output.is_symlink():
+        raise PinnerformerError(f"{output} is a symbolic link (to {output.readlink()}): refusing to write through it; "
+                                "give the real path")
     if output.exists():
         if not overwrite:
             raise PinnerformerError(f"{output} already exists (use --overwrite to replace it)")

@@ -79,11 +79,15 @@ BOMS = {b"\xff\xfe": "UTF-16 (little-endian)", b"\xfe\xff": "UTF-16 (big-endian)
 
 
 def check_encoding(path: Path, data: bytes) -> bytes:
-    """The bytes without a UTF-8 byte-order mark; a UTF-16 file is named as such (convert it to UTF-8)."""
+    """The bytes without a UTF-8 byte-order mark; a UTF-16 file is named as such (convert it to UTF-8), a binary
+    file as binary (its bytes are never printed)."""
     for bom, name in BOMS.items():
         if data.startswith(bom) and not data.startswith(b"\xff\xfe\x00\x00"):
             raise InputError(f"the file is {name} text (it starts with a byte-order mark)", path=path,
                              expected="UTF-8 text (convert it, e.g. iconv -f UTF-16 -t UTF-8)")
+    if b"\x00" in data[:65536]:
+        raise InputError("the file looks binary (it holds NUL bytes), not text", path=path,
+                         expected="a text file (is it compressed, or another format?)")
     return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
 
 
@@ -225,14 +229,22 @@ def read_csv_records(path: Path, header: list[str] | None, checker: Checker, *, 
 
 
 def _locate_ragged(path: Path, separator: str) -> None:
-    """Find the first record whose field count differs from the header's (Polars' error does not say)."""
+    """Find the first record whose field count differs from the header's (Polars' error does not say), by the line
+    it starts on: a quote that is never closed swallows every line after it, so name where it opened."""
     import csv
 
     with path.open(newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.reader(f, delimiter=separator)
         header = next(reader, [])
+        start = reader.line_num + 1
         for row in reader:
             if row and len(row) != len(header):
+                if reader.line_num > start and any("\n" in x for x in row):
+                    opened = next(x for x in row if "\n" in x)
+                    raise InputError(f"a quoted field opens on line {start} and is never closed before line "
+                                     f"{reader.line_num} (an unbalanced quote)", path=path, line=start,
+                                     text=opened.split("\n", 1)[0], expected="a closing quote on the same line")
                 raise InputError(f"malformed line: {len(row)} field(s) where {len(header)} were expected",
-                                 path=path, line=reader.line_num, text=separator.join(row),
+                                 path=path, line=start, text=separator.join(row),
                                  expected=f"{len(header)} {separator!r}-separated fields: {separator.join(header)}")
+            start = reader.line_num + 1

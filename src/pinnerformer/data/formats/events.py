@@ -104,6 +104,10 @@ def _ids(df: pl.DataFrame, col: str, id_type: str, checker: Checker) -> pl.DataF
     return df.with_columns(as_int.alias(col))
 
 
+ISO_TZ = ["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z", "%Y-%m-%dT%H:%M%z"]
+ISO_NAIVE = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M", "%Y-%m-%d"]
+
+
 def _time(df: pl.DataFrame, col: str, time_format: str, checker: Checker) -> tuple[pl.DataFrame, TimeUnit]:
     """Parse the time column into Int64 `ts` in milliseconds (or positions for `order`)."""
     dtype = df.schema[col]
@@ -121,11 +125,18 @@ def _time(df: pl.DataFrame, col: str, time_format: str, checker: Checker) -> tup
                            expected=expected)
         return df.with_columns(ms.round().cast(pl.Int64).alias("ts")), "ms"
     if time_format == "iso":
-        parsed = raw.str.to_datetime(strict=False, time_unit="ms")
-        expected = "an ISO-8601 time such as 2020-01-31T12:00:00"
-    else:
-        parsed = raw.str.to_datetime(format=time_format, strict=False, time_unit="ms")
-        expected = f"a time in the format {time_format!r}"
+        # each row in its own form: with an offset or Z (converted to UTC) or naive (taken as UTC), with or without
+        # seconds, fractions and the time; one inferred format for the whole column would reject the others
+        with_tz = raw.str.replace(r"Z$", "+00:00")
+        parsed = pl.coalesce(
+            [with_tz.str.to_datetime(format=f, strict=False, time_unit="ms").dt.epoch("ms") for f in ISO_TZ]
+            + [raw.str.to_datetime(format=f, strict=False, time_unit="ms").dt.epoch("ms") for f in ISO_NAIVE])
+        expected = "an ISO-8601 time such as 2020-01-31T12:00:00, 2020-01-31T12:00:00Z or 2020-01-31T14:00:00+02:00"
+        df = checker.check(df, parsed.is_null(), reason="unparseable_time", problem="timestamp is not parseable",
+                           field=col, expected=expected)
+        return df.with_columns(parsed.alias("ts")), "ms"
+    parsed = raw.str.to_datetime(format=time_format, strict=False, time_unit="ms")
+    expected = f"a time in the format {time_format!r}"
     df = checker.check(df, parsed.is_null(), reason="unparseable_time", problem="timestamp is not parseable",
                        field=col, expected=expected)
     return df.with_columns(parsed.dt.epoch("ms").alias("ts")), "ms"
