@@ -33,6 +33,19 @@ def test_future_window_report(trained, cli):
     rep = json.loads((trained / "run" / "eval" / "future-window-test.json").read_text())
     md = (trained / "run" / "eval" / "future-window-test.md").read_text()
     assert rep["fingerprint"] in md and rep["user_windows"] > 20
+    # scored: the test users eligible at the cut-off (an action before it, a click in the 14 days after), no others
+    import polars as pl
+
+    from pinnerformer.evaluation.report import users_sha256
+
+    t = int(__import__("datetime").datetime.strptime(rep["cutoffs"][0], "%Y-%m-%d").replace(
+        tzinfo=__import__("datetime").timezone.utc).timestamp())
+    test = set(np.flatnonzero((pl.read_parquet(trained / "run" / "split.parquet")["split"] == "test").to_numpy()))
+    ev = pl.read_parquet(trained / "ds" / "events.parquet")
+    before = set(ev.filter(pl.col("ts") < t)["user"].to_list())
+    after = set(ev.filter((pl.col("ts") >= t) & (pl.col("ts") < t + 14 * 86400) & (pl.col("action") == 0))[
+        "user"].to_list())
+    assert rep["users_sha256"] == users_sha256(sorted(test & before & after))
     ours, pop = rep["results"]["pinnerformer"], rep["results"]["most-popular"]
     assert ours["recall@10"]["mean"] > 2 * pop["recall@10"]["mean"]  # planted groups: popularity cannot know them
     lo, hi = ours["recall@10"]["ci95"]
@@ -71,10 +84,17 @@ def test_evaluate_errors(trained, cli, tmp_path):
 
 
 def test_leave_one_out_report(trained, cli):
+    import polars as pl
+
+    from pinnerformer.evaluation.report import users_sha256
+
     r = cli("evaluate", "--run", trained / "run", "--dataset", trained / "ds", "--protocol", "leave-one-out")
     assert r.exit_code == 0, r.output
     rep = json.loads((trained / "run" / "eval" / "leave-one-out-test.json").read_text())
-    assert rep["user_windows"] == 300
+    # a run trained on some users (future-window) is scored on its held-out test users only, never on its own
+    test_users = np.flatnonzero((pl.read_parquet(trained / "run" / "split.parquet")["split"] == "test").to_numpy())
+    assert rep["user_windows"] == rep["distinct_users"] == len(test_users) > 50
+    assert rep["users_sha256"] == users_sha256(test_users)
     res = rep["results"]["pinnerformer"]
     assert set(res) == {"hr@10", "ndcg@10", "p90-coverage@10"}
     assert res["ndcg@10"]["mean"] <= res["hr@10"]["mean"]
@@ -167,7 +187,9 @@ def test_leave_one_out_with_history_excluded(trained, cli):
     assert "history excluded: yes" in r.stdout and "history excluded: no" not in r.stdout
     # counted independently: users whose last item is among their earlier items
     ev = pl.read_parquet(trained / "ds" / "events.parquet")
-    n_rep = sum(items[-1] in items[:-1] for items in ev.group_by("user").agg("item")["item"].to_list())
+    test = set(np.flatnonzero((pl.read_parquet(trained / "run" / "split.parquet")["split"] == "test").to_numpy()))
+    per_user = ev.group_by("user").agg("item").filter(pl.col("user").is_in(list(test)))["item"].to_list()
+    n_rep = sum(items[-1] in items[:-1] for items in per_user)  # (the run's held-out test users are scored)
     assert gone["labels_in_history"] == n_rep > 0
     # every other label can only move up when items are removed: hits are lost only where the label was history
     for scorer in ("pinnerformer", "most-popular"):

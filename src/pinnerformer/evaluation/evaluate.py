@@ -30,7 +30,7 @@ from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.frequency import Frequency, frequency_recall
 from pinnerformer.evaluation.metrics import RECALL, bootstrap_ci, metric_name
 from pinnerformer.evaluation.protocols import REPORTED, Protocol, resolve_protocol
-from pinnerformer.evaluation.report import MODEL, EvaluationReport, InferenceFrequency
+from pinnerformer.evaluation.report import MODEL, EvaluationReport, InferenceFrequency, users_sha256
 from pinnerformer.evaluation.scorer import MetricValue, Scorer, content_user_vectors, popularity_scores, score_task
 from pinnerformer.evaluation.tasks import default_cutoff, future_window_task, leave_one_out_task, parse_cutoffs
 from pinnerformer.models.embedding import embed_items, embed_users
@@ -52,7 +52,8 @@ class EvaluateOptions(StrictModel):
 
 def evaluate_model(model: PinnerFormer, ds: Dataset, protocol: Protocol, options: EvaluateOptions,
                    held_out: np.ndarray | None, run: str = "", log=print) -> EvaluationReport:
-    """held_out: the dataset indices of the evaluation users (future-window: users held out from training)."""
+    """held_out: the dataset indices of the users held out from training (None: the run trained on every user's
+    early actions, as leave-one-out runs do)."""
     t0 = time.perf_counter()
     o, m = options, ds.manifest
     cutoffs = parse_cutoffs(o.cutoffs, ds)
@@ -67,8 +68,8 @@ def evaluate_model(model: PinnerFormer, ds: Dataset, protocol: Protocol, options
         if len(task) == 0:
             raise PinnerformerError(f"no {o.split} user is eligible at the cut-off(s): nobody has an action before "
                                     f"and a positive within {o.label_days:g} days after; choose another --cutoff")
-    else:
-        task = leave_one_out_task(ds, o.split)
+    else:  # a run trained on some users only (future-window) is scored on its held-out ones, never on its own
+        task = leave_one_out_task(ds, o.split, among=held_out)
     dev = torch.device("cpu")
     scorers = [Scorer(MODEL, embed_users(model, ds.timelines, task.starts, task.ends, dev),
                       embed_items(model, dev)),
@@ -93,7 +94,8 @@ def evaluate_model(model: PinnerFormer, ds: Dataset, protocol: Protocol, options
         else f"whole catalogue ({m.n_items} items)",
         cutoffs=None if protocol != "future-window" else
         [f"{dt.datetime.fromtimestamp(t, dt.timezone.utc):%Y-%m-%d}" for t in cutoffs],
-        label_days=o.label_days if protocol == "future-window" else None, user_windows=len(task), results=results,
+        label_days=o.label_days if protocol == "future-window" else None, user_windows=len(task),
+        distinct_users=len(np.unique(task.users)), users_sha256=users_sha256(task.users), results=results,
         inference_frequency=_frequencies(model, ds, task, scorers[0].items, protocol, pool, o) if o.frequency
         else None,
         wall_s=round(time.perf_counter() - t0, 1), history_excluded=o.exclude_history, labels_in_history=in_history)

@@ -18,6 +18,14 @@ class InferenceFrequency(StrictModel):
     realtime_to_daily_drop: float | None  # (daily - realtime) / realtime
 
 
+def users_sha256(users) -> str:
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha256(np.unique(np.asarray(users, dtype=np.int64)).tobytes()).hexdigest()
+
+
 class EvaluationReport(StrictModel):
     run: str
     dataset: str
@@ -30,6 +38,8 @@ class EvaluationReport(StrictModel):
     cutoffs: list[str] | None  # future-window cut-off days
     label_days: float | None
     user_windows: int
+    distinct_users: int = 0
+    users_sha256: str = ""  # of the sorted distinct dataset user indices scored: which users a number is about
     results: dict[str, dict[str, MetricValue]]  # scorer (model, then baselines) -> metric -> value
     inference_frequency: InferenceFrequency | None = None
     wall_s: float

@@ -123,12 +123,15 @@ def parse_cutoffs(days: list[str] | None, ds: Dataset) -> list[int] | None:
     return out
 
 
-def leave_one_out_task(ds: Dataset, which: str) -> EvalTask:
-    """which = "validation" (target: second-to-last action) or "test" (target: last action)."""
+def leave_one_out_task(ds: Dataset, which: str, among: np.ndarray | None = None) -> EvalTask:
+    """which = "validation" (target: second-to-last action) or "test" (target: last action); among: only these
+    users (default: every user)."""
     tl = ds.timelines
     drop = 2 if which == "validation" else 1
     lengths = tl.lengths
     users = np.flatnonzero(lengths >= drop + 1)  # at least one action of history
+    if among is not None:
+        users = np.intersect1d(users, among)
     starts = tl.offsets[:-1][users]
     ends = tl.offsets[1:][users] - drop
     labels = [np.array([int(tl.item[e])], dtype=np.int64) for e in ends]
