@@ -47,3 +47,24 @@ def test_embed_text_on_dataset_without_text(cli, tmp_path):
     assert cli("data", "prepare", "-f", "sequences", "-i", tmp_path / "s.txt", "-o", tmp_path / "d").exit_code == 0
     r = cli("items", "embed-text", tmp_path / "d")
     assert r.exit_code == 2 and "no item has text" in r.stderr
+
+
+def test_a_second_quickstart_keeps_the_first_and_outputs_are_never_overwritten_silently(cli, tmp_path):
+    """A newcomer lost a run directory (and what they had added to it) by running the quickstart again; evaluate and
+    index replaced earlier outputs without a word."""
+    args = ["quickstart", "--workdir", tmp_path / "qs", "--no-text", "--max-epochs", "1"]
+    assert cli(*args).exit_code == 0
+    (tmp_path / "qs" / "run" / "my-notes.txt").write_text("keep me")
+    r = cli(*args)
+    assert r.exit_code == 0 and "moved to" in r.stderr
+    (old,) = (tmp_path / "qs" / "previous").iterdir()
+    assert (old / "run" / "my-notes.txt").read_text() == "keep me" and (old / "snapshots").is_dir()
+    assert (tmp_path / "qs" / "run" / "summary.json").exists()
+    run, ds = tmp_path / "qs" / "run", tmp_path / "qs" / "dataset"
+    r = cli("index", "-r", run, "-d", ds, "-o", tmp_path / "qs" / "index")
+    assert r.exit_code == 2 and "already holds an item index: use --overwrite" in r.stderr
+    assert cli("index", "-r", run, "-d", ds, "-o", tmp_path / "qs" / "index", "--overwrite").exit_code == 0
+    for _ in range(2):
+        assert cli("evaluate", "-r", run, "-d", ds, "--protocol", "leave-one-out").exit_code == 0
+    archived = list((run / "eval" / "archive").iterdir())
+    assert len(archived) == 2 and {p.suffix for p in archived} == {".json", ".md"}

@@ -82,12 +82,13 @@ def test_retrieve_cli_single_batch_and_item(served, planted, cli):
     ds = Dataset.open(planted)
     uid = ds.users["user_id"][int(snap.users[5])]
     r = cli("retrieve", "--index", served / "flat", "--snapshot", served / "snaps" / DAY.isoformat(), "--user", uid,
-            "-k", "5")
+            "-k", "5", "--include-seen")  # (exactness of the search: every item competes)
     assert r.exit_code == 0, r.output
     best = int(np.argmax(scores[5]))
     assert f"top 5 for user {uid}" in r.stdout and str(ds.items["item_id"][best]) in r.stdout
     out = served / "top.parquet"
-    r = cli("retrieve", "--index", served / "flat", "--snapshot", served / "snaps" / DAY.isoformat(), "-o", out, "-k", "3")
+    r = cli("retrieve", "--index", served / "flat", "--snapshot", served / "snaps" / DAY.isoformat(), "-o", out, "-k", "3",
+            "--include-seen")
     assert r.exit_code == 0, r.output
     top = pl.read_parquet(out)
     assert top.height == 3 * len(snap.users) and top["user_id"].n_unique() == len(snap.users)
@@ -160,3 +161,25 @@ def test_hnsw_recall_on_movielens_1m_items(shared_data, tmp_path, cli):
     assert idx.index.ntotal == 3_615
     recall = recall_vs_exact(idx.search(snap.vectors, 10)[1], exact_top_k(items, snap.vectors, 10))
     assert recall >= 0.95, recall
+
+
+def test_recommendations_leave_out_seen_items_by_default(served, planted, cli, tmp_path):
+    """A newcomer found the quickstart recommending movies the user had already rated."""
+    snap = Snapshot.open(served / "snaps" / DAY.isoformat())
+    ds = Dataset.open(planted)
+    ev = ds.events().filter(pl.col("ts") < snap.manifest.inputs_before_ts)
+    seen = {u: set(g["item"].to_list()) for (u,), g in ev.group_by("user")}
+    for extra, check in (([], lambda u, items: not (items & seen[u])), (["--include-seen"], lambda u, items: True)):
+        out = tmp_path / f"top{len(extra)}.parquet"
+        r = cli("retrieve", "--index", served / "flat", "--snapshot", snap.path, "-o", out, "-k", "30", *extra)
+        assert r.exit_code == 0, r.output
+        top = pl.read_parquet(out).join(ds.users, on="user_id")
+        for (u,), g in top.group_by("user"):
+            assert check(u, set(g["item"].to_list())) and g.height == min(30, ds.manifest.n_items - (
+                0 if extra else len(seen[u])))
+        assert extra or top["item"].min() >= 0
+    with_seen = pl.read_parquet(tmp_path / "top1.parquet").join(ds.users, on="user_id")
+    assert any(set(g["item"].to_list()) & seen[u] for (u,), g in with_seen.group_by("user"))  # seen ones do rank
+    uid = ds.users["user_id"][int(snap.users[0])]
+    r = cli("retrieve", "--index", served / "flat", "--snapshot", snap.path, "--user", uid, "-k", "5")
+    assert r.exit_code == 0 and "seen items left out" in " ".join(r.stdout.split())

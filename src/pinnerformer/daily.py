@@ -64,6 +64,6 @@ def run_daily(run_dir: Path, dataset_dir: Path, raw: RawLog, snapshot_root: Path
         log(f"index {index_dir} kept: {why}")
     else:
         log(f"index {index_dir} rebuilt: {why}")
-        build_item_index(run.path, ds, index_dir, index_kind, checkpoint=checkpoint, log=log)
+        build_item_index(run.path, ds, index_dir, index_kind, checkpoint=checkpoint, log=log, overwrite=True)
     return DailyReport(appended=appended, dataset_fingerprint=ds.manifest.fingerprint, day=day.isoformat(),
                        snapshot=snapshot, index_rebuilt=not current, index_reason=why)

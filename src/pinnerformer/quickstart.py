@@ -22,25 +22,40 @@ def serve_demo(ds: Dataset, run_dir: Path, workdir: Path, log=print, show=None, 
     """The production path on the trained run: the daily snapshot as of the data's last day, the item index,
     and the top-k items (with titles) for a few users."""
     import datetime as dt
-    import shutil
 
     from pinnerformer.inference.daily_embed import DailyJob
     from pinnerformer.inference.snapshot import Snapshot
     from pinnerformer.retrieval.index import ItemIndex, build_item_index
-    from pinnerformer.retrieval.retrieve import top_k_for_user
+    from pinnerformer.retrieval.retrieve import SeenItems, top_k_for_user
 
     last_day = dt.datetime.fromtimestamp(ds.manifest.time_max, dt.timezone.utc).date()
     snapshots = workdir / "snapshots"
-    shutil.rmtree(snapshots, ignore_errors=True)  # a fresh run: its snapshots are of a new checkpoint
     log(f"[4/5] daily user embeddings as of {last_day} -> {snapshots}/{last_day}")
     DailyJob(run_dir, ds, last_day, snapshots).run(log=log)
     log(f"[5/5] item index (FAISS HNSW) -> {workdir / 'index'}; top-{k} for {n_users} users")
     build_item_index(run_dir, ds, workdir / "index", "hnsw", log=log)
     snap, index = Snapshot.open(snapshots / last_day.isoformat()), ItemIndex.open(workdir / "index")
     ids = snap.table.column("user_id").to_pylist()
+    seen = SeenItems(snap, ds.path)  # recommendations leave out what the user already rated
     for uid in ids[:: max(1, len(ids) // n_users)][:n_users]:
-        top = top_k_for_user(index, snap, uid, k)
+        top = top_k_for_user(index, snap, uid, k, seen)
         (show or (lambda t, f: log(f"{t}\n{f}")))(f"top {k} for user {uid} (as of {last_day})", top)
+
+
+def keep_previous(workdir: Path, log=print) -> None:
+    """Move an earlier quickstart's run, snapshots and index (and whatever was added to them) to
+    WORKDIR/previous/<time>/: the new run needs their names, and nothing of the old one is deleted."""
+    import datetime as dt
+    import os
+
+    old = [workdir / name for name in ("run", "snapshots", "index") if (workdir / name).exists()]
+    if not old:
+        return
+    dest = workdir / "previous" / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    dest.mkdir(parents=True)
+    for p in old:
+        os.replace(p, dest / p.name)
+    log(f"an earlier quickstart's {', '.join(p.name for p in old)} moved to {dest}")
 
 
 def show_table(title: str, frame) -> None:
@@ -74,13 +89,11 @@ def run_quickstart(workdir: Path, text: bool = True, log=print, show=None, train
     if show is not None:
         show(ds)
     if train:
-        import shutil
-
         from pinnerformer.training.config import load_config
         from pinnerformer.training.retrieval import retrieval_loop
 
         run_dir = workdir / "run"
-        shutil.rmtree(run_dir, ignore_errors=True)  # the quickstart always starts a fresh run
+        keep_previous(workdir, log)  # the quickstart starts a fresh run; an earlier one is kept, never deleted
         log(f"[3/5] training PinnerFormer (preset small, dense all-action, mixed negatives + logQ) -> {run_dir}")
         cfg = load_config("small", overrides={"optim": {"max_epochs": max_epochs}})
         retrieval_loop(ds, cfg, run_dir, log=log).fit()

@@ -101,7 +101,7 @@ def test_k_beyond_the_index_gives_real_items_only(trained, planted, tmp_path, cl
     for kind in ("hnsw", "ivf", "flat"):
         assert cli("index", "-r", trained, "-d", planted, "-o", tmp_path / kind, "--kind", kind).exit_code == 0
         r = cli("retrieve", "--index", tmp_path / kind, "--snapshot", tmp_path / "s" / D0.isoformat(), "-o",
-                tmp_path / f"{kind}.parquet", "-k", str(n + 50))
+                tmp_path / f"{kind}.parquet", "-k", str(n + 50), "--include-seen")
         assert r.exit_code == 0 and f"the index holds {n:,} items" in r.stderr, r.output
         top = pl.read_parquet(tmp_path / f"{kind}.parquet")
         assert top["item"].min() >= 0 and top["score"].min() > -2 and top.group_by("user_id").len()["len"].min() == n

@@ -37,6 +37,7 @@ def index(
     params: Optional[str] = typer.Option(None, help="hnsw: M,ef_construction,ef_search; ivf: nlist,nprobe "
                                          "(e.g. 'M=32,ef_search=128')."),
     checkpoint: str = typer.Option("best", help="best | last"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index at --output."),
 ):
     """Item embeddings from the item tower into a FAISS index, with its id map and manifest."""
 
@@ -44,7 +45,8 @@ def index(
         from pinnerformer.data.dataset import Dataset
         from pinnerformer.retrieval.index import build_item_index
 
-        build_item_index(run, Dataset.open(dataset), output, kind, parse_params(params), checkpoint, log=log)
+        build_item_index(run, Dataset.open(dataset), output, kind, parse_params(params), checkpoint, log=log,
+                         overwrite=overwrite)
 
     run_guarded(body)
 
@@ -58,14 +60,18 @@ def retrieve(
     users_file: Optional[Path] = typer.Option(None, "--users-file", help="Batch: a text file of user ids, one per "
                                               "line (default with --output: every user in the snapshot)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Batch: Parquet file of (user, rank, item)."),
-    k: int = typer.Option(10, "-k", help="How many items."),
+    k: int = typer.Option(10, "-k", "--k", help="How many items."),
+    include_seen: bool = typer.Option(False, "--include-seen", help="Keep items the user already acted on (default: "
+                                      "left out, from the snapshot's dataset)."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="The dataset to read users' seen items "
+                                           "from (default: the snapshot's)."),
 ):
     """Top-k items for a user (or similar items for an item) from the index; a batch form writes Parquet."""
 
     def body():
         from pinnerformer.inference.snapshot import Snapshot
         from pinnerformer.retrieval.index import ItemIndex
-        from pinnerformer.retrieval.retrieve import similar_items, top_k_batch, top_k_for_user
+        from pinnerformer.retrieval.retrieve import SeenItems, similar_items, top_k_batch, top_k_for_user
 
         if k < 1:
             raise PinnerformerError(f"-k must be at least 1, got {k}")
@@ -81,16 +87,21 @@ def retrieve(
                 raise PinnerformerError("--snapshot is required for user retrieval")
             snap = Snapshot.open(snapshot)
             snap.verify()  # never serve vectors that are not the ones the job wrote
+            seen = None if include_seen else SeenItems(snap, dataset)
             if output is not None:
                 ids = None
                 if users_file is not None:
                     if not users_file.exists():
                         raise PinnerformerError(f"{users_file}: users file not found")
                     ids = [line.strip() for line in users_file.read_text().splitlines() if line.strip()]
-                info = top_k_batch(idx, snap, ids, k, output)
-                log(f"wrote {info['output']}: top-{k} for {info['users']:,} users ({info['rows']:,} rows)")
+                info = top_k_batch(idx, snap, ids, k, output, seen=seen)
+                log(f"wrote {info['output']}: top-{k} for {info['users']:,} users ({info['rows']:,} rows)"
+                    + (f"; {info['users_short_of_k']:,} user(s) have fewer than {k} unseen items in the index"
+                       if info["users_short_of_k"] else ""))
                 return
-            frame, title = top_k_for_user(idx, snap, user, k), f"top {k} for user {user} (as of {snap.manifest.as_of})"
+            frame = top_k_for_user(idx, snap, user, k, seen)
+            title = f"top {k} for user {user} (as of {snap.manifest.as_of}" + (", seen items included)" if
+                                                                                include_seen else ", seen items left out)")
         table = Table(title=title)
         for col in frame.columns:
             table.add_column(col, overflow="fold")

@@ -98,7 +98,8 @@ def evaluate_model(model: PinnerFormer, ds: Dataset, protocol: Protocol, options
         distinct_users=len(np.unique(task.users)), users_sha256=users_sha256(task.users), results=results,
         inference_frequency=_frequencies(model, ds, task, scorers[0].items, protocol, pool, o) if o.frequency
         else None,
-        wall_s=round(time.perf_counter() - t0, 1), history_excluded=o.exclude_history, labels_in_history=in_history)
+        wall_s=round(time.perf_counter() - t0, 1), history_excluded=o.exclude_history, labels_in_history=in_history,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 
 def _frequencies(model, ds: Dataset, task, items: torch.Tensor, protocol: str, pool, o: EvaluateOptions

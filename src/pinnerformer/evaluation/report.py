@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import os
 from pathlib import Path
 
 from pinnerformer.config import StrictModel
@@ -46,6 +49,7 @@ class EvaluationReport(StrictModel):
     ties: str = "pessimistic"
     history_excluded: bool = False
     labels_in_history: int | None = None  # with history excluded: labels that were history items (misses)
+    created_at: str = ""
 
     @property
     def model(self) -> dict[str, MetricValue]:
@@ -92,11 +96,23 @@ def markdown(report: EvaluationReport) -> str:
 
 
 def write_report(report: EvaluationReport, folder: Path) -> tuple[Path, Path]:
-    """FOLDER/PROTOCOL-SPLIT.json and .md, each written atomically."""
+    """FOLDER/PROTOCOL-SPLIT.json and .md, each written atomically; an earlier report of that name is kept, moved to
+    FOLDER/archive/ under its creation time (nothing is overwritten)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{report.protocol}-{report.split}" + ("-history-excluded" if report.history_excluded else "")
     js, md = folder / f"{stem}.json", folder / f"{stem}.md"
+    if js.exists():
+        try:
+            stamp = json.loads(js.read_text()).get("created_at") or ""
+        except ValueError:
+            stamp = ""
+        stamp = (stamp or dt.datetime.fromtimestamp(js.stat().st_mtime, dt.timezone.utc).isoformat(
+            timespec="seconds")).replace(":", "")
+        (folder / "archive").mkdir(exist_ok=True)
+        for old in (js, md):
+            if old.exists():
+                os.replace(old, folder / "archive" / f"{old.stem}.{stamp}{old.suffix}")
     write_json_atomic(js, report)
     write_text_atomic(md, markdown(report))
     return js, md

@@ -196,9 +196,14 @@ class ItemIndex:
 
 
 def build_item_index(run_dir: Path, ds: Dataset, output: Path, kind: str = "hnsw", params: dict | None = None,
-                     checkpoint: str = "best", log=print) -> IndexManifest:
+                     checkpoint: str = "best", log=print, overwrite: bool = False) -> IndexManifest:
+    """overwrite: replace an existing index at `output` (by renames); without it an existing one is refused."""
     t0 = time.perf_counter()
     p = resolve_params(kind, ds.manifest.n_items, params)  # bad parameters fail before any work
+    output = Path(output)
+    if output.exists() and not overwrite and (output / "manifest.json").exists():
+        raise PinnerformerError(f"{output} already holds an item index: use --overwrite to replace it, or another "
+                                "--output")
     run = RunDir(run_dir)
     vecs = embed_items(run.load_model(ds, checkpoint), torch.device("cpu")).numpy()
     t_embed = time.perf_counter() - t0
