@@ -196,3 +196,27 @@ def test_leave_one_out_with_history_excluded(trained, cli):
         hr_kept, hr_gone = (x["results"][scorer]["hr@10"]["mean"] for x in (kept, gone))
         assert hr_gone >= hr_kept - n_rep / gone["user_windows"] - 1e-12
     assert gone["results"]["pinnerformer"]["hr@10"]["mean"] != kept["results"]["pinnerformer"]["hr@10"]["mean"]
+
+
+def test_per_user_cutoffs_when_one_day_leaves_too_few_users(tmp_path, cli):
+    """A newcomer's evaluate on the quickstart scored 2 users and printed 0.0000 without a warning: users' activity
+    rarely overlaps in time. A single cut-off leaving fewer than 30 users falls back to per-user cut-offs, says so
+    in the log and the report; and fewer than 30 scored windows is always a warning."""
+    planted_interest_log(n_users=300, start_spread_s=400 * 86400).write_csv(tmp_path / "log.csv")
+    assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "log.csv", "-o", tmp_path / "ds", "--action-col",
+               "action", "--positive", "click").exit_code == 0
+    cfg = json.loads(json.dumps(TINY))
+    cfg["eval"]["test_fraction"] = 0.3
+    cfg["optim"]["max_epochs"] = 1
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert cli("train", "-d", tmp_path / "ds", "-o", tmp_path / "run", "--config", tmp_path / "cfg.json",
+               "--no-progress").exit_code == 0
+    r = cli("evaluate", "--run", tmp_path / "run", "--dataset", tmp_path / "ds")
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "run" / "eval" / "future-window-test.json").read_text())
+    assert rep["per_user_cutoffs"] and rep["cutoffs"] is None and rep["user_windows"] >= 30
+    assert "a single cut-off leaves only" in rep["warnings"][0] and "**warning**" in r.stdout
+    r = cli("evaluate", "--run", tmp_path / "run", "--dataset", tmp_path / "ds", "--cutoff", "2020-09-20")
+    rep = json.loads((tmp_path / "run" / "eval" / "future-window-test.json").read_text())
+    assert r.exit_code == 0 and rep["user_windows"] < 30 and "noise" in rep["warnings"][-1]
+    assert "warning: only" in " ".join(r.stderr.split())

@@ -19,11 +19,13 @@ def evaluate(
     cutoff: Optional[str] = typer.Option(None, help="future-window cut-off day(s), YYYY-MM-DD[,YYYY-MM-DD…] "
                                          "(pooled; default: the day with the most eligible users)."),
     label_days: float = typer.Option(14.0, help="future-window label horizon in days."),
-    k: int = typer.Option(10, help="Cut-off rank k."),
+    k: int = typer.Option(10, "-k", "--k", help="Cut-off rank k."),
     index_size: Optional[int] = typer.Option(None, help="Rank against a random pool of N items (default: all)."),
     checkpoint: str = typer.Option("best", help="best | last"),
     frequency: Optional[str] = typer.Option(None, help="future-window: once,daily,realtime (comma list) — recall "
                                             "when the embedding is refreshed at that rate; reports realtime→daily."),
+    per_user_cutoffs: bool = typer.Option(False, "--per-user-cutoffs", help="future-window: score each user at a "
+                                          "cut-off of their own (used anyway when one day leaves < 30 users)."),
     exclude_history: bool = typer.Option(False, "--exclude-history", help="Remove each user's own earlier items from "
                                          "the ranking (the S3-Rec / ICLRec / eSASRec leave-one-out variant)."),
 ):
@@ -40,7 +42,7 @@ def evaluate(
         options = validate(EvaluateOptions, {
             "protocol": protocol, "split": split, "cutoffs": parse_list(cutoff), "label_days": label_days, "k": k,
             "index_size": index_size, "checkpoint": checkpoint, "frequency": parse_list(frequency),
-            "exclude_history": exclude_history}, "evaluate")
+            "exclude_history": exclude_history, "per_user_cutoffs": per_user_cutoffs}, "evaluate")
         report, js, md = evaluate_run(RunDir(run), Dataset.open(dataset), options, log=log)
         print(markdown(report))
         log(f"wrote {js} and {md} ({report.wall_s} s)")

@@ -60,7 +60,7 @@ def simulate_daily(
     last: str = typer.Option(..., "--to", help="Last day, YYYY-MM-DD."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where snapshots and the report go "
                                           "(default: RUN/simulate-daily)."),
-    k: int = typer.Option(10, help="Recall cut-off rank."),
+    k: int = typer.Option(10, "-k", "--k", help="Recall cut-off rank."),
     label_days: float = typer.Option(14.0, help="Label horizon in days."),
     snapshots: Optional[Path] = typer.Option(None, help="Snapshot root (default: OUTPUT/snapshots)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),

@@ -48,6 +48,10 @@ class EvaluateOptions(StrictModel):
     seed: int = 0
     frequency: list[Frequency] | None = None  # inference frequencies to compare (future-window)
     exclude_history: bool = False  # remove each user's input items from the ranking (the literature's LOO)
+    per_user_cutoffs: bool = False  # future-window: each user at a (seeded) cut-off of their own, not one day
+
+
+MIN_USERS = 30  # fewer scored users than this: a warning (and, for one cut-off, per-user cut-offs instead)
 
 
 def evaluate_model(model: PinnerFormer, ds: Dataset, protocol: Protocol, options: EvaluateOptions,
@@ -58,18 +62,32 @@ def evaluate_model(model: PinnerFormer, ds: Dataset, protocol: Protocol, options
     o, m = options, ds.manifest
     cutoffs = parse_cutoffs(o.cutoffs, ds)
     protocol = resolve_protocol(protocol, m.clock)
+    warnings: list[str] = []
     if protocol == "future-window":
-        if cutoffs is None:
+        per_user = o.per_user_cutoffs
+        if cutoffs is None and not per_user:
             t, n = default_cutoff(ds, held_out, o.label_days)
             cutoffs = [t]
             log(f"default cut-off {dt.datetime.fromtimestamp(t, dt.timezone.utc):%Y-%m-%d}: {n} of {len(held_out)} "
                 f"{o.split} users eligible (the day that makes the most users eligible)")
-        task = future_window_task(ds, held_out, o.label_days, f"future-window/{o.split}", cutoffs=cutoffs)
+            if n < MIN_USERS:
+                per_user, cutoffs = True, None
+                warnings.append(f"a single cut-off leaves only {n} {o.split} user(s) eligible (users' activity "
+                                "does not overlap in time): each user is scored at a cut-off of their own instead "
+                                "(--per-user-cutoffs)")
+                log("note: " + warnings[-1])
+        if per_user:  # each user's own cut-off, drawn (seeded) among the times that make them eligible
+            task = future_window_task(ds, held_out, o.label_days, f"future-window/{o.split}", seed=o.seed)
+        else:
+            task = future_window_task(ds, held_out, o.label_days, f"future-window/{o.split}", cutoffs=cutoffs)
         if len(task) == 0:
             raise PinnerformerError(f"no {o.split} user is eligible at the cut-off(s): nobody has an action before "
                                     f"and a positive within {o.label_days:g} days after; choose another --cutoff")
     else:  # a run trained on some users only (future-window) is scored on its held-out ones, never on its own
         task = leave_one_out_task(ds, o.split, among=held_out)
+    if len(task) < MIN_USERS:
+        warnings.append(f"only {len(task)} user-window(s) scored: numbers this small are noise (see the intervals)")
+        log("warning: " + warnings[-1])
     dev = torch.device("cpu")
     scorers = [Scorer(MODEL, embed_users(model, ds.timelines, task.starts, task.ends, dev),
                       embed_items(model, dev)),
@@ -92,8 +110,9 @@ def evaluate_model(model: PinnerFormer, ds: Dataset, protocol: Protocol, options
         checkpoint=o.checkpoint,
         index=f"random pool of {o.index_size} items (seed {o.seed}) + the labels" if pool is not None
         else f"whole catalogue ({m.n_items} items)",
-        cutoffs=None if protocol != "future-window" else
+        cutoffs=None if protocol != "future-window" or cutoffs is None else
         [f"{dt.datetime.fromtimestamp(t, dt.timezone.utc):%Y-%m-%d}" for t in cutoffs],
+        per_user_cutoffs=protocol == "future-window" and cutoffs is None, warnings=warnings,
         label_days=o.label_days if protocol == "future-window" else None, user_windows=len(task),
         distinct_users=len(np.unique(task.users)), users_sha256=users_sha256(task.users), results=results,
         inference_frequency=_frequencies(model, ds, task, scorers[0].items, protocol, pool, o) if o.frequency

@@ -39,6 +39,8 @@ class EvaluationReport(StrictModel):
     checkpoint: str
     index: str  # what each label was ranked against
     cutoffs: list[str] | None  # future-window cut-off days
+    per_user_cutoffs: bool = False  # future-window: each user at a cut-off of their own (cutoffs is None)
+    warnings: list[str] = []
     label_days: float | None
     user_windows: int
     distinct_users: int = 0
@@ -80,6 +82,10 @@ def markdown(report: EvaluationReport) -> str:
     if report.cutoffs:
         lines.append(f"- cut-off(s): {', '.join(report.cutoffs)}; labels: positives in the "
                      f"{report.label_days:g} days after")
+    if report.per_user_cutoffs:
+        lines.append(f"- cut-offs: one per user (seeded, among the times that make the user eligible); labels: "
+                     f"positives in the {report.label_days:g} days after")
+    lines += [f"- **warning**: {w}" for w in report.warnings]
     lines += [f"- user-windows evaluated: {report.user_windows}", "",
               "| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for name, r in report.results.items():
