@@ -5,7 +5,8 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("cmd", [[], ["data"], ["data", "prepare"], ["data", "stats"], ["items"], ["train"],
+@pytest.mark.parametrize("cmd", [[], ["data"], ["data", "prepare"], ["data", "append"], ["daily"], ["data", "stats"],
+                                 ["items"], ["train"],
                                  ["evaluate"], ["experiment"], ["embed"], ["index"], ["retrieve"],
                                  ["simulate-daily"],
                                  ["items", "embed-text"], ["quickstart"]])
@@ -15,6 +16,9 @@ def test_help_on_every_command(cli, cmd):
     assert cli("--version").stdout.strip() == __version__
     r = cli(*cmd, "--help")
     assert r.exit_code == 0 and "Usage" in r.output
+    assert "<bool>" not in r.output  # flags show no metavar; texts are plain (no Rich markup eating "[ray]")
+    if cmd == ["embed"]:
+        assert "[ray] extra" in " ".join(r.output.split())
 
 
 def test_quickstart_and_stats(cli, tmp_path):

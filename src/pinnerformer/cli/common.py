@@ -21,10 +21,13 @@ class RecordingGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
 
+# rich_markup_mode=None: help texts are plain text ("[ray]" and "[text]" are extras to install, not markup)
 app = typer.Typer(cls=RecordingGroup, help="Learn user representations from sequences of user actions, and rank "
-                  "with them.", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-data_app = typer.Typer(help="Prepare event logs into datasets and inspect them.", no_args_is_help=True)
-items_app = typer.Typer(help="Item features.", no_args_is_help=True)
+                  "with them.", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  rich_markup_mode=None)
+data_app = typer.Typer(help="Prepare event logs into datasets and inspect them.", no_args_is_help=True,
+                       rich_markup_mode=None)
+items_app = typer.Typer(help="Item features.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 app.add_typer(items_app, name="items")
 console = Console()
