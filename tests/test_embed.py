@@ -283,3 +283,14 @@ def test_ray_engine_joins_an_existing_cluster(trained, planted, tmp_path):
         assert Snapshot.open(tmp_path / "joined" / D0.isoformat()).manifest.content_sha256 == ref.content_sha256
     finally:
         subprocess.run(["bash", script, "stop"], capture_output=True, env=env)
+
+
+def test_simulate_daily_on_a_period_without_eligible_users_warns_and_writes_no_nan(trained, planted, tmp_path, cli):
+    """A newcomer's simulate-daily printed NaN and drew an empty chart."""
+    r = cli("simulate-daily", "-r", trained, "-d", planted, "--from", "2020-11-20", "--to", "2020-11-21", "-o",
+            tmp_path / "sim", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "warning: only 0 test user-window(s)" in " ".join(r.stderr.split()) and "nan" not in r.stdout.lower()
+    text = (tmp_path / "sim" / "staleness.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in staleness.json"))
+    assert (tmp_path / "sim" / "staleness.png").stat().st_size > 5000

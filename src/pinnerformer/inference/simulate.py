@@ -97,17 +97,24 @@ def simulate_daily(run_dir: Path, ds: Dataset, first: dt.date, last: dt.date, ou
         bar.update(1)
     bar.close()
     summary = {}
+    ci = lambda v: list(bootstrap_ci(v)) if len(v) else None  # noqa: E731  (no windows: no interval, never NaN)
     for cadence, (fresh, used) in pooled.items():
         f_, u_ = np.concatenate(fresh), np.concatenate(used)
         summary[cadence] = {"user_windows": int(len(f_)), f"{rk}_daily": float(f_.mean()) if len(f_) else None,
-                            f"{rk}_daily_ci95": bootstrap_ci(f_),
-                            rk: float(u_.mean()) if len(u_) else None, f"{rk}_ci95": bootstrap_ci(u_),
-                            "drop_ci95": bootstrap_ci(f_ - u_)}
+                            f"{rk}_daily_ci95": ci(f_), rk: float(u_.mean()) if len(u_) else None,
+                            f"{rk}_ci95": ci(u_), "drop_ci95": ci(f_ - u_)}
+    n_windows = sum(r["eligible_test_users"] for r in rows)
+    warnings = [] if n_windows >= 30 else [
+        f"only {n_windows} test user-window(s) in {first} → {last} (held-out test users with an action before a "
+        f"day's end and a positive in the {label_days:g} days after): too few to read anything from; pick days "
+        "where the held-out users are active"]
+    for w in warnings:
+        log("warning: " + w)
     result = {
         "run": str(Path(run_dir).resolve()), "dataset": str(Path(ds.path).resolve()),
         "fingerprint": ds.manifest.fingerprint, "from": first.isoformat(), "to": last.isoformat(), "k": k,
         "label_days": label_days, "test_users": int(len(users)), "days": rows,
-        "daily_user_windows": sum(r["eligible_test_users"] for r in rows), "pooled": summary,
+        "daily_user_windows": n_windows, "pooled": summary, "warnings": warnings,
         "command": command, "wall_s": round(time.perf_counter() - t0, 1),
         "protocol": (f"future-window at each day's end: the run's held-out test users with an action before the "
                      f"cut-off and a positive in the next {label_days:g} days; {rk} against all "
@@ -128,18 +135,20 @@ def markdown(r: dict) -> str:
     def f(v):
         return "–" if v is None else f"{v:.4f}"
 
+    def interval(v, sign: str = ""):
+        return "[–]" if v is None else f"[{v[0]:{sign}.4f}, {v[1]:{sign}.4f}]"
+
     lines = [f"# Daily inference, replayed {r['from']} → {r['to']}", "",
              f"- run `{r['run']}`, dataset `{r['dataset']}` (fingerprint {r['fingerprint']})",
              f"- protocol: {r['protocol']}",
              "- daily: the snapshot of that very day; weekly: the job run only every 7 days from the first day; "
              "frozen: the first day's snapshot, never refreshed. Each is compared with the daily snapshot on the "
              "eligible users it contains (paired); stale = how many of those have a different vector today"]
+    lines += [f"- **warning**: {w}" for w in r.get("warnings", [])]
     for cadence, p in r["pooled"].items():
         lines.append(f"- pooled, {cadence} vs daily ({p['user_windows']} user-windows): {rk} "
-                     f"{f(p[rk])} [{p[f'{rk}_ci95'][0]:.4f}, {p[f'{rk}_ci95'][1]:.4f}] vs "
-                     f"{f(p[f'{rk}_daily'])} [{p[f'{rk}_daily_ci95'][0]:.4f}, "
-                     f"{p[f'{rk}_daily_ci95'][1]:.4f}]; daily − {cadence} 95% CI "
-                     f"[{p['drop_ci95'][0]:+.4f}, {p['drop_ci95'][1]:+.4f}]")
+                     f"{f(p[rk])} {interval(p[f'{rk}_ci95'])} vs {f(p[f'{rk}_daily'])} "
+                     f"{interval(p[f'{rk}_daily_ci95'])}; daily − {cadence} 95% CI {interval(p['drop_ci95'], '+')}")
     lines += [f"- reproduce: `{r['command']}` ({r['wall_s']} s)", "",
               f"| day | recomputed | carried over | eligible | {rk} daily | weekly: users (stale) | weekly | "
               f"daily, same users | frozen: users (stale) | frozen | daily, same users |",
@@ -174,6 +183,9 @@ def plot(r: dict, path: Path) -> Path:
     ax1.set_ylabel(f"{rk}")
     ax1.legend(fontsize=8)
     ax1.set_title(f"Staleness: snapshot refresh cadence ({r['from']} → {r['to']})")
+    if not r["daily_user_windows"]:
+        ax1.text(0.5, 0.5, "no eligible held-out test user in this period", ha="center", va="center",
+                 transform=ax1.transAxes, color="tab:red")
     ax2.bar(x, [d["recomputed"] for d in r["days"]], color="tab:gray")
     ax2.set_ylabel("users recomputed")
     step = max(1, len(days) // 10)
