@@ -156,3 +156,28 @@ def test_daily_replayed_day_by_day_equals_embedding_the_grown_dataset(shared_dat
             "movielens", "--snapshot-root", tmp_path / "snaps", "--index", tmp_path / "index", "--no-progress")
     assert r.exit_code == 0 and "already appended" in r.stderr and "is already complete" in r.stderr
     assert "index kept" in " ".join(r.stderr.split()) and Dataset.open(tmp_path / "ds").manifest == ds.manifest
+
+
+def test_a_day_embedded_before_all_its_events_arrived_is_recomputed(cli, tmp_path):
+    log = planted_interest_log(n_users=300)
+    day = dt.date(2020, 9, 25)
+    noon = day_start_ts(day) + 12 * 3600
+    log.filter(pl.col("timestamp") < noon).write_csv(tmp_path / "morning.csv")
+    log.filter(pl.col("timestamp") >= noon).write_csv(tmp_path / "rest.csv")
+    assert events(cli, "prepare", tmp_path / "morning.csv", "-o", tmp_path / "ds", "--positive", "click").exit_code == 0
+    cfg = load_config("small", overrides=json.loads(json.dumps(TINY)))
+    retrieval_loop(Dataset.open(tmp_path / "ds"), cfg, tmp_path / "run", log=lambda s: None).fit(progress=False,
+                                                                                                 max_steps=3)
+    early = DailyJob(tmp_path / "run", Dataset.open(tmp_path / "ds"), day, tmp_path / "s").run(
+        log=lambda s: None, progress=False)
+    assert events(cli, "append", tmp_path / "rest.csv", tmp_path / "ds").exit_code == 0
+    ds = Dataset.open(tmp_path / "ds")
+    lines = []
+    again = DailyJob(tmp_path / "run", ds, day, tmp_path / "s").run(log=lines.append, progress=False)
+    afternoon = ds.events().filter((pl.col("ts") >= noon) & (pl.col("ts") < day_start_ts(day) + 86400)).height
+    assert afternoon > 0 and any(f"({afternoon:,} since): recomputing it" in x for x in lines), lines
+    whole = DailyJob(tmp_path / "run", ds, day, tmp_path / "whole").run(log=lambda s: None, progress=False)
+    assert again.content_sha256 == whole.content_sha256 != early.content_sha256
+    lines = []
+    DailyJob(tmp_path / "run", ds, day, tmp_path / "s").run(log=lines.append, progress=False)
+    assert "is already complete" in lines[0]  # and now it is current: nothing to do

@@ -197,6 +197,12 @@ class DailyJob:
         recover_swap(self.final)  # a --force swap killed between its two renames: put the old snapshot back
         if self.final.exists() and not force:
             done = Snapshot.open(self.final).manifest
+            late = self._arrived_since(done)
+            if late:
+                log(f"{self.final} was made before all of its day's events had arrived ({late:,} since): "
+                    "recomputing it")
+                force = True
+        if self.final.exists() and not force:
             if done.checkpoint.sha256 == self.ck_sha and done.dtype == self.dtype:
                 log(f"{self.final} is already complete ({done.users:,} users); nothing to do (--force recomputes it)")
                 return done
@@ -263,6 +269,13 @@ class DailyJob:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         swap_in(self.staging, self.final)  # --force: by renames, never editing a published snapshot in place
         return manifest
+
+    def _arrived_since(self, done: SnapshotManifest) -> int:
+        """Events of the snapshot's days that the dataset gained after the snapshot was made (appended later)."""
+        if done.data_time_max is None or done.dataset.fingerprint == self.ds.manifest.fingerprint:
+            return 0
+        ts = np.asarray(self.ds.timelines.ts)
+        return int(((ts > done.data_time_max) & (ts < self.end_ts)).sum())
 
     def _dim(self, parts_v: list[np.ndarray], prev: Snapshot | None) -> int:
         if parts_v:
