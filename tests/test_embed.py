@@ -23,15 +23,7 @@ from pinnerformer.inference.snapshot import Snapshot
 from pinnerformer.training.config import load_config
 from pinnerformer.training.retrieval import retrieval_loop
 
-D0 = dt.date(2020, 9, 25)  # planted timelines run 2020-09-13 .. 2020-10-15; about 20 users act on any day
-
-
-@pytest.fixture(scope="module")
-def trained(planted, tmp_path_factory):
-    run = tmp_path_factory.mktemp("embed") / "run"
-    cfg = load_config("small", overrides=json.loads(json.dumps({**TINY, "optim": {**TINY["optim"], "max_epochs": 2}})))
-    retrieval_loop(Dataset.open(planted), cfg, run, log=lambda s: None).fit(progress=False)
-    return run
+from conftest import PLANTED_DAY as D0  # about 20 planted users act on any day
 
 
 def job(trained, planted, day, root, **kw):

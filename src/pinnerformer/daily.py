@@ -48,10 +48,12 @@ def index_is_current(index_dir: Path, run: RunDir, ds: Dataset, checkpoint: str)
 
 
 def run_daily(run_dir: Path, dataset_dir: Path, raw: RawLog, snapshot_root: Path, index_dir: Path, *,
-              allow_late: bool = False, vectorize: Callable[[list[str]], np.ndarray] | None = None,
+              allow_late: bool = False, skip_invalid: bool = False, min_time: int | None = None,
+              max_time: int | None = None, vectorize: Callable[[list[str]], np.ndarray] | None = None,
               checkpoint: str = "best", index_kind: str = "hnsw", log=print, progress: bool = True) -> DailyReport:
     run = RunDir(run_dir)
-    manifest, appended = append(dataset_dir, raw, allow_late=allow_late, vectorize=vectorize, log=log)
+    manifest, appended = append(dataset_dir, raw, allow_late=allow_late, skip_invalid=skip_invalid, min_time=min_time,
+                                max_time=max_time, vectorize=vectorize, log=log)
     sha = file_sha256(raw.sources[0])
     record = next(r for r in reversed(manifest.lineage) if r.sources[0].sha256 == sha) if manifest.lineage and \
         any(r.sources[0].sha256 == sha for r in manifest.lineage) else None

@@ -85,28 +85,40 @@ FORMAT_FLAGS = [
 ]
 
 
+# What reading any input takes besides the format's options: (name, type, default, flag, help)
+READ_FLAGS = [
+    ("skip_invalid", bool, False, "--skip-invalid", "Skip malformed rows and count them (default: stop at the first)."),
+    ("min_time", str, "1990-01-01", "--min-time", "Earliest sane timestamp (YYYY-MM-DD, UTC)."),
+    ("max_time", Optional[str], None, "--max-time", "Latest sane timestamp (default: tomorrow)."),
+    ("as_json", bool, False, "--json", "Print the dataset summary as JSON."),
+]
+
+
 def with_format_flags(fn):
-    """Adds the format options (FORMAT_FLAGS) to a command's signature; the command gets them as **flags."""
+    """Adds the reading options (READ_FLAGS) and the format options (FORMAT_FLAGS) to a command's signature; the
+    command gets them in **flags (`read_input` takes them from there)."""
     sig = inspect.signature(fn)
     own = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    extra = [inspect.Parameter(flag.replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
-                               default=typer.Option(None, f"--{flag}", help=text)) for flag, kind, text in FORMAT_FLAGS]
+    kw = inspect.Parameter.KEYWORD_ONLY
+    extra = [inspect.Parameter(name, kw, annotation=kind, default=typer.Option(default, flag, help=text))
+             for name, kind, default, flag, text in READ_FLAGS]
+    extra += [inspect.Parameter(flag.replace("-", "_"), kw, annotation=Optional[kind],
+                                default=typer.Option(None, f"--{flag}", help=text)) for flag, kind, text in FORMAT_FLAGS]
     fn.__signature__ = sig.replace(parameters=own + extra)
     return fn
 
 
-def read_input(format: str, input: Path, flags: dict, skip_invalid: bool):
+def read_input(format: str, input: Path, flags: dict):
+    """The input read with the command's flags: (raw log, skip_invalid, min_time, max_time) for prepare/append."""
+    from pinnerformer.data.clock import day_start_ts, parse_day
     from pinnerformer.data.formats import read_source
 
-    given = {name.replace("_", "-"): v for name, v in flags.items() if v is not None}
-    return read_source(format, input, format_options(format, given), skip_invalid=skip_invalid)
-
-
-def time_bounds(min_time: str, max_time: Optional[str]) -> tuple[int, int | None]:
-    from pinnerformer.data.clock import day_start_ts, parse_day
-
-    return (day_start_ts(parse_day(min_time, "--min-time")),
-            day_start_ts(parse_day(max_time, "--max-time")) if max_time else None)
+    read = {name: flags[name] for name, *_ in READ_FLAGS}
+    given = {name.replace("_", "-"): v for name, v in flags.items() if v is not None and name not in read}
+    raw = read_source(format, input, format_options(format, given), skip_invalid=read["skip_invalid"])
+    lo = day_start_ts(parse_day(read["min_time"], "--min-time"))
+    hi = day_start_ts(parse_day(read["max_time"], "--max-time")) if read["max_time"] else None
+    return raw, read["skip_invalid"], lo, hi
 
 
 FORMAT_HELP = "movielens | movielens-latest | sequences | otto | events"
@@ -119,11 +131,6 @@ def data_prepare(
     input: Path = typer.Option(..., "--input", "-i", help="Source file or folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Dataset directory to write."),
     overwrite: bool = typer.Option(False, help="Replace an existing dataset directory."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid",
-                                      help="Skip malformed rows and count them (default: stop at the first)."),
-    min_time: str = typer.Option("1990-01-01", help="Earliest sane timestamp (YYYY-MM-DD, UTC)."),
-    max_time: Optional[str] = typer.Option(None, help="Latest sane timestamp (default: tomorrow)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     **flags,
 ):
     """Turn a source event log into a canonical dataset directory (events, items, timelines, manifest)."""
@@ -131,10 +138,9 @@ def data_prepare(
     from pinnerformer.data.prepare import prepare
 
     def body():
-        raw = read_input(format, input, flags, skip_invalid)
-        lo, hi = time_bounds(min_time, max_time)
+        raw, skip_invalid, lo, hi = read_input(format, input, flags)
         prepare(raw, output, format, skip_invalid=skip_invalid, min_time=lo, max_time=hi, overwrite=overwrite, log=log)
-        print_stats(Dataset.open(output), as_json)
+        print_stats(Dataset.open(output), flags["as_json"])
 
     run_guarded(body)
 
@@ -147,11 +153,6 @@ def data_append(
     input: Path = typer.Option(..., "--input", "-i", help="The new period's events (file or folder)."),
     allow_late: bool = typer.Option(False, "--allow-late", help="Keep events older than the dataset's end (counted; "
                                     "the next embed recomputes every user)."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid",
-                                      help="Skip malformed rows and count them (default: stop at the first)."),
-    min_time: str = typer.Option("1990-01-01", help="Earliest sane timestamp (YYYY-MM-DD, UTC)."),
-    max_time: Optional[str] = typer.Option(None, help="Latest sane timestamp (default: tomorrow)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     **flags,
 ):
     """Add a new period's events to a dataset: ids keep their indexes, the manifest records the lineage."""
@@ -162,11 +163,10 @@ def data_append(
         if flags.get("positive") is not None:
             raise PinnerformerError("--positive: on append the dataset's positive actions apply (they are part of "
                                     "what a model trained on it learned)")
-        raw = read_input(format, input, as_in_dataset(format, dataset, flags), skip_invalid)
-        lo, hi = time_bounds(min_time, max_time)
+        raw, skip_invalid, lo, hi = read_input(format, input, as_in_dataset(format, dataset, flags))
         append(dataset, raw, skip_invalid=skip_invalid, allow_late=allow_late, min_time=lo, max_time=hi,
                vectorize=text_vectorizer(dataset), log=log)
-        print_stats(Dataset.open(dataset), as_json)
+        print_stats(Dataset.open(dataset), flags["as_json"])
 
     run_guarded(body)
 
@@ -267,9 +267,10 @@ def daily(
     from pinnerformer.data.dataset import Dataset
 
     def body():
-        raw = read_input(format, input, as_in_dataset(format, dataset, flags), False)
-        report = run_daily(run, dataset, raw, snapshot_root, index, allow_late=allow_late,
-                           vectorize=text_vectorizer(dataset), checkpoint=checkpoint, log=log, progress=progress)
+        raw, skip_invalid, lo, hi = read_input(format, input, as_in_dataset(format, dataset, flags))
+        report = run_daily(run, dataset, raw, snapshot_root, index, allow_late=allow_late, skip_invalid=skip_invalid,
+                           min_time=lo, max_time=hi, vectorize=text_vectorizer(dataset), checkpoint=checkpoint,
+                           log=log, progress=progress)
         s = report.snapshot
         log(f"daily {report.day}: {'appended' if report.appended else 'already appended'}; snapshot {s.users:,} users "
             f"({s.recomputed:,} recomputed, {s.carried_over:,} carried over; unseen by the model: "
