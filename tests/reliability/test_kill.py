@@ -27,9 +27,18 @@ def run(*args) -> subprocess.CompletedProcess:
     return p
 
 
+def startup() -> float:
+    """Seconds the command line takes to start (imports), to aim kills at the work after it."""
+    t = time.perf_counter()
+    run("--version")
+    return time.perf_counter() - t
+
+
 def killed(seed: int, duration: float, *args) -> bool:
-    """Start the command, SIGKILL it at a random moment of its expected duration. True if it died by the kill."""
-    delay = np.random.default_rng(seed).uniform(0.05, 1.0) * duration
+    """Start the command, SIGKILL it at a random moment of its expected duration (mostly after its start-up, when
+    it works). True if it died by the kill."""
+    start = min(startup(), 0.9 * duration)
+    delay = start + np.random.default_rng(seed).uniform(0.0, 1.0) * (duration - start)
     p = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + delay
     while time.time() < deadline and p.poll() is None:
