@@ -10,10 +10,12 @@ same directory and renamed into place (a rename is atomic on one file system).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +50,19 @@ def clean_stale(path: Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def _io_failure(e: Exception, path: Path) -> OSError | None:
+    """Writers that wrap an operating-system error in their own (Polars' "(os error 28)", torch's message): the
+    OSError it was, so that a full disk reads as one."""
+    if isinstance(e, OSError):
+        return None
+    m = re.search(r"os error (\d+)|\[Errno (\d+)\]|(No space left on device|File too large)", str(e))
+    if not m:
+        return None
+    code = int(m.group(1) or m.group(2)) if (m.group(1) or m.group(2)) else (
+        errno.ENOSPC if m.group(3).startswith("No space") else errno.EFBIG)
+    return OSError(code, os.strerror(code), str(path))
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside `path`; when the block ends without an error it is renamed to `path`,
@@ -57,6 +72,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as e:
+        failure = _io_failure(e, path)
+        if failure is None:
+            raise
+        raise failure from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -93,6 +113,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         swap_in(tmp, path)
+    except Exception as e:
+        failure = _io_failure(e, path)
+        if failure is None:
+            raise
+        raise failure from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
