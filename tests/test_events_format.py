@@ -125,7 +125,10 @@ def test_ids_written_as_1_and_1_0_are_one_user_and_one_item(cli, tmp_path):
     pl.DataFrame({"user": [[1], [2]], "item": [7, 7], "timestamp": [1700000000, 1700000001]}).write_parquet(
         tmp_path / "list.parquet")
     r = cli("data", "prepare", "-f", "events", "-i", tmp_path / "list.parquet", "-o", tmp_path / "c")
-    assert r.exit_code == 2 and "column 'user' holds List(Int64) values, not ids" in r.stderr
+    assert r.exit_code == 2 and "column 'user' holds List(Int64) values" in r.stderr
+    pl.DataFrame({"user": [1, 2], "item": [7, 7], "timestamp": [[1], [2]]}).write_parquet(tmp_path / "lt.parquet")
+    r = cli("data", "prepare", "-f", "events", "-i", tmp_path / "lt.parquet", "-o", tmp_path / "c")
+    assert r.exit_code == 2 and "column 'timestamp' holds List(Int64) values" in r.stderr
     (tmp_path / "huge.csv").write_text("user,item,timestamp\n1,2,9223372036854776.0\n")
     r = cli("data", "prepare", "-f", "events", "-i", tmp_path / "huge.csv", "-o", tmp_path / "d")
     assert r.exit_code == 2 and "timestamp is not parseable" in r.stderr and "Traceback" not in r.output

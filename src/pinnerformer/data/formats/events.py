@@ -62,6 +62,11 @@ def _read_table(path: Path, columns: list[str], checker: Checker, separator: str
         if missing:
             raise InputError(f"missing column(s) {', '.join(missing)}", path=path, text=", ".join(df.columns),
                              expected=f"columns {', '.join(columns)}")
+        nested = [c for c in columns if df.schema[c].is_nested()]
+        if nested:
+            c = nested[0]
+            raise InputError(f"column '{c}' holds {df.schema[c]} values", path=path, field=c,
+                             expected="one value per row (an id, a time, an action name or a number)")
         df = df.select(columns).with_columns(pl.lit(str(path)).alias("_file"),
                                              pl.int_range(1, df.height + 1, dtype=pl.Int64).alias("_line"))
         for col in required:
@@ -83,13 +88,9 @@ def _read_table(path: Path, columns: list[str], checker: Checker, separator: str
 
 def _ids(df: pl.DataFrame, col: str, id_type: str, checker: Checker) -> pl.DataFrame:
     """Ids as Int64 when they are all whole numbers (auto; `1` and `1.0`, as a float column writes it, are one id),
-    else as strings; a column of lists or structs is not an id column."""
-    dtype = df.schema[col]
-    if dtype.is_integer():
+    else as strings."""
+    if df.schema[col].is_integer():
         return df.with_columns(pl.col(col).cast(pl.Int64))
-    if dtype.is_nested():
-        raise InputError(f"column '{col}' holds {dtype} values, not ids", path=df["_file"][0] if df.height else None,
-                         field=col, expected="integer or text ids")
     s = pl.col(col).cast(pl.String).str.strip_chars()
     if id_type == "str":
         return df.with_columns(s.alias(col))
