@@ -191,4 +191,33 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
                                 "it is damaged or was cut off; train again or use another checkpoint") from None
     if not isinstance(ck, dict) or "model" not in ck:
         raise PinnerformerError(f"{path} is not a checkpoint written by `pinnerformer train`")
+    if "tensors_sha256" in ck and checkpoint_sha256(ck) != ck["tensors_sha256"]:
+        raise PinnerformerError(f"{path} is not a readable checkpoint (its weights do not match the hash saved with "
+                                "them): it is damaged; train again or use another checkpoint")
     return ck
+
+
+def checkpoint_sha256(ck: dict) -> str:
+    """A hash of a checkpoint's content (every tensor's name, dtype, shape and bytes; every other value's repr):
+    saved with it, checked at load — a flipped bit inside a tensor loads without any error otherwise."""
+    import torch
+
+    h = hashlib.sha256()
+
+    def walk(prefix: str, x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{prefix}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                walk(f"{prefix}/{k}", x[k])
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(f"{prefix}/{i}", v)
+
+        else:
+            h.update(f"{prefix}={x!r}".encode())
+
+    walk("", {k: v for k, v in ck.items() if k != "tensors_sha256"})
+    return h.hexdigest()

@@ -18,7 +18,15 @@ def damaged_copies(run, tmp_path):
     """(name, run dir) with best.pt empty / cut in half / replaced by something else."""
     data = (run / "checkpoints" / "best.pt").read_bytes()
     out = []
-    for name, content in (("empty", b""), ("truncated", data[: len(data) // 2]), ("text", b"hello\n")):
+    import zipfile
+
+    with zipfile.ZipFile(run / "checkpoints" / "best.pt") as zf:  # the largest tensor's bytes inside the archive
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    flipped = bytearray(data)
+    flipped[start + info.file_size // 2] ^= 0xFF  # torch.load reads this without complaint
+    for name, content in (("empty", b""), ("truncated", data[: len(data) // 2]), ("text", b"hello\n"),
+                          ("bit-flip", bytes(flipped))):
         copy = tmp_path / f"run-{name}"
         shutil.copytree(run, copy)
         (copy / "checkpoints" / "best.pt").write_bytes(content)

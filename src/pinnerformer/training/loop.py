@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.io import atomic_path, load_checkpoint, write_json_atomic, write_text_atomic
+from pinnerformer.io import atomic_path, checkpoint_sha256, load_checkpoint, write_json_atomic, write_text_atomic
 from pinnerformer.progress import progress_bar
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import LoopConfig
@@ -143,10 +143,11 @@ class TrainingLoop:
     def save_checkpoint(self, name: str) -> None:
         folder = self.run_dir / rf.CHECKPOINTS
         folder.mkdir(parents=True, exist_ok=True)
+        ck = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "task": self.task.state_dict(),
+              "state": self.state.model_dump(), "fingerprint": self.task.dataset_fingerprint}
+        ck["tensors_sha256"] = checkpoint_sha256(ck)
         with atomic_path(folder / name) as tmp:
-            torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                        "task": self.task.state_dict(), "state": self.state.model_dump(),
-                        "fingerprint": self.task.dataset_fingerprint}, tmp)
+            torch.save(ck, tmp)
 
     def load_checkpoint(self) -> None:
         ck = load_checkpoint(self.run_dir / rf.CHECKPOINTS / "last.pt", map_location=self.device)
@@ -205,9 +206,10 @@ class TrainingLoop:
             self.log(f"the run already ended ({s.stopped_by or 'done'} at epoch {s.epoch - 1}, step {s.global_step}): "
                      "nothing to continue")
             return rf.TrainSummary.model_validate_json((self.run_dir / rf.SUMMARY).read_text())
-        if s.epoch >= cfg.optim.max_epochs:
+        if s.epoch >= cfg.optim.max_epochs and (self.run_dir / rf.SUMMARY).exists():
             self.log(f"the run already trained {s.epoch} epoch(s), optim.max_epochs is {cfg.optim.max_epochs}: "
                      "nothing to continue (raise --max-epochs to train more)")
+            return rf.TrainSummary.model_validate_json((self.run_dir / rf.SUMMARY).read_text())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.desc = desc = self.describe()
         write_json_atomic(self.run_dir / rf.CONFIG, desc)
