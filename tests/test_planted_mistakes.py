@@ -90,7 +90,7 @@ def test_the_eager_loss_masks_the_examples_other_positives():
     from pinnerformer.objectives.examples import ExampleBatch
     from pinnerformer.objectives.sampled_softmax import LossConfig, SampledSoftmaxLoss
 
-    n_items, D = 5, 2
+    n_items = 5
     table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0], [0.0, -1.0]])
     batch = ExampleBatch(users=np.array([0, 1]), starts=np.array([0, 0]), ends=np.array([1, 1]),
                          q_example=np.array([0, 1]), q_position=np.array([0, 0]), q_item=np.array([0, 1]),

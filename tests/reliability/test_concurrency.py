@@ -24,7 +24,7 @@ def test_two_embed_jobs_on_one_root_and_day_never_mix(trained, planted, tmp_path
     for attempt in range(2):
         root = tmp_path / f"shared-{attempt}"
         a, b = embed(trained, planted, root, "best"), embed(trained, planted, root, "last")
-        (out_a, err_a), (out_b, err_b) = a.communicate(timeout=300), b.communicate(timeout=300)
+        (_, err_a), (_, err_b) = a.communicate(timeout=300), b.communicate(timeout=300)
         codes = sorted([a.returncode, b.returncode])
         snap = Snapshot.open(root / D0.isoformat())
         snap.verify()

@@ -5,7 +5,6 @@ import datetime as dt
 import shutil
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pinnerformer.data import Dataset

@@ -264,7 +264,6 @@ def daily(
 ):
     """The daily loop in one command: append the new events, embed the new day incrementally, refresh the index."""
     from pinnerformer.daily import run_daily
-    from pinnerformer.data.dataset import Dataset
 
     def body():
         raw, skip_invalid, lo, hi = read_input(format, input, as_in_dataset(format, dataset, flags))
