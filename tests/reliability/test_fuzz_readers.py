@@ -81,7 +81,18 @@ def test_events_csv_rows_are_loaded_or_counted(tmp_path, lines):
 @SETTINGS
 @given(data=st.binary(max_size=300))
 def test_arbitrary_bytes_are_a_message_or_a_log(tmp_path, data):
-    for fmt, name in (("sequences", "s.txt"), ("events", "e.csv"), ("otto", "o.jsonl")):
+    for fmt, name in (("sequences", "s.txt"), ("events", "e.csv"), ("otto", "o.jsonl"), ("taobao", "t.csv"),
+                      ("mind", "mind/behaviors.tsv")):
         path = tmp_path / name
+        path.parent.mkdir(exist_ok=True)
         path.write_bytes(data)
-        read_or_message(fmt, path, tmp_path)
+        read_or_message(fmt, path.parent if fmt == "mind" else path, tmp_path)
+
+
+@SETTINGS
+@given(lines=lines_of("\t", st.sampled_from(["1\tU1\t11/12/2019 2:14:46 PM\tN1 N2\tN3-1 N4-0", "2\tU2\t1/2/2019 "
+                                                                                              "9:05:01 AM\t\tN5-0"])))
+def test_mind_behaviours_are_loaded_or_counted(tmp_path, lines):
+    (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "m" / "behaviors.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    read_or_message("mind", tmp_path / "m", tmp_path)

@@ -16,7 +16,7 @@ from pinnerformer.errors import PinnerformerError
 # which --options apply to which --format (an option given for another format is an error, never ignored)
 APPLIES = {
     "rating-rule": {"movielens", "movielens-latest"},
-    "positive": {"movielens", "movielens-latest", "otto", "events"},
+    "positive": {"movielens", "movielens-latest", "otto", "events", "taobao", "mind"},
     "actions": {"sequences", "events"},
     "id-type": {"sequences", "events"},
     "item-attributes": {"sequences"},
@@ -44,7 +44,7 @@ def format_options(fmt: str, given: dict[str, object]) -> dict:
             raise PinnerformerError("--actions: the sequences format has one action type; give one name")
         return {k: v for k, v in {"action": actions[0] if actions else None, "id_type": g("id-type"),
                                   "item_attributes": g("item-attributes")}.items() if v is not None}
-    if fmt == "otto":
+    if fmt in ("otto", "taobao", "mind"):
         return {"positive": parse_list(g("positive"))} if "positive" in given else {}
     if fmt == "events":
         sep = g("separator")
@@ -121,7 +121,7 @@ def read_input(format: str, input: Path, flags: dict):
     return raw, read["skip_invalid"], lo, hi
 
 
-FORMAT_HELP = "movielens | movielens-latest | sequences | otto | events"
+FORMAT_HELP = "movielens | movielens-latest | sequences | otto | events | taobao | mind"
 
 
 @data_app.command("prepare")

@@ -8,9 +8,11 @@ from typing import Callable
 from pinnerformer.config import StrictModel, validate
 from pinnerformer.data.formats.base import RawLog
 from pinnerformer.data.formats.events import EventColumns, EventsOptions, ItemColumns, read_events
+from pinnerformer.data.formats.mind import MindOptions, read_mind
 from pinnerformer.data.formats.movielens import MovieLensOptions, read_movielens, read_movielens_latest
 from pinnerformer.data.formats.otto import OttoOptions, read_otto
 from pinnerformer.data.formats.sequences import SequencesOptions, read_sequences
+from pinnerformer.data.formats.taobao import TaobaoOptions, read_taobao
 from pinnerformer.errors import InputError
 
 # format name -> (its options class, its reader(path, options, skip_invalid))
@@ -20,10 +22,12 @@ FORMATS: dict[str, tuple[type[StrictModel], Callable[..., RawLog]]] = {
     "sequences": (SequencesOptions, read_sequences),
     "otto": (OttoOptions, read_otto),
     "events": (EventsOptions, read_events),
+    "taobao": (TaobaoOptions, read_taobao),
+    "mind": (MindOptions, read_mind),
 }
 
-__all__ = ["FORMATS", "EventColumns", "EventsOptions", "ItemColumns", "MovieLensOptions", "OttoOptions",
-           "RawLog", "SequencesOptions", "options_for", "read_source"]
+__all__ = ["FORMATS", "EventColumns", "EventsOptions", "ItemColumns", "MindOptions", "MovieLensOptions", "OttoOptions",
+           "RawLog", "SequencesOptions", "TaobaoOptions", "options_for", "read_source"]
 
 
 def options_for(fmt: str, raw: dict | None = None) -> StrictModel:
