@@ -1,0 +1,161 @@
+"""TransAct (Xia et al., KDD 2023): the realtime user-action sequence, fused with each candidate, for the ranker.
+
+Per action of the user's most recent `seq_len` actions, newest first ("early fusion", `fusion`):
+    concat    [action-type embedding (32) ‖ item vector (32) ‖ candidate vector (32)]     (the paper's choice)
+    append    [action ‖ item] per action, and the candidate as one more token [0 ‖ candidate] at the front
+    none      [action ‖ item]: the sequence does not see the candidate
+Item and candidate vectors are the same frozen vectors (a content vector, or a PinnerFormer item embedding),
+projected to `item_dim` when their width differs.
+Encoder: `layers` post-LN transformer encoder layers (1 head, FFN 32, dropout 0.1), no positional encoding and no
+causal mask: every action sees every other; padding is masked out.
+Random time-window mask (training only): per example T ~ U[0, `time_window_hours`]; the actions of the T before the
+request are hidden, so that the model does not lean only on the very last actions (they may not be logged yet at
+serving time); the newest action is never hidden when that would hide them all.
+Output (`output`): the first K = 10 positions (the newest actions) ‖ a max-pool over the visible positions,
+flattened — (K + 1)·d values, 1056 for d = 96; or the max-pool alone, the first K alone, or every position.
+
+Serving: the candidates of one request share its sequence, so the sequence part of the first layer's input
+projection is computed once per request: W·[s ‖ c] = W_s·s + W_c·c (`forward_request`, tested equal to `forward`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field
+
+from pinnerformer.config import StrictModel
+
+
+class TransActConfig(StrictModel):
+    seq_len: int = Field(100, ge=1)  # the realtime sequence: the most recent actions before the request
+    action_dim: int = Field(32, ge=1)
+    item_dim: int = Field(32, ge=1)  # item and candidate vectors, projected to this width where needed
+    layers: int = Field(2, ge=1)
+    heads: int = Field(1, ge=1)
+    ffn: int = Field(32, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    fusion: Literal["concat", "append", "none"] = "concat"
+    output: Literal["first-k+max", "max", "first-k", "all"] = "first-k+max"
+    first_k: int = Field(10, ge=1)
+    time_window_hours: float = Field(24.0, ge=0)  # 0: no time-window mask
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN transformer encoder layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)). `qkv` may be given (precomputed)."""
+
+    def __init__(self, d: int, heads: int, ffn: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(), nn.Linear(ffn, d))
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d]; visible [B, T] (False: padding or masked out); qkv [B, T, 3d] when precomputed."""
+        B, T, d = x.shape
+        qkv = self.qkv(x) if qkv is None else qkv
+        q, k, v = qkv.view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :],
+                                           dropout_p=self.drop.p if self.training else 0.0)
+        x = self.ln1(x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, d))))
+        return self.ln2(x + self.drop(self.ffn(x)))
+
+
+class TransAct(nn.Module):
+    def __init__(self, cfg: TransActConfig, n_actions: int, vector_dim: int):
+        """n_actions: action types (index 0 of the table is reserved: padding / unknown); vector_dim: the width of
+        the item and candidate vectors."""
+        super().__init__()
+        self.cfg = cfg
+        self.action_emb = nn.Embedding(n_actions + 1, cfg.action_dim)
+        self.item_proj = nn.Identity() if vector_dim == cfg.item_dim else nn.Linear(vector_dim, cfg.item_dim)
+        self.token_dim = cfg.action_dim + cfg.item_dim + (cfg.item_dim if cfg.fusion == "concat" else 0)
+        if self.token_dim % cfg.heads:
+            raise ValueError(f"token width {self.token_dim} is not divisible by {cfg.heads} heads")
+        self.layers = nn.ModuleList([EncoderLayer(self.token_dim, cfg.heads, cfg.ffn, cfg.dropout)
+                                     for _ in range(cfg.layers)])
+
+    @property
+    def out_dim(self) -> int:
+        n = self.cfg.seq_len + (1 if self.cfg.fusion == "append" else 0)
+        return self.token_dim * {"first-k+max": self.cfg.first_k + 1, "max": 1, "first-k": self.cfg.first_k,
+                                 "all": n}[self.cfg.output]
+
+    def visible(self, action: torch.Tensor, age_s: torch.Tensor) -> torch.Tensor:
+        """[B, T] positions that take part: real actions (action > 0), minus, in training, those of a random
+        window T ~ U[0, h] before the request; never all of them (the newest stays)."""
+        real = action > 0
+        if not self.training or self.cfg.time_window_hours <= 0:
+            return real
+        window = torch.rand(action.shape[0], 1, device=action.device) * self.cfg.time_window_hours * 3600.0
+        keep = real & (age_s >= window)
+        emptied = ~keep.any(1) & real.any(1)
+        keep[:, 0] |= emptied  # position 0 is the newest action
+        return keep
+
+    def tokens(self, action: torch.Tensor, item_vec: torch.Tensor, cand_vec: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] (append: [B, T + 1, d], the candidate token first)."""
+        s = torch.cat([self.action_emb(action), self.item_proj(item_vec)], -1)
+        c = self.item_proj(cand_vec)
+        if self.cfg.fusion == "concat":
+            return torch.cat([s, c.unsqueeze(1).expand(-1, s.shape[1], -1)], -1)
+        if self.cfg.fusion == "append":
+            c_tok = torch.cat([torch.zeros_like(s[:, :1, :self.cfg.action_dim]), c.unsqueeze(1)], -1)
+            return torch.cat([c_tok, s], 1)
+        return s
+
+    def forward(self, action: torch.Tensor, item_vec: torch.Tensor, age_s: torch.Tensor, cand_vec: torch.Tensor,
+                visible: torch.Tensor | None = None) -> torch.Tensor:
+        """One row per (request, candidate): action [B, T] (newest first, 0 = padding), item_vec [B, T, E],
+        age_s [B, T] seconds before the request, cand_vec [B, E] -> [B, out_dim]."""
+        vis = self.visible(action, age_s) if visible is None else visible
+        x = self.tokens(action, item_vec, cand_vec)
+        if self.cfg.fusion == "append":
+            vis = torch.cat([torch.ones_like(vis[:, :1]), vis], 1)
+        for layer in self.layers:
+            x = layer(x, vis)
+        return self.compress(x, vis)
+
+    def forward_request(self, action: torch.Tensor, item_vec: torch.Tensor, age_s: torch.Tensor,
+                        cand_vec: torch.Tensor) -> torch.Tensor:
+        """The candidates [C, E] of one request sharing its sequence (action [T], item_vec [T, E], age_s [T]):
+        the same as `forward` on C copies of the sequence (concat fusion, eval mode), with the sequence part of
+        the first input projection computed once: W·[s ‖ c] = W_s·s + W_c·c."""
+        if self.cfg.fusion != "concat" or self.training:
+            C = cand_vec.shape[0]
+            rep = lambda t: t.unsqueeze(0).expand(C, *t.shape)  # noqa: E731
+            return self.forward(rep(action), rep(item_vec), rep(age_s), cand_vec)
+        C, T = cand_vec.shape[0], action.shape[0]
+        s = torch.cat([self.action_emb(action), self.item_proj(item_vec)], -1)  # [T, ds]
+        c = self.item_proj(cand_vec)  # [C, dc]
+        first = self.layers[0]
+        w_s, w_c = first.qkv.weight.split([s.shape[-1], c.shape[-1]], dim=1)
+        qkv = (F.linear(s, w_s, first.qkv.bias).unsqueeze(0) + F.linear(c, w_c).unsqueeze(1))  # [C, T, 3d]
+        x = torch.cat([s.unsqueeze(0).expand(C, -1, -1), c.unsqueeze(1).expand(-1, T, -1)], -1)
+        vis = (action > 0).unsqueeze(0).expand(C, -1)
+        x = first(x, vis, qkv=qkv)
+        for layer in self.layers[1:]:
+            x = layer(x, vis)
+        return self.compress(x, vis)
+
+    def compress(self, x: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] -> [B, out_dim] by `output` (positions are newest first)."""
+        cfg, B = self.cfg, x.shape[0]
+        if cfg.output == "all":
+            return (x * vis.unsqueeze(-1)).reshape(B, -1)
+        pooled = x.masked_fill(~vis.unsqueeze(-1), float("-inf")).amax(1)
+        pooled = torch.where(vis.any(1, keepdim=True), pooled, torch.zeros_like(pooled))  # no action at all: 0
+        first = (x * vis.unsqueeze(-1))[:, :cfg.first_k]
+        if first.shape[1] < cfg.first_k:  # sequences shorter than K: zero-padded
+            first = F.pad(first, (0, 0, 0, cfg.first_k - first.shape[1]))
+        if cfg.output == "max":
+            return pooled
+        if cfg.output == "first-k":
+            return first.reshape(B, -1)
+        return torch.cat([first.reshape(B, -1), pooled], -1)

@@ -1,0 +1,88 @@
+"""TransAct: the shared sequence projection equals the plain form, the time-window mask never empties a sequence and
+is off at inference, every fusion and output option has the width it says, padding changes nothing."""
+
+import numpy as np
+import pytest
+import torch
+
+from pinnerformer.models.transact import TransAct, TransActConfig
+
+
+def batch(B=6, T=12, E=16, n_actions=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    action = torch.randint(1, n_actions + 1, (B, T), generator=g)
+    lengths = torch.tensor([T, T - 3, 1, 5, T, 2])[:B]
+    action[torch.arange(T)[None, :] >= lengths[:, None]] = 0  # padding after each row's length
+    age = torch.sort(torch.rand(B, T, generator=g) * 3 * 86400, dim=1).values  # newest first: ages grow
+    return action, torch.randn(B, T, E, generator=g), age, torch.randn(B, E, generator=g)
+
+
+def model(seed=0, **over) -> TransAct:
+    torch.manual_seed(seed)
+    return TransAct(TransActConfig(seq_len=12, **over), n_actions=4, vector_dim=16)
+
+
+def test_request_level_projection_equals_the_plain_form():
+    m = model().eval()
+    action, item, age, _ = batch()
+    cands = torch.randn(7, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for r in range(action.shape[0]):
+            plain = m(action[r].expand(7, -1), item[r].expand(7, -1, -1), age[r].expand(7, -1), cands)
+            shared = m.forward_request(action[r], item[r], age[r], cands)
+            torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_time_window_mask_hides_recent_actions_in_training_only_and_never_all():
+    m = model(time_window_hours=24.0)
+    action, _, age, _ = batch(B=6)
+    m.train()
+    torch.manual_seed(0)
+    for _ in range(200):
+        vis = m.visible(action, age)
+        real = action > 0
+        assert (vis <= real).all() and vis.any(1).all()  # never a real action added; never all hidden
+        hidden = real & ~vis
+        assert (age[hidden] < 24 * 3600).all()  # only actions of the last 24 h are ever hidden
+    m.eval()
+    assert torch.equal(m.visible(action, age), action > 0)
+    all_recent = action.clone(), age * 0 + 60.0  # every action a minute ago: the newest one stays
+    m.train()
+    vis = m.visible(*all_recent)
+    assert vis.any(1).all()
+
+
+@pytest.mark.parametrize("fusion", ["concat", "append", "none"])
+@pytest.mark.parametrize("output", ["first-k+max", "max", "first-k", "all"])
+def test_every_fusion_and_output_has_its_width(fusion, output):
+    m = model(fusion=fusion, output=output).eval()
+    action, item, age, cand = batch()
+    with torch.no_grad():
+        out = m(action, item, age, cand)
+    d = 32 + 32 + (32 if fusion == "concat" else 0)
+    assert out.shape == (6, m.out_dim) and np.isfinite(out.numpy()).all()
+    assert m.out_dim == d * {"first-k+max": 11, "max": 1, "first-k": 10, "all": 12 + (fusion == "append")}[output]
+
+
+
+def test_the_papers_shape():
+    """Defaults: 100 actions, tokens of 32 + 32 + 32 = 96, first 10 positions + max-pool: (10 + 1) * 96 = 1056."""
+    m = TransAct(TransActConfig(), n_actions=5, vector_dim=32)
+    assert m.token_dim == 96 and m.out_dim == 1056 and isinstance(m.item_proj, torch.nn.Identity)
+    assert len(m.layers) == 2 and m.layers[0].heads == 1 and m.layers[0].ffn[0].out_features == 32
+
+
+def test_padding_and_hidden_actions_do_not_leak():
+    """What is not visible (padding, or actions the mask hides) cannot change the output."""
+    m = model().eval()
+    action, item, age, cand = batch()
+    other_item = item.clone()
+    pad = action == 0
+    other_item[pad] = torch.randn(int(pad.sum()), 16)
+    with torch.no_grad():
+        torch.testing.assert_close(m(action, item, age, cand), m(action, other_item, age, cand))
+    # the candidate matters with early fusion, and does not without it
+    with torch.no_grad():
+        assert not torch.allclose(m(action, item, age, cand), m(action, item, age, cand.flip(0)))
+        none = model(fusion="none").eval()
+        torch.testing.assert_close(none(action, item, age, cand), none(action, item, age, cand.flip(0)))
