@@ -64,19 +64,27 @@ def _io_failure(e: Exception, path: Path) -> OSError | None:
 
 
 @contextmanager
+def _as_os_errors(path: Path) -> Iterator[None]:
+    """Re-raise a writer's wrapped operating-system error as the OSError it was (see `_io_failure`)."""
+    try:
+        yield
+    except Exception as e:
+        failure = _io_failure(e, path)
+        if failure is None:
+            raise
+        raise failure from e
+
+
+@contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside `path`; when the block ends without an error it is renamed to `path`,
     otherwise removed."""
     path = Path(path)
     tmp = _temp_name(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
-    except Exception as e:
-        failure = _io_failure(e, path)
-        if failure is None:
-            raise
-        raise failure from e
+        with _as_os_errors(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -111,13 +119,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        yield tmp
-        swap_in(tmp, path)
-    except Exception as e:
-        failure = _io_failure(e, path)
-        if failure is None:
-            raise
-        raise failure from e
+        with _as_os_errors(path):
+            yield tmp
+            swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -66,6 +66,20 @@ class Checker:
         return df.filter(~flagged)
 
 
+def single_file(path: Path, suffix: str, what: str) -> Path:
+    """The input file: `path` itself, or the one *`suffix` file in the folder `path` (several: which one is
+    ambiguous, an error)."""
+    if not path.exists():
+        raise InputError("input not found", path=path, expected=f"{what} or a folder holding one")
+    if path.is_file():
+        return path
+    found = sorted(p for p in path.glob(f"*{suffix}") if p.is_file())
+    if len(found) != 1:
+        raise InputError(f"found {len(found)} {suffix} files; cannot tell which to read", path=path,
+                         expected=f"exactly one {suffix} file in the folder, or the file itself as --input")
+    return found[0]
+
+
 def drop_blank_lines(lines: pl.DataFrame, skipped: dict[str, int]) -> pl.DataFrame:
     """Lines of `read_lines` without the blank ones, which are counted under "blank_lines"."""
     blank = lines["raw"].str.strip_chars() == ""

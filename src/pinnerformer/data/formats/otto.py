@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from pinnerformer.config import StrictModel
-from pinnerformer.data.formats.base import Checker, RawLog, drop_blank_lines, read_lines
+from pinnerformer.data.formats.base import Checker, RawLog, drop_blank_lines, read_lines, single_file
 from pinnerformer.errors import InputError
 
 OTTO_ACTIONS = ["clicks", "carts", "orders"]
@@ -27,18 +27,6 @@ class OttoOptions(StrictModel):
 
 
 EXPECTED = '{"session": <int>, "events": [{"aid": <int>, "ts": <int ms>, "type": "clicks"|"carts"|"orders"}, …]}'
-
-
-def _find_file(path: Path) -> Path:
-    if not path.exists():
-        raise InputError("input not found", path=path, expected="an OTTO .jsonl file or a folder holding one")
-    if path.is_file():
-        return path
-    files = sorted(path.glob("*.jsonl"))
-    if len(files) != 1:
-        raise InputError(f"found {len(files)} .jsonl files; cannot tell which to read", path=path,
-                         expected="exactly one .jsonl file in the folder, or the file itself as --input")
-    return files[0]
 
 
 def _locate_bad_json(lines: pl.DataFrame, file: Path) -> None:
@@ -58,7 +46,7 @@ def _locate_bad_json(lines: pl.DataFrame, file: Path) -> None:
 
 def read_otto(path: Path, options: OttoOptions, skip_invalid: bool) -> RawLog:
     positive = options.positive
-    file = _find_file(path)
+    file = single_file(path, ".jsonl", "an OTTO .jsonl file")
     skipped: dict[str, int] = {}
     checker = Checker(skip_invalid, skipped)
     lines = drop_blank_lines(read_lines(file, checker=checker), skipped)

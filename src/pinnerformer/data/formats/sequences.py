@@ -15,7 +15,7 @@ import polars as pl
 from typing import Literal
 
 from pinnerformer.config import StrictModel
-from pinnerformer.data.formats.base import Checker, RawLog, drop_blank_lines, read_lines
+from pinnerformer.data.formats.base import Checker, RawLog, drop_blank_lines, read_lines, single_file
 from pinnerformer.errors import InputError
 
 
@@ -27,21 +27,9 @@ class SequencesOptions(StrictModel):
     item_attributes: Path | None = None  # default: a single *item2attributes.json beside the input
 
 
-def _find_file(path: Path) -> Path:
-    if not path.exists():
-        raise InputError("input not found", path=path, expected="a sequences file or a folder holding one .txt")
-    if path.is_file():
-        return path
-    txt = sorted(p for p in path.glob("*.txt") if p.is_file())
-    if len(txt) != 1:
-        raise InputError(f"found {len(txt)} .txt files; cannot tell which holds the sequences", path=path,
-                         expected="exactly one .txt file in the folder, or the file itself as --input")
-    return txt[0]
-
-
 def read_sequences(path: Path, options: SequencesOptions, skip_invalid: bool) -> RawLog:
     action, id_type, item_attributes = options.action, options.id_type, options.item_attributes
-    file = _find_file(path)
+    file = single_file(path, ".txt", "a sequences file")
     skipped: dict[str, int] = {}
     checker = Checker(skip_invalid, skipped)
     lines = drop_blank_lines(read_lines(file, checker=checker), skipped)

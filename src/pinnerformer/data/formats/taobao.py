@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from pinnerformer.config import StrictModel
-from pinnerformer.data.formats.base import Checker, RawLog, cast_int, read_lines, split_fields
+from pinnerformer.data.formats.base import Checker, RawLog, cast_int, read_lines, single_file, split_fields
 from pinnerformer.errors import InputError
 
 TAOBAO_ACTIONS = ["pv", "cart", "fav", "buy"]
@@ -28,20 +28,8 @@ class TaobaoOptions(StrictModel):
     positive: list[str] = ["cart", "fav", "buy"]
 
 
-def _find_file(path: Path) -> Path:
-    if not path.exists():
-        raise InputError("input not found", path=path, expected="UserBehavior.csv or a folder holding it")
-    if path.is_file():
-        return path
-    files = sorted(path.glob("*.csv"))
-    if len(files) != 1:
-        raise InputError(f"found {len(files)} .csv files; cannot tell which to read", path=path,
-                         expected="exactly one .csv file in the folder, or the file itself as --input")
-    return files[0]
-
-
 def read_taobao(path: Path, options: TaobaoOptions, skip_invalid: bool) -> RawLog:
-    file = _find_file(path)
+    file = single_file(path, ".csv", "UserBehavior.csv")
     skipped: dict[str, int] = {}
     checker = Checker(skip_invalid, skipped)
     lines = read_lines(file, checker=checker)
