@@ -54,11 +54,10 @@ def run_daily(run_dir: Path, dataset_dir: Path, raw: RawLog, snapshot_root: Path
     run = RunDir(run_dir)
     manifest, appended = append(dataset_dir, raw, allow_late=allow_late, skip_invalid=skip_invalid, min_time=min_time,
                                 max_time=max_time, vectorize=vectorize, log=log)
+    # the new day: the last event of this file's append (now or earlier); the dataset's end otherwise
     sha = file_sha256(raw.sources[0])
-    record = next(r for r in reversed(manifest.lineage) if r.sources[0].sha256 == sha) if manifest.lineage and \
-        any(r.sources[0].sha256 == sha for r in manifest.lineage) else None
-    last_ts = record.time_max if record is not None else manifest.time_max
-    day = utc_day(last_ts)
+    record = next((r for r in reversed(manifest.lineage) if r.sources[0].sha256 == sha), None)
+    day = utc_day(record.time_max if record is not None else manifest.time_max)
     ds = Dataset.open(dataset_dir)
     snapshot = DailyJob(run.path, ds, day, snapshot_root, checkpoint=checkpoint).run(log=log, progress=progress)
     current, why = index_is_current(index_dir, run, ds, checkpoint)
