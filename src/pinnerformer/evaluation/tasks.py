@@ -39,12 +39,13 @@ class EvalTask:
                         [self.labels[i] for i in rows], None if self.cutoff is None else self.cutoff[rows])
 
 
-def _window(tl: Timelines, pos_codes: np.ndarray, u: int, t: int, horizon: int) -> tuple[int, np.ndarray] | None:
-    """User u at cut-off t: (input end index, label items), or None when not eligible."""
+def _window(tl: Timelines, pos_codes: np.ndarray, u: int, t: int, horizon: int,
+            until: int | None = None) -> tuple[int, np.ndarray] | None:
+    """User u at cut-off t: (input end index, label items), or None when not eligible. Labels stop at `until`."""
     s, e = int(tl.offsets[u]), int(tl.offsets[u + 1])
     ts = np.asarray(tl.ts[s:e])
     a = int(np.searchsorted(ts, t, side="left"))
-    b = int(np.searchsorted(ts, t + horizon, side="left"))
+    b = int(np.searchsorted(ts, t + horizon if until is None else min(t + horizon, until), side="left"))
     if a == 0 or b == a:
         return None
     it = np.asarray(tl.item[s + a:s + b])[np.isin(np.asarray(tl.action[s + a:s + b]), pos_codes)]
@@ -57,23 +58,26 @@ def eligible_windows(ds: Dataset, users: np.ndarray, t: int, label_days: float) 
     return [_window(ds.timelines, pos, int(u), t, int(label_days * DAY)) for u in users]
 
 
-def _sampled_cutoff(tl: Timelines, pos_codes: np.ndarray, u: int, horizon: int, rng: np.random.Generator) -> int | None:
-    """A time t after the user's first action with a positive in [t, t + horizon), uniformly among the distinct
-    times that qualify; None when there is none."""
+def _sampled_cutoff(tl: Timelines, pos_codes: np.ndarray, u: int, horizon: int, rng: np.random.Generator,
+                    until: int | None = None) -> int | None:
+    """A time t after the user's first action with a positive in [t, min(t + horizon, until)), uniformly among the
+    distinct times that qualify; None when there is none."""
     s, e = int(tl.offsets[u]), int(tl.offsets[u + 1])
     ts = np.asarray(tl.ts[s:e])
-    times = np.unique(ts[ts > ts[0]])
+    times = np.unique(ts[(ts > ts[0]) & (ts < (until if until is not None else np.iinfo(np.int64).max))])
     if len(times) == 0:
         return None
     cum = np.concatenate([[0], np.cumsum(np.isin(np.asarray(tl.action[s:e]), pos_codes))])
-    ok = cum[np.searchsorted(ts, times + horizon, side="left")] > cum[np.searchsorted(ts, times, side="left")]
+    stop = times + horizon if until is None else np.minimum(times + horizon, until)
+    ok = cum[np.searchsorted(ts, stop, side="left")] > cum[np.searchsorted(ts, times, side="left")]
     return int(times[rng.choice(np.flatnonzero(ok))]) if ok.any() else None
 
 
 def future_window_task(ds: Dataset, users: np.ndarray, label_days: float, name: str, cutoffs: list[int] | None = None,
-                       seed: int = 0, max_users: int | None = None) -> EvalTask:
+                       seed: int = 0, max_users: int | None = None, until: int | None = None) -> EvalTask:
     """Every eligible (user, cut-off) window, cut-off by cut-off; cutoffs=None: one drawn cut-off per user (seed).
-    max_users: a seeded random subset of that many windows."""
+    max_users: a seeded random subset of that many windows. until: nothing at or after this time is read (a model
+    trained on a period only, e.g. the ranking feature's PinnerFormer, is also selected on that period only)."""
     tl = ds.timelines
     pos = np.array(ds.manifest.positive_codes)
     horizon = int(label_days * DAY)
@@ -81,14 +85,14 @@ def future_window_task(ds: Dataset, users: np.ndarray, label_days: float, name: 
     if cutoffs is None:
         rng = np.random.default_rng(seed)
         for u in users:
-            t = _sampled_cutoff(tl, pos, int(u), horizon, rng)
+            t = _sampled_cutoff(tl, pos, int(u), horizon, rng, until)
             if t is not None:
-                end, labels = _window(tl, pos, int(u), t, horizon)
+                end, labels = _window(tl, pos, int(u), t, horizon, until)
                 rows.append((int(u), end, t, labels))
     else:
         for t in cutoffs:
             for u in users:
-                w = _window(tl, pos, int(u), t, horizon)
+                w = _window(tl, pos, int(u), t, horizon, until)
                 if w is not None:
                     rows.append((int(u), w[0], t, w[1]))
     u_arr = np.array([r[0] for r in rows], dtype=np.int64)

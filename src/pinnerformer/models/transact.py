@@ -42,6 +42,7 @@ class TransActConfig(StrictModel):
     output: Literal["first-k+max", "max", "first-k", "all"] = "first-k+max"
     first_k: int = Field(10, ge=1)
     time_window_hours: float = Field(24.0, ge=0)  # 0: no time-window mask
+    positional: bool = False  # learned position embeddings (BST, Chen et al. 2019); TransAct has none
 
 
 class EncoderLayer(nn.Module):
@@ -80,6 +81,8 @@ class TransAct(nn.Module):
             raise ValueError(f"token width {self.token_dim} is not divisible by {cfg.heads} heads")
         self.layers = nn.ModuleList([EncoderLayer(self.token_dim, cfg.heads, cfg.ffn, cfg.dropout)
                                      for _ in range(cfg.layers)])
+        n_positions = cfg.seq_len + (1 if cfg.fusion == "append" else 0)
+        self.position = nn.Embedding(n_positions, self.token_dim) if cfg.positional else None
 
     @property
     def out_dim(self) -> int:
@@ -116,6 +119,8 @@ class TransAct(nn.Module):
         age_s [B, T] seconds before the request, cand_vec [B, E] -> [B, out_dim]."""
         vis = self.visible(action, age_s) if visible is None else visible
         x = self.tokens(action, item_vec, cand_vec)
+        if self.position is not None:
+            x = x + self.position.weight[:x.shape[1]]
         if self.cfg.fusion == "append":
             vis = torch.cat([torch.ones_like(vis[:, :1]), vis], 1)
         for layer in self.layers:
@@ -127,7 +132,7 @@ class TransAct(nn.Module):
         """The candidates [C, E] of one request sharing its sequence (action [T], item_vec [T, E], age_s [T]):
         the same as `forward` on C copies of the sequence (concat fusion, eval mode), with the sequence part of
         the first input projection computed once: W·[s ‖ c] = W_s·s + W_c·c."""
-        if self.cfg.fusion != "concat" or self.training:
+        if self.cfg.fusion != "concat" or self.training or self.position is not None:
             C = cand_vec.shape[0]
             rep = lambda t: t.unsqueeze(0).expand(C, *t.shape)  # noqa: E731
             return self.forward(rep(action), rep(item_vec), rep(age_s), cand_vec)

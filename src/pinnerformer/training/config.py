@@ -52,6 +52,9 @@ class EvalConfig(StrictModel):
     label_days: float = 14.0
     max_val_users: int = 2000
     k: int = 10
+    # Unix seconds: training and validation read only events before this time (a model trained on one period, such
+    # as the ranking feature's PinnerFormer, which must never see the ranker's validation or test period)
+    until: int | None = None
 
 
 class TrainConfig(LoopConfig):

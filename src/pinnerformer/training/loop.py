@@ -156,9 +156,10 @@ class TrainingLoop:
         self.task.load_state_dict(ck["task"] if "task" in ck else {"sketch": ck["sketch"]})  # (older checkpoints)
         self.state = rf.TrainState.model_validate(ck["state"])
 
-    def describe(self) -> rf.RunDescription:
-        return rf.RunDescription(**self.task.describe(), steps_per_epoch=self.task.steps_per_epoch,
-                                 parameters=sum(p.numel() for p in self.model.parameters()))
+    def describe(self) -> rf.RunDescription | rf.RankRunDescription:
+        kind = rf.RankRunDescription if self.task.describe().get("task") == "ranking" else rf.RunDescription
+        return kind(**self.task.describe(), steps_per_epoch=self.task.steps_per_epoch,
+                    parameters=sum(p.numel() for p in self.model.parameters()))
 
     def _check_resume_compatible(self) -> None:
         path = self.run_dir / rf.CONFIG
@@ -169,6 +170,9 @@ class TrainingLoop:
             old = type(self.cfg).model_validate(raw["config"])
         except ValueError as e:  # pydantic's ValidationError is a ValueError
             raise PinnerformerError(f"--resume: {path} holds a config this version cannot read: {e}") from None
+        if raw.get("task", "retrieval") != self.task.describe().get("task", "retrieval"):
+            raise PinnerformerError(f"--resume: {self.run_dir} is a {raw.get('task', 'retrieval')} run, not a "
+                                    f"{self.task.describe().get('task')} run")
         if raw["dataset"]["fingerprint"] != self.task.dataset_fingerprint:
             raise PinnerformerError(
                 f"--resume: {self.run_dir} was trained on a different dataset (fingerprint "
@@ -216,8 +220,10 @@ class TrainingLoop:
         task.write_inputs(self.run_dir)
         for n in desc.notes:
             self.log("note: " + n)
-        self.log(f"protocol {desc.protocol}; {desc.eligible_training_users:,} training users, "
-                 f"{desc.validation_users:,} validation users; {task.steps_per_epoch} steps/epoch; "
+        train_unit, val_unit = getattr(task, "units", ("users", "users"))
+        self.log(f"protocol {desc.protocol}; {desc.eligible_training_users:,} training {train_unit}, "
+                 f"{desc.validation_users:,} validation {val_unit}; "
+                 f"{task.steps_per_epoch} steps/epoch; "
                  f"device {self.device}; {desc.parameters:,} parameters")
         if not self.state.history:
             name, scores = task.baseline()
@@ -248,7 +254,7 @@ class TrainingLoop:
         while s.epoch < cfg.optim.max_epochs and not s.done:
             epoch = s.epoch
             B = task.batch_size
-            bar = progress_bar(total=task.steps_per_epoch * B, initial=s.step_in_epoch * B, unit="seq",
+            bar = progress_bar(total=task.steps_per_epoch * B, initial=s.step_in_epoch * B, unit=getattr(task, "batch_unit", "seq"),
                                desc=f"epoch {epoch}", disable=not progress)
             self.model.train()
             batches = iter(self.loader(epoch, s.step_in_epoch))
@@ -293,7 +299,7 @@ class TrainingLoop:
         self._append({"kind": "validation", "epoch": epoch, "step": s.global_step, **val})
         tb.add_scalar(f"validation/{task.metric}", val[task.metric], epoch)
         self.log(f"epoch {epoch}: validation {task.metric} {val[task.metric]:.4f}" + (" (best)" if improved else "")
-                 + f"  [{self.desc.validation_users} users, {self.desc.protocol}]")
+                 + f"  [{self.desc.validation_users} {getattr(task, 'units', ('', 'users'))[1]}, {self.desc.protocol}]")
         if improved:
             s.best, s.best_epoch, s.bad_epochs = val[task.metric], epoch, 0
             self.save_checkpoint("best.pt")

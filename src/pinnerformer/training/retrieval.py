@@ -66,6 +66,11 @@ class RetrievalTask:
         self.split = (user_split(user_ids, cfg.seed, cfg.eval.val_fraction, cfg.eval.test_fraction)
                       if self.protocol == "future-window" else np.zeros(len(user_ids), dtype=np.int8))
         self.view = training_view(ds, self.protocol, self.split)
+        if cfg.eval.until is not None:
+            if self.protocol != "future-window":
+                raise PinnerformerError("eval.until (train on a period only) needs the future-window protocol")
+            self.view = self.view.before(cfg.eval.until)
+            self.notes.append(f"trained and validated on events before {cfg.eval.until} (Unix s) only")
         self.sampler = ExampleSampler(ds.timelines, np.array(m.positive_codes), self.view, cfg.data, cfg.loss.objective)
         n_elig = len(self.sampler.eligible)
         self.batch_size = cfg.optim.batch_size
@@ -76,7 +81,7 @@ class RetrievalTask:
         if self.protocol == "future-window":
             self.val_task = future_window_task(ds, np.flatnonzero(self.split == 1), cfg.eval.label_days,
                                                "future-window/validation", seed=cfg.seed,
-                                               max_users=cfg.eval.max_val_users)
+                                               max_users=cfg.eval.max_val_users, until=cfg.eval.until)
         else:
             self.val_task = leave_one_out_task(ds, "validation")
         if len(self.val_task) == 0:

@@ -37,6 +37,22 @@ class RunDescription(StrictModel):
     parameters: int
 
 
+class RankRunDescription(StrictModel):
+    """A ranking run's config.json (`training.ranking`): the ranking data it was trained on, not a dataset."""
+
+    task: Literal["ranking"] = "ranking"
+    config: Any  # training.ranking.RankTrainConfig (validated there: run_files stays below the tasks)
+    dataset: DatasetRef  # the ranking data directory and its fingerprint
+    model: dict[str, Any]  # RankerInputs: what the data fixed about the model
+    protocol: str  # "time-split"
+    metric: str
+    eligible_training_users: int  # training rows (candidates of training requests)
+    validation_users: int  # validation requests
+    steps_per_epoch: int
+    notes: list[str]
+    parameters: int
+
+
 class TrainState(StrictModel):
     """Where a run is, saved in every checkpoint. `history` holds the records of metrics.jsonl in order:
     {"kind": "baseline", "name", <metrics>}, {"kind": "step", "step", "epoch", "loss", "lr", <task scalars, e.g. tau>,

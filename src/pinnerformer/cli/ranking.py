@@ -1,0 +1,179 @@
+"""`pinnerformer rank prepare | train | evaluate | experiment | score`: the ranker (TransAct, DCN v2, multi-task)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from pinnerformer.cli.common import app, command_line, console, log, parse_list, run_guarded
+
+rank_app = typer.Typer(help="The ranker: request data, TransAct + PinnerFormer + DCN v2 multi-task training, HIT@3.",
+                       no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(rank_app, name="rank")
+
+
+@rank_app.command("prepare")
+def prepare(
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="A prepared dataset directory (with real timestamps)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The ranking data directory to write."),
+    request: Optional[str] = typer.Option(None, help="day | session | logged (default: logged for MIND, else day)."),
+    heads: Optional[str] = typer.Option(None, help="Heads 'NAME=ACTION[,ACTION…]; …', a '-' before the actions of "
+                                        "a negative head (default per format, e.g. MovieLens 'save=love; "
+                                        "like=love,like; hide=-dislike')."),
+    split: str = typer.Option("0.7,0.15,0.15", help="Fractions of the requests for train, validation, test "
+                              "(cut at UTC midnights, in time order)."),
+    session_gap_minutes: float = typer.Option(30.0, help="--request session: the inactivity gap."),
+    max_candidates: int = typer.Option(100, help="Larger requests keep a seeded sample of this many (counted)."),
+    pinnerformer: Optional[Path] = typer.Option(None, help="A PinnerFormer run trained on the training period only "
+                                                "(eval.until); default: train one into OUTPUT/pinnerformer."),
+    pf_max_steps: int = typer.Option(600, help="Steps of the PinnerFormer trained for the feature."),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
+):
+    """Build ranking requests (candidates, labels per head, sequences, yesterday's PinnerFormer vectors, time split)."""
+
+    def body():
+        from pinnerformer.data import requests as rq
+        from pinnerformer.data.dataset import Dataset
+        from pinnerformer.errors import PinnerformerError
+        from pinnerformer.ranking.prepare import prepare_ranking
+
+        ds = Dataset.open(dataset)
+        names = ds.manifest.action_names()
+        head_list = rq.parse_heads(heads, names) if heads else rq.default_heads(ds.manifest.format, names)
+        try:
+            fractions = tuple(float(x) for x in split.split(","))
+        except ValueError:
+            fractions = ()
+        if len(fractions) != 3:
+            raise PinnerformerError(f"--split {split!r}: expected three fractions TRAIN,VALIDATION,TEST, e.g. "
+                                    "0.7,0.15,0.15")
+        from pinnerformer.config import validate
+
+        opts = validate(rq.RequestOptions, {
+            "request": request or ("logged" if ds.manifest.format == "mind" else "day"), "heads": head_list,
+            "split": fractions, "session_gap_minutes": session_gap_minutes, "max_candidates": max_candidates,
+            "seed": seed}, "rank prepare")
+        prepare_ranking(dataset, output, opts, pinnerformer, pf_max_steps, overwrite, log=log)
+
+    run_guarded(body)
+
+
+@rank_app.command("train")
+def train(
+    data: Path = typer.Option(..., "--data", help="Ranking data written by `rank prepare`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run directory."),
+    preset: str = typer.Option("default", help="default | fast (shorter sequences and epochs: CPU minutes)."),
+    model: Optional[str] = typer.Option(None, help="Sequence feature: transact | bst | average | none."),
+    no_pinnerformer: bool = typer.Option(False, "--no-pinnerformer", help="Leave the PinnerFormer feature out."),
+    config: Optional[Path] = typer.Option(None, help="JSON file overriding preset values (unknown keys are errors)."),
+    max_epochs: Optional[int] = typer.Option(None),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (then validate)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    seed: Optional[int] = typer.Option(None),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
+    progress: bool = typer.Option(True),
+):
+    """Train the multi-task ranker (selected on the validation period's HIT@3)."""
+
+    def body():
+        from pinnerformer.data.requests import RankData
+        from pinnerformer.training.ranking import load_rank_config, ranking_loop
+
+        over: dict = {"model": {}, "optim": {}}
+        if model is not None:
+            over["model"]["sequence"] = model
+        if no_pinnerformer:
+            over["model"]["use_pinnerformer"] = False
+        if max_epochs is not None:
+            over["optim"]["max_epochs"] = max_epochs
+        if device is not None:
+            over["device"] = device
+        if seed is not None:
+            over["seed"] = seed
+        cfg = load_rank_config(preset, config, over)
+        summary = ranking_loop(RankData(data), cfg, output, log=log).fit(resume=resume, max_steps=max_steps,
+                                                                         progress=progress)
+        console.print_json(summary.model_dump_json())
+
+    run_guarded(body)
+
+
+@rank_app.command("evaluate")
+def evaluate(
+    ctx: typer.Context,
+    run: list[Path] = typer.Option(..., "--run", "-r", help="Ranking run(s); NAME=PATH to name one."),
+    reference: Optional[str] = typer.Option(None, help="The run (its name) that lifts are measured against, e.g. "
+                                            "the ranker without sequence features."),
+    split: str = typer.Option("test", help="test | validation requests."),
+    k: int = typer.Option(3, "-k", "--k", help="HIT@k."),
+    seed: int = typer.Option(0),
+):
+    """HIT@3 / AUC / grouped AUC per head with 95% intervals, beside random, popularity and PinnerFormer-score
+    baselines; writes JSON and Markdown into the first run's eval/."""
+
+    def body():
+        from pinnerformer.errors import PinnerformerError
+        from pinnerformer.ranking.evaluate import evaluate_ranking, item_interests, report_markdown, write_report
+        from pinnerformer.ranking.run import RankRun
+
+        if split not in ("test", "validation"):
+            raise PinnerformerError(f"--split {split!r}: expected test or validation")
+        runs = {}
+        for r in run:
+            name, eq, path = str(r).partition("=")
+            runs[name if eq else Path(name).name] = Path(path if eq else name)
+        if reference is not None and reference not in runs:
+            raise PinnerformerError(f"--reference {reference!r} is not one of the runs ({', '.join(runs)})")
+        rd = RankRun(next(iter(runs.values()))).data()
+        report, _ = evaluate_ranking(rd, runs, split, reference, k=k, seed=seed, interests=item_interests(rd), log=log)
+        report.notes.append(f"command: {command_line(ctx)}")
+        path = write_report(report, next(iter(runs.values())) / "eval", f"ranking-{split}")
+        print(report_markdown(report))
+        log(f"report: {path}")
+
+    run_guarded(body)
+
+
+@rank_app.command("experiment")
+def experiment(
+    ctx: typer.Context,
+    data: Path = typer.Option(..., "--data", help="Ranking data written by `rank prepare`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the runs, the report and the plots."),
+    tables: Optional[str] = typer.Option(None, help="table1,table2,fusion,mask,output (default: all)."),
+    preset: str = typer.Option("fast"),
+    max_steps: Optional[int] = typer.Option(None, help="At most this many steps per run."),
+    seed: int = typer.Option(0),
+):
+    """The TransAct papers' ablations on one ranking data directory (trains each variant, scores all on test)."""
+
+    def body():
+        from pinnerformer.ranking.experiment import run_experiment
+
+        path = run_experiment(data, output, preset, parse_list(tables), max_steps, seed,
+                              command=command_line(ctx), log=log)
+        print(path.read_text())
+
+    run_guarded(body)
+
+
+@rank_app.command("score")
+def score(
+    run: Path = typer.Option(..., "--run", "-r", help="A ranking run."),
+    user: str = typer.Option(..., "--user", help="The user's id in the source data."),
+    time: str = typer.Option(..., "--time", help="The request's time: Unix seconds or ISO (UTC)."),
+    items: str = typer.Option(..., "--items", help="Candidate item ids, comma-separated."),
+    snapshot: Optional[Path] = typer.Option(None, help="A daily snapshot of an earlier day, made by the ranking "
+                                            "data's PinnerFormer (default: computed as of the request's day)."),
+):
+    """Score one request: per-head probabilities and the served order, with titles."""
+
+    def body():
+        from pinnerformer.ranking.score import score_request
+
+        table = score_request(run, user, time, parse_list(items) or [], snapshot)
+        print(table)
+
+    run_guarded(body)

@@ -1,0 +1,317 @@
+"""Ranking requests from a prepared dataset (SPEC §5, "Requests on public data"), and the ranking data directory.
+
+A request is what a user was shown together. Public logs rarely record that, so it is rebuilt from what exists:
+the items a user acted on in one visit (`day`: one UTC day; `session`: split at an inactivity gap) are its
+candidates, or, where the source logged requests (MIND's impression id, kept as each event's `detail`), exactly the
+logged request (`logged`). A candidate's labels are its heads: named groups of action types, each positive or
+negative (`save=love; like=love,like; hide=-dislike`). A candidate with no head's action (a Taobao page view
+alone, a MIND impression not clicked, a 3-star rating) is an impression that was not engaged with.
+
+No leakage, by construction: a request's realtime sequence is the user's actions strictly before the request's
+first action (`seq_end`, an index into the dataset's timelines), and its PinnerFormer vector is the one of the
+snapshot of the day before (computed from the actions before the request's UTC day: `snapshot_end`).
+
+Time split: requests are ordered by time and cut at UTC midnights so that roughly the given fractions of them fall
+in train / validation / test (the papers: two weeks of training, the following week for evaluation).
+
+The ranking data directory (written by `pinnerformer rank prepare`, read here):
+
+    manifest.json            RankManifest (written last)
+    requests.parquet         request, user, t, split, seq_end, snapshot_end, hour, surface, has_vector, source_id
+    candidates.parquet       request, item, y_<head>... (0/1), sorted by request
+    user_vectors.npy         [requests, D] float32: the PinnerFormer user vector of the day before (0 when none)
+    pinnerformer_items.npy   [items, D] float32: the PinnerFormer item vectors (the score's other half)
+    item_vectors.npy         [items, E] float32: the frozen item vectors of sequences and candidates
+    pinnerformer/            the PinnerFormer run behind the feature (trained on the training period only)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+from pydantic import Field
+
+from pinnerformer.config import StrictModel
+from pinnerformer.data.clock import DAY, utc_day
+from pinnerformer.data.dataset import Dataset
+from pinnerformer.data.schema import DatasetRef
+from pinnerformer.errors import InputError, PinnerformerError
+
+RANK_MANIFEST, REQUESTS, CANDIDATES = "manifest.json", "requests.parquet", "candidates.parquet"
+USER_VECTORS, PF_ITEMS, ITEM_VECTORS, PF_RUN = (
+    "user_vectors.npy", "pinnerformer_items.npy", "item_vectors.npy", "pinnerformer")
+SPLIT_NAMES = ["train", "validation", "test"]
+
+# the papers' heads on the data we have (format -> heads text)
+DEFAULT_HEADS = {
+    "movielens": "save=love; like=love,like; hide=-dislike",
+    "movielens-latest": "save=love; like=love,like; hide=-dislike",
+    "taobao": "cart=cart; fav=fav; buy=buy",
+    "mind": "click=click",
+}
+
+
+class Head(StrictModel):
+    name: str
+    actions: list[str]  # action type names; a candidate carries the head when any of its actions is one of them
+    negative: bool = False  # a head such as hide: lower scores on its engaged items are better
+
+    def text(self) -> str:
+        return f"{self.name}={'-' if self.negative else ''}{','.join(self.actions)}"
+
+
+def parse_heads(text: str, action_names: list[str], what: str = "--heads") -> list[Head]:
+    """'save=love; like=love,like; hide=-dislike' -> heads; every action must be one of the dataset's."""
+    heads: list[Head] = []
+    for part in [p.strip() for p in text.replace("\n", ";").split(";") if p.strip()]:
+        name, eq, acts = part.partition("=")
+        name, acts = name.strip(), acts.strip()
+        if not eq or not name or not acts.lstrip("-").strip():
+            raise PinnerformerError(f"{what}: {part!r} is not a head (expected NAME=ACTION[,ACTION...], a leading "
+                                    "'-' before the actions for a negative head, e.g. 'hide=-dislike')")
+        negative = acts.startswith("-")
+        actions = [a.strip() for a in acts.lstrip("-").split(",") if a.strip()]
+        unknown = [a for a in actions if a not in action_names]
+        if unknown:
+            raise PinnerformerError(f"{what}: head '{name}' names unknown action(s) {', '.join(map(repr, unknown))} "
+                                    f"(this dataset's actions: {', '.join(action_names)})")
+        if any(h.name == name for h in heads):
+            raise PinnerformerError(f"{what}: head '{name}' is given twice")
+        heads.append(Head(name=name, actions=actions, negative=negative))
+    if not heads:
+        raise PinnerformerError(f"{what}: no head given (expected e.g. 'save=love; hide=-dislike')")
+    return heads
+
+
+def default_heads(fmt: str, action_names: list[str]) -> list[Head]:
+    if fmt not in DEFAULT_HEADS:
+        raise PinnerformerError(f"no default ranking heads for format '{fmt}' (defaults exist for "
+                                f"{', '.join(DEFAULT_HEADS)}): give --heads, e.g. 'click=click; hide=-hide' "
+                                f"(this dataset's actions: {', '.join(action_names)})")
+    return parse_heads(DEFAULT_HEADS[fmt], action_names, f"default heads of format '{fmt}'")
+
+
+class RequestOptions(StrictModel):
+    request: Literal["day", "session", "logged"] = "day"
+    session_gap_minutes: float = Field(30.0, gt=0)
+    heads: list[Head]
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)  # fractions of the requests: train, validation, test
+    min_candidates: int = Field(2, ge=2)  # a request with fewer has nothing to rank
+    max_candidates: int = Field(100, ge=2)  # larger requests keep a seeded uniform sample of this many
+    seed: int = 0
+
+
+class SplitCounts(StrictModel):
+    requests: int
+    candidates: int
+    first_day: str | None
+    last_day: str | None
+    requests_with: dict[str, int]  # per head: requests with at least one engaged candidate (HIT@3 counts these)
+    engaged: dict[str, int]  # per head: engaged candidates
+    without_vector: int = 0  # requests whose user had no action before the request's day (no snapshot vector)
+
+
+class RankManifest(StrictModel):
+    dataset: DatasetRef
+    dataset_format: str
+    options: RequestOptions
+    train_end: int  # Unix s: train is [.., train_end), validation [train_end, val_end), test [val_end, ..)
+    val_end: int
+    splits: dict[str, SplitCounts]
+    skipped: dict[str, int]  # requests (or candidates) not kept, by reason
+    pinnerformer: dict[str, object]  # the run behind the feature: path, checkpoint_sha256, trained_until, dim
+    item_vectors: dict[str, object]  # source ("content" | "pinnerformer"), dim
+    fingerprint: str  # of the request and candidate tables
+    created_at: str
+    notes: list[str] = []
+
+    @property
+    def head_names(self) -> list[str]:
+        return [h.name for h in self.options.heads]
+
+
+@dataclass
+class RequestTables:
+    requests: pl.DataFrame
+    candidates: pl.DataFrame
+    train_end: int
+    val_end: int
+    skipped: dict[str, int]
+
+
+def _split_bounds(t: np.ndarray, fractions: tuple[float, float, float]) -> tuple[int, int]:
+    """UTC midnights cutting the request times at about the given cumulative fractions (each split non-empty)."""
+    if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) <= 0:
+        raise PinnerformerError(f"--split {','.join(map(str, fractions))}: expected three positive fractions "
+                                "(train, validation, test) that sum to 1")
+    days = np.unique(t // DAY)
+    if len(days) < 3:
+        raise PinnerformerError(f"the requests span {len(days)} UTC day(s): a time split into train, validation "
+                                "and test needs at least 3")
+    ts = np.sort(t)
+    at = lambda q: int(np.searchsorted(days, ts[min(len(ts) - 1, int(q * len(ts)))] // DAY))  # noqa: E731
+    i0 = int(np.clip(at(fractions[0]), 1, len(days) - 2))  # train: days[:i0], validation: days[i0:i1], test: rest
+    i1 = int(np.clip(at(fractions[0] + fractions[1]), i0 + 1, len(days) - 1))
+    return int(days[i0]) * DAY, int(days[i1]) * DAY
+
+
+def build_requests(ds: Dataset, opts: RequestOptions, log=print) -> RequestTables:
+    """Requests, their candidates and labels, their sequence and snapshot bounds, and the time split."""
+    m = ds.manifest
+    if m.clock != "seconds":
+        raise PinnerformerError(f"{ds.path}: the dataset has no timestamps (order-only clock): ranking requests, "
+                                "the realtime sequence before each request and TransAct's time-window mask need "
+                                "real times")
+    names = m.action_names()
+    head_codes = [[names.index(a) for a in h.actions] for h in opts.heads]
+    tl = ds.timelines
+    ev = pl.DataFrame({"user": tl.user_of_event(), "item": np.asarray(tl.item), "action": np.asarray(tl.action),
+                       "ts": np.asarray(tl.ts), "surface": np.asarray(tl.surface)}).with_row_index("pos")
+    skipped: dict[str, int] = {}
+    if opts.request == "logged":
+        detail = pl.read_parquet(ds.path / "events.parquet", columns=["detail"])["detail"]
+        if detail.null_count() == len(detail):
+            raise PinnerformerError(f"{ds.path}: --request logged needs the source's request ids (kept as each "
+                                    "event's detail, e.g. MIND's impression id); this dataset has none: use "
+                                    "--request day or session")
+        ev = ev.with_columns(detail.alias("key")).filter(pl.col("key").is_not_null())
+    elif opts.request == "day":
+        ev = ev.with_columns((pl.col("ts") // DAY).cast(pl.String).alias("key"))
+    else:
+        gap = int(opts.session_gap_minutes * 60)
+        new = (pl.col("user") != pl.col("user").shift(1)) | ((pl.col("ts") - pl.col("ts").shift(1)) > gap)
+        ev = ev.with_columns(new.fill_null(True).cum_sum().cast(pl.String).alias("key"))
+    labels = [pl.col("action").is_in(codes).any().cast(pl.UInt8).alias(f"y_{h.name}")
+              for h, codes in zip(opts.heads, head_codes)]
+    cand = (ev.group_by("user", "key", "item", maintain_order=True)
+            .agg(pl.col("ts").min().alias("t_item"), pl.col("pos").min().alias("first_pos"), *labels))
+    req = (ev.group_by("user", "key", maintain_order=True)
+           .agg(pl.col("ts").min().alias("t"), pl.col("surface").mode().first().alias("surface"),
+                pl.col("item").n_unique().alias("n")))
+    few = req.filter(pl.col("n") < opts.min_candidates)
+    if few.height:
+        skipped[f"requests_with_fewer_than_{opts.min_candidates}_candidates"] = few.height
+    req = req.filter(pl.col("n") >= opts.min_candidates).sort("t", "user", "key").with_row_index("request")
+    cand = cand.join(req.select("user", "key", "request", "t"), on=["user", "key"], how="inner")
+    # larger requests: a seeded uniform sample of max_candidates (the same on every machine)
+    rng = np.random.default_rng(opts.seed)
+    cand = cand.sort("request", "first_pos").with_columns(pl.Series("r", rng.random(cand.height)))
+    over = cand.with_columns(pl.col("r").rank("ordinal").over("request").alias("rk"))
+    dropped = int((over["rk"] > opts.max_candidates).sum())
+    if dropped:
+        skipped[f"candidates_beyond_{opts.max_candidates}_per_request"] = dropped
+    cand = over.filter(pl.col("rk") <= opts.max_candidates).sort("request", "first_pos")
+    # sequence and snapshot bounds: the first event of the user at or after the request / its day
+    starts = np.asarray(tl.offsets[:-1])
+    users, t = req["user"].to_numpy(), req["t"].to_numpy()
+    day_start = (t // DAY) * DAY
+    seq_end = np.empty(len(req), np.int64)
+    snap_end = np.empty(len(req), np.int64)
+    for i, (u, ti, di) in enumerate(zip(users, t, day_start)):
+        a, b = int(starts[u]), int(tl.offsets[u + 1])
+        ts = np.asarray(tl.ts[a:b])
+        seq_end[i] = a + int(np.searchsorted(ts, ti, side="left"))
+        snap_end[i] = a + int(np.searchsorted(ts, di, side="left"))
+    train_end, val_end = _split_bounds(t, opts.split)
+    split = np.where(t < train_end, 0, np.where(t < val_end, 1, 2)).astype(np.int8)
+    requests = pl.DataFrame({
+        "request": req["request"].cast(pl.Int64), "user": req["user"].cast(pl.Int32), "t": req["t"].cast(pl.Int64),
+        "split": split, "seq_end": seq_end, "snapshot_end": snap_end,
+        "hour": ((t % DAY) // 3600).astype(np.int8), "surface": req["surface"].cast(pl.Int16),
+        "source_id": req["key"] if opts.request == "logged" else pl.Series([None] * len(req), dtype=pl.String)})
+    candidates = cand.select(pl.col("request").cast(pl.Int64), pl.col("item").cast(pl.Int32),
+                             *[pl.col(f"y_{h.name}") for h in opts.heads])
+    n_cand = candidates.group_by("request").len().sort("request")["len"].to_numpy()
+    if (n_cand < opts.min_candidates).any():  # cannot happen after the filter; a bug guard, not an input check
+        raise AssertionError("a request lost its candidates")
+    return RequestTables(requests, candidates, int(train_end), int(val_end), skipped)
+
+
+def split_counts(requests: pl.DataFrame, candidates: pl.DataFrame, heads: list[Head]) -> dict[str, SplitCounts]:
+    out = {}
+    for code, name in enumerate(SPLIT_NAMES):
+        r = requests.filter(pl.col("split") == code)
+        c = candidates.join(r.select("request"), on="request", how="semi")
+        per_req = c.group_by("request").agg(*[pl.col(f"y_{h.name}").max() for h in heads])
+        day = lambda x: None if x is None else utc_day(int(x)).isoformat()  # noqa: E731
+        out[name] = SplitCounts(
+            requests=r.height, candidates=c.height, first_day=day(r["t"].min()), last_day=day(r["t"].max()),
+            requests_with={h.name: int(per_req[f"y_{h.name}"].sum() or 0) for h in heads},
+            engaged={h.name: int(c[f"y_{h.name}"].sum() or 0) for h in heads},
+            without_vector=int((~r["has_vector"]).sum()) if "has_vector" in r.columns else 0)
+    return out
+
+
+class RankData:
+    """A ranking data directory, opened (tables in memory as numpy arrays; vectors memory-mapped)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mpath = self.path / RANK_MANIFEST
+        if not self.path.is_dir():
+            raise InputError("ranking data directory does not exist", path=self.path,
+                             expected="a directory written by `pinnerformer rank prepare`")
+        if not mpath.exists():
+            raise InputError("no manifest.json: not ranking data, or its preparation did not finish", path=self.path,
+                             expected="a directory written by `pinnerformer rank prepare`")
+        try:
+            self.manifest = RankManifest.model_validate(json.loads(mpath.read_text()))
+        except ValueError as e:
+            raise PinnerformerError(f"{mpath}: not a ranking manifest this version can read: {e}") from None
+        req = pl.read_parquet(self.path / REQUESTS)
+        cand = pl.read_parquet(self.path / CANDIDATES)
+        self.request_user = req["user"].to_numpy()
+        self.request_t = req["t"].to_numpy()
+        self.split = req["split"].to_numpy()
+        self.seq_end = req["seq_end"].to_numpy()
+        self.snapshot_end = req["snapshot_end"].to_numpy()
+        self.hour = req["hour"].to_numpy().astype(np.int64)
+        self.surface = req["surface"].to_numpy().astype(np.int64)
+        self.has_vector = req["has_vector"].to_numpy()
+        self.source_id = req["source_id"]
+        self.cand_request = cand["request"].to_numpy()
+        self.cand_item = cand["item"].to_numpy().astype(np.int64)
+        self.labels = np.stack([cand[f"y_{h}"].to_numpy() for h in self.manifest.head_names], 1).astype(np.float32)
+        # request r owns candidates cand_start[r] : cand_start[r + 1] (candidates are sorted by request)
+        self.cand_start = np.searchsorted(self.cand_request, np.arange(len(req) + 1))
+
+    @property
+    def heads(self) -> list[Head]:
+        return self.manifest.options.heads
+
+    @property
+    def n_requests(self) -> int:
+        return len(self.request_t)
+
+    def requests_in(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == SPLIT_NAMES.index(split))
+
+    @cached_property
+    def user_vectors(self) -> np.ndarray:
+        return np.load(self.path / USER_VECTORS, mmap_mode="r")
+
+    @cached_property
+    def pf_item_vectors(self) -> np.ndarray:
+        return np.load(self.path / PF_ITEMS)
+
+    @cached_property
+    def item_vectors(self) -> np.ndarray:
+        return np.load(self.path / ITEM_VECTORS)
+
+    def dataset(self) -> Dataset:
+        """The prepared dataset the requests index into (the same fingerprint, or a clear error)."""
+        ref = self.manifest.dataset
+        if not Path(ref.path).is_dir():
+            raise PinnerformerError(f"{self.path} was built from the dataset {ref.path}, which no longer exists")
+        ds = Dataset.open(ref.path)
+        if ds.manifest.fingerprint != ref.fingerprint:
+            raise PinnerformerError(f"{self.path} was built from dataset {ref.path} with fingerprint "
+                                    f"{ref.fingerprint}; it now has {ds.manifest.fingerprint} (prepare the ranking "
+                                    "data again)")
+        return ds

@@ -1,0 +1,143 @@
+"""The end-to-end ranker (TransAct paper, Fig. 1; SPEC §5): pointwise, one logit per head (save, like, hide, ...).
+
+Input of one candidate row, concatenated into x0:
+    candidate      its frozen item vector projected to `item_dim` (content vector or PinnerFormer item vector),
+                   and a learned item-ID embedding (`item_id_dim`, 0 = none)
+    PinnerFormer   the user's vector from the day before's snapshot, its dot product with the candidate's
+                   PinnerFormer item vector (the retrieval score), and whether the user had a vector at all
+    sequence       `sequence`: none | average (mean of the sequence's [action ‖ item] tokens, BST-less baseline)
+                   | bst (the candidate appended as one more token, learned positions: Behavior Sequence
+                   Transformer style) | transact (early fusion concat, time-window mask: `models/transact.py`)
+    context        the request's UTC hour and surface, embedded
+Feature crossing (DCN v2, Wang et al. 2021, parallel form): a cross network of `cross_layers` full-rank layers
+    x_{l+1} = x0 ⊙ (W_l x_l + b_l) + x_l
+beside an MLP on x0; [x_L ‖ MLP(x0)] -> one logit per head.
+
+The frozen vectors are buffers of the module (saved with it, never trained), so a checkpoint scores on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from pinnerformer.config import StrictModel
+from pinnerformer.features.rank_batch import RankBatch
+from pinnerformer.models.transact import TransAct, TransActConfig
+
+
+class RankerConfig(StrictModel):
+    sequence: Literal["none", "average", "bst", "transact"] = "transact"
+    transact: TransActConfig = TransActConfig()
+    use_pinnerformer: bool = True
+    item_dim: int = Field(32, ge=1)
+    item_id_dim: int = Field(16, ge=0)
+    context_dim: int = Field(8, ge=1)
+    cross_layers: int = Field(3, ge=0)
+    mlp: list[int] = [256, 128]
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+@dataclass(frozen=True)
+class RankerInputs:
+    """What the ranking data fixes about the model."""
+
+    n_items: int
+    n_actions: int
+    n_surfaces: int
+    vector_dim: int  # frozen item vectors (sequence and candidate)
+    pf_dim: int  # PinnerFormer user / item vectors
+    heads: tuple[str, ...]
+
+
+class CrossNetwork(nn.Module):
+    """DCN v2's cross network, full rank: x_{l+1} = x0 ⊙ (W_l x_l + b_l) + x_l."""
+
+    def __init__(self, d: int, layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(d, d) for _ in range(layers)])
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for w in self.layers:
+            x = x0 * w(x) + x
+        return x
+
+
+def sequence_variant(cfg: RankerConfig) -> TransActConfig:
+    """The sequence module's configuration for the chosen variant (bst: append fusion, positions, no mask)."""
+    if cfg.sequence == "bst":
+        return cfg.transact.model_copy(update={"fusion": "append", "positional": True, "time_window_hours": 0.0})
+    return cfg.transact
+
+
+class Ranker(nn.Module):
+    def __init__(self, cfg: RankerConfig, inputs: RankerInputs, item_vectors: torch.Tensor,
+                 pf_item_vectors: torch.Tensor):
+        super().__init__()
+        self.cfg, self.inputs = cfg, inputs
+        self.register_buffer("item_vectors", item_vectors.float().contiguous())  # frozen [I, E]
+        self.register_buffer("pf_items", pf_item_vectors.float().contiguous())  # frozen [I, D]
+        self.cand_proj = nn.Linear(inputs.vector_dim, cfg.item_dim)
+        self.item_id = nn.Embedding(inputs.n_items, cfg.item_id_dim) if cfg.item_id_dim else None
+        self.hour = nn.Embedding(24, cfg.context_dim)
+        self.surface = nn.Embedding(inputs.n_surfaces + 1, cfg.context_dim)
+        d = cfg.item_dim + cfg.item_id_dim + 2 * cfg.context_dim
+        if cfg.use_pinnerformer:
+            d += inputs.pf_dim + 2
+        self.transact = None
+        if cfg.sequence in ("transact", "bst"):
+            self.transact = TransAct(sequence_variant(cfg), inputs.n_actions, inputs.vector_dim)
+            d += self.transact.out_dim
+        elif cfg.sequence == "average":
+            self.avg_action = nn.Embedding(inputs.n_actions + 1, cfg.transact.action_dim)
+            self.avg_item = nn.Linear(inputs.vector_dim, cfg.transact.item_dim)
+            d += cfg.transact.action_dim + cfg.transact.item_dim
+        self.x0_dim = d
+        self.cross = CrossNetwork(d, cfg.cross_layers)
+        mlp, width = [], d
+        for h in cfg.mlp:
+            mlp += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            width = h
+        self.mlp = nn.Sequential(*mlp)
+        self.head = nn.Linear(d + width, len(inputs.heads))
+
+    def sequence_features(self, b: RankBatch, cand_vec: torch.Tensor, shared_projection: bool) -> torch.Tensor:
+        r = b.row_request
+        if self.cfg.sequence == "average":
+            tok = torch.cat([self.avg_action(b.seq_action), self.avg_item(self.item_vectors[b.seq_item])], -1)
+            real = (b.seq_action > 0).unsqueeze(-1).float()
+            return ((tok * real).sum(1) / real.sum(1).clamp(min=1))[r]
+        L = self.transact.cfg.seq_len
+        action, item, age = b.seq_action[:, :L], b.seq_item[:, :L], b.seq_age[:, :L]
+        if shared_projection and not self.training:
+            # request by request: the sequence part of the first projection once per request (W_s·s + W_c·c)
+            out = torch.empty(len(r), self.transact.out_dim, device=cand_vec.device)
+            for q in range(len(action)):
+                rows = torch.nonzero(r == q).squeeze(1)
+                if len(rows):
+                    out[rows] = self.transact.forward_request(action[q], self.item_vectors[item[q]], age[q],
+                                                              cand_vec[rows])
+            return out
+        return self.transact(action[r], self.item_vectors[item[r]], age[r], cand_vec)
+
+    def forward(self, b: RankBatch, shared_projection: bool = False) -> torch.Tensor:
+        """[N, heads] logits for the batch's candidate rows."""
+        r = b.row_request
+        cand_vec = self.item_vectors[b.cand_item]
+        parts = [self.cand_proj(cand_vec)]
+        if self.item_id is not None:
+            parts.append(self.item_id(b.cand_item))
+        if self.cfg.use_pinnerformer:
+            u = b.user_vec[r]
+            score = (u * self.pf_items[b.cand_item]).sum(-1, keepdim=True)
+            parts += [u, score, b.has_vector[r].float().unsqueeze(1)]
+        if self.cfg.sequence != "none":
+            parts.append(self.sequence_features(b, cand_vec, shared_projection))
+        parts += [self.hour(b.hour[r]), self.surface(b.surface[r])]
+        x0 = torch.cat(parts, -1)
+        return self.head(torch.cat([self.cross(x0), self.mlp(x0)], -1))

@@ -1,0 +1,67 @@
+"""The ranker's loss: weighted multi-label binary cross-entropy over heads (TransAct paper, §3.4; SPEC §5).
+
+    L = Σ_rows w_u · Σ_h w_h · BCE(logit_h, y_h)  /  Σ_rows w_u
+
+Head weights depend on the row's other labels through a label-weight matrix M (heads × [impression, heads]):
+    w_h = Σ_a M[h, a] · y_a,   with y_impression = 1 for every row (every row is a shown candidate).
+The default M is the identity on the impression column and zero elsewhere: every head weight 1, the plain
+multi-label BCE. The paper's example: a hidden item is a strong negative for the positive heads, so raise their
+weight on hides, e.g. `{"save": {"hide": 2.0}}` makes w_save = 1 + 2·y_hide.
+User weights w_u (optional): `inverse-sqrt` weighs each training row by 1/sqrt(the user's training rows), scaled
+to mean 1, so that the heaviest users do not dominate the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pinnerformer.config import StrictModel
+from pinnerformer.errors import PinnerformerError
+
+
+class MultiTaskLossConfig(StrictModel):
+    # head -> {label (a head name, or "impression") -> weight}: entries of M beyond the default (M[h, impression]=1)
+    label_weights: dict[str, dict[str, float]] = {}
+    user_weight: Literal["none", "inverse-sqrt"] = "none"
+
+
+def label_weight_matrix(cfg: MultiTaskLossConfig, heads: list[str]) -> torch.Tensor:
+    """M [H, 1 + H]: column 0 is the impression, then the heads in order."""
+    cols = ["impression", *heads]
+    m = torch.zeros(len(heads), len(cols))
+    m[:, 0] = 1.0
+    for h, row in cfg.label_weights.items():
+        if h not in heads:
+            raise PinnerformerError(f"loss.label_weights: unknown head '{h}' (the data's heads: {', '.join(heads)})")
+        for a, w in row.items():
+            if a not in cols:
+                raise PinnerformerError(f"loss.label_weights.{h}: unknown label '{a}' (expected one of: "
+                                        f"{', '.join(cols)})")
+            m[heads.index(h), cols.index(a)] = w
+    return m
+
+
+def head_weights(labels: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """[N, H] w_h = Σ_a M[h, a] · y_a, with the impression label 1 on every row."""
+    y = torch.cat([torch.ones_like(labels[:, :1]), labels], 1)
+    return y @ m.T
+
+
+def multitask_bce(logits: torch.Tensor, labels: torch.Tensor, m: torch.Tensor, row_weight: torch.Tensor
+                  ) -> torch.Tensor:
+    bce = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")  # [N, H]
+    per_row = (head_weights(labels, m) * bce).sum(1)
+    return (row_weight * per_row).sum() / row_weight.sum().clamp(min=1e-12)
+
+
+def user_row_weights(kind: str, row_user: np.ndarray, n_users: int) -> np.ndarray:
+    """Per training row: 1, or 1/sqrt(the user's rows) scaled to mean 1."""
+    if kind == "none" or len(row_user) == 0:
+        return np.ones(len(row_user), np.float32)
+    per_user = np.bincount(row_user, minlength=n_users).astype(np.float64)
+    w = 1.0 / np.sqrt(per_user[row_user])
+    return (w / w.mean()).astype(np.float32)

@@ -1,0 +1,123 @@
+"""`pinnerformer rank evaluate`: trained rankers and the baselines scored on the same requests of one period by the
+same code, per head: HIT@3 (with the top-3 diversity), AUC and grouped AUC with 95% bootstrap intervals, and lifts
+over a reference (the ranker without sequence features) with paired-bootstrap intervals. The report carries the
+protocol, the ranking data's and the dataset's fingerprints and the PinnerFormer checkpoint behind the feature.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pinnerformer.config import StrictModel
+from pinnerformer.data.requests import RankData
+from pinnerformer.evaluation import ranking_metrics as rm
+from pinnerformer.evaluation.ranking import BASELINES, Lift, MetricValue, PerRequest, baseline_scores, score_requests
+from pinnerformer.io import write_json_atomic, write_text_atomic
+from pinnerformer.ranking.run import RankRun
+
+
+class RankingReport(StrictModel):
+    split: str
+    requests: int
+    heads: dict[str, str]  # head -> definition ("save=love", "hide=-dislike")
+    protocol: str
+    data: dict[str, object]  # ranking data: path, fingerprint, dataset fingerprint, PinnerFormer checkpoint, vectors
+    models: dict[str, dict[str, MetricValue]]  # model or baseline -> metric key -> value
+    reference: str | None
+    lifts: dict[str, dict[str, Lift]]  # model -> metric key -> lift over the reference
+    created_at: str
+    notes: list[str] = []
+
+
+def protocol_text(rd: RankData, k: int) -> str:
+    m = rd.manifest
+    day = lambda t: dt.datetime.fromtimestamp(t, dt.timezone.utc).date().isoformat()  # noqa: E731
+    return (f"{m.options.request} requests rebuilt from {m.dataset_format} events (candidates: what the user acted "
+            f"on in the request{', real impressions' if m.dataset_format == 'mind' else ''}); time split: train < "
+            f"{day(m.train_end)} <= validation < {day(m.val_end)} <= test; realtime sequence strictly before each "
+            f"request; PinnerFormer vector from the day before (model trained before {day(m.train_end)} only); "
+            f"HIT@{k} per head over requests with an engaged candidate (positive heads ranked by their own score, "
+            "negative heads counted in the served order, ties pessimistic); AUC; grouped AUC weighted by "
+            "candidates; 95% bootstrap over requests")
+
+
+def evaluate_ranking(rd: RankData, runs: dict[str, Path], split: str = "test", reference: str | None = None,
+                     baselines: list[str] = BASELINES, k: int = 3, seed: int = 0, n_boot: int = 1000,
+                     interests: list[list[str]] | None = None, log=print) -> tuple[RankingReport, dict]:
+    """Every run and baseline on the requests of `split`; returns the report and the per-request values."""
+    requests = rd.requests_in(split)
+    ds = rd.dataset()
+    device = torch.device("cpu")
+    scored: dict[str, PerRequest] = {}
+    for name in baselines:
+        scored[name] = PerRequest(baseline_scores(name, rd, requests, seed), rd, requests, k, seed, interests)
+    for name, path in runs.items():
+        log(f"scoring {name} ({path}) on {len(requests):,} {split} requests")
+        model = RankRun(path).load_model(rd)
+        scored[name] = PerRequest(score_requests(model, rd, ds.timelines, requests, device), rd, requests, k,
+                                  seed, interests)
+    draws = rm.bootstrap_draws(len(requests), n_boot, seed)
+    auc_draws = draws[:200]
+    models = {name: p.with_intervals(draws, auc_draws) for name, p in scored.items()}
+    lifts = {}
+    if reference is not None:
+        lifts = {name: p.lifts(scored[reference], draws) for name, p in scored.items() if name != reference}
+    m = rd.manifest
+    report = RankingReport(
+        split=split, requests=len(requests), heads={h.name: h.text() for h in rd.heads},
+        protocol=protocol_text(rd, k),
+        data={"path": str(rd.path.resolve()), "fingerprint": m.fingerprint, "dataset": m.dataset.fingerprint,
+              "dataset_format": m.dataset_format, "pinnerformer_checkpoint": m.pinnerformer["checkpoint_sha256"],
+              "item_vectors": m.item_vectors["source"], "requests_per_split": {s: c.requests for s, c in
+                                                                                m.splits.items()}},
+        models=models, reference=reference, lifts=lifts, created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        notes=list(m.notes))
+    return report, scored
+
+
+def report_markdown(report: RankingReport, columns: list[str] | None = None) -> str:
+    keys = columns or list(next(iter(report.models.values())).keys())
+    lines = [f"**{report.split}**, {report.requests:,} requests. {report.protocol}.", "",
+             "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, vals in report.models.items():
+        cells = [f"{vals[k].mean:.4f} [{vals[k].ci95[0]:.4f}, {vals[k].ci95[1]:.4f}]" if k in vals else "" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.reference:
+        lk = [k for k in keys if k.startswith(rm.HIT) or k.startswith(rm.GAUC)]
+        lines += ["", f"Lift over `{report.reference}` (paired bootstrap 95%):", "",
+                  "| model | " + " | ".join(lk) + " |", "|---" * (len(lk) + 1) + "|"]
+        for name, vals in report.lifts.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{100 * vals[k].lift:+.1f}% [{100 * vals[k].ci95[0]:+.1f}, {100 * vals[k].ci95[1]:+.1f}]"
+                if k in vals else "" for k in lk) + " |")
+    lines += ["", f"data fingerprint {report.data['fingerprint']} (dataset {report.data['dataset']}); PinnerFormer "
+              f"checkpoint {str(report.data['pinnerformer_checkpoint'])[:16]}; item vectors: "
+              f"{report.data['item_vectors']}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: RankingReport, folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / f"{name}.json", report)
+    write_text_atomic(folder / f"{name}.md", report_markdown(report))
+    return folder / f"{name}.md"
+
+
+def item_interests(rd: RankData) -> list[list[str]]:
+    return rd.dataset().items["interests"].to_list()
+
+
+def headline(report: RankingReport) -> str:
+    out = []
+    for name, vals in report.models.items():
+        out.append(f"{name:<16} " + "  ".join(f"{k} {v.mean:.4f}" for k, v in vals.items()
+                                              if k.startswith(rm.HIT) or k.startswith(rm.GAUC)))
+    return "\n".join(out)
+
+
+def per_request_hits(scored: dict[str, PerRequest], key: str) -> dict[str, np.ndarray]:
+    return {name: p.values[key][0] for name, p in scored.items() if key in p.values}

@@ -1,0 +1,116 @@
+"""`pinnerformer rank experiment`: the papers' ablations on one ranking data directory, in one command.
+
+Every variant is one training run of the same task (same data, seed, budget and selection on validation), scored
+on the test period with the baselines by the same code; the tables group the runs:
+
+    table1   TransAct Table 1: no sequence / average pooling / BST-style / TransAct
+    table2   TransAct Table 2: full / full - PinnerFormer / full - TransAct
+    fusion   early fusion: concat / append / none
+    mask     random time-window mask: on / off (with the diversity of the top 3)
+    output   output compression: first K + max-pool / max-pool / first K / all positions
+
+Written to OUTPUT: runs/<variant>/ (each a run directory), report.json + README.md (every table, with intervals,
+lifts over the ranker without sequence features, protocol and fingerprints) and one PNG per table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pinnerformer.config import merge_dicts
+from pinnerformer.data.requests import RankData
+from pinnerformer.evaluation import ranking_metrics as rm
+from pinnerformer.io import write_text_atomic
+from pinnerformer.ranking.evaluate import evaluate_ranking, item_interests, report_markdown, write_report
+from pinnerformer.training import run_files as rf
+from pinnerformer.training.ranking import load_rank_config, ranking_loop
+
+REFERENCE = "no-sequence"
+VARIANTS: dict[str, dict] = {
+    "no-sequence": {"model": {"sequence": "none"}},
+    "average": {"model": {"sequence": "average"}},
+    "bst": {"model": {"sequence": "bst"}},
+    "transact": {},
+    "no-pinnerformer": {"model": {"use_pinnerformer": False}},
+    "fusion-append": {"model": {"transact": {"fusion": "append"}}},
+    "fusion-none": {"model": {"transact": {"fusion": "none"}}},
+    "no-time-mask": {"model": {"transact": {"time_window_hours": 0.0}}},
+    "output-max": {"model": {"transact": {"output": "max"}}},
+    "output-first-k": {"model": {"transact": {"output": "first-k"}}},
+    "output-all": {"model": {"transact": {"output": "all"}}},
+}
+TABLES: dict[str, list[tuple[str, str]]] = {  # table -> (row label, variant)
+    "table1": [("no sequence", "no-sequence"), ("average pooling", "average"), ("BST-style", "bst"),
+               ("TransAct", "transact")],
+    "table2": [("full", "transact"), ("full - PinnerFormer", "no-pinnerformer"), ("full - TransAct", "no-sequence")],
+    "fusion": [("concat", "transact"), ("append", "fusion-append"), ("none", "fusion-none")],
+    "mask": [("time-window mask on", "transact"), ("mask off", "no-time-mask")],
+    "output": [("first K + max-pool", "transact"), ("max-pool", "output-max"), ("first K", "output-first-k"),
+               ("all positions", "output-all")],
+}
+
+
+def run_experiment(rank_dir: Path, output: Path, preset: str = "fast", tables: list[str] | None = None,
+                   max_steps: int | None = None, seed: int = 0, overrides: dict | None = None, command: str = "",
+                   log=print) -> Path:
+    rd = RankData(rank_dir)
+    tables = tables or list(TABLES)
+    unknown = [t for t in tables if t not in TABLES]
+    if unknown:
+        from pinnerformer.errors import PinnerformerError
+        raise PinnerformerError(f"unknown table(s) {', '.join(unknown)} (expected: {', '.join(TABLES)})")
+    variants = list(dict.fromkeys([REFERENCE] + [v for t in tables for _, v in TABLES[t]]))
+    runs = {}
+    for i, name in enumerate(variants):
+        run_dir = output / "runs" / name
+        cfg = load_rank_config(preset, overrides=merge_dicts(merge_dicts({"seed": seed}, overrides or {}),
+                                                             VARIANTS[name]))
+        if (run_dir / rf.SUMMARY).exists():
+            log(f"[{i + 1}/{len(variants)}] {name}: already trained ({run_dir})")
+        else:
+            log(f"[{i + 1}/{len(variants)}] training {name} -> {run_dir}")
+            ranking_loop(rd, cfg, run_dir, log=log).fit(resume=(run_dir / rf.CONFIG).exists(), max_steps=max_steps,
+                                                        progress=True)
+        runs[name] = run_dir
+    report, _ = evaluate_ranking(rd, runs, "test", reference=REFERENCE, interests=item_interests(rd), seed=seed,
+                                 log=log)
+    write_report(report, output, "report")
+    sections = [f"# Ranking ablations on `{rank_dir}`", "", f"Reproduce: `{command}`" if command else "",
+                f"Preset `{preset}`, seed {seed}" + (f", at most {max_steps} steps per run" if max_steps else "")
+                + "; every variant selected on the validation period, scored on the test period.", ""]
+    for t in tables:
+        sub = report.model_copy(update={
+            "models": {label: report.models[v] for label, v in TABLES[t]},
+            "lifts": {label: report.lifts[v] for label, v in TABLES[t] if v in report.lifts}})
+        sections += [f"## {t}", "", report_markdown(sub), f"![{t}]({t}.png)", ""]
+        plot_table(sub, output / f"{t}.png", f"{t} ({rank_dir.name}, test)")
+    base = report.model_copy(update={"models": {b: report.models[b] for b in ("random", "popularity",
+                                                                                "pinnerformer")}, "lifts": {}})
+    sections += ["## baselines (same requests, same code)", "", report_markdown(base)]
+    write_text_atomic(output / "README.md", "\n".join(sections))
+    return output / "README.md"
+
+
+def plot_table(report, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in next(iter(report.models.values())) if k.startswith(rm.HIT)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        names = list(report.models)
+        means = [report.models[n][key].mean for n in names]
+        lo = [m - report.models[n][key].ci95[0] for n, m in zip(names, means)]
+        hi = [report.models[n][key].ci95[1] - m for n, m in zip(names, means)]
+        ax.bar(range(len(names)), means, yerr=[lo, hi], capsize=3, color="#4477aa")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        ax.set_title(key + (" (lower is better)" if any(h for h, d in report.heads.items()
+                                                       if key.endswith("/" + h) and "=-" in d) else ""), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+

@@ -1,0 +1,137 @@
+"""`pinnerformer rank prepare`: a prepared dataset -> ranking data (requests, candidates, labels per head, the
+realtime sequences' bounds, the PinnerFormer vectors of the day before, the time split), written atomically.
+
+The PinnerFormer model behind the feature is trained on the training period only (`eval.until` = the end of the
+training period): its weights never see a validation or test event. A run given with --pinnerformer is checked
+for that, and refused otherwise. Each request's user vector is the one the daily job would have published the
+evening before: the user's actions before the request's UTC day, through the same `embed_users`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from pinnerformer.data import requests as rq
+from pinnerformer.data.clock import utc_day
+from pinnerformer.data.dataset import Dataset
+from pinnerformer.data.schema import DatasetRef
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.io import atomic_dir, exclusive, write_json_atomic
+from pinnerformer.models.embedding import embed_items, embed_users
+from pinnerformer.runs import RunDir
+
+
+def _day(t: int) -> str:
+    return utc_day(int(t)).isoformat()
+
+
+def check_feature_run(run: RunDir, ds: Dataset, train_end: int) -> None:
+    """The PinnerFormer run may only have seen the ranking data's training period (and this dataset's users and
+    items)."""
+    run.check_dataset(ds)
+    until = run.config.eval.until
+    if until is None:
+        raise PinnerformerError(
+            f"{run.path} was trained on every event of its dataset (up to {_day(ds.manifest.time_max)}), beyond the "
+            f"ranking training period that ends on {_day(train_end)}: its weights have seen the validation and test "
+            "periods (leakage). Leave --pinnerformer out to train one on the training period, or train with "
+            f"eval.until <= {train_end}")
+    if until > train_end:
+        raise PinnerformerError(
+            f"{run.path} was trained on events up to {dt.datetime.fromtimestamp(until, dt.timezone.utc):%Y-%m-%d %H:%M}"
+            f" UTC (eval.until {until}), after the ranking training period ends ({_day(train_end)} 00:00 UTC, "
+            f"{train_end}): its weights have seen validation or test events (leakage)")
+
+
+def train_feature_run(ds: Dataset, out: Path, train_end: int, max_steps: int, seed: int, log=print) -> RunDir:
+    from pinnerformer.training.config import load_config
+    from pinnerformer.training.retrieval import retrieval_loop
+
+    cfg = load_config("small", overrides={"eval": {"until": train_end, "test_fraction": 0.0, "val_fraction": 0.1},
+                                          "seed": seed, "device": "cpu" if not torch.cuda.is_available() else "auto"})
+    log(f"PinnerFormer for the feature: trained on events before {_day(train_end)} only, at most {max_steps} steps "
+        f"-> {out}")
+    retrieval_loop(ds, cfg, out, log=log).fit(max_steps=max_steps, progress=True)
+    return RunDir(out)
+
+
+def table_fingerprint(requests: pl.DataFrame, candidates: pl.DataFrame) -> str:
+    h = hashlib.sha256()
+    for df in (requests, candidates):
+        for name in df.columns:
+            col = df[name]
+            h.update(name.encode())
+            h.update(col.cast(pl.String).fill_null("\0").str.join("\x1f").item().encode() if col.dtype == pl.String
+                     else np.ascontiguousarray(col.to_numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def prepare_ranking(dataset_dir: Path, output: Path, opts: rq.RequestOptions, pinnerformer: Path | None = None,
+                    pf_max_steps: int = 600, overwrite: bool = False, log=print) -> rq.RankManifest:
+    ds = Dataset.open(dataset_dir)
+    if output.exists() and not overwrite:
+        raise PinnerformerError(f"{output} already exists (use --overwrite to replace it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(output.parent, f"the folder of ranking data {output}", log=log), atomic_dir(output) as tmp:
+        tables = rq.build_requests(ds, opts, log=log)
+        req, cand = tables.requests, tables.candidates
+        log(f"{req.height:,} requests, {cand.height:,} candidates ({opts.request} requests); train before "
+            f"{_day(tables.train_end)}, validation before {_day(tables.val_end)}, test after")
+        if pinnerformer is not None:
+            run = RunDir(pinnerformer)
+            check_feature_run(run, ds, tables.train_end)
+            run_ref = str(Path(pinnerformer).resolve())
+        else:
+            run = train_feature_run(ds, tmp / rq.PF_RUN, tables.train_end, pf_max_steps, opts.seed, log=log)
+            run_ref = rq.PF_RUN
+        model = run.load_model(ds)
+        device = torch.device("cpu")
+        # the snapshot of the day before: every action before the request's UTC day, once per (user, day)
+        users, snap_end = req["user"].to_numpy(), req["snapshot_end"].to_numpy()
+        key = np.stack([users.astype(np.int64), snap_end], 1)
+        uniq, inverse = np.unique(key, axis=0, return_inverse=True)
+        starts = np.asarray(ds.timelines.offsets[:-1])[uniq[:, 0]]
+        has = uniq[:, 1] > starts
+        log(f"PinnerFormer vectors for {len(uniq):,} (user, day) pairs")
+        vec = embed_users(model, ds.timelines, starts[has], uniq[has, 1], device).numpy()
+        per_pair = np.zeros((len(uniq), vec.shape[1] if len(vec) else model.cfg.dim), np.float32)
+        per_pair[has] = vec
+        user_vectors = per_pair[inverse.reshape(-1)]
+        req = req.with_columns(pl.Series("has_vector", has[inverse.reshape(-1)]))
+        pf_items = embed_items(model, device).numpy().astype(np.float32)
+        content = ds.content_vectors()
+        item_vectors = content if content is not None else pf_items
+        np.save(tmp / rq.USER_VECTORS, user_vectors)
+        np.save(tmp / rq.PF_ITEMS, pf_items)
+        np.save(tmp / rq.ITEM_VECTORS, item_vectors.astype(np.float32))
+        req.write_parquet(tmp / rq.REQUESTS)
+        cand.write_parquet(tmp / rq.CANDIDATES)
+        counts = rq.split_counts(req, cand, opts.heads)
+        notes = []
+        if counts["test"].requests and counts["test"].without_vector:
+            notes.append(f"{counts['test'].without_vector} test requests have no PinnerFormer vector (the user had "
+                         "no action before the request's day): the feature is 0 and flagged")
+        manifest = rq.RankManifest(
+            dataset=DatasetRef(path=str(ds.path.resolve()), fingerprint=ds.manifest.fingerprint),
+            dataset_format=ds.manifest.format, options=opts, train_end=tables.train_end, val_end=tables.val_end,
+            splits=counts, skipped=tables.skipped,
+            pinnerformer={"run": run_ref, "checkpoint_sha256": run.checkpoint_sha256(), "trained_until":
+                          run.config.eval.until, "dim": int(pf_items.shape[1])},
+            item_vectors={"source": "content" if content is not None else "pinnerformer",
+                          "dim": int(item_vectors.shape[1])},
+            fingerprint=table_fingerprint(req, cand), created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+            notes=notes)
+        write_json_atomic(tmp / rq.RANK_MANIFEST, manifest)
+    for name, c in counts.items():
+        log(f"  {name:<10} {c.requests:>7,} requests {c.candidates:>8,} candidates  {c.first_day} .. {c.last_day}  "
+            + "  ".join(f"{h}: {n:,} req" for h, n in c.requests_with.items())
+            + f"  (no PinnerFormer vector: {c.without_vector})")
+    for reason, n in tables.skipped.items():
+        log(f"  skipped: {n:,} {reason.replace('_', ' ')}")
+    return manifest

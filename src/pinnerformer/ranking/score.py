@@ -1,0 +1,107 @@
+"""`pinnerformer rank score`: one request scored — a user, a time and candidate item ids in, per-head scores out.
+
+The request's features follow the same rules as the ranking data: the realtime sequence is the user's actions
+strictly before the time; the PinnerFormer vector comes from a daily snapshot of an earlier day made by the same
+PinnerFormer checkpoint as the ranking data's (`--snapshot`; another model's snapshot or one of the request's day
+or later is refused), or, without a snapshot, is computed by that checkpoint from the actions before the request's
+UTC day. The sequence part of TransAct's first projection is computed once for the request (shared projection).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from pinnerformer.data.clock import DAY, utc_day
+from pinnerformer.data.requests import PF_RUN, RankData
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.evaluation.ranking import utility
+from pinnerformer.features.rank_batch import RankBatch, sequence_arrays
+from pinnerformer.models.embedding import embed_users
+from pinnerformer.ranking.run import RankRun
+from pinnerformer.runs import RunDir
+
+
+def parse_time(text: str) -> int:
+    """Unix seconds, or an ISO date/time (UTC unless it says otherwise)."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise PinnerformerError(f"--time: {text!r} is neither Unix seconds nor an ISO date/time (e.g. "
+                                "2018-09-01T12:00:00)") from None
+    return int((t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp())
+
+
+def snapshot_vector(snapshot_dir: Path, rd: RankData, user_id, t: int) -> np.ndarray | None:
+    from pinnerformer.inference.snapshot import Snapshot
+
+    snap = Snapshot.open(snapshot_dir)
+    want = str(rd.manifest.pinnerformer["checkpoint_sha256"])
+    if snap.manifest.checkpoint.sha256 != want:
+        raise PinnerformerError(f"snapshot {snapshot_dir} was made by another PinnerFormer model (checkpoint "
+                                f"{snap.manifest.checkpoint.sha256[:16]}…); the ranker was trained with "
+                                f"{want[:16]}… (ranking data {rd.path})")
+    if snap.day >= utc_day(t):
+        raise PinnerformerError(f"snapshot {snapshot_dir} is as of {snap.manifest.as_of}, not before the request's "
+                                f"day {utc_day(t)}: it holds actions of the request's day or later (leakage); use the "
+                                "snapshot of an earlier day")
+    snap.verify()
+    return np.asarray(snap.vectors[snap.lookup(user_id)], dtype=np.float32)
+
+
+def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], snapshot: Path | None = None
+                  ) -> pl.DataFrame:
+    run = RankRun(run_dir)
+    rd = run.data()
+    ds = rd.dataset()
+    model = run.load_model(rd)
+    t = parse_time(time)
+    users = ds.users["user_id"].cast(pl.String).to_list()
+    if str(user_id) not in users:
+        raise PinnerformerError(f"--user {user_id!r}: no such user in dataset {ds.path}")
+    u = users.index(str(user_id))
+    index_of = {str(x): i for i, x in enumerate(ds.items["item_id"].cast(pl.String).to_list())}
+    unknown = [i for i in item_ids if str(i) not in index_of]
+    if unknown:
+        raise PinnerformerError(f"--items: unknown item id(s) {', '.join(map(repr, unknown[:5]))} "
+                                f"(not in dataset {ds.path})")
+    if not item_ids:
+        raise PinnerformerError("--items: a request needs at least one candidate")
+    items = np.array([index_of[str(i)] for i in item_ids], dtype=np.int64)
+    tl = ds.timelines
+    a, b = int(tl.offsets[u]), int(tl.offsets[u + 1])
+    ts = np.asarray(tl.ts[a:b])
+    seq_end = a + int(np.searchsorted(ts, t, side="left"))
+    snap_end = a + int(np.searchsorted(ts, (t // DAY) * DAY, side="left"))
+    if snapshot is not None:
+        vec = snapshot_vector(snapshot, rd, ds.users["user_id"][u], t)
+    elif snap_end > a:
+        pf_path = rd.manifest.pinnerformer["run"]
+        pf = RunDir(rd.path / PF_RUN if pf_path == PF_RUN else Path(str(pf_path)))
+        vec = embed_users(pf.load_model(ds), tl, np.array([a]), np.array([snap_end]), torch.device("cpu"))[0].numpy()
+    else:
+        vec = None
+    L = model.cfg.transact.seq_len
+    action, item, age = sequence_arrays(tl, np.array([u]), np.array([seq_end]), np.array([t]), L)
+    batch = RankBatch(
+        seq_action=torch.from_numpy(action), seq_item=torch.from_numpy(item), seq_age=torch.from_numpy(age),
+        user_vec=torch.from_numpy(np.zeros((1, rd.pf_item_vectors.shape[1]), np.float32) if vec is None
+                                  else vec[None].astype(np.float32)),
+        has_vector=torch.tensor([vec is not None]), hour=torch.tensor([(t % DAY) // 3600]),
+        surface=torch.tensor([0]), row_request=torch.zeros(len(items), dtype=torch.int64),
+        cand_item=torch.from_numpy(items), labels=torch.zeros(len(items), len(rd.heads)),
+        weight=torch.ones(len(items)))
+    with torch.no_grad():
+        probs = torch.sigmoid(model(batch, shared_projection=True)).numpy()
+    titles = ds.items["text"].to_list() if "text" in ds.items.columns else [None] * ds.manifest.n_items
+    out = pl.DataFrame({"item_id": [str(i) for i in item_ids], "title": [titles[i] for i in items],
+                        **{h.name: probs[:, j] for j, h in enumerate(rd.heads)},
+                        "utility": utility(probs, rd.heads)})
+    return out.sort("utility", descending=True)

@@ -1,0 +1,186 @@
+"""The ranker's training as a `TrainingTask` for the same loop as retrieval: pointwise rows (the candidates of the
+training period's requests), each with its request's realtime sequence, PinnerFormer vector and context; the
+weighted multi-label BCE of `objectives.multitask_bce`; validation is HIT@3 / AUC / grouped AUC on the validation
+period's requests, scored by `evaluation.ranking` (the same code as `pinnerformer rank evaluate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from pinnerformer.config import StrictModel, merge_dicts, validate
+from pinnerformer.data.requests import RankData
+from pinnerformer.data.schema import DatasetRef
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.evaluation import ranking_metrics as rm
+from pinnerformer.evaluation.ranking import PerRequest, baseline_scores, score_requests
+from pinnerformer.features.rank_batch import RankBatch, build_rank_batch
+from pinnerformer.models.ranker import Ranker, RankerConfig, RankerInputs
+from pinnerformer.objectives.multitask_bce import (
+    MultiTaskLossConfig, label_weight_matrix, multitask_bce, user_row_weights,
+)
+from pinnerformer.training.config import LoopConfig, OptimConfig, read_config_file
+from pinnerformer.training.loop import TrainingLoop
+from pinnerformer.training.task import StepLoss, epoch_order
+
+
+class RankDataConfig(StrictModel):
+    epoch_rows: int | None = Field(100_000, ge=1)  # rows per epoch (a fresh seeded sample each epoch); None: all
+    max_val_requests: int = Field(3000, ge=1)  # a seeded sample of the validation period's requests
+    k: int = Field(3, ge=1)  # HIT@k
+    metric: str | None = None  # selection metric; default hit@3 of the first positive head (else its grouped AUC)
+
+
+RANK_OPTIM = {"batch_size": 256, "lr": 1e-3, "warmup_steps": 100, "max_epochs": 20, "patience": 2}
+
+
+class RankTrainConfig(LoopConfig):
+    preset: str = "default"
+    optim: OptimConfig = OptimConfig(**RANK_OPTIM)
+    data: RankDataConfig = RankDataConfig()
+    model: RankerConfig = RankerConfig()
+    loss: MultiTaskLossConfig = MultiTaskLossConfig()
+
+
+RANK_PRESETS: dict[str, dict] = {
+    "default": {},
+    # a few minutes on 2 CPU cores (the quickstart, tests): shorter sequences, smaller epochs
+    "fast": {"data": {"epoch_rows": 20_000, "max_val_requests": 1000},
+             "model": {"transact": {"seq_len": 32}, "mlp": [128, 64]},
+             "optim": {"max_epochs": 6, "patience": 2}},
+}
+
+
+def load_rank_config(preset: str = "default", config_file: Path | None = None,
+                     overrides: dict | None = None) -> RankTrainConfig:
+    if preset not in RANK_PRESETS:
+        raise PinnerformerError(f"unknown ranking preset '{preset}': expected one of {', '.join(RANK_PRESETS)}")
+    raw = merge_dicts({"preset": preset, "optim": RANK_OPTIM}, RANK_PRESETS[preset])
+    if config_file is not None:
+        raw = merge_dicts(raw, read_config_file(config_file))
+    raw = merge_dicts(raw, overrides or {})
+    return validate(RankTrainConfig, raw, f"{config_file}: invalid ranking config" if config_file
+                    else "invalid ranking config")
+
+
+def ranker_for(rd: RankData, cfg: RankerConfig, n_actions: int, n_surfaces: int) -> Ranker:
+    inputs = RankerInputs(n_items=len(rd.pf_item_vectors), n_actions=n_actions, n_surfaces=n_surfaces,
+                          vector_dim=int(rd.item_vectors.shape[1]), pf_dim=int(rd.pf_item_vectors.shape[1]),
+                          heads=tuple(rd.manifest.head_names))
+    return Ranker(cfg, inputs, torch.from_numpy(np.array(rd.item_vectors)),
+                  torch.from_numpy(np.array(rd.pf_item_vectors)))
+
+
+def selection_metric(rd: RankData, cfg: RankDataConfig) -> str:
+    positive = [h.name for h in rd.heads if not h.negative]
+    default = rm.metric_key(rm.HIT, positive[0], cfg.k) if positive else rm.metric_key(rm.GAUC, rd.heads[0].name)
+    metric = cfg.metric or default
+    known = [rm.metric_key(m, h.name, cfg.k) for h in rd.heads for m in (rm.HIT, rm.AUC, rm.GAUC)]
+    if metric not in known:
+        raise PinnerformerError(f"data.metric: unknown metric '{metric}' (expected one of: {', '.join(known)})")
+    if metric.startswith(rm.HIT) and any(h.negative and metric.endswith("/" + h.name) for h in rd.heads):
+        raise PinnerformerError(f"data.metric: {metric} is lower-is-better (a negative head): select on a positive "
+                                "head's HIT or on an AUC")
+    return metric
+
+
+class RankingTask:
+    size_key = "rows"
+    resume_keys = ("data", "model", "loss")
+    units = ("rows", "requests")
+    batch_unit = "row"
+
+    def __init__(self, rd: RankData, cfg: RankTrainConfig):
+        self.rd, self.cfg = rd, cfg
+        self.ds = rd.dataset()
+        self.tl = self.ds.timelines
+        self.dataset_fingerprint = rd.manifest.fingerprint
+        train_req = rd.requests_in("train")
+        self.rows = np.flatnonzero(np.isin(rd.cand_request, train_req))
+        self.row_weight = np.ones(len(rd.cand_item), np.float32)
+        self.row_weight[self.rows] = user_row_weights(cfg.loss.user_weight,
+                                                      rd.request_user[rd.cand_request[self.rows]],
+                                                      self.ds.manifest.n_users)
+        self.batch_size = cfg.optim.batch_size
+        per_epoch = len(self.rows) if cfg.data.epoch_rows is None else min(len(self.rows), cfg.data.epoch_rows)
+        self.steps_per_epoch = per_epoch // self.batch_size
+        if self.steps_per_epoch == 0:
+            raise PinnerformerError(f"{rd.path}: {len(self.rows)} training rows, fewer than one batch "
+                                    f"({self.batch_size}); use a smaller batch or more data")
+        val = rd.requests_in("validation")
+        if len(val) > cfg.data.max_val_requests:
+            val = np.sort(np.random.default_rng(cfg.seed).choice(val, cfg.data.max_val_requests, replace=False))
+        self.val_requests = val
+        self.metric = selection_metric(rd, cfg.data)
+        if not len(val):
+            raise PinnerformerError(f"{rd.path}: no validation request: cannot select a model")
+        m = self.ds.manifest
+        torch.manual_seed(cfg.seed)
+        self.model = ranker_for(rd, cfg.model, len(m.actions), len(m.surfaces))
+        self.weight_matrix = label_weight_matrix(cfg.loss, rd.manifest.head_names)
+        self.notes = [f"item vectors: {rd.manifest.item_vectors['source']} ({rd.manifest.item_vectors['dim']}-d, "
+                      "frozen)", f"sequence: {cfg.model.sequence}; PinnerFormer feature: "
+                      f"{'on' if cfg.model.use_pinnerformer else 'off'}"]
+        self._order: tuple[int, np.ndarray] | None = None
+
+    # ---- batches -----------------------------------------------------------------------------------------
+    def host_batch(self, epoch: int, step: int) -> RankBatch:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.rows, 1))
+        rows = np.sort(self._order[1][step * self.batch_size:(step + 1) * self.batch_size])
+        requests = np.unique(self.rd.cand_request[rows])
+        return build_rank_batch(self.rd, self.tl, requests, self.seq_len, rows=rows, row_weight=self.row_weight)
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.model.transact.seq_len
+
+    def loss(self, batch: RankBatch, global_step: int, device: torch.device) -> StepLoss:
+        b = batch.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = self.model(b)
+        loss = multitask_bce(logits, b.labels, self.weight_matrix.to(device), b.weight)
+        return StepLoss(loss, {"rows": b.n_rows})
+
+    def step_scalars(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def compile(self, mode: str) -> None:
+        self.model.forward = torch.compile(self.model.forward, mode=mode, dynamic=True)
+
+    # ---- validation ------------------------------------------------------------------------------------
+    def _metrics(self, scores: np.ndarray) -> dict[str, float]:
+        per = PerRequest(scores, self.rd, self.val_requests, self.cfg.data.k, seed=self.cfg.seed)
+        return per.means() | {"requests": len(self.val_requests)}
+
+    def validate(self, device: torch.device) -> dict[str, float]:
+        return self._metrics(score_requests(self.model, self.rd, self.tl, self.val_requests, device))
+
+    def baseline(self) -> tuple[str, dict[str, float]]:
+        return "popularity", self._metrics(baseline_scores("popularity", self.rd, self.val_requests))
+
+    # ---- the run directory -----------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {"task": "ranking", "config": self.cfg.model_dump(),
+                "dataset": DatasetRef(path=str(self.rd.path.resolve()), fingerprint=self.dataset_fingerprint),
+                "model": asdict(self.model.inputs), "protocol": "time-split", "metric": self.metric,
+                "eligible_training_users": int(len(self.rows)), "validation_users": int(len(self.val_requests)),
+                "notes": self.notes}
+
+    def write_inputs(self, run_dir: Path) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def ranking_loop(rd: RankData, cfg: RankTrainConfig, run_dir: Path, log=print) -> TrainingLoop:
+    return TrainingLoop(RankingTask(rd, cfg), cfg, run_dir, log=log)
