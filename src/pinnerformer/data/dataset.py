@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -10,6 +11,8 @@ import numpy as np
 import polars as pl
 
 from pinnerformer.data import schema
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.io import atomic_path, write_json_atomic
 from pinnerformer.data.timelines import Timelines
 
 
@@ -49,3 +52,26 @@ class Dataset:
             return None
         col = self.items["content_vector"]
         return np.array(col.list.to_array(self.manifest.content_vectors.dim).to_numpy(), dtype=np.float32)
+
+
+def set_content_vectors(dataset_dir: str | Path, vectors: np.ndarray, model: str, l2_normalised: bool = False,
+                        max_tokens: int = 0, items_without_text: int = 0) -> schema.ContentVectors:
+    """Store one frozen vector per item (text embeddings, or vectors made elsewhere, e.g. PinSage-like ones) in
+    items.parquet and announce them in the manifest. Items first, then the manifest: a crash in between leaves a
+    dataset whose manifest does not claim vectors, which is the truth as far as any reader is concerned."""
+    ds = Dataset.open(dataset_dir)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) != ds.manifest.n_items:
+        raise PinnerformerError(f"item vectors of shape {vectors.shape} for {ds.manifest.n_items} items: expected "
+                                f"[{ds.manifest.n_items}, dim]")
+    if not np.isfinite(vectors).all():
+        raise PinnerformerError("item vectors hold NaN or infinite values")
+    info = schema.ContentVectors(model=model, dim=vectors.shape[1], l2_normalised=l2_normalised,
+                                 max_tokens=max_tokens, items_without_text=items_without_text,
+                                 sha256=hashlib.sha256(vectors.tobytes()).hexdigest())
+    items = ds.items.drop("content_vector", strict=False).with_columns(
+        pl.Series("content_vector", vectors).cast(pl.List(pl.Float32)))
+    with atomic_path(Path(dataset_dir) / schema.ITEMS) as tmp:
+        items.write_parquet(tmp)
+    write_json_atomic(Path(dataset_dir) / schema.MANIFEST, ds.manifest.model_copy(update={"content_vectors": info}))
+    return info

@@ -118,6 +118,7 @@ class SplitCounts(StrictModel):
 
 
 class RankManifest(StrictModel):
+    kind: Literal["ranking-data"] = "ranking-data"
     dataset: DatasetRef
     dataset_format: str
     options: RequestOptions
@@ -198,6 +199,9 @@ def build_requests(ds: Dataset, opts: RequestOptions, log=print) -> RequestTable
     if few.height:
         skipped[f"requests_with_fewer_than_{opts.min_candidates}_candidates"] = few.height
     req = req.filter(pl.col("n") >= opts.min_candidates).sort("t", "user", "key").with_row_index("request")
+    if req.height == 0:
+        raise PinnerformerError(f"{ds.path}: no {opts.request} request has at least {opts.min_candidates} candidates "
+                                f"(distinct items): nothing to rank (try --request day, or a dataset with visits)")
     cand = cand.join(req.select("user", "key", "request", "t"), on=["user", "key"], how="inner")
     # larger requests: a seeded uniform sample of max_candidates (the same on every machine)
     rng = np.random.default_rng(opts.seed)
@@ -260,8 +264,14 @@ class RankData:
         if not mpath.exists():
             raise InputError("no manifest.json: not ranking data, or its preparation did not finish", path=self.path,
                              expected="a directory written by `pinnerformer rank prepare`")
+        raw = json.loads(mpath.read_text())
+        if raw.get("kind") != "ranking-data":
+            what = "a prepared dataset" if "n_events" in raw else "something else"
+            raise InputError(f"not ranking data: this is {what}", path=self.path,
+                             expected="a directory written by `pinnerformer rank prepare --dataset DATASET --output "
+                             "RANK_DIR`")
         try:
-            self.manifest = RankManifest.model_validate(json.loads(mpath.read_text()))
+            self.manifest = RankManifest.model_validate(raw)
         except ValueError as e:
             raise PinnerformerError(f"{mpath}: not a ranking manifest this version can read: {e}") from None
         req = pl.read_parquet(self.path / REQUESTS)

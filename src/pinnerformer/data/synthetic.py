@@ -34,3 +34,30 @@ def planted_interest_log(n_users: int = 300, n_items: int = 200, n_groups: int =
             rows_a.append(action)
             rows_t.append(t0 + k * gap_s + int(rng.integers(0, gap_s // 2)))
     return pl.DataFrame({"user": rows_u, "item": rows_i, "action": rows_a, "timestamp": rows_t})
+
+
+def planted_request_log(n_users: int = 200, n_items: int = 200, n_groups: int = 10, days: int = 12,
+                        browse: int = 6, engaged: int = 3, shown: int = 8, seed: int = 0,
+                        start: int = 1_600_041_600) -> pl.DataFrame:
+    """Ranking requests whose engaged candidates resemble the user's most recent actions, and nothing else.
+
+    Every day each user picks a new interest group (so yesterday's long-term state says nothing about it): at
+    08:00 they `click` `browse` items of the group; at 10:00 (a new session) they are shown `shown` candidates, of
+    which `engaged` come from the day's group and are `save`d and the others (other groups) only `view`ed. Only a
+    model that reads the realtime sequence can tell which candidates will be saved; `start` is a UTC midnight."""
+    rng = np.random.default_rng(seed)
+    group_of_item = np.arange(n_items) % n_groups
+    items_by_group = [np.flatnonzero(group_of_item == g) for g in range(n_groups)]
+    rows: list[tuple[int, int, str, int]] = []
+    for u in range(n_users):
+        for d in range(days):
+            g = int(rng.integers(n_groups))
+            t = start + d * 86400 + 8 * 3600
+            for k, item in enumerate(rng.choice(items_by_group[g], browse, replace=False)):
+                rows.append((u, int(item), "click", t + 60 * k))
+            others = np.flatnonzero(group_of_item != g)
+            cands = [(int(i), "save") for i in rng.choice(items_by_group[g], engaged, replace=False)]
+            cands += [(int(i), "view") for i in rng.choice(others, shown - engaged, replace=False)]
+            for k, j in enumerate(rng.permutation(len(cands))):
+                rows.append((u, cands[j][0], cands[j][1], t + 2 * 3600 + 30 * k))
+    return pl.DataFrame(rows, schema=["user", "item", "action", "timestamp"], orient="row")

@@ -8,19 +8,16 @@ Deterministic: fixed order, fixed batching (texts sorted by length), fp32, eval 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 
 from pinnerformer.data import schema
-from pinnerformer.data.dataset import Dataset
+from pinnerformer.data.dataset import Dataset, set_content_vectors
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.io import atomic_path, write_json_atomic
 from pinnerformer.progress import progress_bar
 
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -91,15 +88,8 @@ def embed_items_text(dataset_dir: Path, batch_size: int = 128, device: str = "cp
     idx = np.flatnonzero(has_text.to_numpy())
     vectors[idx] = encoder.encode([items["text"][int(i)] for i in idx], batch_size=batch_size, progress=progress)
     missing = items.height - n_text  # stay all-zero; counted in the manifest
-    info = schema.ContentVectors(model=MODEL_NAME, dim=DIM, l2_normalised=True, max_tokens=encoder.max_tokens,
-                                 items_without_text=missing, sha256=hashlib.sha256(vectors.tobytes()).hexdigest())
-    new_items = items.drop("content_vector", strict=False).with_columns(
-        pl.Series("content_vector", vectors).cast(pl.List(pl.Float32)))
-    # items first, then the manifest that announces the vectors: a crash in between leaves a dataset whose
-    # manifest does not claim vectors, which is the truth as far as any reader is concerned.
-    with atomic_path(Path(dataset_dir) / schema.ITEMS) as tmp:
-        new_items.write_parquet(tmp)
-    write_json_atomic(Path(dataset_dir) / schema.MANIFEST, ds.manifest.model_copy(update={"content_vectors": info}))
+    info = set_content_vectors(dataset_dir, vectors, MODEL_NAME, l2_normalised=True, max_tokens=encoder.max_tokens,
+                               items_without_text=missing)
     log(f"embedded {n_text:,} item texts ({missing:,} items without text keep zero vectors) "
         f"in {time.perf_counter() - t0:.1f}s with {MODEL_NAME}")
     return info

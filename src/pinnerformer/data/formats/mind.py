@@ -7,8 +7,8 @@ clicked) / `N456-0` (shown, not clicked). Events:
     click        an impression that was clicked (positive), at the request's time
     impression   an impression that was not clicked, at the request's time (the ranking data's negatives)
     history      a history click (positive); history has no times, so its clicks are placed, in order, one second
-                 apart ending one second before the user's first request: their times are synthetic, their order
-                 is real (a note in the manifest says so)
+                 apart ending one second before the UTC day of the user's first request (MIND's history precedes the
+                 logged period): their times are synthetic, their order is real (a note in the manifest says so)
 
 The impression id is kept as each impression's source detail (`detail`), so that a request's candidates can be
 found again. `news.tsv` gives the items' text (title) and interests (category, subcategory); it covers only part
@@ -22,6 +22,7 @@ from pathlib import Path
 import polars as pl
 
 from pinnerformer.config import StrictModel
+from pinnerformer.data.clock import DAY
 from pinnerformer.data.formats.base import Checker, RawLog, read_lines, split_fields
 from pinnerformer.errors import InputError
 
@@ -60,13 +61,15 @@ def read_mind(path: Path, options: MindOptions, skip_invalid: bool) -> RawLog:
     impressions = shown.select("user", "item", pl.when(pl.col("clicked") == "1").then(pl.lit("click"))
                                .otherwise(pl.lit("impression")).alias("action"), "ts",
                                pl.col("request").alias("detail"), "_file", "_line")
-    # history: order only, taken from each user's first request, placed just before it
+    # history: order only, taken from each user's first request, placed before that request's UTC day (it was
+    # clicked before the logged period), so that the snapshot of the day before the request holds it
     first = rows.sort("ts", maintain_order=True).unique("user", keep="first", maintain_order=True)
     history = (first.select("user", "ts", "_file", "_line", pl.col("history").str.split(" ").alias("item"))
                .explode("item").filter(pl.col("item").is_not_null() & (pl.col("item") != ""))
                .with_columns(pl.int_range(pl.len()).over("user").alias("pos"), pl.len().over("user").alias("n"))
                .select("user", "item", pl.lit("history").alias("action"),
-                       (pl.col("ts") - pl.col("n") + pl.col("pos")).alias("ts"), pl.lit(None, pl.String).alias("detail"),
+                       (pl.col("ts") // DAY * DAY - pl.col("n") + pl.col("pos")).alias("ts"),
+                       pl.lit(None, pl.String).alias("detail"),
                        "_file", "_line"))
     events = pl.concat([history, impressions]).select(
         "user", "item", "action", pl.col("ts").cast(pl.Int64), pl.lit(None, pl.String).alias("surface"),
@@ -84,4 +87,4 @@ def read_mind(path: Path, options: MindOptions, skip_invalid: bool) -> RawLog:
     return RawLog(events=events, ts_unit="s", actions=MIND_ACTIONS, positive=list(options.positive), items=items,
                   sources=sources, skipped=skipped, options={"positive": list(options.positive)},
                   notes=["MIND history clicks have no times: they are placed in order, one second apart, just before "
-                         "each user's first request (their order is real, their times are not)"])
+                         "the UTC day of each user's first request (their order is real, their times are not)"])

@@ -1,0 +1,224 @@
+"""The ranker end to end on generated requests with planted structure (`planted_request_log`: the saved
+candidates are the ones that resemble the user's actions of the last two hours, and nothing else tells them
+apart): exact request counts and split, no leakage (the request's own actions and the request's day cannot reach
+its features), TransAct beating the ranker without sequence features by a wide margin in HIT@3, the CLI
+(`rank prepare | train | evaluate | score`) and its messages on bad input."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from pinnerformer.data.clock import DAY
+from pinnerformer.data.dataset import Dataset, set_content_vectors
+from pinnerformer.data.requests import RankData, RequestOptions, build_requests, parse_heads
+from pinnerformer.data.synthetic import planted_request_log
+from pinnerformer.data.timelines import Timelines
+from pinnerformer.features.rank_batch import build_rank_batch
+from pinnerformer.models.embedding import embed_users
+from tests.conftest import TINY
+
+USERS, DAYS = 120, 12
+# small and quick; the time-window mask hides at most the last hour (the planted browsing is two hours back)
+RANK_TINY = {"device": "cpu", "optim": {"batch_size": 128, "lr": 3e-3, "warmup_steps": 10, "max_epochs": 4,
+                                        "patience": 2},
+             "data": {"epoch_rows": 6000, "max_val_requests": 400},
+             "model": {"transact": {"seq_len": 16, "time_window_hours": 1.0}, "mlp": [64], "item_id_dim": 8}}
+
+
+@pytest.fixture(scope="module")
+def planted_rank(tmp_path_factory, cli=None):
+    from pinnerformer.ranking.prepare import prepare_ranking
+    from pinnerformer.training.config import load_config
+    from pinnerformer.training.retrieval import retrieval_loop
+    from tests.conftest import run_cli
+
+    d = tmp_path_factory.mktemp("planted-rank")
+    planted_request_log(n_users=USERS, days=DAYS).write_csv(d / "log.csv")
+    r = run_cli("data", "prepare", "-f", "events", "-i", d / "log.csv", "-o", d / "ds", "--action-col", "action",
+                "--positive", "click,save")
+    assert r.exit_code == 0, r.output
+    # frozen item vectors (Pinterest: PinSage): the item's group, one-hot, plus noise
+    ids = Dataset.open(d / "ds").items["item_id"].cast(pl.Int64).to_numpy()
+    vec = np.eye(16, dtype=np.float32)[ids % 10] + np.random.default_rng(0).normal(0, 0.1, (len(ids), 16))
+    set_content_vectors(d / "ds", vec, "planted-groups")
+    ds = Dataset.open(d / "ds")
+    opts = RequestOptions(request="session", heads=parse_heads("save=save", ds.manifest.action_names()))
+    train_end = build_requests(ds, opts).train_end
+    # the PinnerFormer behind the feature: tiny, and trained on the training period only (checked by prepare)
+    cfg = load_config("small", overrides=json.loads(json.dumps(
+        {**TINY, "eval": {"until": train_end, "test_fraction": 0.0, "val_fraction": 0.2},
+         "optim": {**TINY["optim"], "max_epochs": 2}})))
+    retrieval_loop(ds, cfg, d / "pf", log=lambda s: None).fit(progress=False)
+    prepare_ranking(d / "ds", d / "rank", opts, pinnerformer=d / "pf", log=lambda s: None)
+    return d
+
+
+def test_requests_candidates_and_time_split_are_exact(planted_rank):
+    rd = RankData(planted_rank / "rank")
+    # each user-day: a browsing session (6 clicked items) and a request session (8 shown, 3 saved)
+    assert rd.n_requests == USERS * DAYS * 2
+    assert len(rd.cand_item) == USERS * DAYS * (6 + 8)
+    assert rd.labels.sum() == USERS * DAYS * 3 and rd.manifest.skipped == {}
+    sizes = np.diff(rd.cand_start)
+    assert sorted(set(sizes.tolist())) == [6, 8]
+    # 70 / 15 / 15 % of the requests, cut at midnights: 400 requests a day -> days 0-7, 8-9, 10-11
+    s = rd.manifest.splits
+    assert (s["train"].requests, s["validation"].requests, s["test"].requests) == (
+        USERS * 2 * 8, USERS * 2 * 2, USERS * 2 * 2)
+    assert s["test"].requests_with["save"] == USERS * 2 and s["test"].engaged["save"] == USERS * 2 * 3
+    assert (rd.manifest.val_end - rd.manifest.train_end) == 2 * DAY
+    assert all(rd.request_t[rd.requests_in("train")] < rd.manifest.train_end)
+    assert all(rd.request_t[rd.requests_in("test")] >= rd.manifest.val_end)
+    # the first day's requests have no vector of the day before; every later one has
+    first_day = rd.request_t < rd.request_t.min() // DAY * DAY + DAY
+    assert (~rd.has_vector == first_day).all()
+
+
+def test_features_come_only_from_before_the_request_and_the_vector_from_before_its_day(planted_rank):
+    rd = RankData(planted_rank / "rank")
+    ds = rd.dataset()
+    tl = ds.timelines
+    ts = np.asarray(tl.ts)
+    first = np.asarray(tl.offsets[:-1])[rd.request_user]
+    assert (ts[rd.seq_end - 1][rd.seq_end > first] < rd.request_t[rd.seq_end > first]).all()
+    assert (ts[rd.seq_end] >= rd.request_t).all()
+    day0 = rd.request_t // DAY * DAY
+    has = rd.snapshot_end > first
+    assert (ts[rd.snapshot_end - 1][has] < day0[has]).all() and (ts[rd.snapshot_end] >= day0).all()
+
+    test = rd.requests_in("test")
+    reqs = test[np.diff(rd.cand_start)[test] == 8][:50]  # the 10:00 requests (the day's browsing came before)
+    base = build_rank_batch(rd, tl, reqs, 16)
+
+    def perturbed(keep: np.ndarray) -> Timelines:
+        """The timelines with every event outside `keep` given another item and action (same times and count)."""
+        item, action = np.array(tl.item), np.array(tl.action)
+        rng = np.random.default_rng(0)
+        item[~keep] = rng.integers(0, ds.manifest.n_items, (~keep).sum())
+        action[~keep] = rng.integers(0, len(ds.manifest.actions), (~keep).sum())
+        return Timelines(np.asarray(tl.offsets), item, action, ts, np.asarray(tl.surface),
+                         np.asarray(tl.duration), tl.clock)
+
+    # the request's own actions and everything after it changed: the sequences are the same
+    pos = np.arange(tl.n_events)
+    owner = tl.user_of_event()
+    before_req = np.ones(tl.n_events, bool)
+    for r in reqs:
+        before_req &= ~((owner == rd.request_user[r]) & (pos >= rd.seq_end[r]))
+    other = build_rank_batch(rd, perturbed(before_req), reqs, 16)
+    for f in ("seq_action", "seq_item", "seq_age"):
+        assert torch.equal(getattr(base, f), getattr(other, f))
+    # the request's day changed (its earlier session included): the PinnerFormer vector is the same ...
+    from pinnerformer.runs import RunDir
+
+    model = RunDir(planted_rank / "pf").load_model(ds)
+    before_day = np.ones(tl.n_events, bool)
+    for r in reqs:
+        before_day &= ~((owner == rd.request_user[r]) & (pos >= rd.snapshot_end[r]))
+    u, e = rd.request_user[reqs], rd.snapshot_end[reqs]
+    start = np.asarray(tl.offsets[:-1])[u]
+    again = embed_users(model, perturbed(before_day), start, e, torch.device("cpu"))
+    assert torch.allclose(again, torch.from_numpy(np.asarray(rd.user_vectors[reqs])), atol=1e-5)
+    # ... while the realtime sequence does see that earlier session (it is before the request)
+    seq_day = build_rank_batch(rd, perturbed(before_day), reqs, 16)
+    assert not torch.equal(seq_day.seq_item, base.seq_item)
+
+
+def test_transact_ranker_beats_the_ranker_without_sequence_features_in_hit_at_3(planted_rank):
+    from pinnerformer.ranking.evaluate import evaluate_ranking
+    from pinnerformer.training.ranking import load_rank_config, ranking_loop
+
+    rd = RankData(planted_rank / "rank")
+    runs = {}
+    for name, seq in (("transact", "transact"), ("no-sequence", "none")):
+        cfg = load_rank_config("default", overrides=json.loads(json.dumps(
+            {**RANK_TINY, "model": {**RANK_TINY["model"], "sequence": seq}})))
+        ranking_loop(rd, cfg, planted_rank / name, log=lambda s: None).fit(progress=False)
+        runs[name] = planted_rank / name
+    report, _ = evaluate_ranking(rd, runs, "test", reference="no-sequence", n_boot=200, log=lambda s: None)
+    hit = {n: report.models[n]["hit@3/save"].mean for n in report.models}
+    # 3 of 8 candidates saved: random order puts 3·3/8 = 1.125 of them in the top 3 on average
+    assert hit["random"] == pytest.approx(1.125, abs=0.15)
+    assert hit["no-sequence"] < 1.5
+    assert hit["transact"] > 2.5
+    lift = report.lifts["transact"]["hit@3/save"]
+    assert lift.ci95[0] > 0.5  # paired bootstrap: the lower end of the interval is still +50%
+
+
+def test_rank_cli_train_evaluate_score_and_bad_input(planted_rank, cli, tmp_path):
+    rank = planted_rank / "rank"
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(RANK_TINY))
+    r = cli("rank", "train", "--data", rank, "--output", tmp_path / "run", "--config", cfg, "--max-steps", "20",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    r = cli("rank", "evaluate", "--run", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert "hit@3/save" in r.stdout and (tmp_path / "run" / "eval" / "ranking-test.json").exists()
+    rep = json.loads((tmp_path / "run" / "eval" / "ranking-test.json").read_text())
+    assert rep["data"]["fingerprint"] == RankData(rank).manifest.fingerprint and rep["requests"] == USERS * 2 * 2
+    # one request scored: per-head scores with the served order
+    ds = Dataset.open(planted_rank / "ds")
+    uid = ds.users["user_id"][0]
+    items = ds.items["item_id"].to_list()[:5]
+    t = str(int(RankData(rank).request_t.max()))
+    r = cli("rank", "score", "--run", tmp_path / "run", "--user", uid, "--time", t, "--items",
+            ",".join(map(str, items)))
+    assert r.exit_code == 0, r.output
+    assert "save" in r.stdout and "utility" in r.stdout
+    # bad input: each a message, exit code 2, no traceback
+    bad = [
+        (("rank", "score", "--run", tmp_path / "run", "--user", uid, "--time", t, "--items", ""),
+         "a request needs at least one candidate"),
+        (("rank", "score", "--run", tmp_path / "run", "--user", uid, "--time", t, "--items", "nope"),
+         "unknown item id(s) 'nope'"),
+        (("rank", "score", "--run", tmp_path / "run", "--user", "nobody", "--time", t, "--items", items[0]),
+         "no such user"),
+        (("rank", "prepare", "--dataset", planted_rank / "ds", "--output", tmp_path / "r2", "--heads", "save=repin"),
+         "head 'save' names unknown action(s) 'repin'"),
+        (("rank", "prepare", "--dataset", planted_rank / "ds", "--output", tmp_path / "r2"),
+         "no default ranking heads for format 'events'"),
+        (("rank", "train", "--data", planted_rank / "ds", "--output", tmp_path / "r3"), "not ranking data"),
+        (("rank", "evaluate", "--run", planted_rank / "pf"), "is a retrieval run, not a ranking run"),
+    ]
+    for args, message in bad:
+        r = cli(*args)
+        assert r.exit_code == 2 and message in r.stderr, (args, r.output)
+        assert "Traceback" not in r.output
+
+
+def test_leaky_pinnerformer_runs_and_order_only_data_are_refused(planted_rank, cli, tmp_path):
+    # a PinnerFormer trained on every event (no eval.until) has seen the validation and test periods
+    from pinnerformer.training.config import load_config
+    from pinnerformer.training.retrieval import retrieval_loop
+
+    ds = Dataset.open(planted_rank / "ds")
+    cfg = load_config("small", overrides=json.loads(json.dumps({**TINY, "optim": {**TINY["optim"], "max_epochs": 1}})))
+    retrieval_loop(ds, cfg, tmp_path / "leaky", log=lambda s: None).fit(progress=False, max_steps=2)
+    r = cli("rank", "prepare", "--dataset", planted_rank / "ds", "--output", tmp_path / "r", "--heads", "save=save",
+            "--request", "session", "--pinnerformer", tmp_path / "leaky")
+    assert r.exit_code == 2 and "beyond the ranking training period" in r.stderr and "(leakage)" in r.stderr
+    assert not (tmp_path / "r").exists()  # nothing half-written
+    # trained a day too long
+    late = RankData(planted_rank / "rank").manifest.train_end + DAY
+    cfg = load_config("small", overrides=json.loads(json.dumps(
+        {**TINY, "eval": {"until": late, "test_fraction": 0.0}, "optim": {**TINY["optim"], "max_epochs": 1}})))
+    retrieval_loop(ds, cfg, tmp_path / "late", log=lambda s: None).fit(progress=False, max_steps=2)
+    r = cli("rank", "prepare", "--dataset", planted_rank / "ds", "--output", tmp_path / "r", "--heads", "save=save",
+            "--request", "session", "--pinnerformer", tmp_path / "late")
+    assert r.exit_code == 2 and "after the ranking training period ends" in r.stderr
+    # order-only data: no times for the requests, the sequences or the time-window mask
+    (tmp_path / "seq.txt").write_text("u1 a b c d\nu2 b c d e\n")
+    assert cli("data", "prepare", "-f", "sequences", "-i", tmp_path / "seq.txt", "-o", tmp_path / "sq").exit_code == 0
+    r = cli("rank", "prepare", "--dataset", tmp_path / "sq", "--output", tmp_path / "r", "--heads", "x=interact")
+    assert r.exit_code == 2 and "no timestamps (order-only clock)" in r.stderr, r.output
+    # requests with a single candidate only: nothing to rank
+    pl.DataFrame({"user": [1, 1, 2], "item": [1, 2, 3], "action": ["save"] * 3,
+                  "timestamp": [1_600_000_000, 1_600_100_000, 1_600_200_000]}).write_csv(tmp_path / "one.csv")
+    assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "one.csv", "-o", tmp_path / "one",
+               "--action-col", "action", "--positive", "save").exit_code == 0
+    r = cli("rank", "prepare", "--dataset", tmp_path / "one", "--output", tmp_path / "r", "--heads", "save=save")
+    assert r.exit_code == 2 and "no day request has at least 2 candidates" in r.stderr, r.output
