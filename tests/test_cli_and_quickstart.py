@@ -9,7 +9,8 @@ import pytest
                                  ["items"], ["train"],
                                  ["evaluate"], ["experiment"], ["embed"], ["index"], ["retrieve"],
                                  ["simulate-daily"],
-                                 ["items", "embed-text"], ["quickstart"]])
+                                 ["items", "embed-text"], ["quickstart"], ["rank"], ["rank", "prepare"],
+                                 ["rank", "train"], ["rank", "evaluate"], ["rank", "experiment"], ["rank", "score"]])
 def test_help_on_every_command(cli, cmd):
     from pinnerformer import __version__
 
@@ -32,6 +33,11 @@ def test_quickstart_and_stats(cli, tmp_path):
     assert snap["users"] == 610 and snap["recomputed"] == 610
     assert json.loads((tmp_path / "qs" / "index" / "manifest.json").read_text())["items"] == 9_742
     assert r.stdout.count("top 10 for user") == 3 and "(1995)" in r.stdout  # titles are shown
+    # the ranker: day requests with save / like / hide heads, HIT@3 on the test period, one request ranked
+    rank = json.loads((tmp_path / "qs" / "rank-data" / "manifest.json").read_text())
+    assert [h["name"] for h in rank["options"]["heads"]] == ["save", "like", "hide"]
+    assert rank["pinnerformer"]["trained_until"] == rank["train_end"]  # the feature never saw validation or test
+    assert "hit@3/save" in r.stderr and "ranked; what they did" in r.stdout and "utility" in r.stdout
     r = cli("data", "stats", tmp_path / "qs" / "dataset", "--json")
     assert r.exit_code == 0
     s = json.loads(r.stdout)
@@ -56,7 +62,7 @@ def test_embed_text_on_dataset_without_text(cli, tmp_path):
 def test_a_second_quickstart_keeps_the_first_and_outputs_are_never_overwritten_silently(cli, tmp_path):
     """A newcomer lost a run directory (and what they had added to it) by running the quickstart again; evaluate and
     index replaced earlier outputs without a word."""
-    args = ["quickstart", "--workdir", tmp_path / "qs", "--no-text", "--max-epochs", "1"]
+    args = ["quickstart", "--workdir", tmp_path / "qs", "--no-text", "--max-epochs", "1", "--no-rank"]
     assert cli(*args).exit_code == 0
     (tmp_path / "qs" / "run" / "my-notes.txt").write_text("keep me")
     r = cli(*args)

@@ -22,9 +22,11 @@ def model(seed=0, **over) -> TransAct:
     return TransAct(TransActConfig(seq_len=12, **over), n_actions=4, vector_dim=16)
 
 
-def test_request_level_projection_equals_the_plain_form():
-    m = model().eval()
+@pytest.mark.parametrize("heads", [1, 2])
+def test_request_level_projection_equals_the_plain_form(heads):
+    m = model(heads=heads).eval()
     action, item, age, _ = batch()
+    action[2] = 0  # a user with no action before the request
     cands = torch.randn(7, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         for r in range(action.shape[0]):

@@ -15,7 +15,8 @@ Output (`output`): the first K = 10 positions (the newest actions) ‖ a max-poo
 flattened — (K + 1)·d values, 1056 for d = 96; or the max-pool alone, the first K alone, or every position.
 
 Serving: the candidates of one request share its sequence, so the sequence part of the first layer's input
-projection is computed once per request: W·[s ‖ c] = W_s·s + W_c·c (`forward_request`, tested equal to `forward`).
+projection is computed once per request: W·[s ‖ c] = W_s·s + W_c·c, and so is the sequence-only part of the first
+layer's attention scores (`forward_request`, tested equal to `forward`).
 """
 
 from __future__ import annotations
@@ -139,15 +140,36 @@ class TransAct(nn.Module):
         C, T = cand_vec.shape[0], action.shape[0]
         s = torch.cat([self.action_emb(action), self.item_proj(item_vec)], -1)  # [T, ds]
         c = self.item_proj(cand_vec)  # [C, dc]
-        first = self.layers[0]
-        w_s, w_c = first.qkv.weight.split([s.shape[-1], c.shape[-1]], dim=1)
-        qkv = (F.linear(s, w_s, first.qkv.bias).unsqueeze(0) + F.linear(c, w_c).unsqueeze(1))  # [C, T, 3d]
-        x = torch.cat([s.unsqueeze(0).expand(C, -1, -1), c.unsqueeze(1).expand(-1, T, -1)], -1)
-        vis = (action > 0).unsqueeze(0).expand(C, -1)
-        x = first(x, vis, qkv=qkv)
+        vis_t = action > 0
+        if not vis_t.any():  # no action at all: the plain form (rare; its attention has nothing to attend to)
+            rep = lambda t: t.unsqueeze(0).expand(C, *t.shape)  # noqa: E731
+            return self.forward(rep(action), rep(item_vec), rep(age_s), cand_vec)
+        x = self._first_layer_shared(s, c, vis_t)
+        vis = vis_t.unsqueeze(0).expand(C, -1)
         for layer in self.layers[1:]:
             x = layer(x, vis)
         return self.compress(x, vis)
+
+    def _first_layer_shared(self, s: torch.Tensor, c: torch.Tensor, vis_t: torch.Tensor) -> torch.Tensor:
+        """The first encoder layer for C candidates sharing one sequence (eval mode). With q_i = qs_i + qc (and k, v
+        alike), the scores split into a sequence-only part computed once and cheap per-candidate terms:
+            q_i·k_j = qs_i·ks_j + qs_i·kc + qc·ks_j + qc·kc
+        and, the attention weights of a row summing to 1, Σ_j p_ij (vs_j + vc) = Σ_j p_ij vs_j + vc."""
+        first, C, T = self.layers[0], c.shape[0], s.shape[0]
+        d, h = self.token_dim, first.heads
+        dh = d // h
+        w_s, w_c = first.qkv.weight.split([s.shape[-1], c.shape[-1]], dim=1)
+        qs, ks, vs = F.linear(s, w_s, first.qkv.bias).view(T, 3, h, dh).unbind(1)  # [T, h, dh] each
+        qc, kc, vc = F.linear(c, w_c).view(C, 3, h, dh).unbind(1)  # [C, h, dh] each
+        scores = (torch.einsum("ihd,jhd->hij", qs, ks).unsqueeze(0)  # [1, h, T, T]: once per request
+                  + torch.einsum("ihd,chd->chi", qs, kc).unsqueeze(-1)
+                  + torch.einsum("chd,jhd->chj", qc, ks).unsqueeze(-2)
+                  + (qc * kc).sum(-1)[:, :, None, None]) * dh ** -0.5  # [C, h, T, T]
+        p = torch.softmax(scores.masked_fill(~vis_t, float("-inf")), -1)
+        a = torch.matmul(p, vs.transpose(0, 1)) + vc.unsqueeze(2)  # [C, h, T, dh]
+        x = torch.cat([s.unsqueeze(0).expand(C, -1, -1), c.unsqueeze(1).expand(-1, T, -1)], -1)
+        x = first.ln1(x + first.proj(a.transpose(1, 2).reshape(C, T, d)))
+        return first.ln2(x + first.ffn(x))
 
     def compress(self, x: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
         """[B, T, d] -> [B, out_dim] by `output` (positions are newest first)."""
