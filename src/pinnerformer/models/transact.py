@@ -137,7 +137,7 @@ class TransAct(nn.Module):
             C = cand_vec.shape[0]
             rep = lambda t: t.unsqueeze(0).expand(C, *t.shape)  # noqa: E731
             return self.forward(rep(action), rep(item_vec), rep(age_s), cand_vec)
-        C, T = cand_vec.shape[0], action.shape[0]
+        C = cand_vec.shape[0]
         s = torch.cat([self.action_emb(action), self.item_proj(item_vec)], -1)  # [T, ds]
         c = self.item_proj(cand_vec)  # [C, dc]
         vis_t = action > 0
