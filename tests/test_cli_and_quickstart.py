@@ -36,7 +36,8 @@ def test_quickstart_and_stats(cli, tmp_path):
     # the ranker: day requests with save / like / hide heads, HIT@3 on the test period, one request ranked
     rank = json.loads((tmp_path / "qs" / "rank-data" / "manifest.json").read_text())
     assert [h["name"] for h in rank["options"]["heads"]] == ["save", "like", "hide"]
-    assert rank["pinnerformer"]["trained_until"] == rank["train_end"]  # the feature never saw validation or test
+    # the feature's model saw only the feature period: never the ranker's training, validation or test requests
+    assert rank["pinnerformer"]["trained_until"] == rank["feature_end"] < rank["train_end"]
     assert "hit@3/save" in r.stderr and "ranked; what they did" in r.stdout and "utility" in r.stdout
     r = cli("data", "stats", tmp_path / "qs" / "dataset", "--json")
     assert r.exit_code == 0

@@ -46,10 +46,10 @@ def planted_rank(tmp_path_factory, cli=None):
     set_content_vectors(d / "ds", vec, "planted-groups")
     ds = Dataset.open(d / "ds")
     opts = RequestOptions(request="session", heads=parse_heads("save=save", ds.manifest.action_names()))
-    train_end = build_requests(ds, opts).train_end
+    pf_until = build_requests(ds, opts).pf_until
     # the PinnerFormer behind the feature: tiny, and trained on the training period only (checked by prepare)
     cfg = load_config("small", overrides=json.loads(json.dumps(
-        {**TINY, "eval": {"until": train_end, "test_fraction": 0.0, "val_fraction": 0.2},
+        {**TINY, "eval": {"until": pf_until, "test_fraction": 0.0, "val_fraction": 0.2},
          "optim": {**TINY["optim"], "max_epochs": 2}})))
     retrieval_loop(ds, cfg, d / "pf", log=lambda s: None).fit(progress=False)
     prepare_ranking(d / "ds", d / "rank", opts, pinnerformer=d / "pf", log=lambda s: None)
@@ -64,13 +64,18 @@ def test_requests_candidates_and_time_split_are_exact(planted_rank):
     assert rd.labels.sum() == USERS * DAYS * 3 and rd.manifest.skipped == {}
     sizes = np.diff(rd.cand_start)
     assert sorted(set(sizes.tolist())) == [6, 8]
-    # 70 / 15 / 15 % of the requests, cut at midnights: 400 requests a day -> days 0-7, 8-9, 10-11
+    # 70 / 15 / 15 % of the requests, cut at midnights: 240 requests a day -> days 0-7, 8-9, 10-11; the first half
+    # of the training period is the PinnerFormer's (days 0-3), the ranker trains on days 4-7
     s = rd.manifest.splits
-    assert (s["train"].requests, s["validation"].requests, s["test"].requests) == (
-        USERS * 2 * 8, USERS * 2 * 2, USERS * 2 * 2)
+    assert (s["feature"].requests, s["train"].requests, s["validation"].requests, s["test"].requests) == (
+        USERS * 2 * 4, USERS * 2 * 4, USERS * 2 * 2, USERS * 2 * 2)
+    assert rd.manifest.train_end - rd.manifest.feature_end == 4 * DAY
+    assert json.loads((planted_rank / "pf" / "config.json").read_text())["config"]["eval"]["until"] == \
+        rd.manifest.feature_end == rd.manifest.pf_until
     assert s["test"].requests_with["save"] == USERS * 2 and s["test"].engaged["save"] == USERS * 2 * 3
     assert (rd.manifest.val_end - rd.manifest.train_end) == 2 * DAY
     assert all(rd.request_t[rd.requests_in("train")] < rd.manifest.train_end)
+    assert all(rd.request_t[rd.requests_in("train")] >= rd.manifest.feature_end)
     assert all(rd.request_t[rd.requests_in("test")] >= rd.manifest.val_end)
     # the first day's requests have no vector of the day before; every later one has
     first_day = rd.request_t < rd.request_t.min() // DAY * DAY + DAY
@@ -200,16 +205,16 @@ def test_leaky_pinnerformer_runs_and_order_only_data_are_refused(planted_rank, c
     retrieval_loop(ds, cfg, tmp_path / "leaky", log=lambda s: None).fit(progress=False, max_steps=2)
     r = cli("rank", "prepare", "--dataset", planted_rank / "ds", "--output", tmp_path / "r", "--heads", "save=save",
             "--request", "session", "--pinnerformer", tmp_path / "leaky")
-    assert r.exit_code == 2 and "beyond the ranking training period" in r.stderr and "(leakage)" in r.stderr
+    assert r.exit_code == 2 and "beyond the period a feature model may see" in r.stderr and "(leakage)" in r.stderr
     assert not (tmp_path / "r").exists()  # nothing half-written
     # trained a day too long
-    late = RankData(planted_rank / "rank").manifest.train_end + DAY
+    late = RankData(planted_rank / "rank").manifest.feature_end + DAY
     cfg = load_config("small", overrides=json.loads(json.dumps(
         {**TINY, "eval": {"until": late, "test_fraction": 0.0}, "optim": {**TINY["optim"], "max_epochs": 1}})))
     retrieval_loop(ds, cfg, tmp_path / "late", log=lambda s: None).fit(progress=False, max_steps=2)
     r = cli("rank", "prepare", "--dataset", planted_rank / "ds", "--output", tmp_path / "r", "--heads", "save=save",
             "--request", "session", "--pinnerformer", tmp_path / "late")
-    assert r.exit_code == 2 and "after the ranking training period ends" in r.stderr
+    assert r.exit_code == 2 and "after the period a feature model may see ends" in r.stderr
     # order-only data: no times for the requests, the sequences or the time-window mask
     (tmp_path / "seq.txt").write_text("u1 a b c d\nu2 b c d e\n")
     assert cli("data", "prepare", "-f", "sequences", "-i", tmp_path / "seq.txt", "-o", tmp_path / "sq").exit_code == 0

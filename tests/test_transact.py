@@ -87,3 +87,21 @@ def test_padding_and_hidden_actions_do_not_leak():
         assert not torch.allclose(m(action, item, age, cand), m(action, item, age, cand.flip(0)))
         none = model(fusion="none").eval()
         torch.testing.assert_close(none(action, item, age, cand), none(action, item, age, cand.flip(0)))
+
+
+def test_written_out_training_attention_equals_sdpa_and_dropout_keeps_the_mean():
+    from pinnerformer.models.transact import EncoderLayer, dropout
+
+    torch.manual_seed(0)
+    layer = EncoderLayer(8, 2, 16, dropout=1e-12)  # the training form, with (practically) nothing dropped
+    q, k, v = torch.randn(3, 3, 2, 5, 4).unbind(0)
+    visible = torch.tensor([[True] * 5, [True, True, False, False, True], [False] * 5])  # the last sees nothing
+    layer.train()
+    written = layer.attention(q, k, v, visible)
+    layer.eval()
+    torch.testing.assert_close(written, layer.attention(q, k, v, visible), atol=1e-6, rtol=1e-5)
+    assert torch.equal(written[2], torch.zeros_like(written[2]))
+    x = torch.ones(200_000)
+    y = dropout(x, 0.1, True)
+    assert abs((y == 0).float().mean().item() - 0.1) < 0.005 and abs(y.mean().item() - 1.0) < 0.01
+    assert torch.equal(dropout(x, 0.1, False), x)

@@ -24,6 +24,9 @@ def prepare(
                                         "like=love,like; hide=-dislike')."),
     split: str = typer.Option("0.7,0.15,0.15", help="Fractions of the requests for train, validation, test "
                               "(cut at UTC midnights, in time order)."),
+    feature_share: float = typer.Option(0.5, help="Share of the training period whose requests only the "
+                                        "PinnerFormer behind the feature learns from (0: it trains on the ranker's "
+                                        "training period)."),
     session_gap_minutes: float = typer.Option(30.0, help="--request session: the inactivity gap."),
     max_candidates: int = typer.Option(100, help="Larger requests keep a seeded sample of this many (counted)."),
     pinnerformer: Optional[Path] = typer.Option(None, help="A PinnerFormer run trained on the training period only "
@@ -54,7 +57,8 @@ def prepare(
 
         opts = validate(rq.RequestOptions, {
             "request": request or ("logged" if ds.manifest.format == "mind" else "day"), "heads": head_list,
-            "split": fractions, "session_gap_minutes": session_gap_minutes, "max_candidates": max_candidates,
+            "split": fractions, "feature_share": feature_share, "session_gap_minutes": session_gap_minutes,
+            "max_candidates": max_candidates,
             "seed": seed}, "rank prepare")
         prepare_ranking(dataset, output, opts, pinnerformer, pf_max_steps, overwrite, log=log)
 

@@ -42,14 +42,14 @@ def score_requests(model: Ranker, rd: RankData, tl: Timelines, requests: np.ndar
 
 def baseline_scores(kind: str, rd: RankData, requests: np.ndarray, seed: int = 0) -> np.ndarray:
     """[rows, heads] scores of a baseline: `random`; `popularity` (per head, how often the item was engaged with
-    that head in the training period's requests); `pinnerformer` (the user's vector of the day before · the item's
+    that head in the requests before the validation period: feature and training periods); `pinnerformer` (the user's vector of the day before · the item's
     PinnerFormer vector, the same for every head)."""
     rows, _ = request_layout(rd, requests)
     H = len(rd.heads)
     if kind == "random":
         return np.random.default_rng(seed).random((len(rows), H)).astype(np.float32)
     if kind == "popularity":
-        train = np.isin(rd.cand_request, rd.requests_in("train"))
+        train = np.isin(rd.cand_request, np.concatenate([rd.requests_in("train"), rd.requests_in("feature")]))
         n_items = len(rd.pf_item_vectors)
         counts = np.stack([np.bincount(rd.cand_item[train], weights=rd.labels[train, h], minlength=n_items)
                            for h in range(H)], 1)

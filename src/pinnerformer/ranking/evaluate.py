@@ -37,9 +37,11 @@ def protocol_text(rd: RankData, k: int) -> str:
     m = rd.manifest
     day = lambda t: dt.datetime.fromtimestamp(t, dt.timezone.utc).date().isoformat()  # noqa: E731
     return (f"{m.options.request} requests rebuilt from {m.dataset_format} events (candidates: what the user acted "
-            f"on in the request{', real impressions' if m.dataset_format == 'mind' else ''}); time split: train < "
-            f"{day(m.train_end)} <= validation < {day(m.val_end)} <= test; realtime sequence strictly before each "
-            f"request; PinnerFormer vector from the day before (model trained before {day(m.train_end)} only); "
+            f"on in the request{', real impressions' if m.dataset_format == 'mind' else ''}); time split: "
+            + (f"PinnerFormer's period < {day(m.feature_end)} <= " if m.feature_end is not None else "")
+            + f"ranker's train < {day(m.train_end)} <= validation < {day(m.val_end)} <= test; realtime sequence "
+            f"strictly before each request; PinnerFormer vector from the day before (model trained before "
+            f"{day(m.pf_until)} only); "
             f"HIT@{k} per head over requests with an engaged candidate (positive heads ranked by their own score, "
             "negative heads counted in the served order, ties pessimistic); AUC; grouped AUC weighted by "
             "candidates; 95% bootstrap over requests")

@@ -31,31 +31,31 @@ def _day(t: int) -> str:
     return utc_day(int(t)).isoformat()
 
 
-def check_feature_run(run: RunDir, ds: Dataset, train_end: int) -> None:
-    """The PinnerFormer run may only have seen the ranking data's training period (and this dataset's users and
-    items)."""
+def check_feature_run(run: RunDir, ds: Dataset, limit: int) -> None:
+    """The PinnerFormer run may only have seen events before `limit` (the end of the feature period, or of the
+    ranker's training period when there is none), and this dataset's users and items."""
     run.check_dataset(ds)
     until = run.config.eval.until
     if until is None:
         raise PinnerformerError(
             f"{run.path} was trained on every event of its dataset (up to {_day(ds.manifest.time_max)}), beyond the "
-            f"ranking training period that ends on {_day(train_end)}: its weights have seen the validation and test "
-            "periods (leakage). Leave --pinnerformer out to train one on the training period, or train with "
-            f"eval.until <= {train_end}")
-    if until > train_end:
+            f"period a feature model may see, which ends on {_day(limit)}: its weights have seen the ranker's "
+            "training, validation and test requests (leakage). Leave --pinnerformer out to train one on that period, "
+            f"or train with eval.until <= {limit}")
+    if until > limit:
         raise PinnerformerError(
             f"{run.path} was trained on events up to {dt.datetime.fromtimestamp(until, dt.timezone.utc):%Y-%m-%d %H:%M}"
-            f" UTC (eval.until {until}), after the ranking training period ends ({_day(train_end)} 00:00 UTC, "
-            f"{train_end}): its weights have seen validation or test events (leakage)")
+            f" UTC (eval.until {until}), after the period a feature model may see ends ({_day(limit)} 00:00 UTC, "
+            f"{limit}): its weights have seen the ranker's requests (leakage)")
 
 
-def train_feature_run(ds: Dataset, out: Path, train_end: int, max_steps: int, seed: int, log=print) -> RunDir:
+def train_feature_run(ds: Dataset, out: Path, until: int, max_steps: int, seed: int, log=print) -> RunDir:
     from pinnerformer.training.config import load_config
     from pinnerformer.training.retrieval import retrieval_loop
 
-    cfg = load_config("small", overrides={"eval": {"until": train_end, "test_fraction": 0.0, "val_fraction": 0.1},
+    cfg = load_config("small", overrides={"eval": {"until": until, "test_fraction": 0.0, "val_fraction": 0.1},
                                           "seed": seed, "device": "cpu" if not torch.cuda.is_available() else "auto"})
-    log(f"PinnerFormer for the feature: trained on events before {_day(train_end)} only, at most {max_steps} steps "
+    log(f"PinnerFormer for the feature: trained on events before {_day(until)} only, at most {max_steps} steps "
         f"-> {out}")
     retrieval_loop(ds, cfg, out, log=log).fit(max_steps=max_steps, progress=True)
     return RunDir(out)
@@ -81,14 +81,16 @@ def prepare_ranking(dataset_dir: Path, output: Path, opts: rq.RequestOptions, pi
     with exclusive(output.parent, f"the folder of ranking data {output}", log=log), atomic_dir(output) as tmp:
         tables = rq.build_requests(ds, opts, log=log)
         req, cand = tables.requests, tables.candidates
-        log(f"{req.height:,} requests, {cand.height:,} candidates ({opts.request} requests); train before "
-            f"{_day(tables.train_end)}, validation before {_day(tables.val_end)}, test after")
+        log(f"{req.height:,} requests, {cand.height:,} candidates ({opts.request} requests); "
+            + (f"feature period (the PinnerFormer's) before {_day(tables.feature_end)}, "
+               if tables.feature_end is not None else "")
+            + f"train before {_day(tables.train_end)}, validation before {_day(tables.val_end)}, test after")
         if pinnerformer is not None:
             run = RunDir(pinnerformer)
-            check_feature_run(run, ds, tables.train_end)
+            check_feature_run(run, ds, tables.pf_until)
             run_ref = str(Path(pinnerformer).resolve())
         else:
-            run = train_feature_run(ds, tmp / rq.PF_RUN, tables.train_end, pf_max_steps, opts.seed, log=log)
+            run = train_feature_run(ds, tmp / rq.PF_RUN, tables.pf_until, pf_max_steps, opts.seed, log=log)
             run_ref = rq.PF_RUN
         model = run.load_model(ds)
         device = torch.device("cpu")
@@ -120,6 +122,7 @@ def prepare_ranking(dataset_dir: Path, output: Path, opts: rq.RequestOptions, pi
         manifest = rq.RankManifest(
             dataset=DatasetRef(path=str(ds.path.resolve()), fingerprint=ds.manifest.fingerprint),
             dataset_format=ds.manifest.format, options=opts, train_end=tables.train_end, val_end=tables.val_end,
+            feature_end=tables.feature_end,
             splits=counts, skipped=tables.skipped,
             pinnerformer={"run": run_ref, "checkpoint_sha256": run.checkpoint_sha256(), "trained_until":
                           run.config.eval.until, "dim": int(pf_items.shape[1])},
