@@ -110,6 +110,8 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile TransAct's request form, the cross network "
+                   "and the MLP for the latency runs (inductor; the plain form stays eager)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,9 +123,14 @@ def main() -> None:
            "threads": torch.get_num_threads(), "torch": torch.__version__, "candidates": args.candidates,
            "seq_len": args.seq_len, "sequence": args.sequence, "x0_width": model.x0_dim,
            "parameters": sum(p.numel() for p in model.parameters())}
+    if args.compile:
+        model.transact.forward_request = torch.compile(model.transact.forward_request)
+        model.cross, model.mlp = torch.compile(model.cross), torch.compile(model.mlp)
+        out["compiled"] = True
     out["shared_projection"] = latency(model, one, True, device, args.warmup, args.reps)
     out["plain"] = latency(model, one, False, device, args.warmup, args.reps)
-    out["training"] = training_rate(model, args, device, rng)
+    if not args.compile:
+        out["training"] = training_rate(model, args, device, rng)
     print(json.dumps(out, indent=1))
 
 
