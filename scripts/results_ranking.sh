@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce docs/results/ranking-<dataset>: the TransAct papers' ablations (Table 1, Table 2, early fusion,
+# Reproduce docs/results/ranking-<dataset> (needs the [text] extra for ML-1M's content vectors): the TransAct papers' ablations (Table 1, Table 2, early fusion,
 # time-window mask, output compression) on real data, one command per dataset:
 #   prepare the dataset -> rank prepare (requests, time split, a PinnerFormer trained on the training period only)
 #   -> rank experiment (each variant trained with selection on validation, all scored on the test period).
@@ -14,16 +14,20 @@ PF=${PF:-.venv/bin/pinnerformer}
 WORK=${WORK:-/tmp/pinnerformer-ranking}
 mkdir -p "$WORK"
 for d in $WHICH; do
+  extra=()
   case $d in
-    ml1m)   args=(--format movielens --input "$DATA/movielens-1m-subset") ;;
+    # titles + genres -> all-MiniLM-L6-v2 content vectors: the frozen item vectors of sequences and candidates
+    ml1m)   args=(--format movielens --input "$DATA/movielens-1m-subset"); extra=(--item-vectors content) ;;
     # the original holds timestamps far outside its 9 days: dropped and counted
     taobao) args=(--format taobao --input "$DATA/taobao-userbehavior-head" --skip-invalid --min-time 2017-11-25
-                  --max-time 2017-12-04) ;;
+                  --max-time 2017-12-04)
+            extra=(--item-vectors interests) ;;  # no content: a fixed vector per category
     mind)   args=(--format mind --input "$DATA/mind-small-sample") ;;
     *) echo "unknown dataset $d (expected ml1m, taobao, mind)" >&2; exit 2 ;;
   esac
   $PF data prepare "${args[@]}" --output "$WORK/$d" --overwrite > "$WORK/$d.prepare.txt"
-  $PF rank prepare --dataset "$WORK/$d" --output "$WORK/$d-rank" --overwrite 2> "$WORK/$d-rank.log"
+  if [ "$d" = ml1m ]; then $PF items embed-text "$WORK/$d" 2> "$WORK/$d.embed.log"; fi
+  $PF rank prepare --dataset "$WORK/$d" --output "$WORK/$d-rank" --overwrite "${extra[@]}" 2> "$WORK/$d-rank.log"
   $PF rank experiment --data "$WORK/$d-rank" --output "$WORK/$d-experiment" 2> "$WORK/$d-experiment.log" > /dev/null
   out=docs/results/ranking-$d
   mkdir -p "$out"

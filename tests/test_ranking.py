@@ -186,6 +186,10 @@ def test_rank_cli_train_evaluate_score_and_bad_input(planted_rank, cli, tmp_path
          "head 'save' names unknown action(s) 'repin'"),
         (("rank", "prepare", "--dataset", planted_rank / "ds", "--output", tmp_path / "r2"),
          "no default ranking heads for format 'events'"),
+        (("rank", "prepare", "--dataset", planted_rank / "ds", "--output", tmp_path / "r2", "--heads", "save=save",
+          "--item-vectors", "interests"), "no item of"),
+        (("rank", "prepare", "--dataset", planted_rank / "ds", "--output", tmp_path / "r2", "--heads", "save=save",
+          "--item-vectors", "pinsage"), "unknown item vectors 'pinsage' (expected one of: auto, content"),
         (("rank", "train", "--data", planted_rank / "ds", "--output", tmp_path / "r3"), "not ranking data"),
         (("rank", "evaluate", "--run", planted_rank / "pf"), "is a retrieval run, not a ranking run"),
     ]

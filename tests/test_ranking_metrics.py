@@ -117,3 +117,13 @@ def test_heads_text_round_trips_and_names_what_is_wrong():
         parse_heads("save", names)
     with pytest.raises(PinnerformerError, match="head 'save' is given twice"):
         parse_heads("save=love;save=like", names)
+
+
+def test_interest_vectors_are_shared_within_a_category_fixed_and_zero_without_one():
+    from pinnerformer.ranking.prepare import interest_vectors
+
+    v = interest_vectors([["shoes"], ["shoes"], ["hats"], [], ["shoes", "hats"]])
+    assert np.array_equal(v[0], v[1]) and not np.allclose(v[0], v[2]) and not v[3].any()
+    assert np.allclose(np.linalg.norm(v[[0, 2, 4]], axis=1), 1.0)
+    assert np.allclose(v[4], (v[0] + v[2]) / np.linalg.norm(v[0] + v[2]), atol=1e-6)
+    assert np.array_equal(interest_vectors([["hats"]])[0], v[2])  # the same vector in any catalogue

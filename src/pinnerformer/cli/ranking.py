@@ -32,6 +32,9 @@ def prepare(
     pinnerformer: Optional[Path] = typer.Option(None, help="A PinnerFormer run trained on the training period only "
                                                 "(eval.until); default: train one into OUTPUT/pinnerformer."),
     pf_max_steps: int = typer.Option(600, help="Steps of the PinnerFormer trained for the feature."),
+    item_vectors: str = typer.Option("auto", help="Frozen item vectors of sequences and candidates: content (the "
+                                     "dataset's) | pinnerformer (the feature model's item vectors) | interests "
+                                     "(a fixed vector per category) | auto (content if any, else pinnerformer)."),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
 ):
@@ -58,7 +61,7 @@ def prepare(
         opts = validate(rq.RequestOptions, {
             "request": request or ("logged" if ds.manifest.format == "mind" else "day"), "heads": head_list,
             "split": fractions, "feature_share": feature_share, "session_gap_minutes": session_gap_minutes,
-            "max_candidates": max_candidates,
+            "max_candidates": max_candidates, "item_vectors": item_vectors,
             "seed": seed}, "rank prepare")
         prepare_ranking(dataset, output, opts, pinnerformer, pf_max_steps, overwrite, log=log)
 

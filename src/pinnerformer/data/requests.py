@@ -110,6 +110,7 @@ class RequestOptions(StrictModel):
     feature_share: float = Field(0.5, ge=0, lt=1)  # of the training period: the PinnerFormer's only (see above)
     min_candidates: int = Field(2, ge=2)  # a request with fewer has nothing to rank
     max_candidates: int = Field(100, ge=2)  # larger requests keep a seeded uniform sample of this many
+    item_vectors: Literal["auto", "content", "pinnerformer", "interests"] = "auto"  # frozen vectors: see rank prepare
     seed: int = 0
 
 

@@ -61,6 +61,42 @@ def train_feature_run(ds: Dataset, out: Path, until: int, max_steps: int, seed: 
     return RunDir(out)
 
 
+def interest_vectors(interests: list[list[str]], dim: int = 32) -> np.ndarray:
+    """One fixed random unit vector per interest (seeded by a hash of its name: the same on every machine), an item
+    the normalised mean of its interests' (zero without any): items of one category share a vector."""
+    table: dict[str, np.ndarray] = {}
+    out = np.zeros((len(interests), dim), np.float32)
+    for i, names in enumerate(interests):
+        for name in names or []:
+            if name not in table:
+                seed = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
+                v = np.random.default_rng(seed).normal(size=dim)
+                table[name] = (v / np.linalg.norm(v)).astype(np.float32)
+            out[i] += table[name]
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.where(norm > 0, out / np.maximum(norm, 1e-12), 0).astype(np.float32)
+
+
+def frozen_item_vectors(ds: Dataset, kind: str, pf_items: np.ndarray) -> tuple[np.ndarray, str]:
+    """The frozen vectors of sequence items and candidates (Pinterest: PinSage): the dataset's content vectors, the
+    feature PinnerFormer's item vectors, or category vectors from the items' interests; `auto`: content if the
+    dataset has it, else PinnerFormer."""
+    content = ds.content_vectors()
+    if kind == "auto":
+        kind = "content" if content is not None else "pinnerformer"
+    if kind == "content":
+        if content is None:
+            raise PinnerformerError(f"--item-vectors content: {ds.path} has no content vectors (run `pinnerformer "
+                                    "items embed-text` on it first, or use pinnerformer | interests)")
+        return content, "content"
+    if kind == "interests":
+        interests = ds.items["interests"].to_list()
+        if not any(interests):
+            raise PinnerformerError(f"--item-vectors interests: no item of {ds.path} has an interest (category)")
+        return interest_vectors(interests), "interests"
+    return pf_items, "pinnerformer"
+
+
 def table_fingerprint(requests: pl.DataFrame, candidates: pl.DataFrame) -> str:
     h = hashlib.sha256()
     for df in (requests, candidates):
@@ -107,8 +143,7 @@ def prepare_ranking(dataset_dir: Path, output: Path, opts: rq.RequestOptions, pi
         user_vectors = per_pair[inverse.reshape(-1)]
         req = req.with_columns(pl.Series("has_vector", has[inverse.reshape(-1)]))
         pf_items = embed_items(model, device).numpy().astype(np.float32)
-        content = ds.content_vectors()
-        item_vectors = content if content is not None else pf_items
+        item_vectors, source = frozen_item_vectors(ds, opts.item_vectors, pf_items)
         np.save(tmp / rq.USER_VECTORS, user_vectors)
         np.save(tmp / rq.PF_ITEMS, pf_items)
         np.save(tmp / rq.ITEM_VECTORS, item_vectors.astype(np.float32))
@@ -126,8 +161,7 @@ def prepare_ranking(dataset_dir: Path, output: Path, opts: rq.RequestOptions, pi
             splits=counts, skipped=tables.skipped,
             pinnerformer={"run": run_ref, "checkpoint_sha256": run.checkpoint_sha256(), "trained_until":
                           run.config.eval.until, "dim": int(pf_items.shape[1])},
-            item_vectors={"source": "content" if content is not None else "pinnerformer",
-                          "dim": int(item_vectors.shape[1])},
+            item_vectors={"source": source, "dim": int(item_vectors.shape[1])},
             fingerprint=table_fingerprint(req, cand), created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
             notes=notes)
         write_json_atomic(tmp / rq.RANK_MANIFEST, manifest)
