@@ -231,3 +231,49 @@ def test_leaky_pinnerformer_runs_and_order_only_data_are_refused(planted_rank, c
                "--action-col", "action", "--positive", "save").exit_code == 0
     r = cli("rank", "prepare", "--dataset", tmp_path / "one", "--output", tmp_path / "r", "--heads", "save=save")
     assert r.exit_code == 2 and "no day request has at least 2 candidates" in r.stderr, r.output
+
+
+def test_rank_score_takes_yesterdays_snapshot_of_the_same_model_only(planted_rank, cli, tmp_path):
+    """The snapshot of the day before gives the same scores as the vector computed as of the request's day; a
+    snapshot of the request's day (leakage) or made by another PinnerFormer is refused."""
+    import datetime as dt
+
+    from pinnerformer.data.clock import utc_day
+    from pinnerformer.ranking.score import score_request
+    from pinnerformer.training.ranking import load_rank_config, ranking_loop
+
+    rd = RankData(planted_rank / "rank")
+    run = tmp_path / "run"
+    ranking_loop(rd, load_rank_config("default", overrides=json.loads(json.dumps(RANK_TINY))), run,
+                 log=lambda s: None).fit(progress=False, max_steps=5)
+    ds = Dataset.open(planted_rank / "ds")
+    r = int(rd.requests_in("test")[-1])
+    uid = str(ds.users["user_id"][int(rd.request_user[r])])
+    t = int(rd.request_t[r])
+    items = [str(ds.items["item_id"][int(i)]) for i in rd.cand_item[rd.cand_start[r]:rd.cand_start[r + 1]]]
+    day = utc_day(t)
+    for as_of, root in ((day - dt.timedelta(days=1), "yesterday"), (day, "today")):
+        res = cli("embed", "--run", planted_rank / "pf", "--dataset", planted_rank / "ds", "--as-of", as_of.isoformat(),
+                  "--output", tmp_path / root)
+        assert res.exit_code == 0, res.output
+    computed = score_request(run, uid, str(t), items)
+    yesterday = (day - dt.timedelta(days=1)).isoformat()
+    from_snapshot = score_request(run, uid, str(t), items, tmp_path / "yesterday" / yesterday)
+    assert from_snapshot["item_id"].to_list() == computed["item_id"].to_list()
+    assert np.allclose(from_snapshot["save"].to_numpy(), computed["save"].to_numpy(), atol=1e-5)
+    res = cli("rank", "score", "--run", run, "--user", uid, "--time", str(t), "--items", ",".join(items),
+              "--snapshot", tmp_path / "today" / day.isoformat())
+    assert res.exit_code == 2 and "not before the request's day" in res.stderr and "(leakage)" in res.stderr
+    # a snapshot made by another PinnerFormer (same data, another seed)
+    from pinnerformer.training.config import load_config
+    from pinnerformer.training.retrieval import retrieval_loop
+
+    cfg = load_config("small", overrides=json.loads(json.dumps(
+        {**TINY, "seed": 7, "eval": {"until": rd.manifest.pf_until, "test_fraction": 0.0},
+         "optim": {**TINY["optim"], "max_epochs": 1}})))
+    retrieval_loop(ds, cfg, tmp_path / "other-pf", log=lambda s: None).fit(progress=False, max_steps=2)
+    assert cli("embed", "--run", tmp_path / "other-pf", "--dataset", planted_rank / "ds", "--as-of", yesterday,
+               "--output", tmp_path / "other").exit_code == 0
+    res = cli("rank", "score", "--run", run, "--user", uid, "--time", str(t), "--items", ",".join(items),
+              "--snapshot", tmp_path / "other" / yesterday)
+    assert res.exit_code == 2 and "made by another PinnerFormer model" in res.stderr
