@@ -42,7 +42,8 @@ def score_requests(model: Ranker, rd: RankData, tl: Timelines, requests: np.ndar
 
 def baseline_scores(kind: str, rd: RankData, requests: np.ndarray, seed: int = 0) -> np.ndarray:
     """[rows, heads] scores of a baseline: `random`; `popularity` (per head, how often the item was engaged with
-    that head in the requests before the validation period: feature and training periods); `pinnerformer` (the user's vector of the day before · the item's
+    that head in the requests before the validation period: feature and training periods); `pinnerformer` (the
+    user's vector of the day before · the item's
     PinnerFormer vector, the same for every head)."""
     rows, _ = request_layout(rd, requests)
     H = len(rd.heads)

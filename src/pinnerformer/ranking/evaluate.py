@@ -86,7 +86,8 @@ def report_markdown(report: RankingReport, columns: list[str] | None = None) -> 
     lines = [f"**{report.split}**, {report.requests:,} requests. {report.protocol}.", "",
              "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, vals in report.models.items():
-        cells = [f"{vals[k].mean:.4f} [{vals[k].ci95[0]:.4f}, {vals[k].ci95[1]:.4f}]" if k in vals else "" for k in keys]
+        cells = [f"{vals[k].mean:.4f} [{vals[k].ci95[0]:.4f}, {vals[k].ci95[1]:.4f}]" if k in vals else ""
+                 for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if report.reference:
         lk = [k for k in keys if k.startswith(rm.HIT) or k.startswith(rm.GAUC)]

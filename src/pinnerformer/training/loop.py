@@ -254,7 +254,8 @@ class TrainingLoop:
         while s.epoch < cfg.optim.max_epochs and not s.done:
             epoch = s.epoch
             B = task.batch_size
-            bar = progress_bar(total=task.steps_per_epoch * B, initial=s.step_in_epoch * B, unit=getattr(task, "batch_unit", "seq"),
+            bar = progress_bar(total=task.steps_per_epoch * B, initial=s.step_in_epoch * B,
+                               unit=getattr(task, "batch_unit", "seq"),
                                desc=f"epoch {epoch}", disable=not progress)
             self.model.train()
             batches = iter(self.loader(epoch, s.step_in_epoch))
