@@ -120,3 +120,49 @@ def test_killed_embed_reruns_to_the_identical_snapshot(trained, planted, tmp_pat
         run(*args, "-o", root)
         assert Snapshot.open(root / D0.isoformat()).manifest.content_sha256 == ref
         assert sorted(p.name for p in root.iterdir()) == [D0.isoformat()]
+
+
+def tensors_sha(rank_dir) -> str:
+    from pinnerformer.io import load_checkpoint
+
+    return load_checkpoint(rank_dir / "pinnerformer" / "checkpoints" / "best.pt")["tensors_sha256"]
+
+
+def test_killed_rank_prepare_and_rank_train_rerun_to_identical_outputs(tmp_path):
+    """The ranking data (with the PinnerFormer trained for its feature) and a ranker's run, killed at random points:
+    a rerun gives the same tables, vectors and training log as an uninterrupted run."""
+    from pinnerformer.data.synthetic import planted_request_log
+
+    planted_request_log(n_users=120, days=8).write_csv(tmp_path / "log.csv")
+    run("data", "prepare", "-f", "events", "-i", tmp_path / "log.csv", "-o", tmp_path / "ds", "--action-col",
+        "action", "--positive", "click,save")
+    prep = ["rank", "prepare", "--dataset", tmp_path / "ds", "--heads", "save=save", "--request", "session",
+            "--pf-max-steps", "20"]
+    took = timed(*prep, "--output", tmp_path / "ref")
+    ref = json.loads((tmp_path / "ref" / "manifest.json").read_text())
+    ref_vectors = (tmp_path / "ref" / "user_vectors.npy").read_bytes()
+    for seed in SEEDS:
+        out = tmp_path / f"rank-{seed}"
+        killed(seed, took, *prep, "--output", out, "--overwrite")
+        assert not out.exists() or (out / "manifest.json").exists()  # absent, or complete
+        run(*prep, "--output", out, "--overwrite")
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["fingerprint"] == ref["fingerprint"] and m["splits"] == ref["splits"]
+        # the feature's PinnerFormer: the same weights (its file's bytes name the temporary file it was saved as)
+        assert tensors_sha(out) == tensors_sha(tmp_path / "ref")
+        assert (out / "user_vectors.npy").read_bytes() == ref_vectors
+        assert leftovers(tmp_path) == []
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "checkpoint_every": 3, "optim": {"batch_size": 64, "warmup_steps": 5},
+        "data": {"epoch_rows": 2000, "max_val_requests": 100},
+        "model": {"transact": {"seq_len": 8}, "mlp": [32], "item_id_dim": 4}}))
+    train = ["rank", "train", "--data", tmp_path / "ref", "--config", tmp_path / "cfg.json", "--max-steps", "12",
+             "--no-progress"]
+    took = timed(*train, "-o", tmp_path / "run-ref")
+    ref_log = (tmp_path / "run-ref" / "metrics.jsonl").read_text()
+    for seed in SEEDS:
+        out = tmp_path / f"run-{seed}"
+        killed(seed, took, *train, "-o", out)
+        run(*train, "-o", out, *(["--resume"] if (out / "config.json").exists() else []))
+        assert (out / "metrics.jsonl").read_text() == ref_log
+        assert leftovers(out) == []
