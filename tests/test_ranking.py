@@ -277,3 +277,34 @@ def test_rank_score_takes_yesterdays_snapshot_of_the_same_model_only(planted_ran
     res = cli("rank", "score", "--run", run, "--user", uid, "--time", str(t), "--items", ",".join(items),
               "--snapshot", tmp_path / "other" / yesterday)
     assert res.exit_code == 2 and "made by another PinnerFormer model" in res.stderr
+
+
+def test_a_requests_surface_is_its_first_actions_and_sessions_across_a_cut_off_are_left_out(cli, tmp_path):
+    """Found in review: the request's surface was the most common one of all its events (its engagements included,
+    and a tie decided by hash order), and a session running past midnight at a cut-off kept the next period's
+    labels."""
+    rows = []
+    day0 = 1_600_041_600  # a UTC midnight
+    for d in range(10):
+        for u in range(6):
+            t = day0 + d * 86400 + 3600 * (1 + u)
+            # viewed on home, then saved twice on board: the surface known when the request starts is home
+            rows += [(u, 10 * u + d % 3, "view", "home", t), (u, 100 + u, "save", "board", t + 60),
+                     (u, 200 + u, "save", "board", t + 120)]
+        # one session from 23:55 to 00:05, every day (so across each cut-off)
+        t = day0 + d * 86400 + 86100
+        rows += [(9, 300 + d, "view", "home", t), (9, 400 + d, "save", "home", t + 600)]
+    pl.DataFrame(rows, schema=["user", "item", "action", "surface", "timestamp"], orient="row").write_csv(
+        tmp_path / "log.csv")
+    assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "log.csv", "-o", tmp_path / "ds", "--action-col",
+               "action", "--surface-col", "surface", "--positive", "save").exit_code == 0
+    ds = Dataset.open(tmp_path / "ds")
+    tables = build_requests(ds, RequestOptions(request="session", heads=parse_heads("save=save",
+                                                                                     ds.manifest.action_names())))
+    home = ds.manifest.surfaces.index("home")
+    req = tables.requests
+    assert (req.filter(pl.col("user") != ds.users["user_id"].cast(pl.String).to_list().index("9"))["surface"]
+            == home).all()
+    bounds = [b for b in (tables.feature_end, tables.train_end, tables.val_end) if b is not None]
+    assert tables.skipped["requests_across_a_split_boundary"] == len(bounds)  # user 9's sessions at the 3 cut-offs
+    assert req.height == 10 * 6 + 10 - len(bounds)

@@ -40,7 +40,7 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pinnerformer.config import StrictModel
 from pinnerformer.data.clock import DAY, utc_day
@@ -112,6 +112,12 @@ class RequestOptions(StrictModel):
     max_candidates: int = Field(100, ge=2)  # larger requests keep a seeded uniform sample of this many
     item_vectors: Literal["auto", "content", "pinnerformer", "interests"] = "auto"  # frozen vectors: see rank prepare
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _candidates_range(self) -> "RequestOptions":
+        if self.min_candidates > self.max_candidates:
+            raise ValueError(f"min_candidates {self.min_candidates} is above max_candidates {self.max_candidates}")
+        return self
 
 
 class SplitCounts(StrictModel):
@@ -222,16 +228,29 @@ def build_requests(ds: Dataset, opts: RequestOptions, log=print) -> RequestTable
               for h, codes in zip(opts.heads, head_codes)]
     cand = (ev.group_by("user", "key", "item", maintain_order=True)
             .agg(pl.col("ts").min().alias("t_item"), pl.col("pos").min().alias("first_pos"), *labels))
+    # the surface is the first action's: what is known when the request starts (later ones may be its engagements)
     req = (ev.group_by("user", "key", maintain_order=True)
-           .agg(pl.col("ts").min().alias("t"), pl.col("surface").mode().first().alias("surface"),
-                pl.col("item").n_unique().alias("n")))
+           .agg(pl.col("ts").min().alias("t"), pl.col("ts").max().alias("t_last"),
+                pl.col("surface").sort_by("pos").first().alias("surface"), pl.col("item").n_unique().alias("n")))
     few = req.filter(pl.col("n") < opts.min_candidates)
     if few.height:
         skipped[f"requests_with_fewer_than_{opts.min_candidates}_candidates"] = few.height
-    req = req.filter(pl.col("n") >= opts.min_candidates).sort("t", "user", "key").with_row_index("request")
+    req = req.filter(pl.col("n") >= opts.min_candidates)
     if req.height == 0:
         raise PinnerformerError(f"{ds.path}: no {opts.request} request has at least {opts.min_candidates} candidates "
                                 f"(distinct items): nothing to rank (try --request day, or a dataset with visits)")
+    t_first, t_last = req["t"].to_numpy(), req["t_last"].to_numpy()
+    train_end, val_end = _split_bounds(t_first, opts.split)
+    feature_end = _feature_bound(t_first[t_first < train_end], opts.feature_share) if opts.feature_share > 0 else None
+    # a session that runs past a cut-off would carry labels from the next period into its own: dropped, counted
+    across = np.zeros(req.height, bool)
+    for bound in (feature_end, train_end, val_end):
+        if bound is not None:
+            across |= (t_first < bound) & (t_last >= bound)
+    if across.any():
+        skipped["requests_across_a_split_boundary"] = int(across.sum())
+        req = req.filter(pl.Series(~across))
+    req = req.sort("t", "user", "key").with_row_index("request")
     cand = cand.join(req.select("user", "key", "request", "t"), on=["user", "key"], how="inner")
     # larger requests: a seeded uniform sample of max_candidates (the same on every machine)
     rng = np.random.default_rng(opts.seed)
@@ -252,11 +271,15 @@ def build_requests(ds: Dataset, opts: RequestOptions, log=print) -> RequestTable
         ts = np.asarray(tl.ts[a:b])
         seq_end[i] = a + int(np.searchsorted(ts, ti, side="left"))
         snap_end[i] = a + int(np.searchsorted(ts, di, side="left"))
-    train_end, val_end = _split_bounds(t, opts.split)
-    feature_end = _feature_bound(t[t < train_end], opts.feature_share) if opts.feature_share > 0 else None
     split = np.where(t < train_end, 0, np.where(t < val_end, 1, 2)).astype(np.int8)
     if feature_end is not None:
         split[t < feature_end] = 3
+    empty = [SPLIT_NAMES[c] for c in (0, 1, 2) if not (split == c).any()]
+    if empty:
+        raise PinnerformerError(f"the {' and '.join(empty)} period(s) hold no request once the "
+                                f"{skipped.get('requests_across_a_split_boundary', 0)} requests that run across a cut-off "
+                                "are left out (requests are cut at UTC midnights): use --request day, or other --split "
+                                "fractions")
     requests = pl.DataFrame({
         "request": req["request"].cast(pl.Int64), "user": req["user"].cast(pl.Int32), "t": req["t"].cast(pl.Int64),
         "split": split, "seq_end": seq_end, "snapshot_end": snap_end,
