@@ -92,10 +92,11 @@ def _weighted_mean(values: np.ndarray, w: np.ndarray) -> float:
 
 
 def bootstrap_draws(n_requests: int, n_boot: int, seed: int = 0) -> np.ndarray:
-    """[n_boot, n_requests] how many times each request is drawn (the same draws for every model: paired)."""
+    """[n_boot, n_requests] how many times each request is drawn (the same draws for every model: paired); int32,
+    4 bytes per request and draw (1,000 draws of 100k requests: 400 MB)."""
     rng = np.random.default_rng(seed)
-    return np.stack([np.bincount(rng.integers(0, n_requests, n_requests), minlength=n_requests)
-                     for _ in range(n_boot)]).astype(np.float64)
+    return np.stack([np.bincount(rng.integers(0, n_requests, n_requests), minlength=n_requests).astype(np.int32)
+                     for _ in range(n_boot)])
 
 
 def interval(samples: np.ndarray) -> list[float]:
