@@ -83,7 +83,7 @@ def run_experiment(rank_dir: Path, output: Path, preset: str = "fast", tables: l
             "models": {label: report.models[v] for label, v in TABLES[t]},
             "lifts": {label: report.lifts[v] for label, v in TABLES[t] if v in report.lifts}})
         sections += [f"## {t}", "", report_markdown(sub), f"![{t}]({t}.png)", ""]
-        plot_table(sub, output / f"{t}.png", f"{t} ({rank_dir.name}, test)")
+        plot_table(sub, output / f"{t}.png", f"{t} ({rank_dir.name}, test)", report.models["random"])
     base = report.model_copy(update={"models": {b: report.models[b] for b in ("random", "popularity",
                                                                                 "pinnerformer")}, "lifts": {}})
     sections += ["## baselines (same requests, same code)", "", report_markdown(base)]
@@ -91,7 +91,7 @@ def run_experiment(rank_dir: Path, output: Path, preset: str = "fast", tables: l
     return output / "README.md"
 
 
-def plot_table(report, path: Path, title: str) -> None:
+def plot_table(report, path: Path, title: str, random: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,6 +105,9 @@ def plot_table(report, path: Path, title: str) -> None:
         lo = [m - report.models[n][key].ci95[0] for n, m in zip(names, means)]
         hi = [report.models[n][key].ci95[1] - m for n, m in zip(names, means)]
         ax.bar(range(len(names)), means, yerr=[lo, hi], capsize=3, color="#4477aa")
+        if random is not None:  # the random order's value: what a ranker that learned nothing gets
+            ax.axhline(random[key].mean, color="#aa3377", linestyle="--", linewidth=1, label="random order")
+            ax.legend(fontsize=6, loc="lower right")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         ax.set_title(key + (" (lower is better)" if any(h for h, d in report.heads.items()
                                                        if key.endswith("/" + h) and "=-" in d) else ""), fontsize=8)
