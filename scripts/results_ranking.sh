@@ -4,6 +4,8 @@
 #   prepare the dataset -> rank prepare (requests, time split, a PinnerFormer trained on the training period only)
 #   -> rank experiment (each variant trained with selection on validation, all scored on the test period).
 # Usage: bash scripts/results_ranking.sh [DATA_DIR (default ../shared/data)] [DATASETS (default "ml1m taobao mind")]
+#   ml1m-session: ML-1M with session requests (30-minute gap: the sequence holds the same day's earlier sessions),
+#   the paper's 100-action sequences, tables 1 and 2 only
 # The runs (checkpoints) stay in $WORK (default /tmp/pinnerformer-ranking); the report, tables and PNGs are copied
 # into docs/results/ranking-<dataset>/.
 set -euo pipefail
@@ -15,6 +17,8 @@ WORK=${WORK:-/tmp/pinnerformer-ranking}
 mkdir -p "$WORK"
 for d in $WHICH; do
   extra=()
+  exp=()
+  src=$d
   case $d in
     # titles + genres -> all-MiniLM-L6-v2 content vectors: the frozen item vectors of sequences and candidates
     ml1m)   args=(--format movielens --input "$DATA/movielens-1m-subset"); extra=(--item-vectors content) ;;
@@ -23,12 +27,19 @@ for d in $WHICH; do
                   --max-time 2017-12-04)
             extra=(--item-vectors interests) ;;  # no content: a fixed vector per category
     mind)   args=(--format mind --input "$DATA/mind-small-sample") ;;
-    *) echo "unknown dataset $d (expected ml1m, taobao, mind)" >&2; exit 2 ;;
+    ml1m-session)
+            src=ml1m; args=(--format movielens --input "$DATA/movielens-1m-subset")
+            extra=(--item-vectors content --request session)
+            exp=(--tables table1,table2 --config scripts/ranking-seq100.json) ;;
+    *) echo "unknown dataset $d (expected ml1m, taobao, mind, ml1m-session)" >&2; exit 2 ;;
   esac
-  $PF data prepare "${args[@]}" --output "$WORK/$d" --overwrite > "$WORK/$d.prepare.txt"
-  if [ "$d" = ml1m ]; then $PF items embed-text "$WORK/$d" 2> "$WORK/$d.embed.log"; fi
-  $PF rank prepare --dataset "$WORK/$d" --output "$WORK/$d-rank" --overwrite "${extra[@]}" 2> "$WORK/$d-rank.log"
-  $PF rank experiment --data "$WORK/$d-rank" --output "$WORK/$d-experiment" 2> "$WORK/$d-experiment.log" > /dev/null
+  if [ ! -f "$WORK/$src/manifest.json" ] || [ "$src" = "$d" ]; then
+    $PF data prepare "${args[@]}" --output "$WORK/$src" --overwrite > "$WORK/$src.prepare.txt"
+    if [ "$src" = ml1m ]; then $PF items embed-text "$WORK/$src" 2> "$WORK/$src.embed.log"; fi
+  fi
+  $PF rank prepare --dataset "$WORK/$src" --output "$WORK/$d-rank" --overwrite "${extra[@]}" 2> "$WORK/$d-rank.log"
+  $PF rank experiment --data "$WORK/$d-rank" --output "$WORK/$d-experiment" "${exp[@]}" 2> "$WORK/$d-experiment.log" \
+    > /dev/null
   out=docs/results/ranking-$d
   mkdir -p "$out"
   cp "$WORK/$d-experiment"/{README.md,report.json,report.md,*.png} "$out/"

@@ -151,6 +151,7 @@ def experiment(
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the runs, the report and the plots."),
     tables: Optional[str] = typer.Option(None, help="table1,table2,fusion,mask,output (default: all)."),
     preset: str = typer.Option("fast"),
+    config: Optional[Path] = typer.Option(None, help="JSON file overriding the preset for every variant."),
     max_steps: Optional[int] = typer.Option(None, help="At most this many steps per run."),
     seed: int = typer.Option(0),
 ):
@@ -158,8 +159,10 @@ def experiment(
 
     def body():
         from pinnerformer.ranking.experiment import run_experiment
+        from pinnerformer.training.config import read_config_file
 
         path = run_experiment(data, output, preset, parse_list(tables), max_steps, seed,
+                              overrides=read_config_file(config) if config else None,
                               command=command_line(ctx), log=log)
         print(path.read_text())
 

@@ -15,6 +15,7 @@ lifts over the ranker without sequence features, protocol and fingerprints) and 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pinnerformer.config import merge_dicts
@@ -76,7 +77,8 @@ def run_experiment(rank_dir: Path, output: Path, preset: str = "fast", tables: l
                                  log=log)
     write_report(report, output, "report")
     sections = [f"# Ranking ablations on `{rank_dir}`", "", f"Reproduce: `{command}`" if command else "",
-                f"Preset `{preset}`, seed {seed}" + (f", at most {max_steps} steps per run" if max_steps else "")
+                f"Preset `{preset}`" + (f" with overrides `{json.dumps(overrides)}`" if overrides else "")
+                + f", seed {seed}" + (f", at most {max_steps} steps per run" if max_steps else "")
                 + "; every variant selected on the validation period, scored on the test period.", ""]
     for t in tables:
         sub = report.model_copy(update={
