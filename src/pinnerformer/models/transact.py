@@ -67,22 +67,27 @@ class EncoderLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(), nn.Linear(ffn, d))
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """[B, h, T, dh]; in training with dropout, written out (softmax, then dropout on the weights), since SDPA's
-        own attention dropout is slow on CPU; otherwise SDPA."""
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, h, T, dh]; keys seen: the visible ones, and where `attn_mask` [T, T] (query, key) allows (e.g. causal).
+        In training with dropout, written out (softmax, then dropout on the weights), since SDPA's own attention
+        dropout is slow on CPU; otherwise SDPA."""
+        mask = visible[:, None, None, :] if attn_mask is None else visible[:, None, None, :] & attn_mask
         if not (self.training and self.p > 0):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        w = torch.softmax(scores.masked_fill(~visible[:, None, None, :], float("-inf")), -1)
-        w = torch.where(visible.any(1)[:, None, None, None], w, torch.zeros_like(w))  # nothing visible: 0, not NaN
+        w = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+        w = torch.where(mask.any(-1, keepdim=True), w, torch.zeros_like(w))  # a query that sees nothing: 0, not NaN
         return dropout(w, self.p, True) @ v
 
-    def forward(self, x: torch.Tensor, visible: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, d]; visible [B, T] (False: padding or masked out); qkv [B, T, 3d] when precomputed."""
+    def forward(self, x: torch.Tensor, visible: torch.Tensor, qkv: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d]; visible [B, T] (False: padding or masked out); qkv [B, T, 3d] when precomputed; attn_mask
+        [T, T] bool (query, key) on top of `visible` (True: may attend)."""
         B, T, d = x.shape
         qkv = self.qkv(x) if qkv is None else qkv
         q, k, v = qkv.view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = self.attention(q, k, v, visible)
+        a = self.attention(q, k, v, visible, attn_mask)
         x = self.ln1(x + dropout(self.proj(a.transpose(1, 2).reshape(B, T, d)), self.p, self.training))
         return self.ln2(x + dropout(self.ffn(x), self.p, self.training))
 

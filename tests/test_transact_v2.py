@@ -1,0 +1,97 @@
+"""TransAct V2: the per-candidate selection equals a brute-force reading of its definition (nearest tokens by
+cosine with the candidate, ties to the newer, the newest realtime actions always kept, time order, padding where a
+sequence is short or empty), the encoder's causal mask and padding hold, and a user with no history at all is
+scored without NaN."""
+
+import numpy as np
+import torch
+
+from pinnerformer.models.transact import EncoderLayer
+from pinnerformer.models.transact_v2 import Stream, TransActV2, TransActV2Config, select
+from pinnerformer.ops.quantize import dequantize_normalize, quantize
+
+A, E = 3, 8
+CFG = TransActV2Config(k_lifelong=4, recent=2, k_realtime=2, k_impressions=3, realtime_len=6)
+
+
+def stream(g, U, S, lengths, n_items):
+    item = torch.randint(0, n_items, (U, S), generator=g)
+    valid = torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]
+    actions = (torch.rand(U, S, A, generator=g) < 0.4).float()
+    return Stream(item, actions, torch.randint(0, 3, (U, S), generator=g), valid)
+
+
+def setup(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_items = 50
+    v = quantize(torch.randn(n_items, E, generator=g).numpy())
+    table = torch.from_numpy(v.q)
+    life = stream(g, 3, 10, [10, 0, 3], n_items)  # user 1 has no lifelong history
+    real = stream(g, 3, 6, [6, 4, 1], n_items)
+    imp = stream(g, 3, 5, [5, 2, 0], n_items)  # user 2 has no impressions
+    offsets = torch.tensor([0, 2, 3, 6])
+    cand = torch.randn(6, E, generator=g)
+    return table, v, life, real, imp, offsets, cand
+
+
+def brute_force(table, v, life, real, imp, offsets, cand):
+    unit = dequantize_normalize(table, v.scale, v.zero).numpy().astype(np.float64)
+    out = []
+    for b in range(len(cand)):
+        u = int(np.searchsorted(offsets.numpy(), b, side="right") - 1)
+        c = cand[b].numpy().astype(np.float64)
+        c = c / np.linalg.norm(c)
+
+        def nearest(s, k, allowed):
+            pos = [j for j in range(s.item.shape[1]) if allowed[j]]
+            pos = sorted(pos, key=lambda j: (-float(unit[int(s.item[u, j])] @ c), -j))[:k]
+            return [int(s.item[u, j]) for j in sorted(pos)] + [None] * (k - len(pos))
+
+        n_real = int(real.valid[u].sum())
+        recent = list(range(max(0, n_real - CFG.recent), n_real))
+        row = nearest(life, CFG.k_lifelong, life.valid[u].tolist())
+        row += [int(real.item[u, j]) for j in recent] + [None] * (CFG.recent - len(recent))
+        row += nearest(real, CFG.k_realtime, [bool(real.valid[u, j]) and j not in recent for j in range(6)])
+        row += nearest(imp, CFG.k_impressions, imp.valid[u].tolist())
+        out.append(row)
+    return out
+
+
+def test_selection_equals_its_definition_with_padding_for_short_or_empty_sequences():
+    table, v, life, real, imp, offsets, cand = setup()
+    item, actions, surface, is_real = select(CFG, table, v.scale, v.zero, life, real, imp, offsets, cand)
+    assert item.shape == (6, CFG.tokens) and actions.shape == (6, CFG.tokens, A)
+    got = [[int(i) if r else None for i, r in zip(row_i, row_r)] for row_i, row_r in zip(item, is_real)]
+    assert got == brute_force(table, v, life, real, imp, offsets, cand)
+    assert not is_real[2, :CFG.k_lifelong].any()  # user 1: no lifelong history, padded
+    assert not is_real[3:, -CFG.k_impressions:].any()  # user 2: no impressions
+
+
+def test_causal_mask_and_padding_hold_and_an_empty_user_is_scored():
+    torch.manual_seed(0)
+    layer = EncoderLayer(16, 1, 8, dropout=0.0).eval()
+    x = torch.randn(2, 7, 16)
+    visible = torch.ones(2, 7, dtype=torch.bool)
+    visible[1, 5:] = False
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    base = layer(x, visible, attn_mask=causal)
+    later = x.clone()
+    later[:, 4] += 3.0  # a later token changes nothing before it
+    assert torch.allclose(layer(later, visible, attn_mask=causal)[:, :4], base[:, :4], atol=1e-6)
+    padded = x.clone()
+    padded[1, 5:] = 100.0  # padding is never attended to
+    assert torch.allclose(layer(padded, visible, attn_mask=causal)[1, :5], base[1, :5], atol=1e-6)
+    # the training form (written out) equals SDPA with the causal mask
+    layer.p = 1e-12
+    layer.train()
+    assert torch.allclose(layer(x, visible, attn_mask=causal), base, atol=1e-5)
+
+    table, v, life, real, imp, offsets, cand = setup(1)
+    real.valid[2] = False
+    life.valid[2] = False  # user 2: nothing at all
+    model = TransActV2(CFG, n_actions=A, n_surfaces=2, vector_dim=E).eval()
+    item, actions, surface, is_real = select(CFG, table, v.scale, v.zero, life, real, imp, offsets, cand)
+    unit = dequantize_normalize(table[item], v.scale, v.zero)
+    out = model(unit, actions, surface, is_real, torch.nn.functional.normalize(cand, dim=-1))
+    assert out.shape == (6, CFG.out_dim) and torch.isfinite(out).all()
+    assert not is_real[3:].any() and torch.allclose(out[3:], model.out.bias.expand(3, -1))
