@@ -49,21 +49,38 @@ def nn_scores(seq_q: torch.Tensor, scale: float, zero: float, offsets: torch.Ten
     return torch.bmm(padded, seq.transpose(1, 2))[user, pos]  # [U, C_max, S] -> [B, S]
 
 
+def kth_best(masked: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, 1] the k-th best score of each row (-inf when the row has fewer than k valid tokens)."""
+    return torch.topk(masked, min(k, masked.shape[1]), dim=1).values[:, -1:]
+
+
+def take_top_k(masked: torch.Tensor, kth: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, k] positions, oldest first, -1 padded: every valid token above the k-th best score, and of those equal to
+    it the newest ones that complete k (no sort of the whole row)."""
+    B = masked.shape[0]
+    out = torch.full((B, k), -1, dtype=torch.long, device=masked.device)
+    above = valid & (masked > kth)
+    tied = valid & (masked == kth)
+    room = k - above.sum(1, keepdim=True)
+    take = above | tied
+    over = torch.nonzero(tied.sum(1, keepdim=True) > room, as_tuple=True)[0]  # rows with more ties than room (rare)
+    if len(over):  # keep the newest ties: counted from the newest back
+        t = tied[over]
+        take[over] = above[over] | (t & (t.flip(1).cumsum(1).flip(1) <= room[over]))
+    row, pos = torch.nonzero(take, as_tuple=True)  # row-major: positions ascending within a row
+    first = torch.searchsorted(row, torch.arange(B, device=row.device))
+    out[row, torch.arange(len(row), device=row.device) - first[row]] = pos
+    return out
+
+
 def top_k_in_time_order(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
     """[B, k] positions of the k best valid tokens per row (ties: the newer), sorted oldest first, -1 where a row
     has fewer than k valid tokens."""
     B, S = scores.shape
     if k == 0 or S == 0:
         return torch.full((B, k), -1, dtype=torch.long, device=scores.device)
-    masked = scores.masked_fill(~valid, float("-inf")).flip(1)  # newest first: a stable sort keeps the newer ahead
-    order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :k]
-    picked = S - 1 - order  # back to positions
-    ok = torch.gather(valid, 1, picked)
-    picked = torch.where(ok, picked, torch.full_like(picked, S))  # invalid -> S, sorted to the end
-    picked = torch.sort(picked, dim=1).values
-    if k > S:  # fewer tokens than k: pad
-        picked = torch.cat([picked, torch.full((B, k - S), S, dtype=picked.dtype, device=picked.device)], 1)
-    return torch.where(picked >= S, torch.full_like(picked, -1), picked)
+    masked = scores.masked_fill(~valid, float("-inf"))
+    return take_top_k(masked, kth_best(masked, k), valid, k)
 
 
 def top_k_reference(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -83,14 +100,32 @@ def select_nearest(seq_q: torch.Tensor, scale: float, zero: float, offsets: torc
     return top_k_in_time_order(nn_scores(seq_q, scale, zero, offsets, cand), valid[user], k)
 
 
+def _dense(seq_q: torch.Tensor, scale: float, zero: float, cand_padded: torch.Tensor, valid: torch.Tensor, k: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense part for candidates padded per user [U, C_max, D]: dequantise, normalise, score, mask, k-th best:
+    masked scores [U, C_max, S] and thresholds [U, C_max, 1]. Fixed shapes: one compiled graph."""
+    seq = dequantize_normalize(seq_q, scale, zero)
+    masked = torch.bmm(F.normalize(cand_padded, dim=-1), seq.transpose(1, 2)).masked_fill(~valid.unsqueeze(1),
+                                                                                           float("-inf"))
+    return masked, torch.topk(masked, min(k, masked.shape[-1]), dim=-1).values[..., -1:]
+
+
 _compiled = None
 
 
 def select_nearest_fused(seq_q: torch.Tensor, scale: float, zero: float, offsets: torch.Tensor, cand: torch.Tensor,
                          valid: torch.Tensor, k: int) -> torch.Tensor:
-    """`select_nearest` as one compiled graph (torch.compile fuses the dequantisation, normalisation, scoring and
-    masking; compiled on first use, dynamic shapes)."""
+    """`select_nearest` with its dense part (dequantise + normalise + score + mask + k-th best) as one
+    torch.compile graph; the data-dependent assembly of the positions stays eager."""
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(select_nearest, dynamic=True)
-    return _compiled(seq_q, scale, zero, offsets, cand, valid, k)
+        _compiled = torch.compile(_dense, dynamic=True)
+    B, S = len(cand), seq_q.shape[1]
+    if k == 0 or S == 0:
+        return torch.full((B, k), -1, dtype=torch.long, device=cand.device)
+    user, pos = group_positions(offsets)
+    c_max = int((offsets[1:] - offsets[:-1]).max()) if B else 0
+    padded = cand.new_zeros((seq_q.shape[0], c_max, cand.shape[1]), dtype=torch.float32)
+    padded[user, pos] = cand.float()
+    masked, kth = _compiled(seq_q, scale, zero, padded, valid, k)
+    return take_top_k(masked[user, pos], kth[user, pos], valid[user], k)
