@@ -95,3 +95,29 @@ def test_causal_mask_and_padding_hold_and_an_empty_user_is_scored():
     out = model(unit, actions, surface, is_real, torch.nn.functional.normalize(cand, dim=-1))
     assert out.shape == (6, CFG.out_dim) and torch.isfinite(out).all()
     assert not is_real[3:].any() and torch.allclose(out[3:], model.out.bias.expand(3, -1))
+
+
+def test_request_streams_split_explicit_actions_and_impressions_before_the_request():
+    from pinnerformer.data.timelines import Timelines
+    from pinnerformer.features.v2_streams import request_streams
+
+    # user 0: 12 events, actions 0 = impression, 1 = save, 2 = hide (explicit: save, hide); user 1: only impressions
+    action = np.array([0, 1, 1, 0, 2, 1, 0, 1, 1, 2, 1, 0] + [0, 0, 0], dtype=np.int16)
+    n = len(action)
+    tl = Timelines(offsets=np.array([0, 12, 15]), item=np.arange(100, 100 + n, dtype=np.int32), action=action,
+                   ts=np.arange(n, dtype=np.int64) * 10, surface=np.full(n, -1, np.int16),
+                   duration=np.full(n, np.nan, np.float32))
+    explicit = np.array([False, True, True])
+    # request of user 0 before event 11 (11 events before it: 8 explicit, 3 impressions); user 1 before event 14
+    s = request_streams(tl, np.array([0, 1]), np.array([11, 14]), explicit, realtime_len=3, lifelong_max=4,
+                        impressions_max=2)
+    item = lambda st, r: st.item[r][st.valid[r]].tolist()  # noqa: E731
+    assert item(s.realtime, 0) == [108, 109, 110]  # the 3 newest explicit, oldest first
+    assert item(s.lifelong, 0) == [102, 104, 105, 107]  # the 4 newest explicit before those (101 cut)
+    assert s.lifelong_cut == 1
+    assert item(s.impressions, 0) == [103, 106]  # the 2 newest non-explicit
+    assert item(s.realtime, 1) == [] and item(s.lifelong, 1) == [] and item(s.impressions, 1) == [112, 113]
+    assert (s.realtime.action[0][s.realtime.valid[0]] > 0).all()
+    t = s.lifelong.tensors(3)
+    assert t["actions"].shape == (2, 4, 3) and t["actions"][0].sum(-1).tolist() == [1.0] * 4
+    assert t["actions"][1].sum() == 0  # padding has no action
