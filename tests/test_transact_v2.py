@@ -121,3 +121,91 @@ def test_request_streams_split_explicit_actions_and_impressions_before_the_reque
     t = s.lifelong.tensors(3)
     assert t["actions"].shape == (2, 4, 3) and t["actions"][0].sum(-1).tolist() == [1.0] * 4
     assert t["actions"][1].sum() == 0  # padding has no action
+
+
+def test_v2_finds_the_old_lifelong_action_that_transact_cannot_see(tmp_path):
+    """Planted: the saved candidates resemble only actions of the user's first day, beyond a 16-action realtime
+    window filled with noise every day; neither ranker has the PinnerFormer feature. TransAct V2's nearest
+    lifelong tokens find them; TransAct is at the random order's level."""
+    import json
+
+    import polars as pl
+
+    from pinnerformer.data.dataset import Dataset, set_content_vectors
+    from pinnerformer.data.requests import RankData, RequestOptions, build_requests, parse_heads
+    from pinnerformer.data.synthetic import planted_lifelong_log
+    from pinnerformer.ranking.evaluate import evaluate_ranking
+    from pinnerformer.ranking.prepare import prepare_ranking
+    from pinnerformer.training.config import load_config
+    from pinnerformer.training.ranking import load_rank_config, ranking_loop
+    from pinnerformer.training.retrieval import retrieval_loop
+    from tests.conftest import TINY, run_cli
+
+    planted_lifelong_log().write_csv(tmp_path / "log.csv")
+    assert run_cli("data", "prepare", "-f", "events", "-i", tmp_path / "log.csv", "-o", tmp_path / "ds",
+                   "--action-col", "action", "--positive", "click,save").exit_code == 0
+    ids = Dataset.open(tmp_path / "ds").items["item_id"].cast(pl.Int64).to_numpy()
+    vec = np.eye(16, dtype=np.float32)[ids % 10] + np.random.default_rng(0).normal(0, 0.1, (len(ids), 16))
+    set_content_vectors(tmp_path / "ds", vec, "planted-groups")
+    ds = Dataset.open(tmp_path / "ds")
+    opts = RequestOptions(request="session", heads=parse_heads("save=save", ds.manifest.action_names()))
+    cfg = load_config("small", overrides=json.loads(json.dumps(
+        {**TINY, "eval": {"until": build_requests(ds, opts).pf_until, "test_fraction": 0.0, "val_fraction": 0.2},
+         "optim": {**TINY["optim"], "max_epochs": 1}})))
+    retrieval_loop(ds, cfg, tmp_path / "pf", log=lambda s: None).fit(progress=False, max_steps=3)
+    prepare_ranking(tmp_path / "ds", tmp_path / "rank", opts, pinnerformer=tmp_path / "pf", log=lambda s: None)
+    rd = RankData(tmp_path / "rank")
+    common = {"device": "cpu", "optim": {"batch_size": 128, "lr": 3e-3, "warmup_steps": 10, "max_epochs": 4,
+                                         "patience": 2},
+              "data": {"epoch_rows": 6000, "max_val_requests": 300}}
+    models = {"transact": {"sequence": "transact", "transact": {"seq_len": 16, "time_window_hours": 0.0}},
+              "transact-v2": {"sequence": "transact-v2",
+                              "v2": {"realtime_len": 16, "recent": 4, "k_realtime": 4, "k_lifelong": 8,
+                                     "k_impressions": 4, "lifelong_max": 512, "d": 32, "layers": 1}}}
+    runs = {}
+    for name, model in models.items():
+        over = {**common, "model": {**model, "use_pinnerformer": False, "mlp": [64], "item_id_dim": 0}}
+        ranking_loop(rd, load_rank_config("default", overrides=json.loads(json.dumps(over))), tmp_path / name,
+                     log=lambda s: None).fit(progress=False)
+        runs[name] = tmp_path / name
+    report, _ = evaluate_ranking(rd, runs, "test", reference="transact", n_boot=200, log=lambda s: None)
+    hit = {n: report.models[n]["hit@3/save"].mean for n in report.models}
+    # 3 of 8 shown candidates saved: the random order puts 1.125 of them in the top 3
+    assert hit["transact"] < 1.5
+    assert hit["transact-v2"] > 2.3
+    assert report.lifts["transact-v2"]["hit@3/save"].ci95[0] > 0.4
+
+
+def test_a_requests_v2_scores_do_not_depend_on_the_other_requests_in_the_batch():
+    """Training batches mix the rows of many requests in any order; serving scores one request: the selected tokens
+    and the scores must be the same (rows are grouped by request inside the model and put back in order)."""
+    from pinnerformer.features.rank_batch import RankBatch
+    from pinnerformer.models.ranker import Ranker, RankerConfig, RankerInputs
+
+    torch.manual_seed(0)
+    table, v, life, real, imp, offsets, cand = setup(2)
+    n_items = table.shape[0]
+    cfg = RankerConfig.model_validate({"sequence": "transact-v2", "use_pinnerformer": False,
+                                       "v2": CFG.model_dump(), "mlp": [16]})
+    inputs = RankerInputs(n_items=n_items, n_actions=A, n_surfaces=2, vector_dim=E, pf_dim=4, heads=("save",))
+    model = Ranker(cfg, inputs, torch.from_numpy(v.dequantize()), torch.randn(n_items, 4)).eval()
+
+    def batch(requests: list[int], rows: list[tuple[int, int]]) -> RankBatch:
+        """rows: (request position in `requests`, candidate item)."""
+        pick = lambda s, name: {f"{name}.item": s.item[requests], f"{name}.actions": s.actions[requests],  # noqa: E731
+                                f"{name}.surface": s.surface[requests], f"{name}.valid": s.valid[requests]}
+        R, N = len(requests), len(rows)
+        return RankBatch(seq_action=torch.zeros(R, 1, dtype=torch.long), seq_item=torch.zeros(R, 1, dtype=torch.long),
+                         seq_age=torch.zeros(R, 1), user_vec=torch.zeros(R, 4), has_vector=torch.zeros(R, dtype=bool),
+                         hour=torch.zeros(R, dtype=torch.long), surface=torch.zeros(R, dtype=torch.long),
+                         row_request=torch.tensor([r for r, _ in rows]), cand_item=torch.tensor([i for _, i in rows]),
+                         labels=torch.zeros(N, 1), weight=torch.ones(N),
+                         streams={**pick(life, "lifelong"), **pick(real, "realtime"), **pick(imp, "impressions")})
+
+    mixed = [(2, 7), (0, 3), (1, 9), (0, 11), (2, 4), (2, 30)]  # interleaved rows of three requests
+    with torch.no_grad():
+        together = model(batch([0, 1, 2], mixed))
+        for q in range(3):
+            alone = model(batch([q], [(0, i) for r, i in mixed if r == q]))
+            torch.testing.assert_close(alone, together[[k for k, (r, _) in enumerate(mixed) if r == q]],
+                                       atol=1e-5, rtol=1e-5)

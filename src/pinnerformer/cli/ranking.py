@@ -73,7 +73,8 @@ def train(
     data: Path = typer.Option(..., "--data", help="Ranking data written by `rank prepare`."),
     output: Path = typer.Option(..., "--output", "-o", help="Run directory."),
     preset: str = typer.Option("default", help="default | fast (shorter sequences and epochs: CPU minutes)."),
-    model: Optional[str] = typer.Option(None, help="Sequence feature: transact | bst | average | none."),
+    model: Optional[str] = typer.Option(None, help="Sequence feature: transact | transact-v2 (lifelong streams, "
+                                        "nearest-neighbour selection) | bst | average | none."),
     no_pinnerformer: bool = typer.Option(False, "--no-pinnerformer", help="Leave the PinnerFormer feature out."),
     config: Optional[Path] = typer.Option(None, help="JSON file overriding preset values (unknown keys are errors)."),
     max_epochs: Optional[int] = typer.Option(None),

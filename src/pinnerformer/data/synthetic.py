@@ -61,3 +61,29 @@ def planted_request_log(n_users: int = 200, n_items: int = 200, n_groups: int = 
             for k, j in enumerate(rng.permutation(len(cands))):
                 rows.append((u, cands[j][0], cands[j][1], t + 2 * 3600 + 30 * k))
     return pl.DataFrame(rows, schema=["user", "item", "action", "timestamp"], orient="row")
+
+
+def planted_lifelong_log(n_users: int = 120, n_items: int = 200, n_groups: int = 10, days: int = 10,
+                         first: int = 5, noise: int = 20, engaged: int = 3, shown: int = 8, seed: int = 0,
+                         start: int = 1_600_041_600) -> pl.DataFrame:
+    """Requests whose engaged candidates resemble only an old action: each user `save`s `first` items of a secret
+    group on day 0; every later day they `click` `noise` random items at 08:00 (filling any short realtime window)
+    and at 10:00 are shown `shown` candidates, the `engaged` of the secret group `save`d, the others `view`ed. The
+    realtime window of the last `noise` actions sees no trace of the group; the lifelong sequence does."""
+    rng = np.random.default_rng(seed)
+    group_of_item = np.arange(n_items) % n_groups
+    rows: list[tuple[int, int, str, int]] = []
+    for u in range(n_users):
+        g = int(rng.integers(n_groups))
+        mine, others = np.flatnonzero(group_of_item == g), np.flatnonzero(group_of_item != g)
+        for k, item in enumerate(rng.choice(mine, first, replace=False)):
+            rows.append((u, int(item), "save", start + 8 * 3600 + 60 * k))
+        for d in range(1, days):
+            t = start + d * 86400 + 8 * 3600
+            for k, item in enumerate(rng.choice(n_items, noise, replace=False)):
+                rows.append((u, int(item), "click", t + 60 * k))
+            cands = [(int(i), "save") for i in rng.choice(mine, engaged, replace=False)]
+            cands += [(int(i), "view") for i in rng.choice(others, shown - engaged, replace=False)]
+            for k, j in enumerate(rng.permutation(len(cands))):
+                rows.append((u, cands[j][0], cands[j][1], t + 2 * 3600 + 30 * k))
+    return pl.DataFrame(rows, schema=["user", "item", "action", "timestamp"], orient="row")

@@ -13,6 +13,7 @@ from pinnerformer.data.requests import Head, RankData
 from pinnerformer.data.timelines import Timelines
 from pinnerformer.evaluation import ranking_metrics as rm
 from pinnerformer.features.rank_batch import build_rank_batch
+from pinnerformer.features.v2_streams import StreamSpec, stream_spec
 from pinnerformer.models.ranker import Ranker
 
 BASELINES = ["random", "popularity", "pinnerformer"]
@@ -26,15 +27,24 @@ def request_layout(rd: RankData, requests: np.ndarray) -> tuple[np.ndarray, np.n
     return rows, np.concatenate([[0], np.cumsum(sizes)])
 
 
+def v2_spec_for(model: Ranker, rd: RankData, action_names: list[str], positive: list[int]) -> StreamSpec | None:
+    """The streams a transact-v2 ranker reads (None for the other sequence features)."""
+    if model.cfg.sequence != "transact-v2":
+        return None
+    c = model.cfg.v2
+    return stream_spec(action_names, positive, [h.actions for h in rd.heads], c.realtime_len, c.lifelong_max,
+                       c.impressions_max)
+
+
 @torch.no_grad()
 def score_requests(model: Ranker, rd: RankData, tl: Timelines, requests: np.ndarray, device: torch.device,
-                   chunk: int = 64, shared_projection: bool = False) -> np.ndarray:
+                   chunk: int = 64, shared_projection: bool = False, v2: StreamSpec | None = None) -> np.ndarray:
     """[rows of `request_layout`, heads] probabilities."""
     model.eval()
     seq_len = model.transact.cfg.seq_len if model.transact is not None else model.cfg.transact.seq_len
     out = []
     for i in range(0, len(requests), chunk):
-        b = build_rank_batch(rd, tl, requests[i:i + chunk], seq_len).to(device)
+        b = build_rank_batch(rd, tl, requests[i:i + chunk], seq_len, v2=v2).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out.append(torch.sigmoid(model(b, shared_projection=shared_projection).float()).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, len(rd.heads)), np.float32)

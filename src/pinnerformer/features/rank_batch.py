@@ -15,6 +15,7 @@ import torch
 
 from pinnerformer.data.requests import RankData
 from pinnerformer.data.timelines import Timelines
+from pinnerformer.features.v2_streams import StreamSpec
 
 
 @dataclass
@@ -30,12 +31,19 @@ class RankBatch:
     cand_item: torch.Tensor  # [N] int64
     labels: torch.Tensor  # [N, H] float32 0/1 per head
     weight: torch.Tensor  # [N] float32 per-row (user) weight
+    # TransAct V2 only: per request the lifelong / realtime / impressions streams ("lifelong.item", ...)
+    streams: dict[str, torch.Tensor] | None = None
+
+    def _map(self, fn) -> "RankBatch":
+        out = {k: fn(v) for k, v in self.__dict__.items() if k != "streams"}
+        streams = None if self.streams is None else {k: fn(v) for k, v in self.streams.items()}
+        return RankBatch(**out, streams=streams)
 
     def pin_memory(self) -> "RankBatch":
-        return RankBatch(**{k: v.pin_memory() for k, v in self.__dict__.items()})
+        return self._map(lambda v: v.pin_memory())
 
     def to(self, device: torch.device) -> "RankBatch":
-        return RankBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+        return self._map(lambda v: v.to(device, non_blocking=True))
 
     @property
     def n_rows(self) -> int:
@@ -57,8 +65,10 @@ def sequence_arrays(tl: Timelines, users: np.ndarray, seq_end: np.ndarray, t: np
 
 
 def build_rank_batch(rd: RankData, tl: Timelines, requests: np.ndarray, seq_len: int,
-                     rows: np.ndarray | None = None, row_weight: np.ndarray | None = None) -> RankBatch:
-    """Requests (data indices) and candidate rows (data indices; default: every candidate of those requests)."""
+                     rows: np.ndarray | None = None, row_weight: np.ndarray | None = None,
+                     v2: StreamSpec | None = None) -> RankBatch:
+    """Requests (data indices) and candidate rows (data indices; default: every candidate of those requests);
+    with `v2`, also each request's TransAct V2 streams."""
     requests = np.asarray(requests, dtype=np.int64)
     if rows is None:
         rows = np.concatenate([np.arange(rd.cand_start[r], rd.cand_start[r + 1]) for r in requests]) \
@@ -78,4 +88,5 @@ def build_rank_batch(rd: RankData, tl: Timelines, requests: np.ndarray, seq_len:
         row_request=torch.from_numpy(row_request), cand_item=torch.from_numpy(rd.cand_item[rows]),
         labels=torch.from_numpy(rd.labels[rows]),
         weight=torch.from_numpy(np.ones(len(rows), np.float32) if row_weight is None
-                                else row_weight[rows].astype(np.float32)))
+                                else row_weight[rows].astype(np.float32)),
+        streams=None if v2 is None else v2.tensors(tl, rd.request_user[requests], rd.seq_end[requests]))

@@ -76,3 +76,35 @@ def request_streams(tl: Timelines, users: np.ndarray, seq_end: np.ndarray, expli
     width = lambda rows, cap: max(1, min(cap, max((len(r) for r in rows), default=0)))  # noqa: E731
     return RequestStreams(_pack(tl, life, width(life, lifelong_max)), _pack(tl, real, width(real, realtime_len)),
                           _pack(tl, imp, width(imp, impressions_max)), cut)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What a batch builder needs to cut the streams: the explicit action codes and the three lengths."""
+
+    explicit: np.ndarray  # [n_actions] bool
+    realtime_len: int
+    lifelong_max: int
+    impressions_max: int
+
+    def tensors(self, tl: Timelines, users: np.ndarray, seq_end: np.ndarray) -> dict[str, torch.Tensor]:
+        s = request_streams(tl, users, seq_end, self.explicit, self.realtime_len, self.lifelong_max,
+                            self.impressions_max)
+        n = len(self.explicit)
+        return {f"{name}.{k}": v for name in ("lifelong", "realtime", "impressions")
+                for k, v in getattr(s, name).tensors(n).items()}
+
+
+def explicit_actions(action_names: list[str], positive: list[int], head_actions: list[list[str]]) -> np.ndarray:
+    """[n_actions] bool: the positive actions and every action a head names."""
+    out = np.zeros(len(action_names), bool)
+    out[list(positive)] = True
+    for acts in head_actions:
+        out[[action_names.index(a) for a in acts]] = True
+    return out
+
+
+def stream_spec(action_names: list[str], positive: list[int], head_actions: list[list[str]], realtime_len: int,
+                lifelong_max: int, impressions_max: int) -> StreamSpec:
+    return StreamSpec(explicit_actions(action_names, positive, head_actions), realtime_len, lifelong_max,
+                      impressions_max)

@@ -8,6 +8,8 @@ Input of one candidate row, concatenated into x0:
     sequence       `sequence`: none | average (mean of the sequence's [action ‖ item] tokens, BST-less baseline)
                    | bst (the candidate appended as one more token, learned positions: Behavior Sequence
                    Transformer style) | transact (early fusion concat, time-window mask: `models/transact.py`)
+                   | transact-v2 (lifelong, realtime and impression streams cut per candidate to its nearest
+                   tokens over int8 item vectors: `models/transact_v2.py`)
     context        the request's UTC hour and surface, embedded
 Feature crossing (DCN v2, Wang et al. 2021, parallel form): a cross network of `cross_layers` full-rank layers
     x_{l+1} = x0 ⊙ (W_l x_l + b_l) + x_l
@@ -23,16 +25,20 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from pydantic import Field
 
 from pinnerformer.config import StrictModel
 from pinnerformer.features.rank_batch import RankBatch
 from pinnerformer.models.transact import TransAct, TransActConfig
+from pinnerformer.models.transact_v2 import Stream, TransActV2, TransActV2Config, select
+from pinnerformer.ops.quantize import dequantize_normalize, quantize
 
 
 class RankerConfig(StrictModel):
-    sequence: Literal["none", "average", "bst", "transact"] = "transact"
+    sequence: Literal["none", "average", "bst", "transact", "transact-v2"] = "transact"
     transact: TransActConfig = TransActConfig()
+    v2: TransActV2Config = TransActV2Config()  # sequence "transact-v2": lifelong streams, NN selection
     use_pinnerformer: bool = True
     item_dim: int = Field(32, ge=1)
     item_id_dim: int = Field(16, ge=0)
@@ -93,6 +99,13 @@ class Ranker(nn.Module):
         if cfg.sequence in ("transact", "bst"):
             self.transact = TransAct(sequence_variant(cfg), inputs.n_actions, inputs.vector_dim)
             d += self.transact.out_dim
+        elif cfg.sequence == "transact-v2":
+            # the frozen item vectors as int8 with one affine map (saved with the model: q, scale, zero)
+            q = quantize(item_vectors.float().numpy())
+            self.register_buffer("item_q", torch.from_numpy(q.q))
+            self.register_buffer("q_affine", torch.tensor([q.scale, q.zero], dtype=torch.float64))
+            self.v2 = TransActV2(cfg.v2, inputs.n_actions, inputs.n_surfaces, inputs.vector_dim)
+            d += cfg.v2.out_dim
         elif cfg.sequence == "average":
             self.avg_action = nn.Embedding(inputs.n_actions + 1, cfg.transact.action_dim)
             self.avg_item = nn.Linear(inputs.vector_dim, cfg.transact.item_dim)
@@ -106,8 +119,29 @@ class Ranker(nn.Module):
         self.mlp = nn.Sequential(*mlp)
         self.head = nn.Linear(d + width, len(inputs.heads))
 
+    def v2_features(self, b: RankBatch, cand_vec: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by request (their streams are moved and dequantised once per request), each candidate's
+        nearest tokens selected and encoded, then back in row order."""
+        if b.streams is None:
+            raise ValueError("a transact-v2 ranker needs the batch's streams (build_rank_batch(..., v2=spec))")
+        order = torch.argsort(b.row_request, stable=True)
+        counts = torch.bincount(b.row_request, minlength=len(b.hour))
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        st = {name: Stream(b.streams[f"{name}.item"], b.streams[f"{name}.actions"],
+                           b.streams[f"{name}.surface"], b.streams[f"{name}.valid"])
+              for name in ("lifelong", "realtime", "impressions")}
+        scale, zero = (float(x) for x in self.q_affine)
+        cand = cand_vec[order]
+        item, actions, surface, real = select(self.cfg.v2, self.item_q, scale, zero, st["lifelong"], st["realtime"],
+                                              st["impressions"], offsets, cand)
+        out = self.v2(dequantize_normalize(self.item_q[item], scale, zero), actions, surface.clamp(
+            max=self.inputs.n_surfaces), real, F.normalize(cand, dim=-1))
+        return torch.empty_like(out).index_copy_(0, order, out)
+
     def sequence_features(self, b: RankBatch, cand_vec: torch.Tensor, shared_projection: bool) -> torch.Tensor:
         r = b.row_request
+        if self.cfg.sequence == "transact-v2":
+            return self.v2_features(b, cand_vec)
         if self.cfg.sequence == "average":
             tok = torch.cat([self.avg_action(b.seq_action), self.avg_item(self.item_vectors[b.seq_item])], -1)
             real = (b.seq_action > 0).unsqueeze(-1).float()

@@ -31,6 +31,7 @@ from pinnerformer.ops.nn_select import select_nearest
 class TransActV2Config(StrictModel):
     lifelong_max: int = Field(16_384, ge=0)
     realtime_len: int = Field(100, ge=0)
+    impressions_max: int = Field(1_000, ge=0)  # the newest impressions kept per request
     k_lifelong: int = Field(96, ge=0)
     recent: int = Field(32, ge=0)  # the newest realtime actions, always kept
     k_realtime: int = Field(32, ge=0)  # nearest among the rest of the realtime window

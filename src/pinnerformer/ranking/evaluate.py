@@ -15,7 +15,9 @@ import torch
 from pinnerformer.config import StrictModel
 from pinnerformer.data.requests import RankData
 from pinnerformer.evaluation import ranking_metrics as rm
-from pinnerformer.evaluation.ranking import BASELINES, Lift, MetricValue, PerRequest, baseline_scores, score_requests
+from pinnerformer.evaluation.ranking import (
+    BASELINES, Lift, MetricValue, PerRequest, baseline_scores, score_requests, v2_spec_for,
+)
 from pinnerformer.io import write_json_atomic, write_text_atomic
 from pinnerformer.ranking.run import RankRun
 
@@ -60,8 +62,9 @@ def evaluate_ranking(rd: RankData, runs: dict[str, Path], split: str = "test", r
     for name, path in runs.items():
         log(f"scoring {name} ({path}) on {len(requests):,} {split} requests")
         model = RankRun(path).load_model(rd)
-        scored[name] = PerRequest(score_requests(model, rd, ds.timelines, requests, device), rd, requests, k,
-                                  seed, interests)
+        spec = v2_spec_for(model, rd, ds.manifest.action_names(), ds.manifest.positive_codes)
+        scored[name] = PerRequest(score_requests(model, rd, ds.timelines, requests, device, v2=spec), rd, requests,
+                                  k, seed, interests)
     draws = rm.bootstrap_draws(len(requests), n_boot, seed)
     auc_draws = draws[:200]
     models = {name: p.with_intervals(draws, auc_draws) for name, p in scored.items()}

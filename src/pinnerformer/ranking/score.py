@@ -19,7 +19,7 @@ import torch
 from pinnerformer.data.clock import DAY, utc_day
 from pinnerformer.data.requests import PF_RUN, RankData
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.evaluation.ranking import utility
+from pinnerformer.evaluation.ranking import utility, v2_spec_for
 from pinnerformer.features.rank_batch import RankBatch, sequence_arrays
 from pinnerformer.models.embedding import embed_users
 from pinnerformer.ranking.run import RankRun
@@ -98,6 +98,9 @@ def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], s
         surface=torch.tensor([0]), row_request=torch.zeros(len(items), dtype=torch.int64),
         cand_item=torch.from_numpy(items), labels=torch.zeros(len(items), len(rd.heads)),
         weight=torch.ones(len(items)))
+    spec = v2_spec_for(model, rd, ds.manifest.action_names(), ds.manifest.positive_codes)
+    if spec is not None:
+        batch.streams = spec.tensors(tl, np.array([u]), np.array([seq_end]))
     with torch.no_grad():
         probs = torch.sigmoid(model(batch, shared_projection=True)).numpy()
     titles = ds.items["text"].to_list() if "text" in ds.items.columns else [None] * ds.manifest.n_items

@@ -18,7 +18,7 @@ from pinnerformer.data.requests import RankData
 from pinnerformer.data.schema import DatasetRef
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation import ranking_metrics as rm
-from pinnerformer.evaluation.ranking import PerRequest, baseline_scores, score_requests
+from pinnerformer.evaluation.ranking import PerRequest, baseline_scores, score_requests, v2_spec_for
 from pinnerformer.features.rank_batch import RankBatch, build_rank_batch
 from pinnerformer.models.ranker import Ranker, RankerConfig, RankerInputs
 from pinnerformer.objectives.multitask_bce import (
@@ -123,6 +123,7 @@ class RankingTask:
         torch.manual_seed(cfg.seed)
         self.model = ranker_for(rd, cfg.model, len(m.actions), len(m.surfaces))
         self.weight_matrix = label_weight_matrix(cfg.loss, rd.manifest.head_names)
+        self.v2_spec = v2_spec_for(self.model, rd, m.action_names(), m.positive_codes)
         self.notes = [f"item vectors: {rd.manifest.item_vectors['source']} ({rd.manifest.item_vectors['dim']}-d, "
                       "frozen)", f"sequence: {cfg.model.sequence}; PinnerFormer feature: "
                       f"{'on' if cfg.model.use_pinnerformer else 'off'}"]
@@ -134,7 +135,8 @@ class RankingTask:
             self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.rows, 1))
         rows = np.sort(self._order[1][step * self.batch_size:(step + 1) * self.batch_size])
         requests = np.unique(self.rd.cand_request[rows])
-        return build_rank_batch(self.rd, self.tl, requests, self.seq_len, rows=rows, row_weight=self.row_weight)
+        return build_rank_batch(self.rd, self.tl, requests, self.seq_len, rows=rows, row_weight=self.row_weight,
+                                v2=self.v2_spec)
 
     @property
     def seq_len(self) -> int:
@@ -159,7 +161,7 @@ class RankingTask:
         return per.means() | {"requests": len(self.val_requests)}
 
     def validate(self, device: torch.device) -> dict[str, float]:
-        return self._metrics(score_requests(self.model, self.rd, self.tl, self.val_requests, device))
+        return self._metrics(score_requests(self.model, self.rd, self.tl, self.val_requests, device, v2=self.v2_spec))
 
     def baseline(self) -> tuple[str, dict[str, float]]:
         return "popularity", self._metrics(baseline_scores("popularity", self.rd, self.val_requests))
