@@ -209,3 +209,54 @@ def test_a_requests_v2_scores_do_not_depend_on_the_other_requests_in_the_batch()
             alone = model(batch([q], [(0, i) for r, i in mixed if r == q]))
             torch.testing.assert_close(alone, together[[k for k, (r, _) in enumerate(mixed) if r == q]],
                                        atol=1e-5, rtol=1e-5)
+
+
+def test_next_action_loss_equals_its_float64_definition_and_skips_rows_without_negatives():
+    from pinnerformer.objectives.next_action import next_action_loss, next_action_loss_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, t = torch.randn(7, 5, generator=g), torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=-1)
+    negs = torch.nn.functional.normalize(torch.randn(7, 4, 5, generator=g), dim=-1)
+    valid = torch.rand(7, 4, generator=g) > 0.4
+    valid[2] = False  # no impression: skipped
+    loss, used = next_action_loss(q, t, negs, valid, 0.1)
+    assert used == int(valid.any(1).sum()) and used < 7
+    assert abs(float(loss) - next_action_loss_reference(q, t, negs, valid, 0.1)) < 1e-5
+    zero, none = next_action_loss(q, t, negs, torch.zeros_like(valid), 0.1)
+    assert none == 0 and float(zero) == 0.0
+
+
+def test_the_next_action_loss_reaches_the_v2_encoder():
+    """In training, the V2 ranker collects each newest realtime token's query and its next positive item; the loss
+    on them has a gradient in the encoder."""
+    from pinnerformer.features.rank_batch import RankBatch
+    from pinnerformer.models.ranker import Ranker, RankerConfig, RankerInputs
+    from pinnerformer.objectives.next_action import next_action_loss
+
+    torch.manual_seed(0)
+    table, v, life, real, imp, offsets, cand = setup(4)
+    real.actions[:] = 0
+    real.actions[..., 1] = 1.0  # every realtime action is a positive one (code 1)
+    cfg = RankerConfig.model_validate({"sequence": "transact-v2", "use_pinnerformer": False,
+                                       "v2": CFG.model_dump(), "mlp": [16]})
+    inputs = RankerInputs(n_items=table.shape[0], n_actions=A, n_surfaces=2, vector_dim=E, pf_dim=4, heads=("save",),
+                          positive_actions=(1,))
+    model = Ranker(cfg, inputs, torch.from_numpy(v.dequantize()), torch.randn(table.shape[0], 4)).train()
+    model.collect_next_action = True
+    pick = lambda s, n: {f"{n}.item": s.item, f"{n}.actions": s.actions, f"{n}.surface": s.surface,  # noqa: E731
+                         f"{n}.valid": s.valid}
+    user = torch.repeat_interleave(torch.arange(3), offsets[1:] - offsets[:-1])
+    b = RankBatch(seq_action=torch.zeros(3, 1, dtype=torch.long), seq_item=torch.zeros(3, 1, dtype=torch.long),
+                  seq_age=torch.zeros(3, 1), user_vec=torch.zeros(3, 4), has_vector=torch.zeros(3, dtype=bool),
+                  hour=torch.zeros(3, dtype=torch.long), surface=torch.zeros(3, dtype=torch.long), row_request=user,
+                  cand_item=torch.arange(6), labels=torch.zeros(6, 1), weight=torch.ones(6),
+                  streams={**pick(life, "lifelong"), **pick(real, "realtime"), **pick(imp, "impressions")})
+    model(b)
+    x = model.next_action_inputs
+    # user 0 has 6 realtime actions: its 2 newest are in S, one predicts the other; user 1 (4 actions) likewise;
+    # user 2 has one realtime action: nothing to predict
+    assert len(x["query"]) == 2 * 1 + 1 * 1
+    loss, used = next_action_loss(x["query"], x["target"], x["negatives"], x["neg_valid"], 0.1)
+    assert used == 3
+    loss.backward()
+    assert model.v2.next_action.weight.grad.abs().sum() > 0 and model.v2.layers[0].qkv.weight.grad.abs().sum() > 0

@@ -58,6 +58,7 @@ class RankerInputs:
     vector_dim: int  # frozen item vectors (sequence and candidate)
     pf_dim: int  # PinnerFormer user / item vectors
     heads: tuple[str, ...]
+    positive_actions: tuple[int, ...] = ()  # action codes the next-action loss predicts (TransAct V2)
 
 
 class CrossNetwork(nn.Module):
@@ -111,6 +112,8 @@ class Ranker(nn.Module):
             self.avg_item = nn.Linear(inputs.vector_dim, cfg.transact.item_dim)
             d += cfg.transact.action_dim + cfg.transact.item_dim
         self.x0_dim = d
+        self.collect_next_action = False  # set by a training task that adds the next-action loss
+        self.next_action_inputs: dict[str, torch.Tensor] | None = None
         self.cross = CrossNetwork(d, cfg.cross_layers)
         mlp, width = [], d
         for h in cfg.mlp:
@@ -134,9 +137,30 @@ class Ranker(nn.Module):
         cand = cand_vec[order]
         item, actions, surface, real = select(self.cfg.v2, self.item_q, scale, zero, st["lifelong"], st["realtime"],
                                               st["impressions"], offsets, cand)
-        out = self.v2(dequantize_normalize(self.item_q[item], scale, zero), actions, surface.clamp(
-            max=self.inputs.n_surfaces), real, F.normalize(cand, dim=-1))
+        unit = dequantize_normalize(self.item_q[item], scale, zero)
+        collect = self.training and self.collect_next_action
+        out = self.v2(unit, actions, surface.clamp(max=self.inputs.n_surfaces), real, F.normalize(cand, dim=-1),
+                      return_states=collect)
+        if collect:
+            out, states = out
+            self.next_action_inputs = self.next_action_inputs_from(states, unit, actions, real)
         return torch.empty_like(out).index_copy_(0, order, out)
+
+    def next_action_inputs_from(self, states: torch.Tensor, unit: torch.Tensor, actions: torch.Tensor,
+                                real: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The next-action loss's inputs: each of the newest realtime tokens in S (time order) predicts the item of
+        the next one when that is a positive action; negatives are the row's selected impressions."""
+        c = self.cfg.v2
+        a, n = c.k_lifelong, c.recent
+        positive = torch.zeros(actions.shape[-1], dtype=torch.bool, device=actions.device)
+        positive[list(self.inputs.positive_actions)] = True
+        nxt = slice(a + 1, a + n)
+        has_next = real[:, a:a + n - 1] & real[:, nxt] & (actions[:, nxt][..., positive].sum(-1) > 0)
+        rows, cols = torch.nonzero(has_next, as_tuple=True)
+        imp = slice(a + n + c.k_realtime, a + n + c.k_realtime + c.k_impressions)
+        return {"query": self.v2.next_action(states[:, a:a + n - 1][rows, cols]),
+                "target": unit[:, nxt][rows, cols], "negatives": unit[:, imp][rows], "neg_valid": real[:, imp][rows],
+                "positions": torch.tensor(int(real[:, a:a + n - 1].sum()))}
 
     def sequence_features(self, b: RankBatch, cand_vec: torch.Tensor, shared_projection: bool) -> torch.Tensor:
         r = b.row_request

@@ -109,11 +109,12 @@ class TransActV2(nn.Module):
         self.layers = nn.ModuleList([EncoderLayer(cfg.d, cfg.heads, cfg.ffn, cfg.dropout)
                                      for _ in range(cfg.layers)])
         self.out = nn.Linear(cfg.d, cfg.out_dim)
+        self.next_action = nn.Linear(cfg.d, vector_dim)  # a position's state -> the query of the next-action loss
 
     def forward(self, item_vec: torch.Tensor, actions: torch.Tensor, surface: torch.Tensor, real: torch.Tensor,
-                cand_vec: torch.Tensor) -> torch.Tensor:
+                cand_vec: torch.Tensor, return_states: bool = False):
         """Selected tokens item_vec [B, T, E] (unit vectors), actions [B, T, A], surface [B, T], real [B, T];
-        candidate vectors [B, E] -> [B, out_dim]."""
+        candidate vectors [B, E] -> [B, out_dim] (and the token states [B, T, d] with return_states)."""
         B, T, _ = item_vec.shape
         x = self.token_proj(torch.cat([item_vec, cand_vec.unsqueeze(1).expand(-1, T, -1)], -1))
         x = x + self.action(actions) + self.surface(surface) + self.position.weight[:T]
@@ -122,4 +123,4 @@ class TransActV2(nn.Module):
             x = layer(x, real, attn_mask=causal)
         pooled = x.masked_fill(~real.unsqueeze(-1), float("-inf")).amax(1)
         pooled = torch.where(real.any(1, keepdim=True), pooled, torch.zeros_like(pooled))  # nothing selected: 0
-        return self.out(pooled)
+        return (self.out(pooled), x) if return_states else self.out(pooled)

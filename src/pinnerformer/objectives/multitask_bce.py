@@ -21,12 +21,14 @@ import torch.nn.functional as F
 
 from pinnerformer.config import StrictModel
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.objectives.next_action import NextActionConfig
 
 
 class MultiTaskLossConfig(StrictModel):
     # head -> {label (a head name, or "impression") -> weight}: entries of M beyond the default (M[h, impression]=1)
     label_weights: dict[str, dict[str, float]] = {}
     user_weight: Literal["none", "inverse-sqrt"] = "none"
+    next_action: NextActionConfig = NextActionConfig()  # TransAct V2's auxiliary loss (other sequences: unused)
 
 
 def label_weight_matrix(cfg: MultiTaskLossConfig, heads: list[str]) -> torch.Tensor:

@@ -58,6 +58,6 @@ class RankRun:
         if not path.exists():
             raise PinnerformerError(f"{path} does not exist (did the run finish an epoch?)")
         m = self.description.model
-        model = ranker_for(rd, self.config.model, m["n_actions"], m["n_surfaces"])
+        model = ranker_for(rd, self.config.model, m["n_actions"], m["n_surfaces"], tuple(m.get("positive_actions", ())))
         model.load_state_dict(load_checkpoint(path)["model"])
         return model.eval()

@@ -22,8 +22,12 @@ from pinnerformer.evaluation.ranking import PerRequest, baseline_scores, score_r
 from pinnerformer.features.rank_batch import RankBatch, build_rank_batch
 from pinnerformer.models.ranker import Ranker, RankerConfig, RankerInputs
 from pinnerformer.objectives.multitask_bce import (
-    MultiTaskLossConfig, label_weight_matrix, multitask_bce, user_row_weights,
+    MultiTaskLossConfig,
+    label_weight_matrix,
+    multitask_bce,
+    user_row_weights,
 )
+from pinnerformer.objectives.next_action import next_action_loss
 from pinnerformer.training.config import LoopConfig, OptimConfig, read_config_file
 from pinnerformer.training.loop import TrainingLoop
 from pinnerformer.training.task import StepLoss, epoch_order
@@ -68,10 +72,11 @@ def load_rank_config(preset: str = "default", config_file: Path | None = None,
                     else "invalid ranking config")
 
 
-def ranker_for(rd: RankData, cfg: RankerConfig, n_actions: int, n_surfaces: int) -> Ranker:
+def ranker_for(rd: RankData, cfg: RankerConfig, n_actions: int, n_surfaces: int,
+               positive_actions: tuple[int, ...] = ()) -> Ranker:
     inputs = RankerInputs(n_items=len(rd.pf_item_vectors), n_actions=n_actions, n_surfaces=n_surfaces,
                           vector_dim=int(rd.item_vectors.shape[1]), pf_dim=int(rd.pf_item_vectors.shape[1]),
-                          heads=tuple(rd.manifest.head_names))
+                          heads=tuple(rd.manifest.head_names), positive_actions=tuple(positive_actions))
     return Ranker(cfg, inputs, torch.from_numpy(np.array(rd.item_vectors)),
                   torch.from_numpy(np.array(rd.pf_item_vectors)))
 
@@ -121,7 +126,9 @@ class RankingTask:
             raise PinnerformerError(f"{rd.path}: no validation request: cannot select a model")
         m = self.ds.manifest
         torch.manual_seed(cfg.seed)
-        self.model = ranker_for(rd, cfg.model, len(m.actions), len(m.surfaces))
+        self.model = ranker_for(rd, cfg.model, len(m.actions), len(m.surfaces), tuple(m.positive_codes))
+        nal = cfg.loss.next_action
+        self.model.collect_next_action = cfg.model.sequence == "transact-v2" and nal.weight > 0
         self.weight_matrix = label_weight_matrix(cfg.loss, rd.manifest.head_names)
         self.v2_spec = v2_spec_for(self.model, rd, m.action_names(), m.positive_codes)
         self.notes = [f"item vectors: {rd.manifest.item_vectors['source']} ({rd.manifest.item_vectors['dim']}-d, "
@@ -147,7 +154,24 @@ class RankingTask:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = self.model(b)
         loss = multitask_bce(logits, b.labels, self.weight_matrix.to(device), b.weight)
-        return StepLoss(loss, {"rows": b.n_rows})
+        counts = {"rows": b.n_rows}
+        if self.model.collect_next_action:
+            nal, counts["next_action_positions"], counts["next_action_skipped"] = self.next_action(device)
+            loss = loss + self.cfg.loss.next_action.weight * nal
+        return StepLoss(loss, counts)
+
+    def next_action(self, device: torch.device) -> tuple[torch.Tensor, int, int]:
+        """TransAct V2's auxiliary loss on what the model collected in this step's forward; negatives the row's
+        selected impressions, or (`in-batch`) up to 512 of the batch's targets that are not the position's own."""
+        x, cfg = self.model.next_action_inputs, self.cfg.loss.next_action
+        neg, valid = x["negatives"], x["neg_valid"]
+        if cfg.negatives == "in-batch":
+            t = x["target"]
+            shared = t[:512]
+            neg = shared.unsqueeze(0).expand(len(t), -1, -1)
+            valid = ~torch.isclose(t @ shared.T, torch.ones((), device=device))  # not the position's own item
+        loss, used = next_action_loss(x["query"], x["target"], neg, valid, cfg.temperature)
+        return loss, used, int(x["positions"]) - used
 
     def step_scalars(self) -> dict[str, torch.Tensor]:
         return {}
