@@ -121,6 +121,12 @@ def test_request_streams_split_explicit_actions_and_impressions_before_the_reque
     t = s.lifelong.tensors(3)
     assert t["actions"].shape == (2, 4, 3) and t["actions"][0].sum(-1).tolist() == [1.0] * 4
     assert t["actions"][1].sum() == 0  # padding has no action
+    from pinnerformer.features.v2_streams import stream_spec
+
+    spec = stream_spec(["impression", "save", "hide"], [1], [["hide"]], 3, 4, 2)
+    assert spec.explicit.tolist() == [False, True, True]
+    tensors = spec.tensors(tl, np.array([0, 1]), np.array([11, 14]))
+    assert int(tensors["lifelong.cut"]) == 1 and tensors["realtime.item"][0].tolist() == [108, 109, 110]
 
 
 def test_v2_finds_the_old_lifelong_action_that_transact_cannot_see(tmp_path):

@@ -91,8 +91,10 @@ class StreamSpec:
         s = request_streams(tl, users, seq_end, self.explicit, self.realtime_len, self.lifelong_max,
                             self.impressions_max)
         n = len(self.explicit)
-        return {f"{name}.{k}": v for name in ("lifelong", "realtime", "impressions")
-                for k, v in getattr(s, name).tensors(n).items()}
+        out = {f"{name}.{k}": v for name in ("lifelong", "realtime", "impressions")
+               for k, v in getattr(s, name).tensors(n).items()}
+        out["lifelong.cut"] = torch.tensor(s.lifelong_cut)  # older explicit actions beyond lifelong_max, left out
+        return out
 
 
 def explicit_actions(action_names: list[str], positive: list[int], head_actions: list[list[str]]) -> np.ndarray:

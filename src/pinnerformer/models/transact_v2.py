@@ -12,6 +12,12 @@ Encoder: token = W·[item vector ‖ candidate vector] + action embedding (multi
 actions) + surface embedding + learned position (the token's place in S), d = 64; `layers` post-LN layers, 1 head,
 FFN 32, causal mask (a token sees itself and the tokens before it in S; padding is never seen); output: max-pool
 over the real tokens, then a linear map into the ranker's cross network.
+
+Edge cases, by design: a user without lifelong history or impressions gets padding there (and no next-action
+loss where nothing follows or no impression exists: skipped and counted per step); lifelong actions beyond
+`lifelong_max` are cut, the newest kept, and counted per step (`lifelong_cut`); an item without a vector (a zero
+content vector) dequantises to zero and scores 0 against every candidate, so it is chosen only when nothing
+scores higher.
 """
 
 from __future__ import annotations

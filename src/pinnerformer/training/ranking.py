@@ -155,6 +155,8 @@ class RankingTask:
             logits = self.model(b)
         loss = multitask_bce(logits, b.labels, self.weight_matrix.to(device), b.weight)
         counts = {"rows": b.n_rows}
+        if b.streams is not None:  # lifelong actions older than lifelong_max, left out of this batch's requests
+            counts["lifelong_cut"] = int(b.streams["lifelong.cut"])
         if self.model.collect_next_action:
             nal, counts["next_action_positions"], counts["next_action_skipped"] = self.next_action(device)
             loss = loss + self.cfg.loss.next_action.weight * nal
