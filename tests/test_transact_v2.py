@@ -185,16 +185,22 @@ def test_v2_finds_the_old_lifelong_action_that_transact_cannot_see(tmp_path):
 def test_a_requests_v2_scores_do_not_depend_on_the_other_requests_in_the_batch():
     """Training batches mix the rows of many requests in any order; serving scores one request: the selected tokens
     and the scores must be the same (rows are grouped by request inside the model and put back in order)."""
-    from pinnerformer.features.rank_batch import RankBatch
     from pinnerformer.models.ranker import Ranker, RankerConfig, RankerInputs
 
     torch.manual_seed(0)
     table, v, life, real, imp, offsets, cand = setup(2)
     n_items = table.shape[0]
-    cfg = RankerConfig.model_validate({"sequence": "transact-v2", "use_pinnerformer": False,
-                                       "v2": CFG.model_dump(), "mlp": [16]})
     inputs = RankerInputs(n_items=n_items, n_actions=A, n_surfaces=2, vector_dim=E, pf_dim=4, heads=("save",))
-    model = Ranker(cfg, inputs, torch.from_numpy(v.dequantize()), torch.randn(n_items, 4)).eval()
+    for table_dim in (64, 5):  # the table as it is, and narrowed by the fixed projection
+        cfg = RankerConfig.model_validate({"sequence": "transact-v2", "use_pinnerformer": False,
+                                           "v2": {**CFG.model_dump(), "table_dim": table_dim}, "mlp": [16]})
+        model = Ranker(cfg, inputs, torch.from_numpy(v.dequantize()), torch.randn(n_items, 4)).eval()
+        assert model.item_q.shape == (n_items, min(E, table_dim))
+        _check_batch_independence(model, life, real, imp)
+
+
+def _check_batch_independence(model, life, real, imp):
+    from pinnerformer.features.rank_batch import RankBatch
 
     def batch(requests: list[int], rows: list[tuple[int, int]]) -> RankBatch:
         """rows: (request position in `requests`, candidate item)."""

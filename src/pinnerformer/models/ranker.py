@@ -101,11 +101,18 @@ class Ranker(nn.Module):
             self.transact = TransAct(sequence_variant(cfg), inputs.n_actions, inputs.vector_dim)
             d += self.transact.out_dim
         elif cfg.sequence == "transact-v2":
-            # the frozen item vectors as int8 with one affine map (saved with the model: q, scale, zero)
-            q = quantize(item_vectors.float().numpy())
+            # the frozen item vectors as int8 with one affine map (saved with the model: q, scale, zero), narrowed
+            # to table_dim by a fixed orthonormal projection where wider
+            width = min(inputs.vector_dim, cfg.v2.table_dim)
+            proj = torch.eye(inputs.vector_dim)
+            if inputs.vector_dim > width:
+                g = torch.Generator().manual_seed(0)
+                proj = torch.linalg.qr(torch.randn(inputs.vector_dim, width, generator=g)).Q
+            self.register_buffer("v2_proj", proj)
+            q = quantize((item_vectors.float() @ proj).numpy())
             self.register_buffer("item_q", torch.from_numpy(q.q))
             self.register_buffer("q_affine", torch.tensor([q.scale, q.zero], dtype=torch.float64))
-            self.v2 = TransActV2(cfg.v2, inputs.n_actions, inputs.n_surfaces, inputs.vector_dim)
+            self.v2 = TransActV2(cfg.v2, inputs.n_actions, inputs.n_surfaces, width)
             d += cfg.v2.out_dim
         elif cfg.sequence == "average":
             self.avg_action = nn.Embedding(inputs.n_actions + 1, cfg.transact.action_dim)
@@ -134,7 +141,7 @@ class Ranker(nn.Module):
                            b.streams[f"{name}.surface"], b.streams[f"{name}.valid"])
               for name in ("lifelong", "realtime", "impressions")}
         scale, zero = (float(x) for x in self.q_affine)
-        cand = cand_vec[order]
+        cand = cand_vec[order] @ self.v2_proj
         item, actions, surface, real = select(self.cfg.v2, self.item_q, scale, zero, st["lifelong"], st["realtime"],
                                               st["impressions"], offsets, cand)
         unit = dequantize_normalize(self.item_q[item], scale, zero)
