@@ -182,6 +182,8 @@ def test_rank_cli_train_evaluate_score_and_bad_input(planted_rank, cli, tmp_path
          "unknown item id(s) 'nope'"),
         (("rank", "score", "--run", tmp_path / "run", "--user", "nobody", "--time", t, "--items", items[0]),
          "no such user"),
+        (("rank", "score", "--run", tmp_path / "run", "--user", uid, "--time", t, "--items", items[0], "--surface",
+          "home"), "--surface 'home': unknown surface (this dataset records none)"),
         (("rank", "prepare", "--dataset", planted_rank / "ds", "--output", tmp_path / "r2", "--heads", "save=repin"),
          "head 'save' names unknown action(s) 'repin'"),
         (("rank", "prepare", "--dataset", planted_rank / "ds", "--output", tmp_path / "r2"),

@@ -178,13 +178,15 @@ def score(
     items: str = typer.Option(..., "--items", help="Candidate item ids, comma-separated."),
     snapshot: Optional[Path] = typer.Option(None, help="A daily snapshot of an earlier day, made by the ranking "
                                             "data's PinnerFormer (default: computed as of the request's day)."),
+    surface: Optional[str] = typer.Option(None, help="The request's surface, where the data records surfaces "
+                                          "(default: not recorded)."),
 ):
     """Score one request: per-head probabilities and the served order, with titles."""
 
     def body():
         from pinnerformer.ranking.score import score_request
 
-        table = score_request(run, user, time, parse_list(items) or [], snapshot)
+        table = score_request(run, user, time, parse_list(items) or [], snapshot, surface)
         print(table)
 
     run_guarded(body)

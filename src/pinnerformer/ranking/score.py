@@ -56,8 +56,8 @@ def snapshot_vector(snapshot_dir: Path, rd: RankData, user_id, t: int) -> np.nda
     return np.asarray(snap.vectors[snap.lookup(user_id)], dtype=np.float32)
 
 
-def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], snapshot: Path | None = None
-                  ) -> pl.DataFrame:
+def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], snapshot: Path | None = None,
+                  surface: str | None = None) -> pl.DataFrame:
     run = RankRun(run_dir)
     rd = run.data()
     ds = rd.dataset()
@@ -75,6 +75,11 @@ def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], s
     if not item_ids:
         raise PinnerformerError("--items: a request needs at least one candidate")
     items = np.array([index_of[str(i)] for i in item_ids], dtype=np.int64)
+    surfaces = ds.manifest.surfaces
+    if surface is not None and surface not in surfaces:
+        raise PinnerformerError(f"--surface {surface!r}: unknown surface (this dataset records "
+                                + (f"these: {', '.join(surfaces)})" if surfaces else "none)"))
+    surface_code = 0 if surface is None else surfaces.index(surface) + 1  # 0: not recorded
     tl = ds.timelines
     a, b = int(tl.offsets[u]), int(tl.offsets[u + 1])
     ts = np.asarray(tl.ts[a:b])
@@ -95,7 +100,7 @@ def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], s
         user_vec=torch.from_numpy(np.zeros((1, rd.pf_item_vectors.shape[1]), np.float32) if vec is None
                                   else vec[None].astype(np.float32)),
         has_vector=torch.tensor([vec is not None]), hour=torch.tensor([(t % DAY) // 3600]),
-        surface=torch.tensor([0]), row_request=torch.zeros(len(items), dtype=torch.int64),
+        surface=torch.tensor([surface_code]), row_request=torch.zeros(len(items), dtype=torch.int64),
         cand_item=torch.from_numpy(items), labels=torch.zeros(len(items), len(rd.heads)),
         weight=torch.ones(len(items)))
     spec = v2_spec_for(model, rd, ds.manifest.action_names(), ds.manifest.positive_codes)
