@@ -124,7 +124,7 @@ def evaluate(
 
     def body():
         from pinnerformer.errors import PinnerformerError
-        from pinnerformer.ranking.evaluate import evaluate_ranking, item_interests, report_markdown, write_report
+        from pinnerformer.ranking.evaluate import evaluate_ranking, report_markdown, write_report
         from pinnerformer.ranking.run import RankRun
 
         if split not in ("test", "validation"):
@@ -136,7 +136,7 @@ def evaluate(
         if reference is not None and reference not in runs:
             raise PinnerformerError(f"--reference {reference!r} is not one of the runs ({', '.join(runs)})")
         rd = RankRun(next(iter(runs.values()))).data()
-        report, _ = evaluate_ranking(rd, runs, split, reference, k=k, seed=seed, interests=item_interests(rd), log=log)
+        report, _ = evaluate_ranking(rd, runs, split, reference, k=k, seed=seed, interests=True, log=log)
         report.notes.append(f"command: {command_line(ctx)}")
         path = write_report(report, next(iter(runs.values())) / "eval", f"ranking-{split}")
         print(report_markdown(report))

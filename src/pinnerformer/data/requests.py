@@ -357,6 +357,15 @@ class RankData:
     def n_requests(self) -> int:
         return len(self.request_t)
 
+    def candidate_rows(self, requests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The candidate rows of `requests`, concatenated in request order, and where each request's begin
+        (starts [len(requests) + 1])."""
+        requests = np.asarray(requests, dtype=np.int64)
+        sizes = self.cand_start[requests + 1] - self.cand_start[requests]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        rows = np.repeat(self.cand_start[requests] - starts[:-1], sizes) + np.arange(starts[-1])
+        return rows.astype(np.int64), starts
+
     def requests_in(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == SPLIT_NAMES.index(split))
 

@@ -19,14 +19,6 @@ from pinnerformer.models.ranker import Ranker
 BASELINES = ["random", "popularity", "pinnerformer"]
 
 
-def request_layout(rd: RankData, requests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The candidate rows of `requests` (concatenated in request order) and their starts [len(requests) + 1]."""
-    sizes = rd.cand_start[requests + 1] - rd.cand_start[requests]
-    rows = np.concatenate([np.arange(rd.cand_start[r], rd.cand_start[r + 1]) for r in requests]) \
-        if len(requests) else np.zeros(0, np.int64)
-    return rows, np.concatenate([[0], np.cumsum(sizes)])
-
-
 def v2_spec_for(model: Ranker, rd: RankData, action_names: list[str], positive: list[int]) -> StreamSpec | None:
     """The streams a transact-v2 ranker reads (None for the other sequence features)."""
     if model.cfg.sequence != "transact-v2":
@@ -39,7 +31,7 @@ def v2_spec_for(model: Ranker, rd: RankData, action_names: list[str], positive: 
 @torch.no_grad()
 def score_requests(model: Ranker, rd: RankData, tl: Timelines, requests: np.ndarray, device: torch.device,
                    chunk: int = 64, shared_projection: bool = False, v2: StreamSpec | None = None) -> np.ndarray:
-    """[rows of `request_layout`, heads] probabilities."""
+    """[rows of `RankData.candidate_rows`, heads] probabilities."""
     model.eval()
     seq_len = model.transact.cfg.seq_len if model.transact is not None else model.cfg.transact.seq_len
     out = []
@@ -55,7 +47,7 @@ def baseline_scores(kind: str, rd: RankData, requests: np.ndarray, seed: int = 0
     that head in the requests before the validation period: feature and training periods); `pinnerformer` (the
     user's vector of the day before · the item's
     PinnerFormer vector, the same for every head)."""
-    rows, _ = request_layout(rd, requests)
+    rows, _ = rd.candidate_rows(requests)
     H = len(rd.heads)
     if kind == "random":
         return np.random.default_rng(seed).random((len(rows), H)).astype(np.float32)
@@ -94,7 +86,7 @@ class PerRequest:
 
     def __init__(self, scores: np.ndarray, rd: RankData, requests: np.ndarray, k: int = 3, seed: int = 0,
                  interests: list[list[str]] | None = None):
-        rows, self.starts = request_layout(rd, requests)
+        rows, self.starts = rd.candidate_rows(requests)
         self.labels, self.scores, self.heads, self.k = rd.labels[rows], scores, rd.heads, k
         served = utility(scores, rd.heads)
         self.values: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}  # key -> (per request, weights)

@@ -71,8 +71,7 @@ def build_rank_batch(rd: RankData, tl: Timelines, requests: np.ndarray, seq_len:
     with `v2`, also each request's TransAct V2 streams."""
     requests = np.asarray(requests, dtype=np.int64)
     if rows is None:
-        rows = np.concatenate([np.arange(rd.cand_start[r], rd.cand_start[r + 1]) for r in requests]) \
-            if len(requests) else np.zeros(0, np.int64)
+        rows, _ = rd.candidate_rows(requests)
     local = np.full(rd.n_requests, -1, np.int64)
     local[requests] = np.arange(len(requests))
     row_request = local[rd.cand_request[rows]]

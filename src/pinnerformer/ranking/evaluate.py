@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pinnerformer.config import StrictModel
@@ -51,10 +50,12 @@ def protocol_text(rd: RankData, k: int) -> str:
 
 def evaluate_ranking(rd: RankData, runs: dict[str, Path], split: str = "test", reference: str | None = None,
                      baselines: list[str] = BASELINES, k: int = 3, seed: int = 0, n_boot: int = 1000,
-                     interests: list[list[str]] | None = None, log=print) -> tuple[RankingReport, dict]:
-    """Every run and baseline on the requests of `split`; returns the report and the per-request values."""
+                     interests: bool = False, log=print) -> tuple[RankingReport, dict]:
+    """Every run and baseline on the requests of `split` (with `interests`, also the served top 3's diversity);
+    returns the report and the per-request values."""
     requests = rd.requests_in(split)
     ds = rd.dataset()
+    interests = ds.items["interests"].to_list() if interests else None
     device = torch.device("cpu")
     scored: dict[str, PerRequest] = {}
     for name in baselines:
@@ -111,19 +112,3 @@ def write_report(report: RankingReport, folder: Path, name: str) -> Path:
     write_json_atomic(folder / f"{name}.json", report)
     write_text_atomic(folder / f"{name}.md", report_markdown(report))
     return folder / f"{name}.md"
-
-
-def item_interests(rd: RankData) -> list[list[str]]:
-    return rd.dataset().items["interests"].to_list()
-
-
-def headline(report: RankingReport) -> str:
-    out = []
-    for name, vals in report.models.items():
-        out.append(f"{name:<16} " + "  ".join(f"{k} {v.mean:.4f}" for k, v in vals.items()
-                                              if k.startswith(rm.HIT) or k.startswith(rm.GAUC)))
-    return "\n".join(out)
-
-
-def per_request_hits(scored: dict[str, PerRequest], key: str) -> dict[str, np.ndarray]:
-    return {name: p.values[key][0] for name, p in scored.items() if key in p.values}

@@ -22,7 +22,7 @@ from pinnerformer.config import merge_dicts
 from pinnerformer.data.requests import RankData
 from pinnerformer.evaluation import ranking_metrics as rm
 from pinnerformer.io import write_text_atomic
-from pinnerformer.ranking.evaluate import evaluate_ranking, item_interests, report_markdown, write_report
+from pinnerformer.ranking.evaluate import evaluate_ranking, report_markdown, write_report
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.ranking import load_rank_config, ranking_loop
 
@@ -73,7 +73,7 @@ def run_experiment(rank_dir: Path, output: Path, preset: str = "fast", tables: l
             ranking_loop(rd, cfg, run_dir, log=log).fit(resume=(run_dir / rf.CONFIG).exists(), max_steps=max_steps,
                                                         progress=True)
         runs[name] = run_dir
-    report, _ = evaluate_ranking(rd, runs, "test", reference=REFERENCE, interests=item_interests(rd), seed=seed,
+    report, _ = evaluate_ranking(rd, runs, "test", reference=REFERENCE, interests=True, seed=seed,
                                  log=log)
     write_report(report, output, "report")
     sections = [f"# Ranking ablations on `{rank_dir}`", "", f"Reproduce: `{command}`" if command else "",
