@@ -1,4 +1,4 @@
-"""Every fast op against its plain reference: int8 vectors (round trip within half a step), nearest-neighbour scores
+"""Every fast op against its plain reference: int8 vectors (round trip within half a step, zero rows exact), nearest-neighbour scores
 without per-candidate copies (equal to the copying reference), top-k in time order (equal to the definition,
 ties and padding included), and the fused compiled selection (equal to the eager one)."""
 
@@ -11,24 +11,45 @@ from pinnerformer.ops.nn_select import (
     group_positions, nn_scores, nn_scores_reference, select_nearest, select_nearest_fused, top_k_in_time_order,
     top_k_reference,
 )
-from pinnerformer.ops.quantize import Int8Vectors, dequantize_normalize, quantize
+from pinnerformer.ops.quantize import Int8Vectors, dequantize_normalize, int8_table, orthonormal_projection, quantize
 
 
-def test_int8_round_trip_is_within_half_a_step_and_uses_the_whole_range():
-    x = np.random.default_rng(0).normal(0, 0.3, (500, 64)).astype(np.float32)
+def test_int8_round_trip_is_within_half_a_step_uses_the_whole_range_and_keeps_zero_rows_zero():
+    x = np.random.default_rng(0).normal(0.1, 0.3, (500, 64)).astype(np.float32)
+    x[7] = 0.0  # an item without a vector
     v = quantize(x)
     assert v.q.dtype == np.int8 and v.q.min() == -128 and v.q.max() == 127
-    assert np.abs(v.dequantize() - x).max() <= v.max_error * (1 + 1e-4)
+    inside = (v.q > -128) & (v.q < 127)
+    err = np.abs(v.dequantize() - x)
+    assert err[inside].max() <= v.max_error * (1 + 1e-4) and err.max() <= v.scale * (1 + 1e-4)
+    assert v.lo == float(x.min()) and v.hi == float(x.max())
     unit = dequantize_normalize(torch.from_numpy(v.q), v.scale, v.zero)
     ref = torch.nn.functional.normalize(torch.from_numpy(x), dim=-1)
-    assert torch.allclose(unit.norm(dim=-1), torch.ones(500), atol=1e-5)
-    assert (unit * ref).sum(-1).min() > 0.999  # the direction survives quantisation
-    with pytest.raises(PinnerformerError, match="not a positive finite scale"):
+    assert torch.equal(unit[7], torch.zeros(64))  # 0 is stored exactly: no vector stays no vector
+    real = torch.ones(500, dtype=torch.bool)
+    real[7] = False
+    assert torch.allclose(unit[real].norm(dim=-1), torch.ones(499), atol=1e-5)
+    assert (unit[real] * ref[real]).sum(-1).min() > 0.999  # the direction survives quantisation
+    positive = quantize(np.abs(x) + 1.0)  # the range is widened to hold 0
+    assert positive.zero == -128 and np.abs(positive.dequantize() - (np.abs(x) + 1.0)).max() <= positive.scale
+    with pytest.raises(PinnerformerError, match="scale 0.0 is not a positive finite number"):
         Int8Vectors(v.q, 0.0, v.zero)
+    with pytest.raises(PinnerformerError, match="zero point 3.5 is not an integer"):
+        Int8Vectors(v.q, v.scale, 3.5)
     with pytest.raises(PinnerformerError, match="expected a \\[N, D\\] int8 array, found float32"):
         Int8Vectors(x, v.scale, v.zero)
     with pytest.raises(PinnerformerError, match="finite values"):
         quantize(np.array([[np.nan, 1.0]]))
+
+
+def test_the_int8_table_projection_keeps_dot_products_and_is_the_same_every_time():
+    x = np.random.default_rng(1).normal(size=(300, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    a, b = int8_table(x, 64), int8_table(x, 64)
+    assert a.q.shape == (300, 64) and np.array_equal(a.q, b.q) and (a.scale, a.zero) == (b.scale, b.zero)
+    p = orthonormal_projection(384, 64)
+    assert np.allclose(p.T @ p, np.eye(64), atol=1e-5)
+    assert np.array_equal(int8_table(x[:, :32], 64).q, quantize(x[:, :32]).q)  # narrower: kept as it is
 
 
 def grouped(seed=0, users=(3, 0, 5, 1), S=40, D=16):

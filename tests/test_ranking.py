@@ -310,3 +310,52 @@ def test_a_requests_surface_is_its_first_actions_and_sessions_across_a_cut_off_a
     bounds = [b for b in (tables.feature_end, tables.train_end, tables.val_end) if b is not None]
     assert tables.skipped["requests_across_a_split_boundary"] == len(bounds)  # user 9's sessions at the 3 cut-offs
     assert req.height == 10 * 6 + 10 - len(bounds)
+
+
+def test_the_int8_item_table_is_stored_checked_and_its_faults_named(planted_rank, cli, tmp_path):
+    """rank prepare stores TransAct V2's int8 table with its scale and zero point; a table that is missing or
+    changed, a scale or zero point inconsistent with the recorded range, or ranking data without a table, each
+    stop `rank train --model transact-v2` with a message naming the file or the field (exit 2, no traceback)."""
+    import shutil
+
+    from pinnerformer.ops.quantize import int8_table
+    from pinnerformer.training.ranking import stored_int8_table
+
+    rd = RankData(planted_rank / "rank")
+    info = rd.manifest.int8_table
+    stored = stored_int8_table(rd)
+    expect = int8_table(np.array(rd.item_vectors), 64)
+    assert isinstance(stored.q, np.memmap) and np.array_equal(stored.q, expect.q)
+    assert info.shape == (len(rd.item_vectors), 16) and (info.scale, info.zero) == (expect.scale, expect.zero)
+
+    def broken(name, change):
+        d = tmp_path / name
+        shutil.copytree(planted_rank / "rank", d)
+        change(d)
+        return d
+
+    def edit_manifest(**fields):
+        def change(d):
+            raw = json.loads((d / "manifest.json").read_text())
+            raw["int8_table"] = None if fields.get("drop") else {**raw["int8_table"], **fields}
+            (d / "manifest.json").write_text(json.dumps(raw))
+        return change
+
+    def flip_byte(d):
+        q = np.load(d / "item_vectors_int8.npy")
+        q[0, 0] = q[0, 0] + 1 if q[0, 0] < 127 else 126
+        np.save(d / "item_vectors_int8.npy", q)
+
+    cases = [
+        (broken("scale", edit_manifest(scale=info.scale * 2)),
+         f"int8_table: the quantisation scale {info.scale * 2} / zero point {info.zero} is inconsistent"),
+        (broken("zero", edit_manifest(zero=info.zero + 3)), "is inconsistent with the stored vectors' range"),
+        (broken("missing", lambda d: (d / "item_vectors_int8.npy").unlink()), "int8 item table named in"),
+        (broken("changed", flip_byte), "the int8 item table changed since it was written"),
+        (broken("none", edit_manifest(drop=True)), "has no int8 item table (prepared by a version before"),
+    ]
+    for d, message in cases:
+        r = cli("rank", "train", "--data", d, "--output", tmp_path / f"run-{d.name}", "--model", "transact-v2",
+                "--max-steps", "1", "--no-progress")
+        assert r.exit_code == 2 and message in r.stderr, (d.name, r.output)
+        assert "Traceback" not in r.output

@@ -8,7 +8,7 @@ import torch
 
 from pinnerformer.models.transact import EncoderLayer
 from pinnerformer.models.transact_v2 import Stream, TransActV2, TransActV2Config, select
-from pinnerformer.ops.quantize import dequantize_normalize, quantize
+from pinnerformer.ops.quantize import dequantize_normalize, int8_table, quantize
 
 A, E = 3, 8
 CFG = TransActV2Config(k_lifelong=4, recent=2, k_realtime=2, k_impressions=3, realtime_len=6)
@@ -129,6 +129,26 @@ def test_request_streams_split_explicit_actions_and_impressions_before_the_reque
     assert int(tensors["lifelong.cut"]) == 1 and tensors["realtime.item"][0].tolist() == [108, 109, 110]
 
 
+def test_actions_on_one_item_are_one_multi_hot_token_placed_at_its_newest_explicit_action():
+    from pinnerformer.data.timelines import Timelines
+    from pinnerformer.features.v2_streams import request_streams
+
+    # actions 0 = view (not explicit), 1 = cart, 2 = buy; Taobao-like: views, then a cart and a buy of item 5
+    item = np.array([5, 5, 6, 7, 8, 5, 6, 9], dtype=np.int32)
+    action = np.array([0, 1, 0, 2, 0, 2, 0, 1], dtype=np.int16)
+    n = len(item)
+    tl = Timelines(offsets=np.array([0, n]), item=item, action=action, ts=np.arange(n, dtype=np.int64),
+                   surface=np.arange(n, dtype=np.int16), duration=np.full(n, np.nan, np.float32))
+    s = request_streams(tl, np.array([0]), np.array([7]), np.array([False, True, True]), realtime_len=1,
+                        lifelong_max=10, impressions_max=10)  # the request comes before event 7 (item 9)
+    valid = lambda st: st.item[0][st.valid[0]].tolist()  # noqa: E731
+    assert valid(s.realtime) == [5] and valid(s.lifelong) == [7] and valid(s.impressions) == [8, 6]
+    assert s.realtime.tensors(3)["actions"][0, 0].tolist() == [1.0, 1.0, 1.0]  # viewed, carted and bought
+    assert s.lifelong.tensors(3)["actions"][0, 0].tolist() == [0.0, 0.0, 1.0]
+    assert s.impressions.tensors(3)["actions"][0, :2].tolist() == [[1.0, 0.0, 0.0]] * 2
+    assert s.realtime.surface[0, 0] == 5 + 1 and s.impressions.surface[0].tolist() == [4 + 1, 6 + 1]  # placing event
+
+
 def test_v2_finds_the_old_lifelong_action_that_transact_cannot_see(tmp_path):
     """Planted: the saved candidates resemble only actions of the user's first day, beyond a 16-action realtime
     window filled with noise every day; neither ranker has the PinnerFormer feature. TransAct V2's nearest
@@ -191,11 +211,12 @@ def test_a_requests_v2_scores_do_not_depend_on_the_other_requests_in_the_batch()
     table, v, life, real, imp, offsets, cand = setup(2)
     n_items = table.shape[0]
     inputs = RankerInputs(n_items=n_items, n_actions=A, n_surfaces=2, vector_dim=E, pf_dim=4, heads=("save",))
-    for table_dim in (64, 5):  # the table as it is, and narrowed by the fixed projection
-        cfg = RankerConfig.model_validate({"sequence": "transact-v2", "use_pinnerformer": False,
-                                           "v2": {**CFG.model_dump(), "table_dim": table_dim}, "mlp": [16]})
-        model = Ranker(cfg, inputs, torch.from_numpy(v.dequantize()), torch.randn(n_items, 4)).eval()
-        assert model.item_q.shape == (n_items, min(E, table_dim))
+    cfg = RankerConfig.model_validate({"sequence": "transact-v2", "use_pinnerformer": False,
+                                       "v2": CFG.model_dump(), "mlp": [16]})
+    for width in (64, 5):  # the table as it is, and narrowed by the fixed projection
+        int8 = int8_table(v.dequantize(), width)
+        model = Ranker(cfg, inputs, torch.from_numpy(v.dequantize()), torch.randn(n_items, 4), int8=int8).eval()
+        assert model.item_q.shape == (n_items, min(E, width)) and np.array_equal(model.item_q.numpy(), int8.q)
         _check_batch_independence(model, life, real, imp)
 
 
@@ -217,10 +238,15 @@ def _check_batch_independence(model, life, real, imp):
     mixed = [(2, 7), (0, 3), (1, 9), (0, 11), (2, 4), (2, 30)]  # interleaved rows of three requests
     with torch.no_grad():
         together = model(batch([0, 1, 2], mixed))
+        model.train()  # the training form (dropout on) selects the same tokens as serving
+        selected_in_training = model.selected_items(batch([0, 1, 2], mixed))
+        model.eval()
+        assert (selected_in_training >= 0).any()
         for q in range(3):
-            alone = model(batch([q], [(0, i) for r, i in mixed if r == q]))
-            torch.testing.assert_close(alone, together[[k for k, (r, _) in enumerate(mixed) if r == q]],
-                                       atol=1e-5, rtol=1e-5)
+            served = batch([q], [(0, i) for r, i in mixed if r == q])
+            rows = [k for k, (r, _) in enumerate(mixed) if r == q]
+            assert torch.equal(model.selected_items(served), selected_in_training[rows])
+            torch.testing.assert_close(model(served), together[rows], atol=1e-5, rtol=1e-5)
 
 
 def test_next_action_loss_equals_its_float64_definition_and_skips_rows_without_negatives():

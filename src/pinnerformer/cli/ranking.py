@@ -35,6 +35,8 @@ def prepare(
     item_vectors: str = typer.Option("auto", help="Frozen item vectors of sequences and candidates: content (the "
                                      "dataset's) | pinnerformer (the feature model's item vectors) | interests "
                                      "(a fixed vector per category) | auto (content if any, else pinnerformer)."),
+    int8_dim: int = typer.Option(64, help="Width of TransAct V2's int8 item table (wider vectors are narrowed "
+                                 "by a fixed orthonormal projection)."),
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
 ):
@@ -61,7 +63,7 @@ def prepare(
         opts = validate(rq.RequestOptions, {
             "request": request or ("logged" if ds.manifest.format == "mind" else "day"), "heads": head_list,
             "split": fractions, "feature_share": feature_share, "session_gap_minutes": session_gap_minutes,
-            "max_candidates": max_candidates, "item_vectors": item_vectors,
+            "max_candidates": max_candidates, "item_vectors": item_vectors, "int8_dim": int8_dim,
             "seed": seed}, "rank prepare")
         prepare_ranking(dataset, output, opts, pinnerformer, pf_max_steps, overwrite, log=log)
 
@@ -150,7 +152,8 @@ def experiment(
     ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="Ranking data written by `rank prepare`."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the runs, the report and the plots."),
-    tables: Optional[str] = typer.Option(None, help="table1,table2,fusion,mask,output (default: all)."),
+    tables: Optional[str] = typer.Option(None, help="table1,table2,fusion,mask,output (TransAct's, the default); "
+                                         "v2-table2,v2-lifelong,v2-nal (TransAct V2's)."),
     preset: str = typer.Option("fast"),
     config: Optional[Path] = typer.Option(None, help="JSON file overriding the preset for every variant."),
     max_steps: Optional[int] = typer.Option(None, help="At most this many steps per run."),

@@ -27,6 +27,9 @@ The ranking data directory (written by `pinnerformer rank prepare`, read here):
     user_vectors.npy         [requests, D] float32: the PinnerFormer user vector of the day before (0 when none)
     pinnerformer_items.npy   [items, D] float32: the PinnerFormer item vectors (the score's other half)
     item_vectors.npy         [items, E] float32: the frozen item vectors of sequences and candidates
+    item_vectors_int8.npy    [items, W] int8: the same vectors as TransAct V2's table (narrowed to W = int8_dim by
+                             a fixed orthonormal projection where wider), x ≈ scale · (q - zero); scale, zero point,
+                             the float range and the file's sha256 in the manifest (`int8_table`); memory-mapped
     pinnerformer/            the PinnerFormer run behind the feature (trained on the training period only)
 """
 
@@ -49,8 +52,8 @@ from pinnerformer.data.schema import DatasetRef
 from pinnerformer.errors import InputError, PinnerformerError
 
 RANK_MANIFEST, REQUESTS, CANDIDATES = "manifest.json", "requests.parquet", "candidates.parquet"
-USER_VECTORS, PF_ITEMS, ITEM_VECTORS, PF_RUN = (
-    "user_vectors.npy", "pinnerformer_items.npy", "item_vectors.npy", "pinnerformer")
+USER_VECTORS, PF_ITEMS, ITEM_VECTORS, ITEM_INT8, PF_RUN = (
+    "user_vectors.npy", "pinnerformer_items.npy", "item_vectors.npy", "item_vectors_int8.npy", "pinnerformer")
 SPLIT_NAMES = ["train", "validation", "test", "feature"]  # codes 0..3; "feature": only the PinnerFormer learns from it
 
 # the papers' heads on the data we have (format -> heads text)
@@ -111,6 +114,7 @@ class RequestOptions(StrictModel):
     min_candidates: int = Field(2, ge=2)  # a request with fewer has nothing to rank
     max_candidates: int = Field(100, ge=2)  # larger requests keep a seeded uniform sample of this many
     item_vectors: Literal["auto", "content", "pinnerformer", "interests"] = "auto"  # frozen vectors: see rank prepare
+    int8_dim: int = Field(64, ge=1)  # the width of TransAct V2's int8 item table
     seed: int = 0
 
     @model_validator(mode="after")
@@ -130,6 +134,21 @@ class SplitCounts(StrictModel):
     without_vector: int = 0  # requests whose user had no action before the request's day (no snapshot vector)
 
 
+class Int8TableInfo(StrictModel):
+    """TransAct V2's int8 item table: x ≈ scale · (q - zero) with scale = (hi - lo) / 255 and
+    zero = round(-128 - lo / scale), lo / hi the float range (widened to hold 0) of the projected vectors."""
+
+    file: str = ITEM_INT8
+    shape: tuple[int, int]
+    source_dim: int  # the frozen vectors' width before the projection
+    projection_seed: int  # of the fixed orthonormal projection (none when source_dim <= the table's width)
+    scale: float
+    zero: int
+    lo: float
+    hi: float
+    sha256: str
+
+
 class RankManifest(StrictModel):
     kind: Literal["ranking-data"] = "ranking-data"
     dataset: DatasetRef
@@ -142,6 +161,7 @@ class RankManifest(StrictModel):
     skipped: dict[str, int]  # requests (or candidates) not kept, by reason
     pinnerformer: dict[str, object]  # the run behind the feature: path, checkpoint_sha256, trained_until, dim
     item_vectors: dict[str, object]  # source ("content" | "pinnerformer"), dim
+    int8_table: Int8TableInfo | None = None  # absent in ranking data prepared before TransAct V2
     fingerprint: str  # of the request and candidate tables
     created_at: str
     notes: list[str] = []

@@ -36,7 +36,7 @@ def score_requests(model: Ranker, rd: RankData, tl: Timelines, requests: np.ndar
     seq_len = model.transact.cfg.seq_len if model.transact is not None else model.cfg.transact.seq_len
     out = []
     for i in range(0, len(requests), chunk):
-        b = build_rank_batch(rd, tl, requests[i:i + chunk], seq_len, v2=v2).to(device)
+        b = build_rank_batch(rd, tl, requests[i:i + chunk], seq_len, v2=v2).staged(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out.append(torch.sigmoid(model(b, shared_projection=shared_projection).float()).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, len(rd.heads)), np.float32)

@@ -45,6 +45,11 @@ class RankBatch:
     def to(self, device: torch.device) -> "RankBatch":
         return self._map(lambda v: v.to(device, non_blocking=True))
 
+    def staged(self, device: torch.device) -> "RankBatch":
+        """On a GPU, through page-locked (pinned) host buffers, so the copies are asynchronous (serving: a request's
+        streams of thousands of tokens); elsewhere as it is."""
+        return (self.pin_memory() if device.type == "cuda" else self).to(device)
+
     @property
     def n_rows(self) -> int:
         return len(self.cand_item)

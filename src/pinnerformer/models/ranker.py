@@ -23,16 +23,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import Field
 
 from pinnerformer.config import StrictModel
 from pinnerformer.features.rank_batch import RankBatch
 from pinnerformer.models.transact import TransAct, TransActConfig
 from pinnerformer.models.transact_v2 import Stream, TransActV2, TransActV2Config, select
-from pinnerformer.ops.quantize import dequantize_normalize, quantize
+from pinnerformer.ops.quantize import DEFAULT_TABLE_DIM, Int8Vectors, dequantize_normalize, int8_table
 
 
 class RankerConfig(StrictModel):
@@ -84,7 +84,7 @@ def sequence_variant(cfg: RankerConfig) -> TransActConfig:
 
 class Ranker(nn.Module):
     def __init__(self, cfg: RankerConfig, inputs: RankerInputs, item_vectors: torch.Tensor,
-                 pf_item_vectors: torch.Tensor):
+                 pf_item_vectors: torch.Tensor, int8: Int8Vectors | None = None):
         super().__init__()
         self.cfg, self.inputs = cfg, inputs
         self.register_buffer("item_vectors", item_vectors.float().contiguous())  # frozen [I, E]
@@ -101,17 +101,15 @@ class Ranker(nn.Module):
             self.transact = TransAct(sequence_variant(cfg), inputs.n_actions, inputs.vector_dim)
             d += self.transact.out_dim
         elif cfg.sequence == "transact-v2":
-            # the frozen item vectors as int8 with one affine map (saved with the model: q, scale, zero), narrowed
-            # to table_dim by a fixed orthonormal projection where wider
-            width = min(inputs.vector_dim, cfg.v2.table_dim)
-            proj = torch.eye(inputs.vector_dim)
-            if inputs.vector_dim > width:
-                g = torch.Generator().manual_seed(0)
-                proj = torch.linalg.qr(torch.randn(inputs.vector_dim, width, generator=g)).Q
-            self.register_buffer("v2_proj", proj)
-            q = quantize((item_vectors.float() @ proj).numpy())
-            self.register_buffer("item_q", torch.from_numpy(q.q))
-            self.register_buffer("q_affine", torch.tensor([q.scale, q.zero], dtype=torch.float64))
+            # the frozen item vectors as int8 with one affine map (the ranking data's stored table, or built here from
+            # item_vectors); saved with the model: q, scale, zero point
+            if int8 is None:
+                int8 = int8_table(item_vectors.float().numpy(), DEFAULT_TABLE_DIM)
+            if len(int8.q) != inputs.n_items:
+                raise ValueError(f"the int8 item table has {len(int8.q)} rows for {inputs.n_items} items")
+            width = int8.q.shape[1]
+            self.register_buffer("item_q", torch.from_numpy(np.array(int8.q)))
+            self.register_buffer("q_affine", torch.tensor([int8.scale, int8.zero], dtype=torch.float64))
             self.v2 = TransActV2(cfg.v2, inputs.n_actions, inputs.n_surfaces, width)
             d += cfg.v2.out_dim
         elif cfg.sequence == "average":
@@ -129,9 +127,10 @@ class Ranker(nn.Module):
         self.mlp = nn.Sequential(*mlp)
         self.head = nn.Linear(d + width, len(inputs.heads))
 
-    def v2_features(self, b: RankBatch, cand_vec: torch.Tensor) -> torch.Tensor:
-        """Rows grouped by request (their streams are moved and dequantised once per request), each candidate's
-        nearest tokens selected and encoded, then back in row order."""
+    def v2_selection(self, b: RankBatch) -> tuple[torch.Tensor, ...]:
+        """Rows grouped by request (their streams are moved and dequantised once per request): the grouping order
+        [N], each row's selected tokens (item [N, T], actions, surface, real, in that order) and candidate unit
+        vectors."""
         if b.streams is None:
             raise ValueError("a transact-v2 ranker needs the batch's streams (build_rank_batch(..., v2=spec))")
         order = torch.argsort(b.row_request, stable=True)
@@ -140,14 +139,24 @@ class Ranker(nn.Module):
         st = {name: Stream(b.streams[f"{name}.item"], b.streams[f"{name}.actions"],
                            b.streams[f"{name}.surface"], b.streams[f"{name}.valid"])
               for name in ("lifelong", "realtime", "impressions")}
-        scale, zero = (float(x) for x in self.q_affine)
-        cand = cand_vec[order] @ self.v2_proj
-        item, actions, surface, real = select(self.cfg.v2, self.item_q, scale, zero, st["lifelong"], st["realtime"],
-                                              st["impressions"], offsets, cand)
+        scale, zero = float(self.q_affine[0]), int(self.q_affine[1])
+        cand = dequantize_normalize(self.item_q[b.cand_item[order]], scale, zero)  # the candidate as the table has it
+        return (order, *select(self.cfg.v2, self.item_q, scale, zero, st["lifelong"], st["realtime"],
+                               st["impressions"], offsets, cand), cand)
+
+    def selected_items(self, b: RankBatch) -> torch.Tensor:
+        """[N, T] the items of each row's selected tokens, in row order (-1: padding): what the paper logs per
+        training example instead of the sequences."""
+        order, item, _, _, real, _ = self.v2_selection(b)
+        return torch.empty_like(item).index_copy_(0, order, torch.where(real, item, torch.full_like(item, -1)))
+
+    def v2_features(self, b: RankBatch) -> torch.Tensor:
+        """Each candidate's nearest tokens selected and encoded, in row order."""
+        order, item, actions, surface, real, cand = self.v2_selection(b)
+        scale, zero = float(self.q_affine[0]), int(self.q_affine[1])
         unit = dequantize_normalize(self.item_q[item], scale, zero)
         collect = self.training and self.collect_next_action
-        out = self.v2(unit, actions, surface.clamp(max=self.inputs.n_surfaces), real, F.normalize(cand, dim=-1),
-                      return_states=collect)
+        out = self.v2(unit, actions, surface.clamp(max=self.inputs.n_surfaces), real, cand, return_states=collect)
         if collect:
             out, states = out
             self.next_action_inputs = self.next_action_inputs_from(states, unit, actions, real)
@@ -172,7 +181,7 @@ class Ranker(nn.Module):
     def sequence_features(self, b: RankBatch, cand_vec: torch.Tensor, shared_projection: bool) -> torch.Tensor:
         r = b.row_request
         if self.cfg.sequence == "transact-v2":
-            return self.v2_features(b, cand_vec)
+            return self.v2_features(b)
         if self.cfg.sequence == "average":
             tok = torch.cat([self.avg_action(b.seq_action), self.avg_item(self.item_vectors[b.seq_item])], -1)
             real = (b.seq_action > 0).unsqueeze(-1).float()

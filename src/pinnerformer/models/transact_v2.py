@@ -48,9 +48,6 @@ class TransActV2Config(StrictModel):
     ffn: int = Field(32, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     out_dim: int = Field(64, ge=1)
-    # the int8 table's width: wider frozen vectors (e.g. 384-d text vectors) are first mapped by a fixed random
-    # orthonormal projection (dot products kept approximately), so sequences of thousands stay cheap to move
-    table_dim: int = Field(64, ge=1)
 
     @property
     def tokens(self) -> int:

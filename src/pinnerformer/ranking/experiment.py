@@ -8,6 +8,10 @@ on the test period with the baselines by the same code; the tables group the run
     fusion   early fusion: concat / append / none
     mask     random time-window mask: on / off (with the diversity of the top 3)
     output   output compression: first K + max-pool / max-pool / first K / all positions
+    v2-table2    TransAct V2 Table 2: realtime only / + next-action loss (in-batch negatives) / + next-action loss
+                 (impression negatives; the impressions also in S) / + lifelong (V2 full)
+    v2-lifelong  V2 with the lifelong sequence cut to 0 / 256 / 1,024 / all (16,384) actions
+    v2-nal       V2 with the next-action loss's weight 0.001 / 0.01 (default) / 0.1
 
 Written to OUTPUT: runs/<variant>/ (each a run directory), report.json + README.md (every table, with intervals,
 lifts over the ranker without sequence features, protocol and fingerprints) and one PNG per table.
@@ -39,6 +43,19 @@ VARIANTS: dict[str, dict] = {
     "output-max": {"model": {"transact": {"output": "max"}}},
     "output-first-k": {"model": {"transact": {"output": "first-k"}}},
     "output-all": {"model": {"transact": {"output": "all"}}},
+    # TransAct V2 (the next-action loss's default weight 0.01; "full": every part at its default)
+    "v2-realtime": {"model": {"sequence": "transact-v2", "v2": {"lifelong_max": 0, "k_lifelong": 0,
+                                                                 "k_impressions": 0}},
+                    "loss": {"next_action": {"weight": 0.0}}},
+    "v2-nal-in-batch": {"model": {"sequence": "transact-v2", "v2": {"lifelong_max": 0, "k_lifelong": 0,
+                                                                     "k_impressions": 0}},
+                        "loss": {"next_action": {"negatives": "in-batch"}}},
+    "v2-nal-impressions": {"model": {"sequence": "transact-v2", "v2": {"lifelong_max": 0, "k_lifelong": 0}}},
+    "v2-full": {"model": {"sequence": "transact-v2"}},
+    "v2-lifelong-256": {"model": {"sequence": "transact-v2", "v2": {"lifelong_max": 256}}},
+    "v2-lifelong-1k": {"model": {"sequence": "transact-v2", "v2": {"lifelong_max": 1024}}},
+    "v2-nal-0.001": {"model": {"sequence": "transact-v2"}, "loss": {"next_action": {"weight": 0.001}}},
+    "v2-nal-0.1": {"model": {"sequence": "transact-v2"}, "loss": {"next_action": {"weight": 0.1}}},
 }
 TABLES: dict[str, list[tuple[str, str]]] = {  # table -> (row label, variant)
     "table1": [("no sequence", "no-sequence"), ("average pooling", "average"), ("BST-style", "bst"),
@@ -48,14 +65,21 @@ TABLES: dict[str, list[tuple[str, str]]] = {  # table -> (row label, variant)
     "mask": [("time-window mask on", "transact"), ("mask off", "no-time-mask")],
     "output": [("first K + max-pool", "transact"), ("max-pool", "output-max"), ("first K", "output-first-k"),
                ("all positions", "output-all")],
+    "v2-table2": [("TransAct (realtime)", "v2-realtime"), ("+ NAL, in-batch negatives", "v2-nal-in-batch"),
+                  ("+ NAL, impression negatives", "v2-nal-impressions"), ("+ lifelong (V2 full)", "v2-full")],
+    "v2-lifelong": [("lifelong 0", "v2-nal-impressions"), ("lifelong 256", "v2-lifelong-256"),
+                    ("lifelong 1,024", "v2-lifelong-1k"), ("lifelong all (16,384)", "v2-full")],
+    "v2-nal": [("NAL weight 0.001", "v2-nal-0.001"), ("NAL weight 0.01", "v2-full"), ("NAL weight 0.1", "v2-nal-0.1")],
 }
+
+DEFAULT_TABLES = ["table1", "table2", "fusion", "mask", "output"]  # TransAct's; the V2 tables when asked for
 
 
 def run_experiment(rank_dir: Path, output: Path, preset: str = "fast", tables: list[str] | None = None,
                    max_steps: int | None = None, seed: int = 0, overrides: dict | None = None, command: str = "",
                    log=print) -> Path:
     rd = RankData(rank_dir)
-    tables = tables or list(TABLES)
+    tables = tables or DEFAULT_TABLES
     unknown = [t for t in tables if t not in TABLES]
     if unknown:
         from pinnerformer.errors import PinnerformerError

@@ -24,6 +24,7 @@ from pinnerformer.data.schema import DatasetRef
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.io import atomic_dir, exclusive, write_json_atomic
 from pinnerformer.models.embedding import embed_items, embed_users
+from pinnerformer.ops.quantize import file_sha256, int8_table
 from pinnerformer.runs import RunDir
 
 
@@ -147,6 +148,11 @@ def prepare_ranking(dataset_dir: Path, output: Path, opts: rq.RequestOptions, pi
         np.save(tmp / rq.USER_VECTORS, user_vectors)
         np.save(tmp / rq.PF_ITEMS, pf_items)
         np.save(tmp / rq.ITEM_VECTORS, item_vectors.astype(np.float32))
+        table = int8_table(item_vectors, opts.int8_dim, seed=0)
+        np.save(tmp / rq.ITEM_INT8, table.q)
+        int8_info = rq.Int8TableInfo(shape=table.q.shape, source_dim=int(item_vectors.shape[1]), projection_seed=0,
+                                     scale=table.scale, zero=table.zero, lo=table.lo, hi=table.hi,
+                                     sha256=file_sha256(tmp / rq.ITEM_INT8))
         req.write_parquet(tmp / rq.REQUESTS)
         cand.write_parquet(tmp / rq.CANDIDATES)
         counts = rq.split_counts(req, cand, opts.heads)
@@ -161,7 +167,7 @@ def prepare_ranking(dataset_dir: Path, output: Path, opts: rq.RequestOptions, pi
             splits=counts, skipped=tables.skipped,
             pinnerformer={"run": run_ref, "checkpoint_sha256": run.checkpoint_sha256(), "trained_until":
                           run.config.eval.until, "dim": int(pf_items.shape[1])},
-            item_vectors={"source": source, "dim": int(item_vectors.shape[1])},
+            item_vectors={"source": source, "dim": int(item_vectors.shape[1])}, int8_table=int8_info,
             fingerprint=table_fingerprint(req, cand), created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
             notes=notes)
         write_json_atomic(tmp / rq.RANK_MANIFEST, manifest)

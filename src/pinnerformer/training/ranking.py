@@ -28,6 +28,7 @@ from pinnerformer.objectives.multitask_bce import (
     user_row_weights,
 )
 from pinnerformer.objectives.next_action import next_action_loss
+from pinnerformer.ops.quantize import Int8Vectors, open_int8
 from pinnerformer.training.config import LoopConfig, OptimConfig, read_config_file
 from pinnerformer.training.loop import TrainingLoop
 from pinnerformer.training.task import StepLoss, epoch_order
@@ -78,7 +79,18 @@ def ranker_for(rd: RankData, cfg: RankerConfig, n_actions: int, n_surfaces: int,
                           vector_dim=int(rd.item_vectors.shape[1]), pf_dim=int(rd.pf_item_vectors.shape[1]),
                           heads=tuple(rd.manifest.head_names), positive_actions=tuple(positive_actions))
     return Ranker(cfg, inputs, torch.from_numpy(np.array(rd.item_vectors)),
-                  torch.from_numpy(np.array(rd.pf_item_vectors)))
+                  torch.from_numpy(np.array(rd.pf_item_vectors)),
+                  int8=stored_int8_table(rd) if cfg.sequence == "transact-v2" else None)
+
+
+def stored_int8_table(rd: RankData) -> Int8Vectors:
+    """The ranking data's int8 item table (memory-mapped), checked against its manifest record."""
+    info = rd.manifest.int8_table
+    if info is None:
+        raise PinnerformerError(f"{rd.path}: this ranking data has no int8 item table (prepared by a version before "
+                                "TransAct V2): run `pinnerformer rank prepare` again")
+    return open_int8(rd.path / info.file, info.shape, info.scale, info.zero, info.lo, info.hi, info.sha256,
+                     where=f"{rd.path / 'manifest.json'} int8_table")
 
 
 def selection_metric(rd: RankData, cfg: RankDataConfig) -> str:
