@@ -1,0 +1,152 @@
+"""The embedded online store: LMDB (a memory-mapped B+tree in one directory, no server). Every write is one
+transaction, synced before it returns, so an acknowledged write survives a kill -9 of the process; readers never
+see a half-applied batch. Layout (named databases):
+
+    realtime   user -> the packed events of the realtime list (at most realtime_cap, the newest)
+    daily      "<version>\\0<user>" -> float32 embedding bytes
+    lifelong   "<version>\\0<user>" -> packed events
+    batches    batch id -> b"" (ingestion batches already applied)
+    meta       "current" -> version; "events" -> int64 count; "version:<version>" -> b"" (written versions)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.serving.store import (
+    EVENT, REALTIME_CAP, OnlineStore, StoreUnavailable, check_version, pack, unpack,
+)
+
+MAP_SIZE = 8 << 30  # address space only: the file grows with the data (sparse)
+
+
+class LmdbStore(OnlineStore):
+    def __init__(self, path: str | Path, realtime_cap: int = REALTIME_CAP, map_size: int = MAP_SIZE):
+        self.path = Path(path)
+        self.url = f"lmdb://{self.path}"
+        self.realtime_cap = realtime_cap
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=8, subdir=True, sync=True,
+                                 metasync=True)
+        except lmdb.Error as e:
+            raise StoreUnavailable(f"{self.path}: cannot open the LMDB store: {e}") from None
+        self.db = {name: self.env.open_db(name.encode()) for name in ("realtime", "daily", "lifelong", "batches",
+                                                                      "meta")}
+
+    def _write(self, fn):
+        try:
+            with self.env.begin(write=True) as txn:
+                return fn(txn)
+        except lmdb.MapFullError:
+            raise StoreUnavailable(f"{self.path}: the LMDB store is full (map size {self.env.info()['map_size']:,} "
+                                   "bytes): open it with a larger map_size") from None
+        except lmdb.Error as e:
+            raise StoreUnavailable(f"{self.path}: LMDB write failed: {e}") from None
+
+    def append(self, batch: dict[str, np.ndarray], batch_id: str | None = None) -> int:
+        def apply(txn) -> int:
+            if batch_id is not None:
+                if txn.get(batch_id.encode(), db=self.db["batches"]) is not None:
+                    return 0
+                txn.put(batch_id.encode(), b"", db=self.db["batches"])
+            n = 0
+            for user, records in batch.items():
+                key = user.encode()
+                old = unpack(txn.get(key, db=self.db["realtime"]))
+                new = np.concatenate([old, np.asarray(records, EVENT)])[-self.realtime_cap:]
+                txn.put(key, pack(new), db=self.db["realtime"])
+                n += len(records)
+            count = int.from_bytes(txn.get(b"events", default=b"\0" * 8, db=self.db["meta"]), "little")
+            txn.put(b"events", (count + n).to_bytes(8, "little"), db=self.db["meta"])
+            return n
+
+        return self._write(apply)
+
+    def realtime(self, user: str) -> np.ndarray:
+        with self.env.begin() as txn:
+            return unpack(txn.get(user.encode(), db=self.db["realtime"]))
+
+    def put_daily(self, version: str, users: list[str], vectors: np.ndarray,
+                  lifelong: dict[str, np.ndarray] | None = None) -> None:
+        prefix = check_version(version).encode() + b"\0"
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(users) != len(vectors):
+            raise PinnerformerError(f"put_daily: {len(users)} users for {len(vectors)} vectors")
+
+        def apply(txn) -> None:
+            for user, vec in zip(users, vectors):
+                txn.put(prefix + user.encode(), vec.tobytes(), db=self.db["daily"])
+            for user, records in (lifelong or {}).items():
+                txn.put(prefix + user.encode(), pack(records), db=self.db["lifelong"])
+            txn.put(b"version:" + version.encode(), b"", db=self.db["meta"])
+
+        self._write(apply)
+
+    def publish(self, version: str) -> None:
+        def apply(txn) -> None:
+            if txn.get(b"version:" + check_version(version).encode(), db=self.db["meta"]) is None:
+                raise PinnerformerError(f"publish: version {version!r} was never written to {self.url}")
+            txn.put(b"current", version.encode(), db=self.db["meta"])
+
+        self._write(apply)
+
+    def current_version(self) -> str | None:
+        with self.env.begin() as txn:
+            v = txn.get(b"current", db=self.db["meta"])
+        return v.decode() if v is not None else None
+
+    def versions(self) -> list[str]:
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db["meta"])
+            out = []
+            if cur.set_range(b"version:"):
+                for key in cur.iternext(values=False):
+                    if not key.startswith(b"version:"):
+                        break
+                    out.append(key[len(b"version:"):].decode())
+        return out
+
+    def drop_version(self, version: str) -> None:
+        prefix = check_version(version).encode() + b"\0"
+        if version == self.current_version():
+            raise PinnerformerError(f"drop_version: {version!r} is the current version of {self.url}")
+
+        def apply(txn) -> None:
+            for name in ("daily", "lifelong"):
+                cur = txn.cursor(db=self.db[name])
+                if cur.set_range(prefix):
+                    while cur.key().startswith(prefix):
+                        if not cur.delete():
+                            break
+            txn.delete(b"version:" + version.encode(), db=self.db["meta"])
+
+        self._write(apply)
+
+    def daily(self, user: str, version: str | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+        with self.env.begin() as txn:
+            version = version or (txn.get(b"current", db=self.db["meta"]) or b"").decode()
+            if not version:
+                return None, np.zeros(0, EVENT)
+            key = version.encode() + b"\0" + user.encode()
+            vec = txn.get(key, db=self.db["daily"])
+            return (np.frombuffer(vec, np.float32).copy() if vec is not None else None,
+                    unpack(txn.get(key, db=self.db["lifelong"])))
+
+    def event_count(self) -> int:
+        with self.env.begin() as txn:
+            return int.from_bytes(txn.get(b"events", default=b"\0" * 8, db=self.db["meta"]), "little")
+
+    def ping(self) -> None:
+        try:
+            with self.env.begin() as txn:
+                txn.get(b"current", db=self.db["meta"])
+        except lmdb.Error as e:
+            raise StoreUnavailable(f"{self.path}: LMDB read failed: {e}") from None
+
+    def close(self) -> None:
+        self.env.close()

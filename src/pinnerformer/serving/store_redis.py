@@ -1,0 +1,127 @@
+"""The production online store: Redis (Debian's `redis-server`, redis-py). Keys, under a namespace (default
+`pf`):
+
+    pf:rt:<user>            list of packed events (the realtime list; RPUSH then LTRIM to the newest realtime_cap)
+    pf:emb:<version>        hash user -> float32 embedding bytes
+    pf:life:<version>       hash user -> packed lifelong events
+    pf:versions             set of written versions;  pf:current -> the published version
+    pf:batch:<id>           ingestion batches already applied (kept 7 days);  pf:events -> appended count
+
+An ingestion batch is one Lua script (Redis runs a script alone, and its effects reach the append-only file
+together), so it is applied whole or not at all; reading a user's daily data is one script too, so the version
+and the data read belong together. A Redis that is down or restarting gives StoreUnavailable with its address;
+redis-py reconnects by itself once it is back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import redis
+
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.serving.store import (
+    EVENT, REALTIME_CAP, OnlineStore, StoreUnavailable, check_version, pack, unpack,
+)
+
+BATCH_TTL_S = 7 * 86400
+
+APPEND = """
+if ARGV[2] == '1' and not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then return 0 end
+local cap, size, n = tonumber(ARGV[1]), tonumber(ARGV[4]), 0
+for i = 3, #KEYS do
+  local blob, items = ARGV[i + 2], {}
+  for j = 1, #blob, size do items[#items + 1] = string.sub(blob, j, j + size - 1) end
+  for s = 1, #items, 1000 do redis.call('RPUSH', KEYS[i], unpack(items, s, math.min(s + 999, #items))) end
+  redis.call('LTRIM', KEYS[i], -cap, -1)
+  n = n + #items
+end
+redis.call('INCRBY', KEYS[1], n)
+return n
+"""
+
+DAILY = """
+local v = ARGV[2]
+if v == '' then v = redis.call('GET', KEYS[1]) end
+if not v then return {false, false, false} end
+return {v, redis.call('HGET', ARGV[1] .. ':emb:' .. v, ARGV[3]), redis.call('HGET', ARGV[1] .. ':life:' .. v, ARGV[3])}
+"""
+
+
+class RedisStore(OnlineStore):
+    def __init__(self, url: str, realtime_cap: int = REALTIME_CAP, namespace: str = "pf"):
+        self.url, self.realtime_cap, self.ns = url, realtime_cap, namespace
+        self.r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+        self._append = self.r.register_script(APPEND)
+        self._daily = self.r.register_script(DAILY)
+
+    def _call(self, fn):
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise StoreUnavailable(f"Redis at {self.url} is unreachable: {e}") from None
+        except redis.ResponseError as e:
+            raise StoreUnavailable(f"Redis at {self.url} refused a command: {e}") from None
+
+    def append(self, batch: dict[str, np.ndarray], batch_id: str | None = None) -> int:
+        users = list(batch)
+        keys = [f"{self.ns}:events", f"{self.ns}:batch:{batch_id or ''}"] + [f"{self.ns}:rt:{u}" for u in users]
+        args = [self.realtime_cap, 1 if batch_id is not None else 0, BATCH_TTL_S, EVENT.itemsize]
+        args += [pack(batch[u]) for u in users]
+        return int(self._call(lambda: self._append(keys=keys, args=args)))
+
+    def realtime(self, user: str) -> np.ndarray:
+        return unpack(b"".join(self._call(lambda: self.r.lrange(f"{self.ns}:rt:{user}", 0, -1))))
+
+    def put_daily(self, version: str, users: list[str], vectors: np.ndarray,
+                  lifelong: dict[str, np.ndarray] | None = None) -> None:
+        check_version(version)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(users) != len(vectors):
+            raise PinnerformerError(f"put_daily: {len(users)} users for {len(vectors)} vectors")
+
+        def write() -> None:
+            pipe = self.r.pipeline(transaction=False)
+            for s in range(0, len(users), 5000):
+                pipe.hset(f"{self.ns}:emb:{version}", mapping={u: v.tobytes() for u, v in
+                                                               zip(users[s:s + 5000], vectors[s:s + 5000])})
+            life = list((lifelong or {}).items())
+            for s in range(0, len(life), 5000):
+                pipe.hset(f"{self.ns}:life:{version}", mapping={u: pack(r) for u, r in life[s:s + 5000]})
+            pipe.sadd(f"{self.ns}:versions", version)  # last: a version is listed once its data is there
+            pipe.execute()
+
+        self._call(write)
+
+    def publish(self, version: str) -> None:
+        check_version(version)
+        if not self._call(lambda: self.r.sismember(f"{self.ns}:versions", version)):
+            raise PinnerformerError(f"publish: version {version!r} was never written to {self.url}")
+        self._call(lambda: self.r.set(f"{self.ns}:current", version))
+
+    def current_version(self) -> str | None:
+        v = self._call(lambda: self.r.get(f"{self.ns}:current"))
+        return v.decode() if v is not None else None
+
+    def versions(self) -> list[str]:
+        return sorted(v.decode() for v in self._call(lambda: self.r.smembers(f"{self.ns}:versions")))
+
+    def drop_version(self, version: str) -> None:
+        check_version(version)
+        if version == self.current_version():
+            raise PinnerformerError(f"drop_version: {version!r} is the current version of {self.url}")
+        self._call(lambda: self.r.pipeline().srem(f"{self.ns}:versions", version).delete(
+            f"{self.ns}:emb:{version}", f"{self.ns}:life:{version}").execute())
+
+    def daily(self, user: str, version: str | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+        _, vec, life = self._call(lambda: self._daily(keys=[f"{self.ns}:current"],
+                                                      args=[self.ns, version or "", user]))
+        return (np.frombuffer(vec, np.float32).copy() if vec else None), unpack(life or None)
+
+    def event_count(self) -> int:
+        return int(self._call(lambda: self.r.get(f"{self.ns}:events")) or 0)
+
+    def ping(self) -> None:
+        self._call(self.r.ping)
+
+    def close(self) -> None:
+        self.r.close()

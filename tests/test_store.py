@@ -1,0 +1,186 @@
+"""The online store's two backends pass the same tests: the embedded LMDB store and Redis (a real redis-server
+started by the project's own `serving.redis_server`; skipped with a reason where redis-server is not installed,
+required in CI by PINNERFORMER_REQUIRE_REDIS=1). Exact round trips, the realtime cap, idempotent batches, whole-or-
+nothing batches, day versions published atomically, and faults: a writer killed with -9 in the middle of
+ingestion loses no acknowledged event and half-applies no batch; Redis killed and restarted keeps every
+acknowledged event (append-only file, fsync always), and the store recovers without being reopened."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.serving.store import EVENT, StoreUnavailable, events, open_store
+from pinnerformer.serving.store_lmdb import LmdbStore
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    from pinnerformer.serving.redis_server import RedisServer
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("PINNERFORMER_REQUIRE_REDIS") == "1":
+            pytest.fail("PINNERFORMER_REQUIRE_REDIS=1 but redis-server is not installed")
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["lmdb", "redis"])
+def make_store(request, tmp_path):
+    """A function opening the store under test (again: the same data) with a realtime cap."""
+    if request.param == "lmdb":
+        return lambda cap=5: LmdbStore(tmp_path / "lmdb", realtime_cap=cap)
+    server = request.getfixturevalue("redis_server")
+    from pinnerformer.serving.store_redis import RedisStore
+
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    return lambda cap=5: RedisStore(server.url, realtime_cap=cap, namespace=ns)
+
+
+def ev(items, t0=0, action=1):
+    n = len(items)
+    return events(np.asarray(items), np.full(n, action), t0 + np.arange(n), surface=np.arange(n) % 3,
+                  duration=np.linspace(0, 1, n))
+
+
+def test_events_round_trip_exactly_and_the_realtime_list_keeps_the_newest(make_store):
+    s = make_store(cap=5)
+    assert s.realtime("u1").dtype == EVENT and len(s.realtime("u1")) == 0
+    first = ev([10, 11, 12])
+    assert s.append({"u1": first, "u2": ev([7])}) == 4
+    got = s.realtime("u1")
+    assert got.tobytes() == first.tobytes()  # every field, bit for bit (NaN-free durations here)
+    assert s.append({"u1": ev([13, 14, 15, 16], t0=100)}) == 4
+    assert s.realtime("u1")["item"].tolist() == [12, 13, 14, 15, 16]  # capped at 5: the newest kept
+    assert s.realtime("u2")["item"].tolist() == [7] and s.event_count() == 8
+    unknown_duration = events(np.array([1]), np.array([0]), np.array([5]))
+    s.append({"u3": unknown_duration})
+    assert np.isnan(s.realtime("u3")["duration"][0]) and s.realtime("u3")["surface"][0] == -1
+
+
+def test_a_retried_batch_is_applied_once_and_a_failing_batch_not_at_all(make_store):
+    s = make_store(cap=100)
+    assert s.append({"u1": ev([1, 2]), "u2": ev([3])}, batch_id="b-1") == 3
+    assert s.append({"u1": ev([1, 2]), "u2": ev([3])}, batch_id="b-1") == 0  # the client retried: no duplicate
+    assert s.realtime("u1")["item"].tolist() == [1, 2] and s.event_count() == 3
+    with pytest.raises((ValueError, TypeError)):
+        s.append({"u1": ev([4]), "u2": np.array(["not an event"])}, batch_id="b-2")
+    assert s.realtime("u1")["item"].tolist() == [1, 2] and s.event_count() == 3  # u1's part was not applied
+    assert s.append({"u1": ev([4])}, batch_id="b-2") == 1  # the failed id was not recorded either
+
+
+def test_day_versions_are_invisible_until_published_and_switch_atomically(make_store):
+    s = make_store()
+    vec, life = s.daily("u1")
+    assert s.current_version() is None and vec is None and len(life) == 0
+    v1 = np.arange(8, dtype=np.float32).reshape(2, 4)
+    s.put_daily("2026-11-25", ["u1", "u2"], v1, lifelong={"u1": ev([5, 6])})
+    assert s.current_version() is None and s.daily("u1")[0] is None  # written, not published
+    s.publish("2026-11-25")
+    vec, life = s.daily("u1")
+    assert np.array_equal(vec, v1[0]) and life["item"].tolist() == [5, 6]
+    s.put_daily("2026-11-26", ["u1"], v1[1:] * 10)
+    assert np.array_equal(s.daily("u1")[0], v1[0])  # still yesterday's until published
+    s.publish("2026-11-26")
+    assert np.array_equal(s.daily("u1")[0], v1[1] * 10) and s.daily("u2")[0] is None  # u2: none that day
+    assert np.array_equal(s.daily("u2", version="2026-11-25")[0], v1[1])
+    assert s.versions() == ["2026-11-25", "2026-11-26"]
+    with pytest.raises(PinnerformerError, match="is the current version"):
+        s.drop_version("2026-11-26")
+    s.drop_version("2026-11-25")
+    assert s.versions() == ["2026-11-26"] and s.daily("u1", version="2026-11-25")[0] is None
+    with pytest.raises(PinnerformerError, match="version '2026-12-01' was never written"):
+        s.publish("2026-12-01")
+    with pytest.raises(PinnerformerError, match="expected a short name without spaces"):
+        s.put_daily("bad version", ["u1"], v1[:1])
+    with pytest.raises(PinnerformerError, match="2 users for 1 vectors"):
+        s.put_daily("2026-11-27", ["u1", "u2"], v1[:1])
+
+
+def test_the_store_survives_being_reopened(make_store):
+    s = make_store(cap=50)
+    s.append({"u1": ev([1, 2, 3])}, batch_id="x")
+    s.put_daily("d1", ["u1"], np.ones((1, 4), np.float32))
+    s.publish("d1")
+    s.close()
+    again = make_store(cap=50)
+    assert again.realtime("u1")["item"].tolist() == [1, 2, 3] and again.current_version() == "d1"
+    assert again.append({"u1": ev([1, 2, 3])}, batch_id="x") == 0
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from pinnerformer.serving.store import events, open_store
+    from pinnerformer.serving.store_redis import RedisStore
+    url, ns = sys.argv[1], sys.argv[2]
+    s = RedisStore(url, realtime_cap=100000, namespace=ns) if url.startswith("redis") else open_store(url, 100000)
+    for b in range(100000):
+        # batch b: 3 users x 2 events, items encode the batch
+        s.append({f"u{k}": events(np.array([b * 10 + k, b * 10 + k]), np.array([1, 2]), np.array([b, b]))
+                  for k in range(3)}, batch_id=f"b{b}")
+        print(b, flush=True)  # acknowledged
+""")
+
+
+def test_a_writer_killed_mid_ingestion_loses_no_acknowledged_event_and_half_applies_no_batch(make_store, tmp_path):
+    s = make_store(cap=100000)
+    url = s.url
+    ns = getattr(s, "ns", "")
+    s.close()
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, url, ns], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    acked = []
+    deadline = time.monotonic() + 60
+    while len(acked) < 150 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        acked.append(int(line))
+    proc.kill()  # kill -9, in the middle of the stream of appends
+    proc.wait()
+    assert len(acked) >= 150, "the writer did not get going"
+    s = make_store(cap=100000)
+    per_user = [s.realtime(f"u{k}") for k in range(3)]
+    batches = [np.unique(r["ts"], return_counts=True) for r in per_user]
+    applied = set(batches[0][0].tolist())
+    assert set(acked) <= applied  # every acknowledged batch is there
+    for (ts, counts), r in zip(batches, per_user):
+        assert set(ts.tolist()) == applied  # all of a batch's users, or none
+        assert (counts == 2).all()  # each batch once, whole
+    assert s.event_count() == 6 * len(applied) and len(applied) - len(acked) <= 1  # at most the one in flight
+
+
+def test_redis_killed_keeps_acknowledged_events_and_the_store_recovers_without_reopening(redis_server, tmp_path):
+    from pinnerformer.serving.redis_server import RedisServer
+    from pinnerformer.serving.store_redis import RedisStore
+
+    server = RedisServer(tmp_path / "r").start()
+    s = RedisStore(server.url, realtime_cap=1000)
+    for b in range(50):
+        s.append({"u": ev([b])}, batch_id=str(b))
+    server.kill()  # a crash of Redis itself
+    with pytest.raises(StoreUnavailable, match=f"Redis at {server.url} is unreachable"):
+        s.append({"u": ev([99])})
+    with pytest.raises(StoreUnavailable):
+        s.ping()
+    server.start()  # same port, same directory: the append-only file is replayed
+    s.ping()  # the same store object, reconnected
+    assert s.realtime("u")["item"].tolist() == list(range(50)) and s.event_count() == 50
+    server.stop()
+
+
+def test_open_store_picks_the_backend_from_the_url(tmp_path, redis_server):
+    assert isinstance(open_store(str(tmp_path / "a")), LmdbStore)
+    assert isinstance(open_store(f"lmdb://{tmp_path / 'b'}"), LmdbStore)
+    from pinnerformer.serving.store_redis import RedisStore
+
+    assert isinstance(open_store(redis_server.url), RedisStore)
