@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.serving.store import EVENT, StoreUnavailable, events, open_store
+from pinnerformer.serving.store import EVENT, StoreUnavailable, events
+from pinnerformer.serving.stores import open_store
 from pinnerformer.serving.store_lmdb import LmdbStore
 
 
@@ -119,7 +120,8 @@ def test_the_store_survives_being_reopened(make_store):
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from pinnerformer.serving.store import events, open_store
+    from pinnerformer.serving.store import events
+    from pinnerformer.serving.stores import open_store
     from pinnerformer.serving.store_redis import RedisStore
     url, ns = sys.argv[1], sys.argv[2]
     s = RedisStore(url, realtime_cap=100000, namespace=ns) if url.startswith("redis") else open_store(url, 100000)

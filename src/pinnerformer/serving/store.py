@@ -109,14 +109,3 @@ class OnlineStore(ABC):
 
     def close(self) -> None:
         pass
-
-
-def open_store(url: str, realtime_cap: int = REALTIME_CAP) -> OnlineStore:
-    """`redis://…` -> RedisStore; `lmdb:///path` or a path -> LmdbStore."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from pinnerformer.serving.store_redis import RedisStore
-
-        return RedisStore(url, realtime_cap=realtime_cap)
-    from pinnerformer.serving.store_lmdb import LmdbStore
-
-    return LmdbStore(url.removeprefix("lmdb://"), realtime_cap=realtime_cap)

@@ -1,0 +1,1 @@
+"""The online half: the store (LMDB embedded, Redis production) and the service."""
