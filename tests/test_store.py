@@ -81,36 +81,39 @@ def test_a_retried_batch_is_applied_once_and_a_failing_batch_not_at_all(make_sto
 
 def test_day_versions_are_invisible_until_published_and_switch_atomically(make_store):
     s = make_store()
-    vec, life = s.daily("u1")
-    assert s.current_version() is None and vec is None and len(life) == 0
+    vecs, life = s.daily("u1")
+    assert s.current_version() is None and vecs == {} and len(life) == 0
     v1 = np.arange(8, dtype=np.float32).reshape(2, 4)
-    s.put_daily("2026-11-25", ["u1", "u2"], v1, lifelong={"u1": ev([5, 6])})
-    assert s.current_version() is None and s.daily("u1")[0] is None  # written, not published
+    rank = np.array([[1.0, 2.0], [np.nan, np.nan]], np.float32)  # u2 has no ranking vector that day
+    s.put_daily("2026-11-25", ["u1", "u2"], {"retrieval": v1, "ranking": rank}, lifelong={"u1": ev([5, 6])})
+    assert s.current_version() is None and s.daily("u1")[0] == {}  # written, not published
     s.publish("2026-11-25")
-    vec, life = s.daily("u1")
-    assert np.array_equal(vec, v1[0]) and life["item"].tolist() == [5, 6]
-    s.put_daily("2026-11-26", ["u1"], v1[1:] * 10)
-    assert np.array_equal(s.daily("u1")[0], v1[0])  # still yesterday's until published
+    vecs, life = s.daily("u1")
+    assert np.array_equal(vecs["retrieval"], v1[0]) and np.array_equal(vecs["ranking"], [1.0, 2.0])
+    assert life["item"].tolist() == [5, 6] and list(s.daily("u2")[0]) == ["retrieval"]
+    s.put_daily("2026-11-26", ["u1"], {"retrieval": v1[1:] * 10})
+    assert np.array_equal(s.daily("u1")[0]["retrieval"], v1[0])  # still yesterday's until published
     s.publish("2026-11-26")
-    assert np.array_equal(s.daily("u1")[0], v1[1] * 10) and s.daily("u2")[0] is None  # u2: none that day
-    assert np.array_equal(s.daily("u2", version="2026-11-25")[0], v1[1])
+    assert np.array_equal(s.daily("u1")[0]["retrieval"], v1[1] * 10) and s.daily("u2")[0] == {}  # none that day
+    assert len(s.daily("u1")[1]) == 0  # no lifelong blob in the new version
+    assert np.array_equal(s.daily("u2", version="2026-11-25")[0]["retrieval"], v1[1])
     assert s.versions() == ["2026-11-25", "2026-11-26"]
     with pytest.raises(PinnerformerError, match="is the current version"):
         s.drop_version("2026-11-26")
     s.drop_version("2026-11-25")
-    assert s.versions() == ["2026-11-26"] and s.daily("u1", version="2026-11-25")[0] is None
+    assert s.versions() == ["2026-11-26"] and s.daily("u1", version="2026-11-25")[0] == {}
     with pytest.raises(PinnerformerError, match="version '2026-12-01' was never written"):
         s.publish("2026-12-01")
     with pytest.raises(PinnerformerError, match="expected a short name without spaces"):
-        s.put_daily("bad version", ["u1"], v1[:1])
-    with pytest.raises(PinnerformerError, match="2 users for 1 vectors"):
-        s.put_daily("2026-11-27", ["u1", "u2"], v1[:1])
+        s.put_daily("bad version", ["u1"], {"retrieval": v1[:1]})
+    with pytest.raises(PinnerformerError, match="2 users for 1 'retrieval' vectors"):
+        s.put_daily("2026-11-27", ["u1", "u2"], {"retrieval": v1[:1]})
 
 
 def test_the_store_survives_being_reopened(make_store):
     s = make_store(cap=50)
     s.append({"u1": ev([1, 2, 3])}, batch_id="x")
-    s.put_daily("d1", ["u1"], np.ones((1, 4), np.float32))
+    s.put_daily("d1", ["u1"], {"retrieval": np.ones((1, 4), np.float32)})
     s.publish("d1")
     s.close()
     again = make_store(cap=50)

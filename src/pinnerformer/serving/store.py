@@ -2,8 +2,9 @@
 
     realtime   per user, the newest `realtime_cap` events the service ingested, in arrival order (a capped list):
                written before an ingestion is acknowledged, visible to the very next read (read-your-writes)
-    daily      per day version: each user's PinnerFormer embedding and lifelong sequence blob (what the daily job
-               published), and one pointer to the current version, switched atomically (`publish`)
+    daily      per day version: each user's named embeddings (e.g. "retrieval": the PinnerFormer vector the ANN
+               index is queried with, "ranking": the ranker's PinnerFormer feature) and lifelong sequence blob (what
+               the daily job published), and one pointer to the current version, switched atomically (`publish`)
 
 Two backends pass the same tests (`tests/test_store.py`):
     LmdbStore   embedded, no server (the default; `lmdb:///path` or a plain path); every write is one
@@ -55,6 +56,31 @@ def unpack(blob: bytes | None) -> np.ndarray:
     return np.frombuffer(blob, EVENT).copy()
 
 
+def vector_layout(users: list[str], vectors: dict[str, np.ndarray]) -> dict[str, int]:
+    """{name: width} of one version's named embeddings (a row of NaN: the user has none of that name)."""
+    for name, v in vectors.items():
+        if v.ndim != 2 or len(v) != len(users):
+            raise PinnerformerError(f"put_daily: {len(users)} users for {len(v)} '{name}' vectors")
+    return {name: int(v.shape[1]) for name, v in vectors.items()}
+
+
+def pack_vectors(vectors: dict[str, np.ndarray]) -> np.ndarray:
+    """[U, sum of widths] float32: one row of bytes per user, the names in layout order."""
+    return np.ascontiguousarray(np.concatenate([np.asarray(v, np.float32) for v in vectors.values()], 1))
+
+
+def unpack_vectors(blob: bytes | None, layout: dict[str, int]) -> dict[str, np.ndarray]:
+    if not blob:
+        return {}
+    row, out, at = np.frombuffer(blob, np.float32), {}, 0
+    for name, width in layout.items():
+        v = row[at:at + width]
+        at += width
+        if not np.isnan(v).any():
+            out[name] = v.copy()
+    return out
+
+
 def check_version(version: str) -> str:
     if not version or any(c in version for c in "\0:/ ") or len(version) > 64:
         raise PinnerformerError(f"store version {version!r}: expected a short name without spaces, ':', '/' or NUL "
@@ -76,9 +102,10 @@ class OnlineStore(ABC):
         """The user's realtime list, in arrival order (at most `realtime_cap`)."""
 
     @abstractmethod
-    def put_daily(self, version: str, users: list[str], vectors: np.ndarray,
+    def put_daily(self, version: str, users: list[str], vectors: dict[str, np.ndarray],
                   lifelong: dict[str, np.ndarray] | None = None) -> None:
-        """Write one day version's embeddings (and lifelong blobs); readers see it only after `publish`."""
+        """Write one day version's named embeddings ({name: [U, d]}) and lifelong blobs; readers see it only after
+        `publish`."""
 
     @abstractmethod
     def publish(self, version: str) -> None:
@@ -95,8 +122,8 @@ class OnlineStore(ABC):
         """Delete an old day version (never the current one)."""
 
     @abstractmethod
-    def daily(self, user: str, version: str | None = None) -> tuple[np.ndarray | None, np.ndarray]:
-        """The user's embedding (None when the version has none for them) and lifelong records in `version`
+    def daily(self, user: str, version: str | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The user's named embeddings ({} when the version has none for them) and lifelong records in `version`
         (default: the current one)."""
 
     @abstractmethod

@@ -3,14 +3,15 @@ transaction, synced before it returns, so an acknowledged write survives a kill 
 see a half-applied batch. Layout (named databases):
 
     realtime   user -> the packed events of the realtime list (at most realtime_cap, the newest)
-    daily      "<version>\\0<user>" -> float32 embedding bytes
+    daily      "<version>\\0<user>" -> the float32 embeddings, concatenated in the version's layout
     lifelong   "<version>\\0<user>" -> packed events
     batches    batch id -> b"" (ingestion batches already applied)
-    meta       "current" -> version; "events" -> int64 count; "version:<version>" -> b"" (written versions)
+    meta       "current" -> version; "events" -> int64 count; "version:<version>" -> the layout, JSON {name: width}
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lmdb
@@ -18,7 +19,8 @@ import numpy as np
 
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.serving.store import (
-    EVENT, REALTIME_CAP, OnlineStore, StoreUnavailable, check_version, pack, unpack,
+    EVENT, REALTIME_CAP, OnlineStore, StoreUnavailable, check_version, pack, pack_vectors, unpack, unpack_vectors,
+    vector_layout,
 )
 
 MAP_SIZE = 8 << 30  # address space only: the file grows with the data (sparse)
@@ -71,19 +73,18 @@ class LmdbStore(OnlineStore):
         with self.env.begin() as txn:
             return unpack(txn.get(user.encode(), db=self.db["realtime"]))
 
-    def put_daily(self, version: str, users: list[str], vectors: np.ndarray,
+    def put_daily(self, version: str, users: list[str], vectors: dict[str, np.ndarray],
                   lifelong: dict[str, np.ndarray] | None = None) -> None:
         prefix = check_version(version).encode() + b"\0"
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if len(users) != len(vectors):
-            raise PinnerformerError(f"put_daily: {len(users)} users for {len(vectors)} vectors")
+        layout = vector_layout(users, vectors)
+        rows = pack_vectors(vectors)
 
         def apply(txn) -> None:
-            for user, vec in zip(users, vectors):
-                txn.put(prefix + user.encode(), vec.tobytes(), db=self.db["daily"])
+            for user, row in zip(users, rows):
+                txn.put(prefix + user.encode(), row.tobytes(), db=self.db["daily"])
             for user, records in (lifelong or {}).items():
                 txn.put(prefix + user.encode(), pack(records), db=self.db["lifelong"])
-            txn.put(b"version:" + version.encode(), b"", db=self.db["meta"])
+            txn.put(b"version:" + version.encode(), json.dumps(layout).encode(), db=self.db["meta"])
 
         self._write(apply)
 
@@ -127,14 +128,14 @@ class LmdbStore(OnlineStore):
 
         self._write(apply)
 
-    def daily(self, user: str, version: str | None = None) -> tuple[np.ndarray | None, np.ndarray]:
-        with self.env.begin() as txn:
+    def daily(self, user: str, version: str | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        with self.env.begin() as txn:  # one read transaction: the version and its data belong together
             version = version or (txn.get(b"current", db=self.db["meta"]) or b"").decode()
-            if not version:
-                return None, np.zeros(0, EVENT)
+            layout = txn.get(b"version:" + version.encode(), db=self.db["meta"]) if version else None
+            if layout is None:
+                return {}, np.zeros(0, EVENT)
             key = version.encode() + b"\0" + user.encode()
-            vec = txn.get(key, db=self.db["daily"])
-            return (np.frombuffer(vec, np.float32).copy() if vec is not None else None,
+            return (unpack_vectors(txn.get(key, db=self.db["daily"]), json.loads(layout)),
                     unpack(txn.get(key, db=self.db["lifelong"])))
 
     def event_count(self) -> int:

@@ -2,9 +2,9 @@
 `pf`):
 
     pf:rt:<user>            list of packed events (the realtime list; RPUSH then LTRIM to the newest realtime_cap)
-    pf:emb:<version>        hash user -> float32 embedding bytes
+    pf:emb:<version>        hash user -> the float32 embeddings, concatenated in the version's layout
     pf:life:<version>       hash user -> packed lifelong events
-    pf:versions             set of written versions;  pf:current -> the published version
+    pf:layout:<version>     JSON {name: width};  pf:versions: set of written versions;  pf:current: the published one
     pf:batch:<id>           ingestion batches already applied (kept 7 days);  pf:events -> appended count
 
 An ingestion batch is one Lua script (Redis runs a script alone, and its effects reach the append-only file
@@ -15,12 +15,15 @@ redis-py reconnects by itself once it is back.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import redis
 
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.serving.store import (
-    EVENT, REALTIME_CAP, OnlineStore, StoreUnavailable, check_version, pack, unpack,
+    EVENT, REALTIME_CAP, OnlineStore, StoreUnavailable, check_version, pack, pack_vectors, unpack, unpack_vectors,
+    vector_layout,
 )
 
 BATCH_TTL_S = 7 * 86400
@@ -43,7 +46,8 @@ DAILY = """
 local v = ARGV[2]
 if v == '' then v = redis.call('GET', KEYS[1]) end
 if not v then return {false, false, false} end
-return {v, redis.call('HGET', ARGV[1] .. ':emb:' .. v, ARGV[3]), redis.call('HGET', ARGV[1] .. ':life:' .. v, ARGV[3])}
+return {redis.call('GET', ARGV[1] .. ':layout:' .. v), redis.call('HGET', ARGV[1] .. ':emb:' .. v, ARGV[3]),
+        redis.call('HGET', ARGV[1] .. ':life:' .. v, ARGV[3])}
 """
 
 
@@ -72,18 +76,18 @@ class RedisStore(OnlineStore):
     def realtime(self, user: str) -> np.ndarray:
         return unpack(b"".join(self._call(lambda: self.r.lrange(f"{self.ns}:rt:{user}", 0, -1))))
 
-    def put_daily(self, version: str, users: list[str], vectors: np.ndarray,
+    def put_daily(self, version: str, users: list[str], vectors: dict[str, np.ndarray],
                   lifelong: dict[str, np.ndarray] | None = None) -> None:
         check_version(version)
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if len(users) != len(vectors):
-            raise PinnerformerError(f"put_daily: {len(users)} users for {len(vectors)} vectors")
+        layout = vector_layout(users, vectors)
+        rows = pack_vectors(vectors)
 
         def write() -> None:
             pipe = self.r.pipeline(transaction=False)
+            pipe.set(f"{self.ns}:layout:{version}", json.dumps(layout))
             for s in range(0, len(users), 5000):
                 pipe.hset(f"{self.ns}:emb:{version}", mapping={u: v.tobytes() for u, v in
-                                                               zip(users[s:s + 5000], vectors[s:s + 5000])})
+                                                               zip(users[s:s + 5000], rows[s:s + 5000])})
             life = list((lifelong or {}).items())
             for s in range(0, len(life), 5000):
                 pipe.hset(f"{self.ns}:life:{version}", mapping={u: pack(r) for u, r in life[s:s + 5000]})
@@ -110,12 +114,14 @@ class RedisStore(OnlineStore):
         if version == self.current_version():
             raise PinnerformerError(f"drop_version: {version!r} is the current version of {self.url}")
         self._call(lambda: self.r.pipeline().srem(f"{self.ns}:versions", version).delete(
-            f"{self.ns}:emb:{version}", f"{self.ns}:life:{version}").execute())
+            f"{self.ns}:emb:{version}", f"{self.ns}:life:{version}", f"{self.ns}:layout:{version}").execute())
 
-    def daily(self, user: str, version: str | None = None) -> tuple[np.ndarray | None, np.ndarray]:
-        _, vec, life = self._call(lambda: self._daily(keys=[f"{self.ns}:current"],
-                                                      args=[self.ns, version or "", user]))
-        return (np.frombuffer(vec, np.float32).copy() if vec else None), unpack(life or None)
+    def daily(self, user: str, version: str | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        layout, vec, life = self._call(lambda: self._daily(keys=[f"{self.ns}:current"],
+                                                           args=[self.ns, version or "", user]))
+        if layout is None:
+            return {}, np.zeros(0, EVENT)
+        return unpack_vectors(vec, json.loads(layout)), unpack(life or None)
 
     def event_count(self) -> int:
         return int(self._call(lambda: self.r.get(f"{self.ns}:events")) or 0)
