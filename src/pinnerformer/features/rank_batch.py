@@ -59,6 +59,9 @@ def sequence_arrays(tl: Timelines, users: np.ndarray, seq_end: np.ndarray, t: np
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[R, L] action (+1, 0 = padding), item and age (s) of each request's last `seq_len` actions before seq_end,
     newest first."""
+    if int(tl.offsets[-1]) == 0:  # no event at all (a request batch of users without history)
+        empty = np.zeros((len(users), seq_len), np.int64)
+        return empty, empty.copy(), np.zeros((len(users), seq_len), np.float32)
     first = np.asarray(tl.offsets[:-1])[users]
     pos = seq_end[:, None] - 1 - np.arange(seq_len)[None, :]  # newest first
     valid = pos >= first[:, None]

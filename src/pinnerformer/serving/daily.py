@@ -1,0 +1,54 @@
+"""The daily hand-over while serving: the work directory's newest complete snapshot becomes the store's day version
+(its users' retrieval vectors, the ranker's feature vectors and lifelong sequences as of that day), the models are
+loaded again, and the service switches to the new (models, day version) pair in one assignment — requests that
+started before finish with the old pair, none sees half of each (`Service.swap`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+
+from pinnerformer.inference.snapshot import Snapshot, complete_snapshots
+from pinnerformer.serving import engine as eng
+from pinnerformer.serving.store import OnlineStore
+
+
+def newest_snapshot(workdir: Path) -> Snapshot | None:
+    root = workdir / "snapshots"
+    found = complete_snapshots(root) if root.is_dir() else []
+    return Snapshot.open(found[-1]) if found else None
+
+
+def retrieval_vectors(snap: Snapshot) -> dict[str, np.ndarray]:
+    ids = [str(u) for u in snap.table.column("user_id").to_pylist()]
+    return dict(zip(ids, np.asarray(snap.vectors, dtype=np.float32)))
+
+
+def ensure_day(bundle: eng.Bundle, store: OnlineStore, workdir: Path, log=print) -> str:
+    """The day version to serve: the newest snapshot's day (published now unless the store has it), or, without
+    snapshots, the dataset's last day (ranking vectors and lifelong sequences only: retrieval falls back to
+    cold start)."""
+    snap = newest_snapshot(workdir)
+    if snap is not None:
+        day = snap.day
+    else:
+        day = dt.datetime.fromtimestamp(bundle.ds.manifest.time_max, dt.timezone.utc).date()
+    version = eng.day_version(bundle, day)
+    if version in store.versions():
+        if store.current_version() != version:
+            store.publish(version)
+        return version
+    log(f"day version {version}: writing it to the store {store.url}")
+    return eng.publish_day(bundle, store, day, retrieval_vectors(snap) if snap is not None else None, log=log)
+
+
+def hand_over(service, log=print) -> dict:
+    """Load the work directory again and switch the service to it; returns the versions now served."""
+    old_bundle, old_version = service.snapshot()
+    bundle = eng.load_bundle(old_bundle.workdir, old_bundle.device)
+    version = ensure_day(bundle, service.store, old_bundle.workdir, log=log)
+    service.swap(bundle, version)
+    return {"before": {**old_bundle.version, "day": old_version or "none"}, "now": {**bundle.version, "day": version}}
