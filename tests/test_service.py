@@ -1,0 +1,237 @@
+"""`pinnerformer serve` over a small work directory (planted requests: a retrieval run, its snapshot and FAISS
+index, a ranker with its own feature PinnerFormer), on both stores (embedded LMDB and a real Redis): the same scores
+as `rank score` for the same inputs; an event posted is in the user's realtime sequence at the next call and moves
+the scores; recommendations leave out what the user did and name their source (retrieval, similar items for a new
+user with events, popular for one without); the token, 422s naming the field, 400/404 naming the unknown thing,
+limits; micro-batched concurrent requests score as they would alone; a hand-over while requests run fails none
+and mixes no versions; the CLI's messages."""
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import polars as pl
+import pytest
+
+from tests.conftest import TINY, run_cli
+
+TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    import datetime as dt
+
+    from pinnerformer.data.dataset import Dataset, set_content_vectors
+    from pinnerformer.data.requests import RankData, RequestOptions, parse_heads
+    from pinnerformer.data.synthetic import planted_request_log
+    from pinnerformer.inference.daily_embed import DailyJob
+    from pinnerformer.ranking.prepare import prepare_ranking
+    from pinnerformer.retrieval.index import build_item_index
+    from pinnerformer.training.config import load_config
+    from pinnerformer.training.ranking import load_rank_config, ranking_loop
+    from pinnerformer.training.retrieval import retrieval_loop
+
+    d = tmp_path_factory.mktemp("served")
+    planted_request_log(n_users=80, days=10).write_csv(d / "log.csv")
+    r = run_cli("data", "prepare", "-f", "events", "-i", d / "log.csv", "-o", d / "dataset", "--action-col",
+                "action", "--positive", "click,save")
+    assert r.exit_code == 0, r.output
+    ids = Dataset.open(d / "dataset").items["item_id"].cast(pl.Int64).to_numpy()
+    vec = np.eye(16, dtype=np.float32)[ids % 10] + np.random.default_rng(0).normal(0, 0.1, (len(ids), 16))
+    set_content_vectors(d / "dataset", vec, "planted-groups")
+    ds = Dataset.open(d / "dataset")
+    cfg = load_config("small", overrides=json.loads(json.dumps({**TINY, "optim": {**TINY["optim"],
+                                                                                   "max_epochs": 1}})))
+    retrieval_loop(ds, cfg, d / "run", log=lambda s: None).fit(progress=False, max_steps=5)
+    last = dt.datetime.fromtimestamp(ds.manifest.time_max, dt.timezone.utc).date()
+    DailyJob(d / "run", ds, last, d / "snapshots").run(log=lambda s: None)
+    build_item_index(d / "run", ds, d / "index", "flat", log=lambda s: None)
+    opts = RequestOptions(request="session", heads=parse_heads("save=save; click=click,save",
+                                                               ds.manifest.action_names()))
+    prepare_ranking(d / "dataset", d / "rank-data", opts, pf_max_steps=5, log=lambda s: None)
+    over = {"device": "cpu", "optim": {"batch_size": 128, "lr": 3e-3, "warmup_steps": 5, "max_epochs": 1},
+            "data": {"epoch_rows": 1000, "max_val_requests": 50},
+            "model": {"transact": {"seq_len": 16}, "mlp": [32], "item_id_dim": 4}}
+    ranking_loop(RankData(d / "rank-data"), load_rank_config("default", overrides=over), d / "rank-run",
+                 log=lambda s: None).fit(progress=False, max_steps=5)
+    return d
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    from pinnerformer.serving.redis_server import RedisServer
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("PINNERFORMER_REQUIRE_REDIS") == "1":
+            pytest.fail("PINNERFORMER_REQUIRE_REDIS=1 but redis-server is not installed")
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture(params=["lmdb", "redis"])
+def served(request, workdir, tmp_path):
+    """(TestClient, Service) over a fresh store of either backend."""
+    from fastapi.testclient import TestClient
+
+    from pinnerformer.serving.app import ServiceSettings, create_app
+    from pinnerformer.serving.server import build_service
+
+    store = str(tmp_path / "store") if request.param == "lmdb" else request.getfixturevalue("redis_url")
+    if request.param == "redis":
+        import redis
+
+        redis.Redis.from_url(store).flushdb()
+    service = build_service(workdir, store, TOKEN, ServiceSettings(batch_wait_ms=20, max_events=50),
+                            log=lambda s: None)
+    with TestClient(create_app(service)) as client:
+        yield client, service
+    service.store.close()
+
+
+def later(service, hours=1):
+    from pinnerformer.serving.engine import version_end
+
+    return version_end(service.state[1]) + hours * 3600
+
+
+def test_rank_gives_the_scores_of_rank_score_for_the_same_inputs(served, workdir):
+    from pinnerformer.ranking.score import score_request
+
+    client, service = served
+    b = service.bundle
+    t = later(service)
+    for user in (b.user_ids[3], b.user_ids[40]):
+        items = b.item_ids[5:17]
+        r = client.post("/v1/rank", json={"user": user, "items": items, "time": t})
+        assert r.status_code == 200, r.text
+        got = {x["item"]: x["heads"] for x in r.json()["items"]}
+        ref = score_request(workdir / "rank-run", user, str(t), items)
+        for row in ref.iter_rows(named=True):
+            for h in ("save", "click"):
+                assert got[row["item_id"]][h] == pytest.approx(row[h], abs=1e-5)
+        assert [x["item"] for x in r.json()["items"]] == ref["item_id"].to_list()  # the served order
+        assert r.json()["versions"]["day"] == service.state[1]
+
+
+def test_an_event_is_in_the_next_call_and_moves_the_scores(served):
+    client, service = served
+    b = service.bundle
+    user, items, t = b.user_ids[7], b.item_ids[:10], later(service, 2)
+    before = client.post("/v1/rank", json={"user": user, "items": items, "time": t}).json()["items"]
+    early_before = client.post("/v1/rank", json={"user": user, "items": items, "time": t - 61}).json()["items"]
+    events = [{"user": user, "item": items[k], "action": "save", "time": t - 60 + k} for k in range(3)]
+    r = client.post("/v1/events", json={"events": events, "batch_id": "batch-1"}, headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"appended": 3, "users": 1, "duplicate_batch": False}
+    seen = client.get(f"/v1/users/{user}/events").json()["events"]
+    assert [(e["item"], e["action"], e["time"]) for e in seen] == [(items[k], "save", t - 60 + k) for k in (2, 1, 0)]
+    after = client.post("/v1/rank", json={"user": user, "items": items, "time": t}).json()["items"]
+    moved = max(abs(a["heads"]["save"] - next(x for x in after if x["item"] == a["item"])["heads"]["save"])
+                for a in before)
+    assert moved > 1e-6  # the three new actions are in the sequence the ranker read
+    again = client.post("/v1/events", json={"events": events, "batch_id": "batch-1"}, headers=AUTH)
+    assert again.json()["duplicate_batch"] is True and len(client.get(f"/v1/users/{user}/events").json()["events"]) == 3
+    early = client.post("/v1/rank", json={"user": user, "items": items, "time": t - 61}).json()["items"]
+    assert early == early_before  # events at or after the request's time are not in its sequence
+
+
+def test_recommend_leaves_out_what_the_user_did_and_names_its_source(served):
+    client, service = served
+    b = service.bundle
+    user = b.user_ids[11]
+    r = client.post("/v1/recommend", json={"user": user, "k": 5, "n": 40})
+    body = r.json()
+    assert r.status_code == 200 and body["source"] == "retrieval" and len(body["items"]) == 5
+    ds = b.ds
+    u = b.user_code[user]
+    done = {b.item_ids[i] for i in ds.timelines.item[ds.timelines.offsets[u]:ds.timelines.offsets[u + 1]]}
+    assert not done & {x["item"] for x in body["items"]}
+    scores = [x["score"] for x in body["items"]]
+    assert scores == sorted(scores, reverse=True) and set(body["versions"]) == {"ranker", "index", "day"}
+    assert client.post("/v1/recommend", json={"user": "someone-new", "k": 3}).json()["source"] == "popular"
+    client.post("/v1/events", json={"events": [{"user": "someone-new", "item": b.item_ids[0], "action": "click",
+                                                "time": int(time.time())}]}, headers=AUTH)
+    new = client.post("/v1/recommend", json={"user": "someone-new", "k": 3}).json()
+    assert new["source"] == "similar-items" and b.item_ids[0] not in {x["item"] for x in new["items"]}
+
+
+def test_tokens_fields_unknown_names_and_limits_are_answered_clearly(served):
+    client, service = served
+    b = service.bundle
+    ev = {"user": "u", "item": b.item_ids[0], "action": "click", "time": 1000}
+    assert client.post("/v1/events", json={"events": [ev]}).status_code == 401
+    r = client.post("/v1/events", json={"events": [ev]}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and TOKEN not in r.text
+    cases = [
+        (("/v1/events", {"events": [{**ev, "item": "nope"}]}), 400, "events[0].item: unknown item 'nope'"),
+        (("/v1/events", {"events": [ev, {**ev, "action": "buy"}]}), 400, "events[1].action: unknown action 'buy'"),
+        (("/v1/events", {"events": [{**ev, "time": int(time.time()) + 3600}]}), 400, "events[0].time"),
+        (("/v1/events", {"events": [{**ev, "surface": "home"}]}), 400, "unknown surface 'home'"),
+        (("/v1/events", {"events": [ev] * 51}), 400, "more than the limit of 50"),
+        (("/v1/events", {"events": [{**ev, "time": "yesterday"}]}), 422, "time"),
+        (("/v1/events", {"events": []}), 422, "events"),
+        (("/v1/rank", {"user": "u"}), 422, "items"),
+        (("/v1/rank", {"user": "u", "items": ["nope", b.item_ids[0]]}), 400, "unknown item(s) 'nope'"),
+        (("/v1/rank", {"user": "u", "items": [b.item_ids[0]], "time": 5}), 400, "before the end of the served day"),
+        (("/v1/recommend", {"user": "u", "k": 1000}), 400, "k: 1000 is above the limit"),
+        (("/v1/recommend", {"user": "", "k": 3}), 422, "user"),
+    ]
+    for (path, body), status, message in cases:
+        r = client.post(path, json=body, headers=AUTH)
+        assert r.status_code == status and message in r.text, (path, body, r.text)
+    r = client.post("/v1/rank", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    r = client.post("/v1/rank", content=b"x" * 2_000_000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert client.get("/v1/users/nobody/embedding").status_code == 404
+    emb = client.get(f"/v1/users/{b.user_ids[0]}/embedding").json()
+    assert set(emb["vectors"]) == {"retrieval", "ranking"} and emb["day"] == service.state[1]
+    assert client.get("/healthz").json() == {"status": "ok"} and client.get("/readyz").json()["ready"] is True
+    assert client.post("/v1/rank", json={"user": "u", "items": [b.item_ids[0]]}).status_code == 200  # time: now
+    metrics = client.get("/metrics").text
+    assert 'pinnerformer_requests_total{endpoint="/v1/events",status="401"} 2.0' in metrics
+    assert "pinnerformer_version_info{" in metrics and "pinnerformer_stage_seconds_bucket" in metrics
+
+
+def test_concurrent_requests_are_batched_and_score_as_alone_and_a_hand_over_fails_none(served):
+    client, service = served
+    b = service.bundle
+    t = later(service)
+    reqs = [{"user": b.user_ids[k], "items": b.item_ids[k:k + 8], "time": t} for k in range(12)]
+    alone = [client.post("/v1/rank", json=q).json()["items"] for q in reqs]
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda q: client.post("/v1/rank", json=q), reqs))
+    for a, r in zip(alone, together):
+        assert r.status_code == 200
+        for x, y in zip(a, r.json()["items"]):
+            assert x["item"] == y["item"] and x["heads"]["save"] == pytest.approx(y["heads"]["save"], abs=1e-5)
+    batches = [line for line in client.get("/metrics").text.splitlines()
+               if line.startswith("pinnerformer_batch_size_count")]
+    assert float(batches[0].split()[-1]) < 24  # 24 requests, fewer forward passes: some were scored together
+    old_version = service.state[0].version
+
+    def during(k):
+        return client.post("/v1/rank", json=reqs[k % 12])
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(during, k) for k in range(30)]
+        swap = client.post("/v1/admin/reload", headers=AUTH)
+        results = [f.result() for f in futures]
+    assert swap.status_code == 200 and swap.json()["before"]["ranker"] == old_version["ranker"]
+    assert all(r.status_code == 200 for r in results)
+    assert {json.dumps(r.json()["versions"], sort_keys=True) for r in results} <= {
+        json.dumps({**v, "day": service.state[1]}, sort_keys=True) for v in (old_version, service.state[0].version)}
+    assert client.post("/v1/admin/reload").status_code == 401
+
+
+def test_serve_cli_refuses_a_workdir_without_a_ranker_and_a_short_token_file(tmp_path, workdir):
+    r = run_cli("serve", "--workdir", tmp_path)
+    assert r.exit_code == 2 and "no rank-run/" in r.stderr and "Traceback" not in r.output
+    (tmp_path / "tok").write_text("short")
+    r = run_cli("serve", "--workdir", workdir, "--token-file", tmp_path / "tok")
+    assert r.exit_code == 2 and "shorter than 16 characters" in r.stderr
