@@ -235,3 +235,125 @@ def test_serve_cli_refuses_a_workdir_without_a_ranker_and_a_short_token_file(tmp
     (tmp_path / "tok").write_text("short")
     r = run_cli("serve", "--workdir", workdir, "--token-file", tmp_path / "tok")
     assert r.exit_code == 2 and "shorter than 16 characters" in r.stderr
+
+
+
+def test_no_input_the_schema_allows_gets_a_server_error(workdir, tmp_path):
+    """Schemathesis generates requests for every operation of the OpenAPI schema (bodies, paths and queries the
+    schema allows, and some it does not), with and without the token: none may get a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    from pinnerformer.serving.app import ServiceSettings, create_app
+    from pinnerformer.serving.server import build_service
+
+    service = build_service(workdir, str(tmp_path / "store"), TOKEN, ServiceSettings(max_events=20),
+                            log=lambda s: None)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(service))
+    calls = {}
+    for result in schema.get_all_operations():
+        op = result.ok()
+
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=op.as_strategy())
+        def no_5xx(case):
+            with_token = hash(repr(case.body)) % 4 != 0  # mostly with the token, sometimes without
+            response = case.call(headers=AUTH if with_token else None)
+            calls[op.label] = calls.get(op.label, 0) + 1
+            assert response.status_code < 500, (case.method, case.path, case.body, response.text[:300])
+
+        no_5xx()
+    assert len(calls) == 9 and min(calls.values()) >= 1, calls  # every operation was exercised
+
+
+def _serve(workdir, store, port, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PINNERFORMER_API_TOKEN": TOKEN}
+    log = open(tmp_path / f"serve-{port}.log", "a")
+    return subprocess.Popen([sys.executable, "-m", "pinnerformer.cli", "serve", "--workdir", str(workdir),
+                             "--store", store, "--port", str(port)], env=env, stdout=log, stderr=log)
+
+
+def _wait_ready(url, proc, timeout=60):
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the service exited at start"
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError("the service did not become ready")
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "redis"])
+def test_the_service_killed_during_ingestion_loses_no_acknowledged_event_and_duplicates_none(
+        backend, workdir, tmp_path, request):
+    """kill -9 of `pinnerformer serve` while a client posts batches of events (each with a batch id); restarted on
+    the same store: every acknowledged batch is there once, whole; the client resends everything it sent (the
+    unacknowledged last one included) and nothing is duplicated."""
+    import threading
+
+    import httpx
+
+    from pinnerformer.serving.redis_server import free_port
+
+    store = str(tmp_path / "store") if backend == "lmdb" else request.getfixturevalue("redis_url")
+    if backend == "redis":
+        import redis
+
+        redis.Redis.from_url(store).flushdb()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(workdir, store, port, tmp_path)
+    try:
+        _wait_ready(url, proc)
+        items = [str(i) for i in range(20)]
+        sent, acked, stop = [], [], threading.Event()
+
+        def batch(b):
+            return {"batch_id": f"b{b}", "events": [{"user": f"k{u}", "item": items[(b + u) % 20], "action": "click",
+                                                     "time": 1_700_000_000 + b} for u in range(3)]}
+
+        def client():
+            with httpx.Client(base_url=url, headers=AUTH, timeout=5) as c:
+                b = 0
+                while not stop.is_set():
+                    sent.append(b)
+                    try:
+                        r = c.post("/v1/events", json=batch(b))
+                    except httpx.HTTPError:
+                        return  # the service died under this request
+                    assert r.status_code == 200, r.text
+                    acked.append(b)
+                    b += 1
+
+        t = threading.Thread(target=client)
+        t.start()
+        deadline = time.monotonic() + 30
+        while len(acked) < 60 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.kill()  # kill -9 in the middle of the stream
+        proc.wait()
+        stop.set()
+        t.join(10)
+        assert len(acked) >= 60, "the client did not get going"
+        proc = _serve(workdir, store, port, tmp_path)
+        _wait_ready(url, proc)
+        with httpx.Client(base_url=url, headers=AUTH, timeout=5) as c:
+            present = [{e["time"] - 1_700_000_000 for e in c.get(f"/v1/users/k{u}/events",
+                                                                params={"limit": 1000}).json()["events"]}
+                       for u in range(3)]
+            assert present[0] == present[1] == present[2]  # a batch is whole or absent
+            assert set(acked) <= present[0] and present[0] <= set(sent)
+            resent = [c.post("/v1/events", json=batch(b)).json() for b in sent]
+            assert all(r["duplicate_batch"] for b, r in zip(sent, resent) if b in present[0])
+            after = [len(c.get(f"/v1/users/k{u}/events", params={"limit": 1000}).json()["events"]) for u in range(3)]
+            assert after == [len(sent)] * 3  # each batch exactly once, the lost one now too
+    finally:
+        proc.kill()
+        proc.wait()

@@ -99,7 +99,7 @@ class Service:
         self._token = token
         self.metrics = ServiceMetrics()
         self.queue: deque[Pending] = deque()
-        self.wake = asyncio.Event()
+        self.wake: asyncio.Event | None = None
         self.worker: asyncio.Task | None = None
         self.metrics.set_versions(bundle.version, self.state[1] or "none")
 
@@ -117,7 +117,17 @@ class Service:
         of the request does not reach it)."""
         return self.state
 
+    def ensure_worker(self) -> None:
+        """The batching task of the running event loop (started with the app; started again if the app is driven
+        by another loop, as test clients may do)."""
+        loop = asyncio.get_running_loop()
+        if self.worker is None or self.worker.done() or self.worker.get_loop() is not loop:
+            self.queue = deque(p for p in self.queue if p.future.get_loop() is loop)
+            self.wake = asyncio.Event()
+            self.worker = loop.create_task(self.batch_loop())
+
     async def rank(self, bundle: eng.Bundle, version: str | None, request: eng.RankRequest) -> np.ndarray:
+        self.ensure_worker()
         fut = asyncio.get_running_loop().create_future()
         self.queue.append(Pending(bundle, version, request, fut))
         self.wake.set()
@@ -169,7 +179,7 @@ def create_app(service: Service) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        s.worker = asyncio.create_task(s.batch_loop())
+        s.ensure_worker()
         yield
         s.worker.cancel()
 
