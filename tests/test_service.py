@@ -357,3 +357,59 @@ def test_the_service_killed_during_ingestion_loses_no_acknowledged_event_and_dup
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_redis_restarted_under_the_service_gives_503s_then_recovers_without_a_restart(workdir, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from pinnerformer.serving.app import create_app
+    from pinnerformer.serving.redis_server import RedisServer
+    from pinnerformer.serving.server import build_service
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        service = build_service(workdir, server.url, TOKEN, log=lambda s: None)
+        b = service.bundle
+        ev = {"events": [{"user": "r1", "item": b.item_ids[0], "action": "click", "time": int(time.time())}]}
+        with TestClient(create_app(service)) as client:
+            assert client.post("/v1/events", json=ev, headers=AUTH).status_code == 200
+            server.kill()
+            for r in (client.post("/v1/events", json=ev, headers=AUTH), client.get("/readyz"),
+                      client.post("/v1/recommend", json={"user": "r1", "k": 3}),
+                      client.post("/v1/rank", json={"user": "r1", "items": b.item_ids[:3]})):
+                assert r.status_code == 503 and f"Redis at {server.url} is unreachable" in r.text, r.text
+            server.start()  # same port and directory: the append-only file is replayed
+            assert client.get("/readyz").status_code == 200
+            assert client.post("/v1/events", json=ev, headers=AUTH).status_code == 200
+            assert len(client.get("/v1/users/r1/events").json()["events"]) == 2  # the first one survived the crash
+    finally:
+        server.stop()
+
+
+def test_a_new_days_snapshot_is_served_as_it_appears(workdir, tmp_path):
+    import datetime as dt
+
+    from fastapi.testclient import TestClient
+
+    from pinnerformer.data.dataset import Dataset
+    from pinnerformer.inference.daily_embed import DailyJob
+    from pinnerformer.serving.app import ServiceSettings, create_app
+    from pinnerformer.serving.server import build_service
+
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns("store", "api-token"))
+    service = build_service(wd, str(tmp_path / "store"), TOKEN, ServiceSettings(watch_seconds=0.2),
+                            log=lambda s: None)
+    first = service.state[1]
+    with TestClient(create_app(service)) as client:
+        day = dt.date.fromisoformat(first[:10]) + dt.timedelta(days=1)
+        DailyJob(wd / "run", Dataset.open(wd / "dataset"), day, wd / "snapshots").run(log=lambda s: None)
+        deadline = time.monotonic() + 30
+        while service.state[1][:10] != day.isoformat() and time.monotonic() < deadline:
+            client.get("/healthz")
+            time.sleep(0.1)
+        assert service.state[1][:10] == day.isoformat()
+        r = client.post("/v1/recommend", json={"user": service.bundle.user_ids[0], "k": 2})
+        assert r.status_code == 200 and r.json()["versions"]["day"] == service.state[1] != first

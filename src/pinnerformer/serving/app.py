@@ -46,6 +46,7 @@ class ServiceSettings(StrictModel):
     batch_wait_ms: float = Field(2.0, ge=0)
     retrieve_n: int = Field(200, ge=1)  # candidates retrieved per recommendation
     max_k: int = Field(100, ge=1)
+    watch_seconds: float = Field(0.0, ge=0)  # > 0: look for a newer snapshot this often and hand over to it
 
 
 class EventIn(BaseModel):
@@ -179,9 +180,14 @@ def create_app(service: Service) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        from pinnerformer.serving.daily import watch
+
         s.ensure_worker()
+        watcher = asyncio.create_task(watch(s, s.settings.watch_seconds)) if s.settings.watch_seconds else None
         yield
         s.worker.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
     app = FastAPI(title="pinnerformer", version="1", description=__doc__.split("\n")[0], lifespan=lifespan)
 

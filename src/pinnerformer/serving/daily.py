@@ -45,6 +45,23 @@ def ensure_day(bundle: eng.Bundle, store: OnlineStore, workdir: Path, log=print)
     return eng.publish_day(bundle, store, day, retrieval_vectors(snap) if snap is not None else None, log=log)
 
 
+async def watch(service, seconds: float, log=print) -> None:
+    """Every `seconds`, hand over when the work directory has a snapshot of a newer day than the one served (the
+    daily job's output, as it appears)."""
+    import asyncio
+
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            snap = await asyncio.to_thread(newest_snapshot, service.bundle.workdir)
+            served = service.state[1]
+            if snap is not None and (served is None or snap.day.isoformat() > served[:10]):
+                log(f"snapshot of {snap.day} found: handing over")
+                await asyncio.to_thread(hand_over, service, log)
+        except Exception as e:  # noqa: BLE001 - a failed hand-over leaves the old pair serving; said, retried
+            log(f"hand-over failed, still serving {service.state[1]}: {e}")
+
+
 def hand_over(service, log=print) -> dict:
     """Load the work directory again and switch the service to it; returns the versions now served."""
     old_bundle, old_version = service.snapshot()
