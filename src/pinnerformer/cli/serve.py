@@ -38,6 +38,7 @@ def serve(
                                    watch_seconds=watch_seconds)
         service = build_service(workdir, store, read_token(workdir, token_file, log), settings, log=log)
         # uvicorn finishes in-flight requests on SIGTERM / Ctrl-C before it exits (at most 30 s)
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
+                    timeout_keep_alive=75)  # clients keep idle connections open for long (load tools: ~60 s)
 
     run_guarded(body)

@@ -100,6 +100,10 @@ def load_bundle(workdir: Path, device: torch.device | None = None) -> Bundle:
                                 "or train a ranker into it with `pinnerformer rank train --output "
                                 f"{run_dir}`)")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import faiss
+
+    # one query at a time: FAISS's own OpenMP pool would only spin against torch's on the same cores
+    faiss.omp_set_num_threads(1)
     run = RankRun(run_dir)
     model = run.load_model(run.data()).to(device).eval()
     index = ItemIndex.open(workdir / "index") if (workdir / "index").is_dir() else None

@@ -2,7 +2,8 @@
 
     pinnerformer_requests_total{endpoint, status}        requests answered
     pinnerformer_request_seconds{endpoint}               latency histogram per endpoint
-    pinnerformer_stage_seconds{stage}                    store_append, retrieval, model (one per micro-batch)
+    pinnerformer_stage_seconds{stage}                    store_append, retrieval, batch_queue (per request: from
+                                                         queued to scored), model (one per micro-batch)
     pinnerformer_batch_size                              ranking requests per forward pass
     pinnerformer_events_total                            events appended to the store
     pinnerformer_version_info{ranker, index, day}        the versions being served
