@@ -19,6 +19,23 @@ def shared_data() -> Path:
     return SHARED_DATA.resolve()
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server started by the project's own `serving.redis_server` (skipped with a reason where Debian's
+    redis-server is not installed, except in CI: PINNERFORMER_REQUIRE_REDIS=1)."""
+    import shutil
+
+    from pinnerformer.serving.redis_server import RedisServer
+
+    if shutil.which("redis-server") is None:
+        if os.environ.get("PINNERFORMER_REQUIRE_REDIS") == "1":
+            pytest.fail("PINNERFORMER_REQUIRE_REDIS=1 but redis-server is not installed")
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
 def run_cli(*args: str):
     """Invoke the CLI in-process; returns the click Result (exit_code, stdout, stderr)."""
     return CliRunner().invoke(app, [str(a) for a in args])

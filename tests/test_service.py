@@ -62,16 +62,9 @@ def workdir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    from pinnerformer.serving.redis_server import RedisServer
-
-    if shutil.which("redis-server") is None:
-        if os.environ.get("PINNERFORMER_REQUIRE_REDIS") == "1":
-            pytest.fail("PINNERFORMER_REQUIRE_REDIS=1 but redis-server is not installed")
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server.url
+@pytest.fixture
+def redis_url(redis_server):
+    return redis_server.url
 
 
 @pytest.fixture(params=["lmdb", "redis"])

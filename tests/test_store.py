@@ -6,7 +6,6 @@ ingestion loses no acknowledged event and half-applies no batch; Redis killed an
 acknowledged event (append-only file, fsync always), and the store recovers without being reopened."""
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,19 +19,6 @@ from pinnerformer.errors import PinnerformerError
 from pinnerformer.serving.store import EVENT, StoreUnavailable, events
 from pinnerformer.serving.stores import open_store
 from pinnerformer.serving.store_lmdb import LmdbStore
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    from pinnerformer.serving.redis_server import RedisServer
-
-    if shutil.which("redis-server") is None:
-        if os.environ.get("PINNERFORMER_REQUIRE_REDIS") == "1":
-            pytest.fail("PINNERFORMER_REQUIRE_REDIS=1 but redis-server is not installed")
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["lmdb", "redis"])

@@ -72,6 +72,7 @@ def prepare(
 
 @rank_app.command("train")
 def train(
+    ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="Ranking data written by `rank prepare`."),
     output: Path = typer.Option(..., "--output", "-o", help="Run directory."),
     preset: str = typer.Option("default", help="default | fast (shorter sequences and epochs: CPU minutes)."),
@@ -85,11 +86,20 @@ def train(
     seed: Optional[int] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
     progress: bool = typer.Option(True),
+    nproc: int = typer.Option(1, help="Train on this many processes of this machine (torchrun; docs/distributed.md)."),
 ):
     """Train the multi-task ranker (selected on the validation period's HIT@3)."""
+    if nproc > 1:  # this command again under torchrun, without --nproc: each process is one rank
+        import sys
+
+        from pinnerformer.distributed.launch import relaunch
+
+        raise typer.Exit(relaunch(nproc, ctx.find_root().meta.get("argv") or sys.argv[1:]))
 
     def body():
         from pinnerformer.data.requests import RankData
+        from pinnerformer.distributed.context import from_environment
+        from pinnerformer.distributed.launch import fault_hook
         from pinnerformer.training.ranking import load_rank_config, ranking_loop
 
         over: dict = {"model": {}, "optim": {}}
@@ -104,9 +114,15 @@ def train(
         if seed is not None:
             over["seed"] = seed
         cfg = load_rank_config(preset, config, over)
-        summary = ranking_loop(RankData(data), cfg, output, log=log).fit(resume=resume, max_steps=max_steps,
-                                                                         progress=progress)
-        console.print_json(summary.model_dump_json())
+        dist = from_environment(cfg.device)
+        try:
+            summary = ranking_loop(RankData(data), cfg, output, log=log, dist=dist).fit(
+                resume=resume, max_steps=max_steps, progress=progress, on_step=fault_hook(dist))
+        finally:
+            if dist is not None:
+                dist.close()
+        if dist is None or dist.main:
+            console.print_json(summary.model_dump_json())
 
     run_guarded(body)
 

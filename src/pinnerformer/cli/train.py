@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +14,7 @@ from pinnerformer.errors import PinnerformerError
 
 @app.command("train")
 def train(
+    ctx: typer.Context,
     dataset: Path = typer.Option(..., "--dataset", "-d", help="A prepared dataset directory."),
     output: Path = typer.Option(..., "--output", "-o", help="Run directory (checkpoints, metrics, config)."),
     preset: Optional[str] = typer.Option(None, help="small (default) | loo | paper (loo: the leave-one-out default)"),
@@ -27,12 +29,21 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Override the seed."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    nproc: int = typer.Option(1, help="Train on this many processes of this machine (torchrun; gloo on CPU, NCCL "
+                              "on GPU); several machines: torchrun ... -m pinnerformer.cli train (docs/distributed.md)."),
 ):
     """Train a PinnerFormer user tower (and item tower) with early stopping on validation data."""
+
+    if nproc > 1:  # this command again under torchrun, without --nproc: each process is one rank
+        from pinnerformer.distributed.launch import relaunch
+
+        raise typer.Exit(relaunch(nproc, ctx.find_root().meta.get("argv") or sys.argv[1:]))
 
     def body():
         from pinnerformer.data.dataset import Dataset
         from pinnerformer.config import merge_dicts
+        from pinnerformer.distributed.context import from_environment
+        from pinnerformer.distributed.launch import fault_hook
         from pinnerformer.training.config import load_config, read_config_file
         from pinnerformer.training.retrieval import retrieval_loop
 
@@ -51,8 +62,14 @@ def train(
             cfg = run.resume_config(merge_dicts(file_over, over), log=log)
         else:
             cfg = load_config(preset or "small", config, over)  # the values are checked there (unknown ones named)
-        summary = retrieval_loop(Dataset.open(dataset), cfg, output, log=log).fit(resume=resume, max_steps=max_steps,
-                                                                                  progress=progress)
-        console.print_json(summary.model_dump_json())
+        ctx = from_environment(cfg.device)
+        try:
+            loop = retrieval_loop(Dataset.open(dataset), cfg, output, log=log, dist=ctx)
+            summary = loop.fit(resume=resume, max_steps=max_steps, progress=progress, on_step=fault_hook(ctx))
+        finally:
+            if ctx is not None:
+                ctx.close()
+        if ctx is None or ctx.main:
+            console.print_json(summary.model_dump_json())
 
     run_guarded(body)

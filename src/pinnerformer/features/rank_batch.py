@@ -33,9 +33,11 @@ class RankBatch:
     weight: torch.Tensor  # [N] float32 per-row (user) weight
     # TransAct V2 only: per request the lifelong / realtime / impressions streams ("lifelong.item", ...)
     streams: dict[str, torch.Tensor] | None = None
+    # one rank's share of a distributed batch: the whole batch's Σ weight (the loss's denominator)
+    weight_total: torch.Tensor | None = None
 
     def _map(self, fn) -> "RankBatch":
-        out = {k: fn(v) for k, v in self.__dict__.items() if k != "streams"}
+        out = {k: (fn(v) if v is not None else None) for k, v in self.__dict__.items() if k != "streams"}
         streams = None if self.streams is None else {k: fn(v) for k, v in self.streams.items()}
         return RankBatch(**out, streams=streams)
 

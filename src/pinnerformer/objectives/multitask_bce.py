@@ -53,11 +53,14 @@ def head_weights(labels: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return y @ m.T
 
 
-def multitask_bce(logits: torch.Tensor, labels: torch.Tensor, m: torch.Tensor, row_weight: torch.Tensor
-                  ) -> torch.Tensor:
+def multitask_bce(logits: torch.Tensor, labels: torch.Tensor, m: torch.Tensor, row_weight: torch.Tensor,
+                  weight_total: torch.Tensor | None = None) -> torch.Tensor:
+    """The row-weighted mean of the rows' weighted BCE; weight_total: the denominator when these rows are one
+    rank's share of a distributed batch (the whole batch's Σ row_weight), so the shares add up to the batch's loss."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")  # [N, H]
     per_row = (head_weights(labels, m) * bce).sum(1)
-    return (row_weight * per_row).sum() / row_weight.sum().clamp(min=1e-12)
+    total = row_weight.sum() if weight_total is None else weight_total
+    return (row_weight * per_row).sum() / total.clamp(min=1e-12)
 
 
 def user_row_weights(kind: str, row_user: np.ndarray, n_users: int) -> np.ndarray:

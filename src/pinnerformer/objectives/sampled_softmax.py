@@ -155,14 +155,19 @@ def label_mask(q_item: torch.Tensor, pool_items: torch.Tensor) -> torch.Tensor:
     return pool_items.unsqueeze(0) == q_item.unsqueeze(1)
 
 
-def mean_over_examples(per_query: torch.Tensor, q_example: torch.Tensor, n_examples: int) -> torch.Tensor:
+def mean_over_examples(per_query: torch.Tensor, q_example: torch.Tensor, n_examples: int,
+                       examples_with_queries: int | None = None) -> torch.Tensor:
     """Each user weighs equally: the mean over examples (that have queries) of the mean of their queries' losses.
-    Written without boolean indexing, which would make the host wait for the GPU in the middle of every step."""
+    Written without boolean indexing, which would make the host wait for the GPU in the middle of every step.
+    examples_with_queries: the denominator when per_query holds only some of a batch's examples (a rank's share
+    of a distributed batch: the ranks' results then add up to the whole batch's loss)."""
     count = torch.zeros(n_examples, device=per_query.device, dtype=per_query.dtype).index_add_(
         0, q_example, torch.ones_like(per_query))
     total = torch.zeros_like(count).index_add_(0, q_example, per_query)
     has = count > 0
     per_example = torch.where(has, total / count.clamp(min=1), torch.zeros_like(total))
+    if examples_with_queries is not None:
+        return per_example.sum() / max(examples_with_queries, 1)
     return per_example.sum() / has.sum().clamp(min=1)  # no queries at all: 0 (the trainer reports such steps)
 
 
@@ -183,7 +188,7 @@ def full_softmax_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Te
 
 def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_log_q: torch.Tensor,
                          neg_log_q: torch.Tensor, mask: torch.Tensor, q_example: torch.Tensor,
-                         n_examples: int) -> torch.Tensor:
+                         n_examples: int, examples_with_queries: int | None = None) -> torch.Tensor:
     """Mean over examples of the mean over their queries of the logQ-corrected sampled softmax loss.
 
     pos_logit [Q] = s(u,p); neg_logit [Q,N] = s(u,n); pos_log_q [Q]; neg_log_q [N]; mask [Q,N] True = drop.
@@ -192,7 +197,7 @@ def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_l
     z_neg = (neg_logit - neg_log_q.unsqueeze(0)).masked_fill(mask, float("-inf"))
     logits = torch.cat([z_pos.unsqueeze(1), z_neg], dim=1)
     per_query = torch.logsumexp(logits, dim=1) - z_pos
-    return mean_over_examples(per_query, q_example, n_examples)
+    return mean_over_examples(per_query, q_example, n_examples, examples_with_queries)
 
 
 def sampled_softmax_loss_fused(q: torch.Tensor, pos_e: torch.Tensor, neg_e: torch.Tensor, tau: torch.Tensor,
@@ -261,18 +266,32 @@ class SampledSoftmaxLoss:
         return host
 
     def __call__(self, q: torch.Tensor, item_embedding: Callable[[torch.Tensor], torch.Tensor], tau: torch.Tensor,
-                 t: dict[str, torch.Tensor], n_examples: int) -> torch.Tensor:
+                 t: dict[str, torch.Tensor], n_examples: int, queries: torch.Tensor | None = None) -> torch.Tensor:
         """q [Q, D] the queries' embeddings; item_embedding(ids) -> [n, D] normalised; tau the temperature;
-        t = host_inputs(...) on q's device. Scores run under bf16 autocast on GPU, the loss itself in float32."""
+        t = host_inputs(...) on q's device. Scores run under bf16 autocast on GPU, the loss itself in float32.
+
+        queries: on one rank of a distributed step, which of the batch's queries q holds (t describes the whole
+        batch, the same on every rank); the loss is then this rank's share of the whole batch's loss (the same
+        denominator), so the ranks' losses, and their gradients, add up to those of one process on the batch."""
         cfg, dev, B = self.cfg, q.device, n_examples
         q_example, label_items = t["q_example"], t["label_items"]
+        share = None
+        if queries is not None:
+            if cfg.negatives == "full" or self.fused is not None:
+                raise ValueError("a distributed step supports the sampled negatives (random, in-batch, mixed) of the "
+                                 "eager loss: not negatives=full, not the compiled loss")
+            share = int(torch.unique(q_example).numel())  # examples with queries in the whole batch
+            label_items_all = label_items
+            q_example, label_items = q_example[queries], label_items[queries]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             if cfg.negatives == "full":  # the pool is every item, in id order: embed the catalogue once
                 all_e = item_embedding(torch.arange(self.n_items, device=dev))
             else:
                 emb = item_embedding(t["uniq"])
                 inv = t["inv"]
-                pos_e, neg_e = emb.index_select(0, inv[:len(label_items)]), emb.index_select(0, inv[len(label_items):])
+                n_q = len(label_items) if share is None else len(label_items_all)
+                pos_inv = inv[:n_q] if share is None else inv[:n_q][queries]
+                pos_e, neg_e = emb.index_select(0, pos_inv), emb.index_select(0, inv[n_q:])
                 if self.fused is not None:  # the same loss, fused by torch.compile (see its docstring)
                     own = cfg.mask_own_positives
                     rows = (own_positive_rows(t["pool_items"], t["label_example"], t["label_item"], B, self.n_items)
@@ -296,5 +315,6 @@ class SampledSoftmaxLoss:
             mask = own_positive_mask(q_example, t["pool_items"], t["label_example"], t["label_item"], B, self.n_items)
         else:
             mask = label_mask(label_items, t["pool_items"])
-        return sampled_softmax_loss(pos_logit.float(), neg_logit.float(), t["pos_log_q"], t["pool_log_q"], mask,
-                                    q_example, B)
+        pos_log_q = t["pos_log_q"] if share is None else t["pos_log_q"][queries]
+        return sampled_softmax_loss(pos_logit.float(), neg_logit.float(), pos_log_q, t["pool_log_q"], mask,
+                                    q_example, B, share)

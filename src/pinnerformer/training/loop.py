@@ -31,6 +31,16 @@ from pinnerformer.training.config import LoopConfig
 from pinnerformer.training.task import HostBatch, TrainingTask
 
 
+class _NoWriter:
+    """TensorBoard on ranks other than 0: nothing."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,9 +80,15 @@ class QueuedStep:
 
 
 class TrainingLoop:
-    def __init__(self, task: TrainingTask, cfg: LoopConfig, run_dir: Path, log=print):
-        self.task, self.cfg, self.run_dir, self.log = task, cfg, Path(run_dir), log
-        self.device = resolve_device(cfg.device)
+    def __init__(self, task: TrainingTask, cfg: LoopConfig, run_dir: Path, log=print, dist=None):
+        """dist: a `distributed.context.DistContext` when this process is one rank of several (torchrun): the task
+        encodes its share of each batch, gradients are summed over ranks, rank 0 validates, writes and logs."""
+        self.task, self.cfg, self.run_dir, self.dist = task, cfg, Path(run_dir), dist
+        self.main = dist is None or dist.main
+        self.log = log if self.main else (lambda *a, **k: None)
+        self.device = resolve_device(cfg.device) if dist is None else dist.device
+        if dist is not None:
+            task.distribute(dist)
         self.model = task.model.to(self.device)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2]
@@ -111,6 +127,14 @@ class TrainingLoop:
         out = self.task.loss(batch, g, self.device)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        counts = out.counts
+        if self.dist is not None:  # the whole batch's gradient, loss and counts (each rank holds a share)
+            self.dist.all_reduce_grads(self.model)
+            names = list(counts)
+            summed = self.dist.sum(torch.tensor([float(out.loss.detach()), *(counts[k] for k in names)],
+                                                dtype=torch.float64, device=self.device))
+            out = type(out)(summed[0].float(), {k: int(v) for k, v in zip(names, summed[1:].tolist())})
+            counts = out.counts
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.opt.step()
         scalars = self.task.step_scalars()
@@ -125,7 +149,7 @@ class TrainingLoop:
             ready = torch.cuda.Event()
             ready.record()
             stats = host
-        return QueuedStep(g, epoch, lr, stats, list(scalars), ready, out.counts)
+        return QueuedStep(g, epoch, lr, stats, list(scalars), ready, counts)
 
     def loader(self, epoch: int, first_step: int):
         """Host batches for steps first_step.. of an epoch, in order. With loader workers (GPU runs), worker
@@ -141,6 +165,8 @@ class TrainingLoop:
 
     # ---- persistence -----------------------------------------------------------------------------------
     def save_checkpoint(self, name: str) -> None:
+        if not self.main:
+            return
         folder = self.run_dir / rf.CHECKPOINTS
         folder.mkdir(parents=True, exist_ok=True)
         ck = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "task": self.task.state_dict(),
@@ -185,6 +211,8 @@ class TrainingLoop:
 
     def _append(self, rec: dict) -> None:
         self.state.history.append(rec)
+        if not self.main:
+            return
         with (self.run_dir / rf.METRICS).open("a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -216,8 +244,9 @@ class TrainingLoop:
             return rf.TrainSummary.model_validate_json((self.run_dir / rf.SUMMARY).read_text())
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.desc = desc = self.describe()
-        write_json_atomic(self.run_dir / rf.CONFIG, desc)
-        task.write_inputs(self.run_dir)
+        if self.main:
+            write_json_atomic(self.run_dir / rf.CONFIG, desc)
+            task.write_inputs(self.run_dir)
         for n in desc.notes:
             self.log("note: " + n)
         train_unit, val_unit = getattr(task, "units", ("users", "users"))
@@ -226,12 +255,13 @@ class TrainingLoop:
                  f"{task.steps_per_epoch} steps/epoch; "
                  f"device {self.device}; {desc.parameters:,} parameters")
         if not self.state.history:
-            name, scores = task.baseline()
+            name, scores = self._on_main(task.baseline)
             self.state.history.append({"kind": "baseline", "name": name, **scores})
             self.log(f"{name} baseline on validation: {task.metric} {scores[task.metric]:.4f}")
         # the log on disk is the checkpoint's: steps after the last checkpoint are dropped, to be replayed
-        write_text_atomic(self.run_dir / rf.METRICS, "".join(json.dumps(h) + "\n" for h in self.state.history))
-        tb = SummaryWriter(str(self.run_dir / rf.TENSORBOARD))
+        if self.main:
+            write_text_atomic(self.run_dir / rf.METRICS, "".join(json.dumps(h) + "\n" for h in self.state.history))
+        tb = SummaryWriter(str(self.run_dir / rf.TENSORBOARD)) if self.main else _NoWriter()
         stopped_by = s.stopped_by or "max_epochs"
         t_start = time.perf_counter()
         pending: list[QueuedStep] = []  # queued steps whose numbers have not been read back from the device yet
@@ -256,7 +286,7 @@ class TrainingLoop:
             B = task.batch_size
             bar = progress_bar(total=task.steps_per_epoch * B, initial=s.step_in_epoch * B,
                                unit=getattr(task, "batch_unit", "seq"),
-                               desc=f"epoch {epoch}", disable=not progress)
+                               desc=f"epoch {epoch}", disable=not progress or not self.main)
             self.model.train()
             batches = iter(self.loader(epoch, s.step_in_epoch))
             while s.step_in_epoch < task.steps_per_epoch:
@@ -288,14 +318,21 @@ class TrainingLoop:
                 self.save_checkpoint("last.pt")
         tb.close()
         summary = self._summary(stopped_by, time.perf_counter() - t_start)
-        write_json_atomic(self.run_dir / rf.SUMMARY, summary)
+        if self.main:
+            write_json_atomic(self.run_dir / rf.SUMMARY, summary)
         self.log(f"done ({stopped_by}): best validation {task.metric} {s.best:.4f} at epoch {s.best_epoch} vs "
                  f"{self.state.history[0]['name']} {summary.popularity:.4f}")
         return summary
 
+    def _on_main(self, fn):
+        """fn() on rank 0, its result on every rank (alone: fn())."""
+        if self.dist is None:
+            return fn()
+        return self.dist.broadcast(fn() if self.main else None)
+
     def _validate(self, epoch: int, tb) -> None:
         s, task = self.state, self.task
-        val = task.validate(self.device)
+        val = self._on_main(lambda: task.validate(self.device))
         improved = val[task.metric] > s.best
         self._append({"kind": "validation", "epoch": epoch, "step": s.global_step, **val})
         tb.add_scalar(f"validation/{task.metric}", val[task.metric], epoch)

@@ -147,15 +147,34 @@ class RankingTask:
                       "frozen)", f"sequence: {cfg.model.sequence}; PinnerFormer feature: "
                       f"{'on' if cfg.model.use_pinnerformer else 'off'}"]
         self._order: tuple[int, np.ndarray] | None = None
+        self.dist = None  # set by a distributed TrainingLoop
+
+    def distribute(self, ctx) -> None:
+        """Run as one rank of `ctx`: this rank scores its contiguous share of every batch's rows; the loss is its
+        share of the batch's loss (the whole batch's Σ row weight as denominator); gradients are summed by the loop."""
+        if self.batch_size % ctx.world:
+            raise PinnerformerError(f"optim.batch_size {self.batch_size} is not a multiple of the {ctx.world} "
+                                    "processes: the global batch must split evenly")
+        if self.model.collect_next_action:
+            raise PinnerformerError("distributed training of a transact-v2 ranker with the next-action loss is not "
+                                    "supported yet (its positions are normalised per rank): set "
+                                    "loss.next_action.weight to 0, or train on one process")
+        self.dist = ctx
 
     # ---- batches -----------------------------------------------------------------------------------------
     def host_batch(self, epoch: int, step: int) -> RankBatch:
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.rows, 1))
         rows = np.sort(self._order[1][step * self.batch_size:(step + 1) * self.batch_size])
+        total = None
+        if self.dist is not None:  # this rank's share of the rows; the loss keeps the whole batch's denominator
+            total = torch.tensor(float(self.row_weight[rows].astype(np.float64).sum()))
+            rows = rows[self.dist.share(len(rows))]
         requests = np.unique(self.rd.cand_request[rows])
-        return build_rank_batch(self.rd, self.tl, requests, self.seq_len, rows=rows, row_weight=self.row_weight,
-                                v2=self.v2_spec)
+        batch = build_rank_batch(self.rd, self.tl, requests, self.seq_len, rows=rows, row_weight=self.row_weight,
+                                 v2=self.v2_spec)
+        batch.weight_total = total
+        return batch
 
     @property
     def seq_len(self) -> int:
@@ -165,7 +184,7 @@ class RankingTask:
         b = batch.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = self.model(b)
-        loss = multitask_bce(logits, b.labels, self.weight_matrix.to(device), b.weight)
+        loss = multitask_bce(logits, b.labels, self.weight_matrix.to(device), b.weight, b.weight_total)
         counts = {"rows": b.n_rows}
         if b.streams is not None:  # lifelong actions older than lifelong_max, left out of this batch's requests
             counts["lifelong_cut"] = int(b.streams["lifelong.cut"])
@@ -222,5 +241,5 @@ class RankingTask:
         pass
 
 
-def ranking_loop(rd: RankData, cfg: RankTrainConfig, run_dir: Path, log=print) -> TrainingLoop:
-    return TrainingLoop(RankingTask(rd, cfg), cfg, run_dir, log=log)
+def ranking_loop(rd: RankData, cfg: RankTrainConfig, run_dir: Path, log=print, dist=None) -> TrainingLoop:
+    return TrainingLoop(RankingTask(rd, cfg), cfg, run_dir, log=log, dist=dist)

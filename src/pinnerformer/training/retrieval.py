@@ -95,11 +95,26 @@ class RetrievalTask:
         # every epoch: each eligible user `sequences_per_user` times; the ragged last batch is dropped
         self.steps_per_epoch = n_elig * cfg.data.sequences_per_user // self.batch_size
         self._order: tuple[int, np.ndarray] | None = None
+        self.dist = None  # set by a distributed TrainingLoop (distributed.context.DistContext)
+
+    def distribute(self, ctx) -> None:
+        """Run as one rank of `ctx`: this rank encodes its share of every batch's examples (see
+        distributed/context.py); the batch itself, its negatives and the sketch stay the whole batch's."""
+        if self.batch_size % ctx.world:
+            raise PinnerformerError(f"optim.batch_size {self.batch_size} is not a multiple of the {ctx.world} "
+                                    "processes: the global batch must split evenly")
+        if self.cfg.loss.negatives == "full" or self.cfg.compile:
+            raise PinnerformerError("distributed training supports the sampled negatives (mixed, in-batch, random) "
+                                    "without compile: not negatives=full, not compile")
+        self.dist = ctx
 
     # ---- batches -----------------------------------------------------------------------------------------
     def batch_for(self, users: np.ndarray, rng: np.random.Generator) -> RetrievalBatch:
+        """The batch's examples (all of them: the loss needs the whole batch's labels) and the padded features of
+        the examples this process encodes (all, or this rank's share)."""
         ex = self.sampler.sample(users, rng)
-        return RetrievalBatch(ex, to_torch(build_sequence_batch(self.ds.timelines, ex.starts, ex.ends,
+        mine = slice(None) if self.dist is None else self.dist.share(len(ex.starts))
+        return RetrievalBatch(ex, to_torch(build_sequence_batch(self.ds.timelines, ex.starts[mine], ex.ends[mine],
                                                                 self.model.time_features, pad_to=self.pad_to)))
 
     def host_batch(self, epoch: int, step: int) -> RetrievalBatch:
@@ -118,6 +133,8 @@ class RetrievalTask:
         t = to_torch(self.objective.host_inputs(ex, negatives), device)
         seq = to_torch(batch.seq, device)
         B = len(ex.starts)
+        if self.dist is not None:
+            return self._distributed_loss(ex, t, seq, B, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = self.model.encode_sequence(seq)  # [B, T, D]
             # index_select rather than out[q_example, q_position]: the backward of advanced indexing accumulates
@@ -126,6 +143,21 @@ class RetrievalTask:
             q = out.reshape(B * T, -1).index_select(0, t["q_example"] * T + t["q_position"])
         loss = self.objective(q, self.model.item_embedding, self.model.temperature, t, B)
         return StepLoss(loss, {"queries": len(ex.q_item)})
+
+    def _distributed_loss(self, ex: ExampleBatch, t: dict, seq: dict, B: int, device: torch.device) -> StepLoss:
+        """This rank's share of the batch's loss: its examples' queries against the whole batch's pool, the
+        pool's embeddings gathered across ranks with their gradients (distributed/context.py)."""
+        mine = self.dist.share(B)
+        queries = np.flatnonzero((ex.q_example >= mine.start) & (ex.q_example < mine.stop))
+        local = torch.from_numpy(ex.q_example[queries] - mine.start)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = self.model.encode_sequence(seq)  # [B / N, T, D]
+            T = out.shape[1]
+            rows = local.to(device) * T + torch.from_numpy(ex.q_position[queries]).to(device)
+            q = out.reshape(out.shape[0] * T, -1).index_select(0, rows)
+        loss = self.objective(q, lambda ids: self.dist.gather_embeddings(self.model.item_embedding, ids),
+                              self.model.temperature, t, B, queries=torch.from_numpy(queries).to(device))
+        return StepLoss(loss, {"queries": len(queries)})
 
     def step_scalars(self) -> dict[str, torch.Tensor]:
         return {"tau": self.model.temperature}
@@ -174,6 +206,7 @@ class RetrievalTask:
         self.objective.sketch.load_state_dict(state["sketch"])
 
 
-def retrieval_loop(ds: Dataset, cfg: TrainConfig, run_dir: Path, log=print) -> TrainingLoop:
-    """The training loop over PinnerFormer's retrieval task: `retrieval_loop(ds, cfg, run_dir).fit()`."""
-    return TrainingLoop(RetrievalTask(ds, cfg), cfg, run_dir, log=log)
+def retrieval_loop(ds: Dataset, cfg: TrainConfig, run_dir: Path, log=print, dist=None) -> TrainingLoop:
+    """The training loop over PinnerFormer's retrieval task: `retrieval_loop(ds, cfg, run_dir).fit()`; with `dist`
+    (a DistContext), this process is one rank of a distributed run."""
+    return TrainingLoop(RetrievalTask(ds, cfg), cfg, run_dir, log=log, dist=dist)
