@@ -36,6 +36,8 @@ from pinnerformer.serving.metrics import ServiceMetrics
 from pinnerformer.serving.store import OnlineStore, StoreUnavailable, events
 
 FUTURE_SKEW_S = 300  # an event may be stamped at most this far ahead of the server's clock
+MAX_TIME = 253_402_300_799  # 9999-12-31 23:59:59 UTC: Unix seconds beyond it are refused (422), not overflowed
+MAX_ID_BYTES = 256  # user and item ids (UTF-8); the embedded store's keys hold at most 511 bytes
 
 
 class ServiceSettings(StrictModel):
@@ -54,7 +56,7 @@ class EventIn(BaseModel):
     user: str = Field(min_length=1, max_length=128)
     item: str = Field(min_length=1, max_length=128)
     action: str = Field(min_length=1, max_length=64)
-    time: int = Field(ge=0, description="Unix seconds")
+    time: int = Field(ge=0, le=MAX_TIME, description="Unix seconds")
     surface: str | None = Field(None, max_length=64)
     duration: float | None = Field(None, ge=0, le=86400)
 
@@ -68,7 +70,7 @@ class EventsIn(BaseModel):
 class RankIn(BaseModel):
     user: str = Field(min_length=1, max_length=128)
     items: list[str] = Field(min_length=1)
-    time: int | None = Field(None, ge=0, description="Unix seconds (default: now)")
+    time: int | None = Field(None, ge=0, le=MAX_TIME, description="Unix seconds (default: now)")
     surface: str | None = Field(None, max_length=64)
 
 
@@ -76,7 +78,7 @@ class RecommendIn(BaseModel):
     user: str = Field(min_length=1, max_length=128)
     k: int = Field(10, ge=1)
     n: int | None = Field(None, ge=1, description="Candidates retrieved (default: the service's retrieve_n)")
-    time: int | None = Field(None, ge=0)
+    time: int | None = Field(None, ge=0, le=MAX_TIME)
     surface: str | None = Field(None, max_length=64)
 
 
@@ -237,6 +239,11 @@ def create_app(service: Service) -> FastAPI:
     def auth(authorization: str | None = Header(None)) -> None:
         s.check_token(authorization)
 
+    def check_user(user: str, field: str = "user") -> str:
+        if len(user.encode()) > MAX_ID_BYTES:
+            raise eng.UnknownInput(f"{field}: an id of {len(user.encode())} bytes, more than {MAX_ID_BYTES}")
+        return user
+
     def versions(bundle: eng.Bundle, version: str | None) -> dict:
         return {**bundle.version, "day": version or "none"}
 
@@ -275,6 +282,7 @@ def create_app(service: Service) -> FastAPI:
                                        f"{', '.join(b.actions)})")
             if e.time > now + FUTURE_SKEW_S:
                 raise eng.UnknownInput(f"events[{i}].time: {e.time} is in the future (server time {now})")
+            check_user(e.user, f"events[{i}].user")
             sc = surface_code(b, e.surface, f"events[{i}].surface") - 1
             cols.setdefault(e.user, []).append((b.item_code[e.item], b.actions.index(e.action), e.time, sc,
                                                 np.nan if e.duration is None else e.duration))
@@ -290,6 +298,7 @@ def create_app(service: Service) -> FastAPI:
         if len(body.items) > s.settings.max_candidates:
             raise eng.UnknownInput(f"items: {len(body.items)} candidates, more than the limit of "
                                    f"{s.settings.max_candidates}")
+        check_user(body.user)
         bundle, version = s.snapshot()
         unknown = [x for x in body.items if x not in bundle.item_code]
         if unknown:
@@ -303,6 +312,7 @@ def create_app(service: Service) -> FastAPI:
     async def post_recommend(body: RecommendIn):
         if body.k > s.settings.max_k:
             raise eng.UnknownInput(f"k: {body.k} is above the limit of {s.settings.max_k}")
+        check_user(body.user)
         bundle, version = s.snapshot()
         t = request_time(body.time, version)
         t0 = time.perf_counter()
@@ -319,6 +329,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/users/{user}/embedding")
     def get_embedding(user: str):
+        check_user(user)
         version = s.state[1]
         vectors, _ = s.store.daily(user, version) if version else ({}, None)
         if not vectors:
@@ -327,6 +338,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/users/{user}/events")
     def get_events(user: str, limit: int = 20):
+        check_user(user)
         b = s.bundle
         rt = s.store.realtime(user)[::-1][:max(0, min(limit, 1000))]
         return {"user": user, "events": [
