@@ -266,14 +266,14 @@ def test_no_input_the_schema_allows_gets_a_server_error(workdir, tmp_path):
     assert len(calls) == 9 and min(calls.values()) >= 1, calls  # every operation was exercised
 
 
-def _serve(workdir, store, port, tmp_path):
+def _serve(workdir, store, port, tmp_path, *extra):
     import subprocess
     import sys
 
     env = {**os.environ, "PINNERFORMER_API_TOKEN": TOKEN}
     log = open(tmp_path / f"serve-{port}.log", "a")
     return subprocess.Popen([sys.executable, "-m", "pinnerformer.cli", "serve", "--workdir", str(workdir),
-                             "--store", store, "--port", str(port)], env=env, stdout=log, stderr=log)
+                             "--store", store, "--port", str(port), *extra], env=env, stdout=log, stderr=log)
 
 
 def _wait_ready(url, proc, timeout=60):
@@ -413,3 +413,37 @@ def test_a_new_days_snapshot_is_served_as_it_appears(workdir, tmp_path):
         assert service.state[1][:10] == day.isoformat()
         r = client.post("/v1/recommend", json={"user": service.bundle.user_ids[0], "k": 2})
         assert r.status_code == 200 and r.json()["versions"]["day"] == service.state[1] != first
+
+
+def test_sigterm_lets_the_request_in_flight_finish(workdir, tmp_path):
+    """SIGTERM while a ranking request waits in the batcher (batch wait 2 s): the request is answered (200), then
+    the service exits (by the signal, which uvicorn re-raises after its graceful shutdown)."""
+    import signal
+    import threading
+
+    import httpx
+
+    from pinnerformer.serving.redis_server import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(workdir, str(tmp_path / "store"), port, tmp_path, "--batch-wait-ms", "2000")
+    try:
+        _wait_ready(url, proc)
+        items = [str(i) for i in range(5)]
+        result = {}
+
+        def ask():
+            result["r"] = httpx.post(url + "/v1/rank", json={"user": "0", "items": items}, timeout=30)
+
+        t = threading.Thread(target=ask)
+        t.start()
+        time.sleep(0.7)  # the request is in the batcher's 2 s wait
+        proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert result["r"].status_code == 200 and len(result["r"].json()["items"]) == 5
+        # uvicorn re-raises the signal once it has shut down: the process ends by SIGTERM, after the answer
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
