@@ -81,4 +81,11 @@ def test_default_grid_leave_one_out_report(planted, tmp_path, cli):
         assert f"| {label} | {rr['hr@10']['mean']:.4f} [" in md and f"{nd['mean']:.4f} [{nd['ci95'][0]:.4f}" in md
     val = res["rows"][0]["validation"]["ndcg@10"]
     assert f"ndcg@10 {val:.4f}" in md and "--preset loo" in md and res["machine"] in md
+    # the literature's protocol beside it: the same model with each user's input items removed from the ranking
+    ex = json.loads((tmp_path / "rep" / "runs" / "pinnerformer" / "eval" /
+                     "leave-one-out-test-history-excluded.json").read_text())
+    assert ex["history_excluded"] and res["rows"][0]["history_removed"]["results"] == ex["results"]
+    nd = ex["results"]["pinnerformer"]["ndcg@10"]
+    assert f"| pinnerformer, history removed | {ex['results']['pinnerformer']['hr@10']['mean']:.4f} [" in md
+    assert f"{nd['mean']:.4f} [{nd['ci95'][0]:.4f}" in md and "baseline: most-popular, history removed" in md
     assert (tmp_path / "rep" / "default.png").stat().st_size > 5000

@@ -339,3 +339,44 @@ def test_fused_full_softmax_equals_the_sampled_loss_with_the_full_pool(masked):
                                 own | label_mask(target, torch.arange(I)), q_example, B)
     got = full_softmax_loss(logits, target, own if masked else None, q_example, B)
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_query_weighting_is_the_flat_mean_in_every_form_of_the_loss():
+    """weighting="query" (SASRec's mean over positions): the float64 reference's per-query losses averaged flat,
+    in the plain, fused and full-softmax forms; and a distributed rank's share (its queries, the whole batch's
+    query count as denominator) adds up to the whole batch's loss."""
+    from pinnerformer.objectives.sampled_softmax import full_softmax_loss, reduce_queries
+
+    g = torch.Generator().manual_seed(5)
+    Q, N, B = 23, 17, 5
+    pos, neg = torch.randn(Q, generator=g, dtype=torch.float64) * 3, torch.randn(Q, N, generator=g, dtype=torch.float64) * 3
+    pos_lq, neg_lq = torch.randn(Q, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    mask = torch.rand(Q, N, generator=g) < 0.2
+    q_example = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 4])
+    per_query = [reference_loss(pos[i:i + 1].numpy(), neg[i:i + 1].numpy(), pos_lq[i:i + 1].numpy(), neg_lq.numpy(),
+                                mask[i:i + 1].numpy(), [0], 1) for i in range(Q)]
+    got = sampled_softmax_loss(pos, neg, pos_lq, neg_lq, mask, q_example, B, weighting="query")
+    assert got.item() == pytest.approx(np.mean(per_query), rel=1e-12)
+    by_example = sampled_softmax_loss(pos, neg, pos_lq, neg_lq, mask, q_example, B)
+    assert got.item() != pytest.approx(by_example.item(), rel=1e-3)  # the two weightings differ on this batch
+    # one rank's share: its queries' losses over the whole batch's query count; the two shares add up
+    halves = [slice(0, 9), slice(9, Q)]
+    shares = [sampled_softmax_loss(pos[h], neg[h], pos_lq[h], neg_lq, mask[h], q_example[h], B, Q, "query")
+              for h in halves]
+    assert sum(s.item() for s in shares) == pytest.approx(got.item(), rel=1e-12)
+    # the fused form from embeddings, and the full softmax's cross-entropy
+    q = torch.nn.functional.normalize(torch.randn(Q, 6, generator=g, dtype=torch.float64), dim=-1)
+    pe = torch.nn.functional.normalize(torch.randn(Q, 6, generator=g, dtype=torch.float64), dim=-1)
+    ne = torch.nn.functional.normalize(torch.randn(N, 6, generator=g, dtype=torch.float64), dim=-1)
+    q_item, pool = torch.randint(100, 200, (Q,), generator=g), torch.randint(0, 100, (N,), generator=g)
+    tau = torch.tensor(0.1, dtype=torch.float64)
+    want = sampled_softmax_loss((q * pe).sum(-1) / tau, q @ ne.T / tau, pos_lq, neg_lq, label_mask(q_item, pool),
+                                q_example, B, weighting="query")
+    fused = sampled_softmax_loss_fused(q, pe, ne, tau, pos_lq, neg_lq, q_example, B, q_item=q_item, pool_items=pool,
+                                       weighting="query")
+    assert fused.item() == pytest.approx(want.item(), rel=1e-12)
+    logits, target = torch.randn(Q, 11, generator=g, dtype=torch.float64), torch.randint(0, 11, (Q,), generator=g)
+    ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    assert full_softmax_loss(logits, target, None, q_example, B, "query").item() == pytest.approx(ce.mean().item())
+    assert reduce_queries(ce, q_example, B, "example").item() == pytest.approx(
+        np.mean([ce[q_example == b].mean().item() for b in (0, 1, 2, 4)]))

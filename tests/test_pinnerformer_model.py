@@ -236,3 +236,32 @@ def test_a_users_vector_does_not_depend_on_who_shares_the_batch():
     finally:
         torch.set_num_threads(threads)
     assert a[perm].tobytes() == b.tobytes()
+
+
+def test_dot_score_uses_unnormalised_embeddings_and_the_raw_item_table():
+    """score=dot: user embeddings are the head's output as is, items (item_tower none) the ID table itself (no
+    LayerNorm, so an item's norm is free to carry its popularity), τ fixed at 1; cosine keeps unit vectors."""
+    import torch
+    from pinnerformer.models.pinnerformer import InputSpec, PinnerFormer, PinnerFormerConfig
+
+    spec = InputSpec(n_items=30, n_actions=1, n_surfaces=1, max_len=8, has_clock=False)
+    kw = dict(width=16, dim=16, id_dim=16, item_features="id", item_tower="none", heads=2)
+    torch.manual_seed(0)
+    dot = PinnerFormer(PinnerFormerConfig(score="dot", **kw), spec).eval()
+    torch.manual_seed(0)
+    cos = PinnerFormer(PinnerFormerConfig(**kw), spec).eval()
+    items = torch.arange(30)
+    assert torch.equal(dot.item_embedding(items), dot.items.id_emb.weight)
+    assert torch.allclose(cos.item_embedding(items).norm(dim=-1), torch.ones(30))
+    assert dot.temperature.item() == 1.0 and cos.temperature.item() == pytest.approx(0.07)
+    b = {"item": torch.randint(0, 30, (3, 5)), "action": torch.zeros(3, 5, dtype=torch.long),
+         "surface": torch.zeros(3, 5, dtype=torch.long), "duration": torch.full((3, 5), float("nan")),
+         "length": torch.tensor([5, 3, 1])}
+    with torch.no_grad():
+        u_dot, u_cos = dot.user_embedding(b), cos.user_embedding(b)
+        seq = dot.encode_sequence(b)
+    assert not torch.allclose(u_dot.norm(dim=-1), torch.ones(3), atol=1e-3)
+    assert torch.allclose(u_cos.norm(dim=-1), torch.ones(3))
+    # the same network underneath: cosine's embedding is dot's, normalised; the newest position's path agrees
+    assert torch.allclose(torch.nn.functional.normalize(u_dot, dim=-1), u_cos, atol=1e-5)
+    assert torch.allclose(seq[torch.arange(3), b["length"] - 1], u_dot, atol=1e-5)

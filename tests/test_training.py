@@ -358,3 +358,27 @@ def test_resume_keeps_the_runs_own_config_and_split_and_says_what_it_continues(p
     r = cli("train", "-d", planted, "-o", es, "--resume", "--max-steps", "100000", "--no-progress")
     assert r.exit_code == 0 and "the run already ended (early stop" in r.stderr
     assert json.loads((es / "summary.json").read_text()) == summary
+
+
+def test_length_buckets_keep_every_unit_and_group_similar_lengths():
+    """`length_bucketed`: the same units as the epoch's order (a permutation of it), each batch cut from one window
+    of lengths sorted, the batch order seeded by (seed, epoch): reproducible, different across epochs."""
+    from pinnerformer.training.task import epoch_order, length_bucketed
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 51, 1000)
+    order = epoch_order(0, 3, np.arange(1000), 1)
+    got = length_bucketed(order, lengths, 32, 4, 0, 3)
+    assert sorted(got.tolist()) == sorted(order.tolist())
+    assert np.array_equal(got, length_bucketed(order, lengths, 32, 4, 0, 3))
+    assert not np.array_equal(got, length_bucketed(order, lengths, 32, 4, 0, 4))
+    full = got[:len(got) // 32 * 32].reshape(-1, 32)
+    spread = lengths[full].max(1) - lengths[full].min(1)
+    plain = lengths[order[:len(full) * 32].reshape(-1, 32)]
+    assert spread.mean() < (plain.max(1) - plain.min(1)).mean() / 3  # batches of similar lengths
+    # padding work: the sum over batches of the longest sequence times the batch size
+    assert lengths[full].max(1).sum() < 0.75 * plain.max(1).sum()
+    # each batch holds the units of one window only (window = 4 batches of the sorted order)
+    for batch in full:
+        pos = np.flatnonzero(np.isin(order, batch))
+        assert pos.max() // (32 * 4) == pos.min() // (32 * 4)

@@ -12,7 +12,8 @@ position i depends on the actions after it), L pre-norm blocks with causal self-
 head LayerNorm -> Linear(H,4H) -> GELU -> Linear(4H,D) -> L2 normalise at every position. The user embedding
 is the newest position's output. Item tower: MLP on the item features -> L2 normalise (or, as an option, one
 linear layer, or none: the item features themselves, i.e. scoring with the input item table as SASRec does).
-Score = cosine / τ, τ learned and clamped at τ >= 0.01.
+Score = cosine / τ, τ learned and clamped at τ >= 0.01 (or, `score: dot`, the plain dot product of unnormalised
+embeddings, as SASRec scores).
 
 Batches are right-padded (oldest action at position 0), so plain `is_causal=True` attention is exact for the
 real positions (they never see the padding that follows them) and fused kernels apply on GPU.
@@ -61,6 +62,9 @@ class PinnerFormerConfig(StrictModel):
     item_tower: Literal["mlp", "linear", "none"] = "mlp"
     input_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the summed input embedding, before the first block (SASRec's)
     init_temperature: float = Field(0.07, gt=0)
+    # cosine: L2-normalised user and item embeddings, score = cosine / τ (τ learned); dot: unnormalised, score = the
+    # dot product (SASRec's), so an item's norm can carry how often it is the answer; τ is then fixed at 1
+    score: Literal["cosine", "dot"] = "cosine"
     # The residual stream between blocks: float32, or the autocast dtype when autocast is on ("compute": bf16 on GPU,
     # half the memory traffic of the LayerNorm/dropout/residual passes, at bf16 precision). No effect without autocast.
     residual_dtype: Literal["float32", "compute"] = "float32"
@@ -130,13 +134,17 @@ class ItemFeatures(nn.Module):
         # concatenation so that neither (nor the action/time features beside it) dominates the projection
         self.norm = nn.LayerNorm(self.out_dim)
 
-    def forward(self, item: torch.Tensor) -> torch.Tensor:
+    def raw(self, item: torch.Tensor) -> torch.Tensor:
+        """The concatenation before the LayerNorm."""
         parts = []
         if self.use_content:
             parts.append(self.content[item])
         if self.use_id:
             parts.append(self.id_emb(item))
-        return self.norm(torch.cat(parts, dim=-1))
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, item: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.raw(item))
 
 
 class Block(nn.Module):
@@ -220,7 +228,13 @@ class PinnerFormer(nn.Module):
 
     @property
     def temperature(self) -> torch.Tensor:
+        if self.cfg.score == "dot":
+            return torch.ones((), device=self.log_tau.device)
         return self.log_tau.exp().clamp(min=0.01)
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        """An embedding as scored: L2-normalised (cosine) or as is (dot); float32 either way."""
+        return F.normalize(x.float(), dim=-1) if self.cfg.score == "cosine" else x.float()
 
     def action_features(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = [self.items(b["item"])]
@@ -267,16 +281,19 @@ class PinnerFormer(nn.Module):
         return self.blocks[-1].forward_at(x, newest)
 
     def encode_sequence(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, T, D] L2-normalised embeddings at every position (training: every position is a query)."""
-        return F.normalize(self.head(self.hidden_states(b)).float(), dim=-1)
+        """[B, T, D] embeddings at every position (training: every position is a query), L2-normalised for cosine."""
+        return self._out(self.head(self.hidden_states(b)))
 
     def user_embedding(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         """The newest position's embedding, [B, D]: the last block and the head run on that position only
         (inference; equal to encode_sequence(b) at length - 1, to float rounding)."""
-        return F.normalize(self.head(self.user_state(b)).float(), dim=-1)
+        return self._out(self.head(self.user_state(b)))
 
     def item_embedding(self, item: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.item_tower(self.items(item)).float(), dim=-1)
+        if self.cfg.score == "dot" and self.cfg.item_tower == "none":
+            # the table itself, as SASRec scores: after the LayerNorm every item would have about the same norm
+            return self.items.raw(item).float()
+        return self._out(self.item_tower(self.items(item)))
 
     @torch.no_grad()
     def grow(self, n_items: int, n_surfaces: int) -> None:

@@ -42,6 +42,9 @@ class ExampleConfig(StrictModel):
     window_days: float = Field(28.0, gt=0)  # K, for real clocks
     window_actions: int = Field(20, ge=1)  # K, for order-only clocks
     cutoff: Literal["random", "last"] = "random"  # example cut-off: random, or the end of the training range
+    # > 0: batches of users of similar length, sorted within runs of this many batches (training/task.py,
+    # `length_bucketed`): less padding on CPU, where batches are padded to their longest sequence; 0: off
+    length_buckets: int = Field(0, ge=0)
 
 
 @dataclass

@@ -13,7 +13,8 @@ where s = cosine / τ and Q(x) is the expected number of copies of item x in the
 Negatives that are one of the query's own user's positives are masked out (this also removes "accidental
 hits": a random negative equal to the positive). With `mask_own_positives=False` only the query's own label
 is masked (`label_mask`): the user's other positives stay negatives, as in plain cross-entropy. Each user
-(example) weighs equally: query losses are averaged within an example, then over examples.
+(example) weighs equally: query losses are averaged within an example, then over examples (or, with
+`weighting: query`, every query weighs equally).
 
 `SampledSoftmaxLoss` is the loss of a training batch: its host half (`host_inputs`: the sketch, the negative pool,
 its log Q, de-duplicated item ids) runs on the host, from host arrays, so that the GPU never has to be waited for;
@@ -47,6 +48,9 @@ class LossConfig(StrictModel):
     n_random: int = Field(1024, ge=1)
     logq: bool = True
     mask_own_positives: bool = True  # False: only the query's own label is masked; other positives stay negatives
+    # example: each user (example) weighs equally, its queries averaged first; query: every query weighs equally
+    # (SASRec's mean over all positions: a user with 40 positions counts 40 times one with 1)
+    weighting: Literal["example", "query"] = "example"
     sketch_width: int = Field(1 << 18, ge=1)
     sketch_depth: int = Field(4, ge=1)
 
@@ -171,8 +175,18 @@ def mean_over_examples(per_query: torch.Tensor, q_example: torch.Tensor, n_examp
     return per_example.sum() / has.sum().clamp(min=1)  # no queries at all: 0 (the trainer reports such steps)
 
 
+def reduce_queries(per_query: torch.Tensor, q_example: torch.Tensor, n_examples: int, weighting: str = "example",
+                   denominator: int | None = None) -> torch.Tensor:
+    """The batch's loss from its queries' losses: `mean_over_examples` (weighting="example"), or the mean over
+    queries ("query"). denominator: examples with queries (example) or queries (query) of the whole batch, when
+    per_query holds one rank's share of a distributed batch."""
+    if weighting == "example":
+        return mean_over_examples(per_query, q_example, n_examples, denominator)
+    return per_query.sum() / max(denominator if denominator is not None else per_query.numel(), 1)
+
+
 def full_softmax_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, q_example: torch.Tensor,
-                      n_examples: int) -> torch.Tensor:
+                      n_examples: int, weighting: str = "example") -> torch.Tensor:
     """The same loss when the pool is the whole catalogue (negatives="full"), computed as one fused cross-entropy.
 
     logits [Q, I] = s(u, every item); target [Q] item ids; mask [Q, I] True = drop (the query's target is never
@@ -183,13 +197,15 @@ def full_softmax_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Te
                                        torch.zeros(len(target), dtype=torch.bool, device=mask.device))
         logits = logits.masked_fill(mask, float("-inf"))
     per_query = torch.nn.functional.cross_entropy(logits, target, reduction="none")
-    return mean_over_examples(per_query, q_example, n_examples)
+    return reduce_queries(per_query, q_example, n_examples, weighting)
 
 
 def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_log_q: torch.Tensor,
                          neg_log_q: torch.Tensor, mask: torch.Tensor, q_example: torch.Tensor,
-                         n_examples: int, examples_with_queries: int | None = None) -> torch.Tensor:
-    """Mean over examples of the mean over their queries of the logQ-corrected sampled softmax loss.
+                         n_examples: int, examples_with_queries: int | None = None, weighting: str = "example"
+                         ) -> torch.Tensor:
+    """Mean over examples of the mean over their queries of the logQ-corrected sampled softmax loss (or, with
+    weighting="query", the mean over queries; examples_with_queries is then the whole batch's query count).
 
     pos_logit [Q] = s(u,p); neg_logit [Q,N] = s(u,n); pos_log_q [Q]; neg_log_q [N]; mask [Q,N] True = drop.
     """
@@ -197,14 +213,14 @@ def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_l
     z_neg = (neg_logit - neg_log_q.unsqueeze(0)).masked_fill(mask, float("-inf"))
     logits = torch.cat([z_pos.unsqueeze(1), z_neg], dim=1)
     per_query = torch.logsumexp(logits, dim=1) - z_pos
-    return mean_over_examples(per_query, q_example, n_examples, examples_with_queries)
+    return reduce_queries(per_query, q_example, n_examples, weighting, examples_with_queries)
 
 
 def sampled_softmax_loss_fused(q: torch.Tensor, pos_e: torch.Tensor, neg_e: torch.Tensor, tau: torch.Tensor,
                                pos_log_q: torch.Tensor, neg_log_q: torch.Tensor, q_example: torch.Tensor,
                                n_examples: int, own_rows: torch.Tensor | None = None,
-                               q_item: torch.Tensor | None = None, pool_items: torch.Tensor | None = None
-                               ) -> torch.Tensor:
+                               q_item: torch.Tensor | None = None, pool_items: torch.Tensor | None = None,
+                               weighting: str = "example") -> torch.Tensor:
     """`sampled_softmax_loss` from the embeddings, written for torch.compile to fuse (the trainer compiles it when
     `compile` is on; the plain function above is its reference, and tests compare the two).
 
@@ -228,7 +244,7 @@ def sampled_softmax_loss_fused(q: torch.Tensor, pos_e: torch.Tensor, neg_e: torc
     m = torch.maximum(z_pos, neg_max).detach()  # any constant is exact here; the max keeps exp() ≤ 1
     lse = m + torch.log(torch.exp(z_pos - m) + torch.exp(z_neg - m.unsqueeze(1)).sum(dim=1))
     per_query = lse - z_pos
-    return mean_over_examples(per_query, q_example, n_examples)
+    return reduce_queries(per_query, q_example, n_examples, weighting)
 
 
 class SampledSoftmaxLoss:
@@ -280,7 +296,8 @@ class SampledSoftmaxLoss:
             if cfg.negatives == "full" or self.fused is not None:
                 raise ValueError("a distributed step supports the sampled negatives (random, in-batch, mixed) of the "
                                  "eager loss: not negatives=full, not the compiled loss")
-            share = int(torch.unique(q_example).numel())  # examples with queries in the whole batch
+            # the whole batch's denominator: its examples with queries, or its queries
+            share = int(torch.unique(q_example).numel()) if cfg.weighting == "example" else len(label_items)
             label_items_all = label_items
             q_example, label_items = q_example[queries], label_items[queries]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -298,7 +315,7 @@ class SampledSoftmaxLoss:
                             if own else None)
                     return self.fused(q, pos_e, neg_e, tau, t["pos_log_q"], t["pool_log_q"], q_example, B,
                                       own_rows=rows, q_item=None if own else label_items,
-                                      pool_items=None if own else t["pool_items"])
+                                      pool_items=None if own else t["pool_items"], weighting=cfg.weighting)
                 # on GPU both products take bf16 operands with fp32 accumulation, like the rest of the model
                 pos_logit = torch.bmm(q.unsqueeze(1), pos_e.unsqueeze(2)).view(-1) / tau
                 neg_logit = (q @ neg_e.T) / tau
@@ -310,11 +327,11 @@ class SampledSoftmaxLoss:
                 per_example.index_put_((t["label_example"], t["label_item"]),
                                        torch.ones(len(t["label_item"]), dtype=torch.bool, device=dev))
                 mask = per_example[q_example]
-            return full_softmax_loss(logits, label_items, mask, q_example, B)
+            return full_softmax_loss(logits, label_items, mask, q_example, B, cfg.weighting)
         if cfg.mask_own_positives:
             mask = own_positive_mask(q_example, t["pool_items"], t["label_example"], t["label_item"], B, self.n_items)
         else:
             mask = label_mask(label_items, t["pool_items"])
         pos_log_q = t["pos_log_q"] if share is None else t["pos_log_q"][queries]
         return sampled_softmax_loss(pos_logit.float(), neg_logit.float(), pos_log_q, t["pool_log_q"], mask,
-                                    q_example, B, share)
+                                    q_example, B, share, cfg.weighting)

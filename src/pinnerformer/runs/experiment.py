@@ -80,6 +80,9 @@ class ExperimentRow(StrictModel):
     best_epoch: int
     validation: dict[str, float]  # the selection metric's best value on validation
     report: EvaluationReport  # the test report, as `pinnerformer evaluate` writes it
+    # leave-one-out: the same model with each user's input items removed from the ranking (`evaluate
+    # --exclude-history`, the literature's full-ranking protocol)
+    history_removed: EvaluationReport | None = None
     wall_s: float
 
 
@@ -134,8 +137,11 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
         run = RunDir(run_dir)
         summary = run.summary()
         report, _, _ = evaluate_run(run, ds, options, log=sub_log)
+        removed = None
+        if report.protocol == "leave-one-out":
+            removed, _, _ = evaluate_run(run, ds, options.model_copy(update={"exclude_history": True}), log=sub_log)
         rows.append(ExperimentRow(variant=name, run=str(run_dir), best_epoch=summary.best_epoch,
-                                  validation={summary.metric: summary.best}, report=report,
+                                  validation={summary.metric: summary.best}, report=report, history_removed=removed,
                                   wall_s=round(time.perf_counter() - tv, 1)))
     result = ExperimentResult(grid=grid, dataset=str(ds.path.resolve()), fingerprint=ds.manifest.fingerprint,
                               preset=preset, seed=seed, max_epochs=max_epochs, command=command,
@@ -184,6 +190,17 @@ def report_markdown(result: ExperimentResult, png: str) -> str:
     for name, res in first.baselines.items():  # scored by the same code on the same users
         lines.append(f"| baseline: {name} | " + " | ".join(_cell(res[m]) if m in res else "" for m in metrics)
                      + " | | |")
+    removed = result.rows[0].history_removed
+    if removed is not None:  # the same models and users with each user's input items removed from the ranking
+        for r in result.rows:
+            res = r.history_removed.model
+            lines.append(f"| {r.variant}, history removed | " + " | ".join(_cell(res[m]) for m in metrics)
+                         + f" | {r.best_epoch} | |")
+        for name, res in removed.baselines.items():
+            lines.append(f"| baseline: {name}, history removed | "
+                         + " | ".join(_cell(res[m]) if m in res else "" for m in metrics) + " | | |")
+        lines += ["", f"Rows marked \"history removed\": {history_text(removed)} — the protocol of the published "
+                  "full-ranking numbers."]
     if result.grid == "frequency":
         lines += ["", "| objective | once | daily | realtime | realtime → daily |", "|---|---|---|---|---|"]
         for r in result.rows:

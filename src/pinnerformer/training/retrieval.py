@@ -29,7 +29,7 @@ from pinnerformer.objectives.sampled_softmax import SampledSoftmaxLoss, sampled_
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import TrainConfig
 from pinnerformer.training.loop import TrainingLoop, resolve_device
-from pinnerformer.training.task import StepLoss, epoch_order
+from pinnerformer.training.task import StepLoss, epoch_order, length_bucketed
 
 
 @dataclass
@@ -119,8 +119,14 @@ class RetrievalTask:
 
     def host_batch(self, epoch: int, step: int) -> RetrievalBatch:
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.sampler.eligible,
-                                              self.cfg.data.sequences_per_user))
+            order = epoch_order(self.cfg.seed, epoch, self.sampler.eligible, self.cfg.data.sequences_per_user)
+            if self.cfg.data.length_buckets:
+                # the training range's length, capped at M: the input length of cutoff=last, an upper bound of random
+                view = self.sampler.view
+                lengths = np.minimum(view.end - view.start, self.cfg.data.max_len)
+                order = length_bucketed(order, lengths, self.batch_size, self.cfg.data.length_buckets,
+                                        self.cfg.seed, epoch)
+            self._order = (epoch, order)
         users = self._order[1][step * self.batch_size:(step + 1) * self.batch_size]
         return self.batch_for(users, np.random.default_rng([self.cfg.seed, epoch, step]))
 

@@ -69,3 +69,19 @@ class TrainingTask(Protocol):
 def epoch_order(seed: int, epoch: int, units: np.ndarray, repeats: int) -> np.ndarray:
     """Every training unit `repeats` times, in the epoch's seeded order."""
     return np.random.default_rng([seed, epoch]).permutation(np.repeat(units, repeats))
+
+
+def length_bucketed(order: np.ndarray, lengths: np.ndarray, batch_size: int, window: int, seed: int,
+                    epoch: int) -> np.ndarray:
+    """`order` regrouped so that each batch holds units of similar length: within each run of `window` batches the
+    units are sorted by length and cut into batches, then all batches are shuffled (seeded by seed and epoch).
+    On CPU, where a batch is padded to its longest sequence, this saves the padding's work (on Beauty, with a
+    mean length of 9 under a 50-action cap, about four fifths of it); each batch is still a random draw from
+    its window, and every unit still comes `repeats` times per epoch."""
+    span = batch_size * window
+    chunks = [order[i:i + span] for i in range(0, len(order), span)]
+    grouped = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in chunks]) if chunks else order
+    n_full = len(grouped) // batch_size
+    batches = np.random.default_rng([seed, epoch, 1]).permutation(n_full)
+    full = grouped[:n_full * batch_size].reshape(n_full, batch_size)[batches].reshape(-1)
+    return np.concatenate([full, grouped[n_full * batch_size:]])
