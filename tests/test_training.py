@@ -382,3 +382,25 @@ def test_length_buckets_keep_every_unit_and_group_similar_lengths():
     for batch in full:
         pos = np.flatnonzero(np.isin(order, batch))
         assert pos.max() // (32 * 4) == pos.min() // (32 * 4)
+
+
+def test_validation_with_history_removed_is_evaluate_exclude_history_on_validation(planted, tmp_path, cli):
+    """eval.exclude_history: the model is selected on the protocol its number is reported under; the logged best
+    validation number equals `evaluate --split validation --exclude-history` of the selected checkpoint."""
+    tiny = {k: v for k, v in TINY.items() if k not in ("loss", "eval")}
+    (tmp_path / "c.json").write_text(json.dumps({**tiny, "optim": {**TINY["optim"], "max_epochs": 2},
+                                                 "eval": {"exclude_history": True}}))
+    r = cli("train", "-d", planted, "-o", tmp_path / "run", "--preset", "loo", "--config", tmp_path / "c.json",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    best = json.loads((tmp_path / "run" / "summary.json").read_text())["best"]
+    for flags, same in ((["--exclude-history"], True), ([], False)):
+        r = cli("evaluate", "--run", tmp_path / "run", "-d", planted, "--split", "validation", *flags)
+        assert r.exit_code == 0, r.output
+        stem = "leave-one-out-validation" + ("-history-excluded" if flags else "")
+        ev = json.loads((tmp_path / "run" / "eval" / f"{stem}.json").read_text())
+        got = ev["results"]["pinnerformer"]["ndcg@10"]["mean"]
+        assert (got == pytest.approx(best, rel=1e-6)) is same, (flags, got, best)
+    (tmp_path / "fw.json").write_text(json.dumps({**tiny, "eval": {"exclude_history": True}}))
+    r = cli("train", "-d", planted, "-o", tmp_path / "run2", "--config", tmp_path / "fw.json", "--no-progress")
+    assert r.exit_code == 2 and "eval.exclude_history" in r.stderr and "leave-one-out" in r.stderr

@@ -55,6 +55,9 @@ class EvalConfig(StrictModel):
     # Unix seconds: training and validation read only events before this time (a model trained on one period, such
     # as the ranking feature's PinnerFormer, which must never see the ranker's validation or test period)
     until: int | None = None
+    # leave-one-out: remove each user's input items from the validation ranking, as `evaluate --exclude-history`
+    # does at test: select the model on the protocol its number is reported under
+    exclude_history: bool = False
 
 
 class TrainConfig(LoopConfig):

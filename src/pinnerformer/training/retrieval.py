@@ -66,6 +66,9 @@ class RetrievalTask:
         self.split = (user_split(user_ids, cfg.seed, cfg.eval.val_fraction, cfg.eval.test_fraction)
                       if self.protocol == "future-window" else np.zeros(len(user_ids), dtype=np.int8))
         self.view = training_view(ds, self.protocol, self.split)
+        if cfg.eval.exclude_history and self.protocol != "leave-one-out":
+            raise PinnerformerError("eval.exclude_history (history removed from the validation ranking) is for the "
+                                    "leave-one-out protocol")
         if cfg.eval.until is not None:
             if self.protocol != "future-window":
                 raise PinnerformerError("eval.until (train on a period only) needs the future-window protocol")
@@ -175,7 +178,9 @@ class RetrievalTask:
 
     # ---- validation ------------------------------------------------------------------------------------
     def _scores(self, scorer: Scorer) -> dict[str, float]:
-        values, _ = score_task(self.val_task, scorer, self.cfg.eval.k, [RECALL, HIT_RATE, NDCG], intervals=False)
+        history = self.ds.timelines if self.cfg.eval.exclude_history else None
+        values, _ = score_task(self.val_task, scorer, self.cfg.eval.k, [RECALL, HIT_RATE, NDCG], intervals=False,
+                               history=history)
         return {name: v.mean for name, v in values.items()} | {"users": len(self.val_task)}
 
     def validate(self, device: torch.device) -> dict[str, float]:
