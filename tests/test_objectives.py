@@ -380,3 +380,30 @@ def test_query_weighting_is_the_flat_mean_in_every_form_of_the_loss():
     assert full_softmax_loss(logits, target, None, q_example, B, "query").item() == pytest.approx(ce.mean().item())
     assert reduce_queries(ce, q_example, B, "example").item() == pytest.approx(
         np.mean([ce[q_example == b].mean().item() for b in (0, 1, 2, 4)]))
+
+
+def test_crops_are_windows_inside_the_example_with_the_same_labels():
+    """data.crop=1: every example's input is a contiguous run of its window of at least crop_min of its actions,
+    at every offset and length over many draws; each position's label is still the next positive (sasrec), never
+    past the training range. crop=0 is the whole window."""
+    tl = Timelines(offsets=np.array([0, 20]), item=np.arange(100, 120, dtype=np.int32),
+                   action=np.ones(20, dtype=np.int16), ts=np.arange(20, dtype=np.int64),
+                   surface=np.full(20, -1, np.int16), duration=np.full(20, np.nan, np.float32), clock="order")
+    view = tl.drop_last(2)  # training range: events 0..17; the last cut-off c = 17
+    whole = ExampleSampler(tl, np.array([1]), view, ExampleConfig(max_len=12, cutoff="last"), "sasrec")
+    b = whole.sample(np.array([0]), np.random.default_rng(0))
+    assert (int(b.starts[0]), int(b.ends[0])) == (5, 17)
+    cropped = ExampleSampler(tl, np.array([1]), view, ExampleConfig(max_len=12, cutoff="last", crop=1.0,
+                                                                  crop_min=0.5), "sasrec")
+    seen = set()
+    for seed in range(300):
+        b = cropped.sample(np.array([0, 0, 0]), np.random.default_rng(seed))
+        for e in range(3):
+            s, c = int(b.starts[e]), int(b.ends[e])
+            assert 5 <= s < c <= 17 and c - s >= 6  # inside the window, at least half of its 12 actions
+            seen.add((s, c))
+            mine = b.q_example == e
+            assert b.q_position[mine].tolist() == list(range(c - s))  # every position of the crop is a query
+            assert b.q_item[mine].tolist() == list(range(101 + s, 101 + c))  # the next action, inside 0..17
+    # every (offset, length) with length 6..12 inside the 12-action window: 7 + 6 + ... + 1 = 28 crops
+    assert len(seen) == 28

@@ -13,6 +13,7 @@ The window is K days after the position's timestamp (28 by default), or K action
 A query is (example, position, label item); the loss treats every query as one softmax.
 c is drawn uniformly from the cut-offs that leave at least one action before and one positive after
 (cutoff="random"), or is the latest such cut-off (cutoff="last": the whole training sequence, as SASRec trains).
+With `crop` > 0 an example's input may be a random contiguous run of its window instead (augmentation).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class ExampleConfig(StrictModel):
     # > 0: batches of users of similar length, sorted within runs of this many batches (training/task.py,
     # `length_bucketed`): less padding on CPU, where batches are padded to their longest sequence; 0: off
     length_buckets: int = Field(0, ge=0)
+    # augmentation: the probability that an example's input is a random crop of its window (a contiguous run of
+    # at least `crop_min` of its actions, placed at random) instead of the whole window; the labels stay "the next
+    # positive" of each position. Against memorising the same whole sequences every epoch (cutoff=last).
+    crop: float = Field(0.0, ge=0, le=1)
+    crop_min: float = Field(0.5, gt=0, le=1)  # the shortest crop, as a fraction of the window
 
 
 @dataclass
@@ -137,6 +143,17 @@ class ExampleSampler:
             return ex[has], pos[has], j
         return one_query_per_label(ex, pos, self._random_positives(rng, first, stop, cfg.labels_per_position))
 
+    def _crop(self, rng, starts: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each example, with probability `crop`: a uniformly placed window of n' actions of its n, n' uniform in
+        [ceil(crop_min * n), n]. Drawn for every example (one random stream whatever is cropped)."""
+        n = c - starts
+        crop = rng.random(len(n)) < self.cfg.crop
+        shortest = np.maximum(np.ceil(self.cfg.crop_min * n), 1).astype(np.int64)
+        length = shortest + np.floor(rng.random(len(n)) * (n - shortest + 1)).astype(np.int64)
+        offset = np.floor(rng.random(len(n)) * (n - length + 1)).astype(np.int64)
+        new_start = np.where(crop, starts + offset, starts)
+        return new_start, np.where(crop, new_start + length, c)
+
     def sample(self, users: np.ndarray, rng: np.random.Generator) -> ExampleBatch:
         cfg, tl = self.cfg, self.tl
         item = tl.item
@@ -145,6 +162,8 @@ class ExampleSampler:
         c = (self.hi[users] if cfg.cutoff == "last" else rng.integers(self.lo[users], self.hi[users] + 1)
              ).astype(np.int64)
         starts = np.maximum(s_u, c - cfg.max_len)
+        if cfg.crop > 0:
+            starts, c = self._crop(rng, starts, c)
         if self.objective == "dense-all-action":
             q_example, q_pos, q_lab = self._dense_queries(rng, starts, c, s_u, e_u)
         else:
