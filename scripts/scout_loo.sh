@@ -18,7 +18,7 @@ PREV='"item_features": "auto", "item_tower": "mlp", "input_dropout": 0.0, "width
 TIED='"item_features": "id", "item_tower": "none", "width": 64, "dim": 64, "id_dim": 64'
 ALL="previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
      preset-loo preset-loo-input-dropout-0.2 ml1m-preset-loo preset-loo-60-epochs
-     preset-loo-60-epochs-full-softmax buckets buckets-dot-query buckets-crop buckets-width-64"
+     preset-loo-60-epochs-full-softmax buckets buckets-dot-query buckets-crop buckets-width-64 buckets-query"
 for v in ${2:-$ALL}; do
   ds=$BEAUTY
   case $v in
@@ -37,8 +37,9 @@ for v in ${2:-$ALL}; do
     buckets) over='{"data": {"length_buckets": 16}}' ;;
     buckets-dot-query) over='{"data": {"length_buckets": 16}, "model": {"score": "dot"}, "loss": {"weighting": "query"}}' ;;
     # against memorising the same whole sequences every epoch: random crops, a narrower model
-    buckets-crop) over='{"data": {"length_buckets": 16, "crop": 0.5}}' ;;
-    buckets-width-64) over='{"data": {"length_buckets": 16}, "model": {"width": 64, "dim": 64, "id_dim": 64}}' ;;
+    buckets-crop) over='{"data": {"length_buckets": 16, "crop": 0.5}, "optim": {"patience": 20}}' ;;
+    buckets-width-64) over='{"data": {"length_buckets": 16}, "model": {"width": 64, "dim": 64, "id_dim": 64}, "optim": {"patience": 20}}' ;;
+    buckets-query) over='{"data": {"length_buckets": 16}, "loss": {"weighting": "query"}, "optim": {"patience": 20}}' ;;
     preset-loo-input-dropout-0.2) over='{"model": {"input_dropout": 0.2}}' ;;
     # the preset's model on ML-1M with the data-shape settings of scripts/loo-ml1m.json; its test number (quoted for
     # context only): pinnerformer evaluate --run $SCOUT/ml1m-preset-loo --dataset $ML1M

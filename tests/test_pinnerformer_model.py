@@ -265,3 +265,23 @@ def test_dot_score_uses_unnormalised_embeddings_and_the_raw_item_table():
     # the same network underneath: cosine's embedding is dot's, normalised; the newest position's path agrees
     assert torch.allclose(torch.nn.functional.normalize(u_dot, dim=-1), u_cos, atol=1e-5)
     assert torch.allclose(seq[torch.arange(3), b["length"] - 1], u_dot, atol=1e-5)
+
+
+def test_sasrec_shaped_head_and_feed_forward():
+    """head=norm: the final LayerNorm only (plus Linear(H, D) when D != H); ffn_mult sets the blocks' MLP width;
+    the newest-position path still equals the every-position one."""
+    import torch
+    from pinnerformer.models.pinnerformer import InputSpec, PinnerFormer, PinnerFormerConfig
+
+    spec = InputSpec(n_items=30, n_actions=1, n_surfaces=1, max_len=8, has_clock=False)
+    m = PinnerFormer(PinnerFormerConfig(width=16, dim=16, id_dim=16, heads=2, head="norm", ffn_mult=1,
+                                        item_features="id"), spec).eval()
+    assert [type(x).__name__ for x in m.head] == ["LayerNorm"]
+    assert m.blocks[0].ffn[0].weight.shape == (16, 16)
+    narrow = PinnerFormer(PinnerFormerConfig(width=16, dim=8, id_dim=16, heads=2, head="norm"), spec)
+    assert [type(x).__name__ for x in narrow.head] == ["LayerNorm", "Linear"] and narrow.blocks[0].ffn[0].out_features == 64
+    b = {"item": torch.randint(0, 30, (3, 5)), "action": torch.zeros(3, 5, dtype=torch.long),
+         "surface": torch.zeros(3, 5, dtype=torch.long), "duration": torch.full((3, 5), float("nan")),
+         "length": torch.tensor([5, 3, 1])}
+    with torch.no_grad():
+        assert torch.allclose(m.encode_sequence(b)[torch.arange(3), b["length"] - 1], m.user_embedding(b), atol=1e-5)

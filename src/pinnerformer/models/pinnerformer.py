@@ -9,7 +9,8 @@ Per action (the PinnerFormer paper, KDD 2022), concatenated and projected to wid
                          default) and gap to the previous action with 32 log-spaced periods from 1 s to 4 weeks
 User tower: learned position embedding (by index from the oldest action in the window, so that nothing at
 position i depends on the actions after it), L pre-norm blocks with causal self-attention,
-head LayerNorm -> Linear(H,4H) -> GELU -> Linear(4H,D) -> L2 normalise at every position. The user embedding
+head LayerNorm -> Linear(H,4H) -> GELU -> Linear(4H,D) -> L2 normalise at every position (`head: norm`: the
+LayerNorm only, as SASRec). The user embedding
 is the newest position's output. Item tower: MLP on the item features -> L2 normalise (or, as an option, one
 linear layer, or none: the item features themselves, i.e. scoring with the input item table as SASRec does).
 Score = cosine / τ, τ learned and clamped at τ >= 0.01 (or, `score: dot`, the plain dot product of unnormalised
@@ -50,6 +51,10 @@ class PinnerFormerConfig(StrictModel):
     heads: int = Field(2, ge=1)
     dim: int = Field(64, ge=1)  # D
     dropout: float = Field(0.1, ge=0, lt=1)
+    ffn_mult: int = Field(4, ge=1)  # the blocks' MLP width, as a multiple of H (SASRec's point-wise FFN: 1)
+    # the user head: mlp = LayerNorm -> Linear(H, 4H) -> GELU -> Linear(4H, D) (the paper's); norm = the final
+    # LayerNorm only (SASRec's), with a Linear(H, D) when D differs from H
+    head: Literal["mlp", "norm"] = "mlp"
     # content: the item's content vector; id: a learned ID embedding; both; auto: both if the data has vectors
     item_features: Literal["auto", "content", "id", "both"] = "auto"
     id_dim: int = Field(64, ge=1)
@@ -150,13 +155,13 @@ class ItemFeatures(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(LN(x)), then x + FFN(LN(x)), causal self-attention."""
 
-    def __init__(self, width: int, heads: int, dropout: float):
+    def __init__(self, width: int, heads: int, dropout: float, ffn_mult: int = 4):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
-        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,9 +214,13 @@ class PinnerFormer(nn.Module):
         self.input_proj = nn.Linear(in_dim, cfg.width)
         self.pos_emb = nn.Embedding(spec.max_len, cfg.width)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
-        self.blocks = nn.ModuleList([Block(cfg.width, cfg.heads, cfg.dropout) for _ in range(cfg.layers)])
-        self.head = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(),
-                                  nn.Linear(4 * cfg.width, cfg.dim))
+        self.blocks = nn.ModuleList([Block(cfg.width, cfg.heads, cfg.dropout, cfg.ffn_mult) for _ in range(cfg.layers)])
+        if cfg.head == "mlp":
+            self.head = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(),
+                                      nn.Linear(4 * cfg.width, cfg.dim))
+        else:
+            self.head = nn.Sequential(nn.LayerNorm(cfg.width),
+                                      *([nn.Linear(cfg.width, cfg.dim)] if cfg.width != cfg.dim else []))
         self.drop_in = nn.Dropout(cfg.input_dropout)
         if cfg.item_tower == "mlp":
             self.item_tower = nn.Sequential(nn.Linear(self.items.out_dim, cfg.item_tower_hidden), nn.GELU(),
