@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pinnerformer.data import Dataset
+from pinnerformer.errors import PinnerformerError
 from pinnerformer.data.synthetic import planted_interest_log
 from conftest import TINY
 from pinnerformer.training.config import load_config
@@ -279,6 +280,7 @@ import sys
 from pathlib import Path
 import torch
 from pinnerformer.data import Dataset
+from pinnerformer.errors import PinnerformerError
 from pinnerformer.training.config import load_config
 from pinnerformer.training.retrieval import retrieval_loop
 torch.set_num_threads(2)  # several CPU threads: where summation order could vary from run to run
@@ -404,3 +406,35 @@ def test_validation_with_history_removed_is_evaluate_exclude_history_on_validati
     (tmp_path / "fw.json").write_text(json.dumps({**tiny, "eval": {"exclude_history": True}}))
     r = cli("train", "-d", planted, "-o", tmp_path / "run2", "--config", tmp_path / "fw.json", "--no-progress")
     assert r.exit_code == 2 and "eval.exclude_history" in r.stderr and "leave-one-out" in r.stderr
+
+
+def test_action_budget_batches_cover_every_unit_once_with_balanced_work():
+    """optim.batch_actions: the epoch's units cut into exactly `steps` non-empty batches of about equal total
+    length, every unit once, the order seeded; a dataset of long histories gets more steps than its user count
+    alone would give."""
+    from pinnerformer.training.task import action_budget_batches, action_budget_steps, epoch_order
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 51, 500)
+    order = epoch_order(0, 0, np.arange(500), 1)
+    steps = action_budget_steps(int(lengths.sum()), 400)
+    assert steps == int(lengths.sum()) // 400
+    batches = action_budget_batches(order, lengths, steps, 0, 0)
+    assert len(batches) == steps and all(len(b) for b in batches)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(500))
+    work = np.array([lengths[b].sum() for b in batches])
+    assert work.max() - work.min() <= 2 * 50  # each batch within one sequence of total/steps either side
+    again = action_budget_batches(order, lengths, steps, 0, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+
+
+def test_batch_actions_sets_the_steps_and_is_refused_where_it_cannot_work(planted, tmp_path):
+    ds = Dataset.open(planted)
+    task = RetrievalTask(ds, config(loss={"objective": "sasrec"}, data={**TINY["data"], "sequences_per_user": 1},
+                                    optim={**TINY["optim"], "batch_actions": 64}))
+    total = int(task.lengths[task.sampler.eligible].sum())
+    assert task.steps_per_epoch == total // 64 and any("batches of about 64 input actions" in n for n in task.notes)
+    seen = np.concatenate([task.host_batch(0, s).examples.users for s in range(task.steps_per_epoch)])
+    assert sorted(seen.tolist()) == sorted(task.sampler.eligible.tolist())  # every training user once per epoch
+    with pytest.raises(PinnerformerError, match="batch_actions 8 is below data.max_len 16"):
+        RetrievalTask(ds, config(optim={**TINY["optim"], "batch_actions": 8}))

@@ -18,6 +18,10 @@ from pinnerformer.objectives.sampled_softmax import LossConfig
 
 class OptimConfig(StrictModel):
     batch_size: int = Field(64, ge=1)
+    # None: batches of batch_size users. N: batches of about N input actions each, as many users as fit (a dataset
+    # of long histories gets more, smaller steps per epoch than one of short ones, at the same work per step);
+    # retrieval training, one process; at least data.max_len
+    batch_actions: int | None = Field(None, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(100, ge=1)

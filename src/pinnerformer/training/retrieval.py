@@ -29,7 +29,9 @@ from pinnerformer.objectives.sampled_softmax import SampledSoftmaxLoss, sampled_
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import TrainConfig
 from pinnerformer.training.loop import TrainingLoop, resolve_device
-from pinnerformer.training.task import StepLoss, epoch_order, length_bucketed
+from pinnerformer.training.task import (
+    StepLoss, action_budget_batches, action_budget_steps, epoch_order, length_bucketed, sorted_within_windows,
+)
 
 
 @dataclass
@@ -77,7 +79,7 @@ class RetrievalTask:
         self.sampler = ExampleSampler(ds.timelines, np.array(m.positive_codes), self.view, cfg.data, cfg.loss.objective)
         n_elig = len(self.sampler.eligible)
         self.batch_size = cfg.optim.batch_size
-        if n_elig < self.batch_size:
+        if n_elig < self.batch_size and cfg.optim.batch_actions is None:
             raise PinnerformerError(
                 f"only {n_elig} training users have an action followed by a positive action, fewer than one batch "
                 f"(batch_size {self.batch_size}); use a smaller batch or more data")
@@ -97,12 +99,27 @@ class RetrievalTask:
         self.pad_to = cfg.data.max_len if resolve_device(cfg.device).type == "cuda" else None
         # every epoch: each eligible user `sequences_per_user` times; the ragged last batch is dropped
         self.steps_per_epoch = n_elig * cfg.data.sequences_per_user // self.batch_size
-        self._order: tuple[int, np.ndarray] | None = None
+        # each user's input length: its training range capped at M (cutoff=last's exact length, random's bound)
+        self.lengths = np.minimum(self.view.end - self.view.start, cfg.data.max_len)
+        budget = cfg.optim.batch_actions
+        if budget is not None:
+            if budget < cfg.data.max_len:
+                raise PinnerformerError(f"optim.batch_actions {budget} is below data.max_len {cfg.data.max_len}: "
+                                        "a batch must hold at least one whole sequence")
+            total = int(self.lengths[self.sampler.eligible].sum()) * cfg.data.sequences_per_user
+            self.steps_per_epoch = action_budget_steps(total, budget)
+            self.batch_size = max(1, round(n_elig * cfg.data.sequences_per_user / self.steps_per_epoch))  # average
+            self.notes.append(f"batches of about {budget} input actions: {self.steps_per_epoch} steps/epoch, "
+                              f"{self.batch_size} users per batch on average")
+        self._order: tuple[int, list[np.ndarray]] | None = None  # (epoch, its batches of users)
         self.dist = None  # set by a distributed TrainingLoop (distributed.context.DistContext)
 
     def distribute(self, ctx) -> None:
         """Run as one rank of `ctx`: this rank encodes its share of every batch's examples (see
         distributed/context.py); the batch itself, its negatives and the sketch stay the whole batch's."""
+        if self.cfg.optim.batch_actions is not None:
+            raise PinnerformerError("optim.batch_actions (batches by input actions) is for one process: distributed "
+                                    "training splits batches of optim.batch_size users")
         if self.batch_size % ctx.world:
             raise PinnerformerError(f"optim.batch_size {self.batch_size} is not a multiple of the {ctx.world} "
                                     "processes: the global batch must split evenly")
@@ -122,15 +139,19 @@ class RetrievalTask:
 
     def host_batch(self, epoch: int, step: int) -> RetrievalBatch:
         if self._order is None or self._order[0] != epoch:
-            order = epoch_order(self.cfg.seed, epoch, self.sampler.eligible, self.cfg.data.sequences_per_user)
-            if self.cfg.data.length_buckets:
-                # the training range's length, capped at M: the input length of cutoff=last, an upper bound of random
-                view = self.sampler.view
-                lengths = np.minimum(view.end - view.start, self.cfg.data.max_len)
-                order = length_bucketed(order, lengths, self.batch_size, self.cfg.data.length_buckets,
-                                        self.cfg.seed, epoch)
-            self._order = (epoch, order)
-        users = self._order[1][step * self.batch_size:(step + 1) * self.batch_size]
+            cfg = self.cfg
+            order = epoch_order(cfg.seed, epoch, self.sampler.eligible, cfg.data.sequences_per_user)
+            if cfg.optim.batch_actions is not None:
+                if cfg.data.length_buckets:
+                    order = sorted_within_windows(order, self.lengths, self.batch_size * cfg.data.length_buckets)
+                batches = action_budget_batches(order, self.lengths, self.steps_per_epoch, cfg.seed, epoch)
+            else:
+                if cfg.data.length_buckets:
+                    order = length_bucketed(order, self.lengths, self.batch_size, cfg.data.length_buckets, cfg.seed,
+                                            epoch)
+                batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(self.steps_per_epoch)]
+            self._order = (epoch, batches)
+        users = self._order[1][step]
         return self.batch_for(users, np.random.default_rng([self.cfg.seed, epoch, step]))
 
     # ---- the loss --------------------------------------------------------------------------------------

@@ -78,10 +78,30 @@ def length_bucketed(order: np.ndarray, lengths: np.ndarray, batch_size: int, win
     On CPU, where a batch is padded to its longest sequence, this saves the padding's work (on Beauty, with a
     mean length of 9 under a 50-action cap, about four fifths of it); each batch is still a random draw from
     its window, and every unit still comes `repeats` times per epoch."""
-    span = batch_size * window
-    chunks = [order[i:i + span] for i in range(0, len(order), span)]
-    grouped = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in chunks]) if chunks else order
+    grouped = sorted_within_windows(order, lengths, batch_size * window)
     n_full = len(grouped) // batch_size
     batches = np.random.default_rng([seed, epoch, 1]).permutation(n_full)
     full = grouped[:n_full * batch_size].reshape(n_full, batch_size)[batches].reshape(-1)
     return np.concatenate([full, grouped[n_full * batch_size:]])
+
+
+def sorted_within_windows(order: np.ndarray, lengths: np.ndarray, span: int) -> np.ndarray:
+    """`order` with each run of `span` units sorted by length (stable)."""
+    chunks = [order[i:i + span] for i in range(0, len(order), span)]
+    return np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in chunks]) if chunks else order
+
+
+def action_budget_steps(total_actions: int, budget: int) -> int:
+    """Batches per epoch when each holds about `budget` input actions."""
+    return max(1, int(total_actions) // budget)
+
+
+def action_budget_batches(order: np.ndarray, lengths: np.ndarray, steps: int, seed: int, epoch: int
+                          ) -> list[np.ndarray]:
+    """`order` cut into `steps` contiguous batches of about equal total length (cuts at multiples of total/steps
+    of the running sum), in a seeded shuffled order. No batch is empty when total/steps >= every unit's length
+    (the running sum cannot step over a whole interval)."""
+    cum = np.cumsum(lengths[order])
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, steps) / steps, side="left") + 1
+    batches = np.split(order, cuts)
+    return [batches[i] for i in np.random.default_rng([seed, epoch, 2]).permutation(steps)]
