@@ -20,7 +20,7 @@ ALL="previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs
      preset-loo preset-loo-input-dropout-0.2 ml1m-preset-loo preset-loo-60-epochs
      preset-loo-60-epochs-full-softmax buckets buckets-dot-query buckets-crop buckets-width-64 buckets-query
      buckets-mask-own buckets-mask-own-sasrec-shape sasrec-shape-crop sasrec-shape-lr-1e-3
-     ml1m-sasrec-shape"
+     ml1m-sasrec-shape ml1m-sasrec-shape-batch-actions"
 for v in ${2:-$ALL}; do
   ds=$BEAUTY
   case $v in
@@ -51,6 +51,9 @@ for v in ${2:-$ALL}; do
     sasrec-shape-lr-1e-3) over='{"data": {"length_buckets": 16}, "model": {"head": "norm", "ffn_mult": 1}, "loss": {"mask_own_positives": true}, "eval": {"exclude_history": true}, "optim": {"patience": 20, "lr": 0.001}}' ;;
     ml1m-sasrec-shape) ds=$ML1M
       over='{"data": {"length_buckets": 16}, "model": {"head": "norm", "ffn_mult": 1}, "loss": {"mask_own_positives": true}, "eval": {"exclude_history": true}, "optim": {"patience": 20}}' ;;
+    # 11 steps/epoch of 256 users with 50 actions each: far too few updates; batches of ~1,536 actions instead
+    ml1m-sasrec-shape-batch-actions) ds=$ML1M
+      over='{"data": {"length_buckets": 16}, "model": {"head": "norm", "ffn_mult": 1}, "loss": {"mask_own_positives": true}, "eval": {"exclude_history": true}, "optim": {"patience": 20, "batch_actions": 1536}}' ;;
     preset-loo-input-dropout-0.2) over='{"model": {"input_dropout": 0.2}}' ;;
     # the preset's model on ML-1M with the data-shape settings of scripts/loo-ml1m.json; its test number (quoted for
     # context only): pinnerformer evaluate --run $SCOUT/ml1m-preset-loo --dataset $ML1M
