@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Reproduce the second scouting round of docs/results/README.md (leave-one-out, chosen on validation only):
-# each variant trains with the preset `loo` plus its overrides and prints its validation NDCG@10 per epoch.
+# Reproduce the scouting rounds of docs/results/README.md (leave-one-out, chosen on validation only): each variant
+# trains with the preset `loo` as it was before 2026-11-27 ($BEFORE, restored on top of today's preset) plus its
+# overrides, and prints its validation NDCG@10 per epoch. `final` and `final-*` are today's preset as is (plus their overrides).
 # Usage: bash scripts/scout_loo.sh [DATA_DIR (default ../shared/data)] [VARIANTS (default: all)]
 # Runs go to $SCOUT (default /tmp/pinnerformer-scout/VARIANT); finished ones are only printed again. Rows the
 # table marks "stopped" were cut short by hand to save CPU time; here they run to their end (same curve prefix).
@@ -16,7 +17,10 @@ ML1M=${ML1M:-/tmp/pinnerformer-ml1m-subset-loo}
 # the first preset `loo` (64-d, MLP item tower, content vector where there is one, no input dropout)
 PREV='"item_features": "auto", "item_tower": "mlp", "input_dropout": 0.0, "width": 64, "dim": 64, "id_dim": 64'
 TIED='"item_features": "id", "item_tower": "none", "width": 64, "dim": 64, "id_dim": 64'
-ALL="previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
+# the preset `loo` as the first three rounds knew it (what today's preset changed, set back)
+BEFORE='{"eval": {"exclude_history": false}, "loss": {"mask_own_positives": false}, "data": {"length_buckets": 0},
+  "model": {"head": "mlp", "ffn_mult": 4}, "optim": {"batch_actions": null, "lr": 0.002, "patience": 3}}'
+ALL="final final-batch-actions-768 final-lr-5e-4 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
      preset-loo preset-loo-input-dropout-0.2 ml1m-preset-loo preset-loo-60-epochs
      preset-loo-60-epochs-full-softmax buckets buckets-dot-query buckets-crop buckets-width-64 buckets-query
      buckets-mask-own buckets-mask-own-sasrec-shape sasrec-shape-crop sasrec-shape-lr-1e-3
@@ -24,6 +28,10 @@ ALL="previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs
 for v in ${2:-$ALL}; do
   ds=$BEAUTY
   case $v in
+    final) over='{}' ;;
+    # the fourth round, on today's preset: smaller batches (more steps), a lower peak learning rate
+    final-batch-actions-768) over='{"optim": {"batch_actions": 768}}' ;;
+    final-lr-5e-4) over='{"optim": {"lr": 0.0005}}' ;;
     previous) over="{\"model\": {$PREV}}" ;;
     input-dropout) over="{\"model\": {$PREV, \"input_dropout\": 0.5}}" ;;
     tied) over="{\"model\": {$TIED, \"input_dropout\": 0.0}}" ;;
@@ -55,7 +63,7 @@ for v in ${2:-$ALL}; do
     ml1m-sasrec-shape-batch-actions) ds=$ML1M
       over='{"data": {"length_buckets": 16}, "model": {"head": "norm", "ffn_mult": 1}, "loss": {"mask_own_positives": true}, "eval": {"exclude_history": true}, "optim": {"patience": 20, "batch_actions": 1536}}' ;;
     preset-loo-input-dropout-0.2) over='{"model": {"input_dropout": 0.2}}' ;;
-    # the preset's model on ML-1M with the data-shape settings of scripts/loo-ml1m.json; its test number (quoted for
+    # the preset's model on ML-1M with the data-shape settings of the earlier ML-1M report; its test number (quoted for
     # context only): pinnerformer evaluate --run $SCOUT/ml1m-preset-loo --dataset $ML1M
     ml1m-preset-loo) ds=$ML1M
       over='{"loss": {"negatives": "full"}, "data": {"cutoff": "random", "sequences_per_user": 2}, "optim": {"batch_size": 128}}' ;;
@@ -71,7 +79,11 @@ for v in ${2:-$ALL}; do
   fi
   run=$SCOUT/$v
   mkdir -p "$SCOUT"
-  echo "$over" > "$SCOUT/$v.json"
+  if [[ $v == final* ]]; then echo "$over" > "$SCOUT/$v.json"
+  else $PY -c "import json, sys
+from pinnerformer.config import merge_dicts
+print(json.dumps(merge_dicts(json.loads(sys.argv[1]), json.loads(sys.argv[2]))))" "$BEFORE" "$over" > "$SCOUT/$v.json"
+  fi
   if [ ! -f "$run/summary.json" ]; then
     resume=(); [ -f "$run/config.json" ] && resume=(--resume)
     $PF train --dataset "$ds" --output "$run" --preset loo --config "$SCOUT/$v.json" --no-progress "${resume[@]}"
