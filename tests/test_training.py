@@ -185,7 +185,7 @@ def test_loo_preset_is_the_leave_one_out_default_and_is_recorded(planted, tmp_pa
     cfg = load_config("loo")
     assert (cfg.eval.protocol, cfg.loss.objective, cfg.data.cutoff) == ("leave-one-out", "sasrec", "last")
     assert cfg.loss.mask_own_positives and cfg.eval.exclude_history  # selected on the protocol it is reported under
-    assert (cfg.model.head, cfg.model.ffn_mult, cfg.optim.batch_actions) == ("norm", 1, 1536)
+    assert (cfg.model.head, cfg.model.ffn_mult, cfg.optim.batch_actions, cfg.optim.weight_decay) == ("norm", 1, 1536, 1.0)
     assert load_config("small").loss.negatives == "mixed"  # the other presets keep their defaults
     # on a dataset with real timestamps the preset alone switches to leave-one-out, and config.json says so
     tiny = {k: v for k, v in TINY.items() if k not in ("loss", "eval")}
