@@ -20,7 +20,7 @@ TIED='"item_features": "id", "item_tower": "none", "width": 64, "dim": 64, "id_d
 # the preset `loo` as the first three rounds knew it (what today's preset changed, set back)
 BEFORE='{"eval": {"exclude_history": false}, "loss": {"mask_own_positives": false}, "data": {"length_buckets": 0},
   "model": {"head": "mlp", "ffn_mult": 4}, "optim": {"batch_actions": null, "lr": 0.002, "weight_decay": 0.01, "patience": 3}}'
-ALL="final final-seed-1 final-seed-2 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
+ALL="final final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
      preset-loo preset-loo-input-dropout-0.2 ml1m-preset-loo preset-loo-60-epochs
      preset-loo-60-epochs-full-softmax buckets buckets-dot-query buckets-crop buckets-width-64 buckets-query
      buckets-mask-own buckets-mask-own-sasrec-shape sasrec-shape-crop sasrec-shape-lr-1e-3
@@ -32,6 +32,8 @@ for v in ${2:-$ALL}; do
     # the seed spread of the preset (test number: pinnerformer evaluate --run $SCOUT/final-seed-N --dataset $BEAUTY
     # --exclude-history)
     final-seed-1) over='{"seed": 1}' ;;
+    final-width-256) over='{"model": {"width": 256, "dim": 256, "id_dim": 256}}' ;;
+    final-dropout-0.6) over='{"model": {"dropout": 0.6, "input_dropout": 0.6}}' ;;
     final-seed-2) over='{"seed": 2}' ;;
     # the fourth round, on today's preset: smaller batches (more steps), a lower peak learning rate
     final-batch-actions-768) over='{"optim": {"batch_actions": 768, "weight_decay": 0.01}}' ;;
