@@ -202,10 +202,10 @@ def full_softmax_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Te
 
 def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_log_q: torch.Tensor,
                          neg_log_q: torch.Tensor, mask: torch.Tensor, q_example: torch.Tensor,
-                         n_examples: int, examples_with_queries: int | None = None, weighting: str = "example"
+                         n_examples: int, denominator: int | None = None, weighting: str = "example"
                          ) -> torch.Tensor:
     """Mean over examples of the mean over their queries of the logQ-corrected sampled softmax loss (or, with
-    weighting="query", the mean over queries; examples_with_queries is then the whole batch's query count).
+    weighting="query", the mean over queries). denominator: see `reduce_queries` (one rank's share).
 
     pos_logit [Q] = s(u,p); neg_logit [Q,N] = s(u,n); pos_log_q [Q]; neg_log_q [N]; mask [Q,N] True = drop.
     """
@@ -213,7 +213,7 @@ def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_l
     z_neg = (neg_logit - neg_log_q.unsqueeze(0)).masked_fill(mask, float("-inf"))
     logits = torch.cat([z_pos.unsqueeze(1), z_neg], dim=1)
     per_query = torch.logsumexp(logits, dim=1) - z_pos
-    return reduce_queries(per_query, q_example, n_examples, weighting, examples_with_queries)
+    return reduce_queries(per_query, q_example, n_examples, weighting, denominator)
 
 
 def sampled_softmax_loss_fused(q: torch.Tensor, pos_e: torch.Tensor, neg_e: torch.Tensor, tau: torch.Tensor,

@@ -84,8 +84,9 @@ PRESETS: dict[str, dict] = {
     # mixed negatives + logQ. SASRec's model shape: items scored with the input item-ID table itself (no item
     # tower), dropout 0.5 on the input embedding and in every block, the final LayerNorm as the head and a
     # point-wise feed-forward of width H (the paper's MLP head and 4H feed-forward memorised the training
-    # sequences); width 128; decoupled weight decay 1.0 (against the early peak). Batches of ~1,536 input actions of users of similar length: as many steps per epoch
-    # on a dataset of long histories (ML-1M) as on one of short ones, and little padding on CPU.
+    # sequences); width 128; decoupled weight decay 1.0 (against the early peak). Batches of ~1,536 input actions
+    # of users of similar length: as many steps per epoch on a dataset of long histories (ML-1M) as on one of
+    # short ones, and little padding on CPU.
     "loo": {"eval": {"protocol": "leave-one-out", "exclude_history": True},
             "loss": {"objective": "sasrec", "negatives": "mixed", "mask_own_positives": True},
             "data": {"max_len": 50, "sequences_per_user": 1, "cutoff": "last", "length_buckets": 16},
