@@ -285,3 +285,26 @@ def test_sasrec_shaped_head_and_feed_forward():
          "length": torch.tensor([5, 3, 1])}
     with torch.no_grad():
         assert torch.allclose(m.encode_sequence(b)[torch.arange(3), b["length"] - 1], m.user_embedding(b), atol=1e-5)
+
+
+def test_item_interests_add_the_mean_of_their_embeddings_to_the_id_embedding():
+    """item_interests: raw item feature = ID embedding + mean of the item's interest embeddings (none: + 0); the
+    interest embeddings get gradients; the model refuses interests without an ID part or a table."""
+    spec = InputSpec(n_items=4, n_actions=1, n_surfaces=1, max_len=8, has_clock=False, interests=("a", "b", "c"))
+    table = torch.tensor([[0, 1], [2, 3], [3, 3], [1, 0]])  # index 3 pads: item 2 has no interests
+    cfg = PinnerFormerConfig(width=8, dim=8, id_dim=8, heads=2, item_features="id", item_tower="none",
+                             item_interests="on")
+    m = PinnerFormer(cfg, spec, interests=table)
+    ids, ints = m.items.id_emb.weight, m.items.interest_emb.weight
+    assert torch.equal(ints[3], torch.zeros(8))  # the padding row stays zero
+    raw = m.items.raw(torch.arange(4))
+    expected = ids + torch.stack([(ints[0] + ints[1]) / 2, ints[2], torch.zeros(8), (ints[1] + ints[0]) / 2])
+    assert torch.allclose(raw, expected, atol=1e-7)
+    raw.sum().backward()
+    assert m.items.interest_emb.weight.grad[:3].abs().sum() > 0 and m.items.interest_emb.weight.grad[3].abs().sum() == 0
+    with pytest.raises(PinnerformerError, match="need item_features id or both"):
+        PinnerFormer(cfg.model_copy(update={"item_features": "content", "item_tower": "mlp"}),
+                     InputSpec(n_items=4, n_actions=1, n_surfaces=1, max_len=8, content_dim=8, interests=("a",)),
+                     torch.randn(4, 8), table)
+    with pytest.raises(PinnerformerError, match="interest table"):
+        PinnerFormer(cfg, spec)

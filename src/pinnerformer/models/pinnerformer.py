@@ -1,7 +1,8 @@
 """PinnerFormer: a causal transformer user tower and an MLP item tower in one embedding space.
 
 Per action (the PinnerFormer paper, KDD 2022), concatenated and projected to width H:
-    item features        content vector (frozen) and/or a learned item-ID embedding
+    item features        content vector (frozen) and/or a learned item-ID embedding (optionally plus the mean of
+                         learned embeddings of the item's interests: attributes, genres, categories)
     action, surface      small learned tables; index 0 is reserved for unknown / not recorded
     log(duration)        log1p(seconds) and a "missing" flag
     time (real clocks)   three Time2Vec-style encodings, cos/sin(2π·t/p + learned phase) plus log1p(t):
@@ -58,6 +59,10 @@ class PinnerFormerConfig(StrictModel):
     # content: the item's content vector; id: a learned ID embedding; both; auto: both if the data has vectors
     item_features: Literal["auto", "content", "id", "both"] = "auto"
     id_dim: int = Field(64, ge=1)
+    # the item's interests (attributes, brand, genres, categories: the dataset's item interests): the mean of their
+    # learned embeddings (width id_dim) added to the item's ID embedding, so that rarely seen items share what their
+    # interests learned. auto: when the dataset has interests (and the item features have an ID part)
+    item_interests: Literal["auto", "on", "off"] = "off"
     action_dim: int = Field(16, ge=1)
     surface_dim: int = Field(8, ge=1)
     item_tower_hidden: int = Field(256, ge=1)
@@ -96,6 +101,8 @@ class InputSpec:
     max_len: int  # M
     content_dim: int = 0  # 0: the dataset has no content vectors
     has_clock: bool = True  # False for order-only data: no time features
+    # the interests vocabulary the model was trained with (index i = embedding row i); empty: no interest features
+    interests: tuple[str, ...] = ()
 
 
 class Time2Vec(nn.Module):
@@ -122,9 +129,13 @@ class Time2Vec(nn.Module):
 
 
 class ItemFeatures(nn.Module):
-    """Raw item features shared by the action input and the item tower: content vector ‖ ID embedding."""
+    """Raw item features shared by the action input and the item tower: content vector ‖ (ID embedding + mean of
+    the item's interest embeddings)."""
 
-    def __init__(self, kind: str, n_items: int, id_dim: int, content: torch.Tensor | None):
+    def __init__(self, kind: str, n_items: int, id_dim: int, content: torch.Tensor | None,
+                 n_interests: int = 0, interests: torch.Tensor | None = None):
+        """interests: [n_items', K] indexes into the n_interests embeddings, n_interests = none (padding); needed
+        when n_interests > 0."""
         super().__init__()
         self.use_content, self.use_id = kind in ("content", "both"), kind in ("id", "both")
         if self.use_content:
@@ -134,6 +145,17 @@ class ItemFeatures(nn.Module):
         if self.use_id:
             self.id_emb = nn.Embedding(n_items, id_dim)
             nn.init.normal_(self.id_emb.weight, std=0.02)
+        self.use_interests = n_interests > 0
+        if self.use_interests:
+            if not self.use_id or interests is None:
+                raise PinnerformerError("interest features are added to the item-ID embedding: they need "
+                                        "item_features id or both, and the items' interest table")
+            self.interest_emb = nn.Embedding(n_interests + 1, id_dim, padding_idx=n_interests)
+            nn.init.normal_(self.interest_emb.weight[:n_interests], std=0.02)
+            # frozen data, rebuilt from the dataset with the trained vocabulary (items appended later included)
+            self.register_buffer("interests", interests.long(), persistent=False)
+            self.register_buffer("interest_count", (interests < n_interests).sum(1, keepdim=True).clamp(min=1).float(),
+                                 persistent=False)
         self.out_dim = (content.shape[1] if self.use_content else 0) + (id_dim if self.use_id else 0)
         # unit-norm content vectors and small-init ID embeddings live on very different scales; normalise the
         # concatenation so that neither (nor the action/time features beside it) dominates the projection
@@ -145,7 +167,10 @@ class ItemFeatures(nn.Module):
         if self.use_content:
             parts.append(self.content[item])
         if self.use_id:
-            parts.append(self.id_emb(item))
+            e = self.id_emb(item)
+            if self.use_interests:  # the mean over the item's interests (zero for an item without any)
+                e = e + self.interest_emb(self.interests[item]).sum(-2) / self.interest_count[item]
+            parts.append(e)
         return torch.cat(parts, dim=-1)
 
     def forward(self, item: torch.Tensor) -> torch.Tensor:
@@ -194,14 +219,18 @@ class Block(nn.Module):
 
 
 class PinnerFormer(nn.Module):
-    def __init__(self, cfg: PinnerFormerConfig, spec: InputSpec, content: torch.Tensor | None = None):
-        """content: [n_items, spec.content_dim] item content vectors, needed when the item features use them."""
+    def __init__(self, cfg: PinnerFormerConfig, spec: InputSpec, content: torch.Tensor | None = None,
+                 interests: torch.Tensor | None = None):
+        """content: [n_items, spec.content_dim] item content vectors, needed when the item features use them;
+        interests: [n_items, K] each item's interests as indexes into spec.interests (len(spec.interests): none),
+        needed when spec.interests is not empty (`interest_table`)."""
         super().__init__()
         self.cfg, self.spec = cfg, spec
         self.item_feature_kind = cfg.item_features if cfg.item_features != "auto" else (
             "both" if spec.content_dim else "id")
         self.time_features = cfg.time_features and spec.has_clock
-        self.items = ItemFeatures(self.item_feature_kind, spec.n_items, cfg.id_dim, content)
+        self.items = ItemFeatures(self.item_feature_kind, spec.n_items, cfg.id_dim, content,
+                                  len(spec.interests), interests)
         self.action_emb = nn.Embedding(spec.n_actions + 1, cfg.action_dim)  # 0 = unknown
         self.surface_emb = nn.Embedding(spec.n_surfaces + 1, cfg.surface_dim)  # 0 = unknown / not recorded
         in_dim = self.items.out_dim + (cfg.action_dim if cfg.action_features else 0) + \
@@ -322,10 +351,42 @@ class PinnerFormer(nn.Module):
                             n_surfaces=max(n_surfaces, self.spec.n_surfaces))
 
 
-def input_spec(ds: Dataset, max_len: int) -> InputSpec:
+def interest_vocabulary(ds: Dataset, cfg: PinnerFormerConfig) -> tuple[str, ...]:
+    """The interests the model learns embeddings for (sorted), or () when it uses none."""
+    if cfg.item_interests == "off":
+        return ()
+    vocab = tuple(sorted(set(ds.items["interests"].explode().drop_nulls().to_list())))
+    id_part = cfg.item_features != "content"  # auto always has one
+    if cfg.item_interests == "on":
+        if not vocab:
+            raise PinnerformerError(f"model.item_interests=on needs item interests, but the items of {ds.path} have "
+                                    "none (use item_interests=auto or off)")
+        if not id_part:
+            raise PinnerformerError(f"model.item_interests=on adds to the item-ID embedding, but "
+                                    f"item_features={cfg.item_features} has none (use id or both)")
+    return vocab if id_part else ()
+
+
+def interest_table(ds: Dataset, vocabulary: tuple[str, ...]) -> tuple[torch.Tensor, int]:
+    """[n_items, K] each item's interests as indexes into `vocabulary` (len(vocabulary) pads), and how many of the
+    items' interests the vocabulary lacks (interests first seen in data appended after training: not read)."""
+    index = {name: i for i, name in enumerate(vocabulary)}
+    per_item = ds.items.sort("item")["interests"].to_list()
+    k = max(1, max((len(x) for x in per_item if x), default=1))
+    table = np.full((len(per_item), k), len(vocabulary), np.int64)
+    unknown = 0
+    for i, names in enumerate(per_item):
+        known = [index[n] for n in dict.fromkeys(names or ()) if n in index]
+        unknown += len(set(names or ())) - len(known)
+        table[i, :len(known)] = known
+    return torch.from_numpy(table), unknown
+
+
+def input_spec(ds: Dataset, max_len: int, cfg: PinnerFormerConfig | None = None) -> InputSpec:
     m = ds.manifest
     return InputSpec(n_items=m.n_items, n_actions=len(m.actions), n_surfaces=len(m.surfaces), max_len=max_len,
-                     content_dim=m.content_vectors.dim if m.content_vectors else 0, has_clock=m.clock == "seconds")
+                     content_dim=m.content_vectors.dim if m.content_vectors else 0, has_clock=m.clock == "seconds",
+                     interests=interest_vocabulary(ds, cfg) if cfg is not None else ())
 
 
 def content_for(ds: Dataset, cfg: PinnerFormerConfig) -> torch.Tensor | None:
@@ -338,6 +399,9 @@ def content_for(ds: Dataset, cfg: PinnerFormerConfig) -> torch.Tensor | None:
     return torch.from_numpy(np.array(ds.content_vectors())) if uses_content else None
 
 
-def pinnerformer_for(ds: Dataset, cfg: PinnerFormerConfig, max_len: int) -> PinnerFormer:
-    """A PinnerFormer for a dataset's vocabulary, with its content vectors when the item features use them."""
-    return PinnerFormer(cfg, input_spec(ds, max_len), content_for(ds, cfg))
+def pinnerformer_for(ds: Dataset, cfg: PinnerFormerConfig, max_len: int, spec: InputSpec | None = None) -> PinnerFormer:
+    """A PinnerFormer for a dataset's vocabulary (or the trained `spec`: a run's model on its dataset or one grown
+    from it), with its content vectors and interests when the item features use them."""
+    spec = spec or input_spec(ds, max_len, cfg)
+    interests = interest_table(ds, spec.interests)[0] if spec.interests else None
+    return PinnerFormer(cfg, spec, content_for(ds, cfg), interests)

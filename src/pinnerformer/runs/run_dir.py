@@ -18,7 +18,7 @@ from pinnerformer.data.dataset import Dataset
 from pinnerformer.config import merge_dicts, validate
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.io import file_sha256, load_checkpoint
-from pinnerformer.models.pinnerformer import InputSpec, PinnerFormer, content_for
+from pinnerformer.models.pinnerformer import InputSpec, PinnerFormer, pinnerformer_for
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import TrainConfig
 
@@ -94,7 +94,8 @@ class RunDir:
         m = self.description.model
         return InputSpec(n_items=m["n_items"], n_actions=m["n_actions"], n_surfaces=m["n_surfaces"],
                          max_len=m["max_len"], content_dim=m.get("content_dim", 0),
-                         has_clock=m.get("has_clock", m.get("time_features", True)))
+                         has_clock=m.get("has_clock", m.get("time_features", True)),
+                         interests=tuple(m.get("interests", ())))
 
     def unseen(self, ds: Dataset) -> dict[str, int]:
         """Users and items of `ds` that the training dataset did not have (appended since)."""
@@ -119,7 +120,7 @@ class RunDir:
         new items and surfaces the model reads as it was built to (`PinnerFormer.grow`)."""
         self.check_dataset(ds)
         path = self.checkpoint_path(checkpoint)
-        model = PinnerFormer(self.config.model, self.trained_inputs(), content_for(ds, self.config.model))
+        model = pinnerformer_for(ds, self.config.model, 0, self.trained_inputs())
         model.load_state_dict(load_checkpoint(path)["model"])
         model.grow(ds.manifest.n_items, len(ds.manifest.surfaces))
         return model.eval()

@@ -94,6 +94,10 @@ class RetrievalTask:
         self.metric = metric_name(SELECTION[self.protocol], cfg.eval.k)
         torch.manual_seed(cfg.seed)  # the model's initial weights
         self.model = pinnerformer_for(ds, cfg.model, cfg.data.max_len)
+        if self.model.spec.interests:
+            with_any = int((self.model.items.interests < len(self.model.spec.interests)).any(1).sum())
+            self.notes.append(f"item interests: {len(self.model.spec.interests):,} learned interest embeddings, "
+                              f"{with_any:,} of {m.n_items:,} items have interests")
         self.objective = SampledSoftmaxLoss(cfg.loss, m.n_items, seed=cfg.seed)
         # GPU: fixed-length batches (static shapes for compiled kernels); CPU: padded to the longest sequence only
         self.pad_to = cfg.data.max_len if resolve_device(cfg.device).type == "cuda" else None
