@@ -308,3 +308,28 @@ def test_item_interests_add_the_mean_of_their_embeddings_to_the_id_embedding():
                      torch.randn(4, 8), table)
     with pytest.raises(PinnerformerError, match="interest table"):
         PinnerFormer(cfg, spec)
+
+
+def test_id_dropout_leaves_out_id_embeddings_of_items_with_interests_in_training_only():
+    spec = InputSpec(n_items=4, n_actions=1, n_surfaces=1, max_len=8, has_clock=False, interests=("a", "b", "c"))
+    table = torch.tensor([[0, 1], [2, 3], [3, 3], [1, 0]])  # item 2 has no interests: it always keeps its ID
+    cfg = PinnerFormerConfig(width=8, dim=8, id_dim=8, heads=2, item_features="id", item_tower="none",
+                             item_interests="on", id_dropout=0.3, duration_surface_features=False,
+                             action_features=False)
+    m = PinnerFormer(cfg, spec, interests=table)
+    items = torch.arange(4).repeat(5000)
+    torch.manual_seed(0)
+    raw = m.items.raw(items, 0.3)
+    full, no_id = m.items.raw(torch.arange(4)), m.items.raw(torch.arange(4)) - m.items.id_emb.weight
+    dropped = torch.isclose(raw, no_id[items], atol=1e-7).all(-1)
+    kept = torch.isclose(raw, full[items], atol=1e-7).all(-1)
+    assert bool((dropped ^ kept).all())  # each row is one or the other
+    share = dropped.view(5000, 4).float().mean(0)
+    assert share[2] == 0 and all(abs(share[i] - 0.3) < 0.03 for i in (0, 1, 3)), share
+    b = {"item": items.view(100, 200)[:, :8], "action": torch.zeros(100, 8, dtype=torch.long),
+         "surface": torch.zeros(100, 8, dtype=torch.long), "duration": torch.full((100, 8), float("nan")),
+         "length": torch.full((100,), 8)}
+    m.eval()
+    assert torch.equal(m.action_features(b), m.items(b["item"]))  # evaluation: every ID is read
+    m.train()
+    assert not torch.equal(m.action_features(b), m.items(b["item"]))

@@ -63,6 +63,9 @@ class PinnerFormerConfig(StrictModel):
     # learned embeddings (width id_dim) added to the item's ID embedding, so that rarely seen items share what their
     # interests learned. auto: when the dataset has interests (and the item features have an ID part)
     item_interests: Literal["auto", "on", "off"] = "off"
+    # training only: each input action's item-ID embedding is left out with this probability (its interests stay),
+    # so that the model cannot read an item by its ID alone (items without interests always keep their ID)
+    id_dropout: float = Field(0.0, ge=0, lt=1)
     action_dim: int = Field(16, ge=1)
     surface_dim: int = Field(8, ge=1)
     item_tower_hidden: int = Field(256, ge=1)
@@ -161,20 +164,24 @@ class ItemFeatures(nn.Module):
         # concatenation so that neither (nor the action/time features beside it) dominates the projection
         self.norm = nn.LayerNorm(self.out_dim)
 
-    def raw(self, item: torch.Tensor) -> torch.Tensor:
-        """The concatenation before the LayerNorm."""
+    def raw(self, item: torch.Tensor, id_dropout: float = 0.0) -> torch.Tensor:
+        """The concatenation before the LayerNorm; id_dropout: the probability of leaving an item's ID embedding
+        out (items with interests only)."""
         parts = []
         if self.use_content:
             parts.append(self.content[item])
         if self.use_id:
             e = self.id_emb(item)
+            if id_dropout > 0 and self.use_interests:
+                has = (self.interests[item] < self.interest_emb.padding_idx).any(-1, keepdim=True)
+                e = e * ~(has & (torch.rand(has.shape, device=e.device) < id_dropout))
             if self.use_interests:  # the mean over the item's interests (zero for an item without any)
                 e = e + self.interest_emb(self.interests[item]).sum(-2) / self.interest_count[item]
             parts.append(e)
         return torch.cat(parts, dim=-1)
 
-    def forward(self, item: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.raw(item))
+    def forward(self, item: torch.Tensor, id_dropout: float = 0.0) -> torch.Tensor:
+        return self.norm(self.raw(item, id_dropout))
 
 
 class Block(nn.Module):
@@ -275,7 +282,7 @@ class PinnerFormer(nn.Module):
         return F.normalize(x.float(), dim=-1) if self.cfg.score == "cosine" else x.float()
 
     def action_features(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [self.items(b["item"])]
+        parts = [self.items(b["item"], self.cfg.id_dropout if self.training else 0.0)]
         if self.cfg.action_features:
             parts.append(self.action_emb(b["action"] + 1))
         if self.cfg.duration_surface_features:
