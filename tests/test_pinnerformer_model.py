@@ -333,3 +333,24 @@ def test_id_dropout_leaves_out_id_embeddings_of_items_with_interests_in_training
     assert torch.equal(m.action_features(b), m.items(b["item"]))  # evaluation: every ID is read
     m.train()
     assert not torch.equal(m.action_features(b), m.items(b["item"]))
+
+
+def test_gated_block_is_causal_and_its_newest_position_path_agrees():
+    """block=gated (sigmoid-gated branches, SwiGLU feed-forward): causal at every position, and the inference path
+    (last block at the newest position only) equals the every-position one."""
+    torch.manual_seed(0)
+    cfg = PinnerFormerConfig(width=32, layers=2, heads=4, dim=24, dropout=0.0, item_features="id", id_dim=16,
+                             block="gated", ffn_mult=2)
+    model = PinnerFormer(cfg, InputSpec(n_items=50, n_actions=3, n_surfaces=2, max_len=16)).eval()
+    blk = model.blocks[0]
+    assert not hasattr(blk, "ffn") and blk.ffn_gate_up.out_features == 2 * 2 * 32 and blk.gate_attn.in_features == 32
+    a, other = random_batch(B=4, T=12), random_batch(B=4, T=12, seed=1)
+    a["length"] = np.array([12, 7, 1, 3])
+    b = {k: v.copy() for k, v in a.items()}
+    for k in ["item", "action", "surface", "duration", "t_since", "t_gap", "t_abs_frac", "t_abs_days"]:
+        b[k][:, 5:] = other[k][:, 5:]
+    with torch.no_grad():
+        full_a, full_b = model.encode_sequence(to_torch(a)), model.encode_sequence(to_torch(b))
+        newest = model.user_embedding(to_torch(a))
+    assert torch.allclose(full_a[:, :5], full_b[:, :5], atol=1e-6) and not torch.allclose(full_a[0, 5:], full_b[0, 5:])
+    torch.testing.assert_close(newest, full_a[torch.arange(4), torch.tensor(a["length"]) - 1], atol=1e-6, rtol=0)

@@ -53,6 +53,9 @@ class PinnerFormerConfig(StrictModel):
     dim: int = Field(64, ge=1)  # D
     dropout: float = Field(0.1, ge=0, lt=1)
     ffn_mult: int = Field(4, ge=1)  # the blocks' MLP width, as a multiple of H (SASRec's point-wise FFN: 1)
+    # pre-norm: x + Attn(LN(x)), then x + FFN(LN(x)) with a GELU MLP. gated (the eSASRec / LiGR-style layer): each
+    # branch's output is multiplied by a learned sigmoid gate of its normalised input, and the FFN is SwiGLU
+    block: Literal["pre-norm", "gated"] = "pre-norm"
     # the user head: mlp = LayerNorm -> Linear(H, 4H) -> GELU -> Linear(4H, D) (the paper's); norm = the final
     # LayerNorm only (SASRec's), with a Linear(H, D) when D differs from H
     head: Literal["mlp", "norm"] = "mlp"
@@ -185,23 +188,42 @@ class ItemFeatures(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + FFN(LN(x)), causal self-attention."""
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + FFN(LN(x)), causal self-attention. gated: x +
+    σ(G_a·LN(x)) ⊙ Attn(LN(x)), then x + σ(G_f·LN(x)) ⊙ SwiGLU(LN(x)), SwiGLU(h) = W_o(silu(W_g h) ⊙ W_u h)."""
 
-    def __init__(self, width: int, heads: int, dropout: float, ffn_mult: int = 4):
+    def __init__(self, width: int, heads: int, dropout: float, ffn_mult: int = 4, gated: bool = False):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.gated = heads, dropout, gated
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
-        self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width))
+        if gated:
+            self.gate_attn, self.gate_ffn = nn.Linear(width, width), nn.Linear(width, width)
+            self.ffn_gate_up = nn.Linear(width, 2 * ffn_mult * width)
+            self.ffn_out = nn.Linear(ffn_mult * width, width)
+        else:
+            self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width))
         self.drop = nn.Dropout(dropout)
+
+    def _attn_branch(self, a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The attention branch's output from the heads' concatenated output a and the normalised input h."""
+        o = self.proj(a)
+        return o * torch.sigmoid(self.gate_attn(h)) if self.gated else o
+
+    def _ffn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln2(x)
+        if not self.gated:
+            return self.ffn(h)
+        g, u = self.ffn_gate_up(h).chunk(2, dim=-1)
+        return self.ffn_out(F.silu(g) * u) * torch.sigmoid(self.gate_ffn(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+        h = self.ln1(x)
+        q, k, v = self.qkv(h).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, H)))
-        return x + self.drop(self.ffn(self.ln2(x)))
+        x = x + self.drop(self._attn_branch(a.transpose(1, 2).reshape(B, T, H), h))
+        return x + self.drop(self._ffn_branch(x))
 
     def forward_at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """forward(x)[b, pos[b]] for each row b, [B, H], without the work no other position needs: keys and values
@@ -221,8 +243,8 @@ class Block(nn.Module):
         scores = (q @ k.transpose(-2, -1)) * (H // self.heads) ** -0.5  # [B, heads, 1, T]
         weights = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
         a = F.dropout(weights, self.dropout, self.training) @ v
-        x = x[rows, pos] + self.drop(self.proj(a.reshape(B, H)))
-        return x + self.drop(self.ffn(self.ln2(x)))
+        x = x[rows, pos] + self.drop(self._attn_branch(a.reshape(B, H), h[rows, pos]))
+        return x + self.drop(self._ffn_branch(x))
 
 
 class PinnerFormer(nn.Module):
@@ -250,7 +272,7 @@ class PinnerFormer(nn.Module):
         self.input_proj = nn.Linear(in_dim, cfg.width)
         self.pos_emb = nn.Embedding(spec.max_len, cfg.width)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
-        self.blocks = nn.ModuleList([Block(cfg.width, cfg.heads, cfg.dropout, cfg.ffn_mult) for _ in range(cfg.layers)])
+        self.blocks = nn.ModuleList([Block(cfg.width, cfg.heads, cfg.dropout, cfg.ffn_mult, cfg.block == "gated") for _ in range(cfg.layers)])
         if cfg.head == "mlp":
             self.head = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(),
                                       nn.Linear(4 * cfg.width, cfg.dim))
