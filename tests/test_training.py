@@ -503,3 +503,38 @@ def test_item_interests_round_trip_and_errors(tmp_path, cli):
     assert pinnerformer_for(plain, PinnerFormerConfig(item_interests="auto"), 8).spec.interests == ()
     with pytest.raises(PinnerformerError, match="item_features=content has none"):
         pinnerformer_for(ds, PinnerFormerConfig(item_interests="on", item_features="content"), 8)
+
+
+def test_ema_weights_are_the_moving_average_validated_kept_as_best_and_resumed_exactly(planted, tmp_path):
+    import torch
+
+    from pinnerformer.io import load_checkpoint
+
+    ds = Dataset.open(planted)
+    cfg = config(optim={**TINY["optim"], "max_epochs": 2, "ema_decay": 0.9},
+                 data={**TINY["data"], "sequences_per_user": 2})
+    loop = retrieval_loop(ds, cfg, tmp_path / "a", log=lambda s: None)
+    seen = []  # the training weights after every step, to average by hand
+    loop.fit(progress=False, on_step=lambda g: seen.append([p.detach().clone() for p in loop.model.parameters()]))
+    init = retrieval_loop(ds, cfg, tmp_path / "init", log=lambda s: None)  # the same seed: the same initial weights
+    avg, at_epoch_end = [p.detach().clone() for p in init.model.parameters()], []
+    for g, weights in enumerate(seen):
+        keep = min(0.9, (1 + g) / (10 + g))
+        avg = [a * keep + w * (1 - keep) for a, w in zip(avg, weights)]
+        if (g + 1) % loop.task.steps_per_epoch == 0:
+            at_epoch_end.append(avg)
+    assert len(seen) == 26 and all(torch.allclose(a, e, atol=1e-6) for a, e in zip(avg, loop.ema))
+    # training went on with its own weights; validation scored the average, and best.pt holds it
+    last = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    assert all(torch.equal(w, p) for w, p in zip(last["model"].values(), seen[-1]))
+    best = load_checkpoint(tmp_path / "a" / "checkpoints" / "best.pt")
+    kept = at_epoch_end[best["state"]["best_epoch"]]
+    assert all(torch.allclose(b, e, atol=1e-6) for b, e in zip(best["model"].values(), kept))
+    assert not all(torch.allclose(b, w, atol=1e-3) for b, w in zip(best["model"].values(), seen[-1]))
+    # killed mid-epoch and resumed: the same numbers to the last bit, the average included
+    with pytest.raises(Crash):
+        retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None).fit(on_step=crash_after(8), progress=False)
+    resumed = retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None)
+    resumed.fit(resume=True, progress=False)
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
+    assert all(torch.equal(a, b) for a, b in zip(loop.ema, resumed.ema))

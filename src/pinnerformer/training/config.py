@@ -28,6 +28,9 @@ class OptimConfig(StrictModel):
     max_epochs: int = Field(40, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     patience: int = Field(3, ge=1)  # epochs without validation improvement before stopping
+    # None: validate and keep the trained weights. d: validate and keep (best.pt) an exponential moving average of
+    # the weights, avg = d·avg + (1 - d)·w after each step (d warmed up as (1 + step) / (10 + step))
+    ema_decay: float | None = Field(None, ge=0, lt=1)
 
 
 class LoopConfig(StrictModel):

@@ -5,7 +5,8 @@ directory (`run_files`) that every later stage reads.
 Exact resume: every source of randomness is derived from (seed, epoch, step) rather than carried along — a
 task's batches from (seed, epoch, step), dropout from (seed, global step), the task's own draws (negatives) from
 its step seed — so a run restarted from a checkpoint replays the same batches. The checkpoint holds the model,
-the optimiser, the task's state, the position in the run, early-stopping state and the log so far.
+the optimiser, the task's state, the position in the run, early-stopping state and the log so far (and, with
+`optim.ema_decay`, the moving average of the weights, which is what validation scores and best.pt keeps).
 
 On GPU the host never waits for a step it has just queued: each step's numbers are copied to pinned memory behind
 its work and read one step late (`QueuedStep.read`), and loader workers prepare the next batches meanwhile.
@@ -13,6 +14,7 @@ its work and read one step late (`QueuedStep.read`), and loader workers prepare 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -107,6 +109,8 @@ class TrainingLoop:
             task.compile(cfg.compile_mode)
         self.total_steps = task.steps_per_epoch * cfg.optim.max_epochs
         self.state = rf.TrainState()
+        # an exponential moving average of the weights (optim.ema_decay): what is validated and saved as best.pt
+        self.ema = [p.detach().clone() for p in self.model.parameters()] if cfg.optim.ema_decay is not None else None
 
     # ---- schedule ----------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -137,6 +141,11 @@ class TrainingLoop:
             counts = out.counts
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.opt.step()
+        if self.ema is not None:
+            with torch.no_grad():  # the usual warm-up of the decay: early weights are forgotten quickly
+                keep = min(self.cfg.optim.ema_decay, (1 + g) / (10 + g))
+                for e, p in zip(self.ema, self.model.parameters()):
+                    e.lerp_(p.detach(), 1 - keep)
         scalars = self.task.step_scalars()
         stats = torch.stack([out.loss.detach().float(), *(v.detach().float() for v in scalars.values()),
                              gnorm.detach().float()])
@@ -171,6 +180,8 @@ class TrainingLoop:
         folder.mkdir(parents=True, exist_ok=True)
         ck = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "task": self.task.state_dict(),
               "state": self.state.model_dump(), "fingerprint": self.task.dataset_fingerprint}
+        if self.ema is not None:
+            ck["ema"] = self.ema
         ck["tensors_sha256"] = checkpoint_sha256(ck)
         with atomic_path(folder / name) as tmp:
             torch.save(ck, tmp)
@@ -179,6 +190,9 @@ class TrainingLoop:
         ck = load_checkpoint(self.run_dir / rf.CHECKPOINTS / "last.pt", map_location=self.device)
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
+        if self.ema is not None:
+            for e, saved in zip(self.ema, ck["ema"]):
+                e.copy_(saved)
         self.task.load_state_dict(ck["task"] if "task" in ck else {"sketch": ck["sketch"]})  # (older checkpoints)
         self.state = rf.TrainState.model_validate(ck["state"])
 
@@ -330,7 +344,30 @@ class TrainingLoop:
             return fn()
         return self.dist.broadcast(fn() if self.main else None)
 
+    @contextlib.contextmanager
+    def _weights_validated(self):
+        """The weights that validation scores and best.pt keeps: the model's own, or (optim.ema_decay) their
+        moving average, swapped in for the duration and the training weights put back after."""
+        if self.ema is None:
+            yield
+            return
+        params = list(self.model.parameters())
+        training = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, self.ema):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(params, training):
+                    p.copy_(t)
+
     def _validate(self, epoch: int, tb) -> None:
+        with self._weights_validated():
+            self._validate_weights(epoch, tb)
+
+    def _validate_weights(self, epoch: int, tb) -> None:
         s, task = self.state, self.task
         val = self._on_main(lambda: task.validate(self.device))
         improved = val[task.metric] > s.best
