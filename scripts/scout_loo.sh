@@ -20,7 +20,7 @@ TIED='"item_features": "id", "item_tower": "none", "width": 64, "dim": 64, "id_d
 # the preset `loo` as the first three rounds knew it (what today's preset changed, set back)
 BEFORE='{"eval": {"exclude_history": false}, "loss": {"mask_own_positives": false}, "data": {"length_buckets": 0},
   "model": {"head": "mlp", "ffn_mult": 4}, "optim": {"batch_actions": null, "lr": 0.002, "weight_decay": 0.01, "patience": 3}}'
-ALL="final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
+ALL="final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-seed-1 final-interests-seed-2 final-interests-ema-id-dropout-members-3 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
      preset-loo preset-loo-input-dropout-0.2 ml1m-preset-loo preset-loo-60-epochs
      preset-loo-60-epochs-full-softmax buckets buckets-dot-query buckets-crop buckets-width-64 buckets-query
      buckets-mask-own buckets-mask-own-sasrec-shape sasrec-shape-crop sasrec-shape-lr-1e-3
@@ -51,6 +51,13 @@ for v in ${2:-$ALL}; do
     final-interests-gated) over='{"model": {"item_interests": "on", "block": "gated"}}' ;;
     # validate and keep a moving average of the weights (decay 0.995: a horizon of ~2 epochs of 97 steps)
     final-interests-ema) over='{"model": {"item_interests": "on"}, "optim": {"ema_decay": 0.995}}' ;;
+    final-interests-width-256) over='{"model": {"item_interests": "on", "width": 256, "dim": 256, "id_dim": 256}}' ;;
+    final-interests-ema-id-dropout) over='{"model": {"item_interests": "on", "id_dropout": 0.3}, "optim": {"ema_decay": 0.995}}' ;;
+    # seeds of the interests model (for the spread, and for an ensemble of seeds)
+    final-interests-seed-1) over='{"seed": 1, "model": {"item_interests": "on"}}' ;;
+    final-interests-seed-2) over='{"seed": 2, "model": {"item_interests": "on"}}' ;;
+    # an ensemble of three such models trained side by side (model.members)
+    final-interests-ema-id-dropout-members-3) over='{"model": {"item_interests": "on", "id_dropout": 0.3, "members": 3}, "optim": {"ema_decay": 0.995}}' ;;
     # the fourth round, on today's preset: smaller batches (more steps), a lower peak learning rate
     final-batch-actions-768) over='{"optim": {"batch_actions": 768, "weight_decay": 0.01}}' ;;
     final-lr-5e-4) over='{"optim": {"lr": 0.0005, "weight_decay": 0.01}}' ;;

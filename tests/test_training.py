@@ -538,3 +538,43 @@ def test_ema_weights_are_the_moving_average_validated_kept_as_best_and_resumed_e
     resumed.fit(resume=True, progress=False)
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
     assert all(torch.equal(a, b) for a, b in zip(loop.ema, resumed.ema))
+
+
+def test_an_ensemble_trains_each_member_on_its_own_loss_and_scores_with_their_mean(planted, tmp_path, cli):
+    import torch
+
+    from pinnerformer.models.pinnerformer import PinnerFormerEnsemble
+    from pinnerformer.runs.run_dir import RunDir
+
+    ds = Dataset.open(planted)
+    cfg = config(model={**TINY["model"], "members": 2}, optim={**TINY["optim"], "max_epochs": 1})
+    task = RetrievalTask(ds, cfg)
+    assert isinstance(task.model, PinnerFormerEnsemble) and len(task.model.members) == 2
+    a, b = task.model.members
+    assert not torch.equal(a.items.id_emb.weight, b.items.id_emb.weight)  # initialised apart
+    # the ensemble's loss is the mean of the members' own losses, each as a model alone would compute it
+    task.model.eval()
+    batch = task.host_batch(0, 0)
+    both = task.loss(batch, 0, torch.device("cpu")).loss
+    alone = []
+    for member in (a, b):
+        single = RetrievalTask(ds, config(optim={**TINY["optim"], "max_epochs": 1}))
+        single.model.load_state_dict(member.state_dict())
+        single.model.eval()
+        alone.append(single.loss(batch, 0, torch.device("cpu")).loss)
+    torch.testing.assert_close(both, (alone[0] + alone[1]) / 2, rtol=1e-6, atol=1e-6)
+    # scored together: concatenated unit vectors / sqrt(2), so an inner product is the members' mean cosine
+    items = torch.arange(20)
+    with torch.no_grad():
+        v = task.model.item_embedding(items)
+        assert v.shape == (20, 2 * TINY["model"]["dim"]) and torch.allclose(v.norm(dim=-1), torch.ones(20))
+        mean_cos = (a.item_embedding(items) @ a.item_embedding(items).T + b.item_embedding(items) @ b.item_embedding(items).T) / 2
+        torch.testing.assert_close(v @ v.T, mean_cos, atol=1e-5, rtol=0)
+    # a run of it: saved, loaded, evaluated and indexed like any other
+    retrieval_loop(ds, cfg, tmp_path / "run", log=lambda s: None).fit(progress=False, max_steps=6)
+    loaded = RunDir(tmp_path / "run").load_model(ds)
+    assert isinstance(loaded, PinnerFormerEnsemble) and loaded.out_dim == 2 * TINY["model"]["dim"]
+    r = cli("evaluate", "--run", tmp_path / "run", "--dataset", planted)
+    assert r.exit_code == 0, r.output
+    r = cli("index", "-r", tmp_path / "run", "-d", planted, "-o", tmp_path / "idx", "--kind", "flat")
+    assert r.exit_code == 0, r.output

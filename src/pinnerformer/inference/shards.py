@@ -21,6 +21,7 @@ from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.io import atomic_path
 from pinnerformer.models.embedding import embed_users
+from pinnerformer.models.pinnerformer import members_of
 from pinnerformer.progress import progress_bar
 from pinnerformer.runs.run_dir import RunDir
 
@@ -65,7 +66,8 @@ def user_ranges_as_of(ds: Dataset, users: np.ndarray, end_ts: int) -> tuple[np.n
 def load_model(work: ShardWork, ds: Dataset):
     model = RunDir(work.run_dir).load_model(ds, work.checkpoint).to(torch.device(work.device))
     if work.compile:  # fixed [batch_size, M] shapes: one compiled graph serves every batch
-        model.user_state = torch.compile(model.user_state, dynamic=False)
+        for member in members_of(model):
+            member.user_state = torch.compile(member.user_state, dynamic=False)
     return model
 
 

@@ -63,7 +63,7 @@ def embed_users(model: PinnerFormer, timelines: Timelines, starts: np.ndarray, e
         b = to_torch(host, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             out.append(model.user_embedding(b)[:n].float())
-    return torch.cat(out) if out else torch.zeros((0, model.cfg.dim), device=device)
+    return torch.cat(out) if out else torch.zeros((0, model.out_dim), device=device)
 
 
 @torch.no_grad()

@@ -56,6 +56,9 @@ class PinnerFormerConfig(StrictModel):
     # pre-norm: x + Attn(LN(x)), then x + FFN(LN(x)) with a GELU MLP. gated (the eSASRec / LiGR-style layer): each
     # branch's output is multiplied by a learned sigmoid gate of its normalised input, and the FFN is SwiGLU
     block: Literal["pre-norm", "gated"] = "pre-norm"
+    # K > 1: an ensemble of K such networks (`PinnerFormerEnsemble`), each initialised differently and trained on the
+    # same batches with its own loss; an item's score is the mean of their scores (K times the work)
+    members: int = Field(1, ge=1)
     # the user head: mlp = LayerNorm -> Linear(H, 4H) -> GELU -> Linear(4H, D) (the paper's); norm = the final
     # LayerNorm only (SASRec's), with a Linear(H, D) when D differs from H
     head: Literal["mlp", "norm"] = "mlp"
@@ -379,6 +382,69 @@ class PinnerFormer(nn.Module):
         self.spec = replace(self.spec, n_items=max(n_items, self.spec.n_items),
                             n_surfaces=max(n_surfaces, self.spec.n_surfaces))
 
+    @property
+    def out_dim(self) -> int:
+        """The width of user and item embeddings."""
+        return self.cfg.dim
+
+
+class PinnerFormerEnsemble(nn.Module):
+    """K PinnerFormers (`model.members`) with different initial weights, trained side by side on the same batches,
+    each with its own loss (`members`: the training task computes one loss per member and averages them), so they
+    stay independent models whose errors partly cancel. Scored together as one embedding model: a user's vector is
+    the members' vectors concatenated, an item's likewise, so one inner product is the sum of the members' scores —
+    divided by K for cosine members, whose concatenation is then unit length again (score = the members' mean
+    cosine; members' temperatures are not applied: they rank each member alone)."""
+
+    def __init__(self, cfg: PinnerFormerConfig, spec: InputSpec, content: torch.Tensor | None = None,
+                 interests: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        one = cfg.model_copy(update={"members": 1})
+        self.members = nn.ModuleList([PinnerFormer(one, spec, content, interests) for _ in range(cfg.members)])
+        self.scale = cfg.members ** -0.5 if cfg.score == "cosine" else 1.0
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.members[0].spec
+
+    @property
+    def time_features(self) -> bool:
+        return self.members[0].time_features
+
+    @property
+    def item_feature_kind(self) -> str:
+        return self.members[0].item_feature_kind
+
+    @property
+    def items(self) -> ItemFeatures:
+        return self.members[0].items
+
+    @property
+    def out_dim(self) -> int:
+        return self.cfg.members * self.cfg.dim
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """The members' mean temperature (for the training log)."""
+        return torch.stack([m.temperature for m in self.members]).mean()
+
+    def user_embedding(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([m.user_embedding(b) for m in self.members], dim=-1) * self.scale
+
+    def item_embedding(self, item: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.item_embedding(item) for m in self.members], dim=-1) * self.scale
+
+    @torch.no_grad()
+    def grow(self, n_items: int, n_surfaces: int) -> None:
+        for m in self.members:
+            m.grow(n_items, n_surfaces)
+
+
+def members_of(model: nn.Module) -> list[PinnerFormer]:
+    """The PinnerFormers that make up a model: an ensemble's members, or the model itself."""
+    return list(model.members) if isinstance(model, PinnerFormerEnsemble) else [model]
+
 
 def interest_vocabulary(ds: Dataset, cfg: PinnerFormerConfig) -> tuple[str, ...]:
     """The interests the model learns embeddings for (sorted), or () when it uses none."""
@@ -428,9 +494,11 @@ def content_for(ds: Dataset, cfg: PinnerFormerConfig) -> torch.Tensor | None:
     return torch.from_numpy(np.array(ds.content_vectors())) if uses_content else None
 
 
-def pinnerformer_for(ds: Dataset, cfg: PinnerFormerConfig, max_len: int, spec: InputSpec | None = None) -> PinnerFormer:
-    """A PinnerFormer for a dataset's vocabulary (or the trained `spec`: a run's model on its dataset or one grown
-    from it), with its content vectors and interests when the item features use them."""
+def pinnerformer_for(ds: Dataset, cfg: PinnerFormerConfig, max_len: int, spec: InputSpec | None = None
+                     ) -> PinnerFormer | PinnerFormerEnsemble:
+    """A PinnerFormer (or an ensemble of `cfg.members`) for a dataset's vocabulary (or the trained `spec`: a run's
+    model on its dataset or one grown from it), with its content vectors and interests when the features use them."""
     spec = spec or input_spec(ds, max_len, cfg)
     interests = interest_table(ds, spec.interests)[0] if spec.interests else None
-    return PinnerFormer(cfg, spec, content_for(ds, cfg), interests)
+    kind = PinnerFormerEnsemble if cfg.members > 1 else PinnerFormer
+    return kind(cfg, spec, content_for(ds, cfg), interests)

@@ -139,7 +139,7 @@ def prepare_ranking(dataset_dir: Path, output: Path, opts: rq.RequestOptions, pi
         has = uniq[:, 1] > starts
         log(f"PinnerFormer vectors for {len(uniq):,} (user, day) pairs")
         vec = embed_users(model, ds.timelines, starts[has], uniq[has, 1], device).numpy()
-        per_pair = np.zeros((len(uniq), vec.shape[1] if len(vec) else model.cfg.dim), np.float32)
+        per_pair = np.zeros((len(uniq), vec.shape[1] if len(vec) else model.out_dim), np.float32)
         per_pair[has] = vec
         user_vectors = per_pair[inverse.reshape(-1)]
         req = req.with_columns(pl.Series("has_vector", has[inverse.reshape(-1)]))

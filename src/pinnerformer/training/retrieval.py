@@ -23,7 +23,7 @@ from pinnerformer.evaluation.tasks import future_window_task, leave_one_out_task
 from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
 from pinnerformer.io import atomic_path
 from pinnerformer.models.embedding import embed_items, embed_users
-from pinnerformer.models.pinnerformer import pinnerformer_for
+from pinnerformer.models.pinnerformer import members_of, pinnerformer_for
 from pinnerformer.objectives.examples import ExampleBatch, ExampleSampler
 from pinnerformer.objectives.sampled_softmax import SampledSoftmaxLoss, sampled_softmax_loss_fused
 from pinnerformer.training import run_files as rf
@@ -169,13 +169,16 @@ class RetrievalTask:
         B = len(ex.starts)
         if self.dist is not None:
             return self._distributed_loss(ex, t, seq, B, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = self.model.encode_sequence(seq)  # [B, T, D]
-            # index_select rather than out[q_example, q_position]: the backward of advanced indexing accumulates
-            # with several CPU threads in a run-dependent order; index_select's does not (bit-exact resume)
-            T = out.shape[1]
-            q = out.reshape(B * T, -1).index_select(0, t["q_example"] * T + t["q_position"])
-        loss = self.objective(q, self.model.item_embedding, self.model.temperature, t, B)
+        losses = []
+        for member in members_of(self.model):  # an ensemble's members: each its own loss, on the same batch
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = member.encode_sequence(seq)  # [B, T, D]
+                # index_select rather than out[q_example, q_position]: the backward of advanced indexing accumulates
+                # with several CPU threads in a run-dependent order; index_select's does not (bit-exact resume)
+                T = out.shape[1]
+                q = out.reshape(B * T, -1).index_select(0, t["q_example"] * T + t["q_position"])
+            losses.append(self.objective(q, member.item_embedding, member.temperature, t, B))
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         return StepLoss(loss, {"queries": len(ex.q_item)})
 
     def _distributed_loss(self, ex: ExampleBatch, t: dict, seq: dict, B: int, device: torch.device) -> StepLoss:
@@ -184,13 +187,16 @@ class RetrievalTask:
         mine = self.dist.share(B)
         queries = np.flatnonzero((ex.q_example >= mine.start) & (ex.q_example < mine.stop))
         local = torch.from_numpy(ex.q_example[queries] - mine.start)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = self.model.encode_sequence(seq)  # [B / N, T, D]
-            T = out.shape[1]
-            rows = local.to(device) * T + torch.from_numpy(ex.q_position[queries]).to(device)
-            q = out.reshape(out.shape[0] * T, -1).index_select(0, rows)
-        loss = self.objective(q, lambda ids: self.dist.gather_embeddings(self.model.item_embedding, ids),
-                              self.model.temperature, t, B, queries=torch.from_numpy(queries).to(device))
+        losses = []
+        for member in members_of(self.model):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = member.encode_sequence(seq)  # [B / N, T, D]
+                T = out.shape[1]
+                rows = local.to(device) * T + torch.from_numpy(ex.q_position[queries]).to(device)
+                q = out.reshape(out.shape[0] * T, -1).index_select(0, rows)
+            losses.append(self.objective(q, lambda ids, m=member: self.dist.gather_embeddings(m.item_embedding, ids),
+                                         member.temperature, t, B, queries=torch.from_numpy(queries).to(device)))
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         return StepLoss(loss, {"queries": len(queries)})
 
     def step_scalars(self) -> dict[str, torch.Tensor]:
@@ -198,7 +204,8 @@ class RetrievalTask:
 
     def compile(self, mode: str) -> None:
         # the encoder with static shapes; the loss in its fused form, with dynamic shapes (see SampledSoftmaxLoss)
-        self.model.encode_sequence = torch.compile(self.model.encode_sequence, mode=mode)
+        for member in members_of(self.model):
+            member.encode_sequence = torch.compile(member.encode_sequence, mode=mode)
         self.objective.fused = torch.compile(sampled_softmax_loss_fused, dynamic=True)
 
     # ---- validation ------------------------------------------------------------------------------------
