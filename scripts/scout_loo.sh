@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the scouting rounds of docs/results/README.md (leave-one-out, chosen on validation only): each variant
-# trains with the preset `loo` as it was before 2026-11-27 ($BEFORE, restored on top of today's preset) plus its
-# overrides, and prints its validation NDCG@10 per epoch. `final` and `final-*` are today's preset as is (plus their overrides).
+# trains with the preset `loo` of its time plus its overrides, and prints its validation NDCG@10 per epoch: rows
+# of the first three rounds on the preset before 2026-11-27 ($BEFORE and $PRE5 set back on today's preset), `final`
+# and `final-*` (fourth and fifth rounds) on the preset of the fourth round ($PRE5), `now*` on today's preset as is.
 # Usage: bash scripts/scout_loo.sh [DATA_DIR (default ../shared/data)] [VARIANTS (default: all)]
 # Runs go to $SCOUT (default /tmp/pinnerformer-scout/VARIANT); finished ones are only printed again. Rows the
 # table marks "stopped" were cut short by hand to save CPU time; here they run to their end (same curve prefix).
@@ -17,10 +18,14 @@ ML1M=${ML1M:-/tmp/pinnerformer-ml1m-subset-loo}
 # the first preset `loo` (64-d, MLP item tower, content vector where there is one, no input dropout)
 PREV='"item_features": "auto", "item_tower": "mlp", "input_dropout": 0.0, "width": 64, "dim": 64, "id_dim": 64'
 TIED='"item_features": "id", "item_tower": "none", "width": 64, "dim": 64, "id_dim": 64'
+# the preset `loo` of the fourth round (2026-11-27, before the items' interests, ID dropout and the weight average):
+# the `final*` rows ran on it, with their overrides on top; `now*` rows run on today's preset as is
+PRE5='{"model": {"item_interests": "off", "id_dropout": 0.0, "width": 128, "dim": 128, "id_dim": 128},
+  "optim": {"ema_decay": null}}'
 # the preset `loo` as the first three rounds knew it (what today's preset changed, set back)
 BEFORE='{"eval": {"exclude_history": false}, "loss": {"mask_own_positives": false}, "data": {"length_buckets": 0},
   "model": {"head": "mlp", "ffn_mult": 4}, "optim": {"batch_actions": null, "lr": 0.002, "weight_decay": 0.01, "patience": 3}}'
-ALL="final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-seed-1 final-interests-seed-2 final-interests-ema-id-dropout-members-3 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
+ALL="final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-seed-1 final-interests-seed-2 final-interests-ema-id-dropout-members-3 final-interests-ema-id-dropout-seed-1 final-interests-ema-id-dropout-seed-2 final-interests-ema-id-dropout-0.6 final-interests-ema-id-dropout-width-256 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
      preset-loo preset-loo-input-dropout-0.2 ml1m-preset-loo preset-loo-60-epochs
      preset-loo-60-epochs-full-softmax buckets buckets-dot-query buckets-crop buckets-width-64 buckets-query
      buckets-mask-own buckets-mask-own-sasrec-shape sasrec-shape-crop sasrec-shape-lr-1e-3
@@ -53,6 +58,10 @@ for v in ${2:-$ALL}; do
     final-interests-ema) over='{"model": {"item_interests": "on"}, "optim": {"ema_decay": 0.995}}' ;;
     final-interests-width-256) over='{"model": {"item_interests": "on", "width": 256, "dim": 256, "id_dim": 256}}' ;;
     final-interests-ema-id-dropout) over='{"model": {"item_interests": "on", "id_dropout": 0.3}, "optim": {"ema_decay": 0.995}}' ;;
+    final-interests-ema-id-dropout-seed-1) over='{"seed": 1, "model": {"item_interests": "on", "id_dropout": 0.3}, "optim": {"ema_decay": 0.995}}' ;;
+    final-interests-ema-id-dropout-seed-2) over='{"seed": 2, "model": {"item_interests": "on", "id_dropout": 0.3}, "optim": {"ema_decay": 0.995}}' ;;
+    final-interests-ema-id-dropout-0.6) over='{"model": {"item_interests": "on", "id_dropout": 0.3, "dropout": 0.6, "input_dropout": 0.6}, "optim": {"ema_decay": 0.995}}' ;;
+    final-interests-ema-id-dropout-width-256) over='{"model": {"item_interests": "on", "id_dropout": 0.3, "width": 256, "dim": 256, "id_dim": 256}, "optim": {"ema_decay": 0.995}}' ;;
     # seeds of the interests model (for the spread, and for an ensemble of seeds)
     final-interests-seed-1) over='{"seed": 1, "model": {"item_interests": "on"}}' ;;
     final-interests-seed-2) over='{"seed": 2, "model": {"item_interests": "on"}}' ;;
@@ -113,11 +122,15 @@ for v in ${2:-$ALL}; do
   fi
   run=$SCOUT/$v
   mkdir -p "$SCOUT"
-  if [[ $v == final* ]]; then echo "$over" > "$SCOUT/$v.json"
-  else $PY -c "import json, sys
+  if [[ $v == now* ]]; then base='{}'
+  elif [[ $v == final* ]]; then base=$PRE5
+  else base=$($PY -c "import json, sys
 from pinnerformer.config import merge_dicts
-print(json.dumps(merge_dicts(json.loads(sys.argv[1]), json.loads(sys.argv[2]))))" "$BEFORE" "$over" > "$SCOUT/$v.json"
+print(json.dumps(merge_dicts(json.loads(sys.argv[1]), json.loads(sys.argv[2]))))" "$PRE5" "$BEFORE")
   fi
+  $PY -c "import json, sys
+from pinnerformer.config import merge_dicts
+print(json.dumps(merge_dicts(json.loads(sys.argv[1]), json.loads(sys.argv[2]))))" "$base" "$over" > "$SCOUT/$v.json"
   if [ ! -f "$run/summary.json" ]; then
     resume=(); [ -f "$run/config.json" ] && resume=(--resume)
     $PF train --dataset "$ds" --output "$run" --preset loo --config "$SCOUT/$v.json" --no-progress "${resume[@]}"

@@ -57,7 +57,7 @@ def experiment(
     grid: str = typer.Option(..., help="objectives | negatives | features | frequency | default (one variant: the "
                              "preset and config as given)"),
     output: Path = typer.Option(..., "--output", "-o", help="Report directory (runs, report.md, results.json, PNG)."),
-    preset: str = typer.Option("small", help="small | loo | paper"),
+    preset: str = typer.Option("small", help="small | loo | loo-ensemble | paper"),
     config: Optional[Path] = typer.Option(None, help="JSON config shared by every variant."),
     max_epochs: Optional[int] = typer.Option(None, help="Epoch budget for every variant."),
     seed: int = typer.Option(0, help="Seed shared by every variant."),

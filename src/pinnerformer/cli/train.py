@@ -17,7 +17,7 @@ def train(
     ctx: typer.Context,
     dataset: Path = typer.Option(..., "--dataset", "-d", help="A prepared dataset directory."),
     output: Path = typer.Option(..., "--output", "-o", help="Run directory (checkpoints, metrics, config)."),
-    preset: Optional[str] = typer.Option(None, help="small (default) | loo | paper (loo: the leave-one-out default)"),
+    preset: Optional[str] = typer.Option(None, help="small (default) | loo | loo-ensemble | paper (loo: the leave-one-out default; loo-ensemble: three of it)"),
     objective: Optional[str] = typer.Option(None, help="dense-all-action | all-action | sasrec | next-action"),
     negatives: Optional[str] = typer.Option(None, help="mixed | in-batch | random | full (softmax over every item)"),
     no_logq: bool = typer.Option(False, "--no-logq", help="Turn the logQ correction off."),

@@ -58,7 +58,7 @@ class RetrievalTask:
         self.dataset_fingerprint = m.fingerprint
         self.protocol = resolve_protocol(cfg.eval.protocol, m.clock)
         self.notes: list[str] = []
-        if self.protocol == "leave-one-out" and cfg.preset != "loo":
+        if self.protocol == "leave-one-out" and not cfg.preset.startswith("loo"):
             self.notes.append(f"leave-one-out protocol with preset '{cfg.preset}': the default configuration for "
                               "this protocol is --preset loo")
         if m.clock == "order":
