@@ -25,7 +25,7 @@ PRE5='{"model": {"item_interests": "off", "id_dropout": 0.0, "width": 128, "dim"
 # the preset `loo` as the first three rounds knew it (what today's preset changed, set back)
 BEFORE='{"eval": {"exclude_history": false}, "loss": {"mask_own_positives": false}, "data": {"length_buckets": 0},
   "model": {"head": "mlp", "ffn_mult": 4}, "optim": {"batch_actions": null, "lr": 0.002, "weight_decay": 0.01, "patience": 3}}'
-ALL="final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-seed-1 final-interests-seed-2 final-interests-ema-id-dropout-members-3 final-interests-ema-id-dropout-seed-1 final-interests-ema-id-dropout-seed-2 final-interests-ema-id-dropout-0.6 final-interests-ema-id-dropout-width-256 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
+ALL="now-seed-1 now-seed-2 final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-ema-id-dropout-members-3 final-interests-ema-id-dropout-seed-1 final-interests-ema-id-dropout-0.6 final-interests-ema-id-dropout-width-256 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
      preset-loo preset-loo-input-dropout-0.2 ml1m-preset-loo preset-loo-60-epochs
      preset-loo-60-epochs-full-softmax buckets buckets-dot-query buckets-crop buckets-width-64 buckets-query
      buckets-mask-own buckets-mask-own-sasrec-shape sasrec-shape-crop sasrec-shape-lr-1e-3
@@ -33,6 +33,10 @@ ALL="final final-heads-1 final-layers-3 final-interests final-interests-10-epoch
 for v in ${2:-$ALL}; do
   ds=$BEAUTY
   case $v in
+    # today's preset `loo` as is, other seeds (test: pinnerformer evaluate --run $SCOUT/now-seed-N --dataset $BEAUTY
+    # --exclude-history)
+    now-seed-1) over='{"seed": 1}' ;;
+    now-seed-2) over='{"seed": 2}' ;;
     final) over='{}' ;;
     # the seed spread of the preset (test number: pinnerformer evaluate --run $SCOUT/final-seed-N --dataset $BEAUTY
     # --exclude-history)
@@ -59,12 +63,8 @@ for v in ${2:-$ALL}; do
     final-interests-width-256) over='{"model": {"item_interests": "on", "width": 256, "dim": 256, "id_dim": 256}}' ;;
     final-interests-ema-id-dropout) over='{"model": {"item_interests": "on", "id_dropout": 0.3}, "optim": {"ema_decay": 0.995}}' ;;
     final-interests-ema-id-dropout-seed-1) over='{"seed": 1, "model": {"item_interests": "on", "id_dropout": 0.3}, "optim": {"ema_decay": 0.995}}' ;;
-    final-interests-ema-id-dropout-seed-2) over='{"seed": 2, "model": {"item_interests": "on", "id_dropout": 0.3}, "optim": {"ema_decay": 0.995}}' ;;
     final-interests-ema-id-dropout-0.6) over='{"model": {"item_interests": "on", "id_dropout": 0.3, "dropout": 0.6, "input_dropout": 0.6}, "optim": {"ema_decay": 0.995}}' ;;
     final-interests-ema-id-dropout-width-256) over='{"model": {"item_interests": "on", "id_dropout": 0.3, "width": 256, "dim": 256, "id_dim": 256}, "optim": {"ema_decay": 0.995}}' ;;
-    # seeds of the interests model (for the spread, and for an ensemble of seeds)
-    final-interests-seed-1) over='{"seed": 1, "model": {"item_interests": "on"}}' ;;
-    final-interests-seed-2) over='{"seed": 2, "model": {"item_interests": "on"}}' ;;
     # an ensemble of three such models trained side by side (model.members)
     final-interests-ema-id-dropout-members-3) over='{"model": {"item_interests": "on", "id_dropout": 0.3, "members": 3}, "optim": {"ema_decay": 0.995}}' ;;
     # the fourth round, on today's preset: smaller batches (more steps), a lower peak learning rate

@@ -582,3 +582,17 @@ def test_an_ensemble_trains_each_member_on_its_own_loss_and_scores_with_their_me
     assert r.exit_code == 0, r.output
     r = cli("index", "-r", tmp_path / "run", "-d", planted, "-o", tmp_path / "idx", "--kind", "flat")
     assert r.exit_code == 0, r.output
+    # the daily job's snapshot holds the ensemble's vectors: the same as embedding the users directly
+    from conftest import PLANTED_DAY
+    from pinnerformer.inference.daily_embed import DailyJob
+    from pinnerformer.inference.snapshot import Snapshot
+    from pinnerformer.inference.shards import user_ranges_as_of
+    from pinnerformer.models.embedding import embed_users
+
+    DailyJob(tmp_path / "run", ds, PLANTED_DAY, tmp_path / "snaps").run(log=lambda s: None, progress=False)
+    snap = Snapshot.open(tmp_path / "snaps" / PLANTED_DAY.isoformat())
+    assert snap.vectors.shape[1] == 2 * TINY["model"]["dim"] and len(snap.users) > 0
+    users = np.asarray(snap.users)[:5]
+    starts, ends = user_ranges_as_of(ds, users, snap.manifest.inputs_before_ts)
+    direct = embed_users(loaded, ds.timelines, starts, ends, torch.device("cpu")).numpy()
+    np.testing.assert_allclose(snap.vectors[:5], direct, atol=1e-5)
