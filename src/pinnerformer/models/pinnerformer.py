@@ -163,7 +163,7 @@ class ItemFeatures(nn.Module):
             nn.init.normal_(self.interest_emb.weight[:n_interests], std=0.02)
             # frozen data, rebuilt from the dataset with the trained vocabulary (items appended later included)
             self.register_buffer("interests", interests.long(), persistent=False)
-            self.register_buffer("interest_count", (interests < n_interests).sum(1, keepdim=True).clamp(min=1).float(),
+            self.register_buffer("interest_count", (interests < n_interests).sum(1, keepdim=True).float(),
                                  persistent=False)
         self.out_dim = (content.shape[1] if self.use_content else 0) + (id_dim if self.use_id else 0)
         # unit-norm content vectors and small-init ID embeddings live on very different scales; normalise the
@@ -178,11 +178,12 @@ class ItemFeatures(nn.Module):
             parts.append(self.content[item])
         if self.use_id:
             e = self.id_emb(item)
-            if id_dropout > 0 and self.use_interests:
-                has = (self.interests[item] < self.interest_emb.padding_idx).any(-1, keepdim=True)
-                e = e * ~(has & (torch.rand(has.shape, device=e.device) < id_dropout))
-            if self.use_interests:  # the mean over the item's interests (zero for an item without any)
-                e = e + self.interest_emb(self.interests[item]).sum(-2) / self.interest_count[item]
+            if self.use_interests:
+                count = self.interest_count[item]  # [..., 1]
+                if id_dropout > 0:
+                    e = e * ~((count > 0) & (torch.rand(count.shape, device=e.device) < id_dropout))
+                # the mean over the item's interests (zero for an item without any)
+                e = e + self.interest_emb(self.interests[item]).sum(-2) / count.clamp(min=1)
             parts.append(e)
         return torch.cat(parts, dim=-1)
 

@@ -95,7 +95,7 @@ class RetrievalTask:
         torch.manual_seed(cfg.seed)  # the model's initial weights
         self.model = pinnerformer_for(ds, cfg.model, cfg.data.max_len)
         if self.model.spec.interests:
-            with_any = int((self.model.items.interests < len(self.model.spec.interests)).any(1).sum())
+            with_any = int((self.model.items.interest_count > 0).sum())
             self.notes.append(f"item interests: {len(self.model.spec.interests):,} learned interest embeddings, "
                               f"{with_any:,} of {m.n_items:,} items have interests")
         self.objective = SampledSoftmaxLoss(cfg.loss, m.n_items, seed=cfg.seed)
