@@ -1,0 +1,114 @@
+"""After-the-fact checks on Beauty's leave-one-out split quoted in docs/results/README.md (fifth round). None of them
+chose anything: selection is by validation only.
+
+    python scripts/loo_checks.py targets                 how cold validation and test targets are (training counts)
+    python scripts/loo_checks.py combine RUN RUN [...]   test NDCG@10 (history removed) of runs combined after the
+                                                         fact: the sum of their scores (vectors / τ concatenated)
+    python scripts/loo_checks.py transitions RUN         validation NDCG@10 of RUN's scores blended with a
+                                                         first-order transition model (item -> next item counts)
+Options: --dataset (default /tmp/pinnerformer-beauty, prepared by scripts/scout_loo.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from pinnerformer.data.dataset import Dataset
+from pinnerformer.evaluation.protocols import REPORTED
+from pinnerformer.evaluation.scorer import Scorer, score_task
+from pinnerformer.evaluation.tasks import leave_one_out_task
+from pinnerformer.models.embedding import embed_items, embed_users
+from pinnerformer.runs.run_dir import RunDir
+
+CPU = torch.device("cpu")
+
+
+def training_counts(ds: Dataset) -> np.ndarray:
+    """How often each item occurs in the users' training parts (all but the last two items)."""
+    tl = ds.timelines
+    parts = [tl.item[tl.offsets[u]:tl.offsets[u + 1] - 2] for u in range(tl.n_users)]
+    return np.bincount(np.concatenate(parts), minlength=ds.manifest.n_items)
+
+
+def targets(ds: Dataset) -> None:
+    counts = training_counts(ds)
+    for split in ("validation", "test"):
+        c = counts[np.array([lab[0] for lab in leave_one_out_task(ds, split).labels])]
+        print(f"{split}: median training count {np.median(c):g}, {np.mean(c < 5):.1%} of targets seen < 5 times")
+
+
+def scaled_vectors(run: str, ds: Dataset, task) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's user vectors / τ and item vectors: their inner product is the run's score."""
+    model = RunDir(run).load_model(ds)
+    users = embed_users(model, ds.timelines, task.starts, task.ends, CPU) / model.temperature.detach()
+    return users, embed_items(model, CPU)
+
+
+def combine(ds: Dataset, runs: list[str]) -> None:
+    task = leave_one_out_task(ds, "test")
+    pairs = [scaled_vectors(r, ds, task) for r in runs]
+    for r, (u, v) in zip(runs, pairs):
+        res, _ = score_task(task, Scorer(r, u, v), 10, REPORTED["leave-one-out"], history=ds.timelines)
+        print(f"{r}: test ndcg@10 {res['ndcg@10'].mean:.4f}")
+    u, v = torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1)
+    res, _ = score_task(task, Scorer("combined", u, v), 10, REPORTED["leave-one-out"], history=ds.timelines)
+    print(f"combined: test ndcg@10 {res['ndcg@10'].mean:.4f}")
+
+
+def transitions(ds: Dataset, run: str, weights=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0)) -> None:
+    """Validation NDCG@10 (history removed, ties pessimistic) of z(model score) + w · P(next = j | newest item)."""
+    tl, n = ds.timelines, ds.manifest.n_items
+    src, dst = [], []
+    for u in range(tl.n_users):
+        it = tl.item[tl.offsets[u]:tl.offsets[u + 1] - 2]
+        src.append(it[:-1])
+        dst.append(it[1:])
+    counts = sp.csr_matrix((np.ones(sum(map(len, src)), np.float32), (np.concatenate(src), np.concatenate(dst))),
+                           shape=(n, n))
+    P = sp.diags(1 / np.maximum(1, np.asarray(counts.sum(1)).ravel())) @ counts
+    task = leave_one_out_task(ds, "validation")
+    users, items = scaled_vectors(run, ds, task)
+    gains = {w: [] for w in weights}
+    for a in range(0, len(task.users), 2000):
+        rows = np.arange(a, min(a + 2000, len(task.users)))
+        s = (users[rows] @ items.T).numpy()
+        z = (s - s.mean(1, keepdims=True)) / s.std(1, keepdims=True)
+        trans = P[tl.item[task.ends[rows] - 1]].toarray()
+        for w in weights:
+            blended = z + w * trans
+            for j, r in enumerate(rows):
+                row = blended[j]
+                label = task.labels[r][0]
+                t = row[label]
+                row[tl.item[task.starts[r]:task.ends[r]]] = -np.inf
+                rank = int((row >= t).sum()) - 1  # pessimistic: ties rank above the label
+                gains[w].append(1 / np.log2(rank + 2) if rank < 10 else 0.0)
+    for w, g in gains.items():
+        print(f"weight {w:g}: validation ndcg@10 {np.mean(g):.4f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("check", choices=["targets", "combine", "transitions"])
+    ap.add_argument("runs", nargs="*")
+    ap.add_argument("--dataset", default="/tmp/pinnerformer-beauty")
+    a = ap.parse_args()
+    ds = Dataset.open(a.dataset)
+    if a.check == "targets":
+        targets(ds)
+    elif a.check == "combine":
+        if len(a.runs) < 2:
+            ap.error("combine needs two or more run directories")
+        combine(ds, a.runs)
+    else:
+        if len(a.runs) != 1:
+            ap.error("transitions needs one run directory")
+        transitions(ds, a.runs[0])
+
+
+if __name__ == "__main__":
+    main()
