@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pinnerformer.data.timelines import Timelines
 from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
@@ -333,6 +334,16 @@ def test_id_dropout_leaves_out_id_embeddings_of_items_with_interests_in_training
     assert torch.equal(m.action_features(b), m.items(b["item"]))  # evaluation: every ID is read
     m.train()
     assert not torch.equal(m.action_features(b), m.items(b["item"]))
+    # target_id_dropout: the same for the scored items, in training only (the input side's setting aside)
+    assert torch.equal(m.item_embedding(items), F.normalize(m.items(items), dim=-1))  # 0: every scored ID is read
+    m.cfg = cfg.model_copy(update={"id_dropout": 0.0, "target_id_dropout": 0.5})
+    torch.manual_seed(1)
+    scored = m.item_embedding(items)
+    gone = torch.isclose(scored, F.normalize(m.items.norm(no_id[items]), dim=-1), atol=1e-6).all(-1).view(5000, 4)
+    share = gone.float().mean(0)
+    assert share[2] == 0 and all(abs(share[i] - 0.5) < 0.03 for i in (0, 1, 3)), share
+    m.eval()
+    assert torch.equal(m.item_embedding(items), F.normalize(m.items(items), dim=-1))
 
 
 def test_gated_block_is_causal_and_its_newest_position_path_agrees():
@@ -354,3 +365,48 @@ def test_gated_block_is_causal_and_its_newest_position_path_agrees():
         newest = model.user_embedding(to_torch(a))
     assert torch.allclose(full_a[:, :5], full_b[:, :5], atol=1e-6) and not torch.allclose(full_a[0, 5:], full_b[0, 5:])
     torch.testing.assert_close(newest, full_a[torch.arange(4), torch.tensor(a["length"]) - 1], atol=1e-6, rtol=0)
+
+
+def test_prefix_low_pass_filters_each_prefix_like_bsarec_on_that_prefix_alone():
+    """Row t of the causal filter is BSARec's low-pass (rfft, frequencies >= cutoff zeroed, irfft) of x[0..t] read at
+    t; prefixes with no frequency at or above the cutoff pass unchanged."""
+    from pinnerformer.models.pinnerformer import prefix_low_pass
+    T, c = 12, 3
+    x = torch.randn(T, 5, dtype=torch.float64)
+    L = prefix_low_pass(T, c).double()
+    assert torch.equal(L, L.tril())
+    for t in range(T):
+        spec = torch.fft.rfft(x[:t + 1], dim=0)
+        spec[c:] = 0
+        torch.testing.assert_close((L @ x)[t], torch.fft.irfft(spec, n=t + 1, dim=0)[t], atol=1e-6, rtol=0)
+    torch.testing.assert_close((L @ x)[:2 * c - 2], x[:2 * c - 2], atol=1e-6, rtol=0)  # n // 2 + 1 <= c: no cut
+    assert not torch.allclose((L @ x)[2 * c:], x[2 * c:])
+
+
+@pytest.mark.parametrize("block", ["pre-norm", "gated"])
+def test_frequency_branch_is_causal_learns_beta_and_its_newest_position_path_agrees(block):
+    torch.manual_seed(0)
+    cfg = PinnerFormerConfig(width=32, layers=2, heads=4, dim=24, dropout=0.0, item_features="id", id_dim=16,
+                             block=block, frequency_mix=0.7, frequency_cutoff=2)
+    model = PinnerFormer(cfg, InputSpec(n_items=50, n_actions=3, n_surfaces=2, max_len=16)).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.sqrt_beta.uniform_(0.2, 1.5)  # away from β = 1, where the filter would pass its input unchanged
+    a, other = random_batch(B=4, T=12), random_batch(B=4, T=12, seed=1)
+    a["length"] = np.array([12, 7, 1, 3])
+    b = {k: v.copy() for k, v in a.items()}
+    for k in ["item", "action", "surface", "duration", "t_since", "t_gap", "t_abs_frac", "t_abs_days"]:
+        b[k][:, 5:] = other[k][:, 5:]
+    with torch.no_grad():
+        full_a, full_b = model.encode_sequence(to_torch(a)), model.encode_sequence(to_torch(b))
+        newest = model.user_embedding(to_torch(a))
+    assert torch.allclose(full_a[:, :5], full_b[:, :5], atol=1e-6) and not torch.allclose(full_a[0, 5:], full_b[0, 5:])
+    torch.testing.assert_close(newest, full_a[torch.arange(4), torch.tensor(a["length"]) - 1], atol=1e-6, rtol=0)
+    # the branch is in the computation: β gets a gradient, and without the branch the outputs differ
+    model.train()
+    model.encode_sequence(to_torch(a)).sum().backward()
+    assert model.blocks[0].sqrt_beta.grad.abs().sum() > 0
+    plain = PinnerFormer(cfg.model_copy(update={"frequency_mix": 0.0}), model.spec).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "sqrt_beta" not in k})
+    with torch.no_grad():
+        assert not torch.allclose(plain.encode_sequence(to_torch(a)), full_a, atol=1e-3)

@@ -28,6 +28,7 @@ independent of later actions.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -56,6 +57,12 @@ class PinnerFormerConfig(StrictModel):
     # pre-norm: x + Attn(LN(x)), then x + FFN(LN(x)) with a GELU MLP. gated (the eSASRec / LiGR-style layer): each
     # branch's output is multiplied by a learned sigmoid gate of its normalised input, and the FFN is SwiGLU
     block: Literal["pre-norm", "gated"] = "pre-norm"
+    # BSARec's frequency branch beside attention, made causal: each position's normalised input split into the low
+    # frequencies of its own prefix (the first frequency_cutoff Fourier terms of the actions up to it) and the rest,
+    # recombined as low + β²·high (β learned per channel); the block adds frequency_mix × that + (1 -
+    # frequency_mix) × attention. 0: attention only
+    frequency_mix: float = Field(0.0, ge=0, le=1)
+    frequency_cutoff: int = Field(5, ge=1)
     # K > 1: an ensemble of K such networks (`PinnerFormerEnsemble`), each initialised differently and trained on the
     # same batches with its own loss; an item's score is the mean of their scores (K times the work)
     members: int = Field(1, ge=1)
@@ -72,6 +79,9 @@ class PinnerFormerConfig(StrictModel):
     # training only: each input action's item-ID embedding is left out with this probability (its interests stay),
     # so that the model cannot read an item by its ID alone (items without interests always keep their ID)
     id_dropout: float = Field(0.0, ge=0, lt=1)
+    # the same for the items scored in training (positives and negatives): a left-out ID leaves the item's vector
+    # to its interests, so that the scored table of rarely seen items leans on what their interests learned
+    target_id_dropout: float = Field(0.0, ge=0, lt=1)
     action_dim: int = Field(16, ge=1)
     surface_dim: int = Field(8, ge=1)
     item_tower_hidden: int = Field(256, ge=1)
@@ -191,13 +201,30 @@ class ItemFeatures(nn.Module):
         return self.norm(self.raw(item, id_dropout))
 
 
+@functools.lru_cache(maxsize=16)
+def prefix_low_pass(T: int, cutoff: int) -> torch.Tensor:
+    """[T, T] lower-triangular L: (L @ x)[t] is the low-pass of the prefix x[0..t] at its last element — the signal
+    of length t+1 through its real DFT, the frequencies cutoff and above set to zero, and back (BSARec's filter,
+    taken over each prefix rather than the whole window, so that every position sees only its past)."""
+    L = torch.zeros(T, T, dtype=torch.float64)
+    for n in range(1, T + 1):
+        spectrum = torch.fft.rfft(torch.eye(n, dtype=torch.float64), dim=0)  # column j: the DFT of the unit pulse e_j
+        spectrum[cutoff:] = 0
+        L[n - 1, :n] = torch.fft.irfft(spectrum, n=n, dim=0)[n - 1]
+    return L.float()
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(LN(x)), then x + FFN(LN(x)), causal self-attention. gated: x +
     σ(G_a·LN(x)) ⊙ Attn(LN(x)), then x + σ(G_f·LN(x)) ⊙ SwiGLU(LN(x)), SwiGLU(h) = W_o(silu(W_g h) ⊙ W_u h)."""
 
-    def __init__(self, width: int, heads: int, dropout: float, ffn_mult: int = 4, gated: bool = False):
+    def __init__(self, width: int, heads: int, dropout: float, ffn_mult: int = 4, gated: bool = False,
+                 frequency_mix: float = 0.0, frequency_cutoff: int = 5):
         super().__init__()
         self.heads, self.dropout, self.gated = heads, dropout, gated
+        self.frequency_mix, self.frequency_cutoff = frequency_mix, frequency_cutoff
+        if frequency_mix:
+            self.sqrt_beta = nn.Parameter(torch.ones(width))  # β per channel; 1: the input passes unfiltered
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -209,10 +236,15 @@ class Block(nn.Module):
             self.ffn = nn.Sequential(nn.Linear(width, ffn_mult * width), nn.GELU(), nn.Linear(ffn_mult * width, width))
         self.drop = nn.Dropout(dropout)
 
-    def _attn_branch(self, a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """The attention branch's output from the heads' concatenated output a and the normalised input h."""
+    def _attn_branch(self, a: torch.Tensor, h: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention branch's output from the heads' concatenated output a and the normalised input h, mixed
+        with the frequency branch (low: h's low-pass at the same positions) when the block has one."""
         o = self.proj(a)
-        return o * torch.sigmoid(self.gate_attn(h)) if self.gated else o
+        o = o * torch.sigmoid(self.gate_attn(h)) if self.gated else o
+        if not self.frequency_mix:
+            return o
+        filtered = low + self.sqrt_beta.square() * (h - low)
+        return self.frequency_mix * filtered + (1 - self.frequency_mix) * o
 
     def _ffn_branch(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln2(x)
@@ -226,7 +258,8 @@ class Block(nn.Module):
         h = self.ln1(x)
         q, k, v = self.qkv(h).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.drop(self._attn_branch(a.transpose(1, 2).reshape(B, T, H), h))
+        low = prefix_low_pass(T, self.frequency_cutoff).to(h) @ h if self.frequency_mix else None
+        x = x + self.drop(self._attn_branch(a.transpose(1, 2).reshape(B, T, H), h, low))
         return x + self.drop(self._ffn_branch(x))
 
     def forward_at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -247,7 +280,9 @@ class Block(nn.Module):
         scores = (q @ k.transpose(-2, -1)) * (H // self.heads) ** -0.5  # [B, heads, 1, T]
         weights = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
         a = F.dropout(weights, self.dropout, self.training) @ v
-        x = x[rows, pos] + self.drop(self._attn_branch(a.reshape(B, H), h[rows, pos]))
+        low = (prefix_low_pass(T, self.frequency_cutoff).to(h)[pos].unsqueeze(1) @ h).squeeze(1) \
+            if self.frequency_mix else None
+        x = x[rows, pos] + self.drop(self._attn_branch(a.reshape(B, H), h[rows, pos], low))
         return x + self.drop(self._ffn_branch(x))
 
 
@@ -276,7 +311,8 @@ class PinnerFormer(nn.Module):
         self.input_proj = nn.Linear(in_dim, cfg.width)
         self.pos_emb = nn.Embedding(spec.max_len, cfg.width)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
-        self.blocks = nn.ModuleList([Block(cfg.width, cfg.heads, cfg.dropout, cfg.ffn_mult, cfg.block == "gated") for _ in range(cfg.layers)])
+        self.blocks = nn.ModuleList([Block(cfg.width, cfg.heads, cfg.dropout, cfg.ffn_mult, cfg.block == "gated",
+                                           cfg.frequency_mix, cfg.frequency_cutoff) for _ in range(cfg.layers)])
         if cfg.head == "mlp":
             self.head = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(),
                                       nn.Linear(4 * cfg.width, cfg.dim))
@@ -340,11 +376,11 @@ class PinnerFormer(nn.Module):
             x = block(x)
         return x
 
-    def user_state(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[B, H]: hidden_states(b) at each row's newest position (length - 1), with the last block computing
-        that position only (`Block.forward_at`): what inference needs, for ~1/L less work."""
+    def user_state(self, b: dict[str, torch.Tensor], positions: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, H]: hidden_states(b) at each row's newest position (length - 1; or at `positions` [B]), with the
+        last block computing that position only (`Block.forward_at`): what inference needs, for ~1/L less work."""
         x = self.block_inputs(b)
-        newest = b["length"] - 1
+        newest = b["length"] - 1 if positions is None else positions
         if not len(self.blocks):
             return x[torch.arange(x.shape[0], device=x.device), newest]
         for block in self.blocks[:-1]:
@@ -355,16 +391,16 @@ class PinnerFormer(nn.Module):
         """[B, T, D] embeddings at every position (training: every position is a query), L2-normalised for cosine."""
         return self._out(self.head(self.hidden_states(b)))
 
-    def user_embedding(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The newest position's embedding, [B, D]: the last block and the head run on that position only
-        (inference; equal to encode_sequence(b) at length - 1, to float rounding)."""
-        return self._out(self.head(self.user_state(b)))
+    def user_embedding(self, b: dict[str, torch.Tensor], positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The newest position's embedding (or at `positions` [B]), [B, D]: the last block and the head run on
+        that position only (inference; equal to encode_sequence(b) there, to float rounding)."""
+        return self._out(self.head(self.user_state(b, positions)))
 
     def item_embedding(self, item: torch.Tensor) -> torch.Tensor:
         if self.cfg.score == "dot" and self.cfg.item_tower == "none":
             # the table itself, as SASRec scores: after the LayerNorm every item would have about the same norm
             return self.items.raw(item).float()
-        return self._out(self.item_tower(self.items(item)))
+        return self._out(self.item_tower(self.items(item, self.cfg.target_id_dropout if self.training else 0.0)))
 
     @torch.no_grad()
     def grow(self, n_items: int, n_surfaces: int) -> None:

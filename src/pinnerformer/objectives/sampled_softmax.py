@@ -51,6 +51,10 @@ class LossConfig(StrictModel):
     # example: each user (example) weighs equally, its queries averaged first; query: every query weighs equally
     # (SASRec's mean over all positions: a user with 40 positions counts 40 times one with 1)
     weighting: Literal["example", "query"] = "example"
+    # > 0: add this times the twin-view contrastive loss (objectives/contrastive.py): each example's newest query
+    # encoded a second time with other dropout must find its twin among the batch's (one more encoder pass)
+    contrastive_weight: float = Field(0.0, ge=0)
+    contrastive_temperature: float = Field(0.1, gt=0)
     sketch_width: int = Field(1 << 18, ge=1)
     sketch_depth: int = Field(4, ge=1)
 

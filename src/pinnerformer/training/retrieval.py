@@ -24,6 +24,7 @@ from pinnerformer.features.sequence_batch import build_sequence_batch, to_torch
 from pinnerformer.io import atomic_path
 from pinnerformer.models.embedding import embed_items, embed_users
 from pinnerformer.models.pinnerformer import members_of, pinnerformer_for
+from pinnerformer.objectives.contrastive import newest_query_rows, twin_view_info_nce
 from pinnerformer.objectives.examples import ExampleBatch, ExampleSampler
 from pinnerformer.objectives.sampled_softmax import SampledSoftmaxLoss, sampled_softmax_loss_fused
 from pinnerformer.training import run_files as rf
@@ -127,6 +128,9 @@ class RetrievalTask:
         if self.batch_size % ctx.world:
             raise PinnerformerError(f"optim.batch_size {self.batch_size} is not a multiple of the {ctx.world} "
                                     "processes: the global batch must split evenly")
+        if self.cfg.loss.contrastive_weight:
+            raise PinnerformerError("loss.contrastive_weight is for one process: distributed training does not "
+                                    "gather the second views across ranks")
         if self.cfg.loss.negatives == "full" or self.cfg.compile:
             raise PinnerformerError("distributed training supports the sampled negatives (mixed, in-batch, random) "
                                     "without compile: not negatives=full, not compile")
@@ -177,9 +181,22 @@ class RetrievalTask:
                 # with several CPU threads in a run-dependent order; index_select's does not (bit-exact resume)
                 T = out.shape[1]
                 q = out.reshape(B * T, -1).index_select(0, t["q_example"] * T + t["q_position"])
-            losses.append(self.objective(q, member.item_embedding, member.temperature, t, B))
+            loss = self.objective(q, member.item_embedding, member.temperature, t, B)
+            if self.cfg.loss.contrastive_weight:
+                loss = loss + self.cfg.loss.contrastive_weight * self._contrastive(member, seq, q, ex, device)
+            losses.append(loss)
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         return StepLoss(loss, {"queries": len(ex.q_item)})
+
+    def _contrastive(self, member, seq: dict, q: torch.Tensor, ex: ExampleBatch, device: torch.device) -> torch.Tensor:
+        """The twin-view loss (objectives/contrastive.py): each example's newest query, from this pass (q) and from
+        a second pass with its own dropout (the last block at that position only)."""
+        rows = newest_query_rows(ex.q_example, ex.q_position, len(ex.starts))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            twin = member.user_embedding(seq, torch.from_numpy(ex.q_position[rows]).to(device))
+        z = q.index_select(0, torch.from_numpy(rows).to(device))
+        return twin_view_info_nce(z, twin, torch.from_numpy(ex.q_item[rows]).to(device),
+                                  self.cfg.loss.contrastive_temperature)
 
     def _distributed_loss(self, ex: ExampleBatch, t: dict, seq: dict, B: int, device: torch.device) -> StepLoss:
         """This rank's share of the batch's loss: its examples' queries against the whole batch's pool, the
