@@ -2,7 +2,8 @@
 # Reproduce the scouting rounds of docs/results/README.md (leave-one-out, chosen on validation only): each variant
 # trains with the preset `loo` of its time plus its overrides, and prints its validation NDCG@10 per epoch: rows
 # of the first three rounds on the preset before 2026-11-27 ($BEFORE and $PRE5 set back on today's preset), `final`
-# and `final-*` (fourth and fifth rounds) on the preset of the fourth round ($PRE5), `now*` on today's preset as is.
+# and `final-*` (fourth and fifth rounds) on the preset of the fourth round ($PRE5), `now*` (the fifth round's
+# seeds and the sixth round) on the fifth round's preset ($PRE6), `today*` on today's preset as is.
 # Usage: bash scripts/scout_loo.sh [DATA_DIR (default ../shared/data)] [VARIANTS (default: all)]
 # Runs go to $SCOUT (default /tmp/pinnerformer-scout/VARIANT); finished ones are only printed again. Rows the
 # table marks "stopped" were cut short by hand to save CPU time; here they run to their end (same curve prefix).
@@ -19,13 +20,15 @@ ML1M=${ML1M:-/tmp/pinnerformer-ml1m-subset-loo}
 PREV='"item_features": "auto", "item_tower": "mlp", "input_dropout": 0.0, "width": 64, "dim": 64, "id_dim": 64'
 TIED='"item_features": "id", "item_tower": "none", "width": 64, "dim": 64, "id_dim": 64'
 # the preset `loo` of the fourth round (2026-11-27, before the items' interests, ID dropout and the weight average):
-# the `final*` rows ran on it, with their overrides on top; `now*` rows run on today's preset as is
-PRE5='{"model": {"item_interests": "off", "id_dropout": 0.0, "width": 128, "dim": 128, "id_dim": 128},
+# the `final*` rows ran on it, with their overrides on top
+PRE5='{"model": {"item_interests": "off", "id_dropout": 0.0, "target_id_dropout": 0.0, "width": 128, "dim": 128, "id_dim": 128},
   "optim": {"ema_decay": null}}'
+# the preset `loo` of the fifth round (before the scored items' ID dropout): the `now*` rows ran on it
+PRE6='{"model": {"target_id_dropout": 0.0}}'
 # the preset `loo` as the first three rounds knew it (what today's preset changed, set back)
 BEFORE='{"eval": {"exclude_history": false}, "loss": {"mask_own_positives": false}, "data": {"length_buckets": 0},
   "model": {"head": "mlp", "ffn_mult": 4}, "optim": {"batch_actions": null, "lr": 0.002, "weight_decay": 0.01, "patience": 3}}'
-ALL="now-seed-1 now-seed-2 now-members-5 now-id-dropout-0.5 now-frequency-0.7 now-frequency-0.3 now-contrastive-0.1 now-contrastive-0.3 now-target-id-dropout-0.3 now-width-384 final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-ema-id-dropout-members-3 final-interests-ema-id-dropout-seed-1 final-interests-ema-id-dropout-0.6 final-interests-ema-id-dropout-width-256 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
+ALL="today-seed-1 now-seed-1 now-seed-2 now-members-5 now-id-dropout-0.5 now-frequency-0.7 now-contrastive-0.1 now-contrastive-0.3 now-target-id-dropout-0.3 now-target-id-dropout-0.5 now-target-id-dropout-0.3-seed-1 now-width-384 now-width-384-target-id-dropout-0.3 final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-ema-id-dropout-members-3 final-interests-ema-id-dropout-seed-1 final-interests-ema-id-dropout-0.6 final-interests-ema-id-dropout-width-256 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
      preset-loo preset-loo-input-dropout-0.2 ml1m-preset-loo preset-loo-60-epochs
      preset-loo-60-epochs-full-softmax buckets buckets-dot-query buckets-crop buckets-width-64 buckets-query
      buckets-mask-own buckets-mask-own-sasrec-shape sasrec-shape-crop sasrec-shape-lr-1e-3
@@ -33,13 +36,16 @@ ALL="now-seed-1 now-seed-2 now-members-5 now-id-dropout-0.5 now-frequency-0.7 no
 for v in ${2:-$ALL}; do
   ds=$BEAUTY
   case $v in
-    # today's preset `loo` as is, other seeds (test: pinnerformer evaluate --run $SCOUT/now-seed-N --dataset $BEAUTY
+    # today's preset `loo` as is, another seed (test: pinnerformer evaluate --run $SCOUT/today-seed-1 --dataset
+    # $BEAUTY --exclude-history)
+    today-seed-1) over='{"seed": 1}' ;;
+    # the fifth round's preset, other seeds (test: pinnerformer evaluate --run $SCOUT/now-seed-N --dataset $BEAUTY
     # --exclude-history)
     now-seed-1) over='{"seed": 1}' ;;
     now-seed-2) over='{"seed": 2}' ;;
     # an ensemble of five (loo-ensemble has three)
     now-members-5) over='{"model": {"members": 5}}' ;;
-    # sixth round (2026-11-27): levers on today's preset
+    # sixth round (2026-11-27): levers on the fifth round's preset
     now-id-dropout-0.5) over='{"model": {"id_dropout": 0.5}}' ;;
     # BSARec's frequency branch beside attention, causal (its Beauty setting: α 0.7, cut-off 5)
     now-frequency-0.7) over='{"model": {"frequency_mix": 0.7, "frequency_cutoff": 5}}' ;;
@@ -48,8 +54,10 @@ for v in ${2:-$ALL}; do
     now-contrastive-0.3) over='{"loss": {"contrastive_weight": 0.3, "contrastive_temperature": 0.1}}' ;;
     # ID dropout on the scored side too (positives and negatives read through their interests 30% of the time)
     now-target-id-dropout-0.3) over='{"model": {"target_id_dropout": 0.3}}' ;;
+    now-target-id-dropout-0.5) over='{"model": {"target_id_dropout": 0.5}}' ;;
+    now-target-id-dropout-0.3-seed-1) over='{"model": {"target_id_dropout": 0.3}, "seed": 1}' ;;
     now-width-384) over='{"model": {"width": 384, "dim": 384, "id_dim": 384}}' ;;
-    now-frequency-0.3) over='{"model": {"frequency_mix": 0.3, "frequency_cutoff": 5}}' ;;
+    now-width-384-target-id-dropout-0.3) over='{"model": {"width": 384, "dim": 384, "id_dim": 384, "target_id_dropout": 0.3}}' ;;
     final) over='{}' ;;
     # the seed spread of the preset (test number: pinnerformer evaluate --run $SCOUT/final-seed-N --dataset $BEAUTY
     # --exclude-history)
@@ -135,7 +143,8 @@ for v in ${2:-$ALL}; do
   fi
   run=$SCOUT/$v
   mkdir -p "$SCOUT"
-  if [[ $v == now* ]]; then base='{}'
+  if [[ $v == today* ]]; then base='{}'
+  elif [[ $v == now* ]]; then base=$PRE6
   elif [[ $v == final* ]]; then base=$PRE5
   else base=$($PY -c "import json, sys
 from pinnerformer.config import merge_dicts

@@ -355,6 +355,12 @@ def test_gated_block_is_causal_and_its_newest_position_path_agrees():
     model = PinnerFormer(cfg, InputSpec(n_items=50, n_actions=3, n_surfaces=2, max_len=16)).eval()
     blk = model.blocks[0]
     assert not hasattr(blk, "ffn") and blk.ffn_gate_up.out_features == 2 * 2 * 32 and blk.gate_attn.in_features == 32
+    assert_causal_with_agreeing_newest_path(model)
+
+
+def assert_causal_with_agreeing_newest_path(model: PinnerFormer) -> dict:
+    """Every position ignores later actions, and the inference path (the last block at the newest position only)
+    equals the every-position one. Returns the batch it used."""
     a, other = random_batch(B=4, T=12), random_batch(B=4, T=12, seed=1)
     a["length"] = np.array([12, 7, 1, 3])
     b = {k: v.copy() for k, v in a.items()}
@@ -365,6 +371,7 @@ def test_gated_block_is_causal_and_its_newest_position_path_agrees():
         newest = model.user_embedding(to_torch(a))
     assert torch.allclose(full_a[:, :5], full_b[:, :5], atol=1e-6) and not torch.allclose(full_a[0, 5:], full_b[0, 5:])
     torch.testing.assert_close(newest, full_a[torch.arange(4), torch.tensor(a["length"]) - 1], atol=1e-6, rtol=0)
+    return a
 
 
 def test_prefix_low_pass_filters_each_prefix_like_bsarec_on_that_prefix_alone():
@@ -392,16 +399,9 @@ def test_frequency_branch_is_causal_learns_beta_and_its_newest_position_path_agr
     with torch.no_grad():
         for blk in model.blocks:
             blk.sqrt_beta.uniform_(0.2, 1.5)  # away from β = 1, where the filter would pass its input unchanged
-    a, other = random_batch(B=4, T=12), random_batch(B=4, T=12, seed=1)
-    a["length"] = np.array([12, 7, 1, 3])
-    b = {k: v.copy() for k, v in a.items()}
-    for k in ["item", "action", "surface", "duration", "t_since", "t_gap", "t_abs_frac", "t_abs_days"]:
-        b[k][:, 5:] = other[k][:, 5:]
+    a = assert_causal_with_agreeing_newest_path(model)
     with torch.no_grad():
-        full_a, full_b = model.encode_sequence(to_torch(a)), model.encode_sequence(to_torch(b))
-        newest = model.user_embedding(to_torch(a))
-    assert torch.allclose(full_a[:, :5], full_b[:, :5], atol=1e-6) and not torch.allclose(full_a[0, 5:], full_b[0, 5:])
-    torch.testing.assert_close(newest, full_a[torch.arange(4), torch.tensor(a["length"]) - 1], atol=1e-6, rtol=0)
+        full_a = model.encode_sequence(to_torch(a))
     # the branch is in the computation: β gets a gradient, and without the branch the outputs differ
     model.train()
     model.encode_sequence(to_torch(a)).sum().backward()

@@ -186,7 +186,8 @@ def test_loo_preset_is_the_leave_one_out_default_and_is_recorded(planted, tmp_pa
     assert (cfg.eval.protocol, cfg.loss.objective, cfg.data.cutoff) == ("leave-one-out", "sasrec", "last")
     assert cfg.loss.mask_own_positives and cfg.eval.exclude_history  # selected on the protocol it is reported under
     assert (cfg.model.head, cfg.model.ffn_mult, cfg.optim.batch_actions, cfg.optim.weight_decay) == ("norm", 1, 1536, 1.0)
-    assert (cfg.model.item_interests, cfg.model.id_dropout, cfg.optim.ema_decay, cfg.model.members) == ("auto", 0.3, 0.995, 1)
+    assert (cfg.model.item_interests, cfg.model.id_dropout, cfg.model.target_id_dropout, cfg.optim.ema_decay,
+            cfg.model.members) == ("auto", 0.3, 0.3, 0.995, 1)
     ens = load_config("loo-ensemble")  # the same, three times
     assert ens.model.members == 3 and ens.model_dump(exclude={"preset", "model"}) == cfg.model_dump(exclude={"preset", "model"})
     assert ens.model.model_copy(update={"members": 1}) == cfg.model
