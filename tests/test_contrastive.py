@@ -1,5 +1,6 @@
 """The twin-view contrastive regulariser (objectives/contrastive.py) and its place in the retrieval loss."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,15 +13,14 @@ from pinnerformer.data import Dataset
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.objectives.contrastive import newest_query_rows, twin_view_info_nce
 from pinnerformer.training.config import load_config
-from pinnerformer.training.retrieval import RetrievalTask
+from pinnerformer.training.retrieval import RetrievalBatch, RetrievalTask
 
 
 def test_newest_query_rows_picks_each_examples_largest_position():
-    q_example = np.array([1, 0, 0, 2, 1, 0, 2])
+    q_example = np.array([1, 0, 0, 3, 1, 0, 3])  # example 2 has no query (no positive in any of its windows)
     q_position = np.array([0, 3, 1, 5, 2, 0, 4])
-    assert newest_query_rows(q_example, q_position, 3).tolist() == [1, 4, 3]
-    with pytest.raises(ValueError, match="4 examples but 3 have queries"):
-        newest_query_rows(q_example, q_position, 4)
+    assert newest_query_rows(q_example, q_position).tolist() == [1, 4, 3]
+    assert newest_query_rows(np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() == []
 
 
 def test_twin_view_info_nce_by_hand_and_same_target_pairs_left_out():
@@ -61,12 +61,23 @@ def test_the_retrieval_loss_adds_the_weighted_twin_view_term(planted):
     cpu = torch.device("cpu")
     base, total = plain.loss(batch, 0, cpu).loss, with_cl.loss(batch, 0, cpu).loss
     ex = batch.examples
-    rows = newest_query_rows(ex.q_example, ex.q_position, len(ex.starts))
-    z = plain.model.encode_sequence({k: torch.as_tensor(v) for k, v in batch.seq.items()})[
-        torch.as_tensor(ex.q_example[rows]), torch.as_tensor(ex.q_position[rows])]
-    term = twin_view_info_nce(z, z, torch.as_tensor(ex.q_item[rows]), 0.1)
+
+    def twin_term(ex):
+        rows = newest_query_rows(ex.q_example, ex.q_position)
+        z = plain.model.encode_sequence({k: torch.as_tensor(v) for k, v in batch.seq.items()})[
+            torch.as_tensor(ex.q_example[rows]), torch.as_tensor(ex.q_position[rows])]
+        return twin_view_info_nce(z, z, torch.as_tensor(ex.q_item[rows]), 0.1)
+
+    term = twin_term(ex)
     assert term > 0.1 * math.log(2)  # a real term: the batch's other rows are competing negatives
     torch.testing.assert_close(total, base + 0.5 * term, atol=1e-5, rtol=1e-5)
+    # an example without any query (possible under the dense objectives) is left out of the term, not an error
+    keep = ex.q_example != ex.q_example[0]
+    fewer = RetrievalBatch(dataclasses.replace(ex, q_example=ex.q_example[keep], q_position=ex.q_position[keep],
+                                               q_item=ex.q_item[keep]), batch.seq)
+    with torch.no_grad():
+        base_f, total_f = plain.loss(fewer, 0, cpu).loss, with_cl.loss(fewer, 0, cpu).loss
+    torch.testing.assert_close(total_f, base_f + 0.5 * twin_term(fewer.examples), atol=1e-5, rtol=1e-5)
     # the term's gradient reaches the encoder: the weights' gradients differ from the plain loss's
     total.backward()
     base.backward()

@@ -402,6 +402,11 @@ def test_frequency_branch_is_causal_learns_beta_and_its_newest_position_path_agr
     a = assert_causal_with_agreeing_newest_path(model)
     with torch.no_grad():
         full_a = model.encode_sequence(to_torch(a))
+        at = torch.tensor([3, 2, 0, 1])  # any position per row, not only the newest, through the one-position path
+        torch.testing.assert_close(model.user_embedding(to_torch(a), at), full_a[torch.arange(4), at], atol=1e-6, rtol=0)
+    # the filter is a buffer built once (not saved with the weights); inputs longer than max_len build their own
+    assert "blocks.0.low_pass" not in model.state_dict() and model.blocks[0].low_pass.shape == (16, 16)
+    torch.testing.assert_close(model.blocks[0]._low_pass(20)[:16, :16], model.blocks[0].low_pass)
     # the branch is in the computation: β gets a gradient, and without the branch the outputs differ
     model.train()
     model.encode_sequence(to_torch(a)).sum().backward()

@@ -58,7 +58,8 @@ class PinnerFormerConfig(StrictModel):
     # branch's output is multiplied by a learned sigmoid gate of its normalised input, and the FFN is SwiGLU
     block: Literal["pre-norm", "gated"] = "pre-norm"
     # BSARec's frequency branch beside attention, made causal: each position's normalised input split into the low
-    # frequencies of its own prefix (the first frequency_cutoff Fourier terms of the actions up to it) and the rest,
+    # frequencies of its own prefix (the first frequency_cutoff Fourier terms of the actions up to it, the constant
+    # term included: BSARec's c keeps c // 2 + 1 of them, so its c = 5 is frequency_cutoff 3) and the rest,
     # recombined as low + β²·high (β learned per channel); the block adds frequency_mix × that + (1 -
     # frequency_mix) × attention. 0: attention only
     frequency_mix: float = Field(0.0, ge=0, le=1)
@@ -80,7 +81,8 @@ class PinnerFormerConfig(StrictModel):
     # so that the model cannot read an item by its ID alone (items without interests always keep their ID)
     id_dropout: float = Field(0.0, ge=0, lt=1)
     # the same for the items scored in training (positives and negatives): a left-out ID leaves the item's vector
-    # to its interests, so that the scored table of rarely seen items leans on what their interests learned
+    # to its interests, so that the scored table of rarely seen items leans on what their interests learned (no
+    # effect with score=dot and item_tower=none, which score the raw table, nor on items without interests)
     target_id_dropout: float = Field(0.0, ge=0, lt=1)
     action_dim: int = Field(16, ge=1)
     surface_dim: int = Field(8, ge=1)
@@ -219,12 +221,15 @@ class Block(nn.Module):
     σ(G_a·LN(x)) ⊙ Attn(LN(x)), then x + σ(G_f·LN(x)) ⊙ SwiGLU(LN(x)), SwiGLU(h) = W_o(silu(W_g h) ⊙ W_u h)."""
 
     def __init__(self, width: int, heads: int, dropout: float, ffn_mult: int = 4, gated: bool = False,
-                 frequency_mix: float = 0.0, frequency_cutoff: int = 5):
+                 frequency_mix: float = 0.0, frequency_cutoff: int = 5, max_len: int = 64):
         super().__init__()
         self.heads, self.dropout, self.gated = heads, dropout, gated
         self.frequency_mix, self.frequency_cutoff = frequency_mix, frequency_cutoff
         if frequency_mix:
             self.sqrt_beta = nn.Parameter(torch.ones(width))  # β per channel; 1: the input passes unfiltered
+            # built once, moved with the module (no host copy per forward, nothing for a compiled graph to rebuild);
+            # row t depends on t only, so [:T, :T] serves any shorter input; not saved (a function of the config)
+            self.register_buffer("low_pass", prefix_low_pass(max_len, frequency_cutoff).clone(), persistent=False)
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -243,8 +248,14 @@ class Block(nn.Module):
         o = o * torch.sigmoid(self.gate_attn(h)) if self.gated else o
         if not self.frequency_mix:
             return o
-        filtered = low + self.sqrt_beta.square() * (h - low)
+        filtered = (low + self.sqrt_beta.square() * (h - low)).to(o.dtype)  # keep the residual stream's dtype
         return self.frequency_mix * filtered + (1 - self.frequency_mix) * o
+
+    def _low_pass(self, T: int) -> torch.Tensor:
+        """[T, T] the causal low-pass (`prefix_low_pass`); built on the fly only for inputs longer than max_len."""
+        if T <= self.low_pass.shape[0]:
+            return self.low_pass[:T, :T]
+        return prefix_low_pass(T, self.frequency_cutoff).to(self.low_pass.device)
 
     def _ffn_branch(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln2(x)
@@ -258,7 +269,7 @@ class Block(nn.Module):
         h = self.ln1(x)
         q, k, v = self.qkv(h).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        low = prefix_low_pass(T, self.frequency_cutoff).to(h) @ h if self.frequency_mix else None
+        low = self._low_pass(T).to(h.dtype) @ h if self.frequency_mix else None
         x = x + self.drop(self._attn_branch(a.transpose(1, 2).reshape(B, T, H), h, low))
         return x + self.drop(self._ffn_branch(x))
 
@@ -280,8 +291,7 @@ class Block(nn.Module):
         scores = (q @ k.transpose(-2, -1)) * (H // self.heads) ** -0.5  # [B, heads, 1, T]
         weights = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
         a = F.dropout(weights, self.dropout, self.training) @ v
-        low = (prefix_low_pass(T, self.frequency_cutoff).to(h)[pos].unsqueeze(1) @ h).squeeze(1) \
-            if self.frequency_mix else None
+        low = (self._low_pass(T).to(h.dtype)[pos].unsqueeze(1) @ h).squeeze(1) if self.frequency_mix else None
         x = x[rows, pos] + self.drop(self._attn_branch(a.reshape(B, H), h[rows, pos], low))
         return x + self.drop(self._ffn_branch(x))
 
@@ -312,7 +322,8 @@ class PinnerFormer(nn.Module):
         self.pos_emb = nn.Embedding(spec.max_len, cfg.width)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.blocks = nn.ModuleList([Block(cfg.width, cfg.heads, cfg.dropout, cfg.ffn_mult, cfg.block == "gated",
-                                           cfg.frequency_mix, cfg.frequency_cutoff) for _ in range(cfg.layers)])
+                                           cfg.frequency_mix, cfg.frequency_cutoff, spec.max_len)
+                                     for _ in range(cfg.layers)])
         if cfg.head == "mlp":
             self.head = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(),
                                       nn.Linear(4 * cfg.width, cfg.dim))
@@ -466,8 +477,8 @@ class PinnerFormerEnsemble(nn.Module):
         """The members' mean temperature (for the training log)."""
         return torch.stack([m.temperature for m in self.members]).mean()
 
-    def user_embedding(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([m.user_embedding(b) for m in self.members], dim=-1) * self.scale
+    def user_embedding(self, b: dict[str, torch.Tensor], positions: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cat([m.user_embedding(b, positions) for m in self.members], dim=-1) * self.scale
 
     def item_embedding(self, item: torch.Tensor) -> torch.Tensor:
         return torch.cat([m.item_embedding(item) for m in self.members], dim=-1) * self.scale

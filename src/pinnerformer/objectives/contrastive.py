@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 
 
-def newest_query_rows(q_example: np.ndarray, q_position: np.ndarray, n_examples: int) -> np.ndarray:
-    """[B] for each example, the row of its query at the largest position (every example has at least one)."""
+def newest_query_rows(q_example: np.ndarray, q_position: np.ndarray) -> np.ndarray:
+    """The row of each example's query at its largest position, for the examples that have queries (an example can
+    have none: the dense objectives keep only positions with a positive in their window), in example order."""
+    if not len(q_example):
+        return np.zeros(0, dtype=np.int64)
     order = np.lexsort((q_position, q_example))  # by example, then position: each example's last row is its newest
-    last = order[np.r_[np.flatnonzero(np.diff(q_example[order])), len(order) - 1]]
-    if len(last) != n_examples:
-        raise ValueError(f"{n_examples} examples but {len(last)} have queries: every example needs one")
-    return last
+    return order[np.r_[np.flatnonzero(np.diff(q_example[order])), len(order) - 1]]
 
 
 def twin_view_info_nce(z1: torch.Tensor, z2: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:

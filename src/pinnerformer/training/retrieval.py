@@ -183,20 +183,29 @@ class RetrievalTask:
                 q = out.reshape(B * T, -1).index_select(0, t["q_example"] * T + t["q_position"])
             loss = self.objective(q, member.item_embedding, member.temperature, t, B)
             if self.cfg.loss.contrastive_weight:
-                loss = loss + self.cfg.loss.contrastive_weight * self._contrastive(member, seq, q, ex, device)
+                twin_term = self._contrastive(member, seq, batch.seq["length"], q, ex, device)
+                loss = loss + self.cfg.loss.contrastive_weight * twin_term
             losses.append(loss)
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         return StepLoss(loss, {"queries": len(ex.q_item)})
 
-    def _contrastive(self, member, seq: dict, q: torch.Tensor, ex: ExampleBatch, device: torch.device) -> torch.Tensor:
+    def _contrastive(self, member, seq: dict, lengths: np.ndarray, q: torch.Tensor, ex: ExampleBatch,
+                     device: torch.device) -> torch.Tensor:
         """The twin-view loss (objectives/contrastive.py): each example's newest query, from this pass (q) and from
-        a second pass with its own dropout (the last block at that position only)."""
-        rows = newest_query_rows(ex.q_example, ex.q_position, len(ex.starts))
+        a second pass with its own dropout (the last block at that position only); examples without a query are
+        left out (zero examples: a zero term that still carries a gradient)."""
+        rows = newest_query_rows(ex.q_example, ex.q_position)
+        if len(rows) < 2:  # no negative to tell the twin from
+            return q.sum() * 0.0
+        examples = ex.q_example[rows]
+        at = np.asarray(lengths, dtype=np.int64) - 1  # each example's second-view position: its newest query's
+        at[examples] = ex.q_position[rows]  # (examples without one: any position; their rows are not read)
+        # one host-to-device copy: the query rows, their examples, targets and the second-view positions
+        packed = torch.from_numpy(np.concatenate([rows, examples, ex.q_item[rows], at]).astype(np.int64)).to(device)
+        r_rows, r_examples, r_targets, r_at = packed.split([len(rows), len(rows), len(rows), len(at)])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            twin = member.user_embedding(seq, torch.from_numpy(ex.q_position[rows]).to(device))
-        z = q.index_select(0, torch.from_numpy(rows).to(device))
-        return twin_view_info_nce(z, twin, torch.from_numpy(ex.q_item[rows]).to(device),
-                                  self.cfg.loss.contrastive_temperature)
+            twin = member.user_embedding(seq, r_at).index_select(0, r_examples)
+        return twin_view_info_nce(q.index_select(0, r_rows), twin, r_targets, self.cfg.loss.contrastive_temperature)
 
     def _distributed_loss(self, ex: ExampleBatch, t: dict, seq: dict, B: int, device: torch.device) -> StepLoss:
         """This rank's share of the batch's loss: its examples' queries against the whole batch's pool, the
