@@ -6,6 +6,8 @@ chose anything: selection is by validation only.
                                                          fact: the sum of their scores (vectors / τ concatenated)
     python scripts/loo_checks.py transitions RUN         validation NDCG@10 of RUN's scores blended with a
                                                          first-order transition model (item -> next item counts)
+    python scripts/loo_checks.py coldness RUN [...]      validation and test NDCG@10 (history removed) of each run
+                                                         by how often the target occurs in training (sixth round)
 Options: --dataset (default /tmp/pinnerformer-beauty, prepared by scripts/scout_loo.sh).
 """
 
@@ -91,15 +93,42 @@ def transitions(ds: Dataset, run: str, weights=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0)) -
         print(f"weight {w:g}: validation ndcg@10 {np.mean(g):.4f}")
 
 
+COLD_BUCKETS = ((0, 5), (5, 15), (15, 10**9))  # training occurrences of the target: < 5, 5-14, 15 and more
+
+
+def coldness(ds: Dataset, runs: list[str]) -> None:
+    """NDCG@10 (history removed, ties pessimistic) per bucket of the target's training count, both splits."""
+    counts = training_counts(ds)
+    for split in ("validation", "test"):
+        task = leave_one_out_task(ds, split)
+        c = counts[np.array([lab[0] for lab in task.labels])]
+        shares = ", ".join(f"{lo}-{min(hi, 10**4) - 1}: {np.mean((c >= lo) & (c < hi)):.0%}" for lo, hi in COLD_BUCKETS)
+        print(f"{split} (targets by training count: {shares})")
+        for r in runs:
+            model = RunDir(r).load_model(ds)
+            users = embed_users(model, ds.timelines, task.starts, task.ends, CPU)
+            res, ranked = score_task(task, Scorer(r, users, embed_items(model, CPU)), 10, REPORTED["leave-one-out"],
+                                     history=ds.timelines, intervals=False)
+            rank = np.array([row[0] for row in ranked.ranks])  # one label per row
+            ndcg = np.where(rank < 10, 1 / np.log2(rank + 2), 0.0)
+            assert abs(ndcg.mean() - res["ndcg@10"].mean) < 1e-9, "the buckets must add up to the scorer's number"
+            cells = "  ".join(f"{ndcg[(c >= lo) & (c < hi)].mean():.4f}" for lo, hi in COLD_BUCKETS)
+            print(f"  {r}: all {ndcg.mean():.4f}  by bucket {cells}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("check", choices=["targets", "combine", "transitions"])
+    ap.add_argument("check", choices=["targets", "combine", "transitions", "coldness"])
     ap.add_argument("runs", nargs="*")
     ap.add_argument("--dataset", default="/tmp/pinnerformer-beauty")
     a = ap.parse_args()
     ds = Dataset.open(a.dataset)
     if a.check == "targets":
         targets(ds)
+    elif a.check == "coldness":
+        if not a.runs:
+            ap.error("coldness needs one or more run directories")
+        coldness(ds, a.runs)
     elif a.check == "combine":
         if len(a.runs) < 2:
             ap.error("combine needs two or more run directories")
