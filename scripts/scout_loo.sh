@@ -28,7 +28,7 @@ PRE6='{"model": {"target_id_dropout": 0.0}}'
 # the preset `loo` as the first three rounds knew it (what today's preset changed, set back)
 BEFORE='{"eval": {"exclude_history": false}, "loss": {"mask_own_positives": false}, "data": {"length_buckets": 0},
   "model": {"head": "mlp", "ffn_mult": 4}, "optim": {"batch_actions": null, "lr": 0.002, "weight_decay": 0.01, "patience": 3}}'
-ALL="today-seed-1 now-seed-1 now-seed-2 now-members-5 now-id-dropout-0.5 now-frequency-0.7 now-frequency-0.7-cutoff-3 now-contrastive-0.1 now-contrastive-0.3 now-target-id-dropout-0.3 now-target-id-dropout-0.5 now-target-id-dropout-0.3-seed-1 now-width-384 now-width-384-target-id-dropout-0.3 final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-ema-id-dropout-members-3 final-interests-ema-id-dropout-seed-1 final-interests-ema-id-dropout-0.6 final-interests-ema-id-dropout-width-256 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
+ALL="today-seed-1 now-seed-1 now-seed-2 now-members-5 now-id-dropout-0.5 now-frequency-0.7 now-frequency-0.7-cutoff-3 now-contrastive-0.1 now-contrastive-0.3 now-target-id-dropout-0.3 now-target-id-dropout-0.5 now-width-384 now-width-384-target-id-dropout-0.3 final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-ema-id-dropout-members-3 final-interests-ema-id-dropout-seed-1 final-interests-ema-id-dropout-0.6 final-interests-ema-id-dropout-width-256 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
      preset-loo preset-loo-input-dropout-0.2 ml1m-preset-loo preset-loo-60-epochs
      preset-loo-60-epochs-full-softmax buckets buckets-dot-query buckets-crop buckets-width-64 buckets-query
      buckets-mask-own buckets-mask-own-sasrec-shape sasrec-shape-crop sasrec-shape-lr-1e-3
@@ -57,7 +57,6 @@ for v in ${2:-$ALL}; do
     # ID dropout on the scored side too (positives and negatives read through their interests 30% of the time)
     now-target-id-dropout-0.3) over='{"model": {"target_id_dropout": 0.3}}' ;;
     now-target-id-dropout-0.5) over='{"model": {"target_id_dropout": 0.5}}' ;;
-    now-target-id-dropout-0.3-seed-1) over='{"model": {"target_id_dropout": 0.3}, "seed": 1}' ;;
     now-width-384) over='{"model": {"width": 384, "dim": 384, "id_dim": 384}}' ;;
     now-width-384-target-id-dropout-0.3) over='{"model": {"width": 384, "dim": 384, "id_dim": 384, "target_id_dropout": 0.3}}' ;;
     final) over='{}' ;;
