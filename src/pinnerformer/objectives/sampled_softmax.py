@@ -55,6 +55,9 @@ class LossConfig(StrictModel):
     # encoded a second time with other dropout must find its twin among the batch's (one more encoder pass)
     contrastive_weight: float = Field(0.0, ge=0)
     contrastive_temperature: float = Field(0.1, gt=0)
+    # > 0 (ensembles, model.members > 1): add this times each member's KL divergence from the ensemble's
+    # distribution over its candidates (objectives/mutual_distillation.py): the members teach each other
+    distill_weight: float = Field(0.0, ge=0)
     sketch_width: int = Field(1 << 18, ge=1)
     sketch_depth: int = Field(4, ge=1)
 
@@ -213,11 +216,18 @@ def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_l
 
     pos_logit [Q] = s(u,p); neg_logit [Q,N] = s(u,n); pos_log_q [Q]; neg_log_q [N]; mask [Q,N] True = drop.
     """
+    logits = corrected_logits(pos_logit, neg_logit, pos_log_q, neg_log_q, mask)
+    per_query = torch.logsumexp(logits, dim=1) - logits[:, 0]
+    return reduce_queries(per_query, q_example, n_examples, weighting, denominator)
+
+
+def corrected_logits(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_log_q: torch.Tensor,
+                     neg_log_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[Q, 1 + N] the logits the sampled softmax normalises: column 0 the positive's s(u,p) - log Q(p), then the
+    pool's s(u,n) - log Q(n), masked entries -inf (shapes as in `sampled_softmax_loss`)."""
     z_pos = pos_logit - pos_log_q
     z_neg = (neg_logit - neg_log_q.unsqueeze(0)).masked_fill(mask, float("-inf"))
-    logits = torch.cat([z_pos.unsqueeze(1), z_neg], dim=1)
-    per_query = torch.logsumexp(logits, dim=1) - z_pos
-    return reduce_queries(per_query, q_example, n_examples, weighting, denominator)
+    return torch.cat([z_pos.unsqueeze(1), z_neg], dim=1)
 
 
 def sampled_softmax_loss_fused(q: torch.Tensor, pos_e: torch.Tensor, neg_e: torch.Tensor, tau: torch.Tensor,
@@ -286,9 +296,13 @@ class SampledSoftmaxLoss:
         return host
 
     def __call__(self, q: torch.Tensor, item_embedding: Callable[[torch.Tensor], torch.Tensor], tau: torch.Tensor,
-                 t: dict[str, torch.Tensor], n_examples: int, queries: torch.Tensor | None = None) -> torch.Tensor:
+                 t: dict[str, torch.Tensor], n_examples: int, queries: torch.Tensor | None = None,
+                 with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """q [Q, D] the queries' embeddings; item_embedding(ids) -> [n, D] normalised; tau the temperature;
         t = host_inputs(...) on q's device. Scores run under bf16 autocast on GPU, the loss itself in float32.
+
+        with_logits: also return the [Q, 1 + N] logits the loss normalises (`corrected_logits`), for a term on the
+        same distribution (objectives/mutual_distillation.py); sampled negatives, eager, one process only.
 
         queries: on one rank of a distributed step, which of the batch's queries q holds (t describes the whole
         batch, the same on every rank); the loss is then this rank's share of the whole batch's loss (the same
@@ -296,6 +310,9 @@ class SampledSoftmaxLoss:
         cfg, dev, B = self.cfg, q.device, n_examples
         q_example, label_items = t["q_example"], t["label_items"]
         share = None
+        if with_logits and (cfg.negatives == "full" or self.fused is not None or queries is not None):
+            raise ValueError("the loss's logits are kept for the sampled negatives (random, in-batch, mixed) of the "
+                             "eager loss in one process: not negatives=full, not the compiled loss, not distributed")
         if queries is not None:
             if cfg.negatives == "full" or self.fused is not None:
                 raise ValueError("a distributed step supports the sampled negatives (random, in-batch, mixed) of the "
@@ -337,5 +354,9 @@ class SampledSoftmaxLoss:
         else:
             mask = label_mask(label_items, t["pool_items"])
         pos_log_q = t["pos_log_q"] if share is None else t["pos_log_q"][queries]
+        if with_logits:
+            logits = corrected_logits(pos_logit.float(), neg_logit.float(), pos_log_q, t["pool_log_q"], mask)
+            per_query = torch.logsumexp(logits, dim=1) - logits[:, 0]
+            return reduce_queries(per_query, q_example, B, cfg.weighting), logits
         return sampled_softmax_loss(pos_logit.float(), neg_logit.float(), pos_log_q, t["pool_log_q"], mask,
                                     q_example, B, share, cfg.weighting)

@@ -26,6 +26,7 @@ from pinnerformer.models.embedding import embed_items, embed_users
 from pinnerformer.models.pinnerformer import members_of, pinnerformer_for
 from pinnerformer.objectives.contrastive import newest_query_rows, twin_view_info_nce
 from pinnerformer.objectives.examples import ExampleBatch, ExampleSampler
+from pinnerformer.objectives.mutual_distillation import ensemble_distillation
 from pinnerformer.objectives.sampled_softmax import SampledSoftmaxLoss, sampled_softmax_loss_fused
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import TrainConfig
@@ -100,6 +101,13 @@ class RetrievalTask:
             self.notes.append(f"item interests: {len(self.model.spec.interests):,} learned interest embeddings, "
                               f"{with_any:,} of {m.n_items:,} items have interests")
         self.objective = SampledSoftmaxLoss(cfg.loss, m.n_items, seed=cfg.seed)
+        if cfg.loss.distill_weight:
+            if cfg.model.members < 2:
+                raise PinnerformerError(f"loss.distill_weight {cfg.loss.distill_weight}: mutual distillation is "
+                                        "between an ensemble's members; set model.members to 2 or more")
+            if cfg.loss.negatives == "full":
+                raise PinnerformerError("loss.distill_weight needs sampled negatives (mixed, in-batch, random): "
+                                        "not negatives=full")
         # GPU: fixed-length batches (static shapes for compiled kernels); CPU: padded to the longest sequence only
         self.pad_to = cfg.data.max_len if resolve_device(cfg.device).type == "cuda" else None
         # every epoch: each eligible user `sequences_per_user` times; the ragged last batch is dropped
@@ -131,6 +139,9 @@ class RetrievalTask:
         if self.cfg.loss.contrastive_weight:
             raise PinnerformerError("loss.contrastive_weight is for one process: distributed training does not "
                                     "gather the second views across ranks")
+        if self.cfg.loss.distill_weight:
+            raise PinnerformerError("loss.distill_weight is for one process: distributed training does not gather "
+                                    "the members' logits across ranks")
         if self.cfg.loss.negatives == "full" or self.cfg.compile:
             raise PinnerformerError("distributed training supports the sampled negatives (mixed, in-batch, random) "
                                     "without compile: not negatives=full, not compile")
@@ -173,7 +184,8 @@ class RetrievalTask:
         B = len(ex.starts)
         if self.dist is not None:
             return self._distributed_loss(ex, t, seq, B, device)
-        losses = []
+        losses, member_logits = [], []
+        distill = self.cfg.loss.distill_weight > 0
         for member in members_of(self.model):  # an ensemble's members: each its own loss, on the same batch
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = member.encode_sequence(seq)  # [B, T, D]
@@ -181,11 +193,18 @@ class RetrievalTask:
                 # with several CPU threads in a run-dependent order; index_select's does not (bit-exact resume)
                 T = out.shape[1]
                 q = out.reshape(B * T, -1).index_select(0, t["q_example"] * T + t["q_position"])
-            loss = self.objective(q, member.item_embedding, member.temperature, t, B)
+            if distill:  # the same loss, and the logits it normalises, for the members' mutual term below
+                loss, logits = self.objective(q, member.item_embedding, member.temperature, t, B, with_logits=True)
+                member_logits.append(logits)
+            else:
+                loss = self.objective(q, member.item_embedding, member.temperature, t, B)
             if self.cfg.loss.contrastive_weight:
                 twin_term = self._contrastive(member, seq, batch.seq["length"], q, ex, device)
                 loss = loss + self.cfg.loss.contrastive_weight * twin_term
             losses.append(loss)
+        if distill:
+            terms = ensemble_distillation(member_logits, t["q_example"], B, self.cfg.loss.weighting)
+            losses = [loss + self.cfg.loss.distill_weight * term for loss, term in zip(losses, terms)]
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         return StepLoss(loss, {"queries": len(ex.q_item)})
 
@@ -232,7 +251,8 @@ class RetrievalTask:
         # the encoder with static shapes; the loss in its fused form, with dynamic shapes (see SampledSoftmaxLoss)
         for member in members_of(self.model):
             member.encode_sequence = torch.compile(member.encode_sequence, mode=mode)
-        self.objective.fused = torch.compile(sampled_softmax_loss_fused, dynamic=True)
+        if not self.cfg.loss.distill_weight:  # (the mutual term reads the eager loss's logits)
+            self.objective.fused = torch.compile(sampled_softmax_loss_fused, dynamic=True)
 
     # ---- validation ------------------------------------------------------------------------------------
     def _scores(self, scorer: Scorer) -> dict[str, float]:
