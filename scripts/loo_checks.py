@@ -8,6 +8,8 @@ chose anything: selection is by validation only.
                                                          first-order transition model (item -> next item counts)
     python scripts/loo_checks.py coldness RUN [...]      validation and test NDCG@10 (history removed) of each run
                                                          by how often the target occurs in training (sixth round)
+    python scripts/loo_checks.py members RUN              validation and test NDCG@10 (history removed) of each of
+                                                         an ensemble's members alone, and of the ensemble (seventh)
 Options: --dataset (default /tmp/pinnerformer-beauty, prepared by scripts/scout_loo.sh).
 """
 
@@ -24,6 +26,7 @@ from pinnerformer.evaluation.protocols import REPORTED
 from pinnerformer.evaluation.scorer import Scorer, score_task
 from pinnerformer.evaluation.tasks import leave_one_out_task
 from pinnerformer.models.embedding import embed_items, embed_users
+from pinnerformer.models.pinnerformer import members_of
 from pinnerformer.runs.run_dir import RunDir
 
 CPU = torch.device("cpu")
@@ -116,9 +119,23 @@ def coldness(ds: Dataset, runs: list[str]) -> None:
             print(f"  {r}: all {ndcg.mean():.4f}  by bucket {cells}")
 
 
+def members(ds: Dataset, run: str) -> None:
+    """Each member of an ensemble run scored alone (its own cosine ranking), then the ensemble as it is scored."""
+    model = RunDir(run).load_model(ds)
+    for split in ("validation", "test"):
+        task = leave_one_out_task(ds, split)
+        cells = []
+        for name, m in [(f"member {k}", m) for k, m in enumerate(members_of(model))] + [("ensemble", model)]:
+            users = embed_users(m, ds.timelines, task.starts, task.ends, CPU)
+            res, _ = score_task(task, Scorer(name, users, embed_items(m, CPU)), 10, REPORTED["leave-one-out"],
+                                history=ds.timelines, intervals=False)
+            cells.append(f"{name} {res['ndcg@10'].mean:.4f}")
+        print(f"{split}: " + ", ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("check", choices=["targets", "combine", "transitions", "coldness"])
+    ap.add_argument("check", choices=["targets", "combine", "transitions", "coldness", "members"])
     ap.add_argument("runs", nargs="*")
     ap.add_argument("--dataset", default="/tmp/pinnerformer-beauty")
     a = ap.parse_args()
@@ -129,6 +146,10 @@ def main() -> None:
         if not a.runs:
             ap.error("coldness needs one or more run directories")
         coldness(ds, a.runs)
+    elif a.check == "members":
+        if len(a.runs) != 1:
+            ap.error("members needs one ensemble run directory")
+        members(ds, a.runs[0])
     elif a.check == "combine":
         if len(a.runs) < 2:
             ap.error("combine needs two or more run directories")
