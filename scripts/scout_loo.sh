@@ -28,7 +28,7 @@ PRE6='{"model": {"target_id_dropout": 0.0}}'
 # the preset `loo` as the first three rounds knew it (what today's preset changed, set back)
 BEFORE='{"eval": {"exclude_history": false}, "loss": {"mask_own_positives": false}, "data": {"length_buckets": 0},
   "model": {"head": "mlp", "ffn_mult": 4}, "optim": {"batch_actions": null, "lr": 0.002, "weight_decay": 0.01, "patience": 3}}'
-ALL="today-members-3-distill-1 today-members-3-distill-0.3 today-ml1m-members-3-distill-1 today-seed-1 now-seed-1 now-seed-2 now-members-5 now-id-dropout-0.5 now-frequency-0.7 now-frequency-0.7-cutoff-3 now-contrastive-0.1 now-contrastive-0.3 now-target-id-dropout-0.3 now-target-id-dropout-0.5 now-width-384 now-width-384-target-id-dropout-0.3 final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-ema-id-dropout-members-3 final-interests-ema-id-dropout-seed-1 final-interests-ema-id-dropout-0.6 final-interests-ema-id-dropout-width-256 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
+ALL="today-members-3-distill-1 today-members-3-distill-0.3 today-ml1m-members-3-distill-1 today-ml1m-members-3-distill-0.3 today-max-epochs-30 today-ml1m-max-epochs-30 today-seed-1 now-seed-1 now-seed-2 now-members-5 now-id-dropout-0.5 now-frequency-0.7 now-frequency-0.7-cutoff-3 now-contrastive-0.1 now-contrastive-0.3 now-target-id-dropout-0.3 now-target-id-dropout-0.5 now-width-384 now-width-384-target-id-dropout-0.3 final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-ema-id-dropout-members-3 final-interests-ema-id-dropout-seed-1 final-interests-ema-id-dropout-0.6 final-interests-ema-id-dropout-width-256 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
      preset-loo preset-loo-input-dropout-0.2 ml1m-preset-loo preset-loo-60-epochs
      preset-loo-60-epochs-full-softmax buckets buckets-dot-query buckets-crop buckets-width-64 buckets-query
      buckets-mask-own buckets-mask-own-sasrec-shape sasrec-shape-crop sasrec-shape-lr-1e-3
@@ -45,6 +45,10 @@ for v in ${2:-$ALL}; do
     today-members-3-distill-1) over='{"model": {"members": 3}, "loss": {"distill_weight": 1.0}}' ;;
     today-members-3-distill-0.3) over='{"model": {"members": 3}, "loss": {"distill_weight": 0.3}}' ;;
     today-ml1m-members-3-distill-1) ds=$ML1M; over='{"model": {"members": 3}, "loss": {"distill_weight": 1.0}}' ;;
+    today-ml1m-members-3-distill-0.3) ds=$ML1M; over='{"model": {"members": 3}, "loss": {"distill_weight": 0.3}}' ;;
+    # a 30-epoch cosine schedule (ML-1M's curve is still rising when the 20-epoch schedule ends), on both datasets
+    today-max-epochs-30) over='{"optim": {"max_epochs": 30}}' ;;
+    today-ml1m-max-epochs-30) ds=$ML1M; over='{"optim": {"max_epochs": 30}}' ;;
     # the fifth round's preset, other seeds (test: pinnerformer evaluate --run $SCOUT/now-seed-N --dataset $BEAUTY
     # --exclude-history)
     now-seed-1) over='{"seed": 1}' ;;

@@ -44,9 +44,19 @@ def test_ensemble_distillation_by_hand_with_masked_candidates():
     got = ensemble_distillation([z1, z2], q_example, 2)
     for g, w in zip(got, want):
         assert abs(g.item() - w) < 1e-6
-    # weighting=query: the flat mean over the three queries (checked against the example weighting's inputs)
+    # weighting=query: the flat mean over the three queries
     flat = ensemble_distillation([z1, z2], q_example, 2, weighting="query")
-    assert all(f.item() > 0 for f in flat) and not torch.allclose(flat[0].double(), got[0].double())
+    for f, z in zip(flat, (z1, z2)):
+        per_query = []
+        for i in range(3):
+            mean = [(a + b) / 2 if a != -INF else -INF for a, b in zip(z1[i].tolist(), z2[i].tolist())]
+            per_query.append(kl(softmax(mean), softmax(z[i].tolist())))
+        assert abs(f.item() - sum(per_query) / 3) < 1e-6
+    # members that mask different candidates did not come from one batch
+    other = z2.clone()
+    other[1, 3] = 0.0
+    with pytest.raises(ValueError, match="mask the same candidates"):
+        ensemble_distillation([z1, other], q_example, 2)
 
 
 def test_members_that_agree_have_a_zero_term_and_the_teacher_passes_no_gradient():
@@ -86,14 +96,21 @@ def test_the_loss_can_return_the_logits_it_normalises():
     table = torch.nn.functional.normalize(torch.randn(n_items, 8, generator=g), dim=-1)
     q = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
     tau = torch.tensor(0.1)
-    plain = loss(q, lambda ids: table[ids], tau, t, B)
-    value, logits = loss(q, lambda ids: table[ids], tau, t, B, with_logits=True)
-    torch.testing.assert_close(value, plain)
+    q_plain, q_kept = q.clone().requires_grad_(), q.clone().requires_grad_()
+    plain = loss(q_plain, lambda ids: table[ids], tau, t, B)
+    value, logits = loss(q_kept, lambda ids: table[ids], tau, t, B, with_logits=True)
+    assert torch.equal(value, plain)  # the same operations: exactly the same loss and gradient
+    plain.backward()
+    value.backward()
+    assert torch.equal(q_plain.grad, q_kept.grad)
+    logits = logits.detach()
     assert logits.shape == (5, 1 + len(t["pool_items"]))
     torch.testing.assert_close(logits[:, 0], (q * table[t["label_items"]]).sum(-1) / tau - t["pos_log_q"])
-    # the user's own positives in the pool are masked (-inf); the rest are finite
-    own = (t["pool_items"].unsqueeze(0) == torch.tensor([4, 9, 4, 17, 30]).unsqueeze(1))
-    assert torch.isinf(logits[:, 1:][own]).all()
+    # each query's example's positives in the pool are masked (-inf); the rest are finite
+    positives = {0: [4, 9], 1: [4], 2: [17, 30]}
+    own = torch.stack([torch.isin(t["pool_items"], torch.tensor(positives[e])) for e in [0, 0, 1, 2, 2]])
+    assert own.any() and (logits[:, 1:][own] == -INF).all()
+    assert torch.isfinite(logits[:, 1:][~own]).all() and torch.isfinite(logits[:, 0]).all()
     for cfg, fused in ((LossConfig(negatives="full"), False), (LossConfig(n_random=16), True)):
         other = SampledSoftmaxLoss(cfg, n_items, seed=0, fused=fused)
         t2 = {k: torch.as_tensor(v) for k, v in other.host_inputs(ex, torch.Generator().manual_seed(0)).items()}
@@ -108,8 +125,8 @@ def config(**over):
 
 
 def test_the_ensemble_loss_adds_the_weighted_mutual_term(planted):
-    """Members' losses plus weight × their mutual terms, averaged: linear in the weight, exactly zero when the
-    members are the same network (dropout off), and its gradient reaches the encoders."""
+    """Members' losses plus weight × their mutual terms, averaged: linear in the weight, zero (to rounding) when
+    the members are the same network (dropout off), logged with each step, and its gradient reaches the encoders."""
     ds = Dataset.open(planted)
     model = {**TINY["model"], "dropout": 0.0, "input_dropout": 0.0, "members": 3}
     plain = RetrievalTask(ds, config(model=model))
@@ -122,6 +139,8 @@ def test_the_ensemble_loss_adds_the_weighted_mutual_term(planted):
     base = plain.loss(batch, 0, cpu).loss
     with_half, with_whole = half.loss(batch, 0, cpu).loss, whole.loss(batch, 0, cpu).loss
     assert with_half > base + 1e-4  # three differently initialised members disagree
+    assert set(whole.step_scalars()) == {"tau", "distill_kl"} and whole.step_scalars()["distill_kl"] > 1e-4
+    assert set(plain.step_scalars()) == {"tau"}
     torch.testing.assert_close(with_whole - base, 2 * (with_half - base), atol=1e-5, rtol=1e-4)
     with_whole.backward()
     base.backward()

@@ -4,8 +4,8 @@ ensemble's.
 
     z_k [Q, C]   member k's logQ-corrected logits over the same candidates (column 0 the positive, then the pool;
                  masked candidates are -inf in every member, since the mask comes from the batch)
-    teacher      p = softmax(mean_k z_k), held fixed (no gradient): the ensemble's own ranking of the candidates,
-                 the members' mean score, as `PinnerFormerEnsemble` scores them
+    teacher      p = softmax(mean_k z_k), held fixed (no gradient): the members' mean logit (cos_k / τ_k - log Q);
+                 `PinnerFormerEnsemble` ranks by the mean cosine, the same order while the learned τ_k agree
     term_k       KL(p ‖ softmax(z_k)) per query, reduced over the batch like the loss itself
 
 Added to each member's loss with weight `loss.distill_weight` (0: off). The members still train on the labels;
@@ -28,14 +28,17 @@ def ensemble_distillation(logits: list[torch.Tensor], q_example: torch.Tensor, n
     if len(logits) < 2:
         raise ValueError("mutual distillation needs at least two members")
     stacked = torch.stack([z.float() for z in logits])  # [K, Q, C]
-    kept = torch.isfinite(stacked[0])
-    mean = torch.where(kept, stacked, torch.zeros_like(stacked)).mean(0).masked_fill(~kept, float("-inf"))
+    kept = stacked[0] != float("-inf")
+    if not bool(((stacked != float("-inf")) == kept).all()):
+        raise ValueError("the members' logits must mask the same candidates (-inf): they come from one batch")
+    mean = stacked.masked_fill(~kept, 0.0).mean(0).masked_fill(~kept, float("-inf"))
     log_teacher = F.log_softmax(mean, dim=-1).detach()
-    teacher = log_teacher.exp()
+    teacher = log_teacher.exp()  # 0 where masked
+    safe_log_teacher = log_teacher.masked_fill(~kept, 0.0)
     terms = []
     for z in stacked:
-        # masked candidates: p = 0 and log p = -inf; their terms are 0 by definition (not 0 · ∞)
-        per_query = torch.where(kept, teacher * (log_teacher - F.log_softmax(z, dim=-1)),
-                                torch.zeros_like(z)).sum(-1)
+        # masked candidates: p = 0, their terms are 0 by definition; no 0 · ∞ is ever formed
+        log_member = F.log_softmax(z, dim=-1).masked_fill(~kept, 0.0)
+        per_query = (teacher * (safe_log_teacher - log_member)).sum(-1)
         terms.append(reduce_queries(per_query, q_example, n_examples, weighting))
     return terms

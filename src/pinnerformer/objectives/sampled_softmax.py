@@ -56,7 +56,8 @@ class LossConfig(StrictModel):
     contrastive_weight: float = Field(0.0, ge=0)
     contrastive_temperature: float = Field(0.1, gt=0)
     # > 0 (ensembles, model.members > 1): add this times each member's KL divergence from the ensemble's
-    # distribution over its candidates (objectives/mutual_distillation.py): the members teach each other
+    # distribution over its candidates (objectives/mutual_distillation.py): the members teach each other. Keeps the
+    # eager loss under compile (the term reads its [Q, 1 + N] logits, one copy per member)
     distill_weight: float = Field(0.0, ge=0)
     sketch_width: int = Field(1 << 18, ge=1)
     sketch_depth: int = Field(4, ge=1)

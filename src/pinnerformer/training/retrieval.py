@@ -126,6 +126,7 @@ class RetrievalTask:
                               f"{self.batch_size} users per batch on average")
         self._order: tuple[int, list[np.ndarray]] | None = None  # (epoch, its batches of users)
         self.dist = None  # set by a distributed TrainingLoop (distributed.context.DistContext)
+        self._distill_kl: torch.Tensor | None = None  # the last step's mean mutual term (loss.distill_weight)
 
     def distribute(self, ctx) -> None:
         """Run as one rank of `ctx`: this rank encodes its share of every batch's examples (see
@@ -205,6 +206,7 @@ class RetrievalTask:
         if distill:
             terms = ensemble_distillation(member_logits, t["q_example"], B, self.cfg.loss.weighting)
             losses = [loss + self.cfg.loss.distill_weight * term for loss, term in zip(losses, terms)]
+            self._distill_kl = torch.stack(terms).mean().detach()  # the members' disagreement, in the step log
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         return StepLoss(loss, {"queries": len(ex.q_item)})
 
@@ -245,6 +247,10 @@ class RetrievalTask:
         return StepLoss(loss, {"queries": len(queries)})
 
     def step_scalars(self) -> dict[str, torch.Tensor]:
+        if self.cfg.loss.distill_weight:  # (read without waiting for the GPU: the loop copies scalars behind the step)
+            tau = self.model.temperature
+            kl = self._distill_kl if self._distill_kl is not None else torch.zeros((), device=tau.device)
+            return {"tau": tau, "distill_kl": kl}
         return {"tau": self.model.temperature}
 
     def compile(self, mode: str) -> None:
