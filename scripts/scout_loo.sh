@@ -3,7 +3,8 @@
 # trains with the preset `loo` of its time plus its overrides, and prints its validation NDCG@10 per epoch: rows
 # of the first three rounds on the preset before 2026-11-27 ($BEFORE and $PRE5 set back on today's preset), `final`
 # and `final-*` (fourth and fifth rounds) on the preset of the fourth round ($PRE5), `now*` (the fifth round's
-# seeds and the sixth round) on the fifth round's preset ($PRE6), `today*` on today's preset as is.
+# seeds and the sixth round) on the fifth round's preset ($PRE6), `today*` (the sixth round's last rows and the
+# seventh round) on the sixth round's preset ($PRE7: today's preset with its 20-epoch schedule).
 # Usage: bash scripts/scout_loo.sh [DATA_DIR (default ../shared/data)] [VARIANTS (default: all)]
 # Runs go to $SCOUT (default /tmp/pinnerformer-scout/VARIANT); finished ones are only printed again. Rows the
 # table marks "stopped" were cut short by hand to save CPU time; here they run to their end (same curve prefix).
@@ -25,10 +26,13 @@ PRE5='{"model": {"item_interests": "off", "id_dropout": 0.0, "target_id_dropout"
   "optim": {"ema_decay": null}}'
 # the preset `loo` of the fifth round (before the scored items' ID dropout): the `now*` rows ran on it
 PRE6='{"model": {"target_id_dropout": 0.0}}'
+# the preset `loo` of the sixth and seventh rounds (before the 30-epoch schedule): the `today*` rows ran on it;
+# every earlier row also had the 20-epoch schedule, so it is set back under every base
+PRE7='{"optim": {"max_epochs": 20}}'
 # the preset `loo` as the first three rounds knew it (what today's preset changed, set back)
 BEFORE='{"eval": {"exclude_history": false}, "loss": {"mask_own_positives": false}, "data": {"length_buckets": 0},
   "model": {"head": "mlp", "ffn_mult": 4}, "optim": {"batch_actions": null, "lr": 0.002, "weight_decay": 0.01, "patience": 3}}'
-ALL="today-members-3-distill-1 today-members-3-distill-0.3 today-ml1m-members-3-distill-1 today-ml1m-members-3-distill-0.3 today-max-epochs-30 today-ml1m-max-epochs-30 today-seed-1 now-seed-1 now-seed-2 now-members-5 now-id-dropout-0.5 now-frequency-0.7 now-frequency-0.7-cutoff-3 now-contrastive-0.1 now-contrastive-0.3 now-target-id-dropout-0.3 now-target-id-dropout-0.5 now-width-384 now-width-384-target-id-dropout-0.3 final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-ema-id-dropout-members-3 final-interests-ema-id-dropout-seed-1 final-interests-ema-id-dropout-0.6 final-interests-ema-id-dropout-width-256 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
+ALL="today-members-3-distill-1 today-members-3-distill-0.3 today-ml1m-members-3-distill-1 today-ml1m-members-3-distill-0.3 today-max-epochs-30 today-ml1m-max-epochs-30 today-position-from-newest today-ml1m-position-from-newest today-seed-1 now-seed-1 now-seed-2 now-members-5 now-id-dropout-0.5 now-frequency-0.7 now-frequency-0.7-cutoff-3 now-contrastive-0.1 now-contrastive-0.3 now-target-id-dropout-0.3 now-target-id-dropout-0.5 now-width-384 now-width-384-target-id-dropout-0.3 final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-ema-id-dropout-members-3 final-interests-ema-id-dropout-seed-1 final-interests-ema-id-dropout-0.6 final-interests-ema-id-dropout-width-256 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
      preset-loo preset-loo-input-dropout-0.2 ml1m-preset-loo preset-loo-60-epochs
      preset-loo-60-epochs-full-softmax buckets buckets-dot-query buckets-crop buckets-width-64 buckets-query
      buckets-mask-own buckets-mask-own-sasrec-shape sasrec-shape-crop sasrec-shape-lr-1e-3
@@ -49,6 +53,10 @@ for v in ${2:-$ALL}; do
     # a 30-epoch cosine schedule (ML-1M's curve is still rising when the 20-epoch schedule ends), on both datasets
     today-max-epochs-30) over='{"optim": {"max_epochs": 30}}' ;;
     today-ml1m-max-epochs-30) ds=$ML1M; over='{"optim": {"max_epochs": 30}}' ;;
+    # positions counted from the newest action (SASRec's left padding: the position read at inference is always
+    # index 0, trained on every sequence's last transition), on both datasets
+    today-position-from-newest) over='{"model": {"position_from": "newest"}}' ;;
+    today-ml1m-position-from-newest) ds=$ML1M; over='{"model": {"position_from": "newest"}}' ;;
     # the fifth round's preset, other seeds (test: pinnerformer evaluate --run $SCOUT/now-seed-N --dataset $BEAUTY
     # --exclude-history)
     now-seed-1) over='{"seed": 1}' ;;
@@ -154,16 +162,17 @@ for v in ${2:-$ALL}; do
   fi
   run=$SCOUT/$v
   mkdir -p "$SCOUT"
-  if [[ $v == today* ]]; then base='{}'
+  if [[ $v == today* ]]; then base=$PRE7
   elif [[ $v == now* ]]; then base=$PRE6
   elif [[ $v == final* ]]; then base=$PRE5
   else base=$($PY -c "import json, sys
 from pinnerformer.config import merge_dicts
 print(json.dumps(merge_dicts(json.loads(sys.argv[1]), json.loads(sys.argv[2]))))" "$PRE5" "$BEFORE")
   fi
+  # every row ran with the 20-epoch schedule of its time ($PRE7) unless it sets its own
   $PY -c "import json, sys
 from pinnerformer.config import merge_dicts
-print(json.dumps(merge_dicts(json.loads(sys.argv[1]), json.loads(sys.argv[2]))))" "$base" "$over" > "$SCOUT/$v.json"
+print(json.dumps(merge_dicts(merge_dicts(json.loads(sys.argv[1]), json.loads(sys.argv[2])), json.loads(sys.argv[3]))))" "$PRE7" "$base" "$over" > "$SCOUT/$v.json"
   if [ ! -f "$run/summary.json" ]; then
     resume=(); [ -f "$run/config.json" ] && resume=(--resume)
     $PF train --dataset "$ds" --output "$run" --preset loo --config "$SCOUT/$v.json" --no-progress "${resume[@]}"

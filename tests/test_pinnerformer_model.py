@@ -415,3 +415,37 @@ def test_frequency_branch_is_causal_learns_beta_and_its_newest_position_path_agr
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if "sqrt_beta" not in k})
     with torch.no_grad():
         assert not torch.allclose(plain.encode_sequence(to_torch(a)), full_a, atol=1e-3)
+
+
+def test_positions_from_the_newest_action_put_every_rows_newest_at_index_0():
+    """position_from: newest (SASRec's left-padded positions): the position read at inference is index 0 for every
+    row whatever its length; outputs still ignore what later actions are (not how many there are); the
+    one-position inference path agrees with the every-position one, at the newest and at any other position."""
+    torch.manual_seed(0)
+    spec = InputSpec(n_items=50, n_actions=3, n_surfaces=2, max_len=16)
+    models = {p: PinnerFormer(PinnerFormerConfig(width=32, layers=2, heads=4, dim=24, dropout=0.0,
+                                                 item_features="id", id_dim=16, position_from=p), spec).eval()
+              for p in ("oldest", "newest")}
+    models["newest"].load_state_dict(models["oldest"].state_dict())
+    a = assert_causal_with_agreeing_newest_path(models["newest"])
+    lengths = torch.tensor(a["length"])
+    rows = torch.arange(4)
+    with torch.no_grad():
+        for p, want in (("newest", lambda n: 0), ("oldest", lambda n: n - 1)):
+            m = models[p]
+            x = to_torch(a)
+            added = (m.block_inputs(x) - m.input_proj(m.action_features(x)))[rows, lengths - 1]
+            torch.testing.assert_close(added, m.pos_emb.weight[[want(int(n)) for n in lengths]], atol=1e-6, rtol=0)
+        # one more action after position i changes i's output under newest (one step further from the end),
+        # never under oldest
+        longer = {k: v.copy() for k, v in a.items()}
+        longer["length"] = a["length"] + np.array([0, 1, 1, 1])
+        for p, moves in (("newest", True), ("oldest", False)):
+            before = models[p].encode_sequence(to_torch(a))[1, :7]
+            after = models[p].encode_sequence(to_torch(longer))[1, :7]
+            assert torch.allclose(before, after, atol=1e-6) != moves
+        # any position through the one-position path: the every-position output there
+        at = torch.tensor([3, 0, 0, 1])
+        m = models["newest"]
+        torch.testing.assert_close(m.user_embedding(to_torch(a), at),
+                                   m.encode_sequence(to_torch(a))[rows, at], atol=1e-6, rtol=0)

@@ -9,7 +9,9 @@ Per action (the PinnerFormer paper, KDD 2022), concatenated and projected to wid
                          absolute time with 12 fixed periods; time since the query (the newest action by
                          default) and gap to the previous action with 32 log-spaced periods from 1 s to 4 weeks
 User tower: learned position embedding (by index from the oldest action in the window, so that nothing at
-position i depends on the actions after it), L pre-norm blocks with causal self-attention,
+position i depends on the actions after it; or, `position_from: newest`, by distance from the newest action, as
+SASRec's left-padded positions count: the newest action is always at index 0), L pre-norm blocks with causal
+self-attention,
 head LayerNorm -> Linear(H,4H) -> GELU -> Linear(4H,D) -> L2 normalise at every position (`head: norm`: the
 LayerNorm only, as SASRec). The user embedding
 is the newest position's output. Item tower: MLP on the item features -> L2 normalise (or, as an option, one
@@ -20,8 +22,10 @@ embeddings, as SASRec scores).
 Batches are right-padded (oldest action at position 0), so plain `is_causal=True` attention is exact for the
 real positions (they never see the padding that follows them) and fused kernels apply on GPU.
 
-Causality: the output at position i is a function of actions 0..i only — with one deliberate exception that
-the paper describes: "time since the newest action" is measured from a query time, by default the newest action's
+Causality: the output at position i is a function of actions 0..i only — with two deliberate exceptions. With
+`position_from: newest` it also depends on how many actions follow i (never on what they are): in training every
+position then knows its distance from the end of the window, and the newest position, the one inference reads,
+is trained on the sequences' last transitions as such. And one the paper describes: "time since the newest action" is measured from a query time, by default the newest action's
 time. Pass an explicit query time (`build_sequence_batch(query_time=...)`) and the output at i is fully
 independent of later actions.
 """
@@ -104,6 +108,10 @@ class PinnerFormerConfig(StrictModel):
     action_features: bool = True  # action-type embedding
     duration_surface_features: bool = True
     position_features: bool = True
+    # oldest: position i is the i-th action of the window; newest: its distance from the newest action (SASRec's
+    # left-padded positions: the newest always at index 0, so the position read at inference is always the same
+    # embedding, trained on every sequence's last transition; position i then depends on how many actions follow)
+    position_from: Literal["oldest", "newest"] = "oldest"
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "PinnerFormerConfig":
@@ -373,7 +381,10 @@ class PinnerFormer(nn.Module):
         x = self.input_proj(self.action_features(b))
         T = x.shape[1]
         if self.cfg.position_features:
-            x = x + self.pos_emb(torch.arange(T, device=x.device).clamp(max=self.spec.max_len - 1))
+            index = torch.arange(T, device=x.device)
+            if self.cfg.position_from == "newest":  # [B, T]: distance from each row's newest action (padding: 0)
+                index = (b["length"].to(x.device).unsqueeze(1) - 1 - index).clamp(min=0)
+            x = x + self.pos_emb(index.clamp(max=self.spec.max_len - 1))
         x = self.drop_in(x)
         # the sum above is float32 (the position table is); the blocks keep whatever dtype they are given
         if self.cfg.residual_dtype == "compute" and torch.is_autocast_enabled(x.device.type):
