@@ -32,7 +32,7 @@ PRE7='{"optim": {"max_epochs": 20}}'
 # the preset `loo` as the first three rounds knew it (what today's preset changed, set back)
 BEFORE='{"eval": {"exclude_history": false}, "loss": {"mask_own_positives": false}, "data": {"length_buckets": 0},
   "model": {"head": "mlp", "ffn_mult": 4}, "optim": {"batch_actions": null, "lr": 0.002, "weight_decay": 0.01, "patience": 3}}'
-ALL="today-members-3-distill-1 today-members-3-distill-0.3 today-ml1m-members-3-distill-1 today-ml1m-members-3-distill-0.3 today-max-epochs-30 today-ml1m-max-epochs-30 today-position-from-newest today-ml1m-position-from-newest today-seed-1 now-seed-1 now-seed-2 now-members-5 now-id-dropout-0.5 now-frequency-0.7 now-frequency-0.7-cutoff-3 now-contrastive-0.1 now-contrastive-0.3 now-target-id-dropout-0.3 now-target-id-dropout-0.5 now-width-384 now-width-384-target-id-dropout-0.3 final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-ema-id-dropout-members-3 final-interests-ema-id-dropout-seed-1 final-interests-ema-id-dropout-0.6 final-interests-ema-id-dropout-width-256 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
+ALL="today-members-3 today-ml1m-members-3 today-members-3-distill-1 today-members-3-distill-0.3 today-ml1m-members-3-distill-1 today-ml1m-members-3-distill-0.3 today-max-epochs-30 today-ml1m-max-epochs-30 today-position-from-newest today-ml1m-position-from-newest today-seed-1 now-seed-1 now-seed-2 now-members-5 now-id-dropout-0.5 now-frequency-0.7 now-frequency-0.7-cutoff-3 now-contrastive-0.1 now-contrastive-0.3 now-target-id-dropout-0.3 now-target-id-dropout-0.5 now-width-384 now-width-384-target-id-dropout-0.3 final final-heads-1 final-layers-3 final-interests final-interests-10-epochs final-interests-dropout-0.6 final-interests-id-dropout-0.3 final-interests-gated final-interests-ema final-interests-width-256 final-interests-ema-id-dropout final-interests-ema-id-dropout-members-3 final-interests-ema-id-dropout-seed-1 final-interests-ema-id-dropout-0.6 final-interests-ema-id-dropout-width-256 final-seed-1 final-seed-2 final-width-256 final-dropout-0.6 final-weight-decay-0.01 final-batch-actions-768 final-lr-5e-4 final-weight-decay-0.1 final-weight-decay-1 previous input-dropout tied tied-input-dropout tied-input-dropout-40-epochs tied-input-dropout-full-softmax
      preset-loo preset-loo-input-dropout-0.2 ml1m-preset-loo preset-loo-60-epochs
      preset-loo-60-epochs-full-softmax buckets buckets-dot-query buckets-crop buckets-width-64 buckets-query
      buckets-mask-own buckets-mask-own-sasrec-shape sasrec-shape-crop sasrec-shape-lr-1e-3
@@ -46,6 +46,8 @@ for v in ${2:-$ALL}; do
     # seventh round (2026-11-27): the ensemble of three (the preset loo-ensemble) with mutual distillation, each
     # member also pulled toward the ensemble's distribution over its candidates (objectives/mutual_distillation.py);
     # the same on ML-1M (adopted only if both datasets' validation rise)
+    today-members-3) over='{"model": {"members": 3}}' ;;  # the sixth round's loo-ensemble (report at 77cf50c)
+    today-ml1m-members-3) ds=$ML1M; over='{"model": {"members": 3}}' ;;
     today-members-3-distill-1) over='{"model": {"members": 3}, "loss": {"distill_weight": 1.0}}' ;;
     today-members-3-distill-0.3) over='{"model": {"members": 3}, "loss": {"distill_weight": 0.3}}' ;;
     today-ml1m-members-3-distill-1) ds=$ML1M; over='{"model": {"members": 3}, "loss": {"distill_weight": 1.0}}' ;;
@@ -162,7 +164,7 @@ for v in ${2:-$ALL}; do
   fi
   run=$SCOUT/$v
   mkdir -p "$SCOUT"
-  if [[ $v == today* ]]; then base=$PRE7
+  if [[ $v == today* ]]; then base='{}'
   elif [[ $v == now* ]]; then base=$PRE6
   elif [[ $v == final* ]]; then base=$PRE5
   else base=$($PY -c "import json, sys

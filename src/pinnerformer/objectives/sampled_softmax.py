@@ -218,6 +218,12 @@ def sampled_softmax_loss(pos_logit: torch.Tensor, neg_logit: torch.Tensor, pos_l
     pos_logit [Q] = s(u,p); neg_logit [Q,N] = s(u,n); pos_log_q [Q]; neg_log_q [N]; mask [Q,N] True = drop.
     """
     logits = corrected_logits(pos_logit, neg_logit, pos_log_q, neg_log_q, mask)
+    return loss_of_logits(logits, q_example, n_examples, denominator, weighting)
+
+
+def loss_of_logits(logits: torch.Tensor, q_example: torch.Tensor, n_examples: int, denominator: int | None = None,
+                   weighting: str = "example") -> torch.Tensor:
+    """The sampled softmax loss from its [Q, 1 + N] logits (`corrected_logits`: column 0 the positive)."""
     per_query = torch.logsumexp(logits, dim=1) - logits[:, 0]
     return reduce_queries(per_query, q_example, n_examples, weighting, denominator)
 
@@ -355,9 +361,6 @@ class SampledSoftmaxLoss:
         else:
             mask = label_mask(label_items, t["pool_items"])
         pos_log_q = t["pos_log_q"] if share is None else t["pos_log_q"][queries]
-        if with_logits:
-            logits = corrected_logits(pos_logit.float(), neg_logit.float(), pos_log_q, t["pool_log_q"], mask)
-            per_query = torch.logsumexp(logits, dim=1) - logits[:, 0]
-            return reduce_queries(per_query, q_example, B, cfg.weighting), logits
-        return sampled_softmax_loss(pos_logit.float(), neg_logit.float(), pos_log_q, t["pool_log_q"], mask,
-                                    q_example, B, share, cfg.weighting)
+        logits = corrected_logits(pos_logit.float(), neg_logit.float(), pos_log_q, t["pool_log_q"], mask)
+        loss = loss_of_logits(logits, q_example, B, share, cfg.weighting)
+        return (loss, logits) if with_logits else loss
