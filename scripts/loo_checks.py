@@ -10,6 +10,14 @@ chose anything: selection is by validation only.
                                                          by how often the target occurs in training (sixth round)
     python scripts/loo_checks.py members RUN              validation and test NDCG@10 (history removed) of each of
                                                          an ensemble's members alone, and of the ensemble (seventh)
+    python scripts/loo_checks.py knn [JSON ...]          validation NDCG@10 (history removed) of the item-to-item
+                                                         neighbours alone (models/item_knn.py), for each setting
+                                                         given as a JSON object of ItemKNNConfig fields (eighth
+                                                         round; none: the defaults)
+    python scripts/loo_checks.py blend RUN               validation and test NDCG@10 (history removed) of RUN's
+                                                         network blended with the neighbours at every λ of the
+                                                         grid, and of each part alone (eighth round; the test
+                                                         column is read after the fact, selection is validation's)
 Options: --dataset (default /tmp/pinnerformer-beauty, prepared by scripts/scout_loo.sh).
 """
 
@@ -133,9 +141,42 @@ def members(ds: Dataset, run: str) -> None:
         print(f"{split}: " + ", ".join(cells))
 
 
+def knn(ds: Dataset, settings: list[str]) -> None:
+    import json
+
+    from pinnerformer.evaluation.blend import fit_knn
+    from pinnerformer.models.item_knn import ItemKNNConfig
+
+    task = leave_one_out_task(ds, "validation")
+    for text in settings or ["{}"]:
+        cfg = ItemKNNConfig(**json.loads(text))
+        neighbours = fit_knn(ds, cfg)
+        res, _ = score_task(task, Scorer("knn", None, None, rows_fn=lambda rows: neighbours.scores(
+            ds.timelines, task.starts[rows], task.ends[rows])), 10, REPORTED["leave-one-out"], history=ds.timelines,
+            intervals=False)
+        print(f"{text}: validation ndcg@10 {res['ndcg@10'].mean:.4f}, hr@10 {res['hr@10'].mean:.4f}")
+
+
+def blend(ds: Dataset, run: str) -> None:
+    from pinnerformer.evaluation.blend import Blend, BlendConfig, fit_knn
+
+    rd = RunDir(run)
+    model, cfg = rd.load_model(ds), BlendConfig()
+    neighbours = fit_knn(ds, cfg.knn)
+    for split in ("validation", "test"):
+        task = leave_one_out_task(ds, split)
+        parts = Blend(model, ds, task, neighbours)
+        cells = []
+        for name, scorer in [("network", parts.network()), ("knn", parts.neighbours())] + [
+                (f"λ {w:g}", parts.scorer("blend", w)) for w in cfg.weights]:
+            res, _ = score_task(task, scorer, 10, REPORTED["leave-one-out"], history=ds.timelines, intervals=False)
+            cells.append(f"{name} {res['ndcg@10'].mean:.4f}")
+        print(f"{split}: " + ", ".join(cells), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("check", choices=["targets", "combine", "transitions", "coldness", "members"])
+    ap.add_argument("check", choices=["targets", "combine", "transitions", "coldness", "members", "knn", "blend"])
     ap.add_argument("runs", nargs="*")
     ap.add_argument("--dataset", default="/tmp/pinnerformer-beauty")
     a = ap.parse_args()
@@ -150,6 +191,12 @@ def main() -> None:
         if len(a.runs) != 1:
             ap.error("members needs one ensemble run directory")
         members(ds, a.runs[0])
+    elif a.check == "knn":
+        knn(ds, a.runs)
+    elif a.check == "blend":
+        if len(a.runs) != 1:
+            ap.error("blend needs one run directory")
+        blend(ds, a.runs[0])
     elif a.check == "combine":
         if len(a.runs) < 2:
             ap.error("combine needs two or more run directories")

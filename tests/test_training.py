@@ -7,6 +7,7 @@ import pytest
 
 from pinnerformer.data import Dataset
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.io import load_checkpoint
 from pinnerformer.data.synthetic import planted_interest_log
 from conftest import TINY
 from pinnerformer.training.config import load_config
@@ -65,10 +66,13 @@ def test_resume_equals_uninterrupted_bit_for_bit(planted, tmp_path):
     with pytest.raises(Crash):
         retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None).fit(resume=True, on_step=crash_after(19),
                                                                          progress=False)
-    retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None).fit(resume=True, progress=False)
+    before = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["state"]["train_s"]
+    summary = retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None).fit(resume=True, progress=False)
     a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(a) == 1 + 26 + 2 and a == b  # every loss, lr, τ and validation number identical
+    # the summary's training time counts the segments before the resume too (the checkpoint at step 15 carries them)
+    assert 0 < before < summary.wall_s
 
 
 def test_training_errors(planted, tmp_path, cli):
@@ -287,6 +291,7 @@ from pathlib import Path
 import torch
 from pinnerformer.data import Dataset
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.io import load_checkpoint
 from pinnerformer.training.config import load_config
 from pinnerformer.training.retrieval import retrieval_loop
 torch.set_num_threads(2)  # several CPU threads: where summation order could vary from run to run

@@ -28,6 +28,9 @@ def evaluate(
                                           "cut-off of their own (used anyway when one day leaves < 30 users)."),
     exclude_history: bool = typer.Option(False, "--exclude-history", help="Remove each user's own earlier items from "
                                          "the ranking (the S3-Rec / ICLRec / eSASRec leave-one-out variant)."),
+    item_knn: Optional[bool] = typer.Option(None, "--item-knn/--no-item-knn", help="Leave-one-out: score the "
+                                            "network blended with item-to-item neighbours, λ chosen on validation "
+                                            "(default: the run's blend.item_knn)."),
 ):
     """Score a trained run on held-out users beside baselines; writes JSON and Markdown into RUN/eval/."""
 
@@ -43,7 +46,9 @@ def evaluate(
             "protocol": protocol, "split": split, "cutoffs": parse_list(cutoff), "label_days": label_days, "k": k,
             "index_size": index_size, "checkpoint": checkpoint, "frequency": parse_list(frequency),
             "exclude_history": exclude_history, "per_user_cutoffs": per_user_cutoffs}, "evaluate")
-        report, js, md = evaluate_run(RunDir(run), Dataset.open(dataset), options, log=log)
+        rd = RunDir(run)
+        blend = None if item_knn is None else rd.config.blend.model_copy(update={"item_knn": item_knn})
+        report, js, md = evaluate_run(rd, Dataset.open(dataset), options, log=log, blend=blend)
         print(markdown(report))
         log(f"wrote {js} and {md} ({report.wall_s} s)")
 

@@ -28,6 +28,7 @@ from pinnerformer.config import StrictModel
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.frequency import Frequency, frequency_recall
+from pinnerformer.evaluation.blend import Blend, BlendChoice, check_blend_applies, fit_knn
 from pinnerformer.evaluation.metrics import RECALL, bootstrap_ci, metric_name
 from pinnerformer.evaluation.protocols import REPORTED, Protocol, resolve_protocol
 from pinnerformer.evaluation.report import MODEL, EvaluationReport, InferenceFrequency, users_sha256
@@ -55,9 +56,12 @@ MIN_USERS = 30  # fewer scored users than this: a warning (and, for one cut-off,
 
 
 def evaluate_model(model: PinnerFormer, ds: Dataset, protocol: Protocol, options: EvaluateOptions,
-                   held_out: np.ndarray | None, run: str = "", log=print) -> EvaluationReport:
+                   held_out: np.ndarray | None, run: str = "", log=print,
+                   blend: BlendChoice | None = None) -> EvaluationReport:
     """held_out: the dataset indices of the users held out from training (None: the run trained on every user's
-    early actions, as leave-one-out runs do)."""
+    early actions, as leave-one-out runs do). blend (leave-one-out): the model scored is the network mixed with
+    item-to-item neighbours at the chosen λ (`evaluation.blend`); the network alone and the neighbours alone are
+    reported beside it."""
     t0 = time.perf_counter()
     o, m = options, ds.manifest
     cutoffs = parse_cutoffs(o.cutoffs, ds)
@@ -89,9 +93,14 @@ def evaluate_model(model: PinnerFormer, ds: Dataset, protocol: Protocol, options
         warnings.append(f"only {len(task)} user-window(s) scored: numbers this small are noise (see the intervals)")
         log("warning: " + warnings[-1])
     dev = torch.device("cpu")
-    scorers = [Scorer(MODEL, embed_users(model, ds.timelines, task.starts, task.ends, dev),
-                      embed_items(model, dev)),
-               Scorer("most-popular", None, None, fixed=popularity_scores(ds, task, protocol))]
+    if blend is not None:
+        check_blend_applies(protocol, held_out)
+        parts = Blend(model, ds, task, fit_knn(ds, blend.knn))
+        scorers = [parts.scorer(MODEL, blend.weight), parts.network(), parts.neighbours()]
+    else:
+        scorers = [Scorer(MODEL, embed_users(model, ds.timelines, task.starts, task.ends, dev),
+                          embed_items(model, dev))]
+    scorers.append(Scorer("most-popular", None, None, fixed=popularity_scores(ds, task, protocol)))
     cu = content_user_vectors(ds, task)
     if cu is not None:
         scorers.append(Scorer("content (mean of last 20 item vectors)", cu, torch.from_numpy(ds.content_vectors())))
@@ -116,7 +125,7 @@ def evaluate_model(model: PinnerFormer, ds: Dataset, protocol: Protocol, options
         label_days=o.label_days if protocol == "future-window" else None, user_windows=len(task),
         distinct_users=len(np.unique(task.users)), users_sha256=users_sha256(task.users), results=results,
         inference_frequency=_frequencies(model, ds, task, scorers[0].items, protocol, pool, o) if o.frequency
-        else None,
+        else None, blend=blend,
         wall_s=round(time.perf_counter() - t0, 1), history_excluded=o.exclude_history, labels_in_history=in_history,
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from pinnerformer.config import StrictModel
+from pinnerformer.evaluation.blend import BlendChoice
 from pinnerformer.evaluation.scorer import MetricValue
 from pinnerformer.io import write_json_atomic, write_text_atomic
 
@@ -51,6 +52,8 @@ class EvaluationReport(StrictModel):
     ties: str = "pessimistic"
     history_excluded: bool = False
     labels_in_history: int | None = None  # with history excluded: labels that were history items (misses)
+    # the model scored is the network blended with item-to-item neighbours at this λ (None: the network alone)
+    blend: BlendChoice | None = None
     created_at: str = ""
 
     @property
@@ -73,6 +76,13 @@ def history_text(report: EvaluationReport) -> str:
             f"{report.labels_in_history} label(s) were history items and count as misses)")
 
 
+def blend_text(choice: BlendChoice) -> str:
+    curve = ", ".join(f"{w} {v:.4f}" for w, v in choice.validation.items())
+    return (f"the model is the network blended with item-to-item neighbours (`evaluation.blend`): λ = "
+            f"{choice.weight:g}, chosen on validation {choice.metric} "
+            f"(history {'removed' if choice.history_excluded else 'in'}; by λ: {curve})")
+
+
 def markdown(report: EvaluationReport) -> str:
     metrics = list(next(iter(report.results.values())).keys())
     lines = [f"# Evaluation: {report.protocol} ({report.split} users)", "",
@@ -85,6 +95,8 @@ def markdown(report: EvaluationReport) -> str:
     if report.per_user_cutoffs:
         lines.append(f"- cut-offs: one per user (seeded, among the times that make the user eligible); labels: "
                      f"positives in the {report.label_days:g} days after")
+    if report.blend is not None:
+        lines.append(f"- {blend_text(report.blend)}")
     lines += [f"- **warning**: {w}" for w in report.warnings]
     lines += [f"- user-windows evaluated: {report.user_windows}", "",
               "| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]

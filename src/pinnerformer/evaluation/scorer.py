@@ -14,6 +14,7 @@ item vectors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,14 +38,18 @@ class MetricValue(StrictModel):
 
 @dataclass
 class Scorer:
-    """Scores of items for the rows of a task: user vectors · item vectors, or fixed scores per row or per item."""
+    """Scores of items for the rows of a task: user vectors · item vectors, fixed scores per row or per item, or a
+    function of the rows (a blend computed a batch at a time)."""
 
     name: str
     users: torch.Tensor | None  # [U, D] user vectors, or None for fixed scores
     items: torch.Tensor | None  # [I, D]
     fixed: torch.Tensor | None = None  # [U, I] or [I] fixed scores
+    rows_fn: Callable[[slice], torch.Tensor] | None = None  # rows -> [rows, I] scores
 
     def scores(self, rows: slice) -> torch.Tensor:
+        if self.rows_fn is not None:
+            return self.rows_fn(rows)
         if self.fixed is None:
             return self.users[rows] @ self.items.T
         if self.fixed.ndim == 2:

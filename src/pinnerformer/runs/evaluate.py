@@ -4,23 +4,60 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 from pinnerformer.data.dataset import Dataset
+from pinnerformer.evaluation.blend import BlendChoice, BlendConfig, check_blend_applies, choose_weight
 from pinnerformer.evaluation.evaluate import EvaluateOptions, evaluate_model
 from pinnerformer.evaluation.protocols import resolve_protocol
 from pinnerformer.evaluation.report import EvaluationReport, write_report
+from pinnerformer.io import write_json_atomic
 from pinnerformer.runs.run_dir import RunDir
 from pinnerformer.training import run_files as rf
 
 
-def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print
+BLEND = "blend.json"  # RUN/blend.json: the blend's λ as chosen on validation for a checkpoint (evaluation.blend)
+
+
+def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, blend: BlendConfig | None = None
                  ) -> tuple[EvaluationReport, Path, Path]:
-    """The report, and where its JSON and Markdown were written (RUN/eval/PROTOCOL-SPLIT[-history-excluded].*)."""
+    """The report, and where its JSON and Markdown were written (RUN/eval/PROTOCOL-SPLIT[-history-excluded].*).
+    blend: the item-kNN blend's settings (default: the run's `blend` section); when on, λ is chosen on validation
+    for the checkpoint evaluated, or read from RUN/blend.json when it was chosen for the same checkpoint, data and
+    settings."""
     model = run.load_model(ds, options.checkpoint)
     protocol = resolve_protocol(options.protocol or run.protocol, ds.manifest.clock)
     # held-out users: those of the run's split when it has one (a future-window run), whatever the protocol scored
     held_out = run.held_out_users(options.split) if (run.path / rf.SPLIT).exists() else None
     if held_out is None and protocol == "future-window":
         run.held_out_users(options.split)  # raises: future-window evaluation needs users held out from training
-    report = evaluate_model(model, ds, protocol, options, held_out, run=str(run.path.resolve()), log=log)
+    blend = run.config.blend if blend is None else blend
+    if blend.item_knn:
+        check_blend_applies(protocol, held_out)
+    choice = blend_choice(run, ds, model, options.checkpoint, blend, log) if blend.item_knn else None
+    report = evaluate_model(model, ds, protocol, options, held_out, run=str(run.path.resolve()), log=log,
+                            blend=choice)
     js, md = write_report(report, run.path / rf.EVAL)
     return report, js, md
+
+
+def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendConfig, log=print) -> BlendChoice:
+    """λ for this checkpoint: RUN/blend.json when it was chosen for the same checkpoint file, dataset, neighbours,
+    grid and selection protocol; otherwise chosen on validation now (and written there)."""
+    sha = run.checkpoint_sha256(checkpoint)
+    exclude = run.config.eval.exclude_history
+    path = run.path / BLEND
+    if path.exists():
+        try:
+            earlier = BlendChoice.model_validate(json.loads(path.read_text()))
+        except ValueError:
+            earlier = None  # unreadable (an older layout): chosen again
+        if (earlier is not None and earlier.checkpoint == sha and earlier.fingerprint == ds.manifest.fingerprint
+                and earlier.knn == cfg.knn and earlier.history_excluded == exclude
+                and sorted(float(w) for w in earlier.validation) == cfg.weights):
+            return earlier
+    log(f"choosing the item-kNN blend weight on validation (history {'removed' if exclude else 'in'})")
+    choice = choose_weight(model, ds, cfg, exclude, sha, run.config.eval.k, log=log)
+    write_json_atomic(path, choice)
+    log(f"blend: λ = {choice.weight:g} (validation {choice.metric} {choice.validation[f'{choice.weight:g}']:.4f})")
+    return choice

@@ -31,7 +31,7 @@ from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.evaluate import EvaluateOptions
 from pinnerformer.evaluation.metrics import P90_COVERAGE
-from pinnerformer.evaluation.report import MODEL, EvaluationReport, history_text
+from pinnerformer.evaluation.report import MODEL, EvaluationReport, blend_text, history_text
 from pinnerformer.evaluation.tasks import parse_cutoffs
 from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic
 from pinnerformer.runs.evaluate import evaluate_run
@@ -83,7 +83,9 @@ class ExperimentRow(StrictModel):
     # leave-one-out: the same model with each user's input items removed from the ranking (`evaluate
     # --exclude-history`, the literature's full-ranking protocol)
     history_removed: EvaluationReport | None = None
-    wall_s: float
+    wall_s: float  # this invocation's work on the variant (training, unless reused, and evaluation)
+    train_wall_s: float | None = None  # the run's training time (its summary; resumed segments summed)
+    reused: bool = False  # the run had finished in an earlier invocation: only evaluated here
 
 
 class ExperimentResult(StrictModel):
@@ -126,23 +128,30 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
         if (run_dir / rf.CONFIG).exists():
             # read through today's schema: options added since then take their defaults (the old behaviour)
             earlier = TrainConfig.model_validate(json.loads((run_dir / rf.CONFIG).read_text())["config"])
-            if earlier.model_dump() != cfg.model_dump():
+            # the blend is applied after training: a finished run serves any blend setting
+            if earlier.model_dump(exclude={"blend"}) != cfg.model_dump(exclude={"blend"}):
                 raise PinnerformerError(f"{run_dir} was made with another configuration (preset, config, seed or "
                                         "epoch budget): use a new --output for a different experiment")
         sub_log = lambda s: log("  " + s)  # noqa: E731
-        if (run_dir / rf.SUMMARY).exists():
+        reused = (run_dir / rf.SUMMARY).exists()
+        if reused:
             log("  finished earlier: reusing its checkpoint")
         else:
             retrieval_loop(ds, cfg, run_dir, log=sub_log).fit(resume=(run_dir / rf.CONFIG).exists(), progress=progress)
         run = RunDir(run_dir)
         summary = run.summary()
-        report, _, _ = evaluate_run(run, ds, options, log=sub_log)
+        report, _, _ = evaluate_run(run, ds, options, log=sub_log, blend=cfg.blend)
         removed = None
         if report.protocol == "leave-one-out":
-            removed, _, _ = evaluate_run(run, ds, options.model_copy(update={"exclude_history": True}), log=sub_log)
+            removed, _, _ = evaluate_run(run, ds, options.model_copy(update={"exclude_history": True}), log=sub_log,
+                                         blend=cfg.blend)
+        validation = {summary.metric: summary.best}
+        if report.blend is not None:  # the blend's validation number at its chosen λ
+            validation[f"{report.blend.metric} blended"] = report.blend.validation[f"{report.blend.weight:g}"]
         rows.append(ExperimentRow(variant=name, run=str(run_dir), best_epoch=summary.best_epoch,
-                                  validation={summary.metric: summary.best}, report=report, history_removed=removed,
-                                  wall_s=round(time.perf_counter() - tv, 1)))
+                                  validation=validation, report=report, history_removed=removed,
+                                  wall_s=round(time.perf_counter() - tv, 1), train_wall_s=summary.wall_s,
+                                  reused=reused))
     result = ExperimentResult(grid=grid, dataset=str(ds.path.resolve()), fingerprint=ds.manifest.fingerprint,
                               preset=preset, seed=seed, max_epochs=max_epochs, command=command,
                               protocol=rows[0].report.protocol, rows=rows, wall_s=round(time.perf_counter() - t0, 1),
@@ -161,6 +170,10 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
 
 
+def _train_minutes(result: ExperimentResult) -> str:
+    return ", ".join(f"{r.variant} {r.train_wall_s / 60:.1f} min" for r in result.rows if r.train_wall_s is not None)
+
+
 def _cell(v) -> str:
     return f"{v.mean:.4f}" + (f" [{v.ci95[0]:.4f}, {v.ci95[1]:.4f}]" if v.ci95 else "")
 
@@ -177,10 +190,13 @@ def report_markdown(result: ExperimentResult, png: str) -> str:
              f"- protocol: {first.protocol}, {first.split} users; index: {first.index}"
              + (f"; cut-off(s) {', '.join(first.cutoffs)}, labels {first.label_days:g} days" if first.cutoffs else ""),
              f"- user-windows: {first.user_windows}; ties {first.ties}; {history_text(first)}",
+             *([f"- {blend_text(first.blend)}"] if first.blend is not None else []),
              f"- preset {result.preset}, seed {result.seed}, max epochs {result.max_epochs or 'preset'}; "
              "model selection on validation users only (early stopping), numbers below on test users",
              f"- reproduce: `{result.command}` ({result.wall_s / 60:.1f} min on the machine that made it: "
-             f"{result.machine}, {result.date})", "",
+             f"{result.machine}, {result.date}"
+             + (f"; finished runs were reused, their training took {_train_minutes(result)}" if any(
+                 r.reused for r in result.rows) else "") + ")", "",
              "| variant | " + " | ".join(metrics) + " | best epoch | validation (selection) |",
              "|---|" + "---|" * (len(metrics) + 2)]
     for r in result.rows:

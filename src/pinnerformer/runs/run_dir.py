@@ -48,8 +48,10 @@ class RunDir:
     def protocol(self) -> str:
         return self.description.protocol
 
-    # what a resumed run may change: how long it trains, and where (results do not depend on the loader workers)
+    # what a resumed run may change: how long it trains, and where (results do not depend on the loader workers);
+    # and the blend, which is applied after training
     RESUME_MAY_CHANGE = {"optim.max_epochs", "device", "loader_workers", "compile", "compile_mode"}
+    RESUME_MAY_CHANGE_SECTIONS = ("blend.",)
 
     def resume_config(self, overrides: dict, log=print) -> TrainConfig:
         """The run's own configuration for `--resume`, with the options given on the command line applied only
@@ -68,7 +70,8 @@ class RunDir:
             return out
 
         changed = diffs(stored, wanted)
-        refused = [f"{k} {old!r} -> {new!r}" for k, old, new in changed if k not in self.RESUME_MAY_CHANGE]
+        refused = [f"{k} {old!r} -> {new!r}" for k, old, new in changed
+                   if k not in self.RESUME_MAY_CHANGE and not k.startswith(self.RESUME_MAY_CHANGE_SECTIONS)]
         if refused:
             raise PinnerformerError(f"--resume continues {self.path} with its own configuration; these options would "
                                     f"change it: {'; '.join(refused)} (start a new run directory instead)")

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from pinnerformer.config import StrictModel, merge_dicts, validate
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.evaluation.blend import BlendConfig
 from pinnerformer.models.pinnerformer import PinnerFormerConfig
 from pinnerformer.objectives.examples import ExampleConfig
 from pinnerformer.objectives.sampled_softmax import LossConfig
@@ -75,6 +76,9 @@ class TrainConfig(LoopConfig):
     model: PinnerFormerConfig = PinnerFormerConfig()
     loss: LossConfig = LossConfig()
     eval: EvalConfig = EvalConfig()
+    # leave-one-out: rank by the network mixed with item-to-item neighbours, λ chosen on validation after training
+    # (evaluation/blend.py); does not change training
+    blend: BlendConfig = BlendConfig()
 
 
 PRESETS: dict[str, dict] = {

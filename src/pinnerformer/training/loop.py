@@ -178,6 +178,8 @@ class TrainingLoop:
             return
         folder = self.run_dir / rf.CHECKPOINTS
         folder.mkdir(parents=True, exist_ok=True)
+        if getattr(self, "_segment_start", None) is not None:  # the time this state took, resumed segments summed
+            self.state.train_s = round(self._train_s_before + time.perf_counter() - self._segment_start, 1)
         ck = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "task": self.task.state_dict(),
               "state": self.state.model_dump(), "fingerprint": self.task.dataset_fingerprint}
         if self.ema is not None:
@@ -277,7 +279,8 @@ class TrainingLoop:
             write_text_atomic(self.run_dir / rf.METRICS, "".join(json.dumps(h) + "\n" for h in self.state.history))
         tb = SummaryWriter(str(self.run_dir / rf.TENSORBOARD)) if self.main else _NoWriter()
         stopped_by = s.stopped_by or "max_epochs"
-        t_start = time.perf_counter()
+        t_start = self._segment_start = time.perf_counter()
+        self._train_s_before = s.train_s  # what earlier segments of a resumed run took
         pending: list[QueuedStep] = []  # queued steps whose numbers have not been read back from the device yet
 
         def record_pending(keep: int = 0) -> None:
@@ -331,7 +334,7 @@ class TrainingLoop:
                 s.step_in_epoch = 0
                 self.save_checkpoint("last.pt")
         tb.close()
-        summary = self._summary(stopped_by, time.perf_counter() - t_start)
+        summary = self._summary(stopped_by, self._train_s_before + time.perf_counter() - t_start)
         if self.main:
             write_json_atomic(self.run_dir / rf.SUMMARY, summary)
         self.log(f"done ({stopped_by}): best validation {task.metric} {s.best:.4f} at epoch {s.best_epoch} vs "

@@ -67,6 +67,7 @@ class TrainState(StrictModel):
     done: bool = False
     stopped_by: str | None = None  # why the run ended (early stop, max_steps), when it has
     history: list[dict[str, Any]] = []
+    train_s: float = 0.0  # wall seconds of training up to this state, summed over every resumed segment
 
 
 class TrainSummary(StrictModel):
@@ -76,5 +77,5 @@ class TrainSummary(StrictModel):
     best: float  # its best value (at best_epoch)
     popularity: float  # the most-popular baseline's value of it, on the same validation users
     steps: int
-    wall_s: float
+    wall_s: float  # training, every segment of a resumed run summed (work lost to a kill after the last checkpoint is not)
     empty_steps: int = 0  # steps whose batch had nothing to learn from (retrieval: no query; loss 0): reported

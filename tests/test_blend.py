@@ -1,0 +1,121 @@
+"""The network blended with item-to-item neighbours (evaluation/blend.py): the mixture by hand, λ chosen on
+validation (λ = 0 is the network alone, to the last digit), the choice kept per checkpoint, the report's rows, and the
+runs it refuses."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY
+from pinnerformer.evaluation.blend import BlendConfig, blend_scores
+
+
+def test_blend_scores_are_the_log_of_the_mixture():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 0.5, 3.0, 0.0]])
+    knn = torch.tensor([[0.0, 3.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # the second user's items have no neighbours
+    got = blend_scores(logits, knn, 0.4)
+    p = torch.softmax(logits.double(), 1)
+    want0 = torch.log(0.6 * p[0] + 0.4 * torch.tensor([0.0, 0.75, 0.25, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(got[0], want0)
+    torch.testing.assert_close(got[1], torch.log(0.6 * p[1]))  # no neighbours: the network's ranking
+    torch.testing.assert_close(blend_scores(logits, knn, 0.0), torch.log_softmax(logits.double(), 1))
+    assert got.dtype == torch.float64
+    # a catalogue-sized softmax whose tail underflows float32 still ranks its tail in float64
+    wide = torch.linspace(0, -200, 1000).unsqueeze(0)
+    assert torch.isfinite(blend_scores(wide, torch.zeros_like(wide), 0.0)).all()
+
+
+def test_weights_are_checked():
+    assert BlendConfig(weights=[0.5, 0.0, 0.5]).weights == [0.0, 0.5]
+    for bad in ([], [1.0], [-0.1]):
+        with pytest.raises(Exception, match="blend weights"):
+            BlendConfig(weights=bad)
+
+
+@pytest.fixture(scope="module")
+def chains_run(tmp_path_factory):
+    """A leave-one-out dataset of cyclic item chains (after two noise items, a user walks five steps of a ring of six
+    items from a random start) and a barely trained network: the neighbours know the rings, the network has had one
+    epoch."""
+    from conftest import run_cli
+
+    d = tmp_path_factory.mktemp("blend")
+    rng = np.random.default_rng(0)
+    lines = []
+    for u in range(400):
+        ring, start = int(rng.integers(0, 30)) * 6 + 1, int(rng.integers(0, 6))
+        walk = [ring + (start + i) % 6 for i in range(5)]
+        lines.append(" ".join(map(str, [u + 1, *rng.integers(1, 181, 2), *walk])))
+    (d / "s.txt").write_text("\n".join(lines) + "\n")
+    assert run_cli("data", "prepare", "-f", "sequences", "-i", d / "s.txt", "-o", d / "ds").exit_code == 0
+    cfg = {"data": {"max_len": 16}, "model": {"width": 16, "dim": 16, "id_dim": 16, "layers": 1},
+           "optim": {"max_epochs": 1, "batch_actions": 256}, "checkpoint_every": 50,
+           "blend": {"item_knn": True, "weights": [0.0, 0.5, 0.9]}}
+    (d / "cfg.json").write_text(json.dumps(cfg))
+    r = run_cli("train", "-d", d / "ds", "-o", d / "run", "--preset", "loo", "--config", d / "cfg.json",
+                "--no-progress")
+    assert r.exit_code == 0, r.output
+    return d
+
+
+def test_blend_is_chosen_on_validation_and_reported(chains_run, cli):
+    d = chains_run
+    r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds", "--exclude-history")
+    assert r.exit_code == 0, r.output
+    assert "choosing the item-kNN blend weight on validation (history removed)" in r.stderr
+    choice = json.loads((d / "run" / "blend.json").read_text())
+    rep = json.loads((d / "run" / "eval" / "leave-one-out-test-history-excluded.json").read_text())
+    assert rep["blend"] == choice and set(choice["validation"]) == {"0", "0.5", "0.9"}
+    # the neighbours know the chains: λ > 0 wins on validation, and on test the blend is far above the network
+    assert choice["weight"] > 0 and choice["validation"][f"{choice['weight']:g}"] > choice["validation"]["0"]
+    res = rep["results"]
+    assert set(res) == {"pinnerformer", "pinnerformer network alone", "item-kNN (neighbours alone)", "most-popular"}
+    assert res["pinnerformer"]["ndcg@10"]["mean"] > res["pinnerformer network alone"]["ndcg@10"]["mean"] + 0.1, rep
+    assert "blended with item-to-item neighbours" in r.stdout and f"λ = {choice['weight']:g}" in r.stdout
+    # λ = 0 is the network alone: its validation number equals the network's own, scored by the plain scorer
+    r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds", "--exclude-history", "--split", "validation")
+    assert r.exit_code == 0 and "choosing" not in r.stderr  # the choice is kept for this checkpoint
+    val = json.loads((d / "run" / "eval" / "leave-one-out-validation-history-excluded.json").read_text())
+    assert val["results"]["pinnerformer network alone"]["ndcg@10"]["mean"] == pytest.approx(choice["validation"]["0"],
+                                                                                            abs=1e-6)
+    assert val["results"]["pinnerformer"]["ndcg@10"]["mean"] == pytest.approx(
+        choice["validation"][f"{choice['weight']:g}"], abs=1e-6)
+    # switched off for one evaluation: the network alone is the model
+    r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds", "--exclude-history", "--no-item-knn")
+    off = json.loads((d / "run" / "eval" / "leave-one-out-test-history-excluded.json").read_text())
+    assert r.exit_code == 0 and off["blend"] is None and set(off["results"]) == {"pinnerformer", "most-popular"}
+    assert off["results"]["pinnerformer"] == res["pinnerformer network alone"]
+
+
+def test_blend_choice_belongs_to_its_checkpoint(chains_run, cli):
+    d = chains_run
+    assert cli("evaluate", "--run", d / "run", "--dataset", d / "ds").exit_code == 0
+    path = d / "run" / "blend.json"
+    stored = json.loads(path.read_text())
+    stored["checkpoint"] = "0" * 64  # as if chosen for another checkpoint: chosen again, the same way
+    path.write_text(json.dumps(stored))
+    r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds")
+    assert r.exit_code == 0 and "choosing the item-kNN blend weight" in r.stderr
+    again = json.loads(path.read_text())
+    assert again["checkpoint"] != stored["checkpoint"] and again["validation"] == stored["validation"]
+    path.write_text("{not json")  # unreadable: chosen again, never a traceback
+    r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds")
+    assert r.exit_code == 0 and json.loads(path.read_text()) == again
+
+
+def test_blend_is_refused_for_a_future_window_run(trained, planted, cli):
+    r = cli("evaluate", "--run", trained, "--dataset", planted, "--protocol", "leave-one-out", "--item-knn")
+    assert r.exit_code == 2 and "leave-one-out protocol only" in r.stderr and "Traceback" not in r.output
+
+
+def test_resume_may_change_the_blend(chains_run, cli, tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"blend": {"item_knn": False}}))
+    r = cli("train", "-d", chains_run / "ds", "-o", chains_run / "run", "--resume", "--preset", "loo",
+            "--config", tmp_path / "c.json", "--no-progress")
+    assert r.exit_code == 0 and "resuming with blend.item_knn True -> False" in r.stderr, r.output
+    (tmp_path / "c.json").write_text(json.dumps({**TINY, "blend": {"item_knn": False}}))
+    r = cli("train", "-d", chains_run / "ds", "-o", chains_run / "run", "--resume", "--preset", "loo",
+            "--config", tmp_path / "c.json", "--no-progress")
+    assert r.exit_code == 2 and "would change it" in r.stderr and "blend" not in r.stderr.split("would change it")[1]
