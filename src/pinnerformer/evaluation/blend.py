@@ -34,7 +34,8 @@ class BlendConfig(StrictModel):
     """The `blend` section of a training config."""
 
     item_knn: bool = False  # leave-one-out: rank by the network mixed with item-to-item neighbours
-    weights: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)])  # λ, chosen on validation
+    # λ, chosen on validation; near 1 the neighbours rank first and the network orders what they leave unscored
+    weights: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(10)] + [0.95, 0.99])
     knn: ItemKNNConfig = ItemKNNConfig()
 
     @field_validator("weights")
