@@ -66,7 +66,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(planted, tmp_path):
     with pytest.raises(Crash):
         retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None).fit(resume=True, on_step=crash_after(19),
                                                                          progress=False)
-    before = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["state"]["train_s"]
+    before = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["train_s"]
     summary = retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None).fit(resume=True, progress=False)
     a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()

@@ -223,5 +223,6 @@ def checkpoint_sha256(ck: dict) -> str:
         else:
             h.update(f"{prefix}={x!r}".encode())
 
-    walk("", {k: v for k, v in ck.items() if k != "tensors_sha256"})
+    # the training time it took is not content: a killed and re-run run must hash the same as an uninterrupted one
+    walk("", {k: v for k, v in ck.items() if k not in ("tensors_sha256", "train_s")})
     return h.hexdigest()

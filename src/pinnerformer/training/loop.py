@@ -178,13 +178,13 @@ class TrainingLoop:
             return
         folder = self.run_dir / rf.CHECKPOINTS
         folder.mkdir(parents=True, exist_ok=True)
-        if getattr(self, "_segment_start", None) is not None:  # the time this state took, resumed segments summed
-            self.state.train_s = round(self._train_s_before + time.perf_counter() - self._segment_start, 1)
         ck = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "task": self.task.state_dict(),
               "state": self.state.model_dump(), "fingerprint": self.task.dataset_fingerprint}
         if self.ema is not None:
             ck["ema"] = self.ema
         ck["tensors_sha256"] = checkpoint_sha256(ck)
+        if getattr(self, "_segment_start", None) is not None:  # the time this state took, resumed segments summed
+            ck["train_s"] = round(self._train_s_before + time.perf_counter() - self._segment_start, 1)
         with atomic_path(folder / name) as tmp:
             torch.save(ck, tmp)
 
@@ -197,6 +197,7 @@ class TrainingLoop:
                 e.copy_(saved)
         self.task.load_state_dict(ck["task"] if "task" in ck else {"sketch": ck["sketch"]})  # (older checkpoints)
         self.state = rf.TrainState.model_validate(ck["state"])
+        self._loaded_train_s = float(ck.get("train_s", 0.0))
 
     def describe(self) -> rf.RunDescription | rf.RankRunDescription:
         kind = rf.RankRunDescription if self.task.describe().get("task") == "ranking" else rf.RunDescription
@@ -280,7 +281,7 @@ class TrainingLoop:
         tb = SummaryWriter(str(self.run_dir / rf.TENSORBOARD)) if self.main else _NoWriter()
         stopped_by = s.stopped_by or "max_epochs"
         t_start = self._segment_start = time.perf_counter()
-        self._train_s_before = s.train_s  # what earlier segments of a resumed run took
+        self._train_s_before = getattr(self, "_loaded_train_s", 0.0)  # what earlier segments of a resumed run took
         pending: list[QueuedStep] = []  # queued steps whose numbers have not been read back from the device yet
 
         def record_pending(keep: int = 0) -> None:

@@ -67,7 +67,6 @@ class TrainState(StrictModel):
     done: bool = False
     stopped_by: str | None = None  # why the run ended (early stop, max_steps), when it has
     history: list[dict[str, Any]] = []
-    train_s: float = 0.0  # wall seconds of training up to this state, summed over every resumed segment
 
 
 class TrainSummary(StrictModel):
