@@ -48,6 +48,7 @@ def chains_run(tmp_path_factory):
         ring, start = int(rng.integers(0, 30)) * 6 + 1, int(rng.integers(0, 6))
         walk = [ring + (start + i) % 6 for i in range(5)]
         lines.append(" ".join(map(str, [u + 1, *rng.integers(1, 181, 2), *walk])))
+    lines.append("999 7 8 900 901")  # items 900 → 901 only as this user's validation → test pair
     (d / "s.txt").write_text("\n".join(lines) + "\n")
     assert run_cli("data", "prepare", "-f", "sequences", "-i", d / "s.txt", "-o", d / "ds").exit_code == 0
     cfg = {"data": {"max_len": 16}, "model": {"width": 16, "dim": 16, "id_dim": 16, "layers": 1},
@@ -119,3 +120,39 @@ def test_resume_may_change_the_blend(chains_run, cli, tmp_path):
     r = cli("train", "-d", chains_run / "ds", "-o", chains_run / "run", "--resume", "--preset", "loo",
             "--config", tmp_path / "c.json", "--no-progress")
     assert r.exit_code == 2 and "would change it" in r.stderr and "blend" not in r.stderr.split("would change it")[1]
+
+
+def test_neighbours_never_see_a_validation_or_test_item(chains_run):
+    from pinnerformer.data.dataset import Dataset
+    from pinnerformer.evaluation.blend import fit_knn
+    from pinnerformer.models.item_knn import ItemKNNConfig
+
+    ds = Dataset.open(chains_run / "ds")
+    index = dict(zip(ds.items["item_id"].to_list(), ds.items["item"].to_list()))
+    sim = fit_knn(ds, ItemKNNConfig()).similarity
+    assert sim[index[7], index[8]] > 0  # a training pair of the same user
+    # 900 is that user's validation item and 901 the test item: neither is in what the neighbours were fit on
+    assert sim[index[900]].nnz == 0 and sim[:, index[900]].nnz == 0 and sim[:, index[901]].nnz == 0
+
+
+def test_blend_is_chosen_again_when_anything_it_depends_on_changes(chains_run):
+    from pinnerformer.data.dataset import Dataset
+    from pinnerformer.evaluation.evaluate import EvaluateOptions
+    from pinnerformer.runs import RunDir
+    from pinnerformer.runs.evaluate import evaluate_run
+
+    ds, run = Dataset.open(chains_run / "ds"), RunDir(chains_run / "run")
+    options = EvaluateOptions(split="validation", exclude_history=True)
+
+    def chosen(blend) -> bool:
+        lines = []
+        evaluate_run(run, ds, options, log=lines.append, blend=blend)
+        return any("choosing the item-kNN blend weight" in x for x in lines)
+
+    base = run.config.blend
+    chosen(base)
+    assert not chosen(base)  # kept
+    for other in (base.model_copy(update={"weights": [0.0, 0.3]}),
+                  base.model_copy(update={"knn": base.knn.model_copy(update={"recency": 0.9})})):
+        assert chosen(other) and not chosen(other)  # chosen again for the new settings, then kept
+    assert chosen(base)

@@ -77,7 +77,8 @@ def test_default_grid_leave_one_out_report(planted, tmp_path, cli):
     assert ev["user_windows"] == 300 and ev["split"] == "test"
     for name, rr in ev["results"].items():  # the model and every baseline, with intervals, in the table
         nd = rr["ndcg@10"]
-        label = name if name == "pinnerformer" else f"baseline: {name}"
+        label = {"pinnerformer": name, "pinnerformer network alone": "pinnerformer: network alone"}.get(
+            name, f"baseline: {name}")
         assert f"| {label} | {rr['hr@10']['mean']:.4f} [" in md and f"{nd['mean']:.4f} [{nd['ci95'][0]:.4f}" in md
     val = res["rows"][0]["validation"]["ndcg@10"]
     assert f"ndcg@10 {val:.4f}" in md and "--preset loo" in md and res["machine"] in md

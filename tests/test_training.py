@@ -1,6 +1,7 @@
 """Training end to end on planted structure, exact resume, and the errors a user can run into."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -63,16 +64,23 @@ def test_resume_equals_uninterrupted_bit_for_bit(planted, tmp_path):
     # epoch boundary (13 steps) and a checkpoint at step 15, then resumed to the end
     with pytest.raises(Crash):
         retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None).fit(on_step=crash_after(8), progress=False)
+    crash = crash_after(19)
+
+    def slow_then_crash(g: int) -> None:  # a slow segment: the summary must still count it after the resume
+        time.sleep(0.6)
+        crash(g)
+
     with pytest.raises(Crash):
-        retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None).fit(resume=True, on_step=crash_after(19),
+        retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None).fit(resume=True, on_step=slow_then_crash,
                                                                          progress=False)
     before = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["train_s"]
     summary = retrieval_loop(ds, cfg, tmp_path / "b", log=lambda s: None).fit(resume=True, progress=False)
     a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(a) == 1 + 26 + 2 and a == b  # every loss, lr, τ and validation number identical
-    # the summary's training time counts the segments before the resume too (the checkpoint at step 15 carries them)
-    assert 0 < before < summary.wall_s
+    # the summary's training time counts the segments before the resume too (the checkpoint at step 15 carries
+    # them: ≥ 10 slow steps of 0.6 s), not only the last, fast segment
+    assert before >= 6.0 and summary.wall_s >= before
 
 
 def test_training_errors(planted, tmp_path, cli):

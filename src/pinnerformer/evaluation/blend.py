@@ -52,6 +52,7 @@ class BlendChoice(StrictModel):
     weight: float
     metric: str  # e.g. ndcg@10
     history_excluded: bool
+    weights: list[float] = []  # the grid λ was chosen from
     validation: dict[str, float]  # λ (as text) -> validation metric
     checkpoint: str  # which checkpoint (sha256 of its file) the choice belongs to
     knn: ItemKNNConfig
@@ -60,7 +61,8 @@ class BlendChoice(StrictModel):
 
 def blend_scores(logits: torch.Tensor, knn: torch.Tensor, weight: float) -> torch.Tensor:
     """log((1 - λ) softmax(logits) + λ knn / Σ knn), per row, in float64 (the low tail of a softmax over a large
-    catalogue underflows float32)."""
+    catalogue underflows float32; in float64 only a logit spread over ~745, out of reach of cosine scores, would
+    turn the tail into ties at log 0)."""
     p = torch.softmax(logits.double(), dim=1)
     if weight == 0.0:
         return torch.log(p)
@@ -119,7 +121,7 @@ def choose_weight(model: PinnerFormer, ds: Dataset, cfg: BlendConfig, exclude_hi
         log(f"blend λ {w:g}: validation {name} {curve[w]:.4f}")
     best = max(curve.values())
     weight = min(w for w, v in curve.items() if v == best)
-    return BlendChoice(weight=weight, metric=name, history_excluded=exclude_history,
+    return BlendChoice(weight=weight, metric=name, history_excluded=exclude_history, weights=list(cfg.weights),
                        validation={f"{w:g}": round(v, 6) for w, v in curve.items()}, checkpoint=checkpoint,
                        knn=cfg.knn, fingerprint=ds.manifest.fingerprint)
 

@@ -54,7 +54,7 @@ def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendCon
             earlier = None  # unreadable (an older layout): chosen again
         if (earlier is not None and earlier.checkpoint == sha and earlier.fingerprint == ds.manifest.fingerprint
                 and earlier.knn == cfg.knn and earlier.history_excluded == exclude
-                and sorted(float(w) for w in earlier.validation) == cfg.weights):
+                and earlier.weights == cfg.weights):
             return earlier
     log(f"choosing the item-kNN blend weight on validation (history {'removed' if exclude else 'in'})")
     choice = choose_weight(model, ds, cfg, exclude, sha, run.config.eval.k, log=log)

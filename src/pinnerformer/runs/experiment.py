@@ -31,6 +31,7 @@ from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.evaluate import EvaluateOptions
 from pinnerformer.evaluation.metrics import P90_COVERAGE
+from pinnerformer.evaluation.blend import NETWORK
 from pinnerformer.evaluation.report import MODEL, EvaluationReport, blend_text, history_text
 from pinnerformer.evaluation.tasks import parse_cutoffs
 from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic
@@ -190,7 +191,7 @@ def report_markdown(result: ExperimentResult, png: str) -> str:
              f"- protocol: {first.protocol}, {first.split} users; index: {first.index}"
              + (f"; cut-off(s) {', '.join(first.cutoffs)}, labels {first.label_days:g} days" if first.cutoffs else ""),
              f"- user-windows: {first.user_windows}; ties {first.ties}; {history_text(first)}",
-             *([f"- {blend_text(first.blend)}"] if first.blend is not None else []),
+             *[f"- {r.variant}: {blend_text(r.report.blend)}" for r in result.rows if r.report.blend is not None],
              f"- preset {result.preset}, seed {result.seed}, max epochs {result.max_epochs or 'preset'}; "
              "model selection on validation users only (early stopping), numbers below on test users",
              f"- reproduce: `{result.command}` ({result.wall_s / 60:.1f} min on the machine that made it: "
@@ -203,7 +204,12 @@ def report_markdown(result: ExperimentResult, png: str) -> str:
         res = r.report.model
         val = ", ".join(f"{k} {v:.4f}" for k, v in r.validation.items())
         lines.append(f"| {r.variant} | " + " | ".join(_cell(res[m]) for m in metrics) + f" | {r.best_epoch} | {val} |")
+        if NETWORK in r.report.results:  # a blended variant's network alone (its own, per variant)
+            lines.append(f"| {r.variant}: network alone | " + " | ".join(_cell(r.report.results[NETWORK][m])
+                                                                     for m in metrics) + " | | |")
     for name, res in first.baselines.items():  # scored by the same code on the same users
+        if name == NETWORK:
+            continue
         lines.append(f"| baseline: {name} | " + " | ".join(_cell(res[m]) if m in res else "" for m in metrics)
                      + " | | |")
     removed = result.rows[0].history_removed
@@ -212,7 +218,12 @@ def report_markdown(result: ExperimentResult, png: str) -> str:
             res = r.history_removed.model
             lines.append(f"| {r.variant}, history removed | " + " | ".join(_cell(res[m]) for m in metrics)
                          + f" | {r.best_epoch} | |")
+            if NETWORK in r.history_removed.results:
+                lines.append(f"| {r.variant}: network alone, history removed | " + " | ".join(
+                    _cell(r.history_removed.results[NETWORK][m]) for m in metrics) + " | | |")
         for name, res in removed.baselines.items():
+            if name == NETWORK:
+                continue
             lines.append(f"| baseline: {name}, history removed | "
                          + " | ".join(_cell(res[m]) if m in res else "" for m in metrics) + " | | |")
         lines += ["", f"Rows marked \"history removed\": {history_text(removed)} — the protocol of the published "
