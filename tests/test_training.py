@@ -416,7 +416,7 @@ def test_validation_with_history_removed_is_evaluate_exclude_history_on_validati
     assert r.exit_code == 0, r.output
     best = json.loads((tmp_path / "run" / "summary.json").read_text())["best"]
     for flags, same in ((["--exclude-history"], True), ([], False)):
-        r = cli("evaluate", "--run", tmp_path / "run", "-d", planted, "--split", "validation", *flags)
+        r = cli("evaluate", "--run", tmp_path / "run", "-d", planted, "--split", "validation", "--no-item-knn", *flags)
         assert r.exit_code == 0, r.output
         stem = "leave-one-out-validation" + ("-history-excluded" if flags else "")
         ev = json.loads((tmp_path / "run" / "eval" / f"{stem}.json").read_text())
