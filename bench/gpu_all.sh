@@ -1,33 +1,60 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call, for a session that is lent a GPU machine (python3 there has torch):
-# the GPU tests, then training and batch-inference throughput of the `paper` preset in bf16 with torch.compile.
-# Logs and JSON results go to $OUT (default /tmp/gpu-out).
-# Usage: bash bench/gpu_all.sh [tests|train|train-ro|train-mat|infer|infer-ro|infer-mat[:--extra,--args] ...]
+# the GPU tests, the ranker's and TransAct V2's request latency, then training and batch-inference throughput of
+# the `paper` preset in bf16 with torch.compile. Logs and JSON results go to $OUT (default /tmp/gpu-out), packed
+# into $OUT/gpu-logs.tgz after every part, so a call stopped by its time limit still brings back what finished.
+# Each part is stopped after $PART_TIMEOUT seconds (default 300) so that the parts after it still run.
+# Usage: bash bench/gpu_all.sh [tests|rank|v2|train|train-ro|train-mat|infer|infer-ro|infer-mat[:--extra,--args] ...]
 # (-ro: compile mode reduce-overhead, i.e. CUDA graphs; -mat: max-autotune, Triton matmul templates + CUDA graphs)
+# DEVICE=cpu runs the same parts at toy sizes on the CPU (a dry run of the script itself: tests/test_bench_scripts.py)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 FINAL=$OUT
 OUT=$FINAL/logs  # packed into one archive at the end (the device tool brings back few files)
 mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-parts=${*:-tests train-ro infer train-mat infer-ro}
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv
-python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"
+DEVICE=${DEVICE:-cuda}
+PART_TIMEOUT=${PART_TIMEOUT:-300}
+parts=${*:-tests rank v2 train-ro infer train-mat infer-ro}
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv
+  RANK_SIZE=() V2_SIZE=() TRAIN_SIZE=(--steps 30) INFER_SIZE=() BATCHES="256 1024" PRESET=paper
+else  # toy sizes: this checks the script, not the machine
+  RANK_SIZE=(--candidates 20 --seq-len 8 --items 500 --reps 3 --warmup 1 --train-steps 2 --batch 16 --requests 2)
+  V2_SIZE=(--candidates 16 --length 256 --k 8 --reps 3 --warmup 1)
+  TRAIN_SIZE=(--steps 2 --warmup 1 --workers 0) INFER_SIZE=(--users 64 --reps 1) BATCHES=32 PRESET=small
+fi
+python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name() \
+  if torch.cuda.is_available() else 'cpu')"
+run() { timeout -k 10 "$PART_TIMEOUT" "$@"; local rc=$?; [ $rc = 0 ] || echo "part stopped: exit $rc ($*)"; }
 for spec in $parts; do
   part=${spec%%:*}  # PART[:--extra,--args] passes the extra arguments to the benchmark
   extra=$([ "$spec" != "$part" ] && echo "${spec#*:}" | tr , ' ')
   tag=$(echo "$spec" | tr -c 'A-Za-z0-9_.\n-' _)
   case $part in *-ro) mode=reduce-overhead ;; *-mat) mode=max-autotune ;; *) mode=default ;; esac
   case $part in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -8 ;;
+    tests) run python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -8 ;;
+    rank)  # one request of 500 candidates (p99), and 64 requests per batch (rate): eager, then CUDA graphs
+      run python3 bench/rank_latency.py --device "$DEVICE" --bf16 "${RANK_SIZE[@]}" $extra 2>&1 | tee "$OUT/rank.json"
+      run python3 bench/rank_latency.py --device "$DEVICE" --bf16 --compile --compile-mode reduce-overhead \
+        "${RANK_SIZE[@]}" $extra 2>&1 | tee "$OUT/rank-ro.json" ;;
+    v2)  # 1,000 candidates against 16,384 actions: selection alone per path (the naive / dedup ratio), then + model
+      for p in naive dedup fused; do
+        run python3 bench/v2_latency.py --device "$DEVICE" --path $p "${V2_SIZE[@]}" $extra 2>&1 | tee "$OUT/v2-$p.json"
+      done
+      for p in dedup fused; do
+        run python3 bench/v2_latency.py --device "$DEVICE" --path $p --model --bf16 "${V2_SIZE[@]}" $extra 2>&1 \
+          | tee "$OUT/v2-$p-model.json"; done ;;
     train|train-ro|train-mat)  # compiled encoder + fused loss
-      python3 bench/train_throughput.py --preset paper --device cuda --compile --compile-mode $mode --reference \
-        --steps 30 --profile "$OUT/$tag-profile.txt" $extra 2>&1 | tee "$OUT/$tag.json" ;;
+      run python3 bench/train_throughput.py --preset $PRESET --device "$DEVICE" --compile --compile-mode $mode \
+        --reference "${TRAIN_SIZE[@]}" --profile "$OUT/$tag-profile.txt" $extra 2>&1 | tee "$OUT/$tag.json" ;;
     infer|infer-ro|infer-mat)
-      for b in 256 1024; do
-        python3 bench/batch_inference.py --preset paper --device cuda --compile --compile-mode $mode --batch-size $b \
-          --reference --profile "$OUT/$tag-b$b-profile.txt" $extra 2>&1 | tee "$OUT/$tag-b$b.json"; done ;;
+      for b in $BATCHES; do
+        run python3 bench/batch_inference.py --preset $PRESET --device "$DEVICE" --compile --compile-mode $mode \
+          --batch-size $b "${INFER_SIZE[@]}" --reference --profile "$OUT/$tag-b$b-profile.txt" $extra 2>&1 \
+          | tee "$OUT/$tag-b$b.json"; done ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
+  tar czf "$FINAL/gpu-logs.tgz" -C "$OUT" .  # after every part: a stopped call still brings back what finished
 done
-tar czf "$FINAL/gpu-logs.tgz" -C "$OUT" . && rm -rf "$OUT"
+rm -rf "$OUT"

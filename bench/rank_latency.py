@@ -9,7 +9,11 @@ Training: the ranker's own loss step (forward, multi-task BCE, backward, AdamW) 
 `--rows-per-request` to a request, as pointwise training sees them.
 
     python bench/rank_latency.py                       # CPU, the paper's TransAct shape (seq 100, d = 96)
-    python bench/rank_latency.py --device cuda         # (GPU figures belong to the GPU issue)
+    python bench/rank_latency.py --device cuda --bf16 --compile --compile-mode reduce-overhead --requests 64
+                                                       # the GPU issue: p99 of one request, rate at 64 per batch
+
+`--requests N` also times batches of N requests (N users, each with its own sequence and C candidates) through the
+request form and reports requests/s and candidates/s.
 """
 
 from __future__ import annotations
@@ -55,19 +59,21 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def latency(model: Ranker, batch: RankBatch, shared: bool, device: torch.device, warmup: int, reps: int) -> dict:
+def latency(model: Ranker, batch: RankBatch, shared: bool, device: torch.device, warmup: int, reps: int,
+            bf16: bool = False) -> dict:
     model.eval()
-    for _ in range(warmup):
-        model(batch, shared_projection=shared)
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        model(batch, shared_projection=shared)
-        sync(device)
-        times.append(1000 * (time.perf_counter() - t))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for _ in range(warmup):
+            model(batch, shared_projection=shared)
+        times = []
+        for _ in range(reps):
+            sync(device)
+            t = time.perf_counter()
+            model(batch, shared_projection=shared)
+            sync(device)
+            times.append(1000 * (time.perf_counter() - t))
     return {"p50_ms": round(float(np.percentile(times, 50)), 2), "p99_ms": round(float(np.percentile(times, 99)), 2),
-            "mean_ms": round(float(np.mean(times)), 2)}
+            "mean_ms": round(float(np.mean(times)), 2), "max_ms": round(max(times), 2), "reps": reps}
 
 
 def training_rate(model: Ranker, args, device: torch.device, rng: np.random.Generator) -> dict:
@@ -112,6 +118,11 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile TransAct's request form, the cross network "
                    "and the MLP for the latency runs (inductor; the plain form stays eager)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode (reduce-overhead: CUDA graphs)")
+    p.add_argument("--bf16", action="store_true", help="latency runs under bf16 autocast (training stays float32)")
+    p.add_argument("--requests", type=int, default=0, help="also time batches of this many requests, each of "
+                   "--candidates candidates (the request form)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,12 +134,23 @@ def main() -> None:
            "threads": torch.get_num_threads(), "torch": torch.__version__, "candidates": args.candidates,
            "seq_len": args.seq_len, "sequence": args.sequence, "x0_width": model.x0_dim,
            "parameters": sum(p.numel() for p in model.parameters())}
+    if device.type == "cuda":
+        out["card"] = torch.cuda.get_device_name()
+    out["bf16"] = args.bf16
     if args.compile:
-        model.transact.forward_request = torch.compile(model.transact.forward_request)
-        model.cross, model.mlp = torch.compile(model.cross), torch.compile(model.mlp)
-        out["compiled"] = True
-    out["shared_projection"] = latency(model, one, True, device, args.warmup, args.reps)
-    out["plain"] = latency(model, one, False, device, args.warmup, args.reps)
+        mode = args.compile_mode
+        model.transact.forward_request = torch.compile(model.transact.forward_request, mode=mode)
+        model.cross, model.mlp = torch.compile(model.cross, mode=mode), torch.compile(model.mlp, mode=mode)
+        out["compiled"] = mode
+    out["shared_projection"] = latency(model, one, True, device, args.warmup, args.reps, args.bf16)
+    out["plain"] = latency(model, one, False, device, args.warmup, args.reps, args.bf16)
+    if args.requests:
+        many = request_batch(args, args.requests, args.candidates, rng).to(device)
+        t = latency(model, many, True, device, args.warmup, max(5, args.reps // 10), args.bf16)
+        t.update(requests=args.requests, rows=many.n_rows,
+                 requests_per_s=round(1000 * args.requests / t["mean_ms"], 1),
+                 candidates_per_s=round(1000 * many.n_rows / t["mean_ms"]))
+        out["batched_requests"] = t
     if not args.compile:
         out["training"] = training_rate(model, args, device, rng)
     print(json.dumps(out, indent=1))
