@@ -14,8 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(tmp_path: Path, *parts: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path / "out"), PART_TIMEOUT="240")
+def run_script(tmp_path: Path, *parts: str, deadline: int = 3000) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path / "out"), PART_TIMEOUT="600", DEADLINE=str(deadline))
     # `python3` inside the script must be this interpreter (the one with the package's dependencies)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
@@ -35,7 +35,7 @@ def archive(tmp_path: Path) -> dict[str, str]:
 def test_v2_part_brings_back_every_path_with_and_without_the_model(tmp_path):
     proc = run_script(tmp_path, "v2")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "part stopped" not in proc.stdout
+    assert "failed" not in proc.stdout and "stopped" not in proc.stdout and "skipped" not in proc.stdout
     files = archive(tmp_path)
     assert set(files) == {"v2-naive.json", "v2-dedup.json", "v2-fused.json", "v2-dedup-model.json",
                           "v2-fused-model.json"}
@@ -53,3 +53,14 @@ def test_unknown_part_is_refused_by_name(tmp_path):
     proc = run_script(tmp_path, "trian")
     assert proc.returncode == 2
     assert "unknown part trian" in proc.stdout
+
+
+def test_processes_past_the_deadline_are_skipped_and_the_call_marked_failed(tmp_path):
+    """With less than 20 s left before DEADLINE no benchmark starts (the device call would be killed mid-run and
+    bring back nothing): each is named as skipped, the archive is still packed, the exit status says so."""
+    proc = run_script(tmp_path, "v2", deadline=5)
+    assert proc.returncode == 1
+    assert proc.stdout.count("skipped, ") == 5
+    assert "--path naive" in proc.stdout and "--path fused --model" in proc.stdout
+    assert set(archive(tmp_path)) == {"v2-naive.json", "v2-dedup.json", "v2-fused.json", "v2-dedup-model.json",
+                                      "v2-fused-model.json"}  # each holds the line saying it was skipped
