@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call, for a session that is lent a GPU machine (python3 there has torch):
-# the GPU tests, the ranker's and TransAct V2's request latency, then training and batch-inference throughput of
-# the `paper` preset in bf16 with torch.compile. Logs and JSON results go to $OUT (default /tmp/gpu-out), packed
+# the GPU tests, the ranker's request latency, training throughput of the `paper` preset, TransAct V2's request
+# latency, then batch-inference throughput of `paper` (bf16, torch.compile). Logs and JSON results go to $OUT (default /tmp/gpu-out), packed
 # into $OUT/gpu-logs.tgz after every part, so a call stopped by its time limit still brings back what finished.
 # Each benchmark process is stopped after $PART_TIMEOUT seconds (default 300), and none starts or runs past
 # $DEADLINE seconds from the script's start (default 540: the device call's limit is 600), so the later processes
@@ -19,7 +19,7 @@ DEVICE=${DEVICE:-cuda}
 PART_TIMEOUT=${PART_TIMEOUT:-300}
 DEADLINE=${DEADLINE:-540}
 failed=0
-parts=${*:-tests rank v2 train-ro infer train-mat infer-ro}
+parts=${*:-tests rank train-ro v2 infer train-mat infer-ro}
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv
   RANK_SIZE=(--requests 64) V2_SIZE=(--reps 200 --warmup 10) TRAIN_SIZE=(--steps 30) INFER_SIZE=() BATCHES="256 1024" PRESET=paper

@@ -29,9 +29,9 @@ import numpy as np
 from pinnerformer.config import StrictModel, merge_dicts
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.evaluation.blend import NETWORK
 from pinnerformer.evaluation.evaluate import EvaluateOptions
 from pinnerformer.evaluation.metrics import P90_COVERAGE
-from pinnerformer.evaluation.blend import NETWORK
 from pinnerformer.evaluation.report import MODEL, EvaluationReport, blend_text, history_text
 from pinnerformer.evaluation.tasks import parse_cutoffs
 from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic
@@ -183,6 +183,25 @@ def _metrics(result: ExperimentResult) -> list[str]:
     return list(result.rows[0].report.model.keys())
 
 
+def _table_rows(result: ExperimentResult, metrics: list[str], report_of, suffix: str, validation: bool) -> list[str]:
+    """One protocol's rows: each variant (and, when blended, its own network alone), then the baselines, scored by
+    the same code on the same users."""
+    lines = []
+    for r in result.rows:
+        rep = report_of(r)
+        val = " " + ", ".join(f"{k} {v:.4f}" for k, v in r.validation.items()) + " " if validation else " "
+        lines.append(f"| {r.variant}{suffix} | " + " | ".join(_cell(rep.model[m]) for m in metrics)
+                     + f" | {r.best_epoch} |{val}|")
+        if NETWORK in rep.results:
+            lines.append(f"| {r.variant}: network alone{suffix} | "
+                         + " | ".join(_cell(rep.results[NETWORK][m]) for m in metrics) + " | | |")
+    for name, res in report_of(result.rows[0]).baselines.items():
+        if name != NETWORK:  # a variant's own row above, not a baseline
+            lines.append(f"| baseline: {name}{suffix} | "
+                         + " | ".join(_cell(res[m]) if m in res else "" for m in metrics) + " | | |")
+    return lines
+
+
 def report_markdown(result: ExperimentResult, png: str) -> str:
     first = result.rows[0].report
     metrics = _metrics(result)
@@ -200,32 +219,10 @@ def report_markdown(result: ExperimentResult, png: str) -> str:
                  r.reused for r in result.rows) else "") + ")", "",
              "| variant | " + " | ".join(metrics) + " | best epoch | validation (selection) |",
              "|---|" + "---|" * (len(metrics) + 2)]
-    for r in result.rows:
-        res = r.report.model
-        val = ", ".join(f"{k} {v:.4f}" for k, v in r.validation.items())
-        lines.append(f"| {r.variant} | " + " | ".join(_cell(res[m]) for m in metrics) + f" | {r.best_epoch} | {val} |")
-        if NETWORK in r.report.results:  # a blended variant's network alone (its own, per variant)
-            lines.append(f"| {r.variant}: network alone | " + " | ".join(_cell(r.report.results[NETWORK][m])
-                                                                     for m in metrics) + " | | |")
-    for name, res in first.baselines.items():  # scored by the same code on the same users
-        if name == NETWORK:
-            continue
-        lines.append(f"| baseline: {name} | " + " | ".join(_cell(res[m]) if m in res else "" for m in metrics)
-                     + " | | |")
+    lines += _table_rows(result, metrics, lambda r: r.report, "", validation=True)
     removed = result.rows[0].history_removed
     if removed is not None:  # the same models and users with each user's input items removed from the ranking
-        for r in result.rows:
-            res = r.history_removed.model
-            lines.append(f"| {r.variant}, history removed | " + " | ".join(_cell(res[m]) for m in metrics)
-                         + f" | {r.best_epoch} | |")
-            if NETWORK in r.history_removed.results:
-                lines.append(f"| {r.variant}: network alone, history removed | " + " | ".join(
-                    _cell(r.history_removed.results[NETWORK][m]) for m in metrics) + " | | |")
-        for name, res in removed.baselines.items():
-            if name == NETWORK:
-                continue
-            lines.append(f"| baseline: {name}, history removed | "
-                         + " | ".join(_cell(res[m]) if m in res else "" for m in metrics) + " | | |")
+        lines += _table_rows(result, metrics, lambda r: r.history_removed, ", history removed", validation=False)
         lines += ["", f"Rows marked \"history removed\": {history_text(removed)} — the protocol of the published "
                   "full-ranking numbers."]
     if result.grid == "frequency":
