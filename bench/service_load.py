@@ -126,7 +126,8 @@ def run_locust(args, host: str, token: str, users: list[str], items: list[str], 
 
     per_user_recommend = args.recommend_rate / args.users
     per_user_post = args.post_rate / args.users
-    known = users + [f"new-{i}" for i in range(max(1, len(users) // 10))]  # some users the dataset never saw
+    # some users the dataset never saw (numeric ids: an integer-keyed dataset takes only those)
+    known = users + [str(900_000_000 + i) for i in range(max(1, len(users) // 10))]
 
     class Recommender(FastHttpUser):
         wait_time = constant_throughput(per_user_recommend + per_user_post)
@@ -140,7 +141,7 @@ def run_locust(args, host: str, token: str, users: list[str], items: list[str], 
         @task(max(1, round(1000 * per_user_recommend)))
         def recommend(self):
             self.client.post("/v1/recommend", json={"user": self.user_id, "k": 10, "n": args.candidates},
-                             name="/v1/recommend")
+                             headers={"Authorization": f"Bearer {token}"}, name="/v1/recommend")
 
         @task(max(1, round(1000 * per_user_post)))
         def post_events(self):

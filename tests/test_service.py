@@ -25,6 +25,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+    return build_workdir(tmp_path_factory.mktemp("served"))
+
+
+def build_workdir(d):
+    """A servable work directory in `d`, laid out as the quickstart's: dataset/, run/, snapshots/, index/,
+    rank-data/, rank-run/ (tiny models on planted requests)."""
     import datetime as dt
 
     from pinnerformer.data.dataset import Dataset, set_content_vectors
@@ -37,7 +43,6 @@ def workdir(tmp_path_factory):
     from pinnerformer.training.ranking import load_rank_config, ranking_loop
     from pinnerformer.training.retrieval import retrieval_loop
 
-    d = tmp_path_factory.mktemp("served")
     planted_request_log(n_users=80, days=10).write_csv(d / "log.csv")
     r = run_cli("data", "prepare", "-f", "events", "-i", d / "log.csv", "-o", d / "dataset", "--action-col",
                 "action", "--positive", "click,save")
@@ -102,7 +107,7 @@ def test_rank_gives_the_scores_of_rank_score_for_the_same_inputs(served, workdir
     t = later(service)
     for user in (b.user_ids[3], b.user_ids[40]):
         items = b.item_ids[5:17]
-        r = client.post("/v1/rank", json={"user": user, "items": items, "time": t})
+        r = client.post("/v1/rank", json={"user": user, "items": items, "time": t}, headers=AUTH)
         assert r.status_code == 200, r.text
         got = {x["item"]: x["heads"] for x in r.json()["items"]}
         ref = score_request(workdir / "rank-run", user, str(t), items)
@@ -117,20 +122,22 @@ def test_an_event_is_in_the_next_call_and_moves_the_scores(served):
     client, service = served
     b = service.bundle
     user, items, t = b.user_ids[7], b.item_ids[:10], later(service, 2)
-    before = client.post("/v1/rank", json={"user": user, "items": items, "time": t}).json()["items"]
-    early_before = client.post("/v1/rank", json={"user": user, "items": items, "time": t - 61}).json()["items"]
+    before = client.post("/v1/rank", json={"user": user, "items": items, "time": t}, headers=AUTH).json()["items"]
+    early_before = client.post("/v1/rank", json={"user": user, "items": items, "time": t - 61},
+                               headers=AUTH).json()["items"]
     events = [{"user": user, "item": items[k], "action": "save", "time": t - 60 + k} for k in range(3)]
     r = client.post("/v1/events", json={"events": events, "batch_id": "batch-1"}, headers=AUTH)
     assert r.status_code == 200 and r.json() == {"appended": 3, "users": 1, "duplicate_batch": False}
-    seen = client.get(f"/v1/users/{user}/events").json()["events"]
+    seen = client.get(f"/v1/users/{user}/events", headers=AUTH).json()["events"]
     assert [(e["item"], e["action"], e["time"]) for e in seen] == [(items[k], "save", t - 60 + k) for k in (2, 1, 0)]
-    after = client.post("/v1/rank", json={"user": user, "items": items, "time": t}).json()["items"]
+    after = client.post("/v1/rank", json={"user": user, "items": items, "time": t}, headers=AUTH).json()["items"]
     moved = max(abs(a["heads"]["save"] - next(x for x in after if x["item"] == a["item"])["heads"]["save"])
                 for a in before)
     assert moved > 1e-6  # the three new actions are in the sequence the ranker read
     again = client.post("/v1/events", json={"events": events, "batch_id": "batch-1"}, headers=AUTH)
-    assert again.json()["duplicate_batch"] is True and len(client.get(f"/v1/users/{user}/events").json()["events"]) == 3
-    early = client.post("/v1/rank", json={"user": user, "items": items, "time": t - 61}).json()["items"]
+    assert again.json()["duplicate_batch"] is True
+    assert len(client.get(f"/v1/users/{user}/events", headers=AUTH).json()["events"]) == 3
+    early = client.post("/v1/rank", json={"user": user, "items": items, "time": t - 61}, headers=AUTH).json()["items"]
     assert early == early_before  # events at or after the request's time are not in its sequence
 
 
@@ -138,7 +145,7 @@ def test_recommend_leaves_out_what_the_user_did_and_names_its_source(served):
     client, service = served
     b = service.bundle
     user = b.user_ids[11]
-    r = client.post("/v1/recommend", json={"user": user, "k": 5, "n": 40})
+    r = client.post("/v1/recommend", json={"user": user, "k": 5, "n": 40}, headers=AUTH)
     body = r.json()
     assert r.status_code == 200 and body["source"] == "retrieval" and len(body["items"]) == 5
     ds = b.ds
@@ -147,17 +154,17 @@ def test_recommend_leaves_out_what_the_user_did_and_names_its_source(served):
     assert not done & {x["item"] for x in body["items"]}
     scores = [x["score"] for x in body["items"]]
     assert scores == sorted(scores, reverse=True) and set(body["versions"]) == {"ranker", "index", "day"}
-    assert client.post("/v1/recommend", json={"user": "someone-new", "k": 3}).json()["source"] == "popular"
-    client.post("/v1/events", json={"events": [{"user": "someone-new", "item": b.item_ids[0], "action": "click",
+    assert client.post("/v1/recommend", json={"user": "900001", "k": 3}, headers=AUTH).json()["source"] == "popular"
+    client.post("/v1/events", json={"events": [{"user": "900001", "item": b.item_ids[0], "action": "click",
                                                 "time": int(time.time())}]}, headers=AUTH)
-    new = client.post("/v1/recommend", json={"user": "someone-new", "k": 3}).json()
+    new = client.post("/v1/recommend", json={"user": "900001", "k": 3}, headers=AUTH).json()
     assert new["source"] == "similar-items" and b.item_ids[0] not in {x["item"] for x in new["items"]}
 
 
 def test_tokens_fields_unknown_names_and_limits_are_answered_clearly(served):
     client, service = served
     b = service.bundle
-    ev = {"user": "u", "item": b.item_ids[0], "action": "click", "time": 1000}
+    ev = {"user": "900002", "item": b.item_ids[0], "action": "click", "time": later(service)}
     assert client.post("/v1/events", json={"events": [ev]}).status_code == 401
     r = client.post("/v1/events", json={"events": [ev]}, headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and TOKEN not in r.text
@@ -180,17 +187,18 @@ def test_tokens_fields_unknown_names_and_limits_are_answered_clearly(served):
     for (path, body), status, message in cases:
         r = client.post(path, json=body, headers=AUTH)
         assert r.status_code == status and message in r.text, (path, body, r.text)
-    r = client.post("/v1/rank", content=b"{not json", headers={"Content-Type": "application/json"})
+    r = client.post("/v1/rank", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 422
     r = client.post("/v1/rank", content=b"x" * 2_000_000, headers={"Content-Type": "application/json"})
     assert r.status_code == 413
-    assert client.get("/v1/users/nobody/embedding").status_code == 404
-    r = client.get("/v1/users/" + "x" * 600 + "/events")
+    assert client.get("/v1/users/nobody/embedding", headers=AUTH).json()["vectors"] == {}  # as any user
+    r = client.get("/v1/users/" + "x" * 600 + "/events", headers=AUTH)
     assert r.status_code == 400 and "an id of 600 bytes, more than 256" in r.text
-    emb = client.get(f"/v1/users/{b.user_ids[0]}/embedding").json()
+    emb = client.get(f"/v1/users/{b.user_ids[0]}/embedding", headers=AUTH).json()
     assert set(emb["vectors"]) == {"retrieval", "ranking"} and emb["day"] == service.state[1]
     assert client.get("/healthz").json() == {"status": "ok"} and client.get("/readyz").json()["ready"] is True
-    assert client.post("/v1/rank", json={"user": "u", "items": [b.item_ids[0]]}).status_code == 200  # time: now
+    r = client.post("/v1/rank", json={"user": "u", "items": [b.item_ids[0]]}, headers=AUTH)
+    assert r.status_code == 200  # time: now
     metrics = client.get("/metrics").text
     assert 'pinnerformer_requests_total{endpoint="/v1/events",status="401"} 2.0' in metrics
     assert "pinnerformer_version_info{" in metrics and "pinnerformer_stage_seconds_bucket" in metrics
@@ -201,9 +209,9 @@ def test_concurrent_requests_are_batched_and_score_as_alone_and_a_hand_over_fail
     b = service.bundle
     t = later(service)
     reqs = [{"user": b.user_ids[k], "items": b.item_ids[k:k + 8], "time": t} for k in range(12)]
-    alone = [client.post("/v1/rank", json=q).json()["items"] for q in reqs]
+    alone = [client.post("/v1/rank", json=q, headers=AUTH).json()["items"] for q in reqs]
     with ThreadPoolExecutor(12) as pool:
-        together = list(pool.map(lambda q: client.post("/v1/rank", json=q), reqs))
+        together = list(pool.map(lambda q: client.post("/v1/rank", json=q, headers=AUTH), reqs))
     for a, r in zip(alone, together):
         assert r.status_code == 200
         for x, y in zip(a, r.json()["items"]):
@@ -214,7 +222,7 @@ def test_concurrent_requests_are_batched_and_score_as_alone_and_a_hand_over_fail
     old_version = service.state[0].version
 
     def during(k):
-        return client.post("/v1/rank", json=reqs[k % 12])
+        return client.post("/v1/rank", json=reqs[k % 12], headers=AUTH)
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(during, k) for k in range(30)]
@@ -316,7 +324,7 @@ def test_the_service_killed_during_ingestion_loses_no_acknowledged_event_and_dup
         sent, acked, stop = [], [], threading.Event()
 
         def batch(b):
-            return {"batch_id": f"b{b}", "events": [{"user": f"k{u}", "item": items[(b + u) % 20], "action": "click",
+            return {"batch_id": f"b{b}", "events": [{"user": f"{800 + u}", "item": items[(b + u) % 20], "action": "click",
                                                      "time": 1_700_000_000 + b} for u in range(3)]}
 
         def client():
@@ -345,14 +353,14 @@ def test_the_service_killed_during_ingestion_loses_no_acknowledged_event_and_dup
         proc = _serve(workdir, store, port, tmp_path)
         _wait_ready(url, proc)
         with httpx.Client(base_url=url, headers=AUTH, timeout=5) as c:
-            present = [{e["time"] - 1_700_000_000 for e in c.get(f"/v1/users/k{u}/events",
+            present = [{e["time"] - 1_700_000_000 for e in c.get(f"/v1/users/{800 + u}/events",
                                                                 params={"limit": 1000}).json()["events"]}
                        for u in range(3)]
             assert present[0] == present[1] == present[2]  # a batch is whole or absent
             assert set(acked) <= present[0] and present[0] <= set(sent)
             resent = [c.post("/v1/events", json=batch(b)).json() for b in sent]
             assert all(r["duplicate_batch"] for b, r in zip(sent, resent) if b in present[0])
-            after = [len(c.get(f"/v1/users/k{u}/events", params={"limit": 1000}).json()["events"]) for u in range(3)]
+            after = [len(c.get(f"/v1/users/{800 + u}/events", params={"limit": 1000}).json()["events"]) for u in range(3)]
             assert after == [len(sent)] * 3  # each batch exactly once, the lost one now too
     finally:
         proc.kill()
@@ -372,18 +380,19 @@ def test_redis_restarted_under_the_service_gives_503s_then_recovers_without_a_re
     try:
         service = build_service(workdir, server.url, TOKEN, log=lambda s: None)
         b = service.bundle
-        ev = {"events": [{"user": "r1", "item": b.item_ids[0], "action": "click", "time": int(time.time())}]}
+        ev = {"events": [{"user": "810", "item": b.item_ids[0], "action": "click", "time": int(time.time())}]}
         with TestClient(create_app(service)) as client:
             assert client.post("/v1/events", json=ev, headers=AUTH).status_code == 200
             server.kill()
             for r in (client.post("/v1/events", json=ev, headers=AUTH), client.get("/readyz"),
-                      client.post("/v1/recommend", json={"user": "r1", "k": 3}),
-                      client.post("/v1/rank", json={"user": "r1", "items": b.item_ids[:3]})):
+                      client.post("/v1/recommend", json={"user": "810", "k": 3}, headers=AUTH),
+                      client.post("/v1/rank", json={"user": "810", "items": b.item_ids[:3]}, headers=AUTH)):
                 assert r.status_code == 503 and f"Redis at {server.url} is unreachable" in r.text, r.text
             server.start()  # same port and directory: the append-only file is replayed
             assert client.get("/readyz").status_code == 200
             assert client.post("/v1/events", json=ev, headers=AUTH).status_code == 200
-            assert len(client.get("/v1/users/r1/events").json()["events"]) == 2  # the first one survived the crash
+            # the first one survived the crash
+            assert len(client.get("/v1/users/810/events", headers=AUTH).json()["events"]) == 2
     finally:
         server.stop()
 
@@ -411,7 +420,7 @@ def test_a_new_days_snapshot_is_served_as_it_appears(workdir, tmp_path):
             client.get("/healthz")
             time.sleep(0.1)
         assert service.state[1][:10] == day.isoformat()
-        r = client.post("/v1/recommend", json={"user": service.bundle.user_ids[0], "k": 2})
+        r = client.post("/v1/recommend", json={"user": service.bundle.user_ids[0], "k": 2}, headers=AUTH)
         assert r.status_code == 200 and r.json()["versions"]["day"] == service.state[1] != first
 
 
@@ -434,7 +443,7 @@ def test_sigterm_lets_the_request_in_flight_finish(workdir, tmp_path):
         result = {}
 
         def ask():
-            result["r"] = httpx.post(url + "/v1/rank", json={"user": "0", "items": items}, timeout=30)
+            result["r"] = httpx.post(url + "/v1/rank", json={"user": "0", "items": items}, headers=AUTH, timeout=30)
 
         t = threading.Thread(target=ask)
         t.start()

@@ -96,6 +96,38 @@ def test_day_versions_are_invisible_until_published_and_switch_atomically(make_s
         s.put_daily("2026-11-27", ["u1", "u2"], {"retrieval": v1[:1]})
 
 
+def test_batch_ids_are_scoped_by_client_and_a_reused_id_with_other_events_is_a_conflict(make_store):
+    from pinnerformer.serving.store import BatchConflict
+
+    s = make_store(cap=100)
+    assert s.append({"u1": ev([1, 2])}, batch_id="7", client="app-a") == 2
+    assert s.append({"u1": ev([1, 2])}, batch_id="7", client="app-a") == 0  # a retry: applied once
+    assert s.append({"u1": ev([1, 2])}, batch_id="7", client="app-b") == 2  # another client's counter: its own
+    with pytest.raises(BatchConflict, match="batch_id '7' of client 'app-a' was applied with other events"):
+        s.append({"u1": ev([3])}, batch_id="7", client="app-a")
+    with pytest.raises(BatchConflict):  # same items, another time: other events
+        s.append({"u1": ev([1, 2], t0=50)}, batch_id="7", client="app-a")
+    assert s.realtime("u1")["item"].tolist() == [1, 2, 1, 2] and s.event_count() == 4
+
+
+def test_the_event_log_keeps_every_acknowledged_batch_beyond_the_cap_by_day_in_order(make_store):
+    s = make_store(cap=3)
+    for b in range(10):
+        s.append({"u1": ev([b])}, batch_id=f"b{b}", log={"2026-12-0" + str(1 + b % 2): f"entry {b}".encode()})
+    assert s.append({"u1": ev([0])}, batch_id="b0", log={"2026-12-01": b"a retry"}) == 0  # applied once, logged once
+    assert len(s.realtime("u1")) == 3  # the realtime list is capped; the log is not
+    assert s.log_days() == ["2026-12-01", "2026-12-02"]
+    first = s.read_log("2026-12-01")
+    assert [e for _, e in first] == [f"entry {b}".encode() for b in range(0, 10, 2)]
+    assert [e for _, e in s.read_log("2026-12-01", after=first[1][0])] == [b"entry 4", b"entry 6", b"entry 8"]
+    assert s.read_log("2026-12-01", after=first[-1][0]) == [] and s.read_log("2026-12-03") == []
+    with pytest.raises((ValueError, TypeError)):  # a failing batch writes no log entry either
+        s.append({"u1": ev([4]), "u2": np.array(["not an event"])}, log={"2026-12-01": b"never"})
+    assert len(s.read_log("2026-12-01")) == 5
+    with pytest.raises(PinnerformerError, match="expected a day YYYY-MM-DD"):
+        s.append({"u1": ev([4])}, log={"yesterday": b"x"})
+
+
 def test_the_store_survives_being_reopened(make_store):
     s = make_store(cap=50)
     s.append({"u1": ev([1, 2, 3])}, batch_id="x")
@@ -117,7 +149,7 @@ WRITER = textwrap.dedent("""
     for b in range(100000):
         # batch b: 3 users x 2 events, items encode the batch
         s.append({f"u{k}": events(np.array([b * 10 + k, b * 10 + k]), np.array([1, 2]), np.array([b, b]))
-                  for k in range(3)}, batch_id=f"b{b}")
+                  for k in range(3)}, batch_id=f"b{b}", log={"2026-12-01": str(b).encode()})
         print(b, flush=True)  # acknowledged
 """)
 
@@ -151,6 +183,8 @@ def test_a_writer_killed_mid_ingestion_loses_no_acknowledged_event_and_half_appl
         assert set(ts.tolist()) == applied  # all of a batch's users, or none
         assert (counts == 2).all()  # each batch once, whole
     assert s.event_count() == 6 * len(applied) and len(applied) - len(acked) <= 1  # at most the one in flight
+    logged = [int(e) for _, e in s.read_log("2026-12-01")]
+    assert sorted(logged) == sorted(applied)  # the event log holds exactly the applied batches, each once
 
 
 def test_redis_killed_keeps_acknowledged_events_and_the_store_recovers_without_reopening(redis_server, tmp_path):

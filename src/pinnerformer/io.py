@@ -6,6 +6,7 @@ same directory and renamed into place (a rename is atomic on one file system).
     atomic_dir(path)                           a whole directory, built aside and swapped in
     recover_swap(path)                         put back a directory whose swap was killed between its two renames
     exclusive(path)                            one writer at a time (an advisory file lock, released at exit or death)
+    read_json_record(path, what)               a JSON file this program wrote, or a clear error when it is damaged
 """
 
 from __future__ import annotations
@@ -98,6 +99,22 @@ def write_json_atomic(path: str | Path, payload: dict | BaseModel) -> None:
     if isinstance(payload, BaseModel):
         payload = payload.model_dump(mode="json")
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def read_json_record(path: str | Path, what: str, remedy: str = "") -> dict:
+    """A JSON object this program wrote (a manifest, a run's config or summary), or an error naming the file when
+    it cannot be parsed: damaged or truncated (a copy cut short, a disk that filled up before atomic writes)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise PinnerformerError(f"{path}: damaged or truncated {what} (not valid JSON{where})"
+                                + (f"; {remedy}" if remedy else "")) from None
+    if not isinstance(raw, dict):
+        raise PinnerformerError(f"{path}: damaged {what} (a JSON {type(raw).__name__}, where an object was expected)"
+                                + (f"; {remedy}" if remedy else ""))
+    return raw
 
 
 def _replaced(path: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shlex
 import sys
 
@@ -53,7 +54,11 @@ def run_guarded(fn, *args, **kwargs):
         raise typer.Exit(code=2) from None
     except OSError as e:  # the machine's, not the input's: a full disk, a path under a file, a permission
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"error: {e.strerror or e}{where}; nothing half-written was left looking complete", file=sys.stderr)
+        # a write cut short (the disk or a size limit): every output is staged and renamed into place, so say so;
+        # other errors (a missing file, a permission) are just the problem and the path
+        mid_write = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        print(f"error: {e.strerror or e}{where}" + ("; nothing half-written was left looking complete" if mid_write
+                                                    else ""), file=sys.stderr)
         raise typer.Exit(code=2) from None
 
 

@@ -172,11 +172,16 @@ def data_append(
 
 
 def as_in_dataset(format: str, dataset: Path, flags: dict) -> dict:
-    """New events are read with the dataset's action vocabulary: its positive actions, and (events with an action
-    column) its action types as the allowed ones, so that an unknown action is named as such."""
+    """New events are read as the dataset's were: in its format, with its action vocabulary (its positive actions,
+    and, for events with an action column, its action types as the allowed ones, so that an unknown action is named
+    as such)."""
     from pinnerformer.data.dataset import Dataset
 
-    actions = Dataset.open(dataset).manifest.actions
+    m = Dataset.open(dataset).manifest
+    if format != m.format:
+        raise PinnerformerError(f"--format {format}: {dataset} was prepared from format {m.format}; new events must be "
+                                f"read the same way (expected --format {m.format})")
+    actions = m.actions
     flags = dict(flags)
     if format in APPLIES["positive"]:
         flags["positive"] = ",".join(a.name for a in actions if a.positive)
@@ -251,25 +256,72 @@ def items_embed_text(dataset: Path = typer.Argument(..., help="A prepared datase
 @app.command("daily")
 @with_format_flags
 def daily(
-    run: Path = typer.Option(..., "--run", "-r", help="A training run directory."),
-    dataset: Path = typer.Option(..., "--dataset", "-d", help="The dataset the run was trained on (or grown from it)."),
-    input: Path = typer.Option(..., "--input", "-i", help="The new period's events."),
-    format: str = typer.Option(..., "--format", "-f", help=FORMAT_HELP),
-    snapshot_root: Path = typer.Option(..., "--snapshot-root", help="Where the daily snapshots go (ROOT/DAY/)."),
-    index: Path = typer.Option(..., "--index", help="The item index directory, rebuilt when items or model change."),
-    allow_late: bool = typer.Option(False, "--allow-late", help="Keep events older than the dataset's end."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", "-w", help="A work directory laid out as the "
+                                           "quickstart's (run/, dataset/, snapshots/, index/, store/): the defaults "
+                                           "of --run, --dataset, --snapshot-root, --index and, without --input, "
+                                           "--from-store."),
+    run: Optional[Path] = typer.Option(None, "--run", "-r", help="A training run directory."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="The dataset the run was trained on (or "
+                                           "grown from it)."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="The new period's events (a file or folder)."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help=FORMAT_HELP + " (with --input)"),
+    from_store: Optional[str] = typer.Option(None, "--from-store", help="Take the new events from the online "
+                                             "service's event log instead of a file: redis://HOST:PORT/DB or an "
+                                             "LMDB directory (the service's --store)."),
+    until: Optional[str] = typer.Option(None, "--until", help="With --from-store: take the events before this UTC "
+                                        "day, YYYY-MM-DD (default: today: complete days only)."),
+    snapshot_root: Optional[Path] = typer.Option(None, "--snapshot-root", help="Where the daily snapshots go "
+                                                 "(ROOT/DAY/)."),
+    index: Optional[Path] = typer.Option(None, "--index", help="The item index directory, rebuilt when items or "
+                                         "model change."),
+    allow_late: bool = typer.Option(False, "--allow-late", help="Keep events older than the dataset's end (--input; "
+                                    "the event log's late events are always kept: they were acknowledged)."),
     checkpoint: str = typer.Option("best", help="best | last"),
     progress: bool = typer.Option(True, help="Show progress bars."),
     **flags,
 ):
-    """The daily loop in one command: append the new events, embed the new day incrementally, refresh the index."""
-    from pinnerformer.daily import run_daily
+    """The daily loop in one command: append the new events (a file, or the service's event log), embed the new day
+    incrementally, refresh the index. A service over the same work directory serves the new day after
+    POST /v1/admin/reload (or by itself with `serve --watch-seconds`)."""
+    from pinnerformer.daily import run_daily, run_daily_from_store
+
+    def need(value, name: str, default: str):
+        if value is not None:
+            return value
+        if workdir is None:
+            raise PinnerformerError(f"{name} is required (or --workdir, whose {default} it then is)")
+        return workdir / default
 
     def body():
-        raw, skip_invalid, lo, hi = read_input(format, input, as_in_dataset(format, dataset, flags))
-        report = run_daily(run, dataset, raw, snapshot_root, index, allow_late=allow_late, skip_invalid=skip_invalid,
-                           min_time=lo, max_time=hi, vectorize=text_vectorizer(dataset), checkpoint=checkpoint,
-                           log=log, progress=progress)
+        from pinnerformer.data.clock import parse_day
+
+        run_dir, ds_dir = need(run, "--run", "run"), need(dataset, "--dataset", "dataset")
+        snaps, index_dir = need(snapshot_root, "--snapshot-root", "snapshots"), need(index, "--index", "index")
+        if input is not None and from_store is not None:
+            raise PinnerformerError("--input and --from-store both given: take the new events from one of them")
+        if input is not None:
+            if format is None:
+                raise PinnerformerError("--input needs --format (" + FORMAT_HELP + ")")
+            if until is not None:
+                raise PinnerformerError("--until applies to --from-store only (--input takes --max-time)")
+            raw, skip_invalid, lo, hi = read_input(format, input, as_in_dataset(format, ds_dir, flags))
+            report = run_daily(run_dir, ds_dir, raw, snaps, index_dir, allow_late=allow_late,
+                               skip_invalid=skip_invalid, min_time=lo, max_time=hi,
+                               vectorize=text_vectorizer(ds_dir), checkpoint=checkpoint, log=log, progress=progress)
+        else:
+            store = from_store or (str(workdir / "store") if workdir is not None else None)
+            if store is None:
+                raise PinnerformerError("no new events named: give --input FILE --format F, or --from-store STORE "
+                                        "(the service's event log), or --workdir (its store/)")
+            if format is not None:
+                raise PinnerformerError("--format applies to --input; the event log has its own")
+            report = run_daily_from_store(run_dir, ds_dir, store, snaps, index_dir,
+                                          before=parse_day(until, "--until") if until else None,
+                                          checkpoint=checkpoint, vectorize=text_vectorizer(ds_dir), log=log,
+                                          progress=progress)
+            if report is None:
+                log("daily: no new events in the event log: nothing to do")
+                return
         s = report.snapshot
         log(f"daily {report.day}: {'appended' if report.appended else 'already appended'}; snapshot {s.users:,} users "
             f"({s.recomputed:,} recomputed, {s.carried_over:,} carried over; unseen by the model: "

@@ -23,7 +23,8 @@ def prepare(
                                         "a negative head (default per format, e.g. MovieLens 'save=love; "
                                         "like=love,like; hide=-dislike')."),
     split: str = typer.Option("0.7,0.15,0.15", help="Fractions of the requests for train, validation, test "
-                              "(cut at UTC midnights, in time order)."),
+                              "(cut at UTC midnights, in time order). Validation and test must each hold at least "
+                              "10 requests, and validation a request engaged with on every head (else refused)."),
     feature_share: float = typer.Option(0.5, help="Share of the training period whose requests only the "
                                         "PinnerFormer behind the feature learns from (0: it trains on the ranker's "
                                         "training period)."),
@@ -31,14 +32,15 @@ def prepare(
     max_candidates: int = typer.Option(100, help="Larger requests keep a seeded sample of this many (counted)."),
     pinnerformer: Optional[Path] = typer.Option(None, help="A PinnerFormer run trained on the training period only "
                                                 "(eval.until); default: train one into OUTPUT/pinnerformer."),
-    pf_max_steps: int = typer.Option(600, help="Steps of the PinnerFormer trained for the feature."),
+    pf_max_steps: int = typer.Option(600, min=1, help="Steps of the PinnerFormer trained for the feature."),
     item_vectors: str = typer.Option("auto", help="Frozen item vectors of sequences and candidates: content (the "
                                      "dataset's) | pinnerformer (the feature model's item vectors) | interests "
                                      "(a fixed vector per category) | auto (content if any, else pinnerformer)."),
     int8_dim: int = typer.Option(64, help="Width of TransAct V2's int8 item table (wider vectors are narrowed "
                                  "by a fixed orthonormal projection)."),
     seed: int = typer.Option(0),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT (only ranking data: "
+                                   "any other directory or file is refused)."),
 ):
     """Build ranking requests (candidates, labels per head, sequences, yesterday's PinnerFormer vectors, time split)."""
 
@@ -49,6 +51,8 @@ def prepare(
         from pinnerformer.ranking.prepare import prepare_ranking
 
         ds = Dataset.open(dataset)
+        request_kind = request or ("logged" if ds.manifest.format == "mind" else "day")
+        rq.check_requestable(ds, request_kind)  # before --heads and the rest are asked for
         names = ds.manifest.action_names()
         head_list = rq.parse_heads(heads, names) if heads else rq.default_heads(ds.manifest.format, names)
         try:
@@ -61,7 +65,7 @@ def prepare(
         from pinnerformer.config import validate
 
         opts = validate(rq.RequestOptions, {
-            "request": request or ("logged" if ds.manifest.format == "mind" else "day"), "heads": head_list,
+            "request": request_kind, "heads": head_list,
             "split": fractions, "feature_share": feature_share, "session_gap_minutes": session_gap_minutes,
             "max_candidates": max_candidates, "item_vectors": item_vectors, "int8_dim": int8_dim,
             "seed": seed}, "rank prepare")
@@ -81,12 +85,13 @@ def train(
     no_pinnerformer: bool = typer.Option(False, "--no-pinnerformer", help="Leave the PinnerFormer feature out."),
     config: Optional[Path] = typer.Option(None, help="JSON file overriding preset values (unknown keys are errors)."),
     max_epochs: Optional[int] = typer.Option(None),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (then validate)."),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Stop after this many steps (then validate)."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     seed: Optional[int] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
     progress: bool = typer.Option(True),
-    nproc: int = typer.Option(1, help="Train on this many processes of this machine (torchrun; docs/distributed.md)."),
+    nproc: int = typer.Option(1, min=1, help="Train on this many processes of this machine (torchrun; "
+                              "docs/distributed.md)."),
 ):
     """Train the multi-task ranker (selected on the validation period's HIT@3)."""
     if nproc > 1:  # this command again under torchrun, without --nproc: each process is one rank
@@ -134,7 +139,7 @@ def evaluate(
     reference: Optional[str] = typer.Option(None, help="The run (its name) that lifts are measured against, e.g. "
                                             "the ranker without sequence features."),
     split: str = typer.Option("test", help="test | validation requests."),
-    k: int = typer.Option(3, "-k", "--k", help="HIT@k."),
+    k: int = typer.Option(3, "-k", "--k", min=1, help="HIT@k."),
     seed: int = typer.Option(0),
 ):
     """HIT@3 / AUC / grouped AUC per head with 95% intervals, beside random, popularity and PinnerFormer-score
@@ -172,7 +177,7 @@ def experiment(
                                          "v2-table2,v2-lifelong,v2-nal (TransAct V2's)."),
     preset: str = typer.Option("fast"),
     config: Optional[Path] = typer.Option(None, help="JSON file overriding the preset for every variant."),
-    max_steps: Optional[int] = typer.Option(None, help="At most this many steps per run."),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="At most this many steps per run."),
     seed: int = typer.Option(0),
 ):
     """The TransAct papers' ablations on one ranking data directory (trains each variant, scores all on test)."""

@@ -8,18 +8,26 @@ from typing import Optional
 import typer
 
 from pinnerformer.cli.common import app, log, run_guarded
+from pinnerformer.errors import PinnerformerError
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 @app.command("serve")
 def serve(
     workdir: Path = typer.Option(..., "--workdir", help="What the quickstart or the daily job wrote: rank-run/, "
                                  "index/, snapshots/."),
-    host: str = typer.Option("127.0.0.1"),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on: loopback only unless --allow-remote."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Listen on a non-loopback --host: only behind "
+                                      "TLS and an authenticating proxy (the service speaks plain HTTP)."),
     port: int = typer.Option(8000),
     store: Optional[str] = typer.Option(None, help="redis://HOST:PORT/DB, or an LMDB directory (default: "
                                         "WORKDIR/store, embedded)."),
     token_file: Optional[Path] = typer.Option(None, help="File holding the API token (default: the environment "
                                               "variable PINNERFORMER_API_TOKEN, else WORKDIR/api-token, generated)."),
+    read_token_file: Optional[Path] = typer.Option(None, help="File holding an optional read-only token: rank, "
+                                                   "recommend, GET /v1/users/... (default: the environment variable "
+                                                   "PINNERFORMER_API_READ_TOKEN, else none)."),
     batch_max: int = typer.Option(16, help="Ranking requests scored in one forward pass."),
     batch_wait_ms: float = typer.Option(2.0, help="How long a ranking request waits for company."),
     timeout_s: float = typer.Option(5.0, help="A ranking request not answered by then gets 504."),
@@ -32,11 +40,17 @@ def serve(
         import uvicorn
 
         from pinnerformer.serving.app import ServiceSettings, create_app
-        from pinnerformer.serving.server import build_service, read_token
+        from pinnerformer.serving.server import api_read_token, api_token, build_service
 
+        if host not in LOOPBACK and not allow_remote:
+            raise PinnerformerError(f"--host {host} is not a loopback address: the service speaks plain HTTP, so its "
+                                    "bearer tokens and users' events would cross the network readable; TLS and an "
+                                    "authenticating proxy must sit in front of it. Once they do, pass "
+                                    "--allow-remote")
         settings = ServiceSettings(batch_max=batch_max, batch_wait_ms=batch_wait_ms, timeout_s=timeout_s,
                                    watch_seconds=watch_seconds)
-        service = build_service(workdir, store, read_token(workdir, token_file, log), settings, log=log)
+        service = build_service(workdir, store, api_token(workdir, token_file, log), settings, log=log,
+                                read_token=api_read_token(read_token_file))
         # uvicorn finishes in-flight requests on SIGTERM / Ctrl-C before it exits (at most 30 s)
         uvicorn.run(create_app(service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
                     timeout_keep_alive=75)  # clients keep idle connections open for long (load tools: ~60 s)

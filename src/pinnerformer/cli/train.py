@@ -24,13 +24,14 @@ def train(
     config: Optional[Path] = typer.Option(None, help="JSON file overriding preset values (unknown keys are errors)."),
     protocol: Optional[str] = typer.Option(None, help="auto | future-window | leave-one-out (validation)."),
     max_epochs: Optional[int] = typer.Option(None, help="Override optim.max_epochs."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps (then validate)."),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Stop after this many steps (then validate)."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     seed: Optional[int] = typer.Option(None, help="Override the seed."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
-    nproc: int = typer.Option(1, help="Train on this many processes of this machine (torchrun; gloo on CPU, NCCL "
-                              "on GPU); several machines: torchrun ... -m pinnerformer.cli train (docs/distributed.md)."),
+    nproc: int = typer.Option(1, min=1, help="Train on this many processes of this machine (torchrun; gloo on CPU, "
+                              "NCCL on GPU); several machines: torchrun ... -m pinnerformer.cli train "
+                              "(docs/distributed.md)."),
 ):
     """Train a PinnerFormer user tower (and item tower) with early stopping on validation data."""
 

@@ -9,7 +9,9 @@ Exact duplicates, within the new events or of events already in the dataset, are
 dataset has item content vectors, the new items get theirs from `vectorize` (their text; none: a zero vector,
 counted) and the old ones keep theirs bit for bit. The manifest records the lineage: the parent's fingerprint,
 what came in and when. The new version replaces the directory by renames, under a lock: atomic, like `prepare`.
-Appending the same events file again is recognised (by its SHA-256) and does nothing.
+Input whose every source file is already in the dataset (by SHA-256: in its preparation or an earlier append) is
+recognised and does nothing; input with any new file is appended (its events already there are duplicates, removed
+and counted), and `find_record` says which append brought a given set of files in.
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ def _extend(old: pl.Series, new: pl.Series, what: str, source: Path) -> pl.Serie
     return pl.concat([old, fresh])
 
 
+def find_record(manifest: schema.Manifest, sources: list[schema.SourceFile]) -> schema.AppendRecord | None:
+    """The latest append whose source files include every one of `sources` (by SHA-256): the append that brought
+    these files in. None when no append holds them all (files of the dataset's own preparation, or new ones)."""
+    wanted = {s.sha256 for s in sources}
+    return next((r for r in reversed(manifest.lineage) if wanted <= {s.sha256 for s in r.sources}), None)
+
+
 def append(dataset_dir: Path, raw: RawLog, *, skip_invalid: bool = False, allow_late: bool = False,
            min_time: int | None = None, max_time: int | None = None,
            vectorize: Callable[[list[str]], np.ndarray] | None = None, log=print) -> tuple[schema.Manifest, bool]:
@@ -60,9 +69,9 @@ def append(dataset_dir: Path, raw: RawLog, *, skip_invalid: bool = False, allow_
             raise PinnerformerError(f"{dataset_dir} is order-only: positions restart in every input file, so it "
                                     "cannot grow by appends (prepare the whole sequences again)")
         new_sources = source_files(raw.sources)
-        seen = {m.sources[0].sha256} | {r.sources[0].sha256 for r in m.lineage}
-        if new_sources[0].sha256 in seen:
-            log(f"{raw.sources[0]} is already in {dataset_dir} (same SHA-256): nothing to append")
+        seen = {s.sha256 for s in m.sources} | {s.sha256 for r in m.lineage for s in r.sources}
+        if all(s.sha256 in seen for s in new_sources):
+            log(f"{', '.join(map(str, raw.sources))}: already in {dataset_dir} (the same SHA-256): nothing to append")
             return m, False
         checker = Checker(skip_invalid, raw.skipped, raw.line_label)
         ev, clock, duplicates = clean_events(raw, m.action_names(), checker, min_time, max_time)

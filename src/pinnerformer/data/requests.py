@@ -1,4 +1,4 @@
-"""Ranking requests from a prepared dataset (SPEC §5, "Requests on public data"), and the ranking data directory.
+"""Ranking requests from a prepared dataset, and the ranking data directory.
 
 A request is what a user was shown together. Public logs rarely record that, so it is rebuilt from what exists:
 the items a user acted on in one visit (`day`: one UTC day; `session`: split at an inactivity gap) are its
@@ -12,7 +12,9 @@ first action (`seq_end`, an index into the dataset's timelines), and its PinnerF
 snapshot of the day before (computed from the actions before the request's UTC day: `snapshot_end`).
 
 Time split: requests are ordered by time and cut at UTC midnights so that roughly the given fractions of them fall
-in train / validation / test (the papers: two weeks of training, the following week for evaluation). The first
+in train / validation / test (the papers: two weeks of training, the following week for evaluation). A model is
+selected on validation and measured on test: each needs at least `MIN_PERIOD_REQUESTS` requests, and validation a
+request with an engaged candidate of every head (`check_periods`), or its metrics are undefined. The first
 `feature_share` of the training period (default half) is the feature period: the PinnerFormer behind the feature is
 trained on it and the ranker is not. A PinnerFormer trained on the ranker's own training requests would score their
 engaged items from having learned them (on the Taobao sample its score's grouped AUC was 0.65 on such requests and
@@ -35,7 +37,6 @@ The ranking data directory (written by `pinnerformer rank prepare`, read here):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -50,6 +51,7 @@ from pinnerformer.data.clock import DAY, utc_day
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.data.schema import DatasetRef
 from pinnerformer.errors import InputError, PinnerformerError
+from pinnerformer.io import read_json_record
 
 RANK_MANIFEST, REQUESTS, CANDIDATES = "manifest.json", "requests.parquet", "candidates.parquet"
 USER_VECTORS, PF_ITEMS, ITEM_VECTORS, ITEM_INT8, PF_RUN = (
@@ -63,6 +65,9 @@ DEFAULT_HEADS = {
     "taobao": "cart=cart; fav=fav; buy=buy",
     "mind": "click=click",
 }
+# formats whose events carry the request the source logged them in (as `detail`): what --request logged reads
+LOGGED_REQUEST_IDS = {"mind": "MIND's impression id"}
+MIN_PERIOD_REQUESTS = 10  # validation and test: fewer cannot select a model, nor measure one
 
 
 class Head(StrictModel):
@@ -218,13 +223,41 @@ def _feature_bound(t_train: np.ndarray, share: float) -> int:
     return int(days[i]) * DAY
 
 
-def build_requests(ds: Dataset, opts: RequestOptions, log=print) -> RequestTables:
-    """Requests, their candidates and labels, their sequence and snapshot bounds, and the time split."""
+def check_requestable(ds: Dataset, request: str) -> None:
+    """Data that cannot give requests of this kind, refused before anything else is asked for: order-only data, and
+    --request logged on data whose source logged no request ids."""
     m = ds.manifest
     if m.clock != "seconds":
         raise PinnerformerError(f"{ds.path}: the dataset has no timestamps (order-only clock): ranking requests, "
                                 "the realtime sequence before each request and TransAct's time-window mask need "
                                 "real times")
+    if request == "logged" and m.format not in LOGGED_REQUEST_IDS:
+        raise PinnerformerError(
+            f"--request logged: {ds.path} is a {m.format} dataset, whose events carry no request id (logged requests "
+            f"are kept for {', '.join(f'{f} ({what})' for f, what in LOGGED_REQUEST_IDS.items())} only): its requests "
+            "must be rebuilt, use --request day or --request session")
+
+
+def check_periods(counts: dict[str, SplitCounts], heads: list[Head], where: Path) -> None:
+    """Validation and test large enough to select a model on and to measure it: at least MIN_PERIOD_REQUESTS
+    requests each, and in validation a request with an engaged candidate of every head (HIT@k and AUC are
+    undefined without one)."""
+    problems = [f"the {name} period holds {counts[name].requests} request(s)" for name in ("validation", "test")
+                if counts[name].requests < MIN_PERIOD_REQUESTS]
+    missing = [h.name for h in heads if not counts["validation"].requests_with.get(h.name)]
+    if missing:
+        problems.append(f"the validation period has no request with an engaged candidate of head {', '.join(missing)}")
+    if problems:
+        raise PinnerformerError(
+            f"{where}: {'; '.join(problems)}: selecting a model on validation and measuring it on test need at least "
+            f"{MIN_PERIOD_REQUESTS} requests in each, and in validation a request engaged with on every head; prepare "
+            "the ranking data with other --split fractions (a larger validation or test share), or from more days")
+
+
+def build_requests(ds: Dataset, opts: RequestOptions, log=print) -> RequestTables:
+    """Requests, their candidates and labels, their sequence and snapshot bounds, and the time split."""
+    m = ds.manifest
+    check_requestable(ds, opts.request)
     names = m.action_names()
     head_codes = [[names.index(a) for a in h.actions] for h in opts.heads]
     tl = ds.timelines
@@ -342,7 +375,7 @@ class RankData:
         if not mpath.exists():
             raise InputError("no manifest.json: not ranking data, or its preparation did not finish", path=self.path,
                              expected="a directory written by `pinnerformer rank prepare`")
-        raw = json.loads(mpath.read_text())
+        raw = read_json_record(mpath, "ranking data manifest", "run `pinnerformer rank prepare` again")
         if raw.get("kind") != "ranking-data":
             what = "a prepared dataset" if "n_events" in raw else "something else"
             raise InputError(f"not ranking data: this is {what}", path=self.path,
@@ -401,12 +434,15 @@ class RankData:
     def item_vectors(self) -> np.ndarray:
         return np.load(self.path / ITEM_VECTORS)
 
-    def dataset(self) -> Dataset:
-        """The prepared dataset the requests index into (the same fingerprint, or a clear error)."""
+    def dataset(self, descendants: bool = False) -> Dataset:
+        """The dataset the requests index into: the same fingerprint, or a clear error; with `descendants`, also one
+        grown from it by appends (ids keep their codes: what serving reads)."""
         ref = self.manifest.dataset
         if not Path(ref.path).is_dir():
             raise PinnerformerError(f"{self.path} was built from the dataset {ref.path}, which no longer exists")
         ds = Dataset.open(ref.path)
+        if descendants and ds.manifest.descends_from(ref.fingerprint):
+            return ds
         if ds.manifest.fingerprint != ref.fingerprint:
             raise PinnerformerError(f"{self.path} was built from dataset {ref.path} with fingerprint "
                                     f"{ref.fingerprint}; it now has {ds.manifest.fingerprint} (prepare the ranking "

@@ -19,12 +19,12 @@ user's sequence when `clock == "order"` (formats with no real clock). Never mix 
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 from typing import Literal
 
 from pinnerformer.config import StrictModel
-from pinnerformer.errors import InputError
+from pinnerformer.errors import InputError, PinnerformerError
+from pinnerformer.io import read_json_record
 
 SCHEMA_VERSION = 1
 
@@ -135,8 +135,11 @@ def read_manifest(dataset_dir: Path) -> Manifest:
     if not path.exists():
         raise InputError("no manifest.json: not a prepared dataset, or its preparation did not finish",
                          path=dataset_dir, expected="a directory written by `pinnerformer data prepare`")
-    raw = json.loads(path.read_text())
+    raw = read_json_record(path, "dataset manifest", "prepare the dataset again")
     if raw.get("schema_version") != SCHEMA_VERSION:
         raise InputError(f"dataset schema version {raw.get('schema_version')} is not supported",
                          path=path, expected=f"schema_version {SCHEMA_VERSION}; prepare the dataset again")
-    return Manifest.model_validate(raw)
+    try:
+        return Manifest.model_validate(raw)
+    except ValueError as e:  # pydantic's ValidationError
+        raise PinnerformerError(f"{path}: not a dataset manifest this version can read: {e}") from None

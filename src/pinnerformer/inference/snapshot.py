@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,6 +31,7 @@ import pyarrow.parquet as pq
 from pinnerformer.config import StrictModel
 from pinnerformer.data.schema import DatasetRef
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.io import read_json_record
 
 SNAPSHOT_SCHEMA_VERSION = 1
 EMBEDDINGS = "embeddings.parquet"
@@ -118,7 +118,7 @@ class Snapshot:
                 raise PinnerformerError(f"{path} is a snapshot root, not a snapshot: pass one of its day "
                                         f"directories ({', '.join(days)})")
             raise PinnerformerError(f"{path}: not a complete embedding snapshot (no {MANIFEST})")
-        raw = json.loads((path / MANIFEST).read_text())
+        raw = read_json_record(path / MANIFEST, "snapshot manifest")
         if raw.get("kind") != "user-embeddings":
             raise PinnerformerError(f"{path / MANIFEST}: not a user-embedding snapshot manifest")
         try:

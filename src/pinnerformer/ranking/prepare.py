@@ -22,7 +22,7 @@ from pinnerformer.data.clock import utc_day
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.data.schema import DatasetRef
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.io import atomic_dir, exclusive, write_json_atomic
+from pinnerformer.io import atomic_dir, exclusive, read_json_record, write_json_atomic
 from pinnerformer.models.embedding import embed_items, embed_users
 from pinnerformer.ops.quantize import file_sha256, int8_table
 from pinnerformer.runs import RunDir
@@ -109,15 +109,40 @@ def table_fingerprint(requests: pl.DataFrame, candidates: pl.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
+def check_output(output: Path, overwrite: bool) -> None:
+    """What may be at OUTPUT: nothing, or (with --overwrite) ranking data or an empty directory; never a file, nor a
+    directory of anything else (a dataset, a run, someone's files), which --overwrite would delete."""
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise PinnerformerError(f"{output} is a file, not a ranking data directory: refusing to replace it (give a "
+                                "new directory as --output)")
+    if not overwrite:
+        raise PinnerformerError(f"{output} already exists (use --overwrite to replace it)")
+    manifest = output / rq.RANK_MANIFEST
+    if any(output.iterdir()) and (not manifest.is_file() or read_json_record(
+            manifest, "ranking data manifest").get("kind") != "ranking-data"):
+        raise PinnerformerError(f"{output} is not ranking data (no ranking {rq.RANK_MANIFEST} written by `pinnerformer "
+                                "rank prepare` in it): refusing to replace it with --overwrite (give a new directory "
+                                "as --output, or remove it yourself)")
+
+
 def prepare_ranking(dataset_dir: Path, output: Path, opts: rq.RequestOptions, pinnerformer: Path | None = None,
                     pf_max_steps: int = 600, overwrite: bool = False, log=print) -> rq.RankManifest:
     ds = Dataset.open(dataset_dir)
-    if output.exists() and not overwrite:
-        raise PinnerformerError(f"{output} already exists (use --overwrite to replace it)")
+    check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(output.parent, f"the folder of ranking data {output}", log=log), atomic_dir(output) as tmp:
+    with exclusive(output.parent, f"the folder of ranking data {output}", log=log):
+        check_output(output, overwrite)  # again, under the lock: another prepare may have just written it
+        return _prepare_locked(ds, output, opts, pinnerformer, pf_max_steps, log)
+
+
+def _prepare_locked(ds: Dataset, output: Path, opts: rq.RequestOptions, pinnerformer: Path | None,
+                    pf_max_steps: int, log) -> rq.RankManifest:
+    with atomic_dir(output) as tmp:
         tables = rq.build_requests(ds, opts, log=log)
         req, cand = tables.requests, tables.candidates
+        rq.check_periods(rq.split_counts(req, cand, opts.heads), opts.heads, ds.path)
         log(f"{req.height:,} requests, {cand.height:,} candidates ({opts.request} requests); "
             + (f"feature period (the PinnerFormer's) before {_day(tables.feature_end)}, "
                if tables.feature_end is not None else "")

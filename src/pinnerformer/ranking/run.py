@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 
 from pinnerformer.data.requests import RankData
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.io import load_checkpoint
+from pinnerformer.io import load_checkpoint, read_json_record
 from pinnerformer.models.ranker import Ranker
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.ranking import RankTrainConfig, ranker_for
@@ -23,7 +22,7 @@ class RankRun:
     @cached_property
     def description(self) -> rf.RankRunDescription:
         path = self.path / rf.CONFIG
-        raw = json.loads(path.read_text())
+        raw = read_json_record(path, "run description")
         if raw.get("task") != "ranking":
             raise PinnerformerError(f"{self.path} is a {raw.get('task', 'retrieval')} run, not a ranking run "
                                     "(train one with `pinnerformer rank train`)")
@@ -47,7 +46,7 @@ class RankRun:
 
     def summary(self) -> rf.TrainSummary | None:
         p = self.path / rf.SUMMARY
-        return rf.TrainSummary.model_validate_json(p.read_text()) if p.exists() else None
+        return rf.TrainSummary.model_validate(read_json_record(p, "training summary")) if p.exists() else None
 
     def load_model(self, rd: RankData, checkpoint: str = "best") -> Ranker:
         if rd.manifest.fingerprint != self.description.dataset.fingerprint:
@@ -56,7 +55,7 @@ class RankRun:
                                     f"{rd.manifest.fingerprint})")
         path = self.path / rf.CHECKPOINTS / f"{checkpoint}.pt"
         if not path.exists():
-            raise PinnerformerError(f"{path} does not exist (did the run finish an epoch?)")
+            raise rf.missing_checkpoint(self.path, checkpoint)
         m = self.description.model
         model = ranker_for(rd, self.config.model, m["n_actions"], m["n_surfaces"], tuple(m.get("positive_actions", ())))
         model.load_state_dict(load_checkpoint(path)["model"])

@@ -74,6 +74,10 @@ def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], s
                                 f"(not in dataset {ds.path})")
     if not item_ids:
         raise PinnerformerError("--items: a request needs at least one candidate")
+    twice = list(dict.fromkeys(i for n, i in enumerate(item_ids) if i in item_ids[:n]))
+    if twice:
+        raise PinnerformerError(f"--items: candidate id(s) given more than once: {', '.join(map(repr, twice[:5]))} "
+                                "(a request ranks each candidate once)")
     items = np.array([index_of[str(i)] for i in item_ids], dtype=np.int64)
     surfaces = ds.manifest.surfaces
     if surface is not None and surface not in surfaces:

@@ -16,7 +16,6 @@ The directory is written under a temporary name and renamed, so a half-built ind
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from pinnerformer.data.dataset import Dataset
 from pinnerformer.data.schema import DatasetRef
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.inference.snapshot import CheckpointRef
-from pinnerformer.io import atomic_dir, file_sha256, write_json_atomic
+from pinnerformer.io import atomic_dir, file_sha256, read_json_record, write_json_atomic
 from pinnerformer.models.embedding import embed_items
 from pinnerformer.runs.run_dir import RunDir
 
@@ -145,7 +144,7 @@ class ItemIndex:
             raise PinnerformerError(f"{path}: not an item index (no manifest.json; build one with "
                                     "`pinnerformer index`)")
         try:
-            manifest = IndexManifest.model_validate(json.loads((path / "manifest.json").read_text()))
+            manifest = IndexManifest.model_validate(read_json_record(path / "manifest.json", "index manifest"))
         except ValueError as e:
             raise PinnerformerError(f"{path / 'manifest.json'}: not an index manifest this version can read: {e}") \
                 from None

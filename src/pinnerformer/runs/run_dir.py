@@ -7,7 +7,6 @@ reach into the trainer.
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import polars as pl
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.config import merge_dicts, validate
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.io import file_sha256, load_checkpoint
+from pinnerformer.io import file_sha256, load_checkpoint, read_json_record
 from pinnerformer.models.pinnerformer import InputSpec, PinnerFormer, pinnerformer_for
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import TrainConfig
@@ -35,9 +34,10 @@ class RunDir:
     @cached_property
     def description(self) -> rf.RunDescription:
         path = self.path / rf.CONFIG
+        raw = read_json_record(path, "run description")
         try:
-            return rf.RunDescription.model_validate(json.loads(path.read_text()))
-        except ValueError as e:  # invalid JSON or a description this version cannot read
+            return rf.RunDescription.model_validate(raw)
+        except ValueError as e:  # a description this version cannot read
             raise PinnerformerError(f"{path}: not a run description this version can read: {e}") from None
 
     @property
@@ -82,7 +82,7 @@ class RunDir:
     def summary(self) -> rf.TrainSummary | None:
         """The training summary, or None while the run has not ended."""
         path = self.path / rf.SUMMARY
-        return rf.TrainSummary.model_validate(json.loads(path.read_text())) if path.exists() else None
+        return rf.TrainSummary.model_validate(read_json_record(path, "training summary")) if path.exists() else None
 
     def check_dataset(self, ds: Dataset) -> None:
         """The run's model applies to the dataset it was trained on and to any dataset grown from it by appends
@@ -109,7 +109,7 @@ class RunDir:
     def checkpoint_path(self, name: str = "best") -> Path:
         path = self.path / rf.CHECKPOINTS / f"{name}.pt"
         if not path.exists():
-            raise PinnerformerError(f"{path} does not exist (did the run finish an epoch?)")
+            raise rf.missing_checkpoint(self.path, name)
         return path
 
     def checkpoint_sha256(self, name: str = "best") -> str:

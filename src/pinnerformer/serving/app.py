@@ -1,17 +1,27 @@
-"""`pinnerformer serve`: the FastAPI application (SPEC §7; models and the FAISS index in process).
+"""`pinnerformer serve`: the FastAPI application (models and the FAISS index in process).
 
-    POST /v1/events                  events in (bearer token): validated, durable in the store before the reply
+    POST /v1/events                  events in: validated, durable in the store before the reply
     POST /v1/rank                    a user and candidates -> per-head scores and the served score, best first
     POST /v1/recommend               a user -> retrieve n unseen candidates, rank them, the top k
     GET  /v1/users/{id}/embedding    the user's vectors of the current day version
     GET  /v1/users/{id}/events       the user's realtime events, newest first
-    POST /v1/admin/reload            load the work directory's models and newest snapshot again (bearer token)
+    POST /v1/admin/reload            load the work directory's models and newest snapshot again
     GET  /healthz, /readyz, /metrics liveness, readiness (store reachable, a day version published), Prometheus
+
+Auth: every /v1/ endpoint needs `Authorization: Bearer TOKEN` (the scheme in any case; no scheme: 401). The
+read-write token may call everything; the optional read-only token may rank, recommend and read users, and gets a
+403 on the writes (events, reload). Missing or wrong token: 401. /healthz, /readyz and /metrics are open (probes and
+scrapers hold no token). No interactive docs (/docs, /redoc: their pages load assets from a public CDN); the schema
+is at /openapi.json.
+
+A user without vectors or events gets the same answer as any user (`"vectors": {}`, `"events": []`), not a 404:
+which ids exist is not told.
 
 Every answer names the versions it used (ranker, index, day version). Ranking requests that arrive together are
 scored in one forward pass (`ServiceSettings.batch_max`, `batch_wait_ms`); a request waits at most
-`timeout_s` (504). Invalid JSON or fields: 422 naming the field (FastAPI); unknown users, items, actions or
-surfaces: 400 / 404 with the name; the store unreachable: 503; a body over `max_body_bytes`: 413.
+`timeout_s` (504). Invalid JSON or fields: 422 naming the field and what is wrong, never echoing the value; unknown
+fields: 422; unknown items, actions or surfaces: 400 with the name; the store unreachable: 503; a body over
+`max_body_bytes` (the bytes received are counted, with or without Content-Length): 413.
 """
 
 from __future__ import annotations
@@ -19,24 +29,26 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from pinnerformer.config import StrictModel
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.serving import engine as eng
 from pinnerformer.serving.metrics import ServiceMetrics
-from pinnerformer.serving.store import OnlineStore, StoreUnavailable, events
+from pinnerformer.serving.api_models import BodyLimit, EventsIn, Id, RankIn, RecommendIn
+from pinnerformer.serving.event_log import log_entries
+from pinnerformer.serving.store import DEFAULT_CLIENT, BatchConflict, OnlineStore, StoreUnavailable, events
 
 FUTURE_SKEW_S = 300  # an event may be stamped at most this far ahead of the server's clock
-MAX_TIME = 253_402_300_799  # 9999-12-31 23:59:59 UTC: Unix seconds beyond it are refused (422), not overflowed
 MAX_ID_BYTES = 256  # user and item ids (UTF-8); the embedded store's keys hold at most 511 bytes
 
 
@@ -50,36 +62,6 @@ class ServiceSettings(StrictModel):
     retrieve_n: int = Field(200, ge=1)  # candidates retrieved per recommendation
     max_k: int = Field(100, ge=1)
     watch_seconds: float = Field(0.0, ge=0)  # > 0: look for a newer snapshot this often and hand over to it
-
-
-class EventIn(BaseModel):
-    user: str = Field(min_length=1, max_length=128)
-    item: str = Field(min_length=1, max_length=128)
-    action: str = Field(min_length=1, max_length=64)
-    time: int = Field(ge=0, le=MAX_TIME, description="Unix seconds")
-    surface: str | None = Field(None, max_length=64)
-    duration: float | None = Field(None, ge=0, le=86400)
-
-
-class EventsIn(BaseModel):
-    events: list[EventIn] = Field(min_length=1)
-    batch_id: str | None = Field(None, min_length=1, max_length=128,
-                                 description="A retried batch with the same id is applied once")
-
-
-class RankIn(BaseModel):
-    user: str = Field(min_length=1, max_length=128)
-    items: list[str] = Field(min_length=1)
-    time: int | None = Field(None, ge=0, le=MAX_TIME, description="Unix seconds (default: now)")
-    surface: str | None = Field(None, max_length=64)
-
-
-class RecommendIn(BaseModel):
-    user: str = Field(min_length=1, max_length=128)
-    k: int = Field(10, ge=1)
-    n: int | None = Field(None, ge=1, description="Candidates retrieved (default: the service's retrieve_n)")
-    time: int | None = Field(None, ge=0, le=MAX_TIME)
-    surface: str | None = Field(None, max_length=64)
 
 
 @dataclass
@@ -98,10 +80,13 @@ class Pending:
 class Service:
     """The state behind the app: the current bundle (swapped whole on reload), the store, the batcher, metrics."""
 
-    def __init__(self, bundle: eng.Bundle, store: OnlineStore, token: str, settings: ServiceSettings):
+    def __init__(self, bundle: eng.Bundle, store: OnlineStore, token: str, settings: ServiceSettings, *,
+                 read_token: str | None = None):
+        if read_token is not None and read_token == token:
+            raise PinnerformerError("the read-only token is the read-write token: give it another value")
         self.store, self.settings = store, settings
         self.state = (bundle, store.current_version())  # swapped together, never one without the other
-        self._token = token
+        self._tokens = {"write": token} | ({"read": read_token} if read_token else {})
         self.metrics = ServiceMetrics()
         self.queue: deque[Pending] = deque()
         self.wake: asyncio.Event | None = None
@@ -113,10 +98,15 @@ class Service:
     def bundle(self) -> eng.Bundle:
         return self.state[0]
 
-    def check_token(self, authorization: str | None) -> None:
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not given or not secrets.compare_digest(given.encode(), self._token.encode()):
+    def role(self, authorization: str | None) -> str:
+        """'write' or 'read': the role of the bearer token given (the scheme in any case), else Unauthorized. Each
+        configured token is compared in constant time, all of them every time: the timing tells no prefix."""
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        given = given.strip().encode()
+        roles = [role for role, token in self._tokens.items() if secrets.compare_digest(given, token.encode())]
+        if scheme.lower() != "bearer" or not given or not roles:
             raise Unauthorized()
+        return roles[0]
 
     def snapshot(self) -> tuple[eng.Bundle, str | None]:
         """The bundle and day version a request uses from start to end (taken once: a hand-over in the middle
@@ -188,6 +178,10 @@ class Unauthorized(PinnerformerError):
     pass
 
 
+class Forbidden(PinnerformerError):
+    """A read-only token on a write: 403."""
+
+
 def create_app(service: Service) -> FastAPI:
     s = service
 
@@ -202,16 +196,15 @@ def create_app(service: Service) -> FastAPI:
         if watcher is not None:
             watcher.cancel()
 
-    app = FastAPI(title="pinnerformer", version="1", description=__doc__.split("\n")[0], lifespan=lifespan)
+    # no /docs, /redoc: their pages load scripts from a public CDN (a third party's code next to the token)
+    app = FastAPI(title="pinnerformer", version="1", description=__doc__.split("\n")[0], lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=s.settings.max_body_bytes)  # added first: inside the metrics, counted there
 
     @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
+    async def request_metrics(request: Request, call_next):
         t0 = time.perf_counter()
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > s.settings.max_body_bytes):
-            response = JSONResponse({"detail": f"request body over {s.settings.max_body_bytes:,} bytes"}, 413)
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         route = request.scope.get("route")
         s.metrics.request(getattr(route, "path", "unmatched"), response.status_code, time.perf_counter() - t0)
         return response
@@ -219,6 +212,21 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(Unauthorized)
     async def unauthorized(_: Request, e: Unauthorized):
         return JSONResponse({"detail": "missing or wrong bearer token"}, 401, {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(BatchConflict)
+    async def conflict(_: Request, e: BatchConflict):
+        return JSONResponse({"detail": str(e)}, 409)
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(_: Request, e: Forbidden):
+        return JSONResponse({"detail": str(e)}, 403)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError):
+        """422 naming the field and what is wrong, without the value given (FastAPI's default echoes it: a megabyte
+        back for a megabyte in, or a 500 for a NaN it cannot write as JSON); long names are cut."""
+        return JSONResponse({"detail": [{"loc": [x if isinstance(x, int) else str(x)[:64] for x in err["loc"]],
+                                         "msg": err["msg"], "type": err["type"]} for err in e.errors()]}, 422)
 
     @app.exception_handler(StoreUnavailable)
     async def store_down(_: Request, e: StoreUnavailable):
@@ -236,8 +244,14 @@ def create_app(service: Service) -> FastAPI:
     async def timeout(_: Request, e: asyncio.TimeoutError):
         return JSONResponse({"detail": f"not answered within {s.settings.timeout_s} s"}, 504)
 
-    def auth(authorization: str | None = Header(None)) -> None:
-        s.check_token(authorization)
+    def reader(authorization: str | None = Header(None)) -> str:
+        return s.role(authorization)
+
+    def writer(request: Request, role: str = Depends(reader)) -> None:
+        if role != "write":
+            raise Forbidden(f"{request.method} {request.url.path} needs the read-write token; this one is read-only")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(reader)])  # no /v1/ endpoint without a token
 
     def check_user(user: str, field: str = "user") -> str:
         if len(user.encode()) > MAX_ID_BYTES:
@@ -247,15 +261,18 @@ def create_app(service: Service) -> FastAPI:
     def versions(bundle: eng.Bundle, version: str | None) -> dict:
         return {**bundle.version, "day": version or "none"}
 
+    def check_after_day(t: int, version: str | None, field: str, why: str) -> None:
+        """Refuse a time before the end of the served day version (if one is served): its vectors and lifelong
+        sequences hold what came before that end."""
+        if version is not None and t < (end := eng.version_end(version)):
+            raise eng.UnknownInput(f"{field}: {t} is before the end of the served day version {version} ({end}): {why}")
+
     def request_time(t: int | None, version: str | None) -> int:
         """The request's time: given, or now (+1 s: events stamped in this very second are before it). A time before
         the end of the served day version is refused: that version's vectors hold actions after it (leakage)."""
         if t is None:
             return int(time.time()) + 1
-        if version is not None and t < eng.version_end(version):
-            raise eng.UnknownInput(f"time: {t} is before the end of the served day version {version} "
-                                   f"({eng.version_end(version)}): its vectors hold actions after that time; give a "
-                                   "later time or none (now)")
+        check_after_day(t, version, "time", "its vectors hold actions after that time; give a later time or none (now)")
         return t
 
     def surface_code(bundle: eng.Bundle, surface: str | None, field: str = "surface") -> int:
@@ -266,14 +283,15 @@ def create_app(service: Service) -> FastAPI:
                                    + (", ".join(bundle.surfaces) or "none") + ")")
         return bundle.surfaces.index(surface) + 1
 
-    @app.post("/v1/events", dependencies=[Depends(auth)])
+    @v1.post("/events", dependencies=[Depends(writer)])
     def post_events(body: EventsIn):
         if len(body.events) > s.settings.max_events:
             raise eng.UnknownInput(f"events: {len(body.events)} events, more than the limit of "
                                    f"{s.settings.max_events} per request")
-        b = s.bundle
+        b, version = s.snapshot()
         now = int(time.time())
         cols: dict[str, list] = {}
+        logged: list[tuple] = []  # the events as given, for the event log
         for i, e in enumerate(body.events):
             if e.item not in b.item_code:
                 raise eng.UnknownInput(f"events[{i}].item: unknown item {e.item!r}")
@@ -284,31 +302,48 @@ def create_app(service: Service) -> FastAPI:
                 raise eng.UnknownInput(f"events[{i}].time: {e.time} is in the future (server time {now})")
             check_user(e.user, f"events[{i}].user")
             sc = surface_code(b, e.surface, f"events[{i}].surface") - 1
+            check_after_day(e.time, version, f"events[{i}].time", "ranking and recommendations read only later "
+                            "events from here; earlier ones belong to the batch dataset (pinnerformer data append "
+                            "--allow-late)")  # else stored and listed, but no request at or after the end reads it
+            if b.integer_user_ids and not eng.is_integer_id(e.user):
+                raise eng.UnknownInput(f"events[{i}].user: {e.user!r} is not an integer, and the dataset's user ids "
+                                       "are (the daily job adds these events to it)")
             cols.setdefault(e.user, []).append((b.item_code[e.item], b.actions.index(e.action), e.time, sc,
                                                 np.nan if e.duration is None else e.duration))
+            logged.append((e.user, e.item, e.action, e.time, e.surface, e.duration))
         batch = {u: events(*map(np.array, zip(*rows))) for u, rows in cols.items()}
+        client = body.client or DEFAULT_CLIENT
         t0 = time.perf_counter()
-        n = s.store.append(batch, body.batch_id)
+        n = s.store.append(batch, body.batch_id, client=client,
+                           log=log_entries(logged, now, client, body.batch_id))
         s.metrics.stage("store_append", time.perf_counter() - t0)
         s.metrics.events(n)
         return {"appended": n, "users": len(batch), "duplicate_batch": n == 0}
 
-    @app.post("/v1/rank")
+    @v1.post("/rank")
     async def post_rank(body: RankIn):
         if len(body.items) > s.settings.max_candidates:
             raise eng.UnknownInput(f"items: {len(body.items)} candidates, more than the limit of "
                                    f"{s.settings.max_candidates}")
         check_user(body.user)
+        repeated = [x for x, n in Counter(body.items).items() if n > 1]
+        if repeated:
+            raise eng.UnknownInput(f"items: duplicate candidate(s) {', '.join(map(repr, repeated[:5]))}: give each "
+                                   "once")
         bundle, version = s.snapshot()
         unknown = [x for x in body.items if x not in bundle.item_code]
         if unknown:
             raise eng.UnknownInput(f"items: unknown item(s) {', '.join(map(repr, unknown[:5]))}")
         items = np.array([bundle.item_code[x] for x in body.items], np.int64)
+        if (items >= bundle.ranker_items).any():
+            newer = [x for x, c in zip(body.items, items) if c >= bundle.ranker_items]
+            raise eng.UnknownInput(f"items: {', '.join(map(repr, newer[:5]))} arrived after the ranker was trained "
+                                   f"(it knows the first {bundle.ranker_items:,} items): retrain it to rank them")
         req = eng.RankRequest(body.user, items, request_time(body.time, version), surface_code(bundle, body.surface))
         probs = await s.rank(bundle, version, req)
         return {"user": body.user, "items": eng.ranked(bundle, items, probs), "versions": versions(bundle, version)}
 
-    @app.post("/v1/recommend")
+    @v1.post("/recommend")
     async def post_recommend(body: RecommendIn):
         if body.k > s.settings.max_k:
             raise eng.UnknownInput(f"k: {body.k} is above the limit of {s.settings.max_k}")
@@ -327,17 +362,16 @@ def create_app(service: Service) -> FastAPI:
         return {"user": body.user, "items": eng.ranked(bundle, items, probs, body.k), "source": source,
                 "candidates": int(len(items)), "versions": versions(bundle, version)}
 
-    @app.get("/v1/users/{user}/embedding")
-    def get_embedding(user: str):
+    @v1.get("/users/{user}/embedding")
+    def get_embedding(user: Id):
+        """A user without vectors gets `"vectors": {}`, as any user would, not a 404: which ids exist is not told."""
         check_user(user)
         version = s.state[1]
         vectors, _ = s.store.daily(user, version) if version else ({}, None)
-        if not vectors:
-            raise eng.UnknownInput(f"user {user!r} has no embedding in day version {version or 'none'}", 404)
         return {"user": user, "day": version, "vectors": {k: v.tolist() for k, v in vectors.items()}}
 
-    @app.get("/v1/users/{user}/events")
-    def get_events(user: str, limit: int = 20):
+    @v1.get("/users/{user}/events")
+    def get_events(user: Id, limit: int = 20):
         check_user(user)
         b = s.bundle
         rt = s.store.realtime(user)[::-1][:max(0, min(limit, 1000))]
@@ -346,7 +380,7 @@ def create_app(service: Service) -> FastAPI:
              "surface": b.surfaces[int(e["surface"])] if e["surface"] >= 0 else None,
              "duration": None if np.isnan(e["duration"]) else float(e["duration"])} for e in rt]}
 
-    @app.post("/v1/admin/reload", dependencies=[Depends(auth)])
+    @v1.post("/admin/reload", dependencies=[Depends(writer)])
     def reload():
         from pinnerformer.serving.daily import hand_over
 
@@ -368,4 +402,5 @@ def create_app(service: Service) -> FastAPI:
     def metrics():
         return PlainTextResponse(s.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    app.include_router(v1)
     return app

@@ -67,11 +67,15 @@ class Bundle:
 
     def __post_init__(self):
         self.rd = self.run.data()
-        self.ds = self.rd.dataset()
+        # the dataset as it is now: the one the ranker was trained on, or grown from it by the daily job (ids keep
+        # their codes); items that arrived since have no row in the ranker's item tables
+        self.ds = self.rd.dataset(descendants=True)
+        self.ranker_items = int(self.rd.item_vectors.shape[0])
         m = self.ds.manifest
         self.heads = self.rd.heads
         self.actions = m.action_names()
         self.surfaces = list(m.surfaces)
+        self.integer_user_ids = self.ds.users["user_id"].dtype.is_integer()
         self.user_ids = self.ds.users["user_id"].cast(pl.String).to_list()
         self.user_code = {u: i for i, u in enumerate(self.user_ids)}
         self.item_ids = self.ds.items["item_id"].cast(pl.String).to_list()
@@ -85,10 +89,16 @@ class Bundle:
         positive = np.isin(np.asarray(tl.action), list(m.positive_codes))
         counts = np.bincount(np.asarray(tl.item)[recent & positive], minlength=len(self.item_ids))
         self.popular = np.argsort(-counts, kind="stable")
+        self.popular = self.popular[self.popular < self.ranker_items]
         # index rows <-> item codes (an item of the index the ranker's dataset lacks maps to None)
         index_ids = [] if self.index is None else self.index.items["item_id"].cast(pl.String).to_list()
         self.row_item = [self.item_code.get(x) for x in index_ids]
         self.item_row = {c: r for r, c in enumerate(self.row_item) if c is not None}
+
+
+def is_integer_id(text: str) -> bool:
+    """An id that an integer-keyed dataset stores as the same integer (no sign, no leading zeros, no spaces)."""
+    return text.isascii() and text.isdigit() and (text == "0" or not text.startswith("0")) and len(text) <= 18
 
 
 def load_bundle(workdir: Path, device: torch.device | None = None) -> Bundle:
@@ -187,7 +197,8 @@ def user_sequence(store: OnlineStore, user: str, t: int, version: str | None) ->
 def score(b: Bundle, store: OnlineStore, requests: list[RankRequest], version: str | None) -> list[np.ndarray]:
     """Per request, [candidates, heads] probabilities: all requests in one forward pass (micro-batching)."""
     seqs, vecs = zip(*(user_sequence(store, r.user, r.t, version) for r in requests)) if requests else ((), ())
-    tl = request_timelines(list(seqs))
+    # actions on items newer than the ranker are left out: it has no row for them (they count once it is retrained)
+    tl = request_timelines([q[q["item"] < b.ranker_items] for q in seqs])
     R = len(requests)
     ends = np.asarray(tl.offsets[1:])
     t = np.array([r.t for r in requests], np.int64)
@@ -202,7 +213,8 @@ def score(b: Bundle, store: OnlineStore, requests: list[RankRequest], version: s
     batch = RankBatch(
         seq_action=torch.from_numpy(action), seq_item=torch.from_numpy(item), seq_age=torch.from_numpy(age),
         user_vec=torch.from_numpy(user_vec), has_vector=torch.from_numpy(has),
-        hour=torch.from_numpy((t % DAY) // 3600), surface=torch.tensor([r.surface for r in requests]),
+        hour=torch.from_numpy((t % DAY) // 3600),
+        surface=torch.tensor([r.surface if r.surface < b.model.surface.num_embeddings else 0 for r in requests]),
         row_request=torch.from_numpy(np.repeat(np.arange(R), sizes)),
         cand_item=torch.from_numpy(np.concatenate([r.items for r in requests]).astype(np.int64)),
         labels=torch.zeros(sum(sizes), len(b.heads)), weight=torch.ones(sum(sizes)),
@@ -235,5 +247,5 @@ def candidates(b: Bundle, store: OnlineStore, user: str, t: int, version: str | 
             found += [b.row_item[r] for r in rows[:, col]]
     else:
         source, found = "popular", list(b.popular[:n + len(seen)])
-    out = list(dict.fromkeys(i for i in found if i is not None and i not in seen))[:n]
+    out = list(dict.fromkeys(i for i in found if i is not None and i not in seen and i < b.ranker_items))[:n]
     return np.array(out, np.int64), source

@@ -13,17 +13,30 @@ Two backends pass the same tests (`tests/test_store.py`):
                 whole or not at all; durable across a Redis crash with `appendfsync always` (our start script,
                 `scripts/redis.sh`, sets it)
 
-An ingestion batch may carry an id: a batch whose id was already applied is not applied again (a client that
-retries after a lost response does not duplicate events). Events are packed records (`EVENT`, 20 bytes each).
+    log        every acknowledged event, durably, in append-only segments partitioned by the event's UTC day (an
+               entry per ingestion batch and day: JSON with the ids as given, the time received, the client and the
+               batch id); written in the same transaction as the realtime lists, never trimmed by the cap. The
+               daily job reads it (`serving.event_log.export_log`) to grow the dataset, so events that reach us only
+               through the service are in the next day's snapshot and ranking.
+
+An ingestion batch may carry an id, scoped by the client that sends it: a batch whose (client, id) was applied
+within the last `BATCH_WINDOW_S` with the same events is not applied again (a client that retries after a lost
+response does not duplicate events); the same (client, id) with different events is a conflict (`BatchConflict`,
+409), never a silent drop. Events are packed records (`EVENT`, 20 bytes each).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 from abc import ABC, abstractmethod
 
 import numpy as np
 
 from pinnerformer.errors import PinnerformerError
+
+BATCH_WINDOW_S = 7 * 86400  # how long a (client, batch id) is remembered
+DEFAULT_CLIENT = "default"
 
 EVENT = np.dtype([("item", "<i4"), ("action", "<i2"), ("surface", "<i2"), ("ts", "<i8"), ("duration", "<f4")])
 REALTIME_CAP = 1000  # events kept per user in the realtime list
@@ -31,6 +44,34 @@ REALTIME_CAP = 1000  # events kept per user in the realtime list
 
 class StoreUnavailable(PinnerformerError):
     """The store cannot be reached or written (Redis down, disk full): the request fails with 503, not 500."""
+
+
+class BatchConflict(PinnerformerError):
+    """A batch id reused (within the window, by the same client) for different events: 409."""
+
+
+def batch_digest(batch: dict[str, np.ndarray]) -> bytes:
+    """16 bytes that tell two batches' events apart (users in order, every field of every record)."""
+    h = hashlib.sha256()
+    for user, records in batch.items():
+        u = user.encode()
+        h.update(len(u).to_bytes(4, "little") + u)
+        r = pack(records)
+        h.update(len(r).to_bytes(8, "little") + r)
+    return h.digest()[:16]
+
+
+def batch_key(client: str, batch_id: str) -> str:
+    return f"{client}\0{batch_id}"
+
+
+def check_day(day: str) -> str:
+    """A log partition: a UTC day, YYYY-MM-DD."""
+    try:
+        dt.date.fromisoformat(day)
+    except (TypeError, ValueError):
+        raise PinnerformerError(f"event log partition {day!r}: expected a day YYYY-MM-DD") from None
+    return day
 
 
 def events(item, action, ts, surface=None, duration=None) -> np.ndarray:
@@ -93,9 +134,20 @@ class OnlineStore(ABC):
     realtime_cap: int
 
     @abstractmethod
-    def append(self, batch: dict[str, np.ndarray], batch_id: str | None = None) -> int:
-        """Append each user's records (EVENT) to their realtime list, all users at once or none; returns the
-        number of events appended (0 when `batch_id` was applied before)."""
+    def append(self, batch: dict[str, np.ndarray], batch_id: str | None = None, *, client: str = DEFAULT_CLIENT,
+               log: dict[str, bytes] | None = None) -> int:
+        """Append each user's records (EVENT) to their realtime list and the `log` entries ({day: entry}) to the
+        event log, all at once or none; returns the number of events appended (0 when (`client`, `batch_id`) was
+        applied before with the same events; BatchConflict when with other events)."""
+
+    @abstractmethod
+    def log_days(self) -> list[str]:
+        """The event log's partitions (UTC days, sorted)."""
+
+    @abstractmethod
+    def read_log(self, day: str, after: str | None = None) -> list[tuple[str, bytes]]:
+        """The log entries of partition `day` after the entry id `after` (all when None), in append order, as (id,
+        entry); ids compare in append order within a partition, as `after` expects."""
 
     @abstractmethod
     def realtime(self, user: str) -> np.ndarray:

@@ -5,13 +5,16 @@ see a half-applied batch. Layout (named databases):
     realtime   user -> the packed events of the realtime list (at most realtime_cap, the newest)
     daily      "<version>\\0<user>" -> the float32 embeddings, concatenated in the version's layout
     lifelong   "<version>\\0<user>" -> packed events
-    batches    batch id -> b"" (ingestion batches already applied)
-    meta       "current" -> version; "events" -> int64 count; "version:<version>" -> the layout, JSON {name: width}
+    batches    "<client>\\0<batch id>" -> the batch's digest (16 bytes) + when it was applied (int64 Unix s)
+    log        "<day>\\0<sequence, 8 bytes big-endian>" -> a log entry (JSON); the sequence only grows
+    meta       "current" -> version; "events" -> int64 count; "log_seq" -> int64; "version:<version>" -> the layout,
+               JSON {name: width}
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import lmdb
@@ -19,8 +22,8 @@ import numpy as np
 
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.serving.store import (
-    EVENT, REALTIME_CAP, OnlineStore, StoreUnavailable, check_version, pack, pack_vectors, unpack, unpack_vectors,
-    vector_layout,
+    BATCH_WINDOW_S, DEFAULT_CLIENT, EVENT, REALTIME_CAP, BatchConflict, OnlineStore, StoreUnavailable, batch_digest,
+    batch_key, check_day, check_version, pack, pack_vectors, unpack, unpack_vectors, vector_layout,
 )
 
 MAP_SIZE = 8 << 30  # address space only: the file grows with the data (sparse)
@@ -38,7 +41,7 @@ class LmdbStore(OnlineStore):
         except lmdb.Error as e:
             raise StoreUnavailable(f"{self.path}: cannot open the LMDB store: {e}") from None
         self.db = {name: self.env.open_db(name.encode()) for name in ("realtime", "daily", "lifelong", "batches",
-                                                                      "meta")}
+                                                                      "log", "meta")}
 
     def _write(self, fn):
         try:
@@ -50,12 +53,23 @@ class LmdbStore(OnlineStore):
         except lmdb.Error as e:
             raise StoreUnavailable(f"{self.path}: LMDB write failed: {e}") from None
 
-    def append(self, batch: dict[str, np.ndarray], batch_id: str | None = None) -> int:
+    def append(self, batch: dict[str, np.ndarray], batch_id: str | None = None, *, client: str = DEFAULT_CLIENT,
+               log: dict[str, bytes] | None = None) -> int:
+        digest = batch_digest(batch) if batch_id is not None else b""
+        for day in log or {}:
+            check_day(day)
+
         def apply(txn) -> int:
+            now = int(time.time())
             if batch_id is not None:
-                if txn.get(batch_id.encode(), db=self.db["batches"]) is not None:
-                    return 0
-                txn.put(batch_id.encode(), b"", db=self.db["batches"])
+                key = batch_key(client, batch_id).encode()
+                seen = txn.get(key, db=self.db["batches"])
+                if seen is not None and now - int.from_bytes(seen[16:24], "little") < BATCH_WINDOW_S:
+                    if seen[:16] == digest:
+                        return 0
+                    raise BatchConflict(f"batch_id {batch_id!r} of client {client!r} was applied with other events "
+                                        "(ids are kept for 7 days): give this batch an id of its own")
+                txn.put(key, digest + now.to_bytes(8, "little"), db=self.db["batches"])
             n = 0
             for user, records in batch.items():
                 key = user.encode()
@@ -65,9 +79,37 @@ class LmdbStore(OnlineStore):
                 n += len(records)
             count = int.from_bytes(txn.get(b"events", default=b"\0" * 8, db=self.db["meta"]), "little")
             txn.put(b"events", (count + n).to_bytes(8, "little"), db=self.db["meta"])
+            seq = int.from_bytes(txn.get(b"log_seq", default=b"\0" * 8, db=self.db["meta"]), "little")
+            for day, entry in sorted((log or {}).items()):
+                seq += 1
+                txn.put(day.encode() + b"\0" + seq.to_bytes(8, "big"), entry, db=self.db["log"])
+            txn.put(b"log_seq", seq.to_bytes(8, "little"), db=self.db["meta"])
             return n
 
         return self._write(apply)
+
+    def log_days(self) -> list[str]:
+        with self.env.begin() as txn:
+            cur, days = txn.cursor(db=self.db["log"]), []
+            found = cur.first()
+            while found:  # one seek per day, not a walk over every entry
+                day = cur.key().split(b"\0", 1)[0]
+                days.append(day.decode())
+                found = cur.set_range(day + b"\1")
+        return days
+
+    def read_log(self, day: str, after: str | None = None) -> list[tuple[str, bytes]]:
+        prefix = check_day(day).encode() + b"\0"
+        start = prefix + (int(after) + 1 if after is not None else 0).to_bytes(8, "big")
+        out = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db["log"])
+            if cur.set_range(start):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    out.append((f"{int.from_bytes(key[len(prefix):], 'big'):020d}", bytes(value)))
+        return out
 
     def realtime(self, user: str) -> np.ndarray:
         with self.env.begin() as txn:

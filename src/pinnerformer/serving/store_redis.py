@@ -5,10 +5,12 @@
     pf:emb:<version>        hash user -> the float32 embeddings, concatenated in the version's layout
     pf:life:<version>       hash user -> packed lifelong events
     pf:layout:<version>     JSON {name: width};  pf:versions: set of written versions;  pf:current: the published one
-    pf:batch:<id>           ingestion batches already applied (kept 7 days);  pf:events -> appended count
+    pf:batch:<client>\0<id> the digest of an ingestion batch already applied (kept 7 days);  pf:events: count
+    pf:log:<day>            a stream: the event log's partition of that UTC day (field "e": the entry, JSON)
+    pf:logdays              set of the log's partitions
 
 An ingestion batch is one Lua script (Redis runs a script alone, and its effects reach the append-only file
-together), so it is applied whole or not at all; reading a user's daily data is one script too, so the version
+together), so its realtime events and log entries are applied whole or not at all; reading a user's daily data is one script too, so the version
 and the data read belong together. A Redis that is down or restarting gives StoreUnavailable with its address;
 redis-py reconnects by itself once it is back.
 """
@@ -22,21 +24,31 @@ import redis
 
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.serving.store import (
-    EVENT, REALTIME_CAP, OnlineStore, StoreUnavailable, check_version, pack, pack_vectors, unpack, unpack_vectors,
-    vector_layout,
+    BATCH_WINDOW_S, DEFAULT_CLIENT, EVENT, REALTIME_CAP, BatchConflict, OnlineStore, StoreUnavailable, batch_digest,
+    batch_key, check_day, check_version, pack, pack_vectors, unpack, unpack_vectors, vector_layout,
 )
 
-BATCH_TTL_S = 7 * 86400
-
+# KEYS: the count, the batch key, nu realtime lists, nd log streams, the set of log days.
+# ARGV: cap, batch id given, window, record size, digest, nu, nu blobs, nd entries, nd days.
+# Returns the events appended, 0 for a batch applied before, -1 for a batch id reused with other events.
 APPEND = """
-if ARGV[2] == '1' and not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then return 0 end
-local cap, size, n = tonumber(ARGV[1]), tonumber(ARGV[4]), 0
-for i = 3, #KEYS do
-  local blob, items = ARGV[i + 2], {}
+local cap, size, nu, n = tonumber(ARGV[1]), tonumber(ARGV[4]), tonumber(ARGV[6]), 0
+if ARGV[2] == '1' then
+  local seen = redis.call('GET', KEYS[2])
+  if seen then if seen == ARGV[5] then return 0 else return -1 end end
+  redis.call('SET', KEYS[2], ARGV[5], 'EX', ARGV[3])
+end
+for i = 1, nu do
+  local blob, items = ARGV[6 + i], {}
   for j = 1, #blob, size do items[#items + 1] = string.sub(blob, j, j + size - 1) end
-  for s = 1, #items, 1000 do redis.call('RPUSH', KEYS[i], unpack(items, s, math.min(s + 999, #items))) end
-  redis.call('LTRIM', KEYS[i], -cap, -1)
+  for s = 1, #items, 1000 do redis.call('RPUSH', KEYS[2 + i], unpack(items, s, math.min(s + 999, #items))) end
+  redis.call('LTRIM', KEYS[2 + i], -cap, -1)
   n = n + #items
+end
+local nd = #KEYS - 3 - nu
+for d = 1, nd do
+  redis.call('XADD', KEYS[2 + nu + d], '*', 'e', ARGV[6 + nu + d])
+  redis.call('SADD', KEYS[#KEYS], ARGV[6 + nu + nd + d])
 end
 redis.call('INCRBY', KEYS[1], n)
 return n
@@ -66,12 +78,34 @@ class RedisStore(OnlineStore):
         except redis.ResponseError as e:
             raise StoreUnavailable(f"Redis at {self.url} refused a command: {e}") from None
 
-    def append(self, batch: dict[str, np.ndarray], batch_id: str | None = None) -> int:
-        users = list(batch)
-        keys = [f"{self.ns}:events", f"{self.ns}:batch:{batch_id or ''}"] + [f"{self.ns}:rt:{u}" for u in users]
-        args = [self.realtime_cap, 1 if batch_id is not None else 0, BATCH_TTL_S, EVENT.itemsize]
-        args += [pack(batch[u]) for u in users]
-        return int(self._call(lambda: self._append(keys=keys, args=args)))
+    def append(self, batch: dict[str, np.ndarray], batch_id: str | None = None, *, client: str = DEFAULT_CLIENT,
+               log: dict[str, bytes] | None = None) -> int:
+        users, days = list(batch), sorted(log or {})
+        for day in days:
+            check_day(day)
+        keys = ([f"{self.ns}:events", f"{self.ns}:batch:{batch_key(client, batch_id or '')}"]
+                + [f"{self.ns}:rt:{u}" for u in users] + [f"{self.ns}:log:{d}" for d in days] + [f"{self.ns}:logdays"])
+        args = [self.realtime_cap, 1 if batch_id is not None else 0, BATCH_WINDOW_S, EVENT.itemsize,
+                batch_digest(batch) if batch_id is not None else b"", len(users)]
+        args += [pack(batch[u]) for u in users] + [log[d] for d in days] + days
+        n = int(self._call(lambda: self._append(keys=keys, args=args)))
+        if n < 0:
+            raise BatchConflict(f"batch_id {batch_id!r} of client {client!r} was applied with other events (ids are "
+                                "kept for 7 days): give this batch an id of its own")
+        return n
+
+    def log_days(self) -> list[str]:
+        return sorted(d.decode() for d in self._call(lambda: self.r.smembers(f"{self.ns}:logdays")))
+
+    def read_log(self, day: str, after: str | None = None) -> list[tuple[str, bytes]]:
+        key, out = f"{self.ns}:log:{check_day(day)}", []
+        while True:  # in pages: one reply never holds a whole busy day
+            start = "-" if after is None else f"({after}"
+            rows = self._call(lambda: self.r.xrange(key, start, "+", count=10_000))
+            out += [(i.decode(), fields[b"e"]) for i, fields in rows]
+            if len(rows) < 10_000:
+                return out
+            after = out[-1][0]
 
     def realtime(self, user: str) -> np.ndarray:
         return unpack(b"".join(self._call(lambda: self.r.lrange(f"{self.ns}:rt:{user}", 0, -1))))

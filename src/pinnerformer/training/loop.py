@@ -26,7 +26,9 @@ from typing import Callable
 import torch
 
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.io import atomic_path, checkpoint_sha256, load_checkpoint, write_json_atomic, write_text_atomic
+from pinnerformer.io import (
+    atomic_path, checkpoint_sha256, load_checkpoint, read_json_record, write_json_atomic, write_text_atomic,
+)
 from pinnerformer.progress import progress_bar
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import LoopConfig
@@ -208,7 +210,7 @@ class TrainingLoop:
         path = self.run_dir / rf.CONFIG
         if not path.exists():
             raise PinnerformerError(f"--resume: {self.run_dir} has no {rf.CONFIG} (not a training run)")
-        raw = json.loads(path.read_text())
+        raw = read_json_record(path, "run description")
         try:  # a run written before a config key existed has that key's default (validation fills it in)
             old = type(self.cfg).model_validate(raw["config"])
         except ValueError as e:  # pydantic's ValidationError is a ValueError
@@ -254,11 +256,11 @@ class TrainingLoop:
         if s.done and (self.run_dir / rf.SUMMARY).exists():
             self.log(f"the run already ended ({s.stopped_by or 'done'} at epoch {s.epoch - 1}, step {s.global_step}): "
                      "nothing to continue")
-            return rf.TrainSummary.model_validate_json((self.run_dir / rf.SUMMARY).read_text())
+            return rf.TrainSummary.model_validate(read_json_record(self.run_dir / rf.SUMMARY, "training summary"))
         if s.epoch >= cfg.optim.max_epochs and (self.run_dir / rf.SUMMARY).exists():
             self.log(f"the run already trained {s.epoch} epoch(s), optim.max_epochs is {cfg.optim.max_epochs}: "
                      "nothing to continue (raise --max-epochs to train more)")
-            return rf.TrainSummary.model_validate_json((self.run_dir / rf.SUMMARY).read_text())
+            return rf.TrainSummary.model_validate(read_json_record(self.run_dir / rf.SUMMARY, "training summary"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.desc = desc = self.describe()
         if self.main:
@@ -339,7 +341,7 @@ class TrainingLoop:
         if self.main:
             write_json_atomic(self.run_dir / rf.SUMMARY, summary)
         self.log(f"done ({stopped_by}): best validation {task.metric} {s.best:.4f} at epoch {s.best_epoch} vs "
-                 f"{self.state.history[0]['name']} {summary.popularity:.4f}")
+                 f"{self.state.history[0]['name']} {self.state.history[0][task.metric]:.4f}")
         return summary
 
     def _on_main(self, fn):
@@ -392,6 +394,7 @@ class TrainingLoop:
         empty = sum(1 for r in self.state.history if r["kind"] == "step" and r.get(key, 1) == 0)
         if empty:
             self.log(f"note: {empty} step(s) had no training {key} ({key} = 0): loss 0")
+        finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (JSON has no NaN nor infinity)
         return rf.TrainSummary(stopped_by=stopped_by, best_epoch=self.state.best_epoch, metric=self.task.metric,
-                               best=self.state.best, popularity=self.state.history[0][self.task.metric],
+                               best=finite(self.state.best), popularity=finite(self.state.history[0][self.task.metric]),
                                steps=self.state.global_step, wall_s=round(wall_s, 1), empty_steps=empty)

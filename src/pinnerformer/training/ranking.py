@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from pinnerformer.config import StrictModel, merge_dicts, validate
-from pinnerformer.data.requests import RankData
+from pinnerformer.data.requests import RankData, check_periods
 from pinnerformer.data.schema import DatasetRef
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation import ranking_metrics as rm
@@ -134,6 +134,7 @@ class RankingTask:
             val = np.sort(np.random.default_rng(cfg.seed).choice(val, cfg.data.max_val_requests, replace=False))
         self.val_requests = val
         self.metric = selection_metric(rd, cfg.data)
+        check_periods(rd.manifest.splits, rd.heads, rd.path)  # (ranking data prepared before prepare checked it)
         if not len(val):
             raise PinnerformerError(f"{rd.path}: no validation request: cannot select a model")
         m = self.ds.manifest

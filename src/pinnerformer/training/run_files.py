@@ -12,11 +12,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 from pinnerformer.config import StrictModel
 from pinnerformer.data.schema import DatasetRef
+from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.protocols import Protocol
+from pinnerformer.io import read_json_record
 from pinnerformer.training.config import TrainConfig
 
 CONFIG, SPLIT, METRICS, SUMMARY = "config.json", "split.parquet", "metrics.jsonl", "summary.json"
@@ -73,8 +76,25 @@ class TrainSummary(StrictModel):
     stopped_by: Literal["max_epochs", "max_steps", "early stop"]
     best_epoch: int
     metric: str  # the selection metric, on validation
-    best: float  # its best value (at best_epoch)
-    popularity: float  # the most-popular baseline's value of it, on the same validation users
+    best: float | None  # its best value (at best_epoch); None: no validation gave a number (no best.pt)
+    popularity: float | None  # the most-popular baseline's value of it, on the same validation users (None: NaN)
     steps: int
     wall_s: float  # training, every segment of a resumed run summed (work lost to a kill after the last checkpoint is not)
     empty_steps: int = 0  # steps whose batch had nothing to learn from (retrieval: no query; loss 0): reported
+
+
+def missing_checkpoint(run_dir: Path, name: str) -> PinnerformerError:
+    """The error for a run without checkpoint `name`, saying why it has none."""
+    path, summary = Path(run_dir) / CHECKPOINTS / f"{name}.pt", Path(run_dir) / SUMMARY
+    if name == "best" and summary.exists():
+        s = TrainSummary.model_validate(read_json_record(summary, "training summary"))
+        if s.best_epoch < 0:
+            return PinnerformerError(
+                f"{run_dir} has no best checkpoint: training ended ({s.stopped_by}, {s.steps} steps) without selecting "
+                f"a model, because its validation {s.metric} was never defined (not a number in any epoch: the "
+                "validation period holds too few requests or users, or none with a positive label); prepare the data "
+                "again with a larger validation period, and train again")
+    if not summary.exists() and (Path(run_dir) / CHECKPOINTS / "last.pt").exists():
+        return PinnerformerError(f"{path} does not exist: the run has not finished its first validation (still "
+                                 "training, or stopped: continue it with --resume)")
+    return PinnerformerError(f"{path} does not exist (did the run finish an epoch?)")
