@@ -28,9 +28,10 @@ def workdir(tmp_path_factory):
     return build_workdir(tmp_path_factory.mktemp("served"))
 
 
-def build_workdir(d):
+def build_workdir(d, log: pl.DataFrame | None = None, prepare_args: tuple = (), item_number=None):
     """A servable work directory in `d`, laid out as the quickstart's: dataset/, run/, snapshots/, index/,
-    rank-data/, rank-run/ (tiny models on planted requests)."""
+    rank-data/, rank-run/ (tiny models on planted requests: `log`, default `planted_request_log`, prepared with
+    `prepare_args`; `item_number` maps the item id column to the planted item numbers)."""
     import datetime as dt
 
     from pinnerformer.data.dataset import Dataset, set_content_vectors
@@ -43,11 +44,12 @@ def build_workdir(d):
     from pinnerformer.training.ranking import load_rank_config, ranking_loop
     from pinnerformer.training.retrieval import retrieval_loop
 
-    planted_request_log(n_users=80, days=10).write_csv(d / "log.csv")
+    (planted_request_log(n_users=80, days=10) if log is None else log).write_csv(d / "log.csv")
     r = run_cli("data", "prepare", "-f", "events", "-i", d / "log.csv", "-o", d / "dataset", "--action-col",
-                "action", "--positive", "click,save")
+                "action", "--positive", "click,save", *prepare_args)
     assert r.exit_code == 0, r.output
-    ids = Dataset.open(d / "dataset").items["item_id"].cast(pl.Int64).to_numpy()
+    item_ids = Dataset.open(d / "dataset").items["item_id"]
+    ids = (item_ids.cast(pl.Int64) if item_number is None else item_number(item_ids)).to_numpy()
     vec = np.eye(16, dtype=np.float32)[ids % 10] + np.random.default_rng(0).normal(0, 0.1, (len(ids), 16))
     set_content_vectors(d / "dataset", vec, "planted-groups")
     ds = Dataset.open(d / "dataset")

@@ -151,7 +151,7 @@ def test_actions_on_one_item_are_one_multi_hot_token_placed_at_its_newest_explic
 
 def test_v2_finds_the_old_lifelong_action_that_transact_cannot_see(tmp_path):
     """Planted: the saved candidates resemble only actions of the user's first day, beyond a 16-action realtime
-    window filled with noise every day; neither ranker has the PinnerFormer feature. TransAct V2's nearest
+    window filled with noise every day; neither ranker has the PinnerFormer feature nor the point-in-time counters. TransAct V2's nearest
     lifelong tokens find them; TransAct is at the random order's level."""
     import json
 
@@ -184,8 +184,10 @@ def test_v2_finds_the_old_lifelong_action_that_transact_cannot_see(tmp_path):
     common = {"device": "cpu", "optim": {"batch_size": 128, "lr": 3e-3, "warmup_steps": 10, "max_epochs": 4,
                                          "patience": 2},
               "data": {"epoch_rows": 6000, "max_val_requests": 300}}
-    models = {"transact": {"sequence": "transact", "transact": {"seq_len": 16, "time_window_hours": 0.0}},
-              "transact-v2": {"sequence": "transact-v2",
+    # the sequence modules alone: the point-in-time counters (user x interest over all time) see the old day too
+    models = {"transact": {"sequence": "transact", "features": False,
+                           "transact": {"seq_len": 16, "time_window_hours": 0.0}},
+              "transact-v2": {"sequence": "transact-v2", "features": False,
                               "v2": {"realtime_len": 16, "recent": 4, "k_realtime": 4, "k_lifelong": 8,
                                      "k_impressions": 4, "lifelong_max": 512, "d": 32, "layers": 1}}}
     runs = {}

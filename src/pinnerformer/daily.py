@@ -103,8 +103,10 @@ def run_daily_from_store(run_dir: Path, dataset_dir: Path, store_url: str, snaps
     if export.path is None:
         return None
     m = Dataset.open(dataset_dir).manifest
+    ds = Dataset.open(dataset_dir)
+    id_type = "int" if ds.users["user_id"].dtype.is_integer() and ds.items["item_id"].dtype.is_integer() else "str"
     raw = read_source("events", export.path, events_options(m.action_names(), [a.name for a in m.actions
-                                                                               if a.positive]))
+                                                                               if a.positive], id_type))
     report = run_daily(run_dir, dataset_dir, raw, snapshot_root, index_dir, allow_late=True, checkpoint=checkpoint,
                        vectorize=vectorize, index_kind=index_kind, log=log, progress=progress)
     commit_export(dataset_dir.parent / "event-log", export)

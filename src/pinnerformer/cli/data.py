@@ -187,6 +187,10 @@ def as_in_dataset(format: str, dataset: Path, flags: dict) -> dict:
         flags["positive"] = ",".join(a.name for a in actions if a.positive)
     if format == "events" and flags.get("action_col") and flags.get("actions") is None:
         flags["actions"] = ",".join(a.name for a in actions)
+    if format == "events" and flags.get("id_type") is None:  # "0008" stays a string in a string-keyed dataset
+        ds = Dataset.open(dataset)
+        integer = ds.users["user_id"].dtype.is_integer() and ds.items["item_id"].dtype.is_integer()
+        flags["id_type"] = "int" if integer else "str"
     return flags
 
 
@@ -315,6 +319,11 @@ def daily(
                                         "(the service's event log), or --workdir (its store/)")
             if format is not None:
                 raise PinnerformerError("--format applies to --input; the event log has its own")
+            defaults = {name: default for name, _, default, *_ in READ_FLAGS}
+            given = [f"--{n.replace('_', '-')}" for n, v in flags.items() if v is not None and v != defaults.get(n)]
+            if given:
+                raise PinnerformerError(f"{', '.join(given)}: reading options apply to --input; the event log is "
+                                        "read as it was acknowledged (--until chooses its days)")
             report = run_daily_from_store(run_dir, ds_dir, store, snaps, index_dir,
                                           before=parse_day(until, "--until") if until else None,
                                           checkpoint=checkpoint, vectorize=text_vectorizer(ds_dir), log=log,

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from pinnerformer.cli.common import app, command_line, console, log, parse_list, run_guarded
+from pinnerformer.errors import PinnerformerError
 
 rank_app = typer.Typer(help="The ranker: request data, TransAct + PinnerFormer + DCN v2 multi-task training, HIT@3.",
                        no_args_is_help=True, rich_markup_mode=None)
@@ -81,7 +82,9 @@ def train(
     output: Path = typer.Option(..., "--output", "-o", help="Run directory."),
     preset: str = typer.Option("default", help="default | fast (shorter sequences and epochs: CPU minutes)."),
     model: Optional[str] = typer.Option(None, help="Sequence feature: transact | transact-v2 (lifelong streams, "
-                                        "nearest-neighbour selection) | bst | average | none."),
+                                        "nearest-neighbour selection) | bst | average | none; or gbdt: "
+                                        "gradient-boosted trees (LightGBM) on the point-in-time features, no "
+                                        "network."),
     no_pinnerformer: bool = typer.Option(False, "--no-pinnerformer", help="Leave the PinnerFormer feature out."),
     config: Optional[Path] = typer.Option(None, help="JSON file overriding preset values (unknown keys are errors)."),
     max_epochs: Optional[int] = typer.Option(None),
@@ -108,7 +111,9 @@ def train(
         from pinnerformer.training.ranking import load_rank_config, ranking_loop
 
         over: dict = {"model": {}, "optim": {}}
-        if model is not None:
+        if model == "gbdt":
+            over["learner"] = "gbdt"
+        elif model is not None:
             over["model"]["sequence"] = model
         if no_pinnerformer:
             over["model"]["use_pinnerformer"] = False
@@ -119,6 +124,13 @@ def train(
         if seed is not None:
             over["seed"] = seed
         cfg = load_rank_config(preset, config, over)
+        if cfg.learner == "gbdt":
+            from pinnerformer.training.gbdt import train_gbdt
+
+            if resume or nproc > 1:
+                raise PinnerformerError("--model gbdt trains in one go on one process (no --resume, no --nproc)")
+            console.print_json(train_gbdt(RankData(data), cfg, output, log=log, progress=progress).model_dump_json())
+            return
         dist = from_environment(cfg.device)
         try:
             summary = ranking_loop(RankData(data), cfg, output, log=log, dist=dist).fit(

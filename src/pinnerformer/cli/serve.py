@@ -20,7 +20,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on: loopback only unless --allow-remote."),
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Listen on a non-loopback --host: only behind "
                                       "TLS and an authenticating proxy (the service speaks plain HTTP)."),
-    port: int = typer.Option(8000),
+    port: int = typer.Option(8000, min=1, max=65535),
     store: Optional[str] = typer.Option(None, help="redis://HOST:PORT/DB, or an LMDB directory (default: "
                                         "WORKDIR/store, embedded)."),
     token_file: Optional[Path] = typer.Option(None, help="File holding the API token (default: the environment "
@@ -28,10 +28,10 @@ def serve(
     read_token_file: Optional[Path] = typer.Option(None, help="File holding an optional read-only token: rank, "
                                                    "recommend, GET /v1/users/... (default: the environment variable "
                                                    "PINNERFORMER_API_READ_TOKEN, else none)."),
-    batch_max: int = typer.Option(16, help="Ranking requests scored in one forward pass."),
-    batch_wait_ms: float = typer.Option(2.0, help="How long a ranking request waits for company."),
-    timeout_s: float = typer.Option(5.0, help="A ranking request not answered by then gets 504."),
-    watch_seconds: float = typer.Option(0.0, help="Look for a newer snapshot in WORKDIR/snapshots this often and "
+    batch_max: int = typer.Option(16, min=1, help="Ranking requests scored in one forward pass."),
+    batch_wait_ms: float = typer.Option(2.0, min=0, help="How long a ranking request waits for company."),
+    timeout_s: float = typer.Option(5.0, min=0.001, help="A ranking request not answered by then gets 504."),
+    watch_seconds: float = typer.Option(0.0, min=0, help="Look for a newer snapshot in WORKDIR/snapshots this often and "
                                         "hand over to it (0: only on POST /v1/admin/reload)."),
 ):
     """Serve events in, recommendations out: POST /v1/events, /v1/rank, /v1/recommend; GET /metrics, /readyz."""

@@ -12,11 +12,13 @@ from pinnerformer.config import StrictModel
 from pinnerformer.data.requests import Head, RankData
 from pinnerformer.data.timelines import Timelines
 from pinnerformer.evaluation import ranking_metrics as rm
-from pinnerformer.features.rank_batch import build_rank_batch
+from pinnerformer.features.point_in_time import FeatureConfig
+from pinnerformer.features.rank_batch import build_rank_batch, pf_visible
+from pinnerformer.features.rank_features import rank_features
 from pinnerformer.features.v2_streams import StreamSpec, stream_spec
 from pinnerformer.models.ranker import Ranker
 
-BASELINES = ["random", "popularity", "pinnerformer"]
+BASELINES = ["random", "popularity", "item-rate", "item-value", "pinnerformer"]
 
 
 def v2_spec_for(model: Ranker, rd: RankData, action_names: list[str], positive: list[int]) -> StreamSpec | None:
@@ -34,19 +36,22 @@ def score_requests(model: Ranker, rd: RankData, tl: Timelines, requests: np.ndar
     """[rows of `RankData.candidate_rows`, heads] probabilities."""
     model.eval()
     seq_len = model.transact.cfg.seq_len if model.transact is not None else model.cfg.transact.seq_len
+    features = rank_features(rd, model.feature_config).values if len(model.inputs.feature_names) else None
     out = []
     for i in range(0, len(requests), chunk):
-        b = build_rank_batch(rd, tl, requests[i:i + chunk], seq_len, v2=v2).staged(device)
+        b = build_rank_batch(rd, tl, requests[i:i + chunk], seq_len, v2=v2, features=features).staged(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out.append(torch.sigmoid(model(b, shared_projection=shared_projection).float()).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, len(rd.heads)), np.float32)
 
 
-def baseline_scores(kind: str, rd: RankData, requests: np.ndarray, seed: int = 0) -> np.ndarray:
+def baseline_scores(kind: str, rd: RankData, requests: np.ndarray, seed: int = 0) -> np.ndarray | None:
     """[rows, heads] scores of a baseline: `random`; `popularity` (per head, how often the item was engaged with
-    that head in the requests before the validation period: feature and training periods); `pinnerformer` (the
-    user's vector of the day before · the item's
-    PinnerFormer vector, the same for every head)."""
+    that head in the requests before the validation period: feature and training periods); `item-rate` (per head,
+    the item's smoothed rate of the head's actions among all its events before the request: point in time);
+    `item-value` (the item's smoothed mean value before the request, e.g. its mean rating; None where the data has
+    no numbers); `pinnerformer` (the user's vector of the day before · the item's PinnerFormer vector). A goodness
+    score (pinnerformer, item-value) is negated for negative heads."""
     rows, _ = rd.candidate_rows(requests)
     H = len(rd.heads)
     if kind == "random":
@@ -59,9 +64,22 @@ def baseline_scores(kind: str, rd: RankData, requests: np.ndarray, seed: int = 0
         return counts[rd.cand_item[rows]].astype(np.float32)
     if kind == "pinnerformer":
         owner = rd.cand_request[rows]
-        s = (np.asarray(rd.user_vectors[owner]) * rd.pf_item_vectors[rd.cand_item[rows]]).sum(1)
-        return np.repeat(s[:, None], H, 1).astype(np.float32)
+        s = (np.asarray(rd.user_vectors[owner]) * rd.pf_item_vectors[rd.cand_item[rows]]).sum(1) * pf_visible(rd, owner)
+        return _per_head(s, rd.heads)
+    if kind in ("item-rate", "item-value"):
+        table = rank_features(rd, FeatureConfig(families=["item_counts", "numeric_value"]))
+        if kind == "item-rate":
+            return np.stack([table.values[rows, table.names.index(f"item.rate.{h.name}")] for h in rd.heads], 1)
+        if "value.item_mean" not in table.names:
+            return None  # no numbers in this data: no such baseline
+        return _per_head(table.values[rows, table.names.index("value.item_mean")], rd.heads)
     raise ValueError(f"unknown baseline {kind!r} (expected one of: {', '.join(BASELINES)})")
+
+
+def _per_head(goodness: np.ndarray, heads: list[Head]) -> np.ndarray:
+    """One goodness score as every head's score: as it is for positive heads, negated for negative ones (a hide is
+    predicted by a low goodness, so its AUC is not read upside down)."""
+    return np.stack([-goodness if h.negative else goodness for h in heads], 1).astype(np.float32)
 
 
 def utility(scores: np.ndarray, heads: list[Head]) -> np.ndarray:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pinnerformer.data.requests import RankData
+from pinnerformer.data.requests import SPLIT_NAMES, RankData
 from pinnerformer.data.timelines import Timelines
 from pinnerformer.features.v2_streams import StreamSpec
 
@@ -35,6 +35,7 @@ class RankBatch:
     streams: dict[str, torch.Tensor] | None = None
     # one rank's share of a distributed batch: the whole batch's Σ weight (the loss's denominator)
     weight_total: torch.Tensor | None = None
+    features: torch.Tensor | None = None  # [N, F] float32 point-in-time features of the candidate rows
 
     def _map(self, fn) -> "RankBatch":
         out = {k: (fn(v) if v is not None else None) for k, v in self.__dict__.items() if k != "streams"}
@@ -57,6 +58,14 @@ class RankBatch:
         return len(self.cand_item)
 
 
+def pf_visible(rd: RankData, requests: np.ndarray) -> np.ndarray:
+    """Per request: may its PinnerFormer vector be used? Not for requests of the feature period, whose vectors come
+    from the model trained on that very period (it learned their engagements): those requests still train the ranker
+    on everything else, as requests without a vector."""
+    requests = np.asarray(requests, np.int64)
+    return np.asarray(rd.has_vector[requests], bool) & (rd.split[requests] != SPLIT_NAMES.index("feature"))
+
+
 def sequence_arrays(tl: Timelines, users: np.ndarray, seq_end: np.ndarray, t: np.ndarray, seq_len: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[R, L] action (+1, 0 = padding), item and age (s) of each request's last `seq_len` actions before seq_end,
@@ -76,9 +85,10 @@ def sequence_arrays(tl: Timelines, users: np.ndarray, seq_end: np.ndarray, t: np
 
 def build_rank_batch(rd: RankData, tl: Timelines, requests: np.ndarray, seq_len: int,
                      rows: np.ndarray | None = None, row_weight: np.ndarray | None = None,
-                     v2: StreamSpec | None = None) -> RankBatch:
+                     v2: StreamSpec | None = None, features: np.ndarray | None = None) -> RankBatch:
     """Requests (data indices) and candidate rows (data indices; default: every candidate of those requests);
-    with `v2`, also each request's TransAct V2 streams."""
+    with `v2`, also each request's TransAct V2 streams; with `features` ([all rows of rd, F]), the rows' point-in-time
+    features."""
     requests = np.asarray(requests, dtype=np.int64)
     if rows is None:
         rows, _ = rd.candidate_rows(requests)
@@ -89,13 +99,16 @@ def build_rank_batch(rd: RankData, tl: Timelines, requests: np.ndarray, seq_len:
         raise ValueError("a candidate row's request is not in the batch")
     action, item, age = sequence_arrays(tl, rd.request_user[requests], rd.seq_end[requests], rd.request_t[requests],
                                         seq_len)
+    visible = pf_visible(rd, requests)
     return RankBatch(
         seq_action=torch.from_numpy(action), seq_item=torch.from_numpy(item), seq_age=torch.from_numpy(age),
-        user_vec=torch.from_numpy(np.ascontiguousarray(rd.user_vectors[requests], dtype=np.float32)),
-        has_vector=torch.from_numpy(rd.has_vector[requests]),
+        user_vec=torch.from_numpy(np.ascontiguousarray(rd.user_vectors[requests], dtype=np.float32)
+                                  * visible[:, None]),
+        has_vector=torch.from_numpy(visible),
         hour=torch.from_numpy(rd.hour[requests]), surface=torch.from_numpy(rd.surface[requests] + 1),
         row_request=torch.from_numpy(row_request), cand_item=torch.from_numpy(rd.cand_item[rows]),
         labels=torch.from_numpy(rd.labels[rows]),
         weight=torch.from_numpy(np.ones(len(rows), np.float32) if row_weight is None
                                 else row_weight[rows].astype(np.float32)),
-        streams=None if v2 is None else v2.tensors(tl, rd.request_user[requests], rd.seq_end[requests]))
+        streams=None if v2 is None else v2.tensors(tl, rd.request_user[requests], rd.seq_end[requests]),
+        features=None if features is None else torch.from_numpy(np.ascontiguousarray(features[rows], np.float32)))

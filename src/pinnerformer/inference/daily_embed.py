@@ -271,11 +271,16 @@ class DailyJob:
         return manifest
 
     def _arrived_since(self, done: SnapshotManifest) -> int:
-        """Events of the snapshot's days that the dataset gained after the snapshot was made (appended later)."""
+        """Events of the snapshot's days that the dataset gained after the snapshot was made (appended later, late
+        ones included)."""
         if done.data_time_max is None or done.dataset.fingerprint == self.ds.manifest.fingerprint:
             return 0
         ts = np.asarray(self.ds.timelines.ts)
-        return int(((ts > done.data_time_max) & (ts < self.end_ts)).sum())
+        lineage = self.ds.manifest.lineage  # late events appended since (older than the snapshot's data) count too
+        since = next((i for i, r in enumerate(lineage) if r.parent_fingerprint == done.dataset.fingerprint),
+                     len(lineage))
+        late = sum(r.late_events for r in lineage[since:] if r.time_min < self.end_ts)
+        return int(((ts > done.data_time_max) & (ts < self.end_ts)).sum()) + late
 
     def _dim(self, parts_v: list[np.ndarray], prev: Snapshot | None) -> int:
         if parts_v:

@@ -11,6 +11,9 @@ Input of one candidate row, concatenated into x0:
                    | transact-v2 (lifelong, realtime and impression streams cut per candidate to its nearest
                    tokens over int8 item vectors: `models/transact_v2.py`)
     context        the request's UTC hour and surface, embedded
+    counters       the candidate row's point-in-time features (`features/point_in_time.py`: item, user, user x item,
+                   user x interest counters and rates, recency, the candidate against the realtime sequence, ...),
+                   standardised with the training rows' mean and deviation (buffers) and clipped to +-5
 Feature crossing (DCN v2, Wang et al. 2021, parallel form): a cross network of `cross_layers` full-rank layers
     x_{l+1} = x0 ⊙ (W_l x_l + b_l) + x_l
 beside an MLP on x0; [x_L ‖ MLP(x0)] -> one logit per head.
@@ -40,6 +43,7 @@ class RankerConfig(StrictModel):
     transact: TransActConfig = TransActConfig()
     v2: TransActV2Config = TransActV2Config()  # sequence "transact-v2": lifelong streams, NN selection
     use_pinnerformer: bool = True
+    features: bool = True  # the point-in-time features beside the sequence (their definition: the run's `features`)
     item_dim: int = Field(32, ge=1)
     item_id_dim: int = Field(16, ge=0)
     context_dim: int = Field(8, ge=1)
@@ -59,6 +63,7 @@ class RankerInputs:
     pf_dim: int  # PinnerFormer user / item vectors
     heads: tuple[str, ...]
     positive_actions: tuple[int, ...] = ()  # action codes the next-action loss predicts (TransAct V2)
+    feature_names: tuple[str, ...] = ()  # the point-in-time features the model reads, in order
 
 
 class CrossNetwork(nn.Module):
@@ -96,6 +101,10 @@ class Ranker(nn.Module):
         d = cfg.item_dim + cfg.item_id_dim + 2 * cfg.context_dim
         if cfg.use_pinnerformer:
             d += inputs.pf_dim + 2
+        F = len(inputs.feature_names)
+        self.register_buffer("feature_mean", torch.zeros(F))  # set from the training rows (`set_feature_scale`)
+        self.register_buffer("feature_std", torch.ones(F))
+        d += F
         self.transact = None
         if cfg.sequence in ("transact", "bst"):
             self.transact = TransAct(sequence_variant(cfg), inputs.n_actions, inputs.vector_dim)
@@ -118,6 +127,7 @@ class Ranker(nn.Module):
             d += cfg.transact.action_dim + cfg.transact.item_dim
         self.x0_dim = d
         self.collect_next_action = False  # set by a training task that adds the next-action loss
+        self.feature_config = None  # the point-in-time features' definition (set by `training.ranking.ranker_for`)
         self.next_action_inputs: dict[str, torch.Tensor] | None = None
         self.cross = CrossNetwork(d, cfg.cross_layers)
         mlp, width = [], d
@@ -126,6 +136,12 @@ class Ranker(nn.Module):
             width = h
         self.mlp = nn.Sequential(*mlp)
         self.head = nn.Linear(d + width, len(inputs.heads))
+
+    def set_feature_scale(self, values: np.ndarray) -> None:
+        """Standardise the features with these rows' mean and deviation (the training rows')."""
+        v = torch.as_tensor(np.asarray(values, np.float64))
+        self.feature_mean.copy_(v.mean(0).float())
+        self.feature_std.copy_(v.std(0).clamp(min=1e-6).float())
 
     def v2_selection(self, b: RankBatch) -> tuple[torch.Tensor, ...]:
         """Rows grouped by request (their streams are moved and dequantised once per request): the grouping order
@@ -213,5 +229,9 @@ class Ranker(nn.Module):
         if self.cfg.sequence != "none":
             parts.append(self.sequence_features(b, cand_vec, shared_projection))
         parts += [self.hour(b.hour[r]), self.surface(b.surface[r])]
+        if len(self.inputs.feature_names):
+            if b.features is None:
+                raise ValueError("this ranker reads point-in-time features: build the batch with them")
+            parts.append(((b.features - self.feature_mean) / self.feature_std).clamp(-5, 5))
         x0 = torch.cat(parts, -1)
         return self.head(torch.cat([self.cross(x0), self.mlp(x0)], -1))

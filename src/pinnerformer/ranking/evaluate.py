@@ -18,6 +18,7 @@ from pinnerformer.evaluation.ranking import (
     BASELINES, Lift, MetricValue, PerRequest, baseline_scores, score_requests, v2_spec_for,
 )
 from pinnerformer.io import write_json_atomic, write_text_atomic
+from pinnerformer.models.gbdt import GbdtRanker
 from pinnerformer.ranking.run import RankRun
 
 
@@ -59,13 +60,18 @@ def evaluate_ranking(rd: RankData, runs: dict[str, Path], split: str = "test", r
     device = torch.device("cpu")
     scored: dict[str, PerRequest] = {}
     for name in baselines:
-        scored[name] = PerRequest(baseline_scores(name, rd, requests, seed), rd, requests, k, seed, interests)
+        scores = baseline_scores(name, rd, requests, seed)
+        if scores is not None:  # (item-value on data without numbers)
+            scored[name] = PerRequest(scores, rd, requests, k, seed, interests)
     for name, path in runs.items():
         log(f"scoring {name} ({path}) on {len(requests):,} {split} requests")
         model = RankRun(path).load_model(rd)
-        spec = v2_spec_for(model, rd, ds.manifest.action_names(), ds.manifest.positive_codes)
-        scored[name] = PerRequest(score_requests(model, rd, ds.timelines, requests, device, v2=spec), rd, requests,
-                                  k, seed, interests)
+        if isinstance(model, GbdtRanker):
+            scores = model.score_requests(rd, requests)
+        else:
+            spec = v2_spec_for(model, rd, ds.manifest.action_names(), ds.manifest.positive_codes)
+            scores = score_requests(model, rd, ds.timelines, requests, device, v2=spec)
+        scored[name] = PerRequest(scores, rd, requests, k, seed, interests)
     draws = rm.bootstrap_draws(len(requests), n_boot, seed)
     auc_draws = draws[:200]
     models = {name: p.with_intervals(draws, auc_draws) for name, p in scored.items()}

@@ -8,6 +8,7 @@ from pathlib import Path
 from pinnerformer.data.requests import RankData
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.io import load_checkpoint, read_json_record
+from pinnerformer.models.gbdt import GbdtRanker
 from pinnerformer.models.ranker import Ranker
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.ranking import RankTrainConfig, ranker_for
@@ -33,7 +34,10 @@ class RankRun:
 
     @cached_property
     def config(self) -> RankTrainConfig:
-        return RankTrainConfig.model_validate(self.description.config)
+        raw = dict(self.description.config)
+        if "features" not in raw.get("model", {}):  # a run from before the point-in-time features read none
+            raw["model"] = {**raw.get("model", {}), "features": False}
+        return RankTrainConfig.model_validate(raw)
 
     def data(self) -> RankData:
         """The ranking data the run was trained on (the same fingerprint, or a clear error)."""
@@ -48,15 +52,24 @@ class RankRun:
         p = self.path / rf.SUMMARY
         return rf.TrainSummary.model_validate(read_json_record(p, "training summary")) if p.exists() else None
 
-    def load_model(self, rd: RankData, checkpoint: str = "best") -> Ranker:
+    def load_model(self, rd: RankData, checkpoint: str = "best") -> Ranker | GbdtRanker:
         if rd.manifest.fingerprint != self.description.dataset.fingerprint:
             raise PinnerformerError(f"{self.path} was trained on other ranking data (fingerprint "
                                     f"{self.description.dataset.fingerprint}, {rd.path} has "
                                     f"{rd.manifest.fingerprint})")
+        if self.config.learner == "gbdt":
+            if not (self.path / GbdtRanker.FOLDER).is_dir():
+                raise PinnerformerError(f"{self.path}: a gradient-boosted run without its {GbdtRanker.FOLDER}/ folder "
+                                        "(damaged: train it again)")
+            return GbdtRanker.load(self.path, rd.manifest.head_names, self.config.features)
         path = self.path / rf.CHECKPOINTS / f"{checkpoint}.pt"
         if not path.exists():
             raise rf.missing_checkpoint(self.path, checkpoint)
         m = self.description.model
-        model = ranker_for(rd, self.config.model, m["n_actions"], m["n_surfaces"], tuple(m.get("positive_actions", ())))
+        model = ranker_for(rd, self.config.model, m["n_actions"], m["n_surfaces"], tuple(m.get("positive_actions", ())),
+                           self.config.features)
+        if list(model.inputs.feature_names) != list(m.get("feature_names", [])):
+            raise PinnerformerError(f"{self.path} was trained on other point-in-time features than this version "
+                                    "computes (their names differ): train it again")
         model.load_state_dict(load_checkpoint(path)["model"])
         return model.eval()

@@ -20,7 +20,9 @@ from pinnerformer.data.clock import DAY, utc_day
 from pinnerformer.data.requests import PF_RUN, RankData
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.ranking import utility, v2_spec_for
+from pinnerformer.features.point_in_time import Queries, feature_table
 from pinnerformer.features.rank_batch import RankBatch, sequence_arrays
+from pinnerformer.features.rank_features import rank_event_log
 from pinnerformer.models.embedding import embed_users
 from pinnerformer.ranking.run import RankRun
 from pinnerformer.runs import RunDir
@@ -62,6 +64,9 @@ def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], s
     rd = run.data()
     ds = rd.dataset()
     model = run.load_model(rd)
+    if not isinstance(model, torch.nn.Module):
+        raise PinnerformerError(f"{run_dir} is a gradient-boosted run: `rank score` scores a neural ranker "
+                                "(score the trees with `rank evaluate`)")
     t = parse_time(time)
     users = ds.users["user_id"].cast(pl.String).to_list()
     if str(user_id) not in users:
@@ -107,6 +112,9 @@ def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], s
         surface=torch.tensor([surface_code]), row_request=torch.zeros(len(items), dtype=torch.int64),
         cand_item=torch.from_numpy(items), labels=torch.zeros(len(items), len(rd.heads)),
         weight=torch.ones(len(items)))
+    if len(model.inputs.feature_names):  # every event of the dataset before t (the log is exact at any time)
+        q = Queries(np.full(len(items), u), items, np.full(len(items), t), np.zeros(len(items)))
+        batch.features = torch.from_numpy(feature_table(rank_event_log(rd, ds), q, model.feature_config).values)
     spec = v2_spec_for(model, rd, ds.manifest.action_names(), ds.manifest.positive_codes)
     if spec is not None:
         batch.streams = spec.tensors(tl, np.array([u]), np.array([seq_end]))

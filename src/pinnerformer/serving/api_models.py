@@ -28,9 +28,21 @@ def as_id(value: object) -> str:
         raise ValueError("an id may not be blank")
     if NOT_IN_IDS.search(value):
         raise ValueError("an id may not hold control characters or lone surrogates")
+    if value != value.strip():  # the dataset's readers strip ids: " u3" would become "u3", another user
+        raise ValueError("an id may not begin or end with whitespace")
     return value
 
 
+def as_name(value: object) -> str:
+    """A client or batch id: a string without control characters (they are joined into one store key)."""
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    if NOT_IN_IDS.search(value):
+        raise ValueError("may not hold control characters or lone surrogates")
+    return value
+
+
+Name = Annotated[str, BeforeValidator(as_name)]
 Id = Annotated[str, BeforeValidator(as_id)]  # every user and item id, in bodies and paths
 Time = Annotated[int, Field(ge=0, le=MAX_TIME, strict=True)]  # Unix seconds; strict: true, 1.0 and "1" are refused
 
@@ -46,10 +58,10 @@ class EventIn(StrictModel):
 
 class EventsIn(StrictModel):
     events: list[EventIn] = Field(min_length=1)
-    batch_id: str | None = Field(None, min_length=1, max_length=128,
+    batch_id: Name | None = Field(None, min_length=1, max_length=128,
                                  description="A retried batch with the same (client, id) and the same events is "
                                  "applied once; the same id with other events is a 409. Ids are kept for 7 days.")
-    client: str | None = Field(None, min_length=1, max_length=128,
+    client: Name | None = Field(None, min_length=1, max_length=128,
                                description="Who sends the batch: scopes batch_id (default: 'default')")
 
 

@@ -35,7 +35,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import Field
@@ -371,10 +371,10 @@ def create_app(service: Service) -> FastAPI:
         return {"user": user, "day": version, "vectors": {k: v.tolist() for k, v in vectors.items()}}
 
     @v1.get("/users/{user}/events")
-    def get_events(user: Id, limit: int = 20):
+    def get_events(user: Id, limit: int = Query(20, ge=1, le=1000)):
         check_user(user)
         b = s.bundle
-        rt = s.store.realtime(user)[::-1][:max(0, min(limit, 1000))]
+        rt = s.store.realtime(user)[::-1][:limit]
         return {"user": user, "events": [
             {"item": b.item_ids[int(e["item"])], "action": b.actions[int(e["action"])], "time": int(e["ts"]),
              "surface": b.surfaces[int(e["surface"])] if e["surface"] >= 0 else None,

@@ -94,6 +94,22 @@ class Bundle:
         index_ids = [] if self.index is None else self.index.items["item_id"].cast(pl.String).to_list()
         self.row_item = [self.item_code.get(x) for x in index_ids]
         self.item_row = {c: r for r, c in enumerate(self.row_item) if c is not None}
+        self.feature_logs: dict = {}
+
+    def feature_log(self, version: str | None):
+        return _feature_log(self, version)
+
+
+def _feature_log(b: "Bundle", version: str | None):
+    """The events the point-in-time features count online: the dataset's before the end of the served day version
+    (built once per version). The realtime events posted since reach the sequence model, not yet these counters."""
+    from pinnerformer.features.rank_features import rank_event_log
+
+    key = version or "none"
+    if key not in b.feature_logs:
+        b.feature_logs.clear()  # one day version at a time
+        b.feature_logs[key] = rank_event_log(b.rd, b.ds, until=version_end(version) if version else None)
+    return b.feature_logs[key]
 
 
 def is_integer_id(text: str) -> bool:
@@ -115,6 +131,9 @@ def load_bundle(workdir: Path, device: torch.device | None = None) -> Bundle:
     # one query at a time: FAISS's own OpenMP pool would only spin against torch's on the same cores
     faiss.omp_set_num_threads(1)
     run = RankRun(run_dir)
+    if run.config.learner != "neural":
+        raise PinnerformerError(f"{run_dir} is a gradient-boosted run (rank train --model gbdt): the service serves "
+                                "a neural ranker (train one into rank-run/)")
     model = run.load_model(run.data()).to(device).eval()
     index = ItemIndex.open(workdir / "index") if (workdir / "index").is_dir() else None
     ckpt = run_dir / "checkpoints" / "best.pt"
@@ -124,8 +143,10 @@ def load_bundle(workdir: Path, device: torch.device | None = None) -> Bundle:
 
 
 def day_version(b: Bundle, day: dt.date) -> str:
-    """"<day>.<the ranker's feature model, 8 hex>": a new feature model gets a version of its own."""
-    return f"{day.isoformat()}.{str(b.rd.manifest.pinnerformer['checkpoint_sha256'])[:8]}"
+    """"<day>.<the ranker's feature model, 8 hex>.<the dataset, 8 hex>": a new feature model, or a dataset that grew
+    since (late events of that day appended), gets a version of its own."""
+    return (f"{day.isoformat()}.{str(b.rd.manifest.pinnerformer['checkpoint_sha256'])[:8]}"
+            f".{b.ds.manifest.fingerprint[:8]}")
 
 
 def version_end(version: str) -> int:
@@ -186,8 +207,12 @@ def user_sequence(store: OnlineStore, user: str, t: int, version: str | None) ->
     time-ordered, and their day-version vectors."""
     vectors, life = store.daily(user, version) if version else ({}, np.zeros(0, EVENT))
     realtime = store.realtime(user)
-    if version:
-        realtime = realtime[realtime["ts"] >= version_end(version)]  # earlier ones are in the blob
+    if version:  # earlier ones are in the blob, unless acknowledged after the daily job took their day
+        early = realtime["ts"] < version_end(version)
+        if early.any():
+            known = set(zip(life["item"].tolist(), life["action"].tolist(), life["ts"].tolist()))
+            early &= np.array([(int(e["item"]), int(e["action"]), int(e["ts"])) in known for e in realtime])
+        realtime = realtime[~early]
     seq = np.concatenate([life, realtime])
     seq = seq[seq["ts"] < t]
     return seq[np.argsort(seq["ts"], kind="stable")], vectors
@@ -210,6 +235,13 @@ def score(b: Bundle, store: OnlineStore, requests: list[RankRequest], version: s
         if "ranking" in v:
             user_vec[i], has[i] = v["ranking"], True
     sizes = [len(r.items) for r in requests]
+    features = None
+    if len(b.model.inputs.feature_names):
+        from pinnerformer.features.point_in_time import Queries, feature_table
+
+        q = Queries(np.repeat([b.user_code.get(r.user, -1) for r in requests], sizes),
+                    np.concatenate([r.items for r in requests]), np.repeat(t, sizes), np.repeat(np.arange(R), sizes))
+        features = torch.from_numpy(feature_table(b.feature_log(version), q, b.model.feature_config).values)
     batch = RankBatch(
         seq_action=torch.from_numpy(action), seq_item=torch.from_numpy(item), seq_age=torch.from_numpy(age),
         user_vec=torch.from_numpy(user_vec), has_vector=torch.from_numpy(has),
@@ -218,7 +250,7 @@ def score(b: Bundle, store: OnlineStore, requests: list[RankRequest], version: s
         row_request=torch.from_numpy(np.repeat(np.arange(R), sizes)),
         cand_item=torch.from_numpy(np.concatenate([r.items for r in requests]).astype(np.int64)),
         labels=torch.zeros(sum(sizes), len(b.heads)), weight=torch.ones(sum(sizes)),
-        streams=None if b.spec is None else b.spec.tensors(tl, np.arange(R), ends))
+        streams=None if b.spec is None else b.spec.tensors(tl, np.arange(R), ends), features=features)
     probs = torch.sigmoid(b.model(batch.staged(b.device), shared_projection=True).float()).cpu().numpy()
     return np.split(probs, np.cumsum(sizes)[:-1])
 

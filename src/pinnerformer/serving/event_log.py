@@ -69,11 +69,12 @@ class LogExport(StrictModel):
     cursors: dict[str, str]
 
 
-def events_options(actions: list[str], positive: list[str]) -> EventsOptions:
-    """How an export file is read back (the `events` format, the dataset's action vocabulary)."""
+def events_options(actions: list[str], positive: list[str], id_type: str) -> EventsOptions:
+    """How an export file is read back (the `events` format, the dataset's action vocabulary and id type: ids that
+    look like numbers stay strings in a string-keyed dataset, "0042" never becomes 42)."""
     return EventsOptions(columns=EventColumns(user="user", item="item", time="time", action="action",
                                               surface="surface", duration="duration"),
-                         actions=actions, positive=positive, id_type="auto")
+                         actions=actions, positive=positive, id_type=id_type)
 
 
 def read_cursors(out_dir: Path, store: OnlineStore) -> dict[str, str]:
@@ -82,12 +83,15 @@ def read_cursors(out_dir: Path, store: OnlineStore) -> dict[str, str]:
         return {}
     try:
         stores = json.loads(path.read_text())["stores"]
-    except (ValueError, KeyError, TypeError):
+        cursors = {str(day): str(c) for day, c in stores.get(store.url, {}).items()}
+        for c in cursors.values():
+            store.check_log_id(c)
+        return cursors
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
         raise PinnerformerError(f"{path}: not a cursor file of the event log export (damaged or truncated); it "
                                 "says how far each log partition was exported: restore it, or remove it to export "
                                 "the whole log again (events already in the dataset are then removed as duplicates)"
                                 ) from None
-    return dict(stores.get(store.url, {}))
 
 
 def export_log(store: OnlineStore, out_dir: Path, before: dt.date, log=print) -> LogExport:

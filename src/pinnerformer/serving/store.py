@@ -140,6 +140,12 @@ class OnlineStore(ABC):
         event log, all at once or none; returns the number of events appended (0 when (`client`, `batch_id`) was
         applied before with the same events; BatchConflict when with other events)."""
 
+    def check_log_id(self, entry_id: str) -> str:
+        """A log entry id as `read_log` gives them (ValueError otherwise)."""
+        if not (entry_id.isascii() and entry_id.isdigit() and int(entry_id) < 2 ** 63):
+            raise ValueError(f"not a log entry id: {entry_id!r}")
+        return entry_id
+
     @abstractmethod
     def log_days(self) -> list[str]:
         """The event log's partitions (UTC days, sorted)."""

@@ -13,6 +13,7 @@ see a half-applied batch. Layout (named databases):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -63,6 +64,8 @@ class LmdbStore(OnlineStore):
             now = int(time.time())
             if batch_id is not None:
                 key = batch_key(client, batch_id).encode()
+                if len(key) > 256:  # LMDB keys hold at most 511 bytes: a long one by its digest
+                    key = b"sha256:" + hashlib.sha256(key).digest()
                 seen = txn.get(key, db=self.db["batches"])
                 if seen is not None and now - int.from_bytes(seen[16:24], "little") < BATCH_WINDOW_S:
                     if seen[:16] == digest:

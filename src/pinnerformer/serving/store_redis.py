@@ -63,10 +63,23 @@ return {redis.call('GET', ARGV[1] .. ':layout:' .. v), redis.call('HGET', ARGV[1
 """
 
 
+def redacted(url: str) -> str:
+    """The URL without its password (it goes into messages, logs and answers)."""
+    scheme, sep, rest = url.partition("://")
+    auth, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = auth.split(":", 1)[0]
+    return f"{scheme}{sep}{user + ':' if user else ''}***@{host}"
+
+
 class RedisStore(OnlineStore):
     def __init__(self, url: str, realtime_cap: int = REALTIME_CAP, namespace: str = "pf"):
-        self.url, self.realtime_cap, self.ns = url, realtime_cap, namespace
-        self.r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+        self.url, self.realtime_cap, self.ns = redacted(url), realtime_cap, namespace  # never the password
+        try:
+            self.r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+        except ValueError as e:
+            raise PinnerformerError(f"store {self.url}: not a Redis URL ({e}); expected redis://HOST:PORT/DB") from None
         self._append = self.r.register_script(APPEND)
         self._daily = self.r.register_script(DAILY)
 
@@ -93,6 +106,12 @@ class RedisStore(OnlineStore):
             raise BatchConflict(f"batch_id {batch_id!r} of client {client!r} was applied with other events (ids are "
                                 "kept for 7 days): give this batch an id of its own")
         return n
+
+    def check_log_id(self, entry_id: str) -> str:
+        ms, dash, seq = entry_id.partition("-")
+        if not (dash and ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit() and len(entry_id) <= 41):
+            raise ValueError(f"not a stream entry id: {entry_id!r}")
+        return entry_id
 
     def log_days(self) -> list[str]:
         return sorted(d.decode() for d in self._call(lambda: self.r.smembers(f"{self.ns}:logdays")))

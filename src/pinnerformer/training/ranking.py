@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,7 +20,10 @@ from pinnerformer.data.schema import DatasetRef
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation import ranking_metrics as rm
 from pinnerformer.evaluation.ranking import PerRequest, baseline_scores, score_requests, v2_spec_for
+from pinnerformer.features.point_in_time import FeatureConfig
+from pinnerformer.features.rank_features import feature_names, rank_features
 from pinnerformer.features.rank_batch import RankBatch, build_rank_batch
+from pinnerformer.models.gbdt import GbdtConfig
 from pinnerformer.models.ranker import Ranker, RankerConfig, RankerInputs
 from pinnerformer.objectives.multitask_bce import (
     MultiTaskLossConfig,
@@ -39,6 +43,9 @@ class RankDataConfig(StrictModel):
     max_val_requests: int = Field(3000, ge=1)  # a seeded sample of the validation period's requests
     k: int = Field(3, ge=1)  # HIT@k
     metric: str | None = None  # selection metric; default hit@3 of the first positive head (else its grouped AUC)
+    # "train": the feature period's requests train the ranker too, without their PinnerFormer vector (its model
+    # learned them); "skip": only the requests after the feature period train it
+    feature_period: Literal["train", "skip"] = "train"
 
 
 RANK_OPTIM = {"batch_size": 256, "lr": 1e-3, "warmup_steps": 100, "max_epochs": 20, "patience": 2}
@@ -46,10 +53,13 @@ RANK_OPTIM = {"batch_size": 256, "lr": 1e-3, "warmup_steps": 100, "max_epochs": 
 
 class RankTrainConfig(LoopConfig):
     preset: str = "default"
+    learner: Literal["neural", "gbdt"] = "neural"  # gbdt: LightGBM on the point-in-time features (models/gbdt.py)
     optim: OptimConfig = OptimConfig(**RANK_OPTIM)
     data: RankDataConfig = RankDataConfig()
     model: RankerConfig = RankerConfig()
     loss: MultiTaskLossConfig = MultiTaskLossConfig()
+    features: FeatureConfig = FeatureConfig()  # the point-in-time features (both learners)
+    gbdt: GbdtConfig = GbdtConfig()
 
 
 RANK_PRESETS: dict[str, dict] = {
@@ -74,13 +84,20 @@ def load_rank_config(preset: str = "default", config_file: Path | None = None,
 
 
 def ranker_for(rd: RankData, cfg: RankerConfig, n_actions: int, n_surfaces: int,
-               positive_actions: tuple[int, ...] = ()) -> Ranker:
+               positive_actions: tuple[int, ...] = (), features: FeatureConfig | None = None) -> Ranker:
+    """The ranker for this ranking data; with `cfg.features`, reading the point-in-time features `features` defines
+    (`model.feature_config`; their scale is set by training, or loaded with the checkpoint)."""
+    features = features or FeatureConfig()
+    names = tuple(feature_names(rd, features)) if cfg.features else ()
     inputs = RankerInputs(n_items=len(rd.pf_item_vectors), n_actions=n_actions, n_surfaces=n_surfaces,
                           vector_dim=int(rd.item_vectors.shape[1]), pf_dim=int(rd.pf_item_vectors.shape[1]),
-                          heads=tuple(rd.manifest.head_names), positive_actions=tuple(positive_actions))
-    return Ranker(cfg, inputs, torch.from_numpy(np.array(rd.item_vectors)),
-                  torch.from_numpy(np.array(rd.pf_item_vectors)),
-                  int8=stored_int8_table(rd) if cfg.sequence == "transact-v2" else None)
+                          heads=tuple(rd.manifest.head_names), positive_actions=tuple(positive_actions),
+                          feature_names=names)
+    model = Ranker(cfg, inputs, torch.from_numpy(np.array(rd.item_vectors)),
+                   torch.from_numpy(np.array(rd.pf_item_vectors)),
+                   int8=stored_int8_table(rd) if cfg.sequence == "transact-v2" else None)
+    model.feature_config = features
+    return model
 
 
 def stored_int8_table(rd: RankData) -> Int8Vectors:
@@ -91,6 +108,12 @@ def stored_int8_table(rd: RankData) -> Int8Vectors:
                                 "TransAct V2): run `pinnerformer rank prepare` again")
     return open_int8(rd.path / info.file, info.shape, info.scale, info.zero, info.lo, info.hi, info.sha256,
                      where=f"{rd.path / 'manifest.json'} int8_table")
+
+
+def training_requests(rd: RankData, cfg: RankDataConfig) -> np.ndarray:
+    """The requests the ranker learns from: the training period's, and the feature period's unless skipped."""
+    extra = rd.requests_in("feature") if cfg.feature_period == "train" else np.zeros(0, np.int64)
+    return np.sort(np.concatenate([rd.requests_in("train"), extra]))
 
 
 def selection_metric(rd: RankData, cfg: RankDataConfig) -> str:
@@ -117,7 +140,7 @@ class RankingTask:
         self.ds = rd.dataset()
         self.tl = self.ds.timelines
         self.dataset_fingerprint = rd.manifest.fingerprint
-        train_req = rd.requests_in("train")
+        train_req = training_requests(rd, cfg.data)
         self.rows = np.flatnonzero(np.isin(rd.cand_request, train_req))
         self.row_weight = np.ones(len(rd.cand_item), np.float32)
         self.row_weight[self.rows] = user_row_weights(cfg.loss.user_weight,
@@ -139,7 +162,11 @@ class RankingTask:
             raise PinnerformerError(f"{rd.path}: no validation request: cannot select a model")
         m = self.ds.manifest
         torch.manual_seed(cfg.seed)
-        self.model = ranker_for(rd, cfg.model, len(m.actions), len(m.surfaces), tuple(m.positive_codes))
+        self.model = ranker_for(rd, cfg.model, len(m.actions), len(m.surfaces), tuple(m.positive_codes),
+                                cfg.features)
+        self.features = rank_features(rd, cfg.features).values if cfg.model.features else None
+        if self.features is not None:
+            self.model.set_feature_scale(self.features[self.rows])
         nal = cfg.loss.next_action
         self.model.collect_next_action = cfg.model.sequence == "transact-v2" and nal.weight > 0
         self.weight_matrix = label_weight_matrix(cfg.loss, rd.manifest.head_names)
@@ -173,7 +200,7 @@ class RankingTask:
             rows = rows[self.dist.share(len(rows))]
         requests = np.unique(self.rd.cand_request[rows])
         batch = build_rank_batch(self.rd, self.tl, requests, self.seq_len, rows=rows, row_weight=self.row_weight,
-                                 v2=self.v2_spec)
+                                 v2=self.v2_spec, features=self.features)
         batch.weight_total = total
         return batch
 

@@ -1,0 +1,64 @@
+"""User counters at time t: the user's events per action type (all time) and in total over each window, their
+smoothed rate of each head, the time since their last event and the number of UTC days they were active."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pinnerformer.data.clock import DAY
+from pinnerformer.features.point_in_time import (
+    EventLog, FeatureConfig, GroupedTimes, Queries, before, log_hours, smoothed, window_names, window_start,
+)
+
+
+def _times(log: EventLog) -> tuple[GroupedTimes, GroupedTimes, GroupedTimes]:
+    if "user_counts" not in log.cache:
+        A = len(log.action_names)
+        day = log.ts // DAY
+        first_of_day = np.unique(np.stack([log.user, day], 1), axis=0)  # one (user, day) per active day
+        log.cache["user_counts"] = (GroupedTimes(log.user * A + log.action, log.ts), GroupedTimes(log.user, log.ts),
+                                    GroupedTimes(first_of_day[:, 0], first_of_day[:, 1] * DAY))
+    return log.cache["user_counts"]
+
+
+def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarray]:
+    by_action, by_user, days = _times(log)
+    A, out = len(log.action_names), {}
+    everything = window_start(q.t, None)
+    per_action = [by_action.count(q.user * A + a, everything, q.t) for a in range(A)]
+    for a, aname in enumerate(log.action_names):
+        out[f"user.{aname}.all"] = np.log1p(per_action[a])
+    for wname, d in window_names(cfg):
+        out[f"user.events.{wname}"] = np.log1p(by_user.count(q.user, window_start(q.t, d), q.t))
+    total = np.sum(per_action, 0)
+    prior = log.global_rates(q.t)
+    for h, (hname, codes) in enumerate(log.heads):
+        hits = sum(per_action[int(a)] for a in codes) if len(codes) else 0
+        out[f"user.rate.{hname}"] = smoothed(hits, total, prior[:, h], cfg.prior_weight)
+    out["user.recency_h"] = log_hours(q.t - by_user.last_before(q.user, q.t))
+    # days before t's day with an event, and t's own day if it already has one before t
+    earlier_days = days.count(q.user, everything, (q.t // DAY) * DAY)
+    today = by_user.count(q.user, window_start(q.t, 1), q.t) > 0
+    out["user.active_days"] = np.log1p(earlier_days + today)
+    return out
+
+
+def reference(log: EventLog, q: Queries, i: int, cfg: FeatureConfig) -> dict[str, float]:
+    t, u = int(q.t[i]), int(q.user[i])
+    mine = before(log, t) & (log.user == u)
+    out = {}
+    for a, aname in enumerate(log.action_names):
+        out[f"user.{aname}.all"] = np.log1p(int((mine & (log.action == a)).sum()))
+    for wname, d in window_names(cfg):
+        inside = mine & (log.ts >= (t // DAY - d + 1) * DAY) if d else mine
+        out[f"user.events.{wname}"] = np.log1p(int(inside.sum()))
+    everything = before(log, t)
+    for hname, codes in log.heads:
+        g = everything.sum()
+        prior = (np.isin(log.action, codes) & everything).sum() / g if g else 0.5
+        out[f"user.rate.{hname}"] = float(smoothed((mine & np.isin(log.action, codes)).sum(), mine.sum(), prior,
+                                                   cfg.prior_weight))
+    ts = log.ts[mine]
+    out["user.recency_h"] = float(log_hours(np.array([t - ts.max() if len(ts) else np.nan]))[0])
+    out["user.active_days"] = np.log1p(len(set((ts // DAY).tolist())))
+    return out
