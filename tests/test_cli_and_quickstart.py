@@ -1,5 +1,6 @@
 """CLI surface: --help everywhere, stats numbers, quickstart end to end (text embedding off: fast)."""
 
+import os
 import json
 
 import pytest
@@ -79,3 +80,17 @@ def test_a_second_quickstart_keeps_the_first_and_outputs_are_never_overwritten_s
         assert cli("evaluate", "-r", run, "-d", ds, "--protocol", "leave-one-out").exit_code == 0
     archived = list((run / "eval" / "archive").iterdir())
     assert len(archived) == 2 and {p.suffix for p in archived} == {".json", ".md"}
+
+
+def test_threads_sets_the_compute_threads_and_refuses_zero(planted, cli, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))  # put back after the test
+    before = torch.get_num_threads()
+    try:
+        r = cli("--threads", "1", "data", "stats", planted, "--json")
+        assert r.exit_code == 0 and torch.get_num_threads() == 1, r.output
+    finally:
+        torch.set_num_threads(before)
+    r = cli("--threads", "0", "data", "stats", planted)
+    assert r.exit_code == 2 and "--threads" in r.output

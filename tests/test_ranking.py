@@ -183,6 +183,14 @@ def test_rank_cli_train_evaluate_score_and_bad_input(planted_rank, cli, tmp_path
             ",".join(map(str, items)))
     assert r.exit_code == 0, r.output
     assert "save" in r.stdout and "utility" in r.stdout
+    many = ds.items["item_id"].to_list()[:12]  # more than a table's default 10 rows: every candidate is printed
+    r = cli("rank", "score", "--run", tmp_path / "run", "--user", uid, "--time", t, "--items", ",".join(map(str, many)))
+    assert r.exit_code == 0 and "…" not in r.stdout and all(f" {i} " in r.stdout for i in many[:12]), r.stdout
+    r = cli("rank", "score", "--run", tmp_path / "run", "--user", uid, "--time", t, "--items", ",".join(map(str, many)),
+            "--json")
+    scored = json.loads(r.stdout)
+    assert [x["item_id"] for x in scored] != [] and sorted(x["item_id"] for x in scored) == sorted(map(str, many))
+    assert [x["utility"] for x in scored] == sorted((x["utility"] for x in scored), reverse=True)
     # bad input: each a message, exit code 2, no traceback
     bad = [
         (("rank", "score", "--run", tmp_path / "run", "--user", uid, "--time", t, "--items", ""),

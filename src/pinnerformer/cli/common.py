@@ -73,7 +73,22 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _set_threads(n: int | None) -> None:
+    """CPU threads for torch, LightGBM and FAISS (OpenMP) in this process and the processes it starts."""
+    if n is None:
+        return
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+
+
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                      help="Print the version and exit.")):
+                                      help="Print the version and exit."),
+         threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads to compute with (torch, "
+                                            "LightGBM, FAISS; default: every core).")):
     """Learn user representations from sequences of user actions, and rank with them."""
+    _set_threads(threads)

@@ -216,13 +216,22 @@ def score(
                                             "data's PinnerFormer (default: computed as of the request's day)."),
     surface: Optional[str] = typer.Option(None, help="The request's surface, where the data records surfaces "
                                           "(default: not recorded)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the scored candidates as JSON (one object each)."),
 ):
-    """Score one request: per-head probabilities and the served order, with titles."""
+    """Score one request: per-head probabilities and the served order, with titles (every candidate, whole)."""
 
     def body():
+        import json
+
+        import polars as pl
+
         from pinnerformer.ranking.score import score_request
 
         table = score_request(run, user, time, parse_list(items) or [], snapshot, surface)
-        print(table)
+        if as_json:
+            print(json.dumps(table.to_dicts(), indent=2))
+            return
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=200, tbl_width_chars=250):
+            print(table)
 
     run_guarded(body)
