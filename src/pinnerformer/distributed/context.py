@@ -1,4 +1,4 @@
-"""Training on several processes with torchrun (SPEC §7, "Distributed training"): gloo on CPU, NCCL on GPU.
+"""Training on several processes with torchrun: gloo on CPU, NCCL on GPU.
 
 Every rank holds the whole model and builds the same global batch plan from (seed, epoch, step); it encodes its own
 contiguous share of the batch's examples. What the loss needs from the whole batch is either the same on every

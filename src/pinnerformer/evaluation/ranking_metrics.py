@@ -2,7 +2,7 @@
 
 Candidates of all requests lie in flat arrays; request r owns positions starts[r] : starts[r + 1].
 
-HIT@k of head h (the TransAct papers' metric, SPEC §5): in each request with at least one candidate engaged with
+HIT@k of head h (the TransAct papers' metric; Xia et al., KDD 2023, arXiv:2306.00248): in each request with at least one candidate engaged with
 h, the candidates are shuffled (fixed seed) and ordered by a score; the number of h-engaged candidates in the top
 k, averaged over those requests. A positive head (save, click) ranks by its own score: higher is better. A negative
 head (hide) is read on the order the ranker would serve, the utility (the positive heads' probabilities minus the

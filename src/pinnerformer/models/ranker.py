@@ -1,4 +1,4 @@
-"""The end-to-end ranker (TransAct paper, Fig. 1; SPEC §5): pointwise, one logit per head (save, like, hide, ...).
+"""The end-to-end ranker (TransAct paper, Xia et al., KDD 2023, arXiv:2306.00248, Fig. 1): pointwise, one logit per head (save, like, hide, ...).
 
 Input of one candidate row, concatenated into x0:
     candidate      its frozen item vector projected to `item_dim` (content vector or PinnerFormer item vector),

@@ -1,4 +1,5 @@
-"""TransAct V2 (Xia et al., 2025; SPEC §6): a user's lifelong action sequence, cut per candidate to the tokens
+"""TransAct V2 ("TransAct V2: Lifelong User Action Sequence Modeling on Pinterest
+Recommendation", Xia et al., 2025): a user's lifelong action sequence, cut per candidate to the tokens
 nearest to it, encoded with the candidate.
 
 Three sequences per request (all strictly before it, oldest first):

@@ -1,4 +1,4 @@
-"""The ranker's loss: weighted multi-label binary cross-entropy over heads (TransAct paper, §3.4; SPEC §5).
+"""The ranker's loss: weighted multi-label binary cross-entropy over heads (TransAct paper, Xia et al., KDD 2023, arXiv:2306.00248, §3.4).
 
     L = Σ_rows w_u · Σ_h w_h · BCE(logit_h, y_h)  /  Σ_rows w_u
 

@@ -1,4 +1,4 @@
-"""TransAct V2's next-action loss (SPEC §6): an auxiliary sampled softmax in which each realtime position of the
+"""TransAct V2's next-action loss (Xia et al. 2025): an auxiliary sampled softmax in which each realtime position of the
 encoded sequence predicts the item of the next positive action, against negatives that are the user's impressions
 (items shown and not engaged with: the default, better than in-batch in the paper) or the other positions' targets
 in the batch (`in-batch`). Added to the ranker's loss with weight 0.01 by default.

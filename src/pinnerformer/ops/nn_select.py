@@ -1,4 +1,5 @@
-"""Candidate-anchored nearest-neighbour selection (TransAct V2, SPEC §6): for every candidate, the k tokens of a
+"""Candidate-anchored nearest-neighbour selection (TransAct V2: Xia et al. 2025, "TransAct V2: Lifelong User
+Action Sequence Modeling on Pinterest Recommendation"): for every candidate, the k tokens of a
 user's sequence whose item vectors have the largest dot product with the candidate's, returned in time order.
 
 A request scores many candidates against few users' sequences (usually one). The plain reference copies the

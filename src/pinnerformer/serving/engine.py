@@ -1,4 +1,5 @@
-"""What the service computes, without HTTP: events in, per-head scores and recommendations out (SPEC §7).
+"""What the service computes, without HTTP: events in, per-head scores and recommendations out (the serving
+path of the TransAct papers: realtime events are visible to the next request).
 
 A `Bundle` is one loaded set of models — the ranker (its run, ranking data and dataset), the FAISS item index — and
 is never changed once built: a hand-over builds a new one and swaps the reference, and every request takes the

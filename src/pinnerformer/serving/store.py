@@ -1,4 +1,4 @@
-"""The online store behind `pinnerformer serve` (SPEC §7): what the service reads and writes per request.
+"""The online store behind `pinnerformer serve`: what the service reads and writes per request.
 
     realtime   per user, the newest `realtime_cap` events the service ingested, in arrival order (a capped list):
                written before an ingestion is acknowledged, visible to the very next read (read-your-writes)
