@@ -85,5 +85,5 @@ def test_windows_are_utc_day_aligned_and_counts_exclude_t_itself():
     assert g.count(np.zeros(1, np.int64), np.array([day_start]), t)[0] == sum(
         day_start <= x < T0 + 5 for x in [T0 - DAY, T0 - 10, T0, T0 + 5, T0 + 10])
     assert g.last_before(np.zeros(1, np.int64), t)[0] == T0 and np.isnan(g.last_before(np.ones(1, np.int64), t)[0])
-    assert g.first_before(np.zeros(1, np.int64), np.array([T0 - DAY]))[0] != g.first_before(
-        np.zeros(1, np.int64), np.array([T0 - DAY + 1]))[0]  # NaN (not before), then T0 - DAY
+    assert np.isnan(g.first_before(np.zeros(1, np.int64), np.array([T0 - DAY]))[0])  # the first event is at t
+    assert g.first_before(np.zeros(1, np.int64), np.array([T0 - DAY + 1]))[0] == T0 - DAY

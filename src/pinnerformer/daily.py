@@ -102,8 +102,8 @@ def run_daily_from_store(run_dir: Path, dataset_dir: Path, store_url: str, snaps
         store.close()
     if export.path is None:
         return None
-    m = Dataset.open(dataset_dir).manifest
     ds = Dataset.open(dataset_dir)
+    m = ds.manifest
     id_type = "int" if ds.users["user_id"].dtype.is_integer() and ds.items["item_id"].dtype.is_integer() else "str"
     raw = read_source("events", export.path, events_options(m.action_names(), [a.name for a in m.actions
                                                                                if a.positive], id_type))

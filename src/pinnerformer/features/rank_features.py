@@ -4,6 +4,8 @@ own. Computed from the dataset's events once per (ranking data, feature config) 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from pinnerformer.data.requests import RankData
@@ -25,8 +27,12 @@ def rank_event_log(rd: RankData, ds=None, until: int | None = None) -> EventLog:
 
 def feature_names(rd: RankData, cfg: FeatureConfig) -> list[str]:
     """The columns `rank_features` gives, without computing any row."""
+    log = rank_event_log(rd)
     empty = np.zeros(0, np.int64)
-    return feature_table(rank_event_log(rd), Queries(empty, empty, empty, empty), cfg).names
+    # the same metadata without events: the families' sorted indexes are not built just to learn the names
+    bare = replace(log, user=empty, item=empty, action=empty, ts=empty,
+                   value=None if log.value is None else np.zeros(0), cache={})
+    return feature_table(bare, Queries(empty, empty, empty, empty), cfg).names
 
 
 def rank_features(rd: RankData, cfg: FeatureConfig) -> FeatureTable:
