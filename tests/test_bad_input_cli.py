@@ -168,6 +168,39 @@ def test_a_validation_period_of_two_requests_is_refused_by_prepare(cli, tmp_path
     assert "at least 10 requests" in " ".join(cli("rank", "prepare", "--help").stdout.split())
 
 
+def test_a_split_by_dates_that_cannot_be_used_is_refused_naming_split(cli, tmp_path):
+    """--split TRAIN_LAST,VALIDATION_LAST: a day that is no day, days out of order, a day outside the requests'
+    span (2020-09-14 .. 2020-09-19 here), or a period left empty: refused before any model is trained, naming
+    --split (and the span); --min-candidates below 2, or above --max-candidates, likewise."""
+    prepare_events(planted_events(tmp_path / "log.csv", n_users=20, days=6), tmp_path / "ds")
+
+    def prepare(*extra):
+        return cli("rank", "prepare", "--dataset", tmp_path / "ds", "--output", tmp_path / "r", "--heads", "save=save",
+                   "--pf-max-steps", "1", *extra)
+
+    cases = [
+        ("2020-09-1x,2020-09-17", ["--split '2020-09-1x,2020-09-17': '2020-09-1x' is not a day (expected YYYY-MM-DD)"]),
+        ("2020-02-30,2020-09-17", ["'2020-02-30' is not a day"]),
+        ("0.7,0.3", ["--split '0.7,0.3': expected three fractions", "or two UTC days TRAIN_LAST,VALIDATION_LAST"]),
+        ("2020-09-16", ["--split '2020-09-16': expected three fractions"]),
+        ("2020-09-17,2020-09-15", ["--split 2020-09-17,2020-09-15: the training period's last day (2020-09-17) must "
+                                   "come before the validation period's last day (2020-09-15)"]),
+        ("2020-09-16,2020-09-16", ["must come before"]),
+        ("2020-09-01,2020-09-17", ["--split 2020-09-01,2020-09-17: 2020-09-01 is outside the requests' days, "
+                                   "2020-09-14 (the first request's) to 2020-09-19 (the last one's), UTC"]),
+        ("2020-09-16,2020-10-01", ["2020-10-01 is outside the requests' days, 2020-09-14"]),
+        ("2020-09-16,2020-09-19", ["--split 2020-09-16,2020-09-19: the test period would hold no request",
+                                   "test after"]),
+        ("-0.1,0.6,0.5", ["--split -0.1,0.6,0.5: expected three positive fractions"]),
+    ]
+    for split, messages in cases:
+        refused(prepare("--split", split), *messages)
+        assert not (tmp_path / "r").exists()
+    refused(prepare("--min-candidates", "1"), "--min-candidates")
+    refused(prepare("--min-candidates", "7", "--max-candidates", "5"), "--min-candidates 7 is above --max-candidates 5")
+    assert "2001-03-23,2001-11-22" in " ".join(cli("rank", "prepare", "--help").stdout.split())
+
+
 @pytest.fixture
 def tiny_validation(ranked, tmp_path):
     """The ranking data with all but 2 validation requests moved to training, and those 2 without a save: no

@@ -2,7 +2,9 @@
 candidates are the ones that resemble the user's actions of the last two hours, and nothing else tells them
 apart): exact request counts and split, no leakage (the request's own actions and the request's day cannot reach
 its features), TransAct beating the ranker without sequence features by a wide margin in HIT@3, the CLI
-(`rank prepare | train | evaluate | score`) and its messages on bad input."""
+(`rank prepare | train | evaluate | score`) and its messages on bad input; and `rank prepare`'s options on requests of
+every size from 1 to 10 (`sized`): a split by dates, training requests thinned and validation and test ones whole,
+--min-candidates, and `--item-vectors auto` passing over a PinnerFormer that learned nothing."""
 
 import json
 
@@ -376,3 +378,167 @@ def test_the_int8_item_table_is_stored_checked_and_its_faults_named(planted_rank
                 "--max-steps", "1", "--no-progress")
         assert r.exit_code == 2 and message in r.stderr, (d.name, r.output)
         assert "Traceback" not in r.output
+
+
+# ---- the time split by dates, thinning of training requests only, --min-candidates, item vectors of `auto` --------
+
+SIZED_DAY0 = 1_600_041_600  # 2020-09-14, a UTC midnight
+
+
+@pytest.fixture(scope="module")
+def sized(tmp_path_factory):
+    """10 days of one day-request per user (80 users) of 1 + (user + day) % 10 distinct items, the first saved, the
+    others viewed (so every size from 1 to 10 in every period); items in 5 categories. Returns (dir, log)."""
+    from tests.conftest import run_cli
+
+    d = tmp_path_factory.mktemp("sized")
+    rows = []
+    for day in range(10):
+        for u in range(80):
+            t = SIZED_DAY0 + day * DAY + 3600 * (1 + u % 12)
+            rows += [(u, (7 * u + 3 * day + k) % 50, "view" if k else "save", t + 60 * k)
+                     for k in range(1 + (u + day) % 10)]
+    log = pl.DataFrame(rows, schema=["user", "item", "action", "timestamp"], orient="row")
+    log.write_csv(d / "log.csv")
+    pl.DataFrame({"item": range(50), "interests": [f"g{i % 5}" for i in range(50)]}).write_csv(d / "items.csv")
+    r = run_cli("data", "prepare", "-f", "events", "-i", d / "log.csv", "-o", d / "ds", "--action-col", "action",
+                "--positive", "view,save", "--items", d / "items.csv", "--items-interests-col", "interests")
+    assert r.exit_code == 0, r.output
+    return d, log
+
+
+def _requests_of(log: pl.DataFrame) -> pl.DataFrame:
+    """The day requests counted straight from the log: (user, day) -> first time, distinct items."""
+    return log.group_by("user", pl.col("timestamp") // DAY).agg(pl.col("timestamp").min().alias("t"),
+                                                                 pl.col("item").n_unique().cast(pl.Int64).alias("n"))
+
+
+def test_a_date_split_gives_exactly_those_days_periods_and_only_training_requests_are_thinned(sized):
+    import datetime as dt
+
+    from pinnerformer.data.clock import day_end_ts
+
+    d, log = sized
+    ds = Dataset.open(d / "ds")
+    dates = (dt.date(2020, 9, 19), dt.date(2020, 9, 21))
+    opts = RequestOptions(heads=parse_heads("save=save", ds.manifest.action_names()), split_dates=dates,
+                          min_candidates=3, max_candidates=5)
+    assert opts.split is None and opts.split_text == "2020-09-19,2020-09-21"
+    tables = build_requests(ds, opts, log=lambda s: None)
+    # the cut-offs: the UTC midnights ending 2020-09-19 and 2020-09-21; periods counted from the log's own times
+    assert (tables.train_end, tables.val_end) == (day_end_ts(dates[0]), day_end_ts(dates[1]))
+    direct = _requests_of(log).filter(pl.col("n") >= 3)
+    t = direct["t"].to_numpy()
+    split = tables.requests["split"].to_numpy()
+    assert ((split == 0) | (split == 3)).sum() == (t < tables.train_end).sum() == 6 * 64
+    assert (split == 1).sum() == ((t >= tables.train_end) & (t < tables.val_end)).sum() == 2 * 64
+    assert (split == 2).sum() == (t >= tables.val_end).sum() == 2 * 64
+    # the feature period: the first half of the training days
+    assert (split == 3).sum() == (t < tables.feature_end).sum() == 3 * 64
+    # feature and training requests over 5 candidates keep 5; validation and test requests keep every candidate
+    sizes = tables.candidates.group_by("request").len().sort("request")["len"].to_numpy()
+    got = tables.requests.select("user", (pl.col("t") // DAY).alias("timestamp"), "split").with_columns(size=sizes)
+    both = got.join(direct.with_columns(pl.col("timestamp")), on=["user", "timestamp"])
+    assert both.height == len(direct)
+    training = both["split"].is_in([0, 3])
+    assert (both.filter(training)["size"] == both.filter(training)["n"].clip(upper_bound=5)).all()
+    assert (both.filter(~training)["size"] == both.filter(~training)["n"]).all()
+    assert both.filter(~training)["size"].max() == 10
+    beyond = int((both.filter(training)["n"] - 5).clip(lower_bound=0).sum())
+    assert tables.skipped == {"requests_with_fewer_than_3_candidates": 2 * 8 * 10,
+                              "candidates_beyond_5_per_request": beyond} and beyond == 6 * 8 * (1 + 2 + 3 + 4 + 5)
+
+
+def test_min_candidates_skips_exactly_the_smaller_requests(sized):
+    d, log = sized
+    ds = Dataset.open(d / "ds")
+    heads = parse_heads("save=save", ds.manifest.action_names())
+    for m in (2, 4, 7):
+        tables = build_requests(ds, RequestOptions(heads=heads, min_candidates=m, max_candidates=10),
+                                log=lambda s: None)
+        n = _requests_of(log)["n"]
+        assert tables.skipped == {f"requests_with_fewer_than_{m}_candidates": int((n < m).sum())}
+        assert tables.requests.height == int((n >= m).sum())
+    assert RequestOptions(heads=heads).split == (0.7, 0.15, 0.15)  # the default split is unchanged
+
+
+def test_the_feature_pinnerformers_weakness_is_judged_from_its_validation_summary():
+    from pinnerformer.ranking.prepare import pinnerformer_weakness
+    from pinnerformer.training.run_files import TrainSummary
+
+    def summary(best, popularity):
+        return TrainSummary(stopped_by="max_steps", best_epoch=0, metric="recall@10", best=best,
+                            popularity=popularity, steps=5, wall_s=1.0)
+
+    assert pinnerformer_weakness(summary(0.2, 0.1)) is None
+    assert pinnerformer_weakness(summary(0.2, None)) is None
+    assert pinnerformer_weakness(summary(0.0, None)) == "its validation recall@10 is 0.0000"
+    assert pinnerformer_weakness(summary(0.1, 0.1)) == ("its validation recall@10 0.1000 is not above the popularity "
+                                                        "baseline's 0.1000")
+    assert "never defined" in pinnerformer_weakness(summary(None, 0.1))
+    assert "no training summary" in pinnerformer_weakness(None)
+
+
+def test_auto_item_vectors_pass_over_a_weak_pinnerformer_only_for_categories():
+    from types import SimpleNamespace
+
+    from pinnerformer.ranking.prepare import frozen_item_vectors, interest_vectors
+
+    def data(interests, content=None):
+        return SimpleNamespace(path="DS", content_vectors=lambda: content,
+                               items=pl.DataFrame({"interests": interests}, schema={"interests": pl.List(pl.String)}))
+
+    pf, weak, logged = np.ones((3, 4), np.float32), "its validation recall@10 is 0.0000", []
+    v, rec = frozen_item_vectors(data([["a"], [], ["b"]]), "auto", pf, weak, log=logged.append)
+    assert np.array_equal(v, interest_vectors([["a"], [], ["b"]])) and rec["source"] == "interests"
+    assert rec["why"].endswith(f"{weak}: --item-vectors auto fell back to interests") and logged[-1].startswith("warn")
+    v, rec = frozen_item_vectors(data([[], [], []]), "auto", pf, weak, log=logged.append)  # nothing to fall back to
+    assert v is pf and rec["source"] == "pinnerformer" and "no item has an interest" in rec["warning"]
+    v, rec = frozen_item_vectors(data([["a"], [], ["b"]]), "pinnerformer", pf, weak, log=logged.append)
+    assert v is pf and rec["warning"].endswith(weak) and len(logged) == 3
+    content = np.zeros((3, 8), np.float32)
+    for kind, weakness, source in [("auto", weak, "content"), ("auto", None, "pinnerformer"),
+                                   ("interests", weak, "interests")]:
+        v, rec = frozen_item_vectors(data([["a"], [], ["b"]], content if source == "content" else None), kind, pf,
+                                     weakness, log=logged.append)
+        assert rec == {"source": source, "dim": v.shape[1], "requested": kind} and len(logged) == 3
+
+
+def test_rank_prepare_by_dates_falls_back_from_a_useless_pinnerformer_to_interests(sized, cli, tmp_path,
+                                                                                    monkeypatch):
+    """`--item-vectors auto` on data without content vectors, behind a PinnerFormer whose validation recall is 0:
+    interests, a warning, and the choice and its reason in the manifest; `--item-vectors pinnerformer` keeps that
+    model's vectors, with the warning. Also: --split dates, --min-candidates and --max-candidates on the CLI."""
+    from pinnerformer.ranking.evaluate import protocol_text
+    from pinnerformer.runs import RunDir
+    from pinnerformer.training.run_files import TrainSummary
+
+    d, log = sized
+    useless = TrainSummary(stopped_by="max_steps", best_epoch=0, metric="recall@10", best=0.0, popularity=0.05,
+                           steps=2, wall_s=1.0)
+    monkeypatch.setattr(RunDir, "summary", lambda self: useless)
+    args = ("rank", "prepare", "--dataset", d / "ds", "--heads", "save=save", "--split", "2020-09-19,2020-09-21",
+            "--min-candidates", "3", "--max-candidates", "5")
+    r = cli(*args, "--output", tmp_path / "auto", "--pf-max-steps", "2")
+    assert r.exit_code == 0, r.output
+    assert "warning: the feature PinnerFormer learned too little" in r.stderr and "fell back to interests" in r.stderr
+    rd = RankData(tmp_path / "auto")
+    m = rd.manifest
+    assert m.item_vectors["source"] == "interests" and m.item_vectors["requested"] == "auto"
+    assert "its validation recall@10 is 0.0000" in m.item_vectors["why"] and any("fell back" in n for n in m.notes)
+    assert len(np.unique(np.asarray(rd.item_vectors), axis=0)) == 5  # one vector per category
+    assert m.pinnerformer["validation"] == {"metric": "recall@10", "best": 0.0, "popularity": 0.05}
+    assert m.options.split is None and [str(x) for x in m.options.split_dates] == ["2020-09-19", "2020-09-21"]
+    assert m.skipped["requests_with_fewer_than_3_candidates"] == 160 and m.thinned_periods == ["feature", "train"]
+    assert (m.splits["validation"].requests, m.splits["test"].requests) == (128, 128)
+    assert np.diff(rd.cand_start)[rd.requests_in("test")].max() == 10
+    protocol = protocol_text(rd, 3)
+    assert "(--split 2020-09-19,2020-09-21)" in protocol and "validation and test ones whole" in protocol
+    assert "train < 2020-09-20 <= validation < 2020-09-22 <= test" in protocol
+    # asked for by name: PinnerFormer's vectors, with the warning (the same run, not trained again)
+    r = cli(*args, "--output", tmp_path / "pf", "--item-vectors", "pinnerformer", "--pinnerformer",
+            tmp_path / "auto" / "pinnerformer")
+    assert r.exit_code == 0, r.output
+    assert "warning: the feature PinnerFormer learned too little" in r.stderr
+    m = RankData(tmp_path / "pf").manifest
+    assert m.item_vectors["source"] == "pinnerformer" and "recall@10 is 0.0000" in m.item_vectors["warning"]

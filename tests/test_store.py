@@ -1,9 +1,10 @@
 """The online store's two backends pass the same tests: the embedded LMDB store and Redis (a real redis-server
 started by the project's own `serving.redis_server`; skipped with a reason where redis-server is not installed,
 required in CI by PINNERFORMER_REQUIRE_REDIS=1). Exact round trips, the realtime cap, idempotent batches, whole-or-
-nothing batches, day versions published atomically, and faults: a writer killed with -9 in the middle of
-ingestion loses no acknowledged event and half-applies no batch; Redis killed and restarted keeps every
-acknowledged event (append-only file, fsync always), and the store recovers without being reopened."""
+nothing batches, day versions published atomically, the feature counters (exact, each event once), and faults: a
+writer killed with -9 in the middle of ingestion loses no acknowledged event and half-applies no batch (nor its
+counters); Redis killed and restarted keeps every acknowledged event (append-only file, fsync always), and the
+store recovers without being reopened."""
 
 import os
 import subprocess
@@ -128,6 +129,61 @@ def test_the_event_log_keeps_every_acknowledged_batch_beyond_the_cap_by_day_in_o
         s.append({"u1": ev([4])}, log={"yesterday": b"x"})
 
 
+def test_the_counters_hold_each_distinct_event_once_by_day_and_count_exactly_before_any_second(make_store):
+    """Per user and item every distinct event, day by day in arrival order; the global counts before t from the
+    day, hour, minute and second buckets equal a plain count at any t (midnights, events' seconds, between, a year
+    on); a retried batch, a duplicate event and a failing batch count nothing; days before `since` are not read and
+    prune drops them."""
+    s = make_store(cap=2)
+    day0 = 1_764_892_800  # 2025-12-05, a UTC midnight
+    rng = np.random.default_rng(0)
+    sent = []  # (user, item, action, ts) of every distinct event, in arrival order
+    for b in range(12):
+        batch = {}
+        for u in ("u1", "u2", "u3")[: 1 + b % 3]:
+            ts = day0 - 3600 + rng.integers(0, 3 * 86400, 6)  # the day before, the day of `since`, two more
+            ts[0], ts[2] = ts[1], day0 - 1 - b  # two events at the same second; one on the day before `since`
+            item, action = rng.integers(0, 9, 6), rng.integers(0, 3, 6)
+            item[5], action[5], ts[5] = item[4], action[4], ts[4]  # an exact duplicate within the batch
+            batch[u] = events(item, action, ts)
+            sent += [(u, int(i), int(a), int(t)) for i, a, t in zip(item, action, ts)]
+        assert s.append(batch, batch_id=f"b{b}") > 0
+        if b == 4:
+            assert s.append(batch, batch_id=f"b{b}") == 0  # a retry: counted once
+            s.append({"u1": batch["u1"][:2]})  # the same events again, another batch: in the list, not counted
+    with pytest.raises((ValueError, TypeError)):
+        s.append({"u1": ev([4], t0=day0), "u2": np.array(["not an event"])})
+    distinct = list(dict.fromkeys(sent))
+    assert len(distinct) <= len(sent) - 12
+    since = day0
+    times = [day0, day0 + 1, day0 + 86399, day0 + 86400, day0 + 90061, day0 + 2 * 86400 + 5, day0 + 400 * 86400] + [
+        t for _, _, _, t in distinct[:10] if t >= day0]
+    got = s.counters(since, ["u1", "u2", "nobody"], [0, 3, 8], times, 3)
+
+    def mine(keep):  # day by day, in arrival order within a day
+        return sorted([(i, a, t) for u, i, a, t in distinct if keep(u, i) and since <= t < max(times)],
+                      key=lambda e: e[2] // 86400)
+
+    for u in ("u1", "u2"):
+        r = got.users[u]
+        assert [tuple(map(int, x)) for x in zip(r["item"], r["action"], r["ts"]) if x[2] < max(times)] == mine(
+            lambda uu, _: uu == u)
+    assert len(got.users["nobody"]) == 0 and got.users["nobody"].dtype == EVENT
+    assert set(got.items["item"].tolist()) <= {0, 3, 8}
+    for i in (0, 3, 8):
+        r = got.items[got.items["item"] == i]
+        assert sorted((int(a), int(t)) for a, t in zip(r["action"], r["ts"]) if t < max(times)) == sorted(
+            (a, t) for _, a, t in mine(lambda _, ii: ii == i))
+    want = np.array([[sum(1 for _, _, a, ts in distinct if since <= ts < t and a == k) for k in range(3)]
+                     for t in times])
+    np.testing.assert_array_equal(got.before, want)
+    assert got.before[-1].sum() > 0
+    assert s.prune_counters(day0 + 86400) == ["2025-12-04", "2025-12-05"]
+    later = s.counters(day0 + 86400, ["u1"], [3], times[-1:], 3)
+    assert later.before[0].sum() == sum(1 for _, _, _, ts in distinct if day0 + 86400 <= ts < times[-1])
+    assert s.counters(since, ["u1"], [], [day0 + 86400], 3).before.sum() == 0  # the pruned day is gone
+
+
 def test_the_store_survives_being_reopened(make_store):
     s = make_store(cap=50)
     s.append({"u1": ev([1, 2, 3])}, batch_id="x")
@@ -185,6 +241,10 @@ def test_a_writer_killed_mid_ingestion_loses_no_acknowledged_event_and_half_appl
     assert s.event_count() == 6 * len(applied) and len(applied) - len(acked) <= 1  # at most the one in flight
     logged = [int(e) for _, e in s.read_log("2026-12-01")]
     assert sorted(logged) == sorted(applied)  # the event log holds exactly the applied batches, each once
+    counted = s.counters(0, ["u0", "u1", "u2"], [], [max(applied) + 1], 3)  # the counters too, whole batches
+    for u, r in zip(("u0", "u1", "u2"), per_user):
+        assert counted.users[u].tobytes() == r.tobytes()
+    assert counted.before[0].tolist() == [0, 3 * len(applied), 3 * len(applied)]
 
 
 def test_redis_killed_keeps_acknowledged_events_and_the_store_recovers_without_reopening(redis_server, tmp_path):

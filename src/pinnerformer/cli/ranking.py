@@ -24,19 +24,27 @@ def prepare(
                                         "a negative head (default per format, e.g. MovieLens 'save=love; "
                                         "like=love,like; hide=-dislike')."),
     split: str = typer.Option("0.7,0.15,0.15", help="Fractions of the requests for train, validation, test "
-                              "(cut at UTC midnights, in time order). Validation and test must each hold at least "
-                              "10 requests, and validation a request engaged with on every head (else refused)."),
+                              "(cut at UTC midnights, in time order), or the last UTC day of train and of "
+                              "validation: 2001-03-23,2001-11-22 is train through 2001-03-23, validation through "
+                              "2001-11-22, test after (both days within the requests' span). Validation and test "
+                              "must each hold at least 10 requests, and validation a request engaged with on every "
+                              "head (else refused)."),
     feature_share: float = typer.Option(0.5, help="Share of the training period whose requests only the "
                                         "PinnerFormer behind the feature learns from (0: it trains on the ranker's "
                                         "training period)."),
     session_gap_minutes: float = typer.Option(30.0, help="--request session: the inactivity gap."),
-    max_candidates: int = typer.Option(100, help="Larger requests keep a seeded sample of this many (counted)."),
+    min_candidates: int = typer.Option(2, min=2, help="Requests with fewer distinct items are skipped (counted)."),
+    max_candidates: int = typer.Option(100, min=2, help="Larger requests of the feature and training periods keep a "
+                                       "seeded sample of this many (the rest counted); validation and test requests "
+                                       "keep every candidate, as served."),
     pinnerformer: Optional[Path] = typer.Option(None, help="A PinnerFormer run trained on the training period only "
                                                 "(eval.until); default: train one into OUTPUT/pinnerformer."),
     pf_max_steps: int = typer.Option(600, min=1, help="Steps of the PinnerFormer trained for the feature."),
     item_vectors: str = typer.Option("auto", help="Frozen item vectors of sequences and candidates: content (the "
                                      "dataset's) | pinnerformer (the feature model's item vectors) | interests "
-                                     "(a fixed vector per category) | auto (content if any, else pinnerformer)."),
+                                     "(a fixed vector per category) | auto (content if any, else pinnerformer; "
+                                     "interests instead, with a warning, when the feature PinnerFormer's validation "
+                                     "recall is 0 or not above popularity's)."),
     int8_dim: int = typer.Option(64, help="Width of TransAct V2's int8 item table (wider vectors are narrowed "
                                  "by a fixed orthonormal projection)."),
     seed: int = typer.Option(0),
@@ -48,7 +56,6 @@ def prepare(
     def body():
         from pinnerformer.data import requests as rq
         from pinnerformer.data.dataset import Dataset
-        from pinnerformer.errors import PinnerformerError
         from pinnerformer.ranking.prepare import prepare_ranking
 
         ds = Dataset.open(dataset)
@@ -56,20 +63,14 @@ def prepare(
         rq.check_requestable(ds, request_kind)  # before --heads and the rest are asked for
         names = ds.manifest.action_names()
         head_list = rq.parse_heads(heads, names) if heads else rq.default_heads(ds.manifest.format, names)
-        try:
-            fractions = tuple(float(x) for x in split.split(","))
-        except ValueError:
-            fractions = ()
-        if len(fractions) != 3:
-            raise PinnerformerError(f"--split {split!r}: expected three fractions TRAIN,VALIDATION,TEST, e.g. "
-                                    "0.7,0.15,0.15")
         from pinnerformer.config import validate
+        from pinnerformer.data.request_split import parse_split
 
         opts = validate(rq.RequestOptions, {
             "request": request_kind, "heads": head_list,
-            "split": fractions, "feature_share": feature_share, "session_gap_minutes": session_gap_minutes,
-            "max_candidates": max_candidates, "item_vectors": item_vectors, "int8_dim": int8_dim,
-            "seed": seed}, "rank prepare")
+            **parse_split(split), "feature_share": feature_share, "session_gap_minutes": session_gap_minutes,
+            "min_candidates": min_candidates, "max_candidates": max_candidates, "item_vectors": item_vectors,
+            "int8_dim": int8_dim, "seed": seed}, "rank prepare")
         prepare_ranking(dataset, output, opts, pinnerformer, pf_max_steps, overwrite, log=log)
 
     run_guarded(body)

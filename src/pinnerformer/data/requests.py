@@ -12,14 +12,17 @@ first action (`seq_end`, an index into the dataset's timelines), and its PinnerF
 snapshot of the day before (computed from the actions before the request's UTC day: `snapshot_end`).
 
 Time split: requests are ordered by time and cut at UTC midnights so that roughly the given fractions of them fall
-in train / validation / test (the papers: two weeks of training, the following week for evaluation). A model is
+in train / validation / test, or after the given last days of train and validation (`data.request_split`; the
+papers: two weeks of training, the following week for evaluation). A model is
 selected on validation and measured on test: each needs at least `MIN_PERIOD_REQUESTS` requests, and validation a
 request with an engaged candidate of every head (`check_periods`), or its metrics are undefined. The first
 `feature_share` of the training period (default half) is the feature period: the PinnerFormer behind the feature is
 trained on it and the ranker is not. A PinnerFormer trained on the ranker's own training requests would score their
 engaged items from having learned them (on the Taobao sample its score's grouped AUC was 0.65 on such requests and
 0.50 on the test period), and the ranker would learn to trust a feature that is worth less at serving time; in
-production the model behind yesterday's snapshot has likewise never seen today's requests.
+production the model behind yesterday's snapshot has likewise never seen today's requests. Only requests of the
+feature and training periods larger than `max_candidates` are thinned (to a seeded sample): validation and test
+requests keep every candidate, as a served request would.
 
 The ranking data directory (written by `pinnerformer rank prepare`, read here):
 
@@ -37,6 +40,7 @@ The ranking data directory (written by `pinnerformer rank prepare`, read here):
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -47,6 +51,7 @@ import polars as pl
 from pydantic import Field, model_validator
 
 from pinnerformer.config import StrictModel
+from pinnerformer.data import request_split as rs
 from pinnerformer.data.clock import DAY, utc_day
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.data.schema import DatasetRef
@@ -57,6 +62,7 @@ RANK_MANIFEST, REQUESTS, CANDIDATES = "manifest.json", "requests.parquet", "cand
 USER_VECTORS, PF_ITEMS, ITEM_VECTORS, ITEM_INT8, PF_RUN = (
     "user_vectors.npy", "pinnerformer_items.npy", "item_vectors.npy", "item_vectors_int8.npy", "pinnerformer")
 SPLIT_NAMES = ["train", "validation", "test", "feature"]  # codes 0..3; "feature": only the PinnerFormer learns from it
+THINNED = ["feature", "train"]  # the periods whose requests are cut to max_candidates (validation and test: whole)
 
 # the papers' heads on the data we have (format -> heads text)
 DEFAULT_HEADS = {
@@ -114,19 +120,34 @@ class RequestOptions(StrictModel):
     request: Literal["day", "session", "logged"] = "day"
     session_gap_minutes: float = Field(30.0, gt=0)
     heads: list[Head]
-    split: tuple[float, float, float] = (0.7, 0.15, 0.15)  # fractions of the requests: train, validation, test
+    split: tuple[float, float, float] | None = (0.7, 0.15, 0.15)  # fractions of the requests: train, validation, test
+    split_dates: tuple[dt.date, dt.date] | None = None  # or the last UTC day of train and of validation (split: None)
     feature_share: float = Field(0.5, ge=0, lt=1)  # of the training period: the PinnerFormer's only (see above)
     min_candidates: int = Field(2, ge=2)  # a request with fewer has nothing to rank
-    max_candidates: int = Field(100, ge=2)  # larger requests keep a seeded uniform sample of this many
+    max_candidates: int = Field(100, ge=2)  # larger feature / training requests keep a seeded sample of this many
     item_vectors: Literal["auto", "content", "pinnerformer", "interests"] = "auto"  # frozen vectors: see rank prepare
     int8_dim: int = Field(64, ge=1)  # the width of TransAct V2's int8 item table
     seed: int = 0
 
     @model_validator(mode="after")
-    def _candidates_range(self) -> "RequestOptions":
+    def _consistent(self) -> "RequestOptions":
+        # (PinnerformerError, not ValueError: pydantic would name no field, the message names the options)
         if self.min_candidates > self.max_candidates:
-            raise ValueError(f"min_candidates {self.min_candidates} is above max_candidates {self.max_candidates}")
+            raise PinnerformerError(f"--min-candidates {self.min_candidates} is above --max-candidates "
+                                    f"{self.max_candidates} (min_candidates, max_candidates)")
+        if self.split_dates is None:
+            if self.split is None:
+                raise PinnerformerError("no time split: give --split fractions or dates (split, split_dates)")
+            return self
+        if self.split is not None and "split" in self.model_fields_set:
+            raise PinnerformerError("split and split_dates both given: --split takes fractions or dates, not both")
+        rs.check_date_order(self.split_dates)
+        self.split = None  # what was used, and only that, is what the manifest records
         return self
+
+    @property
+    def split_text(self) -> str:
+        return rs.split_text(self.split, self.split_dates)
 
 
 class SplitCounts(StrictModel):
@@ -165,7 +186,9 @@ class RankManifest(StrictModel):
     splits: dict[str, SplitCounts]
     skipped: dict[str, int]  # requests (or candidates) not kept, by reason
     pinnerformer: dict[str, object]  # the run behind the feature: path, checkpoint_sha256, trained_until, dim
-    item_vectors: dict[str, object]  # source ("content" | "pinnerformer"), dim
+    item_vectors: dict[str, object]  # source ("content" | "pinnerformer" | "interests"), dim, requested, why
+    # the periods whose requests were cut to options.max_candidates (all four in data prepared before this field)
+    thinned_periods: list[str] = ["feature", "train", "validation", "test"]
     int8_table: Int8TableInfo | None = None  # absent in ranking data prepared before TransAct V2
     fingerprint: str  # of the request and candidate tables
     created_at: str
@@ -193,34 +216,6 @@ class RequestTables:
     @property
     def pf_until(self) -> int:
         return self.feature_end if self.feature_end is not None else self.train_end
-
-
-def _split_bounds(t: np.ndarray, fractions: tuple[float, float, float]) -> tuple[int, int]:
-    """UTC midnights cutting the request times at about the given cumulative fractions (each split non-empty)."""
-    if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) <= 0:
-        raise PinnerformerError(f"--split {','.join(map(str, fractions))}: expected three positive fractions "
-                                "(train, validation, test) that sum to 1")
-    days = np.unique(t // DAY)
-    if len(days) < 3:
-        raise PinnerformerError(f"the requests span {len(days)} UTC day(s): a time split into train, validation "
-                                "and test needs at least 3")
-    ts = np.sort(t)
-    at = lambda q: int(np.searchsorted(days, ts[min(len(ts) - 1, int(q * len(ts)))] // DAY))  # noqa: E731
-    i0 = int(np.clip(at(fractions[0]), 1, len(days) - 2))  # train: days[:i0], validation: days[i0:i1], test: rest
-    i1 = int(np.clip(at(fractions[0] + fractions[1]), i0 + 1, len(days) - 1))
-    return int(days[i0]) * DAY, int(days[i1]) * DAY
-
-
-def _feature_bound(t_train: np.ndarray, share: float) -> int:
-    """The UTC midnight that leaves about `share` of the training requests to the feature period (both non-empty)."""
-    days = np.unique(t_train // DAY)
-    if len(days) < 2:
-        raise PinnerformerError(f"the training period spans {len(days)} UTC day(s): it cannot also give the "
-                                "PinnerFormer a feature period of its own (use --feature-share 0, or a longer "
-                                "training period)")
-    ts = np.sort(t_train)
-    i = int(np.clip(np.searchsorted(days, ts[min(len(ts) - 1, int(share * len(ts)))] // DAY), 1, len(days) - 1))
-    return int(days[i]) * DAY
 
 
 def check_requestable(ds: Dataset, request: str) -> None:
@@ -251,7 +246,8 @@ def check_periods(counts: dict[str, SplitCounts], heads: list[Head], where: Path
         raise PinnerformerError(
             f"{where}: {'; '.join(problems)}: selecting a model on validation and measuring it on test need at least "
             f"{MIN_PERIOD_REQUESTS} requests in each, and in validation a request engaged with on every head; prepare "
-            "the ranking data with other --split fractions (a larger validation or test share), or from more days")
+            "the ranking data with another --split (a larger validation or test share, or later dates), or from more "
+            "days")
 
 
 def build_requests(ds: Dataset, opts: RequestOptions, log=print) -> RequestTables:
@@ -293,8 +289,10 @@ def build_requests(ds: Dataset, opts: RequestOptions, log=print) -> RequestTable
         raise PinnerformerError(f"{ds.path}: no {opts.request} request has at least {opts.min_candidates} candidates "
                                 f"(distinct items): nothing to rank (try --request day, or a dataset with visits)")
     t_first, t_last = req["t"].to_numpy(), req["t_last"].to_numpy()
-    train_end, val_end = _split_bounds(t_first, opts.split)
-    feature_end = _feature_bound(t_first[t_first < train_end], opts.feature_share) if opts.feature_share > 0 else None
+    train_end, val_end = (rs.date_bounds(t_first, opts.split_dates) if opts.split_dates is not None
+                          else rs.fraction_bounds(t_first, opts.split))
+    feature_end = (rs.feature_bound(t_first[t_first < train_end], opts.feature_share) if opts.feature_share > 0
+                   else None)
     # a session that runs past a cut-off would carry labels from the next period into its own: dropped, counted
     across = np.zeros(req.height, bool)
     for bound in (feature_end, train_end, val_end):
@@ -304,15 +302,19 @@ def build_requests(ds: Dataset, opts: RequestOptions, log=print) -> RequestTable
         skipped["requests_across_a_split_boundary"] = int(across.sum())
         req = req.filter(pl.Series(~across))
     req = req.sort("t", "user", "key").with_row_index("request")
-    cand = cand.join(req.select("user", "key", "request", "t"), on=["user", "key"], how="inner")
-    # larger requests: a seeded uniform sample of max_candidates (the same on every machine)
+    split = rs.period_codes(req["t"].to_numpy(), train_end, val_end, feature_end)
+    req = req.with_columns(pl.Series("split", split))
+    cand = cand.join(req.select("user", "key", "request", "t", "split"), on=["user", "key"], how="inner")
+    # larger feature / training requests: a seeded uniform sample of max_candidates (the same on every machine);
+    # validation and test requests are measured whole, as served
     rng = np.random.default_rng(opts.seed)
     cand = cand.sort("request", "first_pos").with_columns(pl.Series("r", rng.random(cand.height)))
     over = cand.with_columns(pl.col("r").rank("ordinal").over("request").alias("rk"))
-    dropped = int((over["rk"] > opts.max_candidates).sum())
+    beyond = (pl.col("rk") > opts.max_candidates) & pl.col("split").is_in([SPLIT_NAMES.index(p) for p in THINNED])
+    dropped = int(over.select(beyond.sum()).item())
     if dropped:
         skipped[f"candidates_beyond_{opts.max_candidates}_per_request"] = dropped
-    cand = over.filter(pl.col("rk") <= opts.max_candidates).sort("request", "first_pos")
+    cand = over.filter(~beyond).sort("request", "first_pos")
     # sequence and snapshot bounds: the first event of the user at or after the request / its day
     starts = np.asarray(tl.offsets[:-1])
     users, t = req["user"].to_numpy(), req["t"].to_numpy()
@@ -324,15 +326,12 @@ def build_requests(ds: Dataset, opts: RequestOptions, log=print) -> RequestTable
         ts = np.asarray(tl.ts[a:b])
         seq_end[i] = a + int(np.searchsorted(ts, ti, side="left"))
         snap_end[i] = a + int(np.searchsorted(ts, di, side="left"))
-    split = np.where(t < train_end, 0, np.where(t < val_end, 1, 2)).astype(np.int8)
-    if feature_end is not None:
-        split[t < feature_end] = 3
     empty = [SPLIT_NAMES[c] for c in (0, 1, 2) if not (split == c).any()]
     if empty:
         raise PinnerformerError(f"the {' and '.join(empty)} period(s) hold no request once the "
                                 f"{skipped.get('requests_across_a_split_boundary', 0)} requests that run across a cut-off "
-                                "are left out (requests are cut at UTC midnights): use --request day, or other --split "
-                                "fractions")
+                                f"are left out (requests are cut at UTC midnights; --split {opts.split_text}): use "
+                                "--request day, or other --split fractions or dates")
     requests = pl.DataFrame({
         "request": req["request"].cast(pl.Int64), "user": req["user"].cast(pl.Int32), "t": req["t"].cast(pl.Int64),
         "split": split, "seq_end": seq_end, "snapshot_end": snap_end,

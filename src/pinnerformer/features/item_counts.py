@@ -21,16 +21,15 @@ def _times(log: EventLog) -> tuple[GroupedTimes, GroupedTimes]:
 def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarray]:
     by_action, by_item = _times(log)
     A, out = len(log.action_names), {}
-    per_action_all = []
-    for wname, days in window_names(cfg):
-        lo = window_start(q.t, days)
+    windows = window_names(cfg)
+    los = [window_start(q.t, days) for _, days in windows]
+    per_action = [by_action.counts(q.item * A + a, los, q.t) for a in range(A)]  # [action][window]
+    totals = by_item.counts(q.item, los, q.t)
+    for w, (wname, _) in enumerate(windows):
         for a, aname in enumerate(log.action_names):
-            n = by_action.count(q.item * A + a, lo, q.t)
-            if days is None:
-                per_action_all.append(n)
-            out[f"item.{aname}.{wname}"] = np.log1p(n)
-        total = by_item.count(q.item, lo, q.t)
-        out[f"item.events.{wname}"] = np.log1p(total)
+            out[f"item.{aname}.{wname}"] = np.log1p(per_action[a][w])
+        out[f"item.events.{wname}"] = np.log1p(totals[w])
+    per_action_all = [n[-1] for n in per_action]  # the last window is "all"
     total = np.sum(per_action_all, 0) if per_action_all else np.zeros(len(q))
     prior = log.global_rates(q.t)
     for h, (hname, codes) in enumerate(log.heads):

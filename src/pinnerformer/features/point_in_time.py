@@ -45,6 +45,7 @@ FAMILIES = ("item_counts", "user_counts", "user_item", "user_interest", "sequenc
             "request_rank")
 NEVER_H = 24 * 3650.0  # "never happened" reads as ten years ago
 HOUR = 3600
+EVER = np.iinfo(np.int64).min // 4  # the start of the "all" window (np.iinfo once: it is slow per call)
 
 
 class FeatureConfig(StrictModel):
@@ -64,7 +65,7 @@ def window_start(t: np.ndarray, days: int | None) -> np.ndarray:
     """The first second of a `days`-day window ending at t (t's UTC day and the days - 1 before); None: all."""
     t = np.asarray(t, np.int64)
     if days is None:
-        return np.full(t.shape, np.iinfo(np.int64).min // 4, np.int64)
+        return np.full(t.shape, EVER, np.int64)
     return (t // DAY - (days - 1)) * DAY
 
 
@@ -96,7 +97,9 @@ class GroupedTimes:
 
     def _position(self, g: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Index of the group's first event at or after t."""
-        rel = np.clip(np.asarray(t, np.int64) - self.t0, 0, self.span - 1)
+        # minimum/maximum, not np.clip: the same values without clip's per-call dtype checks (the online features
+        # call this a few hundred times per request)
+        rel = np.minimum(np.maximum(np.asarray(t, np.int64) - self.t0, 0), self.span - 1)
         return np.searchsorted(self.composite, g * self.span + rel, side="left")
 
     def window(self, key: np.ndarray, t: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +114,12 @@ class GroupedTimes:
         g, found = self._group(key)
         n = self._position(g, t) - self._position(g, np.maximum(lo, self.t0 - 1))
         return np.where(found, n, 0)
+
+    def counts(self, key: np.ndarray, los: list[np.ndarray], t: np.ndarray) -> list[np.ndarray]:
+        """`count(key, lo, t)` for each lo of `los` (windows ending at t), the groups and t's positions found once."""
+        g, found = self._group(key)
+        end = self._position(g, t)
+        return [np.where(found, end - self._position(g, np.maximum(lo, self.t0 - 1)), 0) for lo in los]
 
     def sum_before(self, key: np.ndarray, t: np.ndarray, values: np.ndarray) -> np.ndarray:
         """The sum of `values` (one per event given) over the key's events before t."""
@@ -172,14 +181,34 @@ class EventLog:
         if item_vectors is not None:
             v = np.asarray(item_vectors, np.float32)
             vecs = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+            # items newer than the vectors (the dataset grew since they were made): none, a cosine of 0
+            vecs = np.concatenate([vecs, np.zeros((max(ds.manifest.n_items - len(vecs), 0), vecs.shape[1]),
+                                                  np.float32)])
         return EventLog(user[keep], item[keep], action[keep], ts[keep], None if value is None else value[keep],
                         ds.manifest.n_users, ds.manifest.n_items, ds.manifest.action_names(),
                         [(h, np.asarray(c, np.int64)) for h, c in heads],
                         [np.array([code[x] for x in (xs or [])], np.int64) for xs in interests.to_list()], vecs)
 
-    @property
+    @cached_property
     def n_interests(self) -> int:
         return 1 + max((int(x.max()) for x in self.item_interests if len(x)), default=-1)
+
+    @cached_property
+    def interest_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets [items + 1], codes): item i's interests are codes[offsets[i]:offsets[i + 1]], for lookups by
+        array instead of a Python loop over events."""
+        lens = np.array([len(x) for x in self.item_interests], np.int64)
+        flat = np.concatenate(self.item_interests).astype(np.int64) if len(lens) else np.zeros(0, np.int64)
+        return np.concatenate([[0], np.cumsum(lens)]), flat
+
+    def interests_of(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For items (one per row): (the row of each (row, interest) pair, its interest), rows in order."""
+        offsets, flat = self.interest_index
+        items = np.asarray(items, np.int64)
+        lens = offsets[items + 1] - offsets[items]
+        row = np.repeat(np.arange(len(items)), lens)
+        within = np.arange(len(row)) - np.repeat(np.cumsum(lens) - lens, lens)
+        return row, flat[offsets[items][row] + within] if len(row) else np.zeros(0, np.int64)
 
     @cached_property
     def first_interest(self) -> np.ndarray:

@@ -15,9 +15,12 @@ def _times(log: EventLog) -> tuple[GroupedTimes, GroupedTimes, GroupedTimes]:
     if "user_counts" not in log.cache:
         A = len(log.action_names)
         day = log.ts // DAY
-        first_of_day = np.unique(np.stack([log.user, day], 1), axis=0)  # one (user, day) per active day
+        order = np.lexsort((day, log.user))  # one (user, day) per active day: the first of each run
+        u, d = log.user[order], day[order]
+        first = np.ones(len(u), bool)
+        first[1:] = (u[1:] != u[:-1]) | (d[1:] != d[:-1])
         log.cache["user_counts"] = (GroupedTimes(log.user * A + log.action, log.ts), GroupedTimes(log.user, log.ts),
-                                    GroupedTimes(first_of_day[:, 0], first_of_day[:, 1] * DAY))
+                                    GroupedTimes(u[first], d[first] * DAY))
     return log.cache["user_counts"]
 
 

@@ -14,9 +14,7 @@ from pinnerformer.features.point_in_time import (
 def _times(log: EventLog) -> tuple[GroupedTimes, GroupedTimes, GroupedTimes]:
     if "user_interest" not in log.cache:
         A, K = len(log.action_names), max(log.n_interests, 1)
-        lens = np.array([len(x) for x in log.item_interests], np.int64)[log.item]
-        ev = np.repeat(np.arange(len(log.item)), lens)  # one row per (event, interest of its item)
-        interest = np.concatenate([log.item_interests[i] for i in log.item]) if len(ev) else np.zeros(0, np.int64)
+        ev, interest = log.interests_of(log.item)  # one row per (event, interest of its item)
         key = log.user[ev] * K + interest
         log.cache["user_interest"] = (GroupedTimes(key * A + log.action[ev], log.ts[ev]), GroupedTimes(key, log.ts[ev]),
                                       GroupedTimes(log.user, log.ts))
@@ -28,9 +26,8 @@ def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarr
     A, K, Q = len(log.action_names), max(log.n_interests, 1), len(q)
     everything = window_start(q.t, None)
     prior = log.global_rates(q.t)
-    lens = np.array([len(log.item_interests[i]) for i in q.item], np.int64)
-    row = np.repeat(np.arange(Q), lens)  # one row per (query, interest of its candidate), in query order
-    interest = np.concatenate([log.item_interests[i] for i in q.item]) if len(row) else np.zeros(0, np.int64)
+    row, interest = log.interests_of(q.item)  # one row per (query, interest of its candidate), in query order
+    lens = np.bincount(row, minlength=Q)
     key, t, lo = q.user[row] * K + interest, q.t[row], everything[row]
     n = by_key.count(key, lo, t)
     # per query, the interest with the most events (the first of equals): rows sorted by (query, -n, position)

@@ -38,8 +38,13 @@ class RankingReport(StrictModel):
 def protocol_text(rd: RankData, k: int) -> str:
     m = rd.manifest
     day = lambda t: dt.datetime.fromtimestamp(t, dt.timezone.utc).date().isoformat()  # noqa: E731
+    n = m.options.max_candidates
+    whole = [p for p in ("validation", "test") if p not in m.thinned_periods]
+    thinned = (f"{' and '.join(m.thinned_periods) + ' ' if whole else ''}requests over {n} candidates cut to a "
+               f"seeded sample of {n}" + (f", {' and '.join(whole)} ones whole" if whole else ""))
     return (f"{m.options.request} requests rebuilt from {m.dataset_format} events (candidates: what the user acted "
-            f"on in the request{', real impressions' if m.dataset_format == 'mind' else ''}); time split: "
+            f"on in the request{', real impressions' if m.dataset_format == 'mind' else ''}; {thinned}); time split "
+            f"(--split {m.options.split_text}): "
             + (f"PinnerFormer's period < {day(m.feature_end)} <= " if m.feature_end is not None else "")
             + f"ranker's train < {day(m.train_end)} <= validation < {day(m.val_end)} <= test; realtime sequence "
             f"strictly before each request; PinnerFormer vector from the day before (model trained before "

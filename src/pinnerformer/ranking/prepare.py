@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -26,6 +27,9 @@ from pinnerformer.io import atomic_dir, exclusive, read_json_record, write_json_
 from pinnerformer.models.embedding import embed_items, embed_users
 from pinnerformer.ops.quantize import file_sha256, int8_table
 from pinnerformer.runs import RunDir
+
+if TYPE_CHECKING:
+    from pinnerformer.training.run_files import TrainSummary
 
 
 def _day(t: int) -> str:
@@ -78,24 +82,57 @@ def interest_vectors(interests: list[list[str]], dim: int = 32) -> np.ndarray:
     return np.where(norm > 0, out / np.maximum(norm, 1e-12), 0).astype(np.float32)
 
 
-def frozen_item_vectors(ds: Dataset, kind: str, pf_items: np.ndarray) -> tuple[np.ndarray, str]:
+def pinnerformer_weakness(summary: TrainSummary | None) -> str | None:
+    """Why the feature PinnerFormer's item vectors may be worth nothing: its validation result is missing or 0, or not
+    above the most-popular baseline's on the same users (a model that learned nothing gives vectors that are noise;
+    on the Taobao sample its validation recall@10 was 0.0000); None when it learned something."""
+    if summary is None:
+        return "its run has no training summary (no validation result)"
+    what = f"its validation {summary.metric}"
+    if summary.best is None:
+        return f"{what} was never defined (no validation gave a number)"
+    if summary.best <= 0:
+        return f"{what} is {summary.best:.4f}"
+    if summary.popularity is not None and summary.best <= summary.popularity:
+        return f"{what} {summary.best:.4f} is not above the popularity baseline's {summary.popularity:.4f}"
+    return None
+
+
+def frozen_item_vectors(ds: Dataset, kind: str, pf_items: np.ndarray, pf_weakness: str | None = None,
+                        log=print) -> tuple[np.ndarray, dict[str, object]]:
     """The frozen vectors of sequence items and candidates (Pinterest: PinSage): the dataset's content vectors, the
     feature PinnerFormer's item vectors, or category vectors from the items' interests; `auto`: content if the
-    dataset has it, else PinnerFormer."""
+    dataset has it, else PinnerFormer's, unless that model learned nothing (`pf_weakness`, from
+    `pinnerformer_weakness`) and the items have interests. Returns the vectors and the manifest's record of them:
+    source, dim, requested, and why where PinnerFormer's were passed over or kept despite a warning."""
     content = ds.content_vectors()
+    interests = ds.items["interests"].to_list()
+    record: dict[str, object] = {"requested": kind}
     if kind == "auto":
         kind = "content" if content is not None else "pinnerformer"
+    if kind == "pinnerformer" and pf_weakness is not None:
+        warning = f"the feature PinnerFormer learned too little for its item vectors to mean much: {pf_weakness}"
+        if record["requested"] == "auto" and any(interests):
+            kind, record["why"] = "interests", f"{warning}: --item-vectors auto fell back to interests"
+            log(f"warning: {record['why']} (one fixed vector per category; content vectors, from `pinnerformer "
+                "items embed-text`, would be better)")
+        else:
+            record["warning"] = warning + ("" if record["requested"] == "pinnerformer" else
+                                           " (and no item has an interest to fall back to)")
+            log(f"warning: {record['warning']}: its item vectors are used (--item-vectors {record['requested']}); "
+                "content vectors (`pinnerformer items embed-text`) or a longer --pf-max-steps may serve better")
     if kind == "content":
         if content is None:
             raise PinnerformerError(f"--item-vectors content: {ds.path} has no content vectors (run `pinnerformer "
                                     "items embed-text` on it first, or use pinnerformer | interests)")
-        return content, "content"
-    if kind == "interests":
-        interests = ds.items["interests"].to_list()
+        vectors = content
+    elif kind == "interests":
         if not any(interests):
             raise PinnerformerError(f"--item-vectors interests: no item of {ds.path} has an interest (category)")
-        return interest_vectors(interests), "interests"
-    return pf_items, "pinnerformer"
+        vectors = interest_vectors(interests)
+    else:
+        vectors = pf_items
+    return vectors, {"source": kind, "dim": int(vectors.shape[1]), **record}
 
 
 def table_fingerprint(requests: pl.DataFrame, candidates: pl.DataFrame) -> str:
@@ -146,7 +183,8 @@ def _prepare_locked(ds: Dataset, output: Path, opts: rq.RequestOptions, pinnerfo
         log(f"{req.height:,} requests, {cand.height:,} candidates ({opts.request} requests); "
             + (f"feature period (the PinnerFormer's) before {_day(tables.feature_end)}, "
                if tables.feature_end is not None else "")
-            + f"train before {_day(tables.train_end)}, validation before {_day(tables.val_end)}, test after")
+            + f"train before {_day(tables.train_end)}, validation before {_day(tables.val_end)}, test after "
+            f"(--split {opts.split_text})")
         if pinnerformer is not None:
             run = RunDir(pinnerformer)
             check_feature_run(run, ds, tables.pf_until)
@@ -169,7 +207,9 @@ def _prepare_locked(ds: Dataset, output: Path, opts: rq.RequestOptions, pinnerfo
         user_vectors = per_pair[inverse.reshape(-1)]
         req = req.with_columns(pl.Series("has_vector", has[inverse.reshape(-1)]))
         pf_items = embed_items(model, device).numpy().astype(np.float32)
-        item_vectors, source = frozen_item_vectors(ds, opts.item_vectors, pf_items)
+        summary = run.summary()
+        item_vectors, vectors_record = frozen_item_vectors(ds, opts.item_vectors, pf_items,
+                                                           pinnerformer_weakness(summary), log=log)
         np.save(tmp / rq.USER_VECTORS, user_vectors)
         np.save(tmp / rq.PF_ITEMS, pf_items)
         np.save(tmp / rq.ITEM_VECTORS, item_vectors.astype(np.float32))
@@ -181,7 +221,7 @@ def _prepare_locked(ds: Dataset, output: Path, opts: rq.RequestOptions, pinnerfo
         req.write_parquet(tmp / rq.REQUESTS)
         cand.write_parquet(tmp / rq.CANDIDATES)
         counts = rq.split_counts(req, cand, opts.heads)
-        notes = []
+        notes = [f"item vectors: {vectors_record[k]}" for k in ("why", "warning") if k in vectors_record]
         if counts["test"].requests and counts["test"].without_vector:
             notes.append(f"{counts['test'].without_vector} test requests have no PinnerFormer vector (the user had "
                          "no action before the request's day): the feature is 0 and flagged")
@@ -191,8 +231,10 @@ def _prepare_locked(ds: Dataset, output: Path, opts: rq.RequestOptions, pinnerfo
             feature_end=tables.feature_end,
             splits=counts, skipped=tables.skipped,
             pinnerformer={"run": run_ref, "checkpoint_sha256": run.checkpoint_sha256(), "trained_until":
-                          run.config.eval.until, "dim": int(pf_items.shape[1])},
-            item_vectors={"source": source, "dim": int(item_vectors.shape[1])}, int8_table=int8_info,
+                          run.config.eval.until, "dim": int(pf_items.shape[1]),
+                          "validation": None if summary is None else {
+                              "metric": summary.metric, "best": summary.best, "popularity": summary.popularity}},
+            item_vectors=vectors_record, thinned_periods=rq.THINNED, int8_table=int8_info,
             fingerprint=table_fingerprint(req, cand), created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
             notes=notes)
         write_json_atomic(tmp / rq.RANK_MANIFEST, manifest)
@@ -201,5 +243,6 @@ def _prepare_locked(ds: Dataset, output: Path, opts: rq.RequestOptions, pinnerfo
             + "  ".join(f"{h}: {n:,} req" for h, n in c.requests_with.items())
             + f"  (no PinnerFormer vector: {c.without_vector})")
     for reason, n in tables.skipped.items():
-        log(f"  skipped: {n:,} {reason.replace('_', ' ')}")
+        log(f"  skipped: {n:,} {reason.replace('_', ' ')}"
+            + (" (feature and training periods only)" if reason.startswith("candidates_beyond") else ""))
     return manifest

@@ -5,6 +5,10 @@ strictly before the time; the PinnerFormer vector comes from a daily snapshot of
 PinnerFormer checkpoint as the ranking data's (`--snapshot`; another model's snapshot or one of the request's day
 or later is refused), or, without a snapshot, is computed by that checkpoint from the actions before the request's
 UTC day. The sequence part of TransAct's first projection is computed once for the request (shared projection).
+
+The dataset may have grown since the ranking data was made (`pinnerformer daily`: appends keep every code), as the
+service's does: the request then reads the grown dataset's events, the service's rule for items newer than the
+ranker too (a candidate among them is refused, an action on one is left out of the sequence).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 from pinnerformer.data.clock import DAY, utc_day
 from pinnerformer.data.requests import PF_RUN, RankData
+from pinnerformer.data.timelines import Timelines
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.ranking import utility, v2_spec_for
 from pinnerformer.features.point_in_time import Queries, feature_table
@@ -62,7 +67,7 @@ def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], s
                   surface: str | None = None) -> pl.DataFrame:
     run = RankRun(run_dir)
     rd = run.data()
-    ds = rd.dataset()
+    ds = rd.dataset(descendants=True)
     model = run.load_model(rd)
     if not isinstance(model, torch.nn.Module):
         raise PinnerformerError(f"{run_dir} is a gradient-boosted run: `rank score` scores a neural ranker "
@@ -84,6 +89,11 @@ def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], s
         raise PinnerformerError(f"--items: candidate id(s) given more than once: {', '.join(map(repr, twice[:5]))} "
                                 "(a request ranks each candidate once)")
     items = np.array([index_of[str(i)] for i in item_ids], dtype=np.int64)
+    n_ranker = int(rd.item_vectors.shape[0])
+    newer = [i for i, c in zip(item_ids, items) if c >= n_ranker]
+    if newer:
+        raise PinnerformerError(f"--items: {', '.join(map(repr, newer[:5]))} arrived after the ranker was trained "
+                                f"(it knows the first {n_ranker:,} items of {ds.path}): retrain it to rank them")
     surfaces = ds.manifest.surfaces
     if surface is not None and surface not in surfaces:
         raise PinnerformerError(f"--surface {surface!r}: unknown surface (this dataset records "
@@ -94,6 +104,9 @@ def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], s
     ts = np.asarray(tl.ts[a:b])
     seq_end = a + int(np.searchsorted(ts, t, side="left"))
     snap_end = a + int(np.searchsorted(ts, (t // DAY) * DAY, side="left"))
+    known = a + np.flatnonzero(np.asarray(tl.item[a:seq_end]) < n_ranker)  # the actions the ranker has rows for
+    seq = Timelines(np.array([0, len(known)]), *(np.asarray(getattr(tl, c))[known] for c in
+                                                 ("item", "action", "ts", "surface", "duration")))
     if snapshot is not None:
         vec = snapshot_vector(snapshot, rd, ds.users["user_id"][u], t)
     elif snap_end > a:
@@ -103,7 +116,7 @@ def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], s
     else:
         vec = None
     L = model.cfg.transact.seq_len
-    action, item, age = sequence_arrays(tl, np.array([u]), np.array([seq_end]), np.array([t]), L)
+    action, item, age = sequence_arrays(seq, np.array([0]), np.array([len(known)]), np.array([t]), L)
     batch = RankBatch(
         seq_action=torch.from_numpy(action), seq_item=torch.from_numpy(item), seq_age=torch.from_numpy(age),
         user_vec=torch.from_numpy(np.zeros((1, rd.pf_item_vectors.shape[1]), np.float32) if vec is None
@@ -117,7 +130,7 @@ def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], s
         batch.features = torch.from_numpy(feature_table(rank_event_log(rd, ds), q, model.feature_config).values)
     spec = v2_spec_for(model, rd, ds.manifest.action_names(), ds.manifest.positive_codes)
     if spec is not None:
-        batch.streams = spec.tensors(tl, np.array([u]), np.array([seq_end]))
+        batch.streams = spec.tensors(seq, np.array([0]), np.array([len(known)]))
     with torch.no_grad():
         probs = torch.sigmoid(model(batch, shared_projection=True)).numpy()
     titles = ds.items["text"].to_list() if "text" in ds.items.columns else [None] * ds.manifest.n_items

@@ -1,7 +1,9 @@
 """The daily hand-over while serving: the work directory's newest complete snapshot becomes the store's day version
 (its users' retrieval vectors, the ranker's feature vectors and lifelong sequences as of that day), the models are
 loaded again, and the service switches to the new (models, day version) pair in one assignment — requests that
-started before finish with the old pair, none sees half of each (`Service.swap`).
+started before finish with the old pair, none sees half of each (`Service.swap`). The store's feature counters of
+the days before both versions' ends are then dropped: both versions' datasets hold those days, and a request reads
+the counters from its own version's end on only.
 """
 
 from __future__ import annotations
@@ -68,4 +70,6 @@ def hand_over(service, log=print) -> dict:
     bundle = eng.load_bundle(old_bundle.workdir, old_bundle.device)
     version = ensure_day(bundle, service.store, old_bundle.workdir, log=log)
     service.swap(bundle, version)
+    if old_version is not None:  # the days before both versions' ends: no request of either reads their counters
+        service.store.prune_counters(min(eng.version_end(old_version), eng.version_end(version)))
     return {"before": {**old_bundle.version, "day": old_version or "none"}, "now": {**bundle.version, "day": version}}

@@ -9,7 +9,10 @@ embeddings and lifelong sequences (written by `publish_day`).
 
 A request's sequence is the user's lifelong blob of the store's current day version (their dataset history up to
 the end of that day) followed by their realtime events from the end of that day on, all strictly before the
-request's time: the same rule as `rank score`, so the same inputs give the same scores (tested). Its PinnerFormer
+request's time: the same rule as `rank score`, so the same inputs give the same scores (tested). Its point-in-time
+features count the same events: the day version's dataset before its end, indexed once per version, and the
+store's counters of the events acknowledged from that end on (`request_features`, `features.online`): the values
+`rank score` gives once the daily job has appended those events to the dataset (tested on both stores). Its PinnerFormer
 feature is the day version's "ranking" vector (the ranker's own feature model, actions before the next day);
 retrieval queries the index with the "retrieval" vector (the run behind the index).
 
@@ -31,6 +34,8 @@ from pinnerformer.data.clock import DAY
 from pinnerformer.data.timelines import Timelines
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.ranking import utility, v2_spec_for
+from pinnerformer.features.online import Delta, online_table
+from pinnerformer.features.point_in_time import EventLog, FeatureConfig, FeatureTable, Queries, feature_table
 from pinnerformer.features.rank_batch import RankBatch, sequence_arrays
 from pinnerformer.ranking.run import RankRun
 from pinnerformer.retrieval.index import ItemIndex
@@ -102,8 +107,9 @@ class Bundle:
 
 
 def _feature_log(b: "Bundle", version: str | None):
-    """The events the point-in-time features count online: the dataset's before the end of the served day version
-    (built once per version). The realtime events posted since reach the sequence model, not yet these counters."""
+    """The static part of the point-in-time features online: the dataset's events before the end of the served day
+    version (indexed once per version); the store's counters hold the events acknowledged from that end on
+    (`request_features`)."""
     from pinnerformer.features.rank_features import rank_event_log
 
     key = version or "none"
@@ -214,9 +220,42 @@ def user_sequence(store: OnlineStore, user: str, t: int, version: str | None) ->
             known = set(zip(life["item"].tolist(), life["action"].tolist(), life["ts"].tolist()))
             early &= np.array([(int(e["item"]), int(e["action"]), int(e["ts"])) in known for e in realtime])
         realtime = realtime[~early]
+    if len(realtime) > 1:  # an exact duplicate (item, action, second) is one event, as in the dataset and counters
+        _, first = np.unique(np.stack([realtime["item"], realtime["action"], realtime["ts"]], 1), axis=0,
+                             return_index=True)
+        realtime = realtime[np.sort(first)]
     seq = np.concatenate([life, realtime])
     seq = seq[seq["ts"] < t]
     return seq[np.argsort(seq["ts"], kind="stable")], vectors
+
+
+def request_features(b: Bundle, store: OnlineStore, requests: list[RankRequest], version: str | None
+                     ) -> FeatureTable:
+    """The point-in-time features of the requests' candidate rows: the served day version's log (the dataset's
+    events before its end E) and the store's counters of the events acknowledged from E on, combined by
+    `features.online` into the values `rank score` gives on the dataset grown by those events. Without a day
+    version, the dataset's events alone."""
+    users = list(dict.fromkeys(r.user for r in requests))
+    # a user the dataset lacks gets a code of their own, past its users' (no event of the static log has it)
+    code = {u: b.user_code.get(u, len(b.user_ids) + j) for j, u in enumerate(users)}
+    sizes = [len(r.items) for r in requests]
+    t = np.array([r.t for r in requests], np.int64)
+    q = Queries(np.repeat([code[r.user] for r in requests], sizes), np.concatenate([r.items for r in requests]),
+                np.repeat(t, sizes), np.repeat(np.arange(len(requests)), sizes))
+    static, cfg = b.feature_log(version), b.model.feature_config
+    if version is None:
+        return feature_table(static, q, cfg)
+    return online_features(static, store, version_end(version), q, code, cfg)
+
+
+def online_features(static: EventLog, store: OnlineStore, since: int, q: Queries, users: dict[str, int],
+                    cfg: FeatureConfig) -> FeatureTable:
+    """The rows `q` (of the users {id: code}) from the static log (the events before `since`) and the store's
+    counters from `since` on, read in one snapshot."""
+    times = np.unique(q.t)
+    c = store.counters(since, list(users), np.unique(q.item).tolist(), times.tolist(), len(static.action_names))
+    delta = Delta.build(since, {code: c.users[u] for u, code in users.items()}, c.items, times, c.before)
+    return online_table(static, delta, q, cfg)
 
 
 @torch.no_grad()
@@ -238,11 +277,7 @@ def score(b: Bundle, store: OnlineStore, requests: list[RankRequest], version: s
     sizes = [len(r.items) for r in requests]
     features = None
     if len(b.model.inputs.feature_names):
-        from pinnerformer.features.point_in_time import Queries, feature_table
-
-        q = Queries(np.repeat([b.user_code.get(r.user, -1) for r in requests], sizes),
-                    np.concatenate([r.items for r in requests]), np.repeat(t, sizes), np.repeat(np.arange(R), sizes))
-        features = torch.from_numpy(feature_table(b.feature_log(version), q, b.model.feature_config).values)
+        features = torch.from_numpy(request_features(b, store, requests, version).values)
     batch = RankBatch(
         seq_action=torch.from_numpy(action), seq_item=torch.from_numpy(item), seq_age=torch.from_numpy(age),
         user_vec=torch.from_numpy(user_vec), has_vector=torch.from_numpy(has),

@@ -18,6 +18,15 @@ Two backends pass the same tests (`tests/test_store.py`):
                batch id); written in the same transaction as the realtime lists, never trimmed by the cap. The
                daily job reads it (`serving.event_log.export_log`) to grow the dataset, so events that reach us only
                through the service are in the next day's snapshot and ranking.
+    counters   the point-in-time features' view of the same events, partitioned by the event's UTC day and
+               written in the same transaction (`counters`, read by `features.online`): per user and per item
+               every event (packed records, exact times: the 1/7/30-day windows, recency and the last-n sequence
+               are exact at any request time), and the number of all events per action in buckets of a day, an
+               hour, a minute and a second (`bucket_names`): the global rates' counts before any second t are the
+               sum of at most 1 + 23 + 59 + 59 buckets per day. An exact duplicate of a counted event (same user,
+               item, action and second: the dataset keeps one of them too) is not counted again. The service
+               reads the days from its day version's end on (the days before are in that version's dataset) and
+               drops the older ones on a hand-over (`prune_counters`).
 
 An ingestion batch may carry an id, scoped by the client that sends it: a batch whose (client, id) was applied
 within the last `BATCH_WINDOW_S` with the same events is not applied again (a client that retries after a lost
@@ -30,9 +39,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
+from pinnerformer.data.clock import DAY, day_start_ts, utc_day
 from pinnerformer.errors import PinnerformerError
 
 BATCH_WINDOW_S = 7 * 86400  # how long a (client, batch id) is remembered
@@ -97,6 +109,61 @@ def unpack(blob: bytes | None) -> np.ndarray:
     return np.frombuffer(blob, EVENT).copy()
 
 
+@dataclass
+class Counters:
+    """The feature counters from a day on (`OnlineStore.counters`), read together."""
+
+    users: dict[str, np.ndarray]  # user -> EVENT records, in arrival order (each counted event once)
+    items: np.ndarray  # EVENT records of every user on the items asked for, day by day, item by item
+    before: np.ndarray  # [times, actions] int64: the number of all events before each time, per action
+
+
+@lru_cache(maxsize=64)
+def day_name(day: int) -> str:
+    """YYYY-MM-DD of a day number (Unix seconds // DAY)."""
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).isoformat()
+
+
+def bucket_names(ts: int) -> tuple[str, list[str]]:
+    """An event's day partition and the global buckets it counts in: its day, hour, minute and second."""
+    off = ts % DAY
+    h, m, s = off // 3600, off % 3600 // 60, off % 60
+    return day_name(ts // DAY), ["d", f"h{h:02d}", f"m{h:02d}{m:02d}", f"s{h:02d}{m:02d}{s:02d}"]
+
+
+def buckets_before(day: str, t: int) -> list[str]:
+    """The buckets of a day partition whose sum is the number of its events before t: the whole day, or its
+    hours before t's, then t's hour's minutes before t's, then t's minute's seconds before t's."""
+    off = t - day_start_ts(dt.date.fromisoformat(day))
+    if off <= 0:
+        return []
+    if off >= DAY:
+        return ["d"]
+    h, m, s = off // 3600, off % 3600 // 60, off % 60
+    return ([f"h{i:02d}" for i in range(h)] + [f"m{h:02d}{i:02d}" for i in range(m)]
+            + [f"s{h:02d}{m:02d}{i:02d}" for i in range(s)])
+
+
+def counter_range(since: int, times: list[int]) -> tuple[str, str] | None:
+    """The first and last day partition that can hold events in [since, t) for some t of `times` (None: none);
+    a store reads the days it has between them (those with events), not every day of the range."""
+    if not len(times) or max(times) <= since:
+        return None
+    return utc_day(since).isoformat(), utc_day(max(times) - 1).isoformat()
+
+
+def counter_rows(batch: dict[str, np.ndarray]):
+    """Per event of a batch, for the counters: (user, day partition, global buckets, item, action, time, the packed
+    record)."""
+    size = EVENT.itemsize
+    for user, records in batch.items():
+        r = np.ascontiguousarray(records, EVENT)
+        raw = r.tobytes()
+        for k, (item, action, ts) in enumerate(zip(r["item"].tolist(), r["action"].tolist(), r["ts"].tolist())):
+            day, names = bucket_names(ts)
+            yield user, day, names, item, action, ts, raw[k * size:(k + 1) * size]
+
+
 def vector_layout(users: list[str], vectors: dict[str, np.ndarray]) -> dict[str, int]:
     """{name: width} of one version's named embeddings (a row of NaN: the user has none of that name)."""
     for name, v in vectors.items():
@@ -136,9 +203,10 @@ class OnlineStore(ABC):
     @abstractmethod
     def append(self, batch: dict[str, np.ndarray], batch_id: str | None = None, *, client: str = DEFAULT_CLIENT,
                log: dict[str, bytes] | None = None) -> int:
-        """Append each user's records (EVENT) to their realtime list and the `log` entries ({day: entry}) to the
-        event log, all at once or none; returns the number of events appended (0 when (`client`, `batch_id`) was
-        applied before with the same events; BatchConflict when with other events)."""
+        """Append each user's records (EVENT) to their realtime list, the `log` entries ({day: entry}) to the
+        event log and the events to the counters, all at once or none; returns the number of events appended (0
+        when (`client`, `batch_id`) was applied before with the same events; BatchConflict when with other
+        events)."""
 
     def check_log_id(self, entry_id: str) -> str:
         """A log entry id as `read_log` gives them (ValueError otherwise)."""
@@ -183,6 +251,16 @@ class OnlineStore(ABC):
     def daily(self, user: str, version: str | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The user's named embeddings ({} when the version has none for them) and lifelong records in `version`
         (default: the current one)."""
+
+    @abstractmethod
+    def counters(self, since: int, users: list[str], items: list[int], times: list[int], n_actions: int
+                 ) -> Counters:
+        """The feature counters of the events from `since` (a UTC midnight) on, for these users and items, and the
+        global counts before each of `times`; read as one snapshot."""
+
+    @abstractmethod
+    def prune_counters(self, before: int) -> list[str]:
+        """Drop the counters of the days before `before` (a UTC midnight); returns those days."""
 
     @abstractmethod
     def event_count(self) -> int:

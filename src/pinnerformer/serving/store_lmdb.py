@@ -9,25 +9,47 @@ see a half-applied batch. Layout (named databases):
     log        "<day>\\0<sequence, 8 bytes big-endian>" -> a log entry (JSON); the sequence only grows
     meta       "current" -> version; "events" -> int64 count; "log_seq" -> int64; "version:<version>" -> the layout,
                JSON {name: width}
+    counters   "<day>\\0u<user>" -> the packed events of the user that day; "<day>\\0i<item, 4 bytes big-endian>" ->
+               the item's; "<day>\\0g<bucket>" -> int64 counts per action; "<day>\\0s<item><time><action><user>" -> ""
+               (the events counted: a duplicate is not counted again)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import lmdb
 import numpy as np
 
+from pinnerformer.data.clock import utc_day
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.serving.store import (
-    BATCH_WINDOW_S, DEFAULT_CLIENT, EVENT, REALTIME_CAP, BatchConflict, OnlineStore, StoreUnavailable, batch_digest,
-    batch_key, check_day, check_version, pack, pack_vectors, unpack, unpack_vectors, vector_layout,
+    BATCH_WINDOW_S, DEFAULT_CLIENT, EVENT, REALTIME_CAP, BatchConflict, Counters, OnlineStore, StoreUnavailable,
+    batch_digest, batch_key, buckets_before, check_day, check_version, counter_range, counter_rows, pack, pack_vectors,
+    unpack, unpack_vectors, vector_layout,
 )
 
 MAP_SIZE = 8 << 30  # address space only: the file grows with the data (sparse)
+
+
+def sum_buckets(days: list[str], times: list[int], n_actions: int, read) -> np.ndarray:
+    """[times, actions]: the events before each time, from `read(day, names)` -> {bucket: int64 counts per action}
+    (absent: none)."""
+    out = np.zeros((len(times), n_actions), np.int64)
+    for day in days:
+        wanted = {t: buckets_before(day, t) for t in times}
+        got = read(day, sorted({n for names in wanted.values() for n in names}))
+        for i, t in enumerate(times):
+            for name in wanted[t]:
+                c = got.get(name)
+                if c is not None:
+                    out[i, :min(len(c), n_actions)] += c[:n_actions]
+    return out
 
 
 class LmdbStore(OnlineStore):
@@ -42,7 +64,7 @@ class LmdbStore(OnlineStore):
         except lmdb.Error as e:
             raise StoreUnavailable(f"{self.path}: cannot open the LMDB store: {e}") from None
         self.db = {name: self.env.open_db(name.encode()) for name in ("realtime", "daily", "lifelong", "batches",
-                                                                      "log", "meta")}
+                                                                      "log", "meta", "counters")}
 
     def _write(self, fn):
         try:
@@ -87,9 +109,71 @@ class LmdbStore(OnlineStore):
                 seq += 1
                 txn.put(day.encode() + b"\0" + seq.to_bytes(8, "big"), entry, db=self.db["log"])
             txn.put(b"log_seq", seq.to_bytes(8, "little"), db=self.db["meta"])
+            self._count(txn, batch)
             return n
 
         return self._write(apply)
+
+    def _count(self, txn, batch: dict[str, np.ndarray]) -> None:
+        """The batch's events into the counters (inside append's transaction), each distinct event once."""
+        db = self.db["counters"]
+        lists: dict[bytes, list] = defaultdict(list)
+        buckets: dict[bytes, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        for user, day, names, item, a, ts, record in counter_rows(batch):
+            d, u, i = day.encode() + b"\0", user.encode(), item.to_bytes(4, "big")
+            if not txn.put(d + b"s" + i + struct.pack(">qh", ts, a) + u, b"", db=db, overwrite=False):
+                continue  # counted before
+            lists[d + b"u" + u].append(record)
+            lists[d + b"i" + i].append(record)
+            for name in names:
+                buckets[d + b"g" + name.encode()][a] += 1
+        for key, records in lists.items():
+            txn.put(key, (txn.get(key, db=db) or b"") + b"".join(records), db=db)
+        for key, add in buckets.items():
+            c = np.frombuffer(txn.get(key, db=db) or b"", "<i8")
+            c = np.concatenate([c, np.zeros(max(0, max(add) + 1 - len(c)), np.int64)])
+            for a, k in add.items():
+                c[a] += k
+            txn.put(key, c.tobytes(), db=db)
+
+    def counters(self, since: int, users: list[str], items: list[int], times: list[int], n_actions: int
+                 ) -> Counters:
+        span, db = counter_range(since, times), self.db["counters"]
+        with self.env.begin() as txn:  # one snapshot
+            days, cur = [], txn.cursor(db=db)
+            found = span is not None and cur.set_range(span[0].encode())
+            while found and (day := cur.key().split(b"\0", 1)[0]) <= span[1].encode():  # one seek per day held
+                days.append(day.decode())
+                found = cur.set_range(day + b"\1")
+
+            def read(prefix: bytes, keys: list[bytes]) -> np.ndarray:
+                return unpack(b"".join(txn.get(d.encode() + b"\0" + prefix + k, db=db) or b"" for d in days
+                                       for k in keys))
+
+            def buckets(day: str, names: list[str]) -> dict[str, np.ndarray]:
+                got = {n: txn.get(f"{day}\0g{n}".encode(), db=db) for n in names}
+                return {n: np.frombuffer(v, "<i8") for n, v in got.items() if v is not None}
+
+            return Counters({u: read(b"u", [u.encode()]) for u in users},
+                            read(b"i", [int(i).to_bytes(4, "big") for i in items]),
+                            sum_buckets(days, list(times), n_actions, buckets))
+
+    def prune_counters(self, before: int) -> list[str]:
+        last = utc_day(before - 1).isoformat().encode()  # the last day dropped
+        dropped: list[str] = []
+
+        def apply(txn) -> None:
+            cur = txn.cursor(db=self.db["counters"])
+            found = cur.first()
+            while found and cur.key().split(b"\0", 1)[0] <= last:
+                day = cur.key().split(b"\0", 1)[0].decode()
+                if not dropped or dropped[-1] != day:
+                    dropped.append(day)
+                found = cur.delete()  # moves to the next key
+                found = found and cur.key() != b""
+
+        self._write(apply)
+        return dropped
 
     def log_days(self) -> list[str]:
         with self.env.begin() as txn:
