@@ -542,3 +542,25 @@ def test_rank_prepare_by_dates_falls_back_from_a_useless_pinnerformer_to_interes
     assert "warning: the feature PinnerFormer learned too little" in r.stderr
     m = RankData(tmp_path / "pf").manifest
     assert m.item_vectors["source"] == "pinnerformer" and "recall@10 is 0.0000" in m.item_vectors["warning"]
+
+
+def test_a_narrowed_sequence_output_scores_the_same_request_by_request(planted_rank):
+    """model.sequence_dim projects TransAct's (K + 1)·d outputs to a narrow width before the features: the input
+    width shrinks by exactly that, and the serving form (the sequence's projection once per request) scores as the
+    plain form does."""
+    from pinnerformer.models.ranker import RankerConfig
+    from pinnerformer.training.ranking import ranker_for
+
+    rd = RankData(planted_rank / "rank")
+    m = rd.dataset().manifest
+    cfg = RankerConfig(transact={"seq_len": 16}, features=False)
+    wide = ranker_for(rd, cfg, len(m.actions), len(m.surfaces))
+    torch.manual_seed(0)
+    narrow = ranker_for(rd, cfg.model_copy(update={"sequence_dim": 8}), len(m.actions), len(m.surfaces))
+    assert narrow.x0_dim == wide.x0_dim - wide.transact.out_dim + 8
+    narrow.eval()
+    b = build_rank_batch(rd, rd.dataset().timelines, rd.requests_in("test")[:6], 16)
+    with torch.no_grad():
+        plain, shared = narrow(b), narrow(b, shared_projection=True)
+    assert plain.shape == (b.n_rows, len(rd.heads))
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)

@@ -164,9 +164,11 @@ def data_append(
             raise PinnerformerError("--positive: on append the dataset's positive actions apply (they are part of "
                                     "what a model trained on it learned)")
         raw, skip_invalid, lo, hi = read_input(format, input, as_in_dataset(format, dataset, flags))
-        append(dataset, raw, skip_invalid=skip_invalid, allow_late=allow_late, min_time=lo, max_time=hi,
-               vectorize=text_vectorizer(dataset), log=log)
-        print_stats(Dataset.open(dataset), flags["as_json"])
+        _, appended = append(dataset, raw, skip_invalid=skip_invalid, allow_late=allow_late, min_time=lo,
+                             max_time=hi, vectorize=text_vectorizer(dataset), log=log,
+                             on_written=lambda ds: print_stats(ds, flags["as_json"]))
+        if not appended:
+            print_stats(Dataset.open(dataset), flags["as_json"])
 
     run_guarded(body)
 

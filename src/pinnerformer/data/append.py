@@ -57,8 +57,10 @@ def find_record(manifest: schema.Manifest, sources: list[schema.SourceFile]) -> 
 
 def append(dataset_dir: Path, raw: RawLog, *, skip_invalid: bool = False, allow_late: bool = False,
            min_time: int | None = None, max_time: int | None = None,
-           vectorize: Callable[[list[str]], np.ndarray] | None = None, log=print) -> tuple[schema.Manifest, bool]:
-    """Returns (the dataset's manifest, whether anything was appended)."""
+           vectorize: Callable[[list[str]], np.ndarray] | None = None, log=print,
+           on_written: Callable[[Dataset], None] | None = None) -> tuple[schema.Manifest, bool]:
+    """Returns (the dataset's manifest, whether anything was appended). `on_written` sees the new version while
+    the lock is still held (a concurrent append may otherwise be replacing the files it reads)."""
     t0 = time.perf_counter()
     dataset_dir = Path(dataset_dir)
     Dataset.open(dataset_dir)  # a clear error for a directory that is not a dataset, before taking the lock
@@ -118,6 +120,8 @@ def append(dataset_dir: Path, raw: RawLog, *, skip_invalid: bool = False, allow_
             fingerprint=fingerprint(timelines, m.actions, users, items), ancestors=m.ancestors + [m.fingerprint],
             lineage=m.lineage + [record]))
         write_dataset(dataset_dir, events, user_table, item_table, timelines, manifest)
+        if on_written is not None:
+            on_written(Dataset.open(dataset_dir))
     log(f"appended {record.events:,} events ({record.new_users:,} new users, {record.new_items:,} new items, "
         f"{late:,} late, {duplicates:,} duplicates removed) in {time.perf_counter() - t0:.1f}s -> {dataset_dir}")
     return manifest, True

@@ -46,6 +46,9 @@ class RankerConfig(StrictModel):
     features: bool = True  # the point-in-time features beside the sequence (their definition: the run's `features`)
     item_dim: int = Field(32, ge=1)
     item_id_dim: int = Field(16, ge=0)
+    # the sequence module's output (TransAct: (K + 1)·d = 1056 values) projected to this width before it meets the
+    # features (0: as it is); narrow, so that the sequence does not swamp the counters beside it
+    sequence_dim: int = Field(0, ge=0)
     context_dim: int = Field(8, ge=1)
     cross_layers: int = Field(3, ge=0)
     mlp: list[int] = [256, 128]
@@ -109,6 +112,10 @@ class Ranker(nn.Module):
         if cfg.sequence in ("transact", "bst"):
             self.transact = TransAct(sequence_variant(cfg), inputs.n_actions, inputs.vector_dim)
             d += self.transact.out_dim
+        self.seq_proj = None
+        if cfg.sequence_dim and cfg.sequence in ("transact", "bst"):
+            d += cfg.sequence_dim - self.transact.out_dim
+            self.seq_proj = nn.Sequential(nn.Linear(self.transact.out_dim, cfg.sequence_dim), nn.ReLU())
         elif cfg.sequence == "transact-v2":
             # the frozen item vectors as int8 with one affine map (the ranking data's stored table, or built here from
             # item_vectors); saved with the model: q, scale, zero point
@@ -227,7 +234,8 @@ class Ranker(nn.Module):
             score = (u * self.pf_items[b.cand_item]).sum(-1, keepdim=True)
             parts += [u, score, b.has_vector[r].float().unsqueeze(1)]
         if self.cfg.sequence != "none":
-            parts.append(self.sequence_features(b, cand_vec, shared_projection))
+            seq = self.sequence_features(b, cand_vec, shared_projection)
+            parts.append(seq if self.seq_proj is None else self.seq_proj(seq))
         parts += [self.hour(b.hour[r]), self.surface(b.surface[r])]
         if len(self.inputs.feature_names):
             if b.features is None:
