@@ -157,18 +157,14 @@ def data_append(
 ):
     """Add a new period's events to a dataset: ids keep their indexes, the manifest records the lineage."""
     from pinnerformer.data.append import append
-    from pinnerformer.data.dataset import Dataset
 
     def body():
         if flags.get("positive") is not None:
             raise PinnerformerError("--positive: on append the dataset's positive actions apply (they are part of "
                                     "what a model trained on it learned)")
         raw, skip_invalid, lo, hi = read_input(format, input, as_in_dataset(format, dataset, flags))
-        _, appended = append(dataset, raw, skip_invalid=skip_invalid, allow_late=allow_late, min_time=lo,
-                             max_time=hi, vectorize=text_vectorizer(dataset), log=log,
-                             on_written=lambda ds: print_stats(ds, flags["as_json"]))
-        if not appended:
-            print_stats(Dataset.open(dataset), flags["as_json"])
+        append(dataset, raw, skip_invalid=skip_invalid, allow_late=allow_late, min_time=lo, max_time=hi,
+               vectorize=text_vectorizer(dataset), log=log, on_written=lambda ds: print_stats(ds, flags["as_json"]))
 
     run_guarded(body)
 

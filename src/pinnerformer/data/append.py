@@ -55,12 +55,19 @@ def find_record(manifest: schema.Manifest, sources: list[schema.SourceFile]) -> 
     return next((r for r in reversed(manifest.lineage) if wanted <= {s.sha256 for s in r.sources}), None)
 
 
+def _unchanged(ds: Dataset, on_written) -> tuple[schema.Manifest, bool]:
+    if on_written is not None:
+        on_written(ds)
+    return ds.manifest, False
+
+
 def append(dataset_dir: Path, raw: RawLog, *, skip_invalid: bool = False, allow_late: bool = False,
            min_time: int | None = None, max_time: int | None = None,
            vectorize: Callable[[list[str]], np.ndarray] | None = None, log=print,
            on_written: Callable[[Dataset], None] | None = None) -> tuple[schema.Manifest, bool]:
-    """Returns (the dataset's manifest, whether anything was appended). `on_written` sees the new version while
-    the lock is still held (a concurrent append may otherwise be replacing the files it reads)."""
+    """Returns (the dataset's manifest, whether anything was appended). `on_written` sees the dataset as the call
+    leaves it (the new version, or the unchanged one) while the lock is still held: a concurrent append may
+    otherwise be replacing the files it reads."""
     t0 = time.perf_counter()
     dataset_dir = Path(dataset_dir)
     Dataset.open(dataset_dir)  # a clear error for a directory that is not a dataset, before taking the lock
@@ -74,7 +81,7 @@ def append(dataset_dir: Path, raw: RawLog, *, skip_invalid: bool = False, allow_
         seen = {s.sha256 for s in m.sources} | {s.sha256 for r in m.lineage for s in r.sources}
         if all(s.sha256 in seen for s in new_sources):
             log(f"{', '.join(map(str, raw.sources))}: already in {dataset_dir} (the same SHA-256): nothing to append")
-            return m, False
+            return _unchanged(ds, on_written)
         checker = Checker(skip_invalid, raw.skipped, raw.line_label)
         ev, clock, duplicates = clean_events(raw, m.action_names(), checker, min_time, max_time)
         users = _extend(ds.users["user_id"], ev["user"], "user", raw.sources[0])
@@ -89,7 +96,7 @@ def append(dataset_dir: Path, raw: RawLog, *, skip_invalid: bool = False, allow_
         duplicates += n - ev.height
         if ev.height == 0:
             log(f"every event of {raw.sources[0]} is already in {dataset_dir}: nothing to append")
-            return m, False
+            return _unchanged(ds, on_written)
         late = int((ev["ts"] < m.time_max).sum())
         end = dt.datetime.fromtimestamp(m.time_max, dt.timezone.utc)
         if late and not allow_late:
