@@ -40,7 +40,7 @@ def union_log(seed: int, values: bool, E: int, n: int = 2500, U: int = 16, I: in
     vec = rng.normal(size=(I, 8)).astype(np.float32)
     return EventLog(user[order], item[order], action[order], ts[order], value, U, I, ["view", "save", "hide"],
                     [("save", np.array([1])), ("any", np.array([0, 1])), ("hide", np.array([2]))], interests,
-                    vec / np.linalg.norm(vec, axis=1, keepdims=True))
+                    vec / np.linalg.norm(vec, axis=1, keepdims=True), neighbours_until=min(E, T0 + 15 * DAY))
 
 
 def queries(log: EventLog, E: int, seed: int, n_requests: int = 60, per: int = 6) -> Queries:
@@ -60,7 +60,7 @@ def split(log: EventLog, E: int, q: Queries) -> tuple[EventLog, Delta]:
     cut = ~after
     static = EventLog(log.user[cut], log.item[cut], log.action[cut], log.ts[cut],
                       None if log.value is None else log.value[cut], log.n_users, log.n_items, log.action_names,
-                      log.heads, log.item_interests, log.item_vectors)
+                      log.heads, log.item_interests, log.item_vectors, log.neighbours_until)
 
     def records(mask):
         r = np.zeros(int(mask.sum()), RECORD)
@@ -92,7 +92,7 @@ def test_online_features_equal_the_union_logs_exactly(seed, values, split_day):
     moved = {n for j, n in enumerate(got.names) if (stale[:, j] != got.values[:, j]).any()}
     for name in ("item.events.1d", "item.save.7d", "item.events.30d", "item.rate.save", "item.recency_h",
                  "user.events.1d", "user.events.all", "user.active_days", "ui.view", "ui.recency_h",
-                 "uint.events", "uint.rate.save", "seq.same_item", "seq.cos_last", "req.popularity_rank"):
+                 "uint.events", "uint.rate.save", "seq.same_item", "seq.cos_last", "req.popularity_rank", "nb.weight", "nb.save"):
         assert name in moved, name
 
 
@@ -130,6 +130,9 @@ def test_the_static_log_must_end_at_a_midnight_before_the_delta():
                                                                           "counts")]), q, cfg)
     with pytest.raises(PinnerformerError, match="at or after the split"):
         online_table(log, delta, q, cfg)
+    from dataclasses import replace
+    with pytest.raises(PinnerformerError, match="before the end of the item similarity snapshot"):
+        online_table(replace(static, neighbours_until=E + DAY, cache={}), delta, q, cfg)
 
 
 def test_a_family_reading_the_events_other_than_through_its_times_is_refused_clearly(monkeypatch):

@@ -26,7 +26,7 @@ def random_log(seed=0, E=3000, U=20, I=30, A=3, values=True):
     log = EventLog(user[order], item[order], action[order], ts[order], None if value is None else value[order], U, I,
                    ["view", "save", "hide"], [("save", np.array([1])), ("any", np.array([0, 1])),
                                               ("hide", np.array([2]))], interests,
-                   vec / np.linalg.norm(vec, axis=1, keepdims=True))
+                   vec / np.linalg.norm(vec, axis=1, keepdims=True), neighbours_until=T0 + 15 * DAY)
     Q = 240
     t = np.concatenate([log.ts[rng.integers(E, size=Q // 2)],  # exactly at event times: ties with t
                         T0 + rng.integers(-2 * DAY, 45 * DAY, size=Q - Q // 2)])  # before the first event too
@@ -41,7 +41,7 @@ def test_every_family_equals_its_plain_reference_exactly(values):
     fast, ref = feature_table(log, q, cfg), reference_table(log, q, cfg)
     assert fast.names == ref.names and np.isfinite(fast.values).all()
     assert ("value.item_mean" in fast.names) == values
-    prefixes = {"item", "user", "ui", "uint", "seq", "req"} | ({"value"} if values else set())
+    prefixes = {"item", "user", "ui", "uint", "seq", "req", "nb"} | ({"value"} if values else set())
     assert {n.split(".")[0] for n in fast.names} == prefixes and len(cfg.families) == len(FAMILIES)
     np.testing.assert_allclose(fast.values, ref.values, rtol=1e-6, atol=1e-6)
     # the values vary (a table of constants would pass the comparison too)
@@ -68,12 +68,12 @@ def test_nothing_at_or_after_the_rows_time_changes_its_features_and_one_event_be
                        np.concatenate([action[keep], np.arange(n_add) % 3]),
                        np.concatenate([log.ts[keep], np.full(n_add, t)]),
                        np.concatenate([value[keep], np.full(n_add, 1.0)]), log.n_users, log.n_items,
-                       log.action_names, log.heads, log.item_interests, log.item_vectors)
+                       log.action_names, log.heads, log.item_interests, log.item_vectors, log.neighbours_until)
         np.testing.assert_array_equal(feature_table(new, row, cfg).values, base)
         # one event on this user and item one second before t: the features see it
         earlier = EventLog(np.append(log.user, q.user[i]), np.append(log.item, q.item[i]), np.append(log.action, 1),
                            np.append(log.ts, t - 1), np.append(log.value, 1.0), log.n_users, log.n_items,
-                           log.action_names, log.heads, log.item_interests, log.item_vectors)
+                           log.action_names, log.heads, log.item_interests, log.item_vectors, log.neighbours_until)
         assert not np.array_equal(feature_table(earlier, row, cfg).values, base)
 
 

@@ -38,7 +38,7 @@ ITEM_PROPERTIES = ("first_interest", "n_interests", "interest_index")  # the sta
 # families whose times are keyed by the user (alone or with the item): their delta part is built on the query users'
 # own events only (the same answers from fewer events: most of a delta is other users' events on the candidates);
 # any other family gets the whole delta, which is always right
-BY_USER = frozenset({"user_counts", "user_item", "user_interest", "sequence_match"})
+BY_USER = frozenset({"user_counts", "user_item", "user_interest", "sequence_match", "item_neighbours"})
 
 
 class Joined:
@@ -69,10 +69,14 @@ class Joined:
 
 @dataclass
 class Pair:
-    """Per-event values of both parts (the argument `UnionTimes.sum_before` takes)."""
+    """Per-event values of both parts (the argument `UnionTimes.sum_before` takes; indexed, `b`'s indexes follow
+    `a`'s, as `UnionTimes.window` gives them)."""
 
     a: np.ndarray
     b: np.ndarray
+
+    def __getitem__(self, idx):
+        return Joined(self.a, self.b)[idx]
 
 
 class UnionTimes:
@@ -170,13 +174,15 @@ class Delta:
         value = None if static.value is None else np.full(n, np.nan)
         return _same_items(static, EventLog(self.user[:n], self.item[:n], self.action[:n], self.ts[:n], value,
                                             static.n_users, static.n_items, static.action_names, static.heads,
-                                            static.item_interests, static.item_vectors))
+                                            static.item_interests, static.item_vectors, static.neighbours_until))
 
 
 def _same_items(static: EventLog, log: EventLog) -> EventLog:
     """`log` with the static log's per-item lookups (the same items: not built again per request)."""
     for name in ITEM_PROPERTIES:
         log.__dict__[name] = getattr(static, name)
+    # item_neighbours' similarity snapshot (events before neighbours_until <= E: the static log's alone), shared
+    log.__dict__["item_neighbours"] = static.__dict__.setdefault("item_neighbours", {})
     return log
 
 
@@ -252,6 +258,9 @@ def check_split(static: EventLog, since: int) -> None:
         raise PinnerformerError(f"online features: the split {since} is not a UTC midnight")
     if len(static.ts) and int(static.ts.max()) >= since:
         raise PinnerformerError(f"online features: the static log has events at or after the split {since}")
+    if static.neighbours_until is not None and since < static.neighbours_until:
+        raise PinnerformerError(f"online features: the served day version ends at {since}, before the end of the "
+                                f"item similarity snapshot ({static.neighbours_until}): serve a later version")
     static.cache["online.split"] = since
 
 
@@ -263,7 +272,7 @@ def online_table(static: EventLog, delta: Delta, q: Queries, cfg: FeatureConfig)
     union = EventLog(Joined(static.user, part.user), Joined(static.item, part.item),
                      Joined(static.action, part.action), Joined(static.ts, part.ts), static.value, static.n_users,
                      static.n_items, static.action_names, static.heads, static.item_interests, static.item_vectors,
-                     cache=PairedCache(static, part, delta.log(static, users_only=True)))
+                     static.neighbours_until, cache=PairedCache(static, part, delta.log(static, users_only=True)))
     union.__dict__["global_times"] = UnionTimes(static.global_times, GlobalCounts(delta.since, delta.times,
                                                                                    delta.counts, static.heads))
     return feature_table(_same_items(static, union), q, cfg)

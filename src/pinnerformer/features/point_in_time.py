@@ -14,6 +14,8 @@ tests compare it with:
                      similarity of item vectors (max, mean, newest)
     numeric_value    where events carry a number (ratings): the item's and the user's smoothed means and their sum as
                      a prediction
+    item_neighbours  what the user did to the items most like the candidate (item-to-item collaborative filtering,
+                     on a frozen similarity snapshot)
     request_rank     the candidate among the request's candidates: its popularity rank and gap to the most popular
 
 Windows are UTC-day aligned: "7d" is the events of t's day before t and of the 6 days before it (what an online
@@ -42,7 +44,7 @@ from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
 
 FAMILIES = ("item_counts", "user_counts", "user_item", "user_interest", "sequence_match", "numeric_value",
-            "request_rank")
+            "request_rank", "item_neighbours")
 NEVER_H = 24 * 3650.0  # "never happened" reads as ten years ago
 HOUR = 3600
 EVER = np.iinfo(np.int64).min // 4  # the start of the "all" window (np.iinfo once: it is slow per call)
@@ -53,6 +55,10 @@ class FeatureConfig(StrictModel):
     windows_days: list[int] = [1, 7, 30]  # besides "all"
     prior_weight: float = Field(10.0, gt=0)  # smoothed rate = (hits + w * global rate) / (events + w)
     seq_n: int = Field(50, ge=1)  # sequence_match: the user's last actions compared with the candidate
+    neighbours_n: int = Field(200, ge=1)  # item_neighbours: the user's last actions searched for the candidate's
+    neighbours_k: int = Field(30, ge=1)  # ... the most similar of them that vote
+    neighbours_kept: int = Field(100, ge=1)  # similar items kept per item
+    neighbours_shrink: float = Field(20.0, ge=0)  # similarity * co / (co + shrink): few co-raters, less trust
 
 
 def log_hours(seconds: np.ndarray) -> np.ndarray:
@@ -163,12 +169,14 @@ class EventLog:
     heads: list[tuple[str, np.ndarray]]  # (name, action codes) per ranking head
     item_interests: list[np.ndarray]  # interest codes of each item
     item_vectors: np.ndarray | None = None  # [n_items, E], L2-normalised
+    neighbours_until: int | None = None  # item_neighbours' similarity snapshot: the events before this time
     cache: dict = field(default_factory=dict)
 
     @staticmethod
     def from_dataset(ds: Dataset, heads: list[tuple[str, list[int]]], item_vectors: np.ndarray | None = None,
-                     until: int | None = None) -> "EventLog":
-        """The dataset's events (those before `until`, when given), its items' interests, and the heads."""
+                     until: int | None = None, neighbours_until: int | None = None) -> "EventLog":
+        """The dataset's events (those before `until`, when given), its items' interests, and the heads;
+        `neighbours_until`: the end of item_neighbours' similarity snapshot (None: no such family's columns)."""
         tl = ds.timelines
         user, item = tl.user_of_event().astype(np.int64), np.asarray(tl.item, np.int64)
         action, ts = np.asarray(tl.action, np.int64), np.asarray(tl.ts, np.int64)
@@ -187,7 +195,8 @@ class EventLog:
         return EventLog(user[keep], item[keep], action[keep], ts[keep], None if value is None else value[keep],
                         ds.manifest.n_users, ds.manifest.n_items, ds.manifest.action_names(),
                         [(h, np.asarray(c, np.int64)) for h, c in heads],
-                        [np.array([code[x] for x in (xs or [])], np.int64) for xs in interests.to_list()], vecs)
+                        [np.array([code[x] for x in (xs or [])], np.int64) for xs in interests.to_list()], vecs,
+                        neighbours_until)
 
     @cached_property
     def n_interests(self) -> int:

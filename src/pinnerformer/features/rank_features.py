@@ -21,7 +21,9 @@ def rank_event_log(rd: RankData, ds=None, until: int | None = None) -> EventLog:
         ds = ds or rd.dataset(descendants=True)
         names = ds.manifest.action_names()
         heads = [(h.name, [names.index(a) for a in h.actions]) for h in rd.heads]
-        cache[until] = EventLog.from_dataset(ds, heads, np.asarray(rd.item_vectors), until=until)
+        # the similarity snapshot ends where the feature PinnerFormer's data does: no row sees its own events in it
+        cache[until] = EventLog.from_dataset(ds, heads, np.asarray(rd.item_vectors), until=until,
+                                             neighbours_until=rd.manifest.pf_until)
     return cache[until]
 
 
