@@ -2,7 +2,7 @@
 cycle). Imports inside functions count: hiding one there does not make the dependency go away.
 
     base (errors, io, config, progress) <- data <- features <- ops <- models <- objectives <- evaluation
-        <- training <- runs <- inference / retrieval / ranking <- serving <- quickstart, daily <- cli
+        <- training <- runs <- inference / retrieval / ranking <- serving <- quickstart, daily <- api <- cli
 
 Also: no source file over 450 lines, except a model file (which may read better whole).
 """
@@ -14,9 +14,9 @@ from collections import defaultdict
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-RANK = {"errors": 0, "io": 0, "config": 0, "progress": 0, "data": 1, "features": 2, "nn": 3, "ops": 3, "models": 4,
+RANK = {"errors": 0, "io": 0, "config": 0, "progress": 0, "version": 0, "data": 1, "features": 2, "nn": 3, "ops": 3, "models": 4,
         "objectives": 5, "evaluation": 6, "training": 7, "distributed": 7, "runs": 8, "inference": 9, "retrieval": 9,
-        "ranking": 9, "serving": 10, "quickstart": 11, "daily": 11, "cli": 12}
+        "ranking": 9, "serving": 10, "quickstart": 11, "daily": 11, "api": 12, "cli": 13}
 MAX_LINES = 450
 
 

@@ -243,3 +243,14 @@ def checkpoint_sha256(ck: dict) -> str:
     # the training time it took is not content: a killed and re-run run must hash the same as an uninterrupted one
     walk("", {k: v for k, v in ck.items() if k not in ("tensors_sha256", "train_s")})
     return h.hexdigest()
+
+
+def portable_path(path: str | Path) -> str:
+    """How a report names a file or folder: relative to the working directory when it lies inside it (a report
+    written from the repository names the repository's files portably), else by its name alone (the machine's
+    absolute path would mean nothing elsewhere; the fingerprint beside it says which data it was)."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(Path.cwd().resolve()).as_posix() or "."
+    except ValueError:
+        return p.name

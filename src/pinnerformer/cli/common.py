@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from pinnerformer import __version__
+from pinnerformer.version import __version__
 from pinnerformer.errors import PinnerformerError
 
 

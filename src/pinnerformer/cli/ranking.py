@@ -159,24 +159,17 @@ def evaluate(
     baselines; writes JSON and Markdown into the first run's eval/."""
 
     def body():
-        from pinnerformer.errors import PinnerformerError
-        from pinnerformer.ranking.evaluate import evaluate_ranking, report_markdown, write_report
-        from pinnerformer.ranking.run import RankRun
+        from pinnerformer.api import evaluate_rankers
+        from pinnerformer.ranking.evaluate import report_markdown
 
-        if split not in ("test", "validation"):
-            raise PinnerformerError(f"--split {split!r}: expected test or validation")
         runs = {}
         for r in run:
             name, eq, path = str(r).partition("=")
             runs[name if eq else Path(name).name] = Path(path if eq else name)
-        if reference is not None and reference not in runs:
-            raise PinnerformerError(f"--reference {reference!r} is not one of the runs ({', '.join(runs)})")
-        rd = RankRun(next(iter(runs.values()))).data()
-        report, _ = evaluate_ranking(rd, runs, split, reference, k=k, seed=seed, interests=True, log=log)
-        report.notes.append(f"command: {command_line(ctx)}")
-        path = write_report(report, next(iter(runs.values())) / "eval", f"ranking-{split}")
+        report = evaluate_rankers(runs, split, reference, k=k, seed=seed, notes=[f"command: {command_line(ctx)}"],
+                                  log=log)
         print(report_markdown(report))
-        log(f"report: {path}")
+        log(f"report: {next(iter(runs.values())) / 'eval' / f'ranking-{split}.json'}")
 
     run_guarded(body)
 

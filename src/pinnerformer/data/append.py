@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import polars as pl
 
-from pinnerformer import __version__
+from pinnerformer.version import __version__
 from pinnerformer.data import schema
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.data.formats.base import Checker, RawLog

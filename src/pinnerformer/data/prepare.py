@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pinnerformer import __version__
+from pinnerformer.version import __version__
 from pinnerformer.data import schema
 from pinnerformer.data.clock import day_start_ts
 from pinnerformer.data.formats.base import Checker, RawLog

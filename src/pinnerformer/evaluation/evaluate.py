@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from pinnerformer.io import portable_path
 from pinnerformer.config import StrictModel
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
@@ -115,7 +116,7 @@ def evaluate_model(model: PinnerFormer, ds: Dataset, protocol: Protocol, options
                                              interests if any(len(x) for x in interests) else None, pool, history)
         in_history = ranked.labels_in_history if history is not None else None
     return EvaluationReport(
-        run=run, dataset=str(ds.path.resolve()), fingerprint=m.fingerprint, protocol=protocol, split=o.split, k=o.k,
+        run=run, dataset=portable_path(ds.path), fingerprint=m.fingerprint, protocol=protocol, split=o.split, k=o.k,
         checkpoint=o.checkpoint,
         index=f"random pool of {o.index_size} items (seed {o.seed}) + the labels" if pool is not None
         else f"whole catalogue ({m.n_items} items)",

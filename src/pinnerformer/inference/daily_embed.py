@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pinnerformer import __version__
+from pinnerformer.version import __version__
 from pinnerformer.config import StrictModel
 from pinnerformer.data.clock import day_end_ts
 from pinnerformer.data.dataset import Dataset

@@ -27,7 +27,7 @@ from pinnerformer.evaluation.metrics import RECALL, bootstrap_ci, label_ranks, m
 from pinnerformer.evaluation.tasks import eligible_windows
 from pinnerformer.inference.daily_embed import DailyJob
 from pinnerformer.inference.snapshot import Snapshot
-from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic
+from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic, portable_path
 from pinnerformer.models.embedding import embed_items
 from pinnerformer.progress import progress_bar
 from pinnerformer.runs.run_dir import RunDir
@@ -111,7 +111,7 @@ def simulate_daily(run_dir: Path, ds: Dataset, first: dt.date, last: dt.date, ou
     for w in warnings:
         log("warning: " + w)
     result = {
-        "run": str(Path(run_dir).resolve()), "dataset": str(Path(ds.path).resolve()),
+        "run": portable_path(run_dir), "dataset": portable_path(ds.path),
         "fingerprint": ds.manifest.fingerprint, "from": first.isoformat(), "to": last.isoformat(), "k": k,
         "label_days": label_days, "test_users": int(len(users)), "days": rows,
         "daily_user_windows": n_windows, "pooled": summary, "warnings": warnings,

@@ -17,7 +17,7 @@ from pinnerformer.evaluation import ranking_metrics as rm
 from pinnerformer.evaluation.ranking import (
     BASELINES, Lift, MetricValue, PerRequest, baseline_scores, score_requests, v2_spec_for,
 )
-from pinnerformer.io import write_json_atomic, write_text_atomic
+from pinnerformer.io import write_json_atomic, write_text_atomic, portable_path
 from pinnerformer.models.gbdt import GbdtRanker
 from pinnerformer.ranking.run import RankRun
 
@@ -87,7 +87,7 @@ def evaluate_ranking(rd: RankData, runs: dict[str, Path], split: str = "test", r
     report = RankingReport(
         split=split, requests=len(requests), heads={h.name: h.text() for h in rd.heads},
         protocol=protocol_text(rd, k),
-        data={"path": str(rd.path.resolve()), "fingerprint": m.fingerprint, "dataset": m.dataset.fingerprint,
+        data={"path": portable_path(rd.path), "fingerprint": m.fingerprint, "dataset": m.dataset.fingerprint,
               "dataset_format": m.dataset_format, "pinnerformer_checkpoint": m.pinnerformer["checkpoint_sha256"],
               "item_vectors": m.item_vectors["source"], "requests_per_split": {s: c.requests for s, c in
                                                                                 m.splits.items()}},

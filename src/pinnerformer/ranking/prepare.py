@@ -54,7 +54,8 @@ def check_feature_run(run: RunDir, ds: Dataset, limit: int) -> None:
             f"{limit}): its weights have seen the ranker's requests (leakage)")
 
 
-def train_feature_run(ds: Dataset, out: Path, until: int, max_steps: int, seed: int, log=print) -> RunDir:
+def train_feature_run(ds: Dataset, out: Path, until: int, max_steps: int, seed: int, log=print,
+                      progress: bool = True) -> RunDir:
     from pinnerformer.training.config import load_config
     from pinnerformer.training.retrieval import retrieval_loop
 
@@ -62,7 +63,7 @@ def train_feature_run(ds: Dataset, out: Path, until: int, max_steps: int, seed: 
                                           "seed": seed, "device": "cpu" if not torch.cuda.is_available() else "auto"})
     log(f"PinnerFormer for the feature: trained on events before {_day(until)} only, at most {max_steps} steps "
         f"-> {out}")
-    retrieval_loop(ds, cfg, out, log=log).fit(max_steps=max_steps, progress=True)
+    retrieval_loop(ds, cfg, out, log=log).fit(max_steps=max_steps, progress=progress)
     return RunDir(out)
 
 
@@ -165,17 +166,18 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 
 def prepare_ranking(dataset_dir: Path, output: Path, opts: rq.RequestOptions, pinnerformer: Path | None = None,
-                    pf_max_steps: int = 600, overwrite: bool = False, log=print) -> rq.RankManifest:
+                    pf_max_steps: int = 600, overwrite: bool = False, log=print, progress: bool = True
+                    ) -> rq.RankManifest:
     ds = Dataset.open(dataset_dir)
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(output.parent, f"the folder of ranking data {output}", log=log):
         check_output(output, overwrite)  # again, under the lock: another prepare may have just written it
-        return _prepare_locked(ds, output, opts, pinnerformer, pf_max_steps, log)
+        return _prepare_locked(ds, output, opts, pinnerformer, pf_max_steps, log, progress)
 
 
 def _prepare_locked(ds: Dataset, output: Path, opts: rq.RequestOptions, pinnerformer: Path | None,
-                    pf_max_steps: int, log) -> rq.RankManifest:
+                    pf_max_steps: int, log, progress: bool = True) -> rq.RankManifest:
     with atomic_dir(output) as tmp:
         tables = rq.build_requests(ds, opts, log=log)
         req, cand = tables.requests, tables.candidates
@@ -190,7 +192,8 @@ def _prepare_locked(ds: Dataset, output: Path, opts: rq.RequestOptions, pinnerfo
             check_feature_run(run, ds, tables.pf_until)
             run_ref = str(Path(pinnerformer).resolve())
         else:
-            run = train_feature_run(ds, tmp / rq.PF_RUN, tables.pf_until, pf_max_steps, opts.seed, log=log)
+            run = train_feature_run(ds, tmp / rq.PF_RUN, tables.pf_until, pf_max_steps, opts.seed, log=log,
+                                    progress=progress)
             run_ref = rq.PF_RUN
         model = run.load_model(ds)
         device = torch.device("cpu")

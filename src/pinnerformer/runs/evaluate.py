@@ -11,7 +11,7 @@ from pinnerformer.evaluation.blend import BlendChoice, BlendConfig, check_blend_
 from pinnerformer.evaluation.evaluate import EvaluateOptions, evaluate_model
 from pinnerformer.evaluation.protocols import resolve_protocol
 from pinnerformer.evaluation.report import EvaluationReport, write_report
-from pinnerformer.io import write_json_atomic
+from pinnerformer.io import write_json_atomic, portable_path
 from pinnerformer.runs.run_dir import RunDir
 from pinnerformer.training import run_files as rf
 
@@ -35,7 +35,7 @@ def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, 
     if blend.item_knn:
         check_blend_applies(protocol, held_out)
     choice = blend_choice(run, ds, model, options.checkpoint, blend, log) if blend.item_knn else None
-    report = evaluate_model(model, ds, protocol, options, held_out, run=str(run.path.resolve()), log=log,
+    report = evaluate_model(model, ds, protocol, options, held_out, run=portable_path(run.path), log=log,
                             blend=choice)
     js, md = write_report(report, run.path / rf.EVAL)
     return report, js, md

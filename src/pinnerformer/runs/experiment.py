@@ -34,7 +34,7 @@ from pinnerformer.evaluation.evaluate import EvaluateOptions
 from pinnerformer.evaluation.metrics import P90_COVERAGE
 from pinnerformer.evaluation.report import MODEL, EvaluationReport, blend_text, history_text
 from pinnerformer.evaluation.tasks import parse_cutoffs
-from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic
+from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic, portable_path
 from pinnerformer.runs.evaluate import evaluate_run
 from pinnerformer.runs.run_dir import RunDir
 from pinnerformer.training import run_files as rf
@@ -153,7 +153,7 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
                                   validation=validation, report=report, history_removed=removed,
                                   wall_s=round(time.perf_counter() - tv, 1), train_wall_s=summary.wall_s,
                                   reused=reused))
-    result = ExperimentResult(grid=grid, dataset=str(ds.path.resolve()), fingerprint=ds.manifest.fingerprint,
+    result = ExperimentResult(grid=grid, dataset=portable_path(ds.path), fingerprint=ds.manifest.fingerprint,
                               preset=preset, seed=seed, max_epochs=max_epochs, command=command,
                               protocol=rows[0].report.protocol, rows=rows, wall_s=round(time.perf_counter() - t0, 1),
                               machine=machine(), date=dt.date.today().isoformat())

@@ -1,0 +1,284 @@
+"""The Python API: `import pinnerformer as pf`. Every step of the command line as a function that returns a typed
+object instead of printing; the command line (`pinnerformer ...`) is a thin layer over these.
+
+    ds = pf.builtin_dataset("work/ml")                       # or pf.prepare_dataset(path, "work/x", format="taobao")
+    summary = pf.train(ds, "work/run", preset="small", config={"optim": {"max_epochs": 2}})
+    report = pf.evaluate("work/run", ds)                     # EvaluationReport: report.models["model"]["recall@10"]
+    snap = pf.embed_day("work/run", ds, "2018-09-24", "work/snapshots")
+    index = pf.build_index("work/run", ds, "work/index")
+    top = pf.recommend(index, snap, user="1", k=10)           # polars DataFrame: rank, item, score, title
+    rd = pf.prepare_requests(ds, "work/rank", split="0.7,0.15,0.15")
+    pf.train_ranker(rd, "work/ranker", model="none")
+    pf.evaluate_rankers({"ranker": "work/ranker"}).models["ranker"]["hit@3/save"].value
+    pf.score("work/ranker", user="1", time="2018-09-24T12:00:00", items=["1", "2"])
+
+Configs are given as the pydantic objects (`TrainConfig`, `RankTrainConfig`) or as dicts of overrides over a preset
+(checked: an unknown key is an error naming it). Errors are `PinnerformerError` with a message saying what was
+expected. Logging goes to `log` (default: nothing); progress bars are off unless `progress=True`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import polars as pl
+
+from pinnerformer.config import merge_dicts, validate
+from pinnerformer.data.clock import day_start_ts, parse_day
+from pinnerformer.data.dataset import Dataset
+from pinnerformer.data.requests import RankData, RankManifest, RequestOptions, default_heads, parse_heads
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.evaluation.evaluate import EvaluateOptions
+from pinnerformer.evaluation.report import EvaluationReport
+from pinnerformer.inference.snapshot import Snapshot, SnapshotManifest
+from pinnerformer.ranking.evaluate import RankingReport
+from pinnerformer.retrieval.index import ItemIndex
+from pinnerformer.training.config import TrainConfig
+from pinnerformer.training.ranking import RankTrainConfig
+from pinnerformer.training.run_files import TrainSummary
+
+Log = Callable[[str], Any]
+PathLike = str | Path
+
+__all__ = [
+    "Dataset", "RankData", "ItemIndex", "Snapshot", "TrainConfig", "RankTrainConfig", "TrainSummary",
+    "EvaluationReport", "RankingReport", "SnapshotManifest", "RankManifest", "PinnerformerError",
+    "open_dataset", "builtin_dataset", "prepare_dataset", "train", "evaluate", "embed_day", "build_index",
+    "open_index", "recommend", "similar_items", "prepare_requests", "open_requests", "train_ranker",
+    "evaluate_rankers", "score", "create_app",
+]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def _dataset(ds: Dataset | PathLike) -> Dataset:
+    return ds if isinstance(ds, Dataset) else Dataset.open(ds)
+
+
+def _path(x: Dataset | RankData | PathLike) -> Path:
+    return Path(x.path) if isinstance(x, (Dataset, RankData)) else Path(x)
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def open_dataset(path: PathLike) -> Dataset:
+    """A prepared dataset directory (`prepare_dataset`, `pinnerformer data prepare`)."""
+    return Dataset.open(path)
+
+
+def prepare_dataset(input: PathLike, output: PathLike, format: str = "events", *, skip_invalid: bool = False,
+                    min_time: str = "1990-01-01", max_time: str | None = None, overwrite: bool = False,
+                    log: Log = _quiet, **format_options: Any) -> Dataset:
+    """A source event log (`format`: movielens | movielens-latest | sequences | otto | events | taobao | mind) turned
+    into a dataset directory at `output`. `format_options` are the format's own (e.g. `positive=["buy"]`,
+    `columns={"user": "uid"}` for events); `skip_invalid` counts and skips malformed rows instead of stopping."""
+    from pinnerformer.data.formats import read_source
+    from pinnerformer.data.prepare import prepare
+
+    raw = read_source(format, Path(input), format_options, skip_invalid=skip_invalid)
+    lo = day_start_ts(parse_day(min_time, "min_time"))
+    hi = day_start_ts(parse_day(max_time, "max_time")) if max_time else None
+    prepare(raw, Path(output), format, skip_invalid=skip_invalid, min_time=lo, max_time=hi, overwrite=overwrite,
+            log=log)
+    return Dataset.open(output)
+
+
+def builtin_dataset(output: PathLike, *, overwrite: bool = False, log: Log = _quiet) -> Dataset:
+    """The built-in MovieLens latest-small (shipped with the package) prepared into `output`."""
+    from pinnerformer.data.formats import read_source
+    from pinnerformer.data.prepare import prepare
+    from pinnerformer.quickstart import builtin_data_dir
+
+    prepare(read_source("movielens-latest", builtin_data_dir()), Path(output), "movielens-latest",
+            overwrite=overwrite, log=log)
+    return Dataset.open(output)
+
+
+# ---- PinnerFormer ----------------------------------------------------------------------------------------------
+def _train_config(preset: str, config: TrainConfig | Mapping | None) -> TrainConfig:
+    from pinnerformer.training.config import load_config
+
+    if isinstance(config, TrainConfig):
+        return config
+    return load_config(preset, None, dict(config or {}))
+
+
+def train(dataset: Dataset | PathLike, output: PathLike, preset: str = "small",
+          config: TrainConfig | Mapping | None = None, *, resume: bool = False, max_steps: int | None = None,
+          progress: bool = False, log: Log = _quiet) -> TrainSummary:
+    """Train a PinnerFormer run into `output` (early stopping on validation users); `config`: a `TrainConfig`, or
+    overrides over the preset (small | loo | loo-ensemble | paper)."""
+    from pinnerformer.training.retrieval import retrieval_loop
+
+    cfg = _train_config(preset, config)
+    return retrieval_loop(_dataset(dataset), cfg, Path(output), log=log).fit(resume=resume, max_steps=max_steps,
+                                                                            progress=progress)
+
+
+def evaluate(run: PathLike, dataset: Dataset | PathLike, *, log: Log = _quiet, **options: Any) -> EvaluationReport:
+    """A run scored on held-out users beside the baselines (written to RUN/eval/ too). `options`: those of
+    `EvaluateOptions` (protocol, split, cutoffs, k, exclude_history, ...)."""
+    from pinnerformer.runs import RunDir
+    from pinnerformer.runs.evaluate import evaluate_run
+
+    report, _, _ = evaluate_run(RunDir(Path(run)), _dataset(dataset), validate(EvaluateOptions, options, "evaluate"),
+                                log=log)
+    return report
+
+
+def embed_day(run: PathLike, dataset: Dataset | PathLike, as_of: str, output: PathLike, *, engine: str = "local",
+              force: bool = False, progress: bool = False, log: Log = _quiet, **job: Any) -> Snapshot:
+    """The daily job: every user's vector as of the end of day `as_of` (YYYY-MM-DD, UTC), incremental over the
+    previous snapshot under `output`; returns the verified snapshot. `job`: DailyJob's options (dtype,
+    shard_users, batch_size, device, checkpoint)."""
+    from pinnerformer.inference.daily_embed import DailyJob
+
+    day = parse_day(as_of, "as_of")
+    DailyJob(Path(run), _dataset(dataset), day, Path(output), **job).run(engine=engine, force=force, log=log,
+                                                                        progress=progress)
+    snap = Snapshot.open(Path(output) / day.isoformat())
+    snap.verify()
+    return snap
+
+
+def build_index(run: PathLike, dataset: Dataset | PathLike, output: PathLike, kind: str = "hnsw",
+                params: Mapping[str, int] | None = None, *, overwrite: bool = False, log: Log = _quiet) -> ItemIndex:
+    """The run's item vectors in a FAISS index (hnsw | flat | ivf) at `output`."""
+    from pinnerformer.retrieval.index import build_item_index
+
+    build_item_index(Path(run), _dataset(dataset), Path(output), kind, dict(params or {}), log=log,
+                     overwrite=overwrite)
+    return ItemIndex.open(output)
+
+
+def open_index(path: PathLike) -> ItemIndex:
+    return ItemIndex.open(path)
+
+
+def recommend(index: ItemIndex | PathLike, snapshot: Snapshot | PathLike, user: str | int, k: int = 10, *,
+              include_seen: bool = False) -> pl.DataFrame:
+    """A user's top-k items from the index with their snapshot vector (items they acted on left out unless
+    `include_seen`)."""
+    from pinnerformer.retrieval.retrieve import SeenItems, top_k_for_user
+
+    idx = index if isinstance(index, ItemIndex) else ItemIndex.open(index)
+    snap = snapshot if isinstance(snapshot, Snapshot) else Snapshot.open(snapshot)
+    snap.verify()
+    return top_k_for_user(idx, snap, str(user), k, None if include_seen else SeenItems(snap, None))
+
+
+def similar_items(index: ItemIndex | PathLike, item: str | int, k: int = 10) -> pl.DataFrame:
+    from pinnerformer.retrieval.retrieve import similar_items as similar
+
+    return similar(index if isinstance(index, ItemIndex) else ItemIndex.open(index), str(item), k)
+
+
+# ---- ranking ---------------------------------------------------------------------------------------------------
+def prepare_requests(dataset: Dataset | PathLike, output: PathLike, *, request: str | None = None,
+                     heads: str | None = None, split: str = "0.7,0.15,0.15", pinnerformer: PathLike | None = None,
+                     pf_max_steps: int = 600, overwrite: bool = False, progress: bool = False, log: Log = _quiet,
+                     **options: Any) -> RankData:
+    """Ranking requests rebuilt from the dataset's events (day | session | logged), with labels per head, the time
+    split (fractions, or 'LAST_TRAIN_DAY,LAST_VALIDATION_DAY') and the feature PinnerFormer. `options`: the rest of
+    `RequestOptions` (min_candidates, max_candidates, feature_share, item_vectors, seed, ...)."""
+    from pinnerformer.data.request_split import parse_split
+    from pinnerformer.data.requests import check_requestable
+    from pinnerformer.ranking.prepare import prepare_ranking
+
+    ds = _dataset(dataset)
+    kind = request or ("logged" if ds.manifest.format == "mind" else "day")
+    check_requestable(ds, kind)
+    names = ds.manifest.action_names()
+    head_list = parse_heads(heads, names) if heads else default_heads(ds.manifest.format, names)
+    opts = validate(RequestOptions, {"request": kind, "heads": head_list, **parse_split(split), **options},
+                    "prepare_requests")
+    prepare_ranking(Path(ds.path), Path(output), opts, None if pinnerformer is None else Path(pinnerformer),
+                    pf_max_steps, overwrite, log=log, progress=progress)
+    return RankData(output)
+
+
+def open_requests(path: PathLike) -> RankData:
+    return RankData(path)
+
+
+def _rank_config(preset: str, model: str | None, config: RankTrainConfig | Mapping | None) -> RankTrainConfig:
+    from pinnerformer.training.ranking import load_rank_config
+
+    if isinstance(config, RankTrainConfig):
+        if model is not None:
+            raise PinnerformerError("train_ranker: give the model inside the RankTrainConfig or as `model`, not both")
+        return config
+    over: dict = {}
+    if model == "gbdt":
+        over = {"learner": "gbdt"}
+    elif model is not None:
+        over = {"model": {"sequence": model}}
+    return load_rank_config(preset, None, merge_dicts(over, dict(config or {})))
+
+
+def train_ranker(data: RankData | PathLike, output: PathLike, model: str | None = None, preset: str = "default",
+                 config: RankTrainConfig | Mapping | None = None, *, resume: bool = False,
+                 max_steps: int | None = None, progress: bool = False, log: Log = _quiet) -> TrainSummary:
+    """Train a ranker on ranking data: `model` transact (default) | transact-v2 | bst | average | none, or gbdt
+    (LightGBM on the same features); selected on the validation period."""
+    from pinnerformer.training.gbdt import train_gbdt
+    from pinnerformer.training.ranking import ranking_loop
+
+    rd = data if isinstance(data, RankData) else RankData(data)
+    cfg = _rank_config(preset, model, config)
+    if cfg.learner == "gbdt":
+        if resume:
+            raise PinnerformerError("gbdt trains in one go: there is nothing to resume")
+        return train_gbdt(rd, cfg, Path(output), log=log, progress=progress)
+    return ranking_loop(rd, cfg, Path(output), log=log).fit(resume=resume, max_steps=max_steps, progress=progress)
+
+
+def evaluate_rankers(runs: Mapping[str, PathLike], split: str = "test", reference: str | None = None, *,
+                     k: int = 3, seed: int = 0, write: bool = True, notes: list[str] | None = None,
+                     log: Log = _quiet) -> RankingReport:
+    """Ranking runs (name -> run directory, all on the same ranking data) and the baselines scored on the requests
+    of `split`, with 95% intervals and paired lifts over `reference`; written to the first run's eval/ too."""
+    from pinnerformer.ranking.evaluate import evaluate_ranking, write_report
+    from pinnerformer.ranking.run import RankRun
+
+    if split not in ("test", "validation"):
+        raise PinnerformerError(f"split {split!r}: expected test or validation")
+    paths = {name: Path(p) for name, p in runs.items()}
+    if not paths:
+        raise PinnerformerError("evaluate_rankers: give at least one run")
+    if reference is not None and reference not in paths:
+        raise PinnerformerError(f"reference {reference!r} is not one of the runs ({', '.join(paths)})")
+    first = next(iter(paths.values()))
+    report, _ = evaluate_ranking(RankRun(first).data(), paths, split, reference, k=k, seed=seed, interests=True,
+                                 log=log)
+    report.notes.extend(notes or [])
+    if write:
+        write_report(report, first / "eval", f"ranking-{split}")
+    return report
+
+
+def score(run: PathLike, user: str | int, time: str | int, items: list[str | int], *,
+          snapshot: PathLike | None = None, surface: str | None = None) -> pl.DataFrame:
+    """One request scored by a ranking run: per-head probabilities and the served order (every candidate)."""
+    from pinnerformer.ranking.score import score_request
+
+    return score_request(Path(run), str(user), str(time), [str(i) for i in items],
+                         None if snapshot is None else Path(snapshot), surface)
+
+
+# ---- serving ---------------------------------------------------------------------------------------------------
+def create_app(workdir: PathLike, store: str | None = None, *, token: str | None = None,
+               read_token: str | None = None, log: Log = _quiet, **settings: Any):
+    """The FastAPI service over what the quickstart or the daily job wrote in `workdir` (rank-run/, index/,
+    snapshots/); `store`: redis://HOST:PORT/DB or an LMDB directory (default WORKDIR/store). Serve it with uvicorn."""
+    from pinnerformer.serving.app import ServiceSettings
+    from pinnerformer.serving.app import create_app as app_for
+    from pinnerformer.serving.server import build_service
+
+    service = build_service(Path(workdir), store, token, validate(ServiceSettings, settings, "create_app"), log=log,
+                            read_token=read_token)
+    return app_for(service)
+
+
