@@ -97,3 +97,18 @@ def test_committed_docs_and_results_hold_no_absolute_paths_of_the_machine_that_m
             if ABSOLUTE.search(line):
                 bad.append(f"{name}:{i}: {line.strip()[:120]}")
     assert not bad, "absolute paths in committed files:\n" + "\n".join(bad[:20])
+
+
+def test_prepare_dataset_names_the_bad_line_and_skip_invalid_counts_it(tmp_path):
+    src = tmp_path / "log.csv"
+    src.write_text("user,item,timestamp,action\nu1,i1,1600000000,click\nu1,i2,not-a-time,click\n"
+                   "u2,i1,1600000100,save\nu2,i3,1600000200,click\n")
+    with pytest.raises(pf.PinnerformerError, match=r"line 3"):
+        pf.prepare_dataset(src, tmp_path / "ds", format="events", columns={"action": "action"}, positive=["click"])
+    assert not (tmp_path / "ds" / "manifest.json").exists()
+    ds = pf.prepare_dataset(src, tmp_path / "ds", format="events", columns={"action": "action"},
+                            positive=["click"], skip_invalid=True)
+    assert isinstance(ds, pf.Dataset)
+    assert (ds.manifest.n_events, ds.manifest.n_users, ds.manifest.n_items) == (3, 2, 2)  # i2 was on the bad line
+    assert sum(ds.manifest.skipped.values()) == 1
+    assert pf.open_dataset(tmp_path / "ds").manifest.fingerprint == ds.manifest.fingerprint
