@@ -58,10 +58,6 @@ def _dataset(ds: Dataset | PathLike) -> Dataset:
     return ds if isinstance(ds, Dataset) else Dataset.open(ds)
 
 
-def _path(x: Dataset | RankData | PathLike) -> Path:
-    return Path(x.path) if isinstance(x, (Dataset, RankData)) else Path(x)
-
-
 # ---- data ------------------------------------------------------------------------------------------------------
 def open_dataset(path: PathLike) -> Dataset:
     """A prepared dataset directory (`prepare_dataset`, `pinnerformer data prepare`)."""
@@ -87,12 +83,9 @@ def prepare_dataset(input: PathLike, output: PathLike, format: str = "events", *
 
 def builtin_dataset(output: PathLike, *, overwrite: bool = False, log: Log = _quiet) -> Dataset:
     """The built-in MovieLens latest-small (shipped with the package) prepared into `output`."""
-    from pinnerformer.data.formats import read_source
-    from pinnerformer.data.prepare import prepare
-    from pinnerformer.quickstart import builtin_data_dir
+    from pinnerformer.quickstart import prepare_builtin
 
-    prepare(read_source("movielens-latest", builtin_data_dir()), Path(output), "movielens-latest",
-            overwrite=overwrite, log=log)
+    prepare_builtin(Path(output), overwrite=overwrite, log=log)
     return Dataset.open(output)
 
 
@@ -255,7 +248,7 @@ def evaluate_rankers(runs: Mapping[str, PathLike], split: str = "test", referenc
                                  log=log)
     report.notes.extend(notes or [])
     if write:
-        write_report(report, first / "eval", f"ranking-{split}")
+        log(f"report: {write_report(report, first / 'eval', f'ranking-{split}')}")
     return report
 
 

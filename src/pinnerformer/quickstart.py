@@ -18,6 +18,12 @@ def builtin_data_dir() -> Path:
     return Path(str(resources.files("pinnerformer.data") / "builtin" / BUILTIN))
 
 
+def prepare_builtin(output: Path, overwrite: bool = False, log=print) -> None:
+    """The built-in data prepared into a dataset directory at `output`."""
+    prepare(read_source("movielens-latest", builtin_data_dir()), output, "movielens-latest", overwrite=overwrite,
+            log=log)
+
+
 def serve_demo(ds: Dataset, run_dir: Path, workdir: Path, log=print, show=None, n_users: int = 3, k: int = 10) -> None:
     """The production path on the trained run: the daily snapshot as of the data's last day, the item index,
     and the top-k items (with titles) for a few users."""
@@ -120,8 +126,7 @@ def run_quickstart(workdir: Path, text: bool = True, log=print, show=None, train
     workdir = Path(workdir)
     dataset_dir = workdir / "dataset"
     log(f"[1/7] preparing the built-in {BUILTIN} data -> {dataset_dir}")
-    prepare(read_source("movielens-latest", builtin_data_dir()), dataset_dir, "movielens-latest",
-            overwrite=True, log=log)
+    prepare_builtin(dataset_dir, overwrite=True, log=log)
     if text:
         from pinnerformer.features.text import embed_items_text
 

@@ -169,7 +169,6 @@ def evaluate(
         report = evaluate_rankers(runs, split, reference, k=k, seed=seed, notes=[f"command: {command_line(ctx)}"],
                                   log=log)
         print(report_markdown(report))
-        log(f"report: {next(iter(runs.values())) / 'eval' / f'ranking-{split}.json'}")
 
     run_guarded(body)
 

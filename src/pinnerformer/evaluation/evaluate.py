@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from pinnerformer.io import portable_path
 from pinnerformer.config import StrictModel
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.io import portable_path
 from pinnerformer.evaluation.frequency import Frequency, frequency_recall
 from pinnerformer.evaluation.blend import Blend, BlendChoice, check_blend_applies, fit_knn
 from pinnerformer.evaluation.metrics import RECALL, bootstrap_ci, metric_name

@@ -50,7 +50,8 @@ class Neighbours:
 def _user_item(log: EventLog, until: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(user, item, value) once per (user, item) acted on before `until`; value: the pair's mean value, centred on
     the user's mean (None without values)."""
-    keep = np.flatnonzero(np.asarray(log.ts[np.arange(len(log.ts))]) < until) if len(log.ts) else np.zeros(0, int)
+    # indexed, not read whole: the online union log's arrays are joined views (features/online.py)
+    keep = np.flatnonzero(np.asarray(log.ts[np.arange(len(log.ts))]) < until)
     user, item = np.asarray(log.user[keep], np.int64), np.asarray(log.item[keep], np.int64)
     pair, inverse = np.unique(user * log.n_items + item, return_inverse=True)
     pu, pi = pair // log.n_items, pair % log.n_items
@@ -124,7 +125,7 @@ def _values(log: EventLog, cfg: FeatureConfig, nb: Neighbours, items, actions, v
     out = {"nb.weight": np.log1p(total)}
     for name, codes in log.heads:
         hit = np.isin(actions, codes) & valid
-        usual = np.where(valid.any(1), hit.sum(1) / n, 0.0)
+        usual = hit.sum(1) / n  # 0 for a user with no action
         share = ((w * np.take_along_axis(hit, take, 1)).sum(1) + usual) / (total + 1.0)
         out[f"nb.{name}"], out[f"nb.{name}.lift"] = share, share - usual
     if log.value is not None:
@@ -146,7 +147,7 @@ def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarr
         events, valid = times.window(user, t, cfg.neighbours_n)
         parts.append(_values(log, cfg, nb, log.item[events], log.action[events], value[events], valid, cand,
                              t >= log.neighbours_until))
-    return {k: np.concatenate([p[k] for p in parts])[:len(q)].astype(np.float64) for k in parts[0]}
+    return {k: np.concatenate([p[k] for p in parts]).astype(np.float64) for k in parts[0]}
 
 
 def reference_neighbours(log: EventLog, until: int, kept: int, shrink: float) -> np.ndarray:
@@ -186,7 +187,10 @@ def reference_neighbours(log: EventLog, until: int, kept: int, shrink: float) ->
 def reference(log: EventLog, q: Queries, i: int, cfg: FeatureConfig) -> dict[str, float]:
     if log.neighbours_until is None:
         return {}
-    sim = reference_neighbours(log, log.neighbours_until, cfg.neighbours_kept, cfg.neighbours_shrink)
+    key = ("item_neighbours.reference", log.neighbours_until, cfg.neighbours_kept, cfg.neighbours_shrink)
+    if key not in log.cache:
+        log.cache[key] = reference_neighbours(log, *key[1:])
+    sim = log.cache[key]
     t = int(q.t[i])
     mine = np.flatnonzero(before(log, t) & (log.user == q.user[i]))
     mine = mine[np.argsort(log.ts[mine], kind="stable")][::-1][:cfg.neighbours_n]  # newest first
