@@ -29,6 +29,8 @@ snapshot = pf.embed_day(work / "run", ds, last_day, work / "snapshots")
 index = pf.build_index(work / "run", ds, work / "index", kind="flat")
 user = snapshot.table["user_id"][0].as_py()
 print(pf.recommend(index, snapshot, user=user, k=5))
+everyone = pf.recommend_all(index, snapshot, work / "top10.parquet", k=10)  # every user of the day, one file
+print(f"top-10 of {everyone.users} users: {everyone.rows} rows in {Path(everyone.output).name}")
 
 rd = pf.prepare_requests(ds, work / "rank", pf_max_steps=STEPS)
 pf.train_ranker(rd, work / "ranker", model="none", config={"optim": {"max_epochs": 1}}, max_steps=RANK_STEPS)

@@ -1,6 +1,14 @@
 import os
 from pathlib import Path
 
+# pytest-xdist (the README's test command runs two workers on two cores): one thread each for torch, OpenMP (FAISS,
+# LightGBM) and polars, or the workers' thread pools fight over the cores and the suite is no faster. Set before
+# any of them is imported; the subprocesses the tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "POLARS_MAX_THREADS",
+                 "RAYON_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
 import pytest
 from typer.testing import CliRunner
 
@@ -71,9 +79,10 @@ def planted(tmp_path_factory):
 PLANTED_DAY = __import__("datetime").date(2020, 9, 25)  # planted timelines run 2020-09-13 .. 2020-10-15
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(planted, tmp_path_factory):
-    """A tiny run on the planted dataset (2 epochs); module-scoped: tests that damage it restore it."""
+    """A tiny run on the planted dataset (2 epochs), trained once per test process: tests that damage it restore
+    it, and tests that write beside it (eval/, blend.json) write what any other test would write there."""
     import json
 
     from pinnerformer.data import Dataset

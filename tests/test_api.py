@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = [
     "__version__",
     "Dataset", "RankData", "ItemIndex", "Snapshot", "TrainConfig", "RankTrainConfig", "TrainSummary",
-    "EvaluationReport", "RankingReport", "SnapshotManifest", "RankManifest", "PinnerformerError",
+    "EvaluationReport", "RankingReport", "SnapshotManifest", "RankManifest", "BatchTopK", "PinnerformerError",
     "open_dataset", "builtin_dataset", "prepare_dataset", "train", "evaluate", "embed_day", "build_index",
-    "open_index", "recommend", "similar_items", "prepare_requests", "open_requests", "train_ranker",
+    "open_index", "recommend", "recommend_all", "similar_items", "prepare_requests", "open_requests", "train_ranker",
     "evaluate_rankers", "score", "create_app",
 ]
 
@@ -68,6 +68,7 @@ def test_the_worked_example_runs_end_to_end(tmp_path):
     for name in ("random", "popularity", "ranker", "trees"):
         assert re.search(rf"^ *{name}  HIT@3/save \d\.\d{{3}} \[\d\.\d{{3}}, \d\.\d{{3}}\]$", text, re.M), name
     assert "utility" in text and "item_id" in text  # the scored request and the recommendations printed
+    assert re.search(r"^top-10 of 610 users: 6100 rows in top10\.parquet$", text, re.M)
 
 
 def test_reports_name_paths_portably(tmp_path, monkeypatch):

@@ -13,9 +13,9 @@ from pinnerformer.version import __version__
 __all__ = [
     "__version__",
     "Dataset", "RankData", "ItemIndex", "Snapshot", "TrainConfig", "RankTrainConfig", "TrainSummary",
-    "EvaluationReport", "RankingReport", "SnapshotManifest", "RankManifest", "PinnerformerError",
+    "EvaluationReport", "RankingReport", "SnapshotManifest", "RankManifest", "BatchTopK", "PinnerformerError",
     "open_dataset", "builtin_dataset", "prepare_dataset", "train", "evaluate", "embed_day", "build_index",
-    "open_index", "recommend", "similar_items", "prepare_requests", "open_requests", "train_ranker",
+    "open_index", "recommend", "recommend_all", "similar_items", "prepare_requests", "open_requests", "train_ranker",
     "evaluate_rankers", "score", "create_app",
 ]
 

@@ -3,7 +3,7 @@ object instead of printing; the command line (`pinnerformer ...`) is a thin laye
 
     ds = pf.builtin_dataset("work/ml")                       # or pf.prepare_dataset(path, "work/x", format="taobao")
     summary = pf.train(ds, "work/run", preset="small", config={"optim": {"max_epochs": 2}})
-    report = pf.evaluate("work/run", ds)                     # EvaluationReport: report.models["model"]["recall@10"]
+    report = pf.evaluate("work/run", ds)                     # EvaluationReport: report.model["recall@10"].mean
     snap = pf.embed_day("work/run", ds, "2018-09-24", "work/snapshots")
     index = pf.build_index("work/run", ds, "work/index")
     top = pf.recommend(index, snap, user="1", k=10)           # polars DataFrame: rank, item, score, title
@@ -19,6 +19,9 @@ expected. Logging goes to `log` (default: nothing); progress bars are off unless
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -34,6 +37,7 @@ from pinnerformer.evaluation.report import EvaluationReport
 from pinnerformer.inference.snapshot import Snapshot, SnapshotManifest
 from pinnerformer.ranking.evaluate import RankingReport
 from pinnerformer.retrieval.index import ItemIndex
+from pinnerformer.retrieval.retrieve import BatchTopK
 from pinnerformer.training.config import TrainConfig
 from pinnerformer.training.ranking import RankTrainConfig
 from pinnerformer.training.run_files import TrainSummary
@@ -43,15 +47,19 @@ PathLike = str | Path
 
 __all__ = [
     "Dataset", "RankData", "ItemIndex", "Snapshot", "TrainConfig", "RankTrainConfig", "TrainSummary",
-    "EvaluationReport", "RankingReport", "SnapshotManifest", "RankManifest", "PinnerformerError",
+    "EvaluationReport", "RankingReport", "SnapshotManifest", "RankManifest", "BatchTopK", "PinnerformerError",
     "open_dataset", "builtin_dataset", "prepare_dataset", "train", "evaluate", "embed_day", "build_index",
-    "open_index", "recommend", "similar_items", "prepare_requests", "open_requests", "train_ranker",
+    "open_index", "recommend", "recommend_all", "similar_items", "prepare_requests", "open_requests", "train_ranker",
     "evaluate_rankers", "score", "create_app",
 ]
 
 
 def _quiet(_: str) -> None:
     return None
+
+
+def _day(value: str | dt.date, name: str) -> dt.date:
+    return value if isinstance(value, dt.date) else parse_day(value, name)
 
 
 def _dataset(ds: Dataset | PathLike) -> Dataset:
@@ -65,17 +73,17 @@ def open_dataset(path: PathLike) -> Dataset:
 
 
 def prepare_dataset(input: PathLike, output: PathLike, format: str = "events", *, skip_invalid: bool = False,
-                    min_time: str = "1990-01-01", max_time: str | None = None, overwrite: bool = False,
-                    log: Log = _quiet, **format_options: Any) -> Dataset:
+                    min_time: str | dt.date = "1990-01-01", max_time: str | dt.date | None = None,
+                    overwrite: bool = False, log: Log = _quiet, **format_options: Any) -> Dataset:
     """A source event log (`format`: movielens | movielens-latest | sequences | otto | events | taobao | mind) turned
     into a dataset directory at `output`. `format_options` are the format's own (e.g. `positive=["buy"]`,
     `columns={"user": "uid"}` for events); `skip_invalid` counts and skips malformed rows instead of stopping."""
     from pinnerformer.data.formats import read_source
     from pinnerformer.data.prepare import prepare
 
+    lo = day_start_ts(_day(min_time, "min_time"))
+    hi = day_start_ts(_day(max_time, "max_time")) if max_time else None
     raw = read_source(format, Path(input), format_options, skip_invalid=skip_invalid)
-    lo = day_start_ts(parse_day(min_time, "min_time"))
-    hi = day_start_ts(parse_day(max_time, "max_time")) if max_time else None
     prepare(raw, Path(output), format, skip_invalid=skip_invalid, min_time=lo, max_time=hi, overwrite=overwrite,
             log=log)
     return Dataset.open(output)
@@ -102,46 +110,75 @@ def train(dataset: Dataset | PathLike, output: PathLike, preset: str = "small",
           config: TrainConfig | Mapping | None = None, *, resume: bool = False, max_steps: int | None = None,
           progress: bool = False, log: Log = _quiet) -> TrainSummary:
     """Train a PinnerFormer run into `output` (early stopping on validation users); `config`: a `TrainConfig`, or
-    overrides over the preset (small | loo | loo-ensemble | paper)."""
+    overrides over the preset (small | loo | loo-ensemble | paper). Under torchrun each process that calls it is one
+    rank of the same run (docs/distributed.md)."""
     from pinnerformer.training.retrieval import retrieval_loop
 
     cfg = _train_config(preset, config)
-    return retrieval_loop(_dataset(dataset), cfg, Path(output), log=log).fit(resume=resume, max_steps=max_steps,
-                                                                            progress=progress)
+    with _process_group(cfg.device) as (dist, on_step):
+        return retrieval_loop(_dataset(dataset), cfg, Path(output), log=log, dist=dist).fit(
+            resume=resume, max_steps=max_steps, progress=progress, on_step=on_step)
 
 
-def evaluate(run: PathLike, dataset: Dataset | PathLike, *, log: Log = _quiet, **options: Any) -> EvaluationReport:
-    """A run scored on held-out users beside the baselines (written to RUN/eval/ too). `options`: those of
-    `EvaluateOptions` (protocol, split, cutoffs, k, exclude_history, ...)."""
+@contextmanager
+def _process_group(device: str):
+    """torchrun's process group when this process is one of several (else None), and the fault-injection tests'
+    step hook; the group is closed however training ends."""
+    from pinnerformer.distributed.context import from_environment
+    from pinnerformer.distributed.launch import fault_hook
+
+    dist = from_environment(device)
+    try:
+        yield dist, fault_hook(dist)
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def evaluate(run: PathLike, dataset: Dataset | PathLike, *, item_knn: bool | None = None, log: Log = _quiet,
+             **options: Any) -> EvaluationReport:
+    """A run scored on held-out users beside the baselines (written to RUN/eval/ too; `log` says where).
+    `options`: those of `EvaluateOptions` (protocol, split, cutoffs, k, exclude_history, ...); `item_knn`:
+    leave-one-out blended with item-to-item neighbours, λ chosen on validation (default: the run's setting)."""
     from pinnerformer.runs import RunDir
     from pinnerformer.runs.evaluate import evaluate_run
 
-    report, _, _ = evaluate_run(RunDir(Path(run)), _dataset(dataset), validate(EvaluateOptions, options, "evaluate"),
-                                log=log)
+    rd = RunDir(Path(run))
+    blend = None if item_knn is None else rd.config.blend.model_copy(update={"item_knn": item_knn})
+    report, js, md = evaluate_run(rd, _dataset(dataset), validate(EvaluateOptions, options, "evaluate"), log=log,
+                                  blend=blend)
+    log(f"wrote {js} and {md} ({report.wall_s} s)")
     return report
 
 
-def embed_day(run: PathLike, dataset: Dataset | PathLike, as_of: str, output: PathLike, *, engine: str = "local",
-              force: bool = False, progress: bool = False, log: Log = _quiet, **job: Any) -> Snapshot:
+def embed_day(run: PathLike, dataset: Dataset | PathLike, as_of: str | dt.date, output: PathLike, *, engine: str = "local",
+              force: bool = False, ray_address: str | None = None, ray_actors: int = 2,
+              ray_cpus_per_actor: float = 0.5, progress: bool = False, log: Log = _quiet, **job: Any) -> Snapshot:
     """The daily job: every user's vector as of the end of day `as_of` (YYYY-MM-DD, UTC), incremental over the
-    previous snapshot under `output`; returns the verified snapshot. `job`: DailyJob's options (dtype,
-    shard_users, batch_size, device, checkpoint)."""
+    previous snapshot under `output`; returns the verified snapshot. `engine`: local | ray (a pool of
+    `ray_actors` actors, on a local Ray or the cluster at `ray_address`). `job`: DailyJob's options (dtype,
+    shard_users, batch_size, device, checkpoint, compile)."""
     from pinnerformer.inference.daily_embed import DailyJob
 
-    day = parse_day(as_of, "as_of")
-    DailyJob(Path(run), _dataset(dataset), day, Path(output), **job).run(engine=engine, force=force, log=log,
-                                                                        progress=progress)
+    day = _day(as_of, "as_of")
+    if job.get("shard_users", 1) < 1 or job.get("batch_size", 1) < 1:
+        raise PinnerformerError("shard_users and batch_size must be at least 1")
+    DailyJob(Path(run), _dataset(dataset), day, Path(output), **job).run(
+        engine=engine, force=force, ray_address=ray_address, ray_actors=ray_actors,
+        ray_cpus_per_actor=ray_cpus_per_actor, log=log, progress=progress)
     snap = Snapshot.open(Path(output) / day.isoformat())
     snap.verify()
     return snap
 
 
 def build_index(run: PathLike, dataset: Dataset | PathLike, output: PathLike, kind: str = "hnsw",
-                params: Mapping[str, int] | None = None, *, overwrite: bool = False, log: Log = _quiet) -> ItemIndex:
-    """The run's item vectors in a FAISS index (hnsw | flat | ivf) at `output`."""
+                params: Mapping[str, int] | None = None, *, checkpoint: str = "best", overwrite: bool = False,
+                log: Log = _quiet) -> ItemIndex:
+    """The run's item vectors in a FAISS index (hnsw | flat | ivf; `params` e.g. {"M": 32, "ef_search": 128}) at
+    `output`."""
     from pinnerformer.retrieval.index import build_item_index
 
-    build_item_index(Path(run), _dataset(dataset), Path(output), kind, dict(params or {}), log=log,
+    build_item_index(Path(run), _dataset(dataset), Path(output), kind, dict(params or {}), checkpoint, log=log,
                      overwrite=overwrite)
     return ItemIndex.open(output)
 
@@ -150,16 +187,38 @@ def open_index(path: PathLike) -> ItemIndex:
     return ItemIndex.open(path)
 
 
-def recommend(index: ItemIndex | PathLike, snapshot: Snapshot | PathLike, user: str | int, k: int = 10, *,
-              include_seen: bool = False) -> pl.DataFrame:
-    """A user's top-k items from the index with their snapshot vector (items they acted on left out unless
-    `include_seen`)."""
-    from pinnerformer.retrieval.retrieve import SeenItems, top_k_for_user
-
+def _index_and_snapshot(index: ItemIndex | PathLike, snapshot: Snapshot | PathLike, k: int
+                        ) -> tuple[ItemIndex, Snapshot]:
+    if k < 1:
+        raise PinnerformerError(f"k must be at least 1, got {k}")
     idx = index if isinstance(index, ItemIndex) else ItemIndex.open(index)
     snap = snapshot if isinstance(snapshot, Snapshot) else Snapshot.open(snapshot)
-    snap.verify()
-    return top_k_for_user(idx, snap, str(user), k, None if include_seen else SeenItems(snap, None))
+    snap.verify()  # never serve vectors that are not the ones the job wrote
+    return idx, snap
+
+
+def recommend(index: ItemIndex | PathLike, snapshot: Snapshot | PathLike, user: str | int, k: int = 10, *,
+              include_seen: bool = False, dataset: PathLike | None = None) -> pl.DataFrame:
+    """A user's top-k items from the index with their snapshot vector: rank, item_id, score, title. The items they
+    acted on before the snapshot's cut-off are left out unless `include_seen` (read from the snapshot's dataset, or
+    `dataset`, one grown from it)."""
+    from pinnerformer.retrieval.retrieve import SeenItems, top_k_for_user
+
+    idx, snap = _index_and_snapshot(index, snapshot, k)
+    seen = None if include_seen else SeenItems(snap, None if dataset is None else Path(dataset))
+    return top_k_for_user(idx, snap, str(user), k, seen)
+
+
+def recommend_all(index: ItemIndex | PathLike, snapshot: Snapshot | PathLike, output: PathLike, k: int = 10, *,
+                  users: list[str | int] | None = None, include_seen: bool = False,
+                  dataset: PathLike | None = None) -> BatchTopK:
+    """Top-k for many users (default: every user in the snapshot) into one Parquet file at `output`, one row per
+    (user_id, rank); an unknown user id is an error naming it, never dropped."""
+    from pinnerformer.retrieval.retrieve import SeenItems, top_k_batch
+
+    idx, snap = _index_and_snapshot(index, snapshot, k)
+    seen = None if include_seen else SeenItems(snap, None if dataset is None else Path(dataset))
+    return top_k_batch(idx, snap, None if users is None else [str(u) for u in users], k, Path(output), seen=seen)
 
 
 def similar_items(index: ItemIndex | PathLike, item: str | int, k: int = 10) -> pl.DataFrame:
@@ -215,17 +274,21 @@ def train_ranker(data: RankData | PathLike, output: PathLike, model: str | None 
                  config: RankTrainConfig | Mapping | None = None, *, resume: bool = False,
                  max_steps: int | None = None, progress: bool = False, log: Log = _quiet) -> TrainSummary:
     """Train a ranker on ranking data: `model` transact (default) | transact-v2 | bst | average | none, or gbdt
-    (LightGBM on the same features); selected on the validation period."""
+    (LightGBM on the same features); selected on the validation period. Under torchrun each process that calls it
+    is one rank of the same run."""
     from pinnerformer.training.gbdt import train_gbdt
     from pinnerformer.training.ranking import ranking_loop
 
     rd = data if isinstance(data, RankData) else RankData(data)
     cfg = _rank_config(preset, model, config)
     if cfg.learner == "gbdt":
-        if resume:
-            raise PinnerformerError("gbdt trains in one go: there is nothing to resume")
+        if resume or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise PinnerformerError("gbdt trains in one go on one process: nothing to resume, no torchrun (--resume, "
+                                    "--nproc)")
         return train_gbdt(rd, cfg, Path(output), log=log, progress=progress)
-    return ranking_loop(rd, cfg, Path(output), log=log).fit(resume=resume, max_steps=max_steps, progress=progress)
+    with _process_group(cfg.device) as (dist, on_step):
+        return ranking_loop(rd, cfg, Path(output), log=log, dist=dist).fit(resume=resume, max_steps=max_steps,
+                                                                           progress=progress, on_step=on_step)
 
 
 def evaluate_rankers(runs: Mapping[str, PathLike], split: str = "test", reference: str | None = None, *,

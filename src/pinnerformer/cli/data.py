@@ -108,17 +108,26 @@ def with_format_flags(fn):
     return fn
 
 
+def reading_options(format: str, flags: dict) -> tuple[dict, dict]:
+    """The command's flags as (skip_invalid, min_time, max_time as days) and the format's own options."""
+    from pinnerformer.data.clock import parse_day
+
+    read = {"skip_invalid": flags["skip_invalid"], "min_time": parse_day(flags["min_time"], "--min-time"),
+            "max_time": parse_day(flags["max_time"], "--max-time") if flags["max_time"] else None}
+    given = {name.replace("_", "-"): v for name, v in flags.items()
+             if v is not None and name not in {n for n, *_ in READ_FLAGS}}
+    return read, format_options(format, given)
+
+
 def read_input(format: str, input: Path, flags: dict):
-    """The input read with the command's flags: (raw log, skip_invalid, min_time, max_time) for prepare/append."""
-    from pinnerformer.data.clock import day_start_ts, parse_day
+    """The input read with the command's flags: (raw log, skip_invalid, min_time, max_time) for append and daily."""
+    from pinnerformer.data.clock import day_start_ts
     from pinnerformer.data.formats import read_source
 
-    read = {name: flags[name] for name, *_ in READ_FLAGS}
-    given = {name.replace("_", "-"): v for name, v in flags.items() if v is not None and name not in read}
-    raw = read_source(format, input, format_options(format, given), skip_invalid=read["skip_invalid"])
-    lo = day_start_ts(parse_day(read["min_time"], "--min-time"))
-    hi = day_start_ts(parse_day(read["max_time"], "--max-time")) if read["max_time"] else None
-    return raw, read["skip_invalid"], lo, hi
+    read, options = reading_options(format, flags)
+    raw = read_source(format, input, options, skip_invalid=read["skip_invalid"])
+    hi = day_start_ts(read["max_time"]) if read["max_time"] else None
+    return raw, read["skip_invalid"], day_start_ts(read["min_time"]), hi
 
 
 FORMAT_HELP = "movielens | movielens-latest | sequences | otto | events | taobao | mind"
@@ -134,13 +143,13 @@ def data_prepare(
     **flags,
 ):
     """Turn a source event log into a canonical dataset directory (events, items, timelines, manifest)."""
-    from pinnerformer.data.dataset import Dataset
-    from pinnerformer.data.prepare import prepare
 
     def body():
-        raw, skip_invalid, lo, hi = read_input(format, input, flags)
-        prepare(raw, output, format, skip_invalid=skip_invalid, min_time=lo, max_time=hi, overwrite=overwrite, log=log)
-        print_stats(Dataset.open(output), flags["as_json"])
+        from pinnerformer.api import prepare_dataset
+
+        read, options = reading_options(format, flags)
+        print_stats(prepare_dataset(input, output, format, overwrite=overwrite, log=log, **read, **options),
+                    flags["as_json"])
 
     run_guarded(body)
 

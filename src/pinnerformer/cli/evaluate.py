@@ -35,22 +35,14 @@ def evaluate(
     """Score a trained run on held-out users beside baselines; writes JSON and Markdown into RUN/eval/."""
 
     def body():
-        from pinnerformer.config import validate
-        from pinnerformer.data.dataset import Dataset
-        from pinnerformer.evaluation.evaluate import EvaluateOptions
+        from pinnerformer.api import evaluate as evaluate_run
         from pinnerformer.evaluation.report import markdown
-        from pinnerformer.runs import RunDir
-        from pinnerformer.runs.evaluate import evaluate_run
 
-        options = validate(EvaluateOptions, {
-            "protocol": protocol, "split": split, "cutoffs": parse_list(cutoff), "label_days": label_days, "k": k,
-            "index_size": index_size, "checkpoint": checkpoint, "frequency": parse_list(frequency),
-            "exclude_history": exclude_history, "per_user_cutoffs": per_user_cutoffs}, "evaluate")
-        rd = RunDir(run)
-        blend = None if item_knn is None else rd.config.blend.model_copy(update={"item_knn": item_knn})
-        report, js, md = evaluate_run(rd, Dataset.open(dataset), options, log=log, blend=blend)
+        report = evaluate_run(run, dataset, item_knn=item_knn, log=log, protocol=protocol, split=split,
+                              cutoffs=parse_list(cutoff), label_days=label_days, k=k, index_size=index_size,
+                              checkpoint=checkpoint, frequency=parse_list(frequency), exclude_history=exclude_history,
+                              per_user_cutoffs=per_user_cutoffs)
         print(markdown(report))
-        log(f"wrote {js} and {md} ({report.wall_s} s)")
 
     run_guarded(body)
 

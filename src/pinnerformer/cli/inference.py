@@ -36,17 +36,15 @@ def embed(
     """Daily batch inference: user embeddings as of a day, incremental over the previous snapshot."""
 
     def body():
+        from pinnerformer.api import embed_day
         from pinnerformer.data.clock import parse_day
-        from pinnerformer.data.dataset import Dataset
-        from pinnerformer.inference.daily_embed import DailyJob
 
         if shard_users < 1 or batch_size < 1:
             raise PinnerformerError("--shard-users and --batch-size must be at least 1")
-        job = DailyJob(run, Dataset.open(dataset), parse_day(as_of, "--as-of"), output, dtype=dtype,
-                       checkpoint=checkpoint, shard_users=shard_users, batch_size=batch_size, device=device,
-                       compile=compile_model)
-        job.run(engine=engine, force=force, ray_address=ray_address, ray_actors=ray_actors,
-                ray_cpus_per_actor=ray_cpus_per_actor, log=log, progress=progress)
+        embed_day(run, dataset, parse_day(as_of, "--as-of"), output, engine=engine, force=force,
+                  ray_address=ray_address, ray_actors=ray_actors, ray_cpus_per_actor=ray_cpus_per_actor,
+                  progress=progress, log=log, dtype=dtype, checkpoint=checkpoint, shard_users=shard_users,
+                  batch_size=batch_size, device=device, compile=compile_model)
 
     run_guarded(body)
 

@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from pinnerformer.cli.common import app, command_line, console, log, parse_list, run_guarded
-from pinnerformer.errors import PinnerformerError
 
 rank_app = typer.Typer(help="The ranker: request data, TransAct + PinnerFormer + DCN v2 multi-task training, HIT@3.",
                        no_args_is_help=True, rich_markup_mode=None)
@@ -54,24 +53,13 @@ def prepare(
     """Build ranking requests (candidates, labels per head, sequences, yesterday's PinnerFormer vectors, time split)."""
 
     def body():
-        from pinnerformer.data import requests as rq
-        from pinnerformer.data.dataset import Dataset
-        from pinnerformer.ranking.prepare import prepare_ranking
+        from pinnerformer.api import prepare_requests
 
-        ds = Dataset.open(dataset)
-        request_kind = request or ("logged" if ds.manifest.format == "mind" else "day")
-        rq.check_requestable(ds, request_kind)  # before --heads and the rest are asked for
-        names = ds.manifest.action_names()
-        head_list = rq.parse_heads(heads, names) if heads else rq.default_heads(ds.manifest.format, names)
-        from pinnerformer.config import validate
-        from pinnerformer.data.request_split import parse_split
-
-        opts = validate(rq.RequestOptions, {
-            "request": request_kind, "heads": head_list,
-            **parse_split(split), "feature_share": feature_share, "session_gap_minutes": session_gap_minutes,
-            "min_candidates": min_candidates, "max_candidates": max_candidates, "item_vectors": item_vectors,
-            "int8_dim": int8_dim, "seed": seed}, "rank prepare")
-        prepare_ranking(dataset, output, opts, pinnerformer, pf_max_steps, overwrite, log=log)
+        prepare_requests(dataset, output, request=request, heads=heads, split=split, pinnerformer=pinnerformer,
+                         pf_max_steps=pf_max_steps, overwrite=overwrite, progress=True, log=log,
+                         feature_share=feature_share, session_gap_minutes=session_gap_minutes,
+                         min_candidates=min_candidates, max_candidates=max_candidates, item_vectors=item_vectors,
+                         int8_dim=int8_dim, seed=seed)
 
     run_guarded(body)
 
@@ -106,10 +94,10 @@ def train(
         raise typer.Exit(relaunch(nproc, ctx.find_root().meta.get("argv") or sys.argv[1:]))
 
     def body():
-        from pinnerformer.data.requests import RankData
-        from pinnerformer.distributed.context import from_environment
-        from pinnerformer.distributed.launch import fault_hook
-        from pinnerformer.training.ranking import load_rank_config, ranking_loop
+        import os
+
+        from pinnerformer.api import train_ranker
+        from pinnerformer.training.ranking import load_rank_config
 
         over: dict = {"model": {}, "optim": {}}
         if model == "gbdt":
@@ -124,22 +112,9 @@ def train(
             over["device"] = device
         if seed is not None:
             over["seed"] = seed
-        cfg = load_rank_config(preset, config, over)
-        if cfg.learner == "gbdt":
-            from pinnerformer.training.gbdt import train_gbdt
-
-            if resume or nproc > 1:
-                raise PinnerformerError("--model gbdt trains in one go on one process (no --resume, no --nproc)")
-            console.print_json(train_gbdt(RankData(data), cfg, output, log=log, progress=progress).model_dump_json())
-            return
-        dist = from_environment(cfg.device)
-        try:
-            summary = ranking_loop(RankData(data), cfg, output, log=log, dist=dist).fit(
-                resume=resume, max_steps=max_steps, progress=progress, on_step=fault_hook(dist))
-        finally:
-            if dist is not None:
-                dist.close()
-        if dist is None or dist.main:
+        summary = train_ranker(data, output, config=load_rank_config(preset, config, over), resume=resume,
+                               max_steps=max_steps, progress=progress, log=log)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the first rank speaks for the run
             console.print_json(summary.model_dump_json())
 
     run_guarded(body)
@@ -218,9 +193,9 @@ def score(
 
         import polars as pl
 
-        from pinnerformer.ranking.score import score_request
+        from pinnerformer.api import score as score_request
 
-        table = score_request(run, user, time, parse_list(items) or [], snapshot, surface)
+        table = score_request(run, user, time, parse_list(items) or [], snapshot=snapshot, surface=surface)
         if as_json:
             print(json.dumps(table.to_dicts(), indent=2))
             return

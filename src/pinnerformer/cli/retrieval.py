@@ -42,11 +42,10 @@ def index(
     """Item embeddings from the item tower into a FAISS index, with its id map and manifest."""
 
     def body():
-        from pinnerformer.data.dataset import Dataset
-        from pinnerformer.retrieval.index import build_item_index
+        from pinnerformer.api import build_index
 
-        build_item_index(run, Dataset.open(dataset), output, kind, parse_params(params), checkpoint, log=log,
-                         overwrite=overwrite)
+        build_index(run, dataset, output, kind, parse_params(params), checkpoint=checkpoint, overwrite=overwrite,
+                    log=log)
 
     run_guarded(body)
 
@@ -69,9 +68,9 @@ def retrieve(
     """Top-k items for a user (or similar items for an item) from the index; a batch form writes Parquet."""
 
     def body():
+        from pinnerformer.api import recommend, recommend_all, similar_items
         from pinnerformer.inference.snapshot import Snapshot
         from pinnerformer.retrieval.index import ItemIndex
-        from pinnerformer.retrieval.retrieve import SeenItems, similar_items, top_k_batch, top_k_for_user
 
         if k < 1:
             raise PinnerformerError(f"-k must be at least 1, got {k}")
@@ -86,20 +85,18 @@ def retrieve(
             if snapshot is None:
                 raise PinnerformerError("--snapshot is required for user retrieval")
             snap = Snapshot.open(snapshot)
-            snap.verify()  # never serve vectors that are not the ones the job wrote
-            seen = None if include_seen else SeenItems(snap, dataset)
             if output is not None:
                 ids = None
                 if users_file is not None:
                     if not users_file.exists():
                         raise PinnerformerError(f"{users_file}: users file not found")
                     ids = [line.strip() for line in users_file.read_text().splitlines() if line.strip()]
-                info = top_k_batch(idx, snap, ids, k, output, seen=seen)
-                log(f"wrote {info['output']}: top-{k} for {info['users']:,} users ({info['rows']:,} rows)"
-                    + (f"; {info['users_short_of_k']:,} user(s) have fewer than {k} unseen items in the index"
-                       if info["users_short_of_k"] else ""))
+                info = recommend_all(idx, snap, output, k, users=ids, include_seen=include_seen, dataset=dataset)
+                log(f"wrote {info.output}: top-{k} for {info.users:,} users ({info.rows:,} rows)"
+                    + (f"; {info.users_short_of_k:,} user(s) have fewer than {k} unseen items in the index"
+                       if info.users_short_of_k else ""))
                 return
-            frame = top_k_for_user(idx, snap, user, k, seen)
+            frame = recommend(idx, snap, user, k, include_seen=include_seen, dataset=dataset)
             title = f"top {k} for user {user} (as of {snap.manifest.as_of}" + (", seen items included)" if
                                                                                 include_seen else ", seen items left out)")
         table = Table(title=title)

@@ -39,20 +39,19 @@ def serve(
     def body():
         import uvicorn
 
-        from pinnerformer.serving.app import ServiceSettings, create_app
-        from pinnerformer.serving.server import api_read_token, api_token, build_service
+        from pinnerformer.api import create_app
+        from pinnerformer.serving.server import api_read_token, api_token
 
         if host not in LOOPBACK and not allow_remote:
             raise PinnerformerError(f"--host {host} is not a loopback address: the service speaks plain HTTP, so its "
                                     "bearer tokens and users' events would cross the network readable; TLS and an "
                                     "authenticating proxy must sit in front of it. Once they do, pass "
                                     "--allow-remote")
-        settings = ServiceSettings(batch_max=batch_max, batch_wait_ms=batch_wait_ms, timeout_s=timeout_s,
-                                   watch_seconds=watch_seconds)
-        service = build_service(workdir, store, api_token(workdir, token_file, log), settings, log=log,
-                                read_token=api_read_token(read_token_file))
+        app = create_app(workdir, store, token=api_token(workdir, token_file, log),
+                         read_token=api_read_token(read_token_file), log=log, batch_max=batch_max,
+                         batch_wait_ms=batch_wait_ms, timeout_s=timeout_s, watch_seconds=watch_seconds)
         # uvicorn finishes in-flight requests on SIGTERM / Ctrl-C before it exits (at most 30 s)
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30,
                     timeout_keep_alive=75)  # clients keep idle connections open for long (load tools: ~60 s)
 
     run_guarded(body)

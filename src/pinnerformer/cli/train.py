@@ -41,12 +41,11 @@ def train(
         raise typer.Exit(relaunch(nproc, ctx.find_root().meta.get("argv") or sys.argv[1:]))
 
     def body():
-        from pinnerformer.data.dataset import Dataset
+        import os
+
+        from pinnerformer.api import train as train_run
         from pinnerformer.config import merge_dicts
-        from pinnerformer.distributed.context import from_environment
-        from pinnerformer.distributed.launch import fault_hook
         from pinnerformer.training.config import load_config, read_config_file
-        from pinnerformer.training.retrieval import retrieval_loop
 
         over = {"loss": {"objective": objective, "negatives": negatives, "logq": False if no_logq else None},
                 "optim": {"max_epochs": max_epochs}, "eval": {"protocol": protocol}, "device": device, "seed": seed}
@@ -63,14 +62,9 @@ def train(
             cfg = run.resume_config(merge_dicts(file_over, over), log=log)
         else:
             cfg = load_config(preset or "small", config, over)  # the values are checked there (unknown ones named)
-        ctx = from_environment(cfg.device)
-        try:
-            loop = retrieval_loop(Dataset.open(dataset), cfg, output, log=log, dist=ctx)
-            summary = loop.fit(resume=resume, max_steps=max_steps, progress=progress, on_step=fault_hook(ctx))
-        finally:
-            if ctx is not None:
-                ctx.close()
-        if ctx is None or ctx.main:
+        summary = train_run(dataset, output, config=cfg, resume=resume, max_steps=max_steps, progress=progress,
+                            log=log)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the first rank speaks for the run
             console.print_json(summary.model_dump_json())
 
     run_guarded(body)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from pydantic import BaseModel
 
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.inference.snapshot import Snapshot
@@ -89,8 +90,17 @@ def similar_items(index: ItemIndex, item_id, k: int = 10) -> pl.DataFrame:
     return _rows_to_frame(index, scores[0][keep][:k], rows[0][keep][:k])
 
 
+class BatchTopK(BaseModel):
+    """What `top_k_batch` wrote: a Parquet file of (user_id, rank, item, score, item_id)."""
+
+    output: str
+    users: int
+    rows: int
+    users_short_of_k: int  # users with fewer than k unseen items in the whole index
+
+
 def top_k_batch(index: ItemIndex, snap: Snapshot, user_ids: list | None, k: int, output: Path,
-                chunk: int = 4096, seen: SeenItems | None = None) -> dict:
+                chunk: int = 4096, seen: SeenItems | None = None) -> BatchTopK:
     """Top-k for many users (None: every user in the snapshot) into one Parquet file, one row per (user, rank).
     Unknown ids are not dropped silently: the call fails naming the first few of them."""
     check_compatible(index, snap)
@@ -123,4 +133,4 @@ def top_k_batch(index: ItemIndex, snap: Snapshot, user_ids: list | None, k: int,
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as tmp:
         out.write_parquet(tmp)
-    return {"users": int(len(rows)), "rows": out.height, "output": str(output), "users_short_of_k": short}
+    return BatchTopK(users=int(len(rows)), rows=out.height, output=str(output), users_short_of_k=short)
