@@ -3,12 +3,12 @@
 # leave-one-out protocol (preset `loo`, the same on both) and its ensemble of three (preset `loo-ensemble`),
 # trained with model selection on validation (second-to-last item, history removed from the ranking) and scored
 # on the last item against the whole catalogue, with the user's history in the ranking and removed from it, beside the most-popular (and, on ML-1M, content) baselines.
-# Usage: bash scripts/results_loo.sh [DATA_DIR (default ../shared/data)] [DATASETS (default: "beauty ml1m")]
+# Usage: bash scripts/results_loo.sh [DATA_DIR (the public datasets, docs/data.md; default $PINNERFORMER_SHARED_DATA, else ../shared/data)] [DATASETS (default: "beauty ml1m")]
 #        [PRESETS (default: "loo loo-ensemble")]
 # SEED=N (default 0) trains with another seed and writes docs/results/...-seed-N instead (the seed spread of a report)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:-../shared/data}
+DATA=${1:-${PINNERFORMER_SHARED_DATA:-../shared/data}}
 WHICH=${2:-"beauty ml1m"}
 PRESETS=${3:-"loo loo-ensemble"}
 PF=${PF:-.venv/bin/pinnerformer}

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Reproduce docs/results/ml1m-subset-*: the four ablation grids on the MovieLens-1M subset, future-window protocol.
-# Usage: bash scripts/results_ml1m.sh [DATA_DIR (default ../shared/data)] [GRIDS (default: all four, then daily)]
+# Usage: bash scripts/results_ml1m.sh [DATA_DIR (the public datasets, docs/data.md; default $PINNERFORMER_SHARED_DATA, else ../shared/data)] [GRIDS (default: all four, then daily)]
 # "daily" replays the daily embedding job over Nov-Dec 2000 with the objectives grid's dense all-action run
 # (run the objectives grid first) and writes docs/results/ml1m-subset-daily/ (the staleness curve).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:-../shared/data}
+DATA=${1:-${PINNERFORMER_SHARED_DATA:-../shared/data}}
 GRIDS=${2:-"objectives frequency negatives features daily"}
 PF=${PF:-.venv/bin/pinnerformer}
 DS=${DS:-/tmp/pinnerformer-ml1m-subset}

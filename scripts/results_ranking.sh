@@ -3,7 +3,7 @@
 # time-window mask, output compression) on real data, one command per dataset:
 #   prepare the dataset -> rank prepare (requests, time split, a PinnerFormer trained on the training period only)
 #   -> rank experiment (each variant trained with selection on validation, all scored on the test period).
-# Usage: bash scripts/results_ranking.sh [DATA_DIR (default ../shared/data)] [DATASETS (default "ml1m taobao mind")]
+# Usage: bash scripts/results_ranking.sh [DATA_DIR (the public datasets, docs/data.md; default $PINNERFORMER_SHARED_DATA, else ../shared/data)] [DATASETS (default "ml1m taobao mind")]
 #        [MODEL (transact, the default: TransAct's tables; v2: TransAct V2's tables into docs/results/ranking-v2-<dataset>,
 #         with scripts/ranking-v2.json, reusing ranking data in $WORK that already has the int8 table; the tables
 #         V2_TABLES, default v2-table2,v2-lifelong,v2-nal)]
@@ -15,7 +15,7 @@
 # into docs/results/ranking-<dataset>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:-../shared/data}
+DATA=${1:-${PINNERFORMER_SHARED_DATA:-../shared/data}}
 WHICH=${2:-"ml1m taobao mind"}
 MODEL=${3:-transact}
 PF=${PF:-.venv/bin/pinnerformer}

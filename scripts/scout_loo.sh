@@ -5,13 +5,13 @@
 # and `final-*` (fourth and fifth rounds) on the preset of the fourth round ($PRE5), `now*` (the fifth round's
 # seeds and the sixth round) on the fifth round's preset ($PRE6), `today*` (the sixth round's last rows and the
 # seventh round) on the sixth round's preset ($PRE7: today's preset with its 20-epoch schedule).
-# Usage: bash scripts/scout_loo.sh [DATA_DIR (default ../shared/data)] [VARIANTS (default: all)]
+# Usage: bash scripts/scout_loo.sh [DATA_DIR (the public datasets, docs/data.md; default $PINNERFORMER_SHARED_DATA, else ../shared/data)] [VARIANTS (default: all)]
 # Runs go to $SCOUT (default /tmp/pinnerformer-scout/VARIANT); finished ones are only printed again. Rows the
 # table marks "stopped" were cut short by hand to save CPU time; here they run to their end (same curve prefix).
 # On Beauty item_features auto and id are the same model (no content vectors).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:-../shared/data}
+DATA=${1:-${PINNERFORMER_SHARED_DATA:-../shared/data}}
 PF=${PF:-.venv/bin/pinnerformer}
 PY=${PY:-.venv/bin/python}
 SCOUT=${SCOUT:-/tmp/pinnerformer-scout}

@@ -19,7 +19,7 @@ SHARED_DATA = Path(os.environ.get("PINNERFORMER_SHARED_DATA", Path(__file__).res
 
 @pytest.fixture
 def shared_data() -> Path:
-    """../shared/data: skipped with a reason when absent, except in CI where it must be there."""
+    """The public datasets (docs/data.md): skipped with a reason when absent, except in CI where they must be there."""
     if not SHARED_DATA.is_dir():
         if os.environ.get("PINNERFORMER_REQUIRE_SHARED_DATA"):
             pytest.fail(f"PINNERFORMER_REQUIRE_SHARED_DATA is set but {SHARED_DATA} does not exist")

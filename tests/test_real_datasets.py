@@ -1,4 +1,4 @@
-"""Exact counts on the real public datasets (../shared/data), and a round trip of known rows."""
+"""Exact counts on the real public datasets (docs/data.md), and a round trip of known rows."""
 
 import numpy as np
 import polars as pl
