@@ -407,3 +407,56 @@ def test_crops_are_windows_inside_the_example_with_the_same_labels():
             assert b.q_item[mine].tolist() == list(range(101 + s, 101 + c))  # the next action, inside 0..17
     # every (offset, length) with length 6..12 inside the 12-action window: 7 + 6 + ... + 1 = 28 crops
     assert len(seen) == 28
+
+
+def test_the_listwise_loss_is_each_requests_softmax_against_its_spread_labels():
+    """objectives/request_softmax.py against a plain loop over (request, head) pairs; pairs with nothing to order (no
+    positive, or only positives) do not count; a batch without any pair gives 0 with a graph."""
+    from pinnerformer.objectives.request_softmax import request_softmax
+
+    g = torch.Generator().manual_seed(0)
+    group = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    logits = torch.randn(10, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[1, 0], [0, 0], [1, 1], [0, 0], [0, 1], [1, 1], [0, 0], [0, 1], [0, 0], [1, 0]],
+                          dtype=torch.float64)
+    terms = []
+    for r in range(4):
+        rows = group == r
+        for h in range(2):
+            y = labels[rows, h]
+            if 0 < y.sum() < len(y):
+                terms.append(-(y / y.sum() * torch.log_softmax(logits[rows, h], 0)).sum())
+    want = torch.stack(terms).mean()
+    assert len(terms) == 5  # request 1 head 0 (no positive) and request 3 (one row) do not count
+    got = request_softmax(logits, labels, group)
+    torch.testing.assert_close(got.double(), want)
+    grad_got, = torch.autograd.grad(got, logits)
+    grad_want, = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(grad_got.double(), grad_want, rtol=1e-5, atol=1e-6)
+    nothing = request_softmax(logits, torch.zeros_like(labels), group)
+    assert nothing.item() == 0.0 and nothing.requires_grad
+
+
+def test_listwise_batches_hold_whole_requests_each_row_once_per_epoch():
+    from pinnerformer.errors import PinnerformerError
+    from pinnerformer.training.ranking import whole_requests
+
+    sizes = np.random.default_rng(0).integers(1, 9, 200)
+    row_request = np.repeat(np.arange(200), sizes)
+    rows = np.flatnonzero(row_request % 7 != 3)  # training rows: some requests are not training ones
+    b = whole_requests(5, 2, rows, row_request, 20)
+    n = len(rows) // 20
+    assert len(b.start) == n + 1 and b.start[0] == 0
+    taken = np.concatenate([b.rows[b.start[k]:b.start[k + 1]] for k in range(n)])
+    assert len(np.unique(taken)) == len(taken) and set(taken) <= set(rows)  # each row at most once
+    assert len(rows) - len(taken) < 20 + 8  # only the last, partial batch is left out
+    for k in range(n):
+        batch = b.rows[b.start[k]:b.start[k + 1]]
+        assert 0 < len(batch) < 20 + 8
+        for r in np.unique(row_request[batch]):  # whole: every training row of the request is in the batch
+            assert set(batch[row_request[batch] == r]) == set(rows[row_request[rows] == r])
+    again = whole_requests(5, 2, rows, row_request, 20)
+    assert np.array_equal(again.rows, b.rows) and not np.array_equal(whole_requests(5, 3, rows, row_request, 20).rows,
+                                                                     b.rows)
+    with pytest.raises(PinnerformerError, match="more than optim.batch_size 4"):
+        whole_requests(0, 0, rows, row_request, 4)

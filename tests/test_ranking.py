@@ -564,3 +564,67 @@ def test_a_narrowed_sequence_output_scores_the_same_request_by_request(planted_r
         plain, shared = narrow(b), narrow(b, shared_projection=True)
     assert plain.shape == (b.n_rows, len(rd.heads))
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_the_piecewise_linear_encoding_is_its_definition_with_the_training_rows_quantiles_as_edges(planted_rank):
+    """model.feature_bins: each point-in-time feature also enters as how far it is through each of T quantile bins
+    of the training rows (a plain loop is the reference); the edges are saved with the model, so a reloaded ranker
+    scores the same."""
+    from pinnerformer.models.ranker import RankerConfig, piecewise_linear
+    from pinnerformer.training.ranking import ranker_for
+
+    x = torch.tensor([[-1.0, 0.0], [0.5, 0.0], [2.5, 0.5], [9.0, 3.0]])
+    edges = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 1.0]])  # the second feature: two empty bins
+    want = torch.zeros(4, 2, 3)
+    for n in range(4):
+        for f in range(2):
+            for t in range(3):
+                lo, hi, v = float(edges[f, t]), float(edges[f, t + 1]), float(x[n, f])
+                want[n, f, t] = min(max((v - lo) / (hi - lo), 0.0), 1.0) if hi > lo else float(v > lo)
+    torch.testing.assert_close(piecewise_linear(x, edges), want)
+
+    rd = RankData(planted_rank / "rank")
+    m = rd.dataset().manifest
+    cfg = RankerConfig(sequence="none", feature_bins=4)
+    plain = ranker_for(rd, cfg.model_copy(update={"feature_bins": 0}), len(m.actions), len(m.surfaces), (), None)
+    binned = ranker_for(rd, cfg, len(m.actions), len(m.surfaces), (), None)
+    F = len(binned.inputs.feature_names)
+    assert F > 0 and binned.x0_dim == plain.x0_dim + 4 * F
+    values = np.random.default_rng(0).gamma(1.0, 2.0, (500, F))
+    binned.set_feature_scale(values)
+    np.testing.assert_allclose(binned.feature_edges.numpy(), np.quantile(values, [0, .25, .5, .75, 1], axis=0).T,
+                               rtol=1e-6)
+    again = ranker_for(rd, cfg, len(m.actions), len(m.surfaces), (), None)
+    again.load_state_dict(binned.state_dict())
+    every_row = np.random.default_rng(1).gamma(1.0, 2.0, (len(rd.cand_item), F)).astype(np.float32)
+    b = build_rank_batch(rd, rd.dataset().timelines, rd.requests_in("test")[:4], 16, features=every_row)
+    binned.eval(), again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(b), binned(b))
+
+
+def test_listwise_training_takes_whole_requests_and_adds_exactly_the_listwise_term(planted_rank):
+    """loss.listwise > 0: a training batch holds every training row of each of its requests, and the step's loss is
+    the pointwise BCE plus listwise x the requests' softmax loss (same weights, same batch)."""
+    from pinnerformer.objectives.request_softmax import request_softmax
+    from pinnerformer.training.ranking import RankingTask, load_rank_config
+
+    rd = RankData(planted_rank / "rank")
+    over = {**RANK_TINY, "model": {**RANK_TINY["model"], "sequence": "none"}}
+    plain = RankingTask(rd, load_rank_config("default", overrides=json.loads(json.dumps(over))))
+    listwise = RankingTask(rd, load_rank_config("default", overrides=json.loads(json.dumps(
+        {**over, "loss": {"listwise": 0.5}}))))
+    listwise.model.load_state_dict(plain.model.state_dict())
+    plain.model.eval(), listwise.model.eval()
+    b = listwise.host_batch(0, 1)
+    order = listwise._order[1]
+    rows = order.rows[order.start[1]:order.start[2]]
+    assert b.n_rows == len(rows) and len(np.unique(rd.cand_request[rows])) > 1
+    for r in np.unique(rd.cand_request[rows]):  # whole requests
+        assert set(rows[rd.cand_request[rows] == r]) == set(plain.rows[rd.cand_request[plain.rows] == r])
+    with torch.no_grad():
+        got = listwise.loss(b, 0, torch.device("cpu")).loss
+        base = plain.loss(b, 0, torch.device("cpu")).loss
+        term = request_softmax(plain.model(b), b.labels, b.row_request)
+    assert term > 0
+    torch.testing.assert_close(got, base + 0.5 * term)

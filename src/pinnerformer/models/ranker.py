@@ -13,7 +13,11 @@ Input of one candidate row, concatenated into x0:
     context        the request's UTC hour and surface, embedded
     counters       the candidate row's point-in-time features (`features/point_in_time.py`: item, user, user x item,
                    user x interest counters and rates, recency, the candidate against the realtime sequence, ...),
-                   standardised with the training rows' mean and deviation (buffers) and clipped to +-5
+                   standardised with the training rows' mean and deviation (buffers) and clipped to +-5; with
+                   `feature_bins` T > 0 each also as its piecewise-linear encoding over T quantile bins of the
+                   training rows (Gorishniy et al., NeurIPS 2022, arXiv:2203.05556):
+                       ple_t(x) = clamp((x - e_t) / (e_{t+1} - e_t), 0, 1),  t = 0 .. T-1
+                   so the network sees the thresholds trees split on, not only a line through them
 Feature crossing (DCN v2, Wang et al. 2021, parallel form): a cross network of `cross_layers` full-rank layers
     x_{l+1} = x0 ⊙ (W_l x_l + b_l) + x_l
 beside an MLP on x0; [x_L ‖ MLP(x0)] -> one logit per head.
@@ -50,6 +54,7 @@ class RankerConfig(StrictModel):
     # features (0: as it is); narrow, so that the sequence does not swamp the counters beside it
     sequence_dim: int = Field(0, ge=0)
     context_dim: int = Field(8, ge=1)
+    feature_bins: int = Field(0, ge=0, le=64)  # > 0: the piecewise-linear encoding of each feature beside it
     cross_layers: int = Field(3, ge=0)
     mlp: list[int] = [256, 128]
     dropout: float = Field(0.1, ge=0, lt=1)
@@ -83,6 +88,13 @@ class CrossNetwork(nn.Module):
         return x
 
 
+def piecewise_linear(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """[N, F] values, [F, T + 1] bin edges -> [N, F, T]: how far each value is through each bin (0 below it, 1 above
+    it). A bin of zero width (a value most rows share) is a step at its edge."""
+    lo, hi = edges[:, :-1], edges[:, 1:]
+    return ((x.unsqueeze(-1) - lo) / (hi - lo).clamp(min=1e-6)).clamp(0.0, 1.0)
+
+
 def sequence_variant(cfg: RankerConfig) -> TransActConfig:
     """The sequence module's configuration for the chosen variant (bst: append fusion, positions, no mask)."""
     if cfg.sequence == "bst":
@@ -108,6 +120,9 @@ class Ranker(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(F))  # set from the training rows (`set_feature_scale`)
         self.register_buffer("feature_std", torch.ones(F))
         d += F
+        if cfg.feature_bins and F:
+            self.register_buffer("feature_edges", torch.zeros(F, cfg.feature_bins + 1))  # quantiles of the training rows
+            d += F * cfg.feature_bins
         self.transact = None
         if cfg.sequence in ("transact", "bst"):
             self.transact = TransAct(sequence_variant(cfg), inputs.n_actions, inputs.vector_dim)
@@ -149,6 +164,9 @@ class Ranker(nn.Module):
         v = torch.as_tensor(np.asarray(values, np.float64))
         self.feature_mean.copy_(v.mean(0).float())
         self.feature_std.copy_(v.std(0).clamp(min=1e-6).float())
+        if hasattr(self, "feature_edges"):
+            q = np.linspace(0.0, 1.0, self.cfg.feature_bins + 1)
+            self.feature_edges.copy_(torch.from_numpy(np.quantile(v.numpy(), q, axis=0).T.copy()).float())
 
     def v2_selection(self, b: RankBatch) -> tuple[torch.Tensor, ...]:
         """Rows grouped by request (their streams are moved and dequantised once per request): the grouping order
@@ -241,5 +259,7 @@ class Ranker(nn.Module):
             if b.features is None:
                 raise ValueError("this ranker reads point-in-time features: build the batch with them")
             parts.append(((b.features - self.feature_mean) / self.feature_std).clamp(-5, 5))
+            if hasattr(self, "feature_edges"):
+                parts.append(piecewise_linear(b.features, self.feature_edges).flatten(1))
         x0 = torch.cat(parts, -1)
         return self.head(torch.cat([self.cross(x0), self.mlp(x0)], -1))

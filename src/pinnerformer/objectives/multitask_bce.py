@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from pinnerformer.config import StrictModel
 from pinnerformer.errors import PinnerformerError
@@ -28,6 +29,8 @@ class MultiTaskLossConfig(StrictModel):
     # head -> {label (a head name, or "impression") -> weight}: entries of M beyond the default (M[h, impression]=1)
     label_weights: dict[str, dict[str, float]] = {}
     user_weight: Literal["none", "inverse-sqrt"] = "none"
+    # > 0: add this times the listwise loss (objectives/request_softmax.py); batches then hold whole requests
+    listwise: float = Field(0.0, ge=0)
     next_action: NextActionConfig = NextActionConfig()  # TransAct V2's auxiliary loss (other sequences: unused)
 
 

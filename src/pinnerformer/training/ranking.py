@@ -6,7 +6,7 @@ period's requests, scored by `evaluation.ranking` (the same code as `pinnerforme
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +32,7 @@ from pinnerformer.objectives.multitask_bce import (
     user_row_weights,
 )
 from pinnerformer.objectives.next_action import next_action_loss
+from pinnerformer.objectives.request_softmax import request_softmax
 from pinnerformer.ops.quantize import Int8Vectors, open_int8
 from pinnerformer.training.config import LoopConfig, OptimConfig, read_config_file
 from pinnerformer.training.loop import TrainingLoop
@@ -110,6 +111,31 @@ def stored_int8_table(rd: RankData) -> Int8Vectors:
                      where=f"{rd.path / 'manifest.json'} int8_table")
 
 
+@dataclass(frozen=True)
+class RequestBatches:
+    rows: np.ndarray  # the epoch's training rows, request by request in a seeded order of requests
+    start: np.ndarray  # batch k is rows[start[k]:start[k + 1]]
+
+
+def whole_requests(seed: int, epoch: int, rows: np.ndarray, row_request: np.ndarray, batch_size: int
+                   ) -> RequestBatches:
+    """The epoch's batches of whole requests: the requests in a seeded order, each batch the requests that start
+    within its `batch_size` rows of that order (about `batch_size` rows; the last, partial batch is dropped as the
+    row order drops it)."""
+    req = row_request[rows]
+    cut = np.flatnonzero(np.diff(req)) + 1  # rows are in data order: a request's rows are contiguous
+    blocks = np.split(rows, cut)
+    perm = np.random.default_rng([seed, epoch]).permutation(len(blocks))
+    sizes = np.array([len(blocks[p]) for p in perm])
+    if len(sizes) and sizes.max() > batch_size:
+        raise PinnerformerError(f"loss.listwise: a training request has {sizes.max()} candidate rows, more than "
+                                f"optim.batch_size {batch_size}: raise the batch size")
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    first = np.searchsorted(offsets[:-1], np.arange(0, offsets[-1] // batch_size + 1) * batch_size)
+    ordered = np.concatenate([blocks[p] for p in perm]) if len(perm) else rows
+    return RequestBatches(ordered, offsets[first])
+
+
 def training_requests(rd: RankData, cfg: RankDataConfig) -> np.ndarray:
     """The requests the ranker learns from: the training period's, and the feature period's unless skipped."""
     extra = rd.requests_in("feature") if cfg.feature_period == "train" else np.zeros(0, np.int64)
@@ -183,6 +209,9 @@ class RankingTask:
         if self.batch_size % ctx.world:
             raise PinnerformerError(f"optim.batch_size {self.batch_size} is not a multiple of the {ctx.world} "
                                     "processes: the global batch must split evenly")
+        if self.cfg.loss.listwise > 0:
+            raise PinnerformerError("loss.listwise needs each request's rows in one process: train on one process, "
+                                    "or set loss.listwise to 0")
         if self.model.collect_next_action:
             raise PinnerformerError("distributed training of a transact-v2 ranker with the next-action loss is not "
                                     "supported yet (its positions are normalised per rank): set "
@@ -192,8 +221,16 @@ class RankingTask:
     # ---- batches -----------------------------------------------------------------------------------------
     def host_batch(self, epoch: int, step: int) -> RankBatch:
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(self.cfg.seed, epoch, self.rows, 1))
-        rows = np.sort(self._order[1][step * self.batch_size:(step + 1) * self.batch_size])
+            if self.cfg.loss.listwise > 0:  # whole requests: the listwise loss orders a request's rows together
+                order = whole_requests(self.cfg.seed, epoch, self.rows, self.rd.cand_request, self.batch_size)
+            else:
+                order = epoch_order(self.cfg.seed, epoch, self.rows, 1)
+            self._order = (epoch, order)
+        if self.cfg.loss.listwise > 0:
+            bounds = self._order[1]
+            rows = np.sort(bounds.rows[bounds.start[step]:bounds.start[step + 1]])
+        else:
+            rows = np.sort(self._order[1][step * self.batch_size:(step + 1) * self.batch_size])
         total = None
         if self.dist is not None:  # this rank's share of the rows; the loss keeps the whole batch's denominator
             total = torch.tensor(float(self.row_weight[rows].astype(np.float64).sum()))
@@ -213,6 +250,8 @@ class RankingTask:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = self.model(b)
         loss = multitask_bce(logits, b.labels, self.weight_matrix.to(device), b.weight, b.weight_total)
+        if self.cfg.loss.listwise > 0:
+            loss = loss + self.cfg.loss.listwise * request_softmax(logits, b.labels, b.row_request)
         counts = {"rows": b.n_rows}
         if b.streams is not None:  # lifelong actions older than lifelong_max, left out of this batch's requests
             counts["lifelong_cut"] = int(b.streams["lifelong.cut"])
