@@ -45,6 +45,13 @@ def command_line(ctx: typer.Context) -> str:
     return shlex.join(["pinnerformer", *ctx.meta.get("argv", sys.argv[1:])])
 
 
+def first_rank() -> bool:
+    """Is this process the one that speaks for the run (the only one, or torchrun's rank 0)?"""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_guarded(fn, *args, **kwargs):
     """Run a command body; a PinnerformerError becomes a clear message and exit code 2 (no traceback)."""
     try:

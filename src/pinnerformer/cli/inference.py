@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from pinnerformer.cli.common import app, command_line, log, run_guarded
-from pinnerformer.errors import PinnerformerError
 
 
 @app.command("embed")
@@ -23,8 +22,8 @@ def embed(
     ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster (default: start a local one)."),
     ray_actors: int = typer.Option(2, help="Ray: actors in the pool, each holding the model once."),
     ray_cpus_per_actor: float = typer.Option(0.5, help="Ray: CPUs reserved per actor (fractions allowed)."),
-    shard_users: int = typer.Option(4096, help="Users per shard: the unit of work and of restart."),
-    batch_size: int = typer.Option(256, help="Users per model batch."),
+    shard_users: int = typer.Option(4096, min=1, help="Users per shard: the unit of work and of restart."),
+    batch_size: int = typer.Option(256, min=1, help="Users per model batch."),
     device: str = typer.Option("cpu", help="local engine: cpu | cuda | auto (cuda runs in bf16)."),
     compile_model: bool = typer.Option(False, "--compile", help="local engine: torch.compile the transformer (faster "
                                        "on GPU; vectors differ from eager ones in the last bits, so the first compiled "
@@ -39,8 +38,6 @@ def embed(
         from pinnerformer.api import embed_day
         from pinnerformer.data.clock import parse_day
 
-        if shard_users < 1 or batch_size < 1:
-            raise PinnerformerError("--shard-users and --batch-size must be at least 1")
         embed_day(run, dataset, parse_day(as_of, "--as-of"), output, engine=engine, force=force,
                   ray_address=ray_address, ray_actors=ray_actors, ray_cpus_per_actor=ray_cpus_per_actor,
                   progress=progress, log=log, dtype=dtype, checkpoint=checkpoint, shard_users=shard_users,

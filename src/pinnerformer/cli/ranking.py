@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from pinnerformer.cli.common import app, command_line, console, log, parse_list, run_guarded
+from pinnerformer.cli.common import app, command_line, console, first_rank, log, parse_list, run_guarded
 
 rank_app = typer.Typer(help="The ranker: request data, TransAct + PinnerFormer + DCN v2 multi-task training, HIT@3.",
                        no_args_is_help=True, rich_markup_mode=None)
@@ -94,8 +94,6 @@ def train(
         raise typer.Exit(relaunch(nproc, ctx.find_root().meta.get("argv") or sys.argv[1:]))
 
     def body():
-        import os
-
         from pinnerformer.api import train_ranker
         from pinnerformer.training.ranking import load_rank_config
 
@@ -114,7 +112,7 @@ def train(
             over["seed"] = seed
         summary = train_ranker(data, output, config=load_rank_config(preset, config, over), resume=resume,
                                max_steps=max_steps, progress=progress, log=log)
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the first rank speaks for the run
+        if first_rank():
             console.print_json(summary.model_dump_json())
 
     run_guarded(body)

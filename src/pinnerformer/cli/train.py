@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from pinnerformer.cli.common import app, console, log, run_guarded
+from pinnerformer.cli.common import app, console, first_rank, log, run_guarded
 from pinnerformer.errors import PinnerformerError
 
 
@@ -41,8 +41,6 @@ def train(
         raise typer.Exit(relaunch(nproc, ctx.find_root().meta.get("argv") or sys.argv[1:]))
 
     def body():
-        import os
-
         from pinnerformer.api import train as train_run
         from pinnerformer.config import merge_dicts
         from pinnerformer.training.config import load_config, read_config_file
@@ -64,7 +62,7 @@ def train(
             cfg = load_config(preset or "small", config, over)  # the values are checked there (unknown ones named)
         summary = train_run(dataset, output, config=cfg, resume=resume, max_steps=max_steps, progress=progress,
                             log=log)
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the first rank speaks for the run
+        if first_rank():
             console.print_json(summary.model_dump_json())
 
     run_guarded(body)

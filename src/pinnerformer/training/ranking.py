@@ -112,13 +112,13 @@ def stored_int8_table(rd: RankData) -> Int8Vectors:
 
 
 @dataclass(frozen=True)
-class RequestBatches:
-    rows: np.ndarray  # the epoch's training rows, request by request in a seeded order of requests
+class EpochBatches:
+    rows: np.ndarray  # the epoch's training rows in their seeded order
     start: np.ndarray  # batch k is rows[start[k]:start[k + 1]]
 
 
 def whole_requests(seed: int, epoch: int, rows: np.ndarray, row_request: np.ndarray, batch_size: int
-                   ) -> RequestBatches:
+                   ) -> EpochBatches:
     """The epoch's batches of whole requests: the requests in a seeded order, each batch the requests that start
     within its `batch_size` rows of that order (about `batch_size` rows; the last, partial batch is dropped as the
     row order drops it)."""
@@ -133,7 +133,7 @@ def whole_requests(seed: int, epoch: int, rows: np.ndarray, row_request: np.ndar
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     first = np.searchsorted(offsets[:-1], np.arange(0, offsets[-1] // batch_size + 1) * batch_size)
     ordered = np.concatenate([blocks[p] for p in perm]) if len(perm) else rows
-    return RequestBatches(ordered, offsets[first])
+    return EpochBatches(ordered, offsets[first])
 
 
 def training_requests(rd: RankData, cfg: RankDataConfig) -> np.ndarray:
@@ -200,7 +200,7 @@ class RankingTask:
         self.notes = [f"item vectors: {rd.manifest.item_vectors['source']} ({rd.manifest.item_vectors['dim']}-d, "
                       "frozen)", f"sequence: {cfg.model.sequence}; PinnerFormer feature: "
                       f"{'on' if cfg.model.use_pinnerformer else 'off'}"]
-        self._order: tuple[int, np.ndarray] | None = None
+        self._order: tuple[int, EpochBatches] | None = None
         self.dist = None  # set by a distributed TrainingLoop
 
     def distribute(self, ctx) -> None:
@@ -222,15 +222,13 @@ class RankingTask:
     def host_batch(self, epoch: int, step: int) -> RankBatch:
         if self._order is None or self._order[0] != epoch:
             if self.cfg.loss.listwise > 0:  # whole requests: the listwise loss orders a request's rows together
-                order = whole_requests(self.cfg.seed, epoch, self.rows, self.rd.cand_request, self.batch_size)
+                batches = whole_requests(self.cfg.seed, epoch, self.rows, self.rd.cand_request, self.batch_size)
             else:
                 order = epoch_order(self.cfg.seed, epoch, self.rows, 1)
-            self._order = (epoch, order)
-        if self.cfg.loss.listwise > 0:
-            bounds = self._order[1]
-            rows = np.sort(bounds.rows[bounds.start[step]:bounds.start[step + 1]])
-        else:
-            rows = np.sort(self._order[1][step * self.batch_size:(step + 1) * self.batch_size])
+                batches = EpochBatches(order, np.arange(0, len(order) + 1, self.batch_size))
+            self._order = (epoch, batches)
+        batches = self._order[1]
+        rows = np.sort(batches.rows[batches.start[step]:batches.start[step + 1]])
         total = None
         if self.dist is not None:  # this rank's share of the rows; the loss keeps the whole batch's denominator
             total = torch.tensor(float(self.row_weight[rows].astype(np.float64).sum()))
