@@ -5,7 +5,7 @@ posted since the day version's end, read in one snapshot, combined with the vers
 counters), on both stores.
 
 The version's log is synthetic, at the ML-1M scale (6,040 users, 3,706 items, 1M events over 60 days, ratings,
-18 genres, 64-d item vectors: every family, 61 features). `--events` events are then posted after its end through
+18 genres, 64-d item vectors, an item-similarity snapshot at its end: every family, 69 features). `--events` events are then posted after its end through
 the store's own append — the path of `POST /v1/events`: realtime list, event log and counters in one transaction
 — in batches of `--batch`, by `--posters` users, on items drawn by popularity (so a request's candidates have
 events since the version too). A request: one of those users, 200 candidates drawn the same way, a time after the
@@ -56,7 +56,7 @@ def static_log(args, rng: np.random.Generator) -> tuple[EventLog, int, np.ndarra
     interests = [np.sort(rng.choice(18, rng.integers(1, 4), replace=False)).astype(np.int64) for _ in range(I)]
     vec = rng.normal(size=(I, 64)).astype(np.float32)
     log = EventLog(user[order], item[order], action[order], ts[order], value[order], U, I, ACTIONS, HEADS, interests,
-                   vec / np.linalg.norm(vec, axis=1, keepdims=True))
+                   vec / np.linalg.norm(vec, axis=1, keepdims=True), neighbours_until=E)
     return log, E, pop
 
 
@@ -86,7 +86,7 @@ def union(static: EventLog, rows: np.ndarray) -> EventLog:
     cat = [np.concatenate([getattr(static, f), rows[:, k]]) for k, f in enumerate(("user", "item", "action", "ts"))]
     value = np.concatenate([static.value, np.full(len(rows), np.nan)])
     return EventLog(*cat, value, static.n_users, static.n_items, ACTIONS, HEADS, static.item_interests,
-                    static.item_vectors)
+                    static.item_vectors, static.neighbours_until)
 
 
 def pct(xs: list[float]) -> dict[str, float]:

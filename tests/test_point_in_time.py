@@ -87,3 +87,31 @@ def test_windows_are_utc_day_aligned_and_counts_exclude_t_itself():
     assert g.last_before(np.zeros(1, np.int64), t)[0] == T0 and np.isnan(g.last_before(np.ones(1, np.int64), t)[0])
     assert np.isnan(g.first_before(np.zeros(1, np.int64), np.array([T0 - DAY]))[0])  # the first event is at t
     assert g.first_before(np.zeros(1, np.int64), np.array([T0 - DAY + 1]))[0] == T0 - DAY
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.9])
+def test_grouped_times_answers_equal_a_scan_of_the_events_whether_few_or_most_keys_have_events(share):
+    """The sparse path (few asked keys have events: only those rows are searched), the dense one, and the groups kept
+    for a key array asked about again all give what a scan of the events gives."""
+    rng = np.random.default_rng(int(share * 10))
+    n, rows = 400, 300
+    key, ts = rng.integers(0, 12, n), T0 + rng.integers(0, 5 * DAY, n)
+    ts[:40] = ts[40]  # ties
+    g = GroupedTimes(key, ts)
+    asked = np.where(rng.random(rows) < share, rng.integers(0, 12, rows), rng.integers(100, 200, rows))
+    values = rng.normal(size=n)
+    for t in (T0 + rng.integers(-DAY, 6 * DAY, rows), np.full(rows, T0 + 3 * DAY)):  # the same key array twice
+        lo = (t // DAY - 1) * DAY
+        mine = (key[None, :] == asked[:, None]) & (ts[None, :] < t[:, None])
+        assert np.array_equal(g.count(asked, None, t), mine.sum(1))
+        assert all(np.array_equal(a, b) for a, b in zip(
+            g.counts(asked, [lo, None], t), [(mine & (ts[None, :] >= lo[:, None])).sum(1), mine.sum(1)]))
+        last = np.where(mine, ts[None, :], -1).max(1)
+        assert np.array_equal(np.nan_to_num(g.last_before(asked, t), nan=-1), last)
+        assert np.allclose(g.sum_before(asked, t, values), (mine * values[None, :]).sum(1))
+        idx, valid = g.window(asked, t, 3)
+        assert np.array_equal(valid.sum(1), np.minimum(mine.sum(1), 3))
+        newest = -np.sort(-np.where(mine, ts[None, :], -1), axis=1)[:, :3]  # the 3 latest times before t, newest first
+        assert np.array_equal(np.where(valid, ts[idx], -1), newest)
+        assert np.where(valid, ts[idx] < t[:, None], True).all() and (key[idx][valid] == np.repeat(
+            asked, 3).reshape(-1, 3)[valid]).all()

@@ -14,7 +14,7 @@ from pinnerformer.features.point_in_time import (
 def _times(log: EventLog) -> tuple[GroupedTimes, GroupedTimes]:
     if "item_counts" not in log.cache:
         A = len(log.action_names)
-        log.cache["item_counts"] = (GroupedTimes(log.item * A + log.action, log.ts), GroupedTimes(log.item, log.ts))
+        log.cache["item_counts"] = (GroupedTimes(log.item * A + log.action, log.ts), log.grouped("item"))
     return log.cache["item_counts"]
 
 
@@ -23,7 +23,10 @@ def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarr
     A, out = len(log.action_names), {}
     windows = window_names(cfg)
     los = [window_start(q.t, days) for _, days in windows]
-    per_action = [by_action.counts(q.item * A + a, los, q.t) for a in range(A)]  # [action][window]
+    # every action's counts in one call: keys action-major, [A * rows]
+    keys = (q.item[None, :] * A + np.arange(A)[:, None]).ravel()
+    found = by_action.counts(keys, [None if lo is None else np.tile(lo, A) for lo in los], np.tile(q.t, A))
+    per_action = [[c.reshape(A, len(q))[a] for c in found] for a in range(A)]  # [action][window]
     totals = by_item.counts(q.item, los, q.t)
     for w, (wname, _) in enumerate(windows):
         for a, aname in enumerate(log.action_names):

@@ -108,7 +108,7 @@ def neighbours(log: EventLog, cfg: FeatureConfig) -> Neighbours:
 def _times(log: EventLog) -> tuple[GroupedTimes, np.ndarray]:
     if "item_neighbours" not in log.cache:
         value = np.full(len(log.ts), np.nan) if log.value is None else np.asarray(log.value, np.float64)
-        log.cache["item_neighbours"] = (GroupedTimes(log.user, log.ts), value)
+        log.cache["item_neighbours"] = (log.grouped("user"), value)
     return log.cache["item_neighbours"]
 
 
@@ -143,10 +143,12 @@ def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarr
     times, value = _times(log)
     parts = []
     for s in range(0, max(len(q), 1), CHUNK):
-        user, t, cand = q.user[s:s + CHUNK], q.t[s:s + CHUNK], q.item[s:s + CHUNK]
-        events, valid = times.window(user, t, cfg.neighbours_n)
-        parts.append(_values(log, cfg, nb, log.item[events], log.action[events], value[events], valid, cand,
-                             t >= log.neighbours_until))
+        t, cand = q.t[s:s + CHUNK], q.item[s:s + CHUNK]
+        # each (user, t)'s last actions found once, then given to its rows
+        users, inverse = Queries(q.user[s:s + CHUNK], cand, t, q.request[s:s + CHUNK]).per_user()
+        events, valid = times.window(users.user, users.t, cfg.neighbours_n)
+        items, actions, values = (x[events][inverse] for x in (log.item, log.action, value))
+        parts.append(_values(log, cfg, nb, items, actions, values, valid[inverse], cand, t >= log.neighbours_until))
     return {k: np.concatenate([p[k] for p in parts]).astype(np.float64) for k in parts[0]}
 
 

@@ -20,7 +20,7 @@ def _times(log: EventLog) -> tuple[np.ndarray, GroupedTimes, GroupedTimes, Group
 
 
 def _mean(times: GroupedTimes, key, t, v, prior, weight):
-    n = times.count(key, np.full(len(t), np.iinfo(np.int64).min // 4), t)
+    n = times.count(key, None, t)
     return smoothed(times.sum_before(key, t, v), n, prior, weight)
 
 
@@ -29,7 +29,7 @@ def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarr
         return {}
     v, everyone, by_item, by_user = _times(log)
     zero = np.zeros(len(q), np.int64)
-    n = everyone.count(zero, np.full(len(q), np.iinfo(np.int64).min // 4), q.t)
+    n = everyone.count(zero, None, q.t)
     glob = np.where(n > 0, everyone.sum_before(zero, q.t, v) / np.maximum(n, 1), 0.0)
     item = _mean(by_item, q.item, q.t, v, glob, cfg.prior_weight)
     user = _mean(by_user, q.user, q.t, v, glob, cfg.prior_weight)

@@ -104,16 +104,19 @@ class UnionTimes:
     def window(self, key, t, n: int) -> tuple[np.ndarray, np.ndarray]:
         ia, va = self.a.window(key, t, n)
         ib, vb = self.b.window(key, t, n)
-        idx = np.concatenate([ib + len(self.a.order), ia], 1)  # newest first: b's events are all later than a's
-        valid = np.concatenate([vb, va], 1)
-        take = np.argsort(~valid, axis=1, kind="stable")[:, :n]  # each row's valid entries to the front, in order
-        valid = np.take_along_axis(valid, take, 1)
-        return np.where(valid, np.take_along_axis(idx, take, 1), 0), valid  # 0 where none, as GroupedTimes gives
+        # newest first: b's events (all later than a's) then a's; each part's valid entries are a prefix of its row
+        nb = vb.sum(1, keepdims=True)
+        j = np.arange(n)[None, :]
+        from_a = np.minimum(np.maximum(j - nb, 0), n - 1)  # position j reads a's entry j - nb when j >= nb
+        in_b = j < nb
+        valid = in_b | ((j >= nb) & np.take_along_axis(va, from_a, 1))
+        idx = np.where(in_b, ib + len(self.a.order), np.take_along_axis(ia, from_a, 1))
+        return np.where(valid, idx, 0), valid  # 0 where none, as GroupedTimes gives
 
 
 class GlobalCounts:
     """The delta's `global_times`: at each query time t, the number of all its events before t (key -1) and of each
-    head's actions (key h); only all-time counts (lo before the split) are asked for."""
+    head's actions (key h); only all-time counts (lo None, or before the split) are asked for."""
 
     def __init__(self, since: int, times: np.ndarray, counts: np.ndarray, heads: list[tuple[str, np.ndarray]]):
         self.since, self.times = since, np.asarray(times, np.int64)
@@ -127,7 +130,8 @@ class GlobalCounts:
     def count(self, key, lo, t) -> np.ndarray:
         t = np.asarray(t, np.int64)
         i = np.minimum(np.searchsorted(self.times, t), max(len(self.times) - 1, 0))
-        if len(t) and (not len(self.times) or (self.times[i] != t).any() or (np.asarray(lo) > self.since).any()):
+        late = lo is not None and bool((np.asarray(lo) > self.since).any())
+        if len(t) and (not len(self.times) or (self.times[i] != t).any() or late):
             raise PinnerformerError("online features: a global count asked for at a time the delta has none for "
                                     "(a bug: please report)")
         return self.by_key[i, np.asarray(key, np.int64)] if len(t) else np.zeros(0, np.int64)
@@ -158,7 +162,9 @@ class Delta:
         ui, ua, ut = (np.concatenate([np.asarray(r[f], np.int64) for _, r in u_ev]) if u_ev else empty
                       for f in ("item", "action", "ts"))
         ii, ia, it = (np.asarray(items[f], np.int64) for f in ("item", "action", "ts"))
-        keep = _not_in((ii, ia, it), (ui, ua, ut))
+        keep = np.ones(len(ii), bool)
+        mine = np.flatnonzero(np.isin(ii, ui))  # only events on an item the users acted on can be theirs
+        keep[mine] = _not_in((ii[mine], ia[mine], it[mine]), (ui, ua, ut))
         ts = np.concatenate([ut, it[keep]])
         if len(ts) and ts.min() < since:
             raise PinnerformerError(f"online features: the store's counters hold an event at {int(ts.min())}, before "

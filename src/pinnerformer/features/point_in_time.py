@@ -47,7 +47,6 @@ FAMILIES = ("item_counts", "user_counts", "user_item", "user_interest", "sequenc
             "request_rank", "item_neighbours")
 NEVER_H = 24 * 3650.0  # "never happened" reads as ten years ago
 HOUR = 3600
-EVER = np.iinfo(np.int64).min // 4  # the start of the "all" window (np.iinfo once: it is slow per call)
 
 
 class FeatureConfig(StrictModel):
@@ -67,12 +66,12 @@ def log_hours(seconds: np.ndarray) -> np.ndarray:
     return np.log1p(np.maximum(h, 0.0))
 
 
-def window_start(t: np.ndarray, days: int | None) -> np.ndarray:
-    """The first second of a `days`-day window ending at t (t's UTC day and the days - 1 before); None: all."""
-    t = np.asarray(t, np.int64)
+def window_start(t: np.ndarray, days: int | None) -> np.ndarray | None:
+    """The first second of a `days`-day window ending at t (t's UTC day and the days - 1 before); days None: the
+    whole past, which `GroupedTimes` reads as None (each group's first event: no search)."""
     if days is None:
-        return np.full(t.shape, EVER, np.int64)
-    return (t // DAY - (days - 1)) * DAY
+        return None
+    return (np.asarray(t, np.int64) // DAY - (days - 1)) * DAY
 
 
 def window_names(cfg: FeatureConfig) -> list[tuple[str, int | None]]:
@@ -87,19 +86,39 @@ class GroupedTimes:
         key, ts = np.asarray(key, np.int64), np.asarray(ts, np.int64)
         self.order = order = np.lexsort((ts, key))  # sorted position -> index of the event given
         k, self.ts = key[order], ts[order]
-        self.groups, starts = np.unique(k, return_index=True)
-        self.starts = starts.astype(np.int64)
+        new = np.empty(len(k), bool)  # where a group starts (k is sorted: no second sort, as np.unique would do)
+        new[:1] = True
+        np.not_equal(k[1:], k[:-1], out=new[1:])
+        self.starts = np.flatnonzero(new)
+        self.groups = k[self.starts]
         self.t0 = int(ts.min()) if len(ts) else 0
         self.span = (int(ts.max()) - self.t0 + 2) if len(ts) else 2
-        gid = np.repeat(np.arange(len(self.groups), dtype=np.int64), np.diff(np.append(self.starts, len(k))))
+        gid = np.cumsum(new) - 1
         self.composite = gid * self.span + (self.ts - self.t0)
 
-    def _group(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        key = np.asarray(key, np.int64)
-        if not len(self.groups):
-            return np.zeros(key.shape, np.int64), np.zeros(key.shape, bool)
-        g = np.minimum(np.searchsorted(self.groups, key), len(self.groups) - 1)
-        return g, self.groups[g] == key
+    def _group(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Each key's group, whether it has one, and, when few do, which rows (the rest need no search)."""
+        # the same key array is often asked about again (count, then last_before, ...): its groups are kept for it
+        memo = self.__dict__.get("_memo")
+        if memo is not None and memo[0] is key:
+            return memo[1:]
+        k = np.asarray(key, np.int64)
+        if len(self.groups):
+            g = np.minimum(np.searchsorted(self.groups, k), len(self.groups) - 1)
+            found = self.groups[g] == k
+        else:
+            g, found = np.zeros(k.shape, np.int64), np.zeros(k.shape, bool)
+        hits = np.flatnonzero(found)
+        # an online delta holds events of few of the keys asked about: its counts search for those rows alone
+        rows = hits if 4 * len(hits) < len(k) else None
+        self._memo = (key, g, found, rows)  # one tuple: a reader on another thread sees all of it or none
+        return self._memo[1:]
+
+    def _start(self, g: np.ndarray, lo: np.ndarray | None) -> np.ndarray:
+        """Index of the group's first event at or after lo (None: the group's first)."""
+        if lo is None:
+            return self.starts[g] if len(self.groups) else np.zeros(len(g), np.int64)
+        return self._position(g, np.maximum(lo, self.t0 - 1))
 
     def _position(self, g: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Index of the group's first event at or after t."""
@@ -111,26 +130,34 @@ class GroupedTimes:
     def window(self, key: np.ndarray, t: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """[rows, n] indexes (into the events given) of each key's last n events before t, newest first, and where
         they exist."""
-        g, found = self._group(key)
+        g, found, _ = self._group(key)
         pos = self._position(g, t)[:, None] - 1 - np.arange(n)[None, :]
         valid = found[:, None] & (pos >= self.starts[g][:, None]) if len(self.groups) else np.zeros(pos.shape, bool)
         return self.order[np.where(valid, pos, 0)] if len(self.order) else np.zeros(pos.shape, np.int64), valid
 
-    def count(self, key: np.ndarray, lo: np.ndarray, t: np.ndarray) -> np.ndarray:
-        g, found = self._group(key)
-        n = self._position(g, t) - self._position(g, np.maximum(lo, self.t0 - 1))
-        return np.where(found, n, 0)
+    def count(self, key: np.ndarray, lo: np.ndarray | None, t: np.ndarray) -> np.ndarray:
+        """The number of the key's events in [lo, t) (lo None: all before t)."""
+        return self.counts(key, [lo], t)[0]
 
-    def counts(self, key: np.ndarray, los: list[np.ndarray], t: np.ndarray) -> list[np.ndarray]:
+    def counts(self, key: np.ndarray, los: list[np.ndarray | None], t: np.ndarray) -> list[np.ndarray]:
         """`count(key, lo, t)` for each lo of `los` (windows ending at t), the groups and t's positions found once."""
-        g, found = self._group(key)
+        g, found, rows = self._group(key)
+        if rows is None:
+            end = self._position(g, t)
+            return [np.where(found, end - self._start(g, lo), 0) for lo in los]
+        g, t = g[rows], np.asarray(t, np.int64)[rows]  # the rows with events here; the others count 0
         end = self._position(g, t)
-        return [np.where(found, end - self._position(g, np.maximum(lo, self.t0 - 1)), 0) for lo in los]
+        out = []
+        for lo in los:
+            n = np.zeros(len(found), np.int64)
+            n[rows] = end - self._start(g, None if lo is None else np.asarray(lo)[rows])
+            out.append(n)
+        return out
 
     def sum_before(self, key: np.ndarray, t: np.ndarray, values: np.ndarray) -> np.ndarray:
         """The sum of `values` (one per event given) over the key's events before t."""
         cum = self.cache_cumsum(values)
-        g, found = self._group(key)
+        g, found, _ = self._group(key)
         s = cum[self._position(g, t)] - cum[self.starts[g]] if len(self.groups) else np.zeros(len(g))
         return np.where(found, s, 0.0)
 
@@ -142,14 +169,14 @@ class GroupedTimes:
 
     def last_before(self, key: np.ndarray, t: np.ndarray) -> np.ndarray:
         """The time of the key's last event before t (NaN: none)."""
-        g, found = self._group(key)
+        g, found, _ = self._group(key)
         p = self._position(g, t) - 1
         ok = found & (p >= self.starts[g]) if len(self.groups) else found
         return np.where(ok, self.ts[np.maximum(p, 0)] if len(self.ts) else 0, np.nan)
 
     def first_before(self, key: np.ndarray, t: np.ndarray) -> np.ndarray:
         """The time of the key's first event, if it is before t (NaN: none)."""
-        g, found = self._group(key)
+        g, found, _ = self._group(key)
         first = self.ts[self.starts[g]] if len(self.ts) else np.zeros(len(g))
         return np.where(found & (first < np.asarray(t)), first, np.nan)
 
@@ -198,6 +225,13 @@ class EventLog:
                         [np.array([code[x] for x in (xs or [])], np.int64) for xs in interests.to_list()], vecs,
                         neighbours_until)
 
+    def grouped(self, name: str) -> GroupedTimes:
+        """The events grouped by "user" or "item": one index, shared by every family that groups the events so."""
+        shared = self.__dict__.setdefault("_grouped", {})
+        if name not in shared:
+            shared[name] = GroupedTimes(getattr(self, name), self.ts)
+        return shared[name]
+
     @cached_property
     def n_interests(self) -> int:
         return 1 + max((int(x.max()) for x in self.item_interests if len(x)), default=-1)
@@ -237,10 +271,10 @@ class EventLog:
     def global_rates(self, t: np.ndarray) -> np.ndarray:
         """[rows, heads]: each head's share of all events before t (0.5 before any event)."""
         g = self.global_times
-        total = g.count(np.full(len(t), -1), window_start(t, None), t).astype(np.float64)
+        total = g.count(np.full(len(t), -1), None, t).astype(np.float64)
         out = np.empty((len(t), len(self.heads)))
         for h in range(len(self.heads)):
-            out[:, h] = np.where(total > 0, g.count(np.full(len(t), h), window_start(t, None), t) / np.maximum(
+            out[:, h] = np.where(total > 0, g.count(np.full(len(t), h), None, t) / np.maximum(
                 total, 1), 0.5)
         return out
 
@@ -281,6 +315,18 @@ class Queries:
 
     def __len__(self) -> int:
         return len(self.user)
+
+    def per_user(self) -> tuple["Queries", np.ndarray]:
+        """One row per distinct (user, t), and each row's index among them: what a family that reads only the user's
+        past computes once (a served request's candidates share their user and time)."""
+        order = np.lexsort((self.t, self.user))
+        u, t = self.user[order], self.t[order]
+        new = np.ones(len(u), bool)
+        new[1:] = (u[1:] != u[:-1]) | (t[1:] != t[:-1])
+        inverse = np.empty(len(u), np.int64)
+        inverse[order] = np.cumsum(new) - 1
+        first = order[new]
+        return Queries(u[new], self.item[first], t[new], self.request[first]), inverse
 
     def row(self, i: int) -> "Queries":
         return Queries(self.user[i:i + 1], self.item[i:i + 1], self.t[i:i + 1], self.request[i:i + 1])

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pinnerformer.features.point_in_time import EventLog, FeatureConfig, GroupedTimes, Queries, before, window_start
+from pinnerformer.features.point_in_time import EventLog, FeatureConfig, GroupedTimes, Queries, before
 
 
 def _times(log: EventLog) -> GroupedTimes:
     if "request_rank" not in log.cache:
-        log.cache["request_rank"] = GroupedTimes(log.item, log.ts)
+        log.cache["request_rank"] = log.grouped("item")
     return log.cache["request_rank"]
 
 
@@ -36,7 +36,7 @@ def _values(requests: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarray]:
-    return _values(q.request, _times(log).count(q.item, window_start(q.t, None), q.t))
+    return _values(q.request, _times(log).count(q.item, None, q.t))
 
 
 def reference(log: EventLog, q: Queries, i: int, cfg: FeatureConfig) -> dict[str, float]:

@@ -13,7 +13,7 @@ CHUNK = 1024  # rows per cosine block: [CHUNK, seq_n, E] floats at a time
 
 def _times(log: EventLog) -> GroupedTimes:
     if "sequence_match" not in log.cache:
-        log.cache["sequence_match"] = GroupedTimes(log.user, log.ts)
+        log.cache["sequence_match"] = log.grouped("user")
     return log.cache["sequence_match"]
 
 
@@ -35,8 +35,11 @@ def _values(log: EventLog, items: np.ndarray, valid: np.ndarray, cand: np.ndarra
 def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarray]:
     parts = []
     for s in range(0, len(q), CHUNK):
-        events, valid = _times(log).window(q.user[s:s + CHUNK], q.t[s:s + CHUNK], cfg.seq_n)
-        parts.append(_values(log, log.item[events], valid, q.item[s:s + CHUNK]))
+        # each (user, t)'s last actions found once, then given to its rows
+        users, inverse = Queries(q.user[s:s + CHUNK], q.item[s:s + CHUNK], q.t[s:s + CHUNK],
+                                 q.request[s:s + CHUNK]).per_user()
+        events, valid = _times(log).window(users.user, users.t, cfg.seq_n)
+        parts.append(_values(log, log.item[events][inverse], valid[inverse], q.item[s:s + CHUNK]))
     if not parts:
         parts.append(_values(log, np.zeros((0, cfg.seq_n), np.int64), np.zeros((0, cfg.seq_n), bool),
                              np.zeros(0, np.int64)))

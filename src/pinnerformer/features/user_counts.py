@@ -19,20 +19,25 @@ def _times(log: EventLog) -> tuple[GroupedTimes, GroupedTimes, GroupedTimes]:
         u, d = log.user[order], day[order]
         first = np.ones(len(u), bool)
         first[1:] = (u[1:] != u[:-1]) | (d[1:] != d[:-1])
-        log.cache["user_counts"] = (GroupedTimes(log.user * A + log.action, log.ts), GroupedTimes(log.user, log.ts),
+        log.cache["user_counts"] = (GroupedTimes(log.user * A + log.action, log.ts), log.grouped("user"),
                                     GroupedTimes(u[first], d[first] * DAY))
     return log.cache["user_counts"]
 
 
-def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarray]:
+def columns(log: EventLog, rows: Queries, cfg: FeatureConfig) -> dict[str, np.ndarray]:
     by_action, by_user, days = _times(log)
+    q, inverse = rows.per_user()  # the user's past alone: once per (user, t)
     A, out = len(log.action_names), {}
-    everything = window_start(q.t, None)
-    per_action = [by_action.count(q.user * A + a, everything, q.t) for a in range(A)]
+    keys = (q.user[None, :] * A + np.arange(A)[:, None]).ravel()  # every action in one call, action-major
+    per_action = list(by_action.count(keys, None, np.tile(q.t, A)).reshape(A, len(q)))
     for a, aname in enumerate(log.action_names):
         out[f"user.{aname}.all"] = np.log1p(per_action[a])
-    for wname, d in window_names(cfg):
-        out[f"user.events.{wname}"] = np.log1p(by_user.count(q.user, window_start(q.t, d), q.t))
+    windows = window_names(cfg)
+    # the windows and t's own day (active today?) in one call
+    *per_window, today = by_user.counts(q.user, [window_start(q.t, d) for _, d in windows] + [window_start(q.t, 1)],
+                                        q.t)
+    for (wname, _), n in zip(windows, per_window):
+        out[f"user.events.{wname}"] = np.log1p(n)
     total = np.sum(per_action, 0)
     prior = log.global_rates(q.t)
     for h, (hname, codes) in enumerate(log.heads):
@@ -40,9 +45,9 @@ def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarr
         out[f"user.rate.{hname}"] = smoothed(hits, total, prior[:, h], cfg.prior_weight)
     out["user.recency_h"] = log_hours(q.t - by_user.last_before(q.user, q.t))
     # days before t's day with an event, and t's own day if it already has one before t
-    earlier_days = days.count(q.user, everything, (q.t // DAY) * DAY)
-    today = by_user.count(q.user, window_start(q.t, 1), q.t) > 0
-    out["user.active_days"] = np.log1p(earlier_days + today)
+    earlier_days = days.count(q.user, None, (q.t // DAY) * DAY)
+    out["user.active_days"] = np.log1p(earlier_days + (today > 0))
+    return {name: v[inverse] for name, v in out.items()}
     return out
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from pinnerformer.features.point_in_time import (
-    EventLog, FeatureConfig, GroupedTimes, Queries, before, log_hours, smoothed, window_start,
+    EventLog, FeatureConfig, GroupedTimes, Queries, before, log_hours, smoothed,
 )
 
 
@@ -17,31 +17,33 @@ def _times(log: EventLog) -> tuple[GroupedTimes, GroupedTimes, GroupedTimes]:
         ev, interest = log.interests_of(log.item)  # one row per (event, interest of its item)
         key = log.user[ev] * K + interest
         log.cache["user_interest"] = (GroupedTimes(key * A + log.action[ev], log.ts[ev]), GroupedTimes(key, log.ts[ev]),
-                                      GroupedTimes(log.user, log.ts))
+                                      log.grouped("user"))
     return log.cache["user_interest"]
 
 
 def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarray]:
     by_action, by_key, by_user = _times(log)
     A, K, Q = len(log.action_names), max(log.n_interests, 1), len(q)
-    everything = window_start(q.t, None)
     prior = log.global_rates(q.t)
     row, interest = log.interests_of(q.item)  # one row per (query, interest of its candidate), in query order
     lens = np.bincount(row, minlength=Q)
-    key, t, lo = q.user[row] * K + interest, q.t[row], everything[row]
-    n = by_key.count(key, lo, t)
+    key, t = q.user[row] * K + interest, q.t[row]
+    n = by_key.count(key, None, t)
     # per query, the interest with the most events (the first of equals): rows sorted by (query, -n, position)
     order = np.lexsort((np.arange(len(row)), -n, row))
     first = order[np.searchsorted(row[order], np.arange(Q))[lens > 0]] if len(row) else np.zeros(0, np.int64)
     has = lens > 0
     count = np.zeros(Q)
     count[has] = n[first]
-    total = by_user.count(q.user, everything, q.t)
+    total = by_user.count(q.user, None, q.t)
     out = {"uint.events": np.log1p(count), "uint.share": np.where(total > 0, count / np.maximum(total, 1), 0.0)}
     for h, (hname, codes) in enumerate(log.heads):
         hits = np.zeros(Q)
         if len(row):
-            hits_rows = sum(by_action.count(key * A + int(a), lo, t) for a in codes) if len(codes) else 0 * n
+            # the head's actions in one call, action-major, then summed
+            keys = (key[None, :] * A + np.asarray(codes, np.int64)[:, None]).ravel()
+            hits_rows = by_action.count(keys, None, np.tile(t, len(codes))).reshape(len(codes), -1).sum(0) if len(
+                codes) else 0 * n
             hits[has] = np.asarray(hits_rows)[first]
         out[f"uint.rate.{hname}"] = smoothed(hits, count, prior[:, h], cfg.prior_weight)
     since = np.full(Q, np.nan)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pinnerformer.features.point_in_time import (
-    EventLog, FeatureConfig, GroupedTimes, Queries, before, log_hours, window_start,
+    EventLog, FeatureConfig, GroupedTimes, Queries, before, log_hours,
 )
 
 
@@ -19,9 +19,10 @@ def _times(log: EventLog) -> tuple[GroupedTimes, GroupedTimes]:
 
 def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarray]:
     by_action, by_pair = _times(log)
-    A, pair, everything = len(log.action_names), q.user * log.n_items + q.item, window_start(q.t, None)
-    out = {f"ui.{aname}": np.log1p(by_action.count(pair * A + a, everything, q.t))
-           for a, aname in enumerate(log.action_names)}
+    A, pair = len(log.action_names), q.user * log.n_items + q.item
+    keys = (pair[None, :] * A + np.arange(A)[:, None]).ravel()  # every action in one call, action-major
+    per_action = by_action.count(keys, None, np.tile(q.t, A)).reshape(A, len(q))
+    out = {f"ui.{aname}": np.log1p(per_action[a]) for a, aname in enumerate(log.action_names)}
     out["ui.recency_h"] = log_hours(q.t - by_pair.last_before(pair, q.t))
     return out
 
