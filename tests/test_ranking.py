@@ -331,6 +331,38 @@ def test_a_requests_surface_is_its_first_actions_and_sessions_across_a_cut_off_a
     assert req.height == 10 * 6 + 10 - len(bounds)
 
 
+def test_within_session_requests_start_at_the_sessions_middle_action_and_its_first_half_is_the_sequence(cli, tmp_path):
+    """`within-session`: a session's actions before its middle one are the realtime signal (in the sequence, not
+    candidates); the request is scored at the middle action, and its candidates and labels come from there on."""
+    rows = []
+    day0 = 1_600_041_600  # a UTC midnight
+    items = [0, 1, 2, 3, 1, 4, 5, 2]  # viewed 0-3; then 1 saved, 4 and 5 viewed, 2 saved
+    actions = ["view"] * 4 + ["save", "view", "view", "save"]
+    for d in range(10):
+        for u in range(6):
+            t = day0 + d * 86400 + 3600 * (1 + u)
+            rows += [(u, 10 * u + i, a, t + 60 * k) for k, (i, a) in enumerate(zip(items, actions))]
+    pl.DataFrame(rows, schema=["user", "item", "action", "timestamp"], orient="row").write_csv(tmp_path / "log.csv")
+    assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "log.csv", "-o", tmp_path / "ds", "--action-col",
+               "action", "--positive", "save").exit_code == 0
+    ds = Dataset.open(tmp_path / "ds")
+    heads = parse_heads("save=save", ds.manifest.action_names())
+    whole = build_requests(ds, RequestOptions(request="session", heads=heads))
+    within = build_requests(ds, RequestOptions(request="within-session", heads=heads))
+    assert whole.requests.height == within.requests.height == 60 and within.skipped == {}
+    assert (within.requests["t"] - whole.requests["t"] == 4 * 60).all()  # the middle (5th) of 8 actions
+    item_ids = ds.items["item_id"].cast(pl.Int64).to_numpy()
+    user_ids = ds.users["user_id"].cast(pl.Int64).to_numpy()
+    ts = np.asarray(ds.timelines.ts)
+    for r in within.requests.iter_rows(named=True):
+        c = within.candidates.filter(pl.col("request") == r["request"])
+        u = int(user_ids[r["user"]])
+        assert dict(zip((item_ids[c["item"].to_numpy()] - 10 * u).tolist(), c["y_save"].to_list())) == {
+            1: 1, 4: 0, 5: 0, 2: 1}
+        assert ts[r["seq_end"] - 1] == r["t"] - 60 and ts[r["seq_end"]] == r["t"]  # the first half is before it
+    assert sorted(whole.candidates.group_by("request").len()["len"].unique().to_list()) == [6]
+
+
 def test_the_int8_item_table_is_stored_checked_and_its_faults_named(planted_rank, cli, tmp_path):
     """rank prepare stores TransAct V2's int8 table with its scale and zero point; a table that is missing or
     changed, a scale or zero point inconsistent with the recorded range, or ranking data without a table, each

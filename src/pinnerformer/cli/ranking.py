@@ -18,7 +18,9 @@ app.add_typer(rank_app, name="rank")
 def prepare(
     dataset: Path = typer.Option(..., "--dataset", "-d", help="A prepared dataset directory (with real timestamps)."),
     output: Path = typer.Option(..., "--output", "-o", help="The ranking data directory to write."),
-    request: Optional[str] = typer.Option(None, help="day | session | logged (default: logged for MIND, else day)."),
+    request: Optional[str] = typer.Option(None, help="day | session | within-session (the session's second half, scored "
+                                           "at its middle action: its first half is the realtime sequence) | logged "
+                                           "(default: logged for MIND, else day)."),
     heads: Optional[str] = typer.Option(None, help="Heads 'NAME=ACTION[,ACTION…]; …', a '-' before the actions of "
                                         "a negative head (default per format, e.g. MovieLens 'save=love; "
                                         "like=love,like; hide=-dislike')."),
@@ -31,7 +33,7 @@ def prepare(
     feature_share: float = typer.Option(0.5, help="Share of the training period whose requests only the "
                                         "PinnerFormer behind the feature learns from (0: it trains on the ranker's "
                                         "training period)."),
-    session_gap_minutes: float = typer.Option(30.0, help="--request session: the inactivity gap."),
+    session_gap_minutes: float = typer.Option(30.0, help="--request session / within-session: the inactivity gap."),
     min_candidates: int = typer.Option(2, min=2, help="Requests with fewer distinct items are skipped (counted)."),
     max_candidates: int = typer.Option(100, min=2, help="Larger requests of the feature and training periods keep a "
                                        "seeded sample of this many (the rest counted); validation and test requests "

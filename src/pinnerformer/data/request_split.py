@@ -1,5 +1,6 @@
-"""The time split of ranking requests: the UTC midnights that cut them into train / validation / test, and the
-feature period out of train (see `data.requests`).
+"""How ranking requests are cut from events: each event's visit (`visit_keys`), and the time split, the UTC
+midnights that cut the requests into train / validation / test, and the feature period out of train (see
+`data.requests`).
 
 `--split` gives the cut-offs one of two ways: three fractions of the requests (`0.7,0.15,0.15`: each cut-off is the
 midnight that leaves about that share before it), or the last UTC day of train and of validation
@@ -13,6 +14,7 @@ import datetime as dt
 import re
 
 import numpy as np
+import polars as pl
 
 from pinnerformer.data.clock import DAY, day_end_ts, parse_day, utc_day
 from pinnerformer.errors import PinnerformerError
@@ -20,6 +22,20 @@ from pinnerformer.errors import PinnerformerError
 SPLIT_FORMS = ("three fractions TRAIN,VALIDATION,TEST of the requests (e.g. 0.7,0.15,0.15), or two UTC days "
                "TRAIN_LAST,VALIDATION_LAST (e.g. 2001-03-23,2001-11-22: train through the first, validation through "
                "the second, test after)")
+
+
+def visit_keys(ev: pl.DataFrame, request: str, gap_s: int) -> pl.DataFrame:
+    """Each event's visit, as `key`: its UTC day (`day`) or its session (`session`: a new one after an inactivity gap
+    longer than gap_s). `within-session`: the session's events from its middle one on (the request starts there; the
+    earlier half stays in the realtime sequence and the features, which read everything before the request's time,
+    and leaves the candidates). `ev`: the timelines' order (by user, then time)."""
+    if request == "day":
+        return ev.with_columns((pl.col("ts") // DAY).cast(pl.String).alias("key"))
+    new = (pl.col("user") != pl.col("user").shift(1)) | ((pl.col("ts") - pl.col("ts").shift(1)) > gap_s)
+    ev = ev.with_columns(new.fill_null(True).cum_sum().cast(pl.String).alias("key"))
+    if request == "within-session":
+        ev = ev.filter(pl.col("ts") >= pl.col("ts").get(pl.len() // 2).over("key"))
+    return ev
 
 
 def parse_split(text: str) -> dict[str, tuple]:

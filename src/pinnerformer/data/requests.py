@@ -1,7 +1,8 @@
 """Ranking requests from a prepared dataset, and the ranking data directory.
 
 A request is what a user was shown together. Public logs rarely record that, so it is rebuilt from what exists:
-the items a user acted on in one visit (`day`: one UTC day; `session`: split at an inactivity gap) are its
+the items a user acted on in one visit (`day`: one UTC day; `session`: split at an inactivity gap; `within-session`:
+the session's second half, scored at its middle action, so that its first half is the realtime signal) are its
 candidates, or, where the source logged requests (MIND's impression id, kept as each event's `detail`), exactly the
 logged request (`logged`). A candidate's labels are its heads: named groups of action types, each positive or
 negative (`save=love; like=love,like; hide=-dislike`). A candidate with no head's action (a Taobao page view
@@ -117,7 +118,7 @@ def default_heads(fmt: str, action_names: list[str]) -> list[Head]:
 
 
 class RequestOptions(StrictModel):
-    request: Literal["day", "session", "logged"] = "day"
+    request: Literal["day", "session", "within-session", "logged"] = "day"
     session_gap_minutes: float = Field(30.0, gt=0)
     heads: list[Head]
     split: tuple[float, float, float] | None = (0.7, 0.15, 0.15)  # fractions of the requests: train, validation, test
@@ -267,12 +268,8 @@ def build_requests(ds: Dataset, opts: RequestOptions, log=print) -> RequestTable
                                     "event's detail, e.g. MIND's impression id); this dataset has none: use "
                                     "--request day or session")
         ev = ev.with_columns(detail.alias("key")).filter(pl.col("key").is_not_null())
-    elif opts.request == "day":
-        ev = ev.with_columns((pl.col("ts") // DAY).cast(pl.String).alias("key"))
     else:
-        gap = int(opts.session_gap_minutes * 60)
-        new = (pl.col("user") != pl.col("user").shift(1)) | ((pl.col("ts") - pl.col("ts").shift(1)) > gap)
-        ev = ev.with_columns(new.fill_null(True).cum_sum().cast(pl.String).alias("key"))
+        ev = rs.visit_keys(ev, opts.request, int(opts.session_gap_minutes * 60))
     labels = [pl.col("action").is_in(codes).any().cast(pl.UInt8).alias(f"y_{h.name}")
               for h, codes in zip(opts.heads, head_codes)]
     cand = (ev.group_by("user", "key", "item", maintain_order=True)
