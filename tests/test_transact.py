@@ -105,3 +105,21 @@ def test_written_out_training_attention_equals_sdpa_and_dropout_keeps_the_mean()
     y = dropout(x, 0.1, True)
     assert abs((y == 0).float().mean().item() - 0.1) < 0.005 and abs(y.mean().item() - 1.0) < 0.01
     assert torch.equal(dropout(x, 0.1, False), x)
+
+
+def test_low_rank_cross_layers_compute_x0_times_u_v_x_plus_x_with_fewer_parameters():
+    """DCN v2's low-rank cross layer, x_{l+1} = x0 ⊙ (U_l (V_l^T x_l) + b_l) + x_l, written out by hand; a rank above
+    a quarter of the width is the full-rank layer (little to save)."""
+    from pinnerformer.models.ranker import CrossNetwork
+
+    torch.manual_seed(0)
+    d, r = 40, 4
+    net = CrossNetwork(d, 2, rank=r)
+    x0 = torch.randn(5, d)
+    x = x0
+    for layer in net.layers:
+        v, u = layer[0].weight, layer[1].weight  # [r, d], [d, r]
+        x = x0 * (x @ v.T @ u.T + layer[1].bias) + x
+    assert torch.allclose(net(x0), x, atol=1e-5)
+    assert sum(p.numel() for p in net.parameters()) == 2 * (2 * d * r + d)
+    assert sum(p.numel() for p in CrossNetwork(d, 2, rank=d // 4 + 1).parameters()) == 2 * (d * d + d)

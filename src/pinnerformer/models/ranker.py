@@ -56,6 +56,9 @@ class RankerConfig(StrictModel):
     context_dim: int = Field(8, ge=1)
     feature_bins: int = Field(0, ge=0, le=64)  # > 0: the piecewise-linear encoding of each feature beside it
     cross_layers: int = Field(3, ge=0)
+    # low-rank cross layers (U V^T of this rank; 0: full rank) where the input is at least 4x as wide: with TransAct's
+    # 1,056 outputs beside the features, full-rank layers were 5.2 M parameters that overfit in one epoch
+    cross_rank: int = Field(64, ge=0)
     mlp: list[int] = [256, 128]
     dropout: float = Field(0.1, ge=0, lt=1)
 
@@ -75,11 +78,17 @@ class RankerInputs:
 
 
 class CrossNetwork(nn.Module):
-    """DCN v2's cross network, full rank: x_{l+1} = x0 ⊙ (W_l x_l + b_l) + x_l."""
+    """DCN v2's cross network: x_{l+1} = x0 ⊙ (W_l x_l + b_l) + x_l, with W_l full rank or, given a rank r and an
+    input at least 4·r wide, the paper's low-rank form W_l = U_l V_l^T (d·d parameters a layer become 2·d·r: a wide
+    sequence output keeps its products with the candidate without a full d x d matrix to overfit)."""
 
-    def __init__(self, d: int, layers: int):
+    def __init__(self, d: int, layers: int, rank: int = 0):
         super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(d, d) for _ in range(layers)])
+        if rank and 4 * rank <= d:
+            self.layers = nn.ModuleList([nn.Sequential(nn.Linear(d, rank, bias=False), nn.Linear(rank, d))
+                                         for _ in range(layers)])
+        else:
+            self.layers = nn.ModuleList([nn.Linear(d, d) for _ in range(layers)])
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         x = x0
@@ -151,7 +160,7 @@ class Ranker(nn.Module):
         self.collect_next_action = False  # set by a training task that adds the next-action loss
         self.feature_config = None  # the point-in-time features' definition (set by `training.ranking.ranker_for`)
         self.next_action_inputs: dict[str, torch.Tensor] | None = None
-        self.cross = CrossNetwork(d, cfg.cross_layers)
+        self.cross = CrossNetwork(d, cfg.cross_layers, cfg.cross_rank)
         mlp, width = [], d
         for h in cfg.mlp:
             mlp += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(cfg.dropout)]

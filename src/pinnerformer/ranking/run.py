@@ -37,6 +37,8 @@ class RankRun:
         raw = dict(self.description.config)
         if "features" not in raw.get("model", {}):  # a run from before the point-in-time features read none
             raw["model"] = {**raw.get("model", {}), "features": False}
+        if "cross_rank" not in raw.get("model", {}):  # a run from before low-rank cross layers: full rank
+            raw["model"] = {**raw.get("model", {}), "cross_rank": 0}
         return RankTrainConfig.model_validate(raw)
 
     def data(self) -> RankData:
