@@ -660,3 +660,29 @@ def test_listwise_training_takes_whole_requests_and_adds_exactly_the_listwise_te
         term = request_softmax(plain.model(b), b.labels, b.row_request)
     assert term > 0
     torch.testing.assert_close(got, base + 0.5 * term)
+
+
+def test_a_run_from_before_low_rank_cross_layers_loads_with_its_full_rank_layers(planted_rank, tmp_path):
+    """Runs written before `model.cross_rank` existed have no such field: they load as they were trained (full rank),
+    not with today's default, whose layers would not fit their weights."""
+    import shutil
+
+    from pinnerformer.ranking.run import RankRun
+    from pinnerformer.training.ranking import load_rank_config, ranking_loop
+    from pinnerformer.training.run_files import CONFIG
+
+    rd = RankData(planted_rank / "rank")
+    cfg = load_rank_config("default", overrides={**RANK_TINY, "model": {**RANK_TINY["model"], "cross_rank": 0}})
+    run = tmp_path / "old"
+    ranking_loop(rd, cfg, run, log=lambda s: None).fit(max_steps=3, progress=False)
+    raw = json.loads((run / CONFIG).read_text())
+    assert raw["config"]["model"].pop("cross_rank") == 0
+    (run / CONFIG).write_text(json.dumps(raw))
+    model = RankRun(run).load_model(rd, "last")
+    assert isinstance(model.cross.layers[0], torch.nn.Linear) and model.cross.layers[0].weight.shape[0] == model.x0_dim
+    new = tmp_path / "new"
+    shutil.copytree(run, new)
+    raw["config"]["model"]["cross_rank"] = 64  # today's default: low rank, which the old weights do not fit
+    (new / CONFIG).write_text(json.dumps(raw))
+    with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
+        RankRun(new).load_model(rd, "last")
