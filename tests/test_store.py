@@ -174,6 +174,12 @@ def test_the_counters_hold_each_distinct_event_once_by_day_and_count_exactly_bef
         r = got.items[got.items["item"] == i]
         assert sorted((int(a), int(t)) for a, t in zip(r["action"], r["ts"]) if t < max(times)) == sorted(
             (a, t) for _, a, t in mine(lambda _, ii: ii == i))
+    many = s.counters(since, ["u1"], list(range(2500)), times, 3)  # a large request: read in chunks of keys
+    assert set(many.items["item"].tolist()) <= set(range(9))
+    for i in range(9):
+        r = many.items[many.items["item"] == i]
+        assert sorted((int(a), int(t)) for a, t in zip(r["action"], r["ts"]) if t < max(times)) == sorted(
+            (a, t) for _, a, t in mine(lambda _, ii: ii == i))
     want = np.array([[sum(1 for _, _, a, ts in distinct if since <= ts < t and a == k) for k in range(3)]
                      for t in times])
     np.testing.assert_array_equal(got.before, want)

@@ -84,6 +84,10 @@ class GroupedTimes:
 
     def __init__(self, key: np.ndarray, ts: np.ndarray):
         key, ts = np.asarray(key, np.int64), np.asarray(ts, np.int64)
+        if not len(key):  # no event (an online delta without any of the family's): nothing to sort
+            self.order = self.ts = self.starts = self.groups = self.composite = np.zeros(0, np.int64)
+            self.t0, self.span = 0, 2
+            return
         self.order = order = np.lexsort((ts, key))  # sorted position -> index of the event given
         k, self.ts = key[order], ts[order]
         new = np.empty(len(k), bool)  # where a group starts (k is sorted: no second sort, as np.unique would do)
@@ -270,6 +274,14 @@ class EventLog:
 
     def global_rates(self, t: np.ndarray) -> np.ndarray:
         """[rows, heads]: each head's share of all events before t (0.5 before any event)."""
+        memo = self.__dict__.get("_rates_memo")  # several families ask for the same rows' rates in turn
+        if memo is not None and memo[0] is t:
+            return memo[1]
+        out = self._global_rates(t)
+        self._rates_memo = (t, out)  # one tuple: a reader on another thread sees all of it or none
+        return out
+
+    def _global_rates(self, t: np.ndarray) -> np.ndarray:
         g = self.global_times
         total = g.count(np.full(len(t), -1), None, t).astype(np.float64)
         out = np.empty((len(t), len(self.heads)))

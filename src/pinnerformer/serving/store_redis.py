@@ -134,7 +134,12 @@ for k, day in ipairs(days) do
   local p = ns .. ':fc:' .. day
   local us, is, whole, within = {}, {}, {}, {}
   for i = 0, nu - 1 do us[i + 1] = redis.call('GET', p .. ':u:' .. ARGV[users + i]) or '' end
-  for i = 1, #items do is[i] = redis.call('GET', p .. ':i:' .. items[i]) or '' end
+  -- the candidates' lists in MGETs of up to 1000 keys (one call each, not one per item)
+  for s = 1, #items, 1000 do
+    local keys = {}
+    for i = s, math.min(s + 999, #items) do keys[#keys + 1] = p .. ':i:' .. items[i] end
+    for _, v in ipairs(redis.call('MGET', unpack(keys))) do is[#is + 1] = v or '' end
+  end
   for a = 0, na - 1 do whole[a + 1] = 'd:' .. a end
   for _, b in ipairs(below[day] or {}) do
     local fields = {}
@@ -201,7 +206,7 @@ class RedisStore(OnlineStore):
     def counters(self, since: int, users: list[str], items: list[int], times: list[int], n_actions: int
                  ) -> Counters:
         span = counter_range(since, times)
-        args = [self.ns, *(span or ("", "")), len(users), *users, ",".join(str(int(i)) for i in items), n_actions]
+        args = [self.ns, *(span or ("", "")), len(users), *users, ",".join(map(str, map(int, items))), n_actions]
         below = [i for i, t in enumerate(times) if t % DAY]
         args.append(len(below))
         for i in below:
