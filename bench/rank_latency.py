@@ -34,7 +34,7 @@ from pinnerformer.objectives.multitask_bce import MultiTaskLossConfig, label_wei
 def make_model(args) -> Ranker:
     torch.manual_seed(0)
     cfg = RankerConfig.model_validate({"sequence": args.sequence, "transact": {"seq_len": args.seq_len},
-                                       "cross_layers": 3})
+                                       "cross_layers": 3, "cross_rank": args.cross_rank})
     inputs = RankerInputs(n_items=args.items, n_actions=4, n_surfaces=1, vector_dim=args.vector_dim, pf_dim=64,
                           heads=("save", "like", "hide"))
     return Ranker(cfg, inputs, torch.randn(args.items, args.vector_dim), torch.randn(args.items, 64))
@@ -116,6 +116,8 @@ def training_rate(model: Ranker, args, device: torch.device, rng: np.random.Gene
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--candidates", type=int, default=500)
+    p.add_argument("--cross-rank", type=int, default=RankerConfig().cross_rank,
+                   help="the cross layers' rank (0: full rank, the ranker's default before issue 31)")
     p.add_argument("--seq-len", type=int, default=100)
     p.add_argument("--sequence", default="transact", choices=["transact", "bst", "average", "none"])
     p.add_argument("--vector-dim", type=int, default=32, help="frozen item vector width (PinSage: 32)")
