@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,11 +34,11 @@ class Dataset:
 
     @cached_property
     def items(self) -> pl.DataFrame:
-        return pl.read_parquet(self.path / schema.ITEMS)
+        return read_whole(self.path / schema.ITEMS)
 
     @cached_property
     def users(self) -> pl.DataFrame:
-        return pl.read_parquet(self.path / schema.USERS)
+        return read_whole(self.path / schema.USERS)
 
     def events(self) -> pl.DataFrame:
         return pl.read_parquet(self.path / schema.EVENTS)
@@ -52,6 +54,21 @@ class Dataset:
             return None
         col = self.items["content_vector"]
         return np.array(col.list.to_array(self.manifest.content_vectors.dim).to_numpy(), dtype=np.float32)
+
+
+def read_whole(path: Path) -> pl.DataFrame:
+    """A parquet file read from one open of it. A writer (`data append`, `data prepare --overwrite`) swaps the
+    dataset's folder in whole while readers run, and polars reading by path opens the file more than once: a swap
+    in between mixed one version's footer with the other's pages ("wrong page size"). One open reads one version;
+    the swap's two renames leave the folder absent for an instant, which a few short retries wait out."""
+    for attempt in range(20):
+        try:
+            return pl.read_parquet(io.BytesIO(path.read_bytes()))
+        except FileNotFoundError:
+            if attempt == 19:
+                raise
+            time.sleep(0.01)
+    raise AssertionError("unreachable")
 
 
 def set_content_vectors(dataset_dir: str | Path, vectors: np.ndarray, model: str, l2_normalised: bool = False,
