@@ -61,14 +61,12 @@ def read_whole(path: Path) -> pl.DataFrame:
     dataset's folder in whole while readers run, and polars reading by path opens the file more than once: a swap
     in between mixed one version's footer with the other's pages ("wrong page size"). One open reads one version;
     the swap's two renames leave the folder absent for an instant, which a few short retries wait out."""
-    for attempt in range(20):
+    for _ in range(19):
         try:
             return pl.read_parquet(io.BytesIO(path.read_bytes()))
         except FileNotFoundError:
-            if attempt == 19:
-                raise
             time.sleep(0.01)
-    raise AssertionError("unreachable")
+    return pl.read_parquet(io.BytesIO(path.read_bytes()))  # a 20th try, whose error is the caller's
 
 
 def set_content_vectors(dataset_dir: str | Path, vectors: np.ndarray, model: str, l2_normalised: bool = False,

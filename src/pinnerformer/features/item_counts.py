@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from pinnerformer.features.point_in_time import (
-    EventLog, FeatureConfig, GroupedTimes, Queries, before, log_hours, smoothed, window_names, window_start,
+    EventLog, FeatureConfig, GroupedTimes, Queries, before, counts_each, log_hours, smoothed, window_names,
+    window_start,
 )
 
 
@@ -23,16 +24,13 @@ def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarr
     A, out = len(log.action_names), {}
     windows = window_names(cfg)
     los = [window_start(q.t, days) for _, days in windows]
-    # every action's counts in one call: keys action-major, [A * rows]
-    keys = (q.item[None, :] * A + np.arange(A)[:, None]).ravel()
-    found = by_action.counts(keys, [None if lo is None else np.tile(lo, A) for lo in los], np.tile(q.t, A))
-    per_action = [[c.reshape(A, len(q))[a] for c in found] for a in range(A)]  # [action][window]
+    per_window = counts_each(by_action, q.item, range(A), A, los, q.t)  # [window] of [action, rows]
     totals = by_item.counts(q.item, los, q.t)
     for w, (wname, _) in enumerate(windows):
         for a, aname in enumerate(log.action_names):
-            out[f"item.{aname}.{wname}"] = np.log1p(per_action[a][w])
+            out[f"item.{aname}.{wname}"] = np.log1p(per_window[w][a])
         out[f"item.events.{wname}"] = np.log1p(totals[w])
-    per_action_all = [n[-1] for n in per_action]  # the last window is "all"
+    per_action_all = list(per_window[-1])  # the last window is "all"
     total = np.sum(per_action_all, 0) if per_action_all else np.zeros(len(q))
     prior = log.global_rates(q.t)
     for h, (hname, codes) in enumerate(log.heads):

@@ -145,7 +145,7 @@ def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarr
     for s in range(0, max(len(q), 1), CHUNK):
         t, cand = q.t[s:s + CHUNK], q.item[s:s + CHUNK]
         # each (user, t)'s last actions found once, then given to its rows
-        users, inverse = Queries(q.user[s:s + CHUNK], cand, t, q.request[s:s + CHUNK]).per_user()
+        users, inverse = q.part(s, s + CHUNK).per_user()
         events, valid = times.window(users.user, users.t, cfg.neighbours_n)
         items, actions, values = (x[events][inverse] for x in (log.item, log.action, value))
         parts.append(_values(log, cfg, nb, items, actions, values, valid[inverse], cand, t >= log.neighbours_until))

@@ -185,6 +185,17 @@ class GroupedTimes:
         return np.where(found & (first < np.asarray(t)), first, np.nan)
 
 
+def counts_each(times, base: np.ndarray, codes, width: int, los: list[np.ndarray | None], t: np.ndarray
+                ) -> list[np.ndarray]:
+    """`times.counts` for the keys base·width + c of every code c in one call (one search over all of them, not one
+    per code): per lo, [len(codes), rows]. `times`: a GroupedTimes, or the online union of two."""
+    codes = np.asarray(codes, np.int64)
+    base, k = np.asarray(base, np.int64), len(codes)
+    keys = (base[None, :] * width + codes[:, None]).ravel()  # code-major
+    got = times.counts(keys, [None if lo is None else np.tile(lo, k) for lo in los], np.tile(t, k))
+    return [c.reshape(k, len(base)) for c in got]
+
+
 @dataclass
 class EventLog:
     """The events features are computed from, with what the families need about items and heads."""
@@ -230,7 +241,8 @@ class EventLog:
                         neighbours_until)
 
     def grouped(self, name: str) -> GroupedTimes:
-        """The events grouped by "user" or "item": one index, shared by every family that groups the events so."""
+        """The events grouped by "user" or "item": one index, shared by every family that groups the events so (kept
+        beside `cache`, which the online union log fills by family name)."""
         shared = self.__dict__.setdefault("_grouped", {})
         if name not in shared:
             shared[name] = GroupedTimes(getattr(self, name), self.ts)
@@ -340,8 +352,11 @@ class Queries:
         first = order[new]
         return Queries(u[new], self.item[first], t[new], self.request[first]), inverse
 
+    def part(self, start: int, stop: int) -> "Queries":
+        return Queries(self.user[start:stop], self.item[start:stop], self.t[start:stop], self.request[start:stop])
+
     def row(self, i: int) -> "Queries":
-        return Queries(self.user[i:i + 1], self.item[i:i + 1], self.t[i:i + 1], self.request[i:i + 1])
+        return self.part(i, i + 1)
 
 
 def family(name: str):

@@ -36,8 +36,7 @@ def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarr
     parts = []
     for s in range(0, len(q), CHUNK):
         # each (user, t)'s last actions found once, then given to its rows
-        users, inverse = Queries(q.user[s:s + CHUNK], q.item[s:s + CHUNK], q.t[s:s + CHUNK],
-                                 q.request[s:s + CHUNK]).per_user()
+        users, inverse = q.part(s, s + CHUNK).per_user()
         events, valid = _times(log).window(users.user, users.t, cfg.seq_n)
         parts.append(_values(log, log.item[events][inverse], valid[inverse], q.item[s:s + CHUNK]))
     if not parts:

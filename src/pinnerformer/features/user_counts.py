@@ -7,7 +7,8 @@ import numpy as np
 
 from pinnerformer.data.clock import DAY
 from pinnerformer.features.point_in_time import (
-    EventLog, FeatureConfig, GroupedTimes, Queries, before, log_hours, smoothed, window_names, window_start,
+    EventLog, FeatureConfig, GroupedTimes, Queries, before, counts_each, log_hours, smoothed, window_names,
+    window_start,
 )
 
 
@@ -28,8 +29,7 @@ def columns(log: EventLog, rows: Queries, cfg: FeatureConfig) -> dict[str, np.nd
     by_action, by_user, days = _times(log)
     q, inverse = rows.per_user()  # the user's past alone: once per (user, t)
     A, out = len(log.action_names), {}
-    keys = (q.user[None, :] * A + np.arange(A)[:, None]).ravel()  # every action in one call, action-major
-    per_action = list(by_action.count(keys, None, np.tile(q.t, A)).reshape(A, len(q)))
+    per_action = list(counts_each(by_action, q.user, range(A), A, [None], q.t)[0])
     for a, aname in enumerate(log.action_names):
         out[f"user.{aname}.all"] = np.log1p(per_action[a])
     windows = window_names(cfg)
@@ -48,7 +48,6 @@ def columns(log: EventLog, rows: Queries, cfg: FeatureConfig) -> dict[str, np.nd
     earlier_days = days.count(q.user, None, (q.t // DAY) * DAY)
     out["user.active_days"] = np.log1p(earlier_days + (today > 0))
     return {name: v[inverse] for name, v in out.items()}
-    return out
 
 
 def reference(log: EventLog, q: Queries, i: int, cfg: FeatureConfig) -> dict[str, float]:

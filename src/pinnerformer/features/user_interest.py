@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from pinnerformer.features.point_in_time import (
-    EventLog, FeatureConfig, GroupedTimes, Queries, before, log_hours, smoothed,
+    EventLog, FeatureConfig, GroupedTimes, Queries, before, counts_each, log_hours, smoothed,
 )
 
 
@@ -40,11 +40,7 @@ def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarr
     for h, (hname, codes) in enumerate(log.heads):
         hits = np.zeros(Q)
         if len(row):
-            # the head's actions in one call, action-major, then summed
-            keys = (key[None, :] * A + np.asarray(codes, np.int64)[:, None]).ravel()
-            hits_rows = by_action.count(keys, None, np.tile(t, len(codes))).reshape(len(codes), -1).sum(0) if len(
-                codes) else 0 * n
-            hits[has] = np.asarray(hits_rows)[first]
+            hits[has] = counts_each(by_action, key, codes, A, [None], t)[0].sum(0)[first]
         out[f"uint.rate.{hname}"] = smoothed(hits, count, prior[:, h], cfg.prior_weight)
     since = np.full(Q, np.nan)
     if len(row):

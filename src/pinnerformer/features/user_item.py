@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pinnerformer.features.point_in_time import (
-    EventLog, FeatureConfig, GroupedTimes, Queries, before, log_hours,
+    EventLog, FeatureConfig, GroupedTimes, Queries, before, counts_each, log_hours,
 )
 
 
@@ -20,8 +20,7 @@ def _times(log: EventLog) -> tuple[GroupedTimes, GroupedTimes]:
 def columns(log: EventLog, q: Queries, cfg: FeatureConfig) -> dict[str, np.ndarray]:
     by_action, by_pair = _times(log)
     A, pair = len(log.action_names), q.user * log.n_items + q.item
-    keys = (pair[None, :] * A + np.arange(A)[:, None]).ravel()  # every action in one call, action-major
-    per_action = by_action.count(keys, None, np.tile(q.t, A)).reshape(A, len(q))
+    per_action = counts_each(by_action, pair, range(A), A, [None], q.t)[0]
     out = {f"ui.{aname}": np.log1p(per_action[a]) for a, aname in enumerate(log.action_names)}
     out["ui.recency_h"] = log_hours(q.t - by_pair.last_before(pair, q.t))
     return out
