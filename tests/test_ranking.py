@@ -686,3 +686,34 @@ def test_a_run_from_before_low_rank_cross_layers_loads_with_its_full_rank_layers
     (new / CONFIG).write_text(json.dumps(raw))
     with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
         RankRun(new).load_model(rd, "last")
+
+
+def test_rank_experiment_puts_the_trees_beside_every_table(planted_rank, tmp_path):
+    """`rank experiment` trains gradient-boosted trees on the same features once and shows them in every table: a
+    row, a lift table over them with the report's own bootstrap draws (so the lift of a model over the trees and
+    the trees' over it are inverse ratios), the baselines' lifts over them; a second call reuses every run."""
+    from pinnerformer.ranking.experiment import run_experiment
+    from pinnerformer.training import run_files as rf
+
+    over = {**RANK_TINY, "gbdt": {"min_data_in_leaf": 20, "max_rounds": 30}}
+    logs: list[str] = []
+    readme = run_experiment(planted_rank / "rank", tmp_path / "x", preset="default", tables=["table2"], max_steps=3,
+                            overrides=over, log=logs.append)
+    text = readme.read_text()
+    assert "| gbdt (trees, same features) |" in text and text.count("Lift over `gbdt`") == 2  # table2, baselines
+    assert (tmp_path / "x" / "runs" / "gbdt" / rf.SUMMARY).exists()
+    report = json.loads((tmp_path / "x" / "report.json").read_text())
+    trees = json.loads((tmp_path / "x" / "lifts_over_trees.json").read_text())
+    assert set(trees) == set(report["models"]) - {"gbdt"}
+    for name in ("transact", "no-pinnerformer", "random"):
+        assert set(trees[name]) == set(report["lifts"]["transact"])  # every HIT@3 and grouped-AUC key
+        for key, lift in trees[name].items():
+            assert lift["ci95"][0] <= lift["lift"] <= lift["ci95"][1]
+    # no-sequence is the report's reference: its lift over the trees inverts the trees' lift over it
+    for key, lift in trees["no-sequence"].items():
+        assert (1 + lift["lift"]) * (1 + report["lifts"]["gbdt"][key]["lift"]) == pytest.approx(1.0, abs=1e-9)
+    assert (tmp_path / "x" / "table2.png").stat().st_size > 0
+    logs.clear()
+    run_experiment(planted_rank / "rank", tmp_path / "x", preset="default", tables=["table2"], max_steps=3,
+                   overrides=over, log=logs.append)
+    assert sum("already trained" in line for line in logs) == 4  # no-sequence, gbdt, transact, no-pinnerformer

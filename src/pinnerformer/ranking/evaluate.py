@@ -105,16 +105,22 @@ def report_markdown(report: RankingReport, columns: list[str] | None = None) -> 
                  for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if report.reference:
-        lk = [k for k in keys if k.startswith(rm.HIT) or k.startswith(rm.GAUC)]
-        lines += ["", f"Lift over `{report.reference}` (paired bootstrap 95%):", "",
-                  "| model | " + " | ".join(lk) + " |", "|---" * (len(lk) + 1) + "|"]
-        for name, vals in report.lifts.items():
-            lines.append(f"| {name} | " + " | ".join(
-                f"{100 * vals[k].lift:+.1f}% [{100 * vals[k].ci95[0]:+.1f}, {100 * vals[k].ci95[1]:+.1f}]"
-                if k in vals else "" for k in lk) + " |")
+        lines += ["", lift_markdown(report.lifts, report.reference,
+                                    [k for k in keys if k.startswith(rm.HIT) or k.startswith(rm.GAUC)]).rstrip()]
     lines += ["", f"data fingerprint {report.data['fingerprint']} (dataset {report.data['dataset']}); PinnerFormer "
               f"checkpoint {str(report.data['pinnerformer_checkpoint'])[:16]}; item vectors: "
               f"{report.data['item_vectors']}"]
+    return "\n".join(lines) + "\n"
+
+
+def lift_markdown(lifts: dict[str, dict[str, Lift]], reference: str, keys: list[str]) -> str:
+    """The paired lifts of each model over `reference`, one row per model, one column per metric key."""
+    lines = [f"Lift over `{reference}` (paired bootstrap 95%):", "",
+             "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, vals in lifts.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{100 * vals[k].lift:+.1f}% [{100 * vals[k].ci95[0]:+.1f}, {100 * vals[k].ci95[1]:+.1f}]"
+            if k in vals else "" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
 

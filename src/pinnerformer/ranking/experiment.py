@@ -13,25 +13,36 @@ on the test period with the baselines by the same code; the tables group the run
     v2-lifelong  V2 with the lifelong sequence cut to 0 / 256 / 1,024 / all (16,384) actions
     v2-nal       V2 with the next-action loss's weight 0.001 / 0.01 (default) / 0.1
 
+Beside every table, what a practitioner would use instead, on the same requests by the same code: the baselines
+(random, popularity, the item's rate and mean value, the PinnerFormer score) and gradient-boosted trees on the same
+point-in-time features (`gbdt`, trained once with the same seed and validation period).
+
 Written to OUTPUT: runs/<variant>/ (each a run directory), report.json + README.md (every table, with intervals,
-lifts over the ranker without sequence features, protocol and fingerprints) and one PNG per table.
+lifts over the ranker without sequence features and over the trees, protocol and fingerprints) and one PNG per
+table.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from pinnerformer.config import merge_dicts
 from pinnerformer.data.requests import RankData
 from pinnerformer.evaluation import ranking_metrics as rm
-from pinnerformer.io import write_text_atomic
-from pinnerformer.ranking.evaluate import evaluate_ranking, report_markdown, write_report
+from pinnerformer.evaluation.ranking import BASELINES
+from pinnerformer.io import write_json_atomic, write_text_atomic
+from pinnerformer.ranking.evaluate import evaluate_ranking, lift_markdown, report_markdown, write_report
 from pinnerformer.training import run_files as rf
+from pinnerformer.training.gbdt import train_gbdt
 from pinnerformer.training.ranking import load_rank_config, ranking_loop
 
 REFERENCE = "no-sequence"
+TREES = "gbdt"
+N_BOOT = 1000  # bootstrap draws over test requests
 VARIANTS: dict[str, dict] = {
+    TREES: {"learner": "gbdt"},
     "no-sequence": {"model": {"sequence": "none"}},
     "average": {"model": {"sequence": "average"}},
     "bst": {"model": {"sequence": "bst"}},
@@ -84,7 +95,7 @@ def run_experiment(rank_dir: Path, output: Path, preset: str = "fast", tables: l
     if unknown:
         from pinnerformer.errors import PinnerformerError
         raise PinnerformerError(f"unknown table(s) {', '.join(unknown)} (expected: {', '.join(TABLES)})")
-    variants = list(dict.fromkeys([REFERENCE] + [v for t in tables for _, v in TABLES[t]]))
+    variants = list(dict.fromkeys([REFERENCE, TREES] + [v for t in tables for _, v in TABLES[t]]))
     runs = {}
     for i, name in enumerate(variants):
         run_dir = output / "runs" / name
@@ -92,32 +103,54 @@ def run_experiment(rank_dir: Path, output: Path, preset: str = "fast", tables: l
                                                              VARIANTS[name]))
         if (run_dir / rf.SUMMARY).exists():
             log(f"[{i + 1}/{len(variants)}] {name}: already trained ({run_dir})")
+        elif cfg.learner == "gbdt":  # one go: a half-written folder from a killed run is started again
+            log(f"[{i + 1}/{len(variants)}] training {name} -> {run_dir}")
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            train_gbdt(rd, cfg, run_dir, log=log)
         else:
             log(f"[{i + 1}/{len(variants)}] training {name} -> {run_dir}")
             ranking_loop(rd, cfg, run_dir, log=log).fit(resume=(run_dir / rf.CONFIG).exists(), max_steps=max_steps,
                                                         progress=True)
         runs[name] = run_dir
-    report, _ = evaluate_ranking(rd, runs, "test", reference=REFERENCE, interests=True, seed=seed,
-                                 log=log)
+    report, scored = evaluate_ranking(rd, runs, "test", reference=REFERENCE, interests=True, seed=seed,
+                                      n_boot=N_BOOT, log=log)
+    draws = rm.bootstrap_draws(report.requests, N_BOOT, seed)  # the same draws as the report's: paired
+    over_trees = {name: p.lifts(scored[TREES], draws) for name, p in scored.items() if name != TREES}
     write_report(report, output, "report")
+    write_json_atomic(output / "lifts_over_trees.json",
+                      {name: {k: v.model_dump() for k, v in lifts.items()} for name, lifts in over_trees.items()})
     sections = [f"# Ranking ablations on `{rank_dir}`", "", f"Reproduce: `{command}`" if command else "",
                 f"Preset `{preset}`" + (f" with overrides `{json.dumps(overrides)}`" if overrides else "")
                 + f", seed {seed}" + (f", at most {max_steps} steps per run" if max_steps else "")
                 + "; every variant selected on the validation period, scored on the test period.", ""]
     for t in tables:
+        rows = TABLES[t] + [("gbdt (trees, same features)", TREES)]
         sub = report.model_copy(update={
-            "models": {label: report.models[v] for label, v in TABLES[t]},
-            "lifts": {label: report.lifts[v] for label, v in TABLES[t] if v in report.lifts}})
-        sections += [f"## {t}", "", report_markdown(sub), f"![{t}]({t}.png)", ""]
-        plot_table(sub, output / f"{t}.png", f"{t} ({rank_dir.name}, test)", report.models["random"])
-    base = report.model_copy(update={"models": {b: report.models[b] for b in ("random", "popularity",
-                                                                                "pinnerformer")}, "lifts": {}})
-    sections += ["## baselines (same requests, same code)", "", report_markdown(base)]
+            "models": {label: report.models[v] for label, v in rows},
+            "lifts": {label: report.lifts[v] for label, v in rows if v in report.lifts}})
+        sections += [f"## {t}", "", report_markdown(sub),
+                     lift_markdown({label: over_trees[v] for label, v in TABLES[t]}, TREES, sub_keys(report)),
+                     f"![{t}]({t}.png)", ""]
+        plot_table(sub, output / f"{t}.png", f"{t} ({rank_dir.name}, test)",
+                   {"random order": report.models["random"], "gbdt": report.models[TREES]})
+    base = report.model_copy(update={"models": {b: report.models[b] for b in BASELINES + [TREES]
+                                                if b in report.models}, "lifts": {}})
+    sections += ["## baselines (same requests, same code)", "", report_markdown(base),
+                 lift_markdown({b: over_trees[b] for b in BASELINES if b in over_trees}, TREES, sub_keys(report))]
     write_text_atomic(output / "README.md", "\n".join(sections))
     return output / "README.md"
 
 
-def plot_table(report, path: Path, title: str, random: dict | None = None) -> None:
+def sub_keys(report) -> list[str]:
+    """The metric keys a lift table shows (HIT@k and grouped AUC)."""
+    keys = next(iter(report.models.values())).keys()
+    return [k for k in keys if k.startswith(rm.HIT) or k.startswith(rm.GAUC)]
+
+
+def plot_table(report, path: Path, title: str, lines: dict[str, dict] | None = None) -> None:
+    """One bar per row and metric with its interval; `lines`: reference models drawn across each panel (the random
+    order: what a ranker that learned nothing gets; the trees: what it has to beat)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,8 +164,9 @@ def plot_table(report, path: Path, title: str, random: dict | None = None) -> No
         lo = [m - report.models[n][key].ci95[0] for n, m in zip(names, means)]
         hi = [report.models[n][key].ci95[1] - m for n, m in zip(names, means)]
         ax.bar(range(len(names)), means, yerr=[lo, hi], capsize=3, color="#4477aa")
-        if random is not None:  # the random order's value: what a ranker that learned nothing gets
-            ax.axhline(random[key].mean, color="#aa3377", linestyle="--", linewidth=1, label="random order")
+        for (label, ref), colour in zip((lines or {}).items(), ("#aa3377", "#228833", "#ccbb44")):
+            ax.axhline(ref[key].mean, color=colour, linestyle="--", linewidth=1, label=label)
+        if lines:
             ax.legend(fontsize=6, loc="lower right")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         ax.set_title(key + (" (lower is better)" if any(h for h, d in report.heads.items()
