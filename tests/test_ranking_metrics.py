@@ -104,6 +104,22 @@ def test_user_weights_inverse_sqrt_have_mean_one_and_favour_light_users():
     assert user_row_weights("none", users, 2).tolist() == [1.0] * 5
 
 
+def test_request_weights_make_every_request_weigh_the_same_and_compose_with_user_weights():
+    from pinnerformer.objectives.multitask_bce import row_weights
+
+    users, requests = np.array([0, 0, 0, 0, 1]), np.array([7, 7, 7, 9, 3])  # requests of 3, 1 and 1 rows
+    w = row_weights(MultiTaskLossConfig(request_weight="inverse"), users, requests, 2)
+    per_request = {r: w[requests == r].sum() for r in (7, 9, 3)}
+    assert w.mean() == pytest.approx(1.0) and per_request[7] == pytest.approx(per_request[9]) == pytest.approx(
+        per_request[3])
+    w = row_weights(MultiTaskLossConfig(request_weight="inverse-sqrt"), users, requests, 2)
+    assert w[3] == pytest.approx(np.sqrt(3) * w[0])
+    both = row_weights(MultiTaskLossConfig(request_weight="inverse", user_weight="inverse-sqrt"), users, requests, 2)
+    # user 0 has 4 rows, user 1 one: 1/sqrt(4) against 1/sqrt(1), then each request's 1/size
+    assert both[4] / both[3] == pytest.approx(2.0) and both[3] / both[0] == pytest.approx(3.0)
+    assert row_weights(MultiTaskLossConfig(), users, requests, 2).tolist() == [1.0] * 5
+
+
 def test_heads_text_round_trips_and_names_what_is_wrong():
     names = ["love", "like", "neutral", "dislike"]
     heads = parse_heads("save=love; like=love,like; hide=-dislike", names)

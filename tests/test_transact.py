@@ -123,3 +123,34 @@ def test_low_rank_cross_layers_compute_x0_times_u_v_x_plus_x_with_fewer_paramete
     assert torch.allclose(net(x0), x, atol=1e-5)
     assert sum(p.numel() for p in net.parameters()) == 2 * (2 * d * r + d)
     assert sum(p.numel() for p in CrossNetwork(d, 2, rank=d // 4 + 1).parameters()) == 2 * (d * d + d)
+
+
+def test_user_id_rows_known_unknown_and_dropped():
+    """The user-ID table: users with training rows read their own row; a user the ranking data does not know (-1),
+    one past the table (a user the daily job added) and one without training rows read the shared row 0; training
+    drops a request's user to row 0 at the configured rate, evaluation never; no user tensor means row 0 for all."""
+    from pinnerformer.features.rank_batch import RankBatch
+    from pinnerformer.models.ranker import Ranker, RankerConfig, RankerInputs
+
+    inputs = RankerInputs(n_items=6, n_actions=2, n_surfaces=1, vector_dim=4, pf_dim=3, heads=("save",), n_users=5)
+    model = Ranker(RankerConfig(sequence="none", user_id_dim=4, user_id_dropout=0.5), inputs, torch.randn(6, 4),
+                   torch.randn(6, 3))
+    assert model.user_id.weight.shape == (6, 4)
+    model.set_user_rows(np.array([0, 2, 2, 4]))  # users 1 and 3 have no training row
+    users = torch.tensor([0, 1, 2, 3, 4, -1, 7])
+    R = len(users)
+    b = RankBatch(seq_action=torch.zeros(R, 1, dtype=torch.long), seq_item=torch.zeros(R, 1, dtype=torch.long),
+                  seq_age=torch.zeros(R, 1), user_vec=torch.zeros(R, 3), has_vector=torch.zeros(R, dtype=torch.bool),
+                  hour=torch.zeros(R, dtype=torch.long), surface=torch.zeros(R, dtype=torch.long),
+                  row_request=torch.arange(R), cand_item=torch.zeros(R, dtype=torch.long), labels=torch.zeros(R, 1),
+                  weight=torch.ones(R), user=users)
+    model.eval()
+    assert model.user_rows(b).tolist() == [1, 0, 3, 0, 5, 0, 0]
+    model.train()
+    torch.manual_seed(0)
+    dropped = torch.stack([model.user_rows(b) for _ in range(2000)])
+    assert ((dropped == 0) | (dropped == torch.tensor([1, 0, 3, 0, 5, 0, 0]))).all()
+    assert (dropped[:, [0, 2, 4]] == 0).float().mean().item() == pytest.approx(0.5, abs=0.03)
+    b.user = None
+    assert model.user_rows(b).tolist() == [0] * R
+    assert model(b).shape == (R, 1)

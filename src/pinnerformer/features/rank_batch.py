@@ -36,6 +36,7 @@ class RankBatch:
     # one rank's share of a distributed batch: the whole batch's Σ weight (the loss's denominator)
     weight_total: torch.Tensor | None = None
     features: torch.Tensor | None = None  # [N, F] float32 point-in-time features of the candidate rows
+    user: torch.Tensor | None = None  # [R] int64 user code (-1: a user the ranking data does not know)
 
     def _map(self, fn) -> "RankBatch":
         out = {k: (fn(v) if v is not None else None) for k, v in self.__dict__.items() if k != "streams"}
@@ -111,4 +112,5 @@ def build_rank_batch(rd: RankData, tl: Timelines, requests: np.ndarray, seq_len:
         weight=torch.from_numpy(np.ones(len(rows), np.float32) if row_weight is None
                                 else row_weight[rows].astype(np.float32)),
         streams=None if v2 is None else v2.tensors(tl, rd.request_user[requests], rd.seq_end[requests]),
-        features=None if features is None else torch.from_numpy(np.ascontiguousarray(features[rows], np.float32)))
+        features=None if features is None else torch.from_numpy(np.ascontiguousarray(features[rows], np.float32)),
+        user=torch.from_numpy(rd.request_user[requests].astype(np.int64)))

@@ -3,6 +3,11 @@
 Input of one candidate row, concatenated into x0:
     candidate      its frozen item vector projected to `item_dim` (content vector or PinnerFormer item vector),
                    and a learned item-ID embedding (`item_id_dim`, 0 = none)
+    user           a learned user-ID embedding (`user_id_dim`, 0 = none): one row per user with training rows, one
+                   shared row for every other user (new, or only in later periods), which training also fills by
+                   dropping a request's user to it with probability `user_id_dropout`; crossed with the candidate's
+                   ID and vector, the matrix-factorisation signal (Koren et al., IEEE Computer 2009) trees on
+                   counters cannot form
     PinnerFormer   the user's vector from the day before's snapshot, its dot product with the candidate's
                    PinnerFormer item vector (the retrieval score), and whether the user had a vector at all
     sequence       `sequence`: none | average (mean of the sequence's [action ‖ item] tokens, BST-less baseline)
@@ -50,6 +55,8 @@ class RankerConfig(StrictModel):
     features: bool = True  # the point-in-time features beside the sequence (their definition: the run's `features`)
     item_dim: int = Field(32, ge=1)
     item_id_dim: int = Field(16, ge=0)
+    user_id_dim: int = Field(0, ge=0)
+    user_id_dropout: float = Field(0.2, ge=0, lt=1)
     # the sequence module's output (TransAct: (K + 1)·d = 1056 values) projected to this width before it meets the
     # features (0: as it is); narrow, so that the sequence does not swamp the counters beside it
     sequence_dim: int = Field(0, ge=0)
@@ -75,6 +82,7 @@ class RankerInputs:
     heads: tuple[str, ...]
     positive_actions: tuple[int, ...] = ()  # action codes the next-action loss predicts (TransAct V2)
     feature_names: tuple[str, ...] = ()  # the point-in-time features the model reads, in order
+    n_users: int = 0  # user codes of the ranking data (the user-ID embedding's rows, besides the shared one)
 
 
 class CrossNetwork(nn.Module):
@@ -120,9 +128,15 @@ class Ranker(nn.Module):
         self.register_buffer("pf_items", pf_item_vectors.float().contiguous())  # frozen [I, D]
         self.cand_proj = nn.Linear(inputs.vector_dim, cfg.item_dim)
         self.item_id = nn.Embedding(inputs.n_items, cfg.item_id_dim) if cfg.item_id_dim else None
+        self.user_id = None
+        if cfg.user_id_dim and inputs.n_users:
+            self.user_id = nn.Embedding(inputs.n_users + 1, cfg.user_id_dim)  # row 0: every user without a row
+            nn.init.normal_(self.user_id.weight, std=0.01)
+            # which users have a learned row (set from the training rows: `set_user_rows`); the others read row 0
+            self.register_buffer("user_has_row", torch.zeros(inputs.n_users + 1, dtype=torch.bool))
         self.hour = nn.Embedding(24, cfg.context_dim)
         self.surface = nn.Embedding(inputs.n_surfaces + 1, cfg.context_dim)
-        d = cfg.item_dim + cfg.item_id_dim + 2 * cfg.context_dim
+        d = cfg.item_dim + cfg.item_id_dim + 2 * cfg.context_dim + (cfg.user_id_dim if self.user_id else 0)
         if cfg.use_pinnerformer:
             d += inputs.pf_dim + 2
         F = len(inputs.feature_names)
@@ -176,6 +190,26 @@ class Ranker(nn.Module):
         if hasattr(self, "feature_edges"):
             q = np.linspace(0.0, 1.0, self.cfg.feature_bins + 1)
             self.feature_edges.copy_(torch.from_numpy(np.quantile(v.numpy(), q, axis=0).T.copy()).float())
+
+    def set_user_rows(self, users: np.ndarray) -> None:
+        """The users (codes) whose rows training learns: those of the training rows."""
+        if self.user_id is not None:
+            self.user_has_row.zero_()
+            self.user_has_row[torch.as_tensor(np.unique(np.asarray(users, np.int64))) + 1] = True
+
+    def user_rows(self, b: RankBatch) -> torch.Tensor:
+        """[R] each request's row of the user-ID table (0: the shared row)."""
+        R = len(b.hour)
+        if b.user is None:
+            return torch.zeros(R, dtype=torch.long, device=b.hour.device)
+        code = b.user + 1
+        known = (code > 0) & (code < len(self.user_has_row))
+        code = torch.where(known, code, torch.zeros_like(code))
+        code = torch.where(self.user_has_row[code], code, torch.zeros_like(code))
+        if self.training and self.cfg.user_id_dropout:
+            code = torch.where(torch.rand(R, device=code.device) < self.cfg.user_id_dropout,
+                               torch.zeros_like(code), code)
+        return code
 
     def v2_selection(self, b: RankBatch) -> tuple[torch.Tensor, ...]:
         """Rows grouped by request (their streams are moved and dequantised once per request): the grouping order
@@ -256,6 +290,8 @@ class Ranker(nn.Module):
         parts = [self.cand_proj(cand_vec)]
         if self.item_id is not None:
             parts.append(self.item_id(b.cand_item))
+        if self.user_id is not None:
+            parts.append(self.user_id(self.user_rows(b))[r])
         if self.cfg.use_pinnerformer:
             u = b.user_vec[r]
             score = (u * self.pf_items[b.cand_item]).sum(-1, keepdim=True)

@@ -29,6 +29,10 @@ class MultiTaskLossConfig(StrictModel):
     # head -> {label (a head name, or "impression") -> weight}: entries of M beyond the default (M[h, impression]=1)
     label_weights: dict[str, dict[str, float]] = {}
     user_weight: Literal["none", "inverse-sqrt"] = "none"
+    # per training request: its rows weigh 1 each (none), 1/sqrt(rows) or 1/rows (each request the same in all, as
+    # HIT@k counts them); a log whose large requests are another population (ML-1M: newcomers rating 100 films on
+    # their first day, against a dozen for a request of the later periods) otherwise trains on those
+    request_weight: Literal["none", "inverse-sqrt", "inverse"] = "none"
     # > 0: add this times the listwise loss (objectives/request_softmax.py); batches then hold whole requests
     listwise: float = Field(0.0, ge=0)
     next_action: NextActionConfig = NextActionConfig()  # TransAct V2's auxiliary loss (other sequences: unused)
@@ -64,6 +68,17 @@ def multitask_bce(logits: torch.Tensor, labels: torch.Tensor, m: torch.Tensor, r
     per_row = (head_weights(labels, m) * bce).sum(1)
     total = row_weight.sum() if weight_total is None else weight_total
     return (row_weight * per_row).sum() / total.clamp(min=1e-12)
+
+
+def row_weights(cfg: MultiTaskLossConfig, row_user: np.ndarray, row_request: np.ndarray, n_users: int
+                ) -> np.ndarray:
+    """Per training row: the product of its user's and its request's weight, scaled to mean 1."""
+    w = user_row_weights(cfg.user_weight, row_user, n_users).astype(np.float64)
+    if cfg.request_weight != "none" and len(row_request):
+        _, inverse, size = np.unique(row_request, return_inverse=True, return_counts=True)
+        n = size[inverse].astype(np.float64)
+        w = w / (np.sqrt(n) if cfg.request_weight == "inverse-sqrt" else n)
+    return (w / w.mean()).astype(np.float32) if len(w) else w.astype(np.float32)
 
 
 def user_row_weights(kind: str, row_user: np.ndarray, n_users: int) -> np.ndarray:

@@ -124,7 +124,7 @@ def score_request(run_dir: Path, user_id: str, time: str, item_ids: list[str], s
         has_vector=torch.tensor([vec is not None]), hour=torch.tensor([(t % DAY) // 3600]),
         surface=torch.tensor([surface_code]), row_request=torch.zeros(len(items), dtype=torch.int64),
         cand_item=torch.from_numpy(items), labels=torch.zeros(len(items), len(rd.heads)),
-        weight=torch.ones(len(items)))
+        weight=torch.ones(len(items)), user=torch.tensor([u]))
     if len(model.inputs.feature_names):  # every event of the dataset before t (the log is exact at any time)
         q = Queries(np.full(len(items), u), items, np.full(len(items), t), np.zeros(len(items)))
         batch.features = torch.from_numpy(feature_table(rank_event_log(rd, ds), q, model.feature_config).values)

@@ -286,7 +286,8 @@ def score(b: Bundle, store: OnlineStore, requests: list[RankRequest], version: s
         row_request=torch.from_numpy(np.repeat(np.arange(R), sizes)),
         cand_item=torch.from_numpy(np.concatenate([r.items for r in requests]).astype(np.int64)),
         labels=torch.zeros(sum(sizes), len(b.heads)), weight=torch.ones(sum(sizes)),
-        streams=None if b.spec is None else b.spec.tensors(tl, np.arange(R), ends), features=features)
+        streams=None if b.spec is None else b.spec.tensors(tl, np.arange(R), ends), features=features,
+        user=torch.tensor([b.user_code.get(r.user, -1) for r in requests], dtype=torch.int64))
     probs = torch.sigmoid(b.model(batch.staged(b.device), shared_projection=True).float()).cpu().numpy()
     return np.split(probs, np.cumsum(sizes)[:-1])
 

@@ -19,7 +19,7 @@ from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.ranking import PerRequest, baseline_scores
 from pinnerformer.io import atomic_dir, write_json_atomic
 from pinnerformer.models.gbdt import GbdtRanker, gbdt_inputs
-from pinnerformer.objectives.multitask_bce import user_row_weights
+from pinnerformer.objectives.multitask_bce import row_weights
 from pinnerformer.progress import progress_bar
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.ranking import RankTrainConfig, selection_metric, training_requests
@@ -41,8 +41,8 @@ def train_gbdt(rd: RankData, cfg: RankTrainConfig, run_dir: Path, log=print, pro
     log(f"gbdt: point-in-time features of {len(train_rows) + len(val_rows):,} rows")
     x_train, names = gbdt_inputs(rd, train_rows, cfg.features)
     x_val, _ = gbdt_inputs(rd, val_rows, cfg.features)
-    weight = user_row_weights(cfg.loss.user_weight, rd.request_user[rd.cand_request[train_rows]],
-                              rd.dataset().manifest.n_users)
+    weight = row_weights(cfg.loss, rd.request_user[rd.cand_request[train_rows]], rd.cand_request[train_rows],
+                         rd.dataset().manifest.n_users)
     boosters, rounds = [], {}
     bar = progress_bar(total=cfg.gbdt.max_rounds * len(rd.heads), unit="tree", desc="gbdt", disable=not progress)
     for h, head in enumerate(rd.heads):

@@ -29,7 +29,7 @@ from pinnerformer.objectives.multitask_bce import (
     MultiTaskLossConfig,
     label_weight_matrix,
     multitask_bce,
-    user_row_weights,
+    row_weights,
 )
 from pinnerformer.objectives.next_action import next_action_loss
 from pinnerformer.objectives.request_softmax import request_softmax
@@ -93,7 +93,7 @@ def ranker_for(rd: RankData, cfg: RankerConfig, n_actions: int, n_surfaces: int,
     inputs = RankerInputs(n_items=len(rd.pf_item_vectors), n_actions=n_actions, n_surfaces=n_surfaces,
                           vector_dim=int(rd.item_vectors.shape[1]), pf_dim=int(rd.pf_item_vectors.shape[1]),
                           heads=tuple(rd.manifest.head_names), positive_actions=tuple(positive_actions),
-                          feature_names=names)
+                          feature_names=names, n_users=int(rd.request_user.max(initial=-1)) + 1)
     model = Ranker(cfg, inputs, torch.from_numpy(np.array(rd.item_vectors)),
                    torch.from_numpy(np.array(rd.pf_item_vectors)),
                    int8=stored_int8_table(rd) if cfg.sequence == "transact-v2" else None)
@@ -169,9 +169,8 @@ class RankingTask:
         train_req = training_requests(rd, cfg.data)
         self.rows = np.flatnonzero(np.isin(rd.cand_request, train_req))
         self.row_weight = np.ones(len(rd.cand_item), np.float32)
-        self.row_weight[self.rows] = user_row_weights(cfg.loss.user_weight,
-                                                      rd.request_user[rd.cand_request[self.rows]],
-                                                      self.ds.manifest.n_users)
+        self.row_weight[self.rows] = row_weights(cfg.loss, rd.request_user[rd.cand_request[self.rows]],
+                                                 rd.cand_request[self.rows], self.ds.manifest.n_users)
         self.batch_size = cfg.optim.batch_size
         per_epoch = len(self.rows) if cfg.data.epoch_rows is None else min(len(self.rows), cfg.data.epoch_rows)
         self.steps_per_epoch = per_epoch // self.batch_size
@@ -190,6 +189,7 @@ class RankingTask:
         torch.manual_seed(cfg.seed)
         self.model = ranker_for(rd, cfg.model, len(m.actions), len(m.surfaces), tuple(m.positive_codes),
                                 cfg.features)
+        self.model.set_user_rows(rd.request_user[rd.cand_request[self.rows]])
         self.features = rank_features(rd, cfg.features).values if cfg.model.features else None
         if self.features is not None:
             self.model.set_feature_scale(self.features[self.rows])
