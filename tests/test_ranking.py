@@ -701,6 +701,7 @@ def test_rank_experiment_puts_the_trees_beside_every_table(planted_rank, tmp_pat
                             overrides=over, log=logs.append)
     text = readme.read_text()
     assert "| gbdt (trees, same features) |" in text and text.count("Lift over `gbdt`") == 2  # table2, baselines
+    assert text.count("Lift over `no-sequence`") == 1  # the baselines' section has no empty table of lifts
     assert (tmp_path / "x" / "runs" / "gbdt" / rf.SUMMARY).exists()
     report = json.loads((tmp_path / "x" / "report.json").read_text())
     trees = json.loads((tmp_path / "x" / "lifts_over_trees.json").read_text())

@@ -135,7 +135,7 @@ def run_experiment(rank_dir: Path, output: Path, preset: str = "fast", tables: l
         plot_table(sub, output / f"{t}.png", f"{t} ({rank_dir.name}, test)",
                    {"random order": report.models["random"], "gbdt": report.models[TREES]})
     base = report.model_copy(update={"models": {b: report.models[b] for b in BASELINES + [TREES]
-                                                if b in report.models}, "lifts": {}})
+                                                if b in report.models}, "lifts": {}, "reference": None})
     sections += ["## baselines (same requests, same code)", "", report_markdown(base),
                  lift_markdown({b: over_trees[b] for b in BASELINES if b in over_trees}, TREES, sub_keys(report))]
     write_text_atomic(output / "README.md", "\n".join(sections))
