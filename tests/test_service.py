@@ -64,7 +64,8 @@ def build_workdir(d, log: pl.DataFrame | None = None, prepare_args: tuple = (), 
     prepare_ranking(d / "dataset", d / "rank-data", opts, pf_max_steps=5, log=lambda s: None)
     over = {"device": "cpu", "optim": {"batch_size": 128, "lr": 3e-3, "warmup_steps": 5, "max_epochs": 1},
             "data": {"epoch_rows": 1000, "max_val_requests": 50},
-            "model": {"transact": {"seq_len": 16}, "mlp": [32], "item_id_dim": 4}}
+            "model": {"transact": {"seq_len": 16}, "mlp": [32], "item_id_dim": 4,
+                      "user_id_dim": 4}}
     ranking_loop(RankData(d / "rank-data"), load_rank_config("default", overrides=over), d / "rank-run",
                  log=lambda s: None).fit(progress=False, max_steps=5)
     return d
