@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pinnerformer.config import StrictModel
@@ -56,9 +57,11 @@ def protocol_text(rd: RankData, k: int) -> str:
 
 def evaluate_ranking(rd: RankData, runs: dict[str, Path], split: str = "test", reference: str | None = None,
                      baselines: list[str] = BASELINES, k: int = 3, seed: int = 0, n_boot: int = 1000,
-                     interests: bool = False, log=print) -> tuple[RankingReport, dict]:
+                     interests: bool = False, draws: np.ndarray | None = None, log=print
+                     ) -> tuple[RankingReport, dict]:
     """Every run and baseline on the requests of `split` (with `interests`, also the served top 3's diversity);
-    returns the report and the per-request values."""
+    returns the report and the per-request values. `draws`: the bootstrap draws to use (a caller that pairs further
+    lifts with the report's), else `n_boot` of them from `seed`."""
     requests = rd.requests_in(split)
     ds = rd.dataset()
     interests = ds.items["interests"].to_list() if interests else None
@@ -77,7 +80,7 @@ def evaluate_ranking(rd: RankData, runs: dict[str, Path], split: str = "test", r
             spec = v2_spec_for(model, rd, ds.manifest.action_names(), ds.manifest.positive_codes)
             scores = score_requests(model, rd, ds.timelines, requests, device, v2=spec)
         scored[name] = PerRequest(scores, rd, requests, k, seed, interests)
-    draws = rm.bootstrap_draws(len(requests), n_boot, seed)
+    draws = rm.bootstrap_draws(len(requests), n_boot, seed) if draws is None else draws
     auc_draws = draws[:200]
     models = {name: p.with_intervals(draws, auc_draws) for name, p in scored.items()}
     lifts = {}
@@ -105,12 +108,16 @@ def report_markdown(report: RankingReport, columns: list[str] | None = None) -> 
                  for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if report.reference:
-        lines += ["", lift_markdown(report.lifts, report.reference,
-                                    [k for k in keys if k.startswith(rm.HIT) or k.startswith(rm.GAUC)]).rstrip()]
+        lines += ["", lift_markdown(report.lifts, report.reference, lift_keys(keys)).rstrip()]
     lines += ["", f"data fingerprint {report.data['fingerprint']} (dataset {report.data['dataset']}); PinnerFormer "
               f"checkpoint {str(report.data['pinnerformer_checkpoint'])[:16]}; item vectors: "
               f"{report.data['item_vectors']}"]
     return "\n".join(lines) + "\n"
+
+
+def lift_keys(keys) -> list[str]:
+    """The metric keys lifts are given for (HIT@k and grouped AUC), in order."""
+    return [k for k in keys if k.startswith(rm.HIT) or k.startswith(rm.GAUC)]
 
 
 def lift_markdown(lifts: dict[str, dict[str, Lift]], reference: str, keys: list[str]) -> str:

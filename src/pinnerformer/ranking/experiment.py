@@ -33,7 +33,9 @@ from pinnerformer.data.requests import RankData
 from pinnerformer.evaluation import ranking_metrics as rm
 from pinnerformer.evaluation.ranking import BASELINES
 from pinnerformer.io import write_json_atomic, write_text_atomic
-from pinnerformer.ranking.evaluate import evaluate_ranking, lift_markdown, report_markdown, write_report
+from pinnerformer.ranking.evaluate import (
+    evaluate_ranking, lift_keys, lift_markdown, report_markdown, write_report,
+)
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.gbdt import train_gbdt
 from pinnerformer.training.ranking import load_rank_config, ranking_loop
@@ -113,10 +115,11 @@ def run_experiment(rank_dir: Path, output: Path, preset: str = "fast", tables: l
             ranking_loop(rd, cfg, run_dir, log=log).fit(resume=(run_dir / rf.CONFIG).exists(), max_steps=max_steps,
                                                         progress=True)
         runs[name] = run_dir
+    draws = rm.bootstrap_draws(len(rd.requests_in("test")), N_BOOT, seed)  # the report's, and the trees' lifts
     report, scored = evaluate_ranking(rd, runs, "test", reference=REFERENCE, interests=True, seed=seed,
-                                      n_boot=N_BOOT, log=log)
-    draws = rm.bootstrap_draws(report.requests, N_BOOT, seed)  # the same draws as the report's: paired
+                                      draws=draws, log=log)
     over_trees = {name: p.lifts(scored[TREES], draws) for name, p in scored.items() if name != TREES}
+    keys = lift_keys(next(iter(report.models.values())))
     write_report(report, output, "report")
     write_json_atomic(output / "lifts_over_trees.json",
                       {name: {k: v.model_dump() for k, v in lifts.items()} for name, lifts in over_trees.items()})
@@ -130,22 +133,16 @@ def run_experiment(rank_dir: Path, output: Path, preset: str = "fast", tables: l
             "models": {label: report.models[v] for label, v in rows},
             "lifts": {label: report.lifts[v] for label, v in rows if v in report.lifts}})
         sections += [f"## {t}", "", report_markdown(sub),
-                     lift_markdown({label: over_trees[v] for label, v in TABLES[t]}, TREES, sub_keys(report)),
+                     lift_markdown({label: over_trees[v] for label, v in TABLES[t]}, TREES, keys),
                      f"![{t}]({t}.png)", ""]
         plot_table(sub, output / f"{t}.png", f"{t} ({rank_dir.name}, test)",
                    {"random order": report.models["random"], "gbdt": report.models[TREES]})
     base = report.model_copy(update={"models": {b: report.models[b] for b in BASELINES + [TREES]
                                                 if b in report.models}, "lifts": {}, "reference": None})
     sections += ["## baselines (same requests, same code)", "", report_markdown(base),
-                 lift_markdown({b: over_trees[b] for b in BASELINES if b in over_trees}, TREES, sub_keys(report))]
+                 lift_markdown({b: over_trees[b] for b in BASELINES if b in over_trees}, TREES, keys)]
     write_text_atomic(output / "README.md", "\n".join(sections))
     return output / "README.md"
-
-
-def sub_keys(report) -> list[str]:
-    """The metric keys a lift table shows (HIT@k and grouped AUC)."""
-    keys = next(iter(report.models.values())).keys()
-    return [k for k in keys if k.startswith(rm.HIT) or k.startswith(rm.GAUC)]
 
 
 def plot_table(report, path: Path, title: str, lines: dict[str, dict] | None = None) -> None:
