@@ -4,28 +4,44 @@
 # trained with model selection on validation (second-to-last item, history removed from the ranking) and scored
 # on the last item against the whole catalogue, with the user's history in the ranking and removed from it, beside the most-popular (and, on ML-1M, content) baselines.
 # Usage: bash scripts/results_loo.sh [DATA_DIR (the public datasets, docs/data.md; default $PINNERFORMER_SHARED_DATA, else ../shared/data)] [DATASETS (default: "beauty ml1m")]
-#        [PRESETS (default: "loo loo-ensemble")]
+#        [PRESETS (default: "loo loo-ensemble loo-distilled")]
+# loo-distilled: one network (preset loo) distilled from the loo-ensemble run of the same seed and dataset, with its
+# item-kNN blend (loss.teacher, objectives/teacher_distillation.py); that run is trained first when its report folder
+# does not hold it yet
 # SEED=N (default 0) trains with another seed and writes docs/results/...-seed-N instead (the seed spread of a report)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-${PINNERFORMER_SHARED_DATA:-../shared/data}}
 WHICH=${2:-"beauty ml1m"}
-PRESETS=${3:-"loo loo-ensemble"}
+PRESETS=${3:-"loo loo-ensemble loo-distilled"}
 PF=${PF:-.venv/bin/pinnerformer}
 BEAUTY=${BEAUTY:-/tmp/pinnerformer-beauty}
 ML1M=${ML1M:-/tmp/pinnerformer-ml1m-subset-loo}
 SEED=${SEED:-0}
 SUFFIX=$([ "$SEED" = 0 ] || echo "-seed-$SEED")
+# one report: experiment DATASET NAME PRESET (NAME: beauty or ml1m-subset)
+report() {
+  local ds=$1 name=$2 p=$3
+  if [ "$p" = loo-distilled ]; then
+    local teacher="docs/results/$name-loo-ensemble$SUFFIX/runs/pinnerformer"
+    [ -f "$teacher/summary.json" ] || report "$ds" "$name" loo-ensemble
+    local out="docs/results/$name-$p$SUFFIX"
+    mkdir -p "$out"
+    printf '{"loss": {"teacher": "%s", "teacher_weight": 1.0}}\n' "$teacher" > "$out/distil.json"
+    $PF experiment --dataset "$ds" --grid default --preset loo --config "$out/distil.json" --seed "$SEED" \
+      --output "$out" --no-progress
+  else
+    $PF experiment --dataset "$ds" --grid default --preset "$p" --seed "$SEED" \
+      --output "docs/results/$name-$p$SUFFIX" --no-progress
+  fi
+}
 for d in $WHICH; do
   case $d in
     beauty)
       if [ ! -f "$BEAUTY/manifest.json" ]; then
         $PF data prepare --format sequences --input "$DATA/amazon-beauty" --output "$BEAUTY"
       fi
-      for p in $PRESETS; do
-        $PF experiment --dataset "$BEAUTY" --grid default --preset "$p" --seed "$SEED" \
-          --output "docs/results/beauty-$p$SUFFIX" --no-progress
-      done
+      for p in $PRESETS; do report "$BEAUTY" beauty "$p"; done
       ;;
     ml1m)
       # every rating is an interaction (the leave-one-out target is the last rated movie, whatever its rating);
@@ -36,10 +52,7 @@ for d in $WHICH; do
         $PF items embed-text "$ML1M"
       fi
       # the preset as chosen on Beauty, untouched (issue 19: the configuration must carry over without retuning)
-      for p in $PRESETS; do
-        $PF experiment --dataset "$ML1M" --grid default --preset "$p" --seed "$SEED" \
-          --output "docs/results/ml1m-subset-$p$SUFFIX" --no-progress
-      done
+      for p in $PRESETS; do report "$ML1M" ml1m-subset "$p"; done
       ;;
     *) echo "unknown dataset '$d' (beauty or ml1m)" >&2; exit 2 ;;
   esac

@@ -115,8 +115,14 @@ def train(dataset: Dataset | PathLike, output: PathLike, preset: str = "small",
     from pinnerformer.training.retrieval import retrieval_loop
 
     cfg = _train_config(preset, config)
+    ds = _dataset(dataset)
+    teacher = None
+    if cfg.loss.teacher_weight:  # the frozen run to distil from (objectives/teacher_distillation.py)
+        from pinnerformer.runs.evaluate import load_teacher
+
+        teacher = load_teacher(cfg.loss.teacher, ds, log=log, blend=cfg.loss.teacher_blend)
     with _process_group(cfg.device) as (dist, on_step):
-        return retrieval_loop(_dataset(dataset), cfg, Path(output), log=log, dist=dist).fit(
+        return retrieval_loop(ds, cfg, Path(output), log=log, dist=dist, teacher=teacher).fit(
             resume=resume, max_steps=max_steps, progress=progress, on_step=on_step)
 
 

@@ -30,7 +30,7 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pinnerformer.config import StrictModel
 from pinnerformer.objectives.examples import ExampleBatch, Objective
@@ -59,8 +59,23 @@ class LossConfig(StrictModel):
     # distribution over its candidates (objectives/mutual_distillation.py): the members teach each other. Keeps the
     # eager loss under compile (the term reads its [Q, 1 + N] logits, one copy per member)
     distill_weight: float = Field(0.0, ge=0)
+    # > 0: add this times the KL divergence from a frozen teacher's next-item distribution over the whole catalogue
+    # (objectives/teacher_distillation.py); `teacher`: the trained leave-one-out run on the same dataset to learn
+    # from (one network or an ensemble; with its item-kNN blend when that run has one). The student stays one network
+    teacher: str | None = None
+    teacher_weight: float = Field(0.0, ge=0)
+    # λ of the teacher's item-kNN blend: None, the λ that run chose on validation (none without a blend); 0, its
+    # network alone; any other value needs a run with a blend (its neighbours' settings)
+    teacher_blend: float | None = Field(None, ge=0, lt=1)
     sketch_width: int = Field(1 << 18, ge=1)
     sketch_depth: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _teacher_named(self) -> "LossConfig":
+        if self.teacher_weight and not self.teacher:
+            raise ValueError(f"loss.teacher_weight {self.teacher_weight} needs loss.teacher: the trained run to "
+                             "learn from")
+        return self
 
 
 class CountMinSketch:

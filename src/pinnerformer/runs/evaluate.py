@@ -7,11 +7,13 @@ from pathlib import Path
 import json
 
 from pinnerformer.data.dataset import Dataset
-from pinnerformer.evaluation.blend import BlendChoice, BlendConfig, check_blend_applies, choose_weight
+from pinnerformer.errors import PinnerformerError
+from pinnerformer.evaluation.blend import BlendChoice, BlendConfig, check_blend_applies, choose_weight, fit_knn
 from pinnerformer.evaluation.evaluate import EvaluateOptions, evaluate_model
 from pinnerformer.evaluation.protocols import resolve_protocol
 from pinnerformer.evaluation.report import EvaluationReport, write_report
 from pinnerformer.io import write_json_atomic, portable_path
+from pinnerformer.objectives.teacher_distillation import Teacher
 from pinnerformer.runs.run_dir import RunDir
 from pinnerformer.training import run_files as rf
 
@@ -61,3 +63,34 @@ def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendCon
     write_json_atomic(path, choice)
     log(f"blend: λ = {choice.weight:g} (validation {choice.metric} {choice.validation[f'{choice.weight:g}']:.4f})")
     return choice
+
+
+def load_teacher(path: str | Path, ds: Dataset, log=print, blend: float | None = None) -> Teacher:
+    """The frozen teacher of `loss.teacher` (objectives/teacher_distillation.py): a trained leave-one-out run on
+    exactly this dataset (not a descendant: its training part must be the student's), its best checkpoint, and its
+    item-kNN blend with the λ it chose on validation (chosen now, as `pinnerformer evaluate` would, when the run
+    has a blend and had not chosen one yet). blend: another λ (`loss.teacher_blend`; 0: the network alone)."""
+    try:
+        run = RunDir(Path(path))
+    except PinnerformerError as e:
+        raise PinnerformerError(f"loss.teacher: {e}; train the teacher first") from None
+    if run.protocol != "leave-one-out":
+        raise PinnerformerError(f"loss.teacher {str(path)!r} was trained under the {run.protocol} protocol: a teacher "
+                                "must be a leave-one-out run (trained on every timeline but its last two actions)")
+    fp = run.description.dataset.fingerprint
+    if fp != ds.manifest.fingerprint:
+        raise PinnerformerError(f"loss.teacher {str(path)!r} was trained on dataset {fp}, not on {ds.path} "
+                                f"({ds.manifest.fingerprint}): a teacher must have seen exactly the student's data")
+    model = run.load_model(ds)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    knn, weight = None, 0.0
+    if blend and not run.config.blend.item_knn:
+        raise PinnerformerError(f"loss.teacher_blend {blend:g}: {portable_path(run.path)} has no item-kNN blend "
+                                "(blend.item_knn) to weigh")
+    if run.config.blend.item_knn:
+        weight = blend_choice(run, ds, model, "best", run.config.blend, log).weight if blend is None else blend
+        knn = fit_knn(ds, run.config.blend.knn) if weight else None
+    source = f"{portable_path(run.path)} (checkpoint {run.checkpoint_sha256('best')[:16]})"
+    log(f"teacher: {source}, item-kNN blend λ {weight:g}")
+    return Teacher(model=model, knn=knn, blend_weight=weight, source=source)

@@ -27,6 +27,9 @@ from pinnerformer.models.pinnerformer import members_of, pinnerformer_for
 from pinnerformer.objectives.contrastive import newest_query_rows, twin_view_info_nce
 from pinnerformer.objectives.examples import ExampleBatch, ExampleSampler
 from pinnerformer.objectives.mutual_distillation import ensemble_distillation
+from pinnerformer.objectives.teacher_distillation import (
+    Teacher, distillation_kl, own_positive_full_mask, teacher_probabilities,
+)
 from pinnerformer.objectives.sampled_softmax import SampledSoftmaxLoss, sampled_softmax_loss_fused
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import TrainConfig
@@ -51,7 +54,7 @@ class RetrievalTask:
     size_key = "queries"
     resume_keys = ("data", "model", "loss")
 
-    def __init__(self, ds: Dataset, cfg: TrainConfig):
+    def __init__(self, ds: Dataset, cfg: TrainConfig, teacher: Teacher | None = None):
         self.ds, self.cfg = ds, cfg
         m = ds.manifest
         if not m.positive_codes:
@@ -127,6 +130,15 @@ class RetrievalTask:
         self._order: tuple[int, list[np.ndarray]] | None = None  # (epoch, its batches of users)
         self.dist = None  # set by a distributed TrainingLoop (distributed.context.DistContext)
         self._distill_kl: torch.Tensor | None = None  # the last step's mean mutual term (loss.distill_weight)
+        self.teacher = teacher
+        self._teacher_kl: torch.Tensor | None = None  # the last step's mean teacher term (loss.teacher_weight)
+        if cfg.loss.teacher_weight:
+            if teacher is None:
+                raise PinnerformerError(f"loss.teacher_weight {cfg.loss.teacher_weight}: no teacher was loaded "
+                                        f"(loss.teacher {cfg.loss.teacher!r}); train through pinnerformer train / "
+                                        "api.train, which load it")
+            self.notes.append(f"distilled from {teacher.source} (weight {cfg.loss.teacher_weight:g}, item-kNN blend "
+                              f"λ {teacher.blend_weight:g})")
 
     def distribute(self, ctx) -> None:
         """Run as one rank of `ctx`: this rank encodes its share of every batch's examples (see
@@ -143,6 +155,9 @@ class RetrievalTask:
         if self.cfg.loss.distill_weight:
             raise PinnerformerError("loss.distill_weight is for one process: distributed training does not gather "
                                     "the members' logits across ranks")
+        if self.cfg.loss.teacher_weight:
+            raise PinnerformerError("loss.teacher_weight is for one process: distributed training does not split the "
+                                    "teacher's work across ranks")
         if self.cfg.loss.negatives == "full" or self.cfg.compile:
             raise PinnerformerError("distributed training supports the sampled negatives (mixed, in-batch, random) "
                                     "without compile: not negatives=full, not compile")
@@ -187,6 +202,8 @@ class RetrievalTask:
             return self._distributed_loss(ex, t, seq, B, device)
         losses, member_logits = [], []
         distill = self.cfg.loss.distill_weight > 0
+        teacher = self._teacher_targets(ex, t, seq, B) if self.teacher is not None else None
+        teacher_terms = []
         for member in members_of(self.model):  # an ensemble's members: each its own loss, on the same batch
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 out = member.encode_sequence(seq)  # [B, T, D]
@@ -202,13 +219,38 @@ class RetrievalTask:
             if self.cfg.loss.contrastive_weight:
                 twin_term = self._contrastive(member, seq, batch.seq["length"], q, ex, device)
                 loss = loss + self.cfg.loss.contrastive_weight * twin_term
+            if teacher is not None:
+                teacher_p, mask = teacher
+                every = member.item_embedding(torch.arange(mask.shape[1], device=device))
+                term = distillation_kl((q.float() / member.temperature) @ every.float().T, teacher_p, mask,
+                                       t["q_example"], B, self.cfg.loss.weighting)
+                teacher_terms.append(term.detach())
+                loss = loss + self.cfg.loss.teacher_weight * term
             losses.append(loss)
+        if teacher_terms:
+            self._teacher_kl = torch.stack(teacher_terms).mean()
         if distill:
             terms = ensemble_distillation(member_logits, t["q_example"], B, self.cfg.loss.weighting)
             losses = [loss + self.cfg.loss.distill_weight * term for loss, term in zip(losses, terms)]
             self._distill_kl = torch.stack(terms).mean().detach()  # the members' disagreement, in the step log
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         return StepLoss(loss, {"queries": len(ex.q_item)})
+
+    def _teacher_targets(self, ex: ExampleBatch, t: dict, seq: dict, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's distribution over the catalogue for each query, and the items masked from it (the
+        example's other positives): objectives/teacher_distillation.py. A query at position p reads the prefix of
+        its example's window up to p (the neighbours' votes)."""
+        n_items, dev = self.ds.manifest.n_items, t["q_example"].device
+        if self.cfg.loss.mask_own_positives:
+            mask = own_positive_full_mask(t["q_example"], t["label_items"], t["label_example"], t["label_item"], B,
+                                          n_items)
+        else:
+            mask = torch.zeros(len(ex.q_item), n_items, dtype=torch.bool, device=dev)
+        self.teacher.model.to(dev)
+        starts = ex.starts[ex.q_example]
+        p = teacher_probabilities(self.teacher, seq, t["q_example"], t["q_position"], mask, self.ds.timelines,
+                                  starts, starts + ex.q_position + 1)
+        return p, mask
 
     def _contrastive(self, member, seq: dict, lengths: np.ndarray, q: torch.Tensor, ex: ExampleBatch,
                      device: torch.device) -> torch.Tensor:
@@ -247,6 +289,10 @@ class RetrievalTask:
         return StepLoss(loss, {"queries": len(queries)})
 
     def step_scalars(self) -> dict[str, torch.Tensor]:
+        if self.cfg.loss.teacher_weight:
+            tau = self.model.temperature
+            return {"tau": tau, "teacher_kl": self._teacher_kl if self._teacher_kl is not None else
+                    torch.zeros((), device=tau.device)}
         if self.cfg.loss.distill_weight:  # (read without waiting for the GPU: the loop copies scalars behind the step)
             tau = self.model.temperature
             kl = self._distill_kl if self._distill_kl is not None else torch.zeros((), device=tau.device)
@@ -301,7 +347,9 @@ class RetrievalTask:
         self.objective.sketch.load_state_dict(state["sketch"])
 
 
-def retrieval_loop(ds: Dataset, cfg: TrainConfig, run_dir: Path, log=print, dist=None) -> TrainingLoop:
+def retrieval_loop(ds: Dataset, cfg: TrainConfig, run_dir: Path, log=print, dist=None,
+                   teacher: Teacher | None = None) -> TrainingLoop:
     """The training loop over PinnerFormer's retrieval task: `retrieval_loop(ds, cfg, run_dir).fit()`; with `dist`
-    (a DistContext), this process is one rank of a distributed run."""
-    return TrainingLoop(RetrievalTask(ds, cfg), cfg, run_dir, log=log, dist=dist)
+    (a DistContext), this process is one rank of a distributed run; `teacher`: the frozen model that
+    `loss.teacher_weight` distils from (runs.evaluate.load_teacher)."""
+    return TrainingLoop(RetrievalTask(ds, cfg, teacher), cfg, run_dir, log=log, dist=dist)
