@@ -3,7 +3,7 @@
 # leave-one-out protocol (preset `loo`, the same on both) and its ensemble of three (preset `loo-ensemble`),
 # trained with model selection on validation (second-to-last item, history removed from the ranking) and scored
 # on the last item against the whole catalogue, with the user's history in the ranking and removed from it, beside the most-popular (and, on ML-1M, content) baselines.
-# Usage: bash scripts/results_loo.sh [DATA_DIR (the public datasets, docs/data.md; default $PINNERFORMER_SHARED_DATA, else ../shared/data)] [DATASETS (default: "beauty ml1m")]
+# Usage: bash scripts/results_loo.sh [DATA_DIR (the public datasets, docs/data.md; default $PINNERFORMER_SHARED_DATA, else ../shared/data)] [DATASETS (default: "beauty ml1m"; also ml-latest-small)]
 #        [PRESETS (default: "loo loo-ensemble loo-distilled")]
 # loo-distilled: one network (preset loo) distilled from the loo-ensemble run of the same seed and dataset, with its
 # item-kNN blend (loss.teacher, objectives/teacher_distillation.py); that run is trained first when its report folder
@@ -54,6 +54,15 @@ for d in $WHICH; do
       # the preset as chosen on Beauty, untouched (issue 19: the configuration must carry over without retuning)
       for p in $PRESETS; do report "$ML1M" ml1m-subset "$p"; done
       ;;
-    *) echo "unknown dataset '$d' (beauty or ml1m)" >&2; exit 2 ;;
+    ml-latest-small)
+      # MovieLens latest-small (610 users, 9,742 movies): every rating an interaction, the preset untouched
+      MLS=${MLS:-/tmp/pinnerformer-ml-latest-small}
+      if [ ! -f "$MLS/manifest.json" ]; then
+        $PF data prepare --format movielens-latest --input "$DATA/movielens-latest-small" --output "$MLS" \
+          --positive love,like,neutral,dislike
+      fi
+      for p in $PRESETS; do report "$MLS" ml-latest-small "$p"; done
+      ;;
+    *) echo "unknown dataset '$d' (beauty, ml1m or ml-latest-small)" >&2; exit 2 ;;
   esac
 done
