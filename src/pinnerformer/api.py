@@ -116,11 +116,9 @@ def train(dataset: Dataset | PathLike, output: PathLike, preset: str = "small",
 
     cfg = _train_config(preset, config)
     ds = _dataset(dataset)
-    teacher = None
-    if cfg.loss.teacher_weight:  # the frozen run to distil from (objectives/teacher_distillation.py)
-        from pinnerformer.runs.evaluate import load_teacher
+    from pinnerformer.runs.evaluate import teacher_for
 
-        teacher = load_teacher(cfg.loss.teacher, ds, log=log, blend=cfg.loss.teacher_blend)
+    teacher = teacher_for(cfg, ds, log=log)  # the frozen run to distil from (loss.teacher), if any
     with _process_group(cfg.device) as (dist, on_step):
         return retrieval_loop(ds, cfg, Path(output), log=log, dist=dist, teacher=teacher).fit(
             resume=resume, max_steps=max_steps, progress=progress, on_step=on_step)

@@ -177,6 +177,16 @@ def own_positive_mask(q_example: torch.Tensor, pool_items: torch.Tensor, label_e
     return own_positive_rows(pool_items, label_example, label_item, n_examples, n_items)[q_example]
 
 
+def own_positive_catalogue_mask(q_example: torch.Tensor, label_example: torch.Tensor, label_item: torch.Tensor,
+                                n_examples: int, n_items: int) -> torch.Tensor:
+    """[Q, I] True where catalogue item i is one of the positives of query q's example: `own_positive_mask` with the
+    whole catalogue as the pool, made by scattering the labels (no sort)."""
+    dev = q_example.device
+    per_example = torch.zeros(n_examples, n_items, dtype=torch.bool, device=dev)
+    per_example.index_put_((label_example, label_item), torch.ones(len(label_item), dtype=torch.bool, device=dev))
+    return per_example[q_example]
+
+
 def label_mask(q_item: torch.Tensor, pool_items: torch.Tensor) -> torch.Tensor:
     """[Q, N] True where pool item n is query q's own label (an accidental hit): the minimal mask."""
     return pool_items.unsqueeze(0) == q_item.unsqueeze(1)
@@ -365,11 +375,8 @@ class SampledSoftmaxLoss:
         if cfg.negatives == "full":  # one fused cross-entropy over the catalogue (the same loss with this pool)
             logits = (q.float() / tau) @ all_e.float().T
             mask = None
-            if cfg.mask_own_positives:  # the example's positives, as own_positive_mask, without a sort
-                per_example = torch.zeros(B, self.n_items, dtype=torch.bool, device=dev)
-                per_example.index_put_((t["label_example"], t["label_item"]),
-                                       torch.ones(len(t["label_item"]), dtype=torch.bool, device=dev))
-                mask = per_example[q_example]
+            if cfg.mask_own_positives:  # the example's positives (full_softmax_loss keeps each query's target)
+                mask = own_positive_catalogue_mask(q_example, t["label_example"], t["label_item"], B, self.n_items)
             return full_softmax_loss(logits, label_items, mask, q_example, B, cfg.weighting)
         if cfg.mask_own_positives:
             mask = own_positive_mask(q_example, t["pool_items"], t["label_example"], t["label_item"], B, self.n_items)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pinnerformer.data.timelines import Timelines
 from pinnerformer.models.item_knn import ItemKNN
 from pinnerformer.models.pinnerformer import members_of
-from pinnerformer.objectives.sampled_softmax import reduce_queries
+from pinnerformer.objectives.sampled_softmax import own_positive_catalogue_mask, reduce_queries
 
 
 @dataclass
@@ -38,17 +38,28 @@ class Teacher:
     knn: ItemKNN | None  # its neighbours, when its blend is used
     blend_weight: float  # λ (0 without neighbours)
     source: str  # where it came from (the run, its checkpoint's sha256), for the run's notes
+    n_items: int  # the catalogue it scores
+    items: list[torch.Tensor] | None = None  # each member's item table, made once (`item_tables`)
 
 
 def own_positive_full_mask(q_example: torch.Tensor, q_item: torch.Tensor, label_example: torch.Tensor,
                            label_item: torch.Tensor, n_examples: int, n_items: int) -> torch.Tensor:
     """[Q, I] True = not scored: the example's positive labels other than the query's own target (the loss's
     `mask_own_positives` over the whole catalogue)."""
-    per_example = torch.zeros(n_examples, n_items, dtype=torch.bool, device=q_example.device)
-    per_example[label_example, label_item] = True
-    mask = per_example[q_example]
+    mask = own_positive_catalogue_mask(q_example, label_example, label_item, n_examples, n_items)
     mask[torch.arange(len(q_item), device=mask.device), q_item] = False
     return mask
+
+
+def item_tables(teacher: Teacher, device: torch.device) -> list[torch.Tensor]:
+    """Each teacher member's [I, D] item embeddings, made once: the teacher is frozen, so every step would make the
+    same tables again."""
+    if teacher.items is None or teacher.items[0].device != device:
+        teacher.model.to(device)
+        with torch.no_grad():
+            every = torch.arange(teacher.n_items, device=device)
+            teacher.items = [m.item_embedding(every) for m in members_of(teacher.model)]
+    return teacher.items
 
 
 @torch.no_grad()
@@ -59,10 +70,11 @@ def teacher_probabilities(teacher: Teacher, seq: dict[str, torch.Tensor], q_exam
     query's own prefix in the timelines (for the neighbours' votes)."""
     members = members_of(teacher.model)
     cosine = None
-    for m in members:  # the members' mean cosine: the ensemble's own score (PinnerFormerEnsemble)
+    # the members' mean cosine: the ensemble's own score (PinnerFormerEnsemble)
+    for m, items in zip(members, item_tables(teacher, q_example.device)):
         out = m.encode_sequence(seq)
         q = out.reshape(-1, out.shape[-1]).index_select(0, q_example * out.shape[1] + q_position)
-        s = q @ m.item_embedding(torch.arange(mask.shape[1], device=q.device)).T
+        s = q @ items.T
         cosine = s if cosine is None else cosine + s
     logits = (cosine / len(members)) / teacher.model.temperature
     p = torch.softmax(logits.float().masked_fill(mask, float("-inf")), dim=-1)

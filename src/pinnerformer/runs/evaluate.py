@@ -16,6 +16,7 @@ from pinnerformer.io import write_json_atomic, portable_path
 from pinnerformer.objectives.teacher_distillation import Teacher
 from pinnerformer.runs.run_dir import RunDir
 from pinnerformer.training import run_files as rf
+from pinnerformer.training.config import TrainConfig
 
 
 BLEND = "blend.json"  # RUN/blend.json: the blend's λ as chosen on validation for a checkpoint (evaluation.blend)
@@ -93,4 +94,11 @@ def load_teacher(path: str | Path, ds: Dataset, log=print, blend: float | None =
         knn = fit_knn(ds, run.config.blend.knn) if weight else None
     source = f"{portable_path(run.path)} (checkpoint {run.checkpoint_sha256('best')[:16]})"
     log(f"teacher: {source}, item-kNN blend λ {weight:g}")
-    return Teacher(model=model, knn=knn, blend_weight=weight, source=source)
+    return Teacher(model=model, knn=knn, blend_weight=weight, source=source, n_items=ds.manifest.n_items)
+
+
+def teacher_for(cfg: TrainConfig, ds: Dataset, log=print) -> Teacher | None:
+    """The teacher a training config distils from (`loss.teacher`), or None when it distils from none."""
+    if not cfg.loss.teacher_weight:
+        return None
+    return load_teacher(cfg.loss.teacher, ds, log=log, blend=cfg.loss.teacher_blend)

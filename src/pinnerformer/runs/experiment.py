@@ -35,7 +35,7 @@ from pinnerformer.evaluation.metrics import P90_COVERAGE
 from pinnerformer.evaluation.report import MODEL, EvaluationReport, blend_text, history_text
 from pinnerformer.evaluation.tasks import parse_cutoffs
 from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic, portable_path
-from pinnerformer.runs.evaluate import evaluate_run, load_teacher
+from pinnerformer.runs.evaluate import evaluate_run, teacher_for
 from pinnerformer.runs.run_dir import RunDir
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import TrainConfig, load_config
@@ -138,10 +138,8 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
         if reused:
             log("  finished earlier: reusing its checkpoint")
         else:
-            teacher = (load_teacher(cfg.loss.teacher, ds, log=sub_log, blend=cfg.loss.teacher_blend)
-                       if cfg.loss.teacher_weight else None)
-            retrieval_loop(ds, cfg, run_dir, log=sub_log, teacher=teacher).fit(resume=(run_dir / rf.CONFIG).exists(),
-                                                                               progress=progress)
+            retrieval_loop(ds, cfg, run_dir, log=sub_log, teacher=teacher_for(cfg, ds, log=sub_log)).fit(
+                resume=(run_dir / rf.CONFIG).exists(), progress=progress)
         run = RunDir(run_dir)
         summary = run.summary()
         report, _, _ = evaluate_run(run, ds, options, log=sub_log, blend=cfg.blend)

@@ -246,7 +246,6 @@ class RetrievalTask:
                                           n_items)
         else:
             mask = torch.zeros(len(ex.q_item), n_items, dtype=torch.bool, device=dev)
-        self.teacher.model.to(dev)
         starts = ex.starts[ex.q_example]
         p = teacher_probabilities(self.teacher, seq, t["q_example"], t["q_position"], mask, self.ds.timelines,
                                   starts, starts + ex.q_position + 1)
@@ -289,15 +288,15 @@ class RetrievalTask:
         return StepLoss(loss, {"queries": len(queries)})
 
     def step_scalars(self) -> dict[str, torch.Tensor]:
+        # (read without waiting for the GPU: the loop copies scalars behind the step)
+        tau = self.model.temperature
+        zero = lambda kl: kl if kl is not None else torch.zeros((), device=tau.device)  # noqa: E731 (before step 1)
+        out = {"tau": tau}
+        if self.cfg.loss.distill_weight:
+            out["distill_kl"] = zero(self._distill_kl)
         if self.cfg.loss.teacher_weight:
-            tau = self.model.temperature
-            return {"tau": tau, "teacher_kl": self._teacher_kl if self._teacher_kl is not None else
-                    torch.zeros((), device=tau.device)}
-        if self.cfg.loss.distill_weight:  # (read without waiting for the GPU: the loop copies scalars behind the step)
-            tau = self.model.temperature
-            kl = self._distill_kl if self._distill_kl is not None else torch.zeros((), device=tau.device)
-            return {"tau": tau, "distill_kl": kl}
-        return {"tau": self.model.temperature}
+            out["teacher_kl"] = zero(self._teacher_kl)
+        return out
 
     def compile(self, mode: str) -> None:
         # the encoder with static shapes; the loss in its fused form, with dynamic shapes (see SampledSoftmaxLoss)
