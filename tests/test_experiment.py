@@ -2,11 +2,16 @@
 
 import json
 
+import numpy as np
+import pytest
 
 from conftest import TINY
 from pinnerformer.data import Dataset
 from pinnerformer.data.synthetic import planted_interest_log
+from pinnerformer.errors import PinnerformerError
 from pinnerformer.runs.experiment import variants
+from pinnerformer.training.config import load_config
+from pinnerformer.training.retrieval import fitted_max_len
 
 
 def test_grids_list_the_papers_variants(planted, tmp_path, cli):
@@ -90,3 +95,34 @@ def test_default_grid_leave_one_out_report(planted, tmp_path, cli):
     assert f"| pinnerformer, history removed | {ex['results']['pinnerformer']['hr@10']['mean']:.4f} [" in md
     assert f"{nd['mean']:.4f} [{nd['ci95'][0]:.4f}" in md and "baseline: most-popular, history removed" in md
     assert (tmp_path / "rep" / "default.png").stat().st_size > 5000
+
+
+def test_max_len_fitted_to_the_data_is_saved_and_a_rerun_reuses_the_run(planted, tmp_path, cli):
+    """data.max_len_cap: M is the 90th percentile of the timeline lengths, clipped to [max_len, cap]; the run saves
+    the fitted M, and the same experiment run again compares equal to it (reuses the run, no config error)."""
+    ds = Dataset.open(planted)
+    q90 = int(np.ceil(np.quantile(ds.timelines.lengths, 0.9)))
+    assert 8 < q90 < 64
+    fit = lambda over: fitted_max_len(load_config("loo", overrides={"data": over}), ds).data.max_len  # noqa: E731
+    assert fit({"max_len": 8, "max_len_cap": 64}) == q90  # between the floor and the cap: the data's own
+    assert fit({"max_len": 8, "max_len_cap": 9}) == 9  # the cap bounds it
+    assert fit({"max_len": q90 + 5, "max_len_cap": 500}) == q90 + 5  # the floor bounds it
+    assert fit({"max_len": 8}) == 8  # no cap: max_len as given
+    once = fitted_max_len(load_config("loo", overrides={"data": {"max_len": 8, "max_len_cap": 64}}), ds)
+    assert fitted_max_len(once, ds) == once  # idempotent: a saved run's config is its own fit
+    with pytest.raises(PinnerformerError, match="max_len_cap 8 is below max_len 16"):
+        load_config("loo", overrides={"data": {"max_len": 16, "max_len_cap": 8}})
+
+    tiny = {k: v for k, v in TINY.items() if k not in ("loss", "eval")}
+    (tmp_path / "cfg.json").write_text(json.dumps({**tiny, "data": {**tiny["data"], "max_len": 8,
+                                                                     "max_len_cap": 64}}))
+    args = ("experiment", "-d", planted, "--grid", "default", "-o", tmp_path / "rep", "--preset", "loo",
+            "--config", tmp_path / "cfg.json", "--max-epochs", "1", "--no-progress")
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "rep" / "runs" / "pinnerformer" / "config.json").read_text())["config"]
+    assert saved["data"]["max_len"] == q90 and saved["data"]["max_len_cap"] == 64
+    assert f"M = {q90}" in r.output
+    again = cli(*args)
+    assert again.exit_code == 0, again.output
+    assert "finished earlier: reusing its checkpoint" in again.output

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pinnerformer.config import StrictModel
 from pinnerformer.data.clock import DAY
@@ -36,6 +36,10 @@ class ExampleConfig(StrictModel):
     """How examples are cut: the `data` section of a training config."""
 
     max_len: int = Field(64, ge=1)  # M: actions per input sequence
+    # set: M is fitted to the data before training (training/retrieval.py, `fitted_max_len`): the 90th percentile
+    # of the users' timeline lengths, no shorter than max_len and no longer than this cap. SASRec's M is 50 on
+    # Amazon's short sequences and 200 on MovieLens' long ones; a fixed 50 leaves most of a long timeline unread.
+    max_len_cap: int | None = Field(None, ge=1)
     positions: int = Field(16, ge=1)  # dense-all-action: positions sampled per sequence
     labels_per_position: int = Field(1, ge=1)  # dense-all-action
     max_labels: int = Field(32, ge=1)  # all-action: labels per sequence
@@ -51,6 +55,13 @@ class ExampleConfig(StrictModel):
     # positive" of each position. Against memorising the same whole sequences every epoch (cutoff=last).
     crop: float = Field(0.0, ge=0, le=1)
     crop_min: float = Field(0.5, gt=0, le=1)  # the shortest crop, as a fraction of the window
+
+    @model_validator(mode="after")
+    def _cap_above_floor(self):
+        if self.max_len_cap is not None and self.max_len_cap < self.max_len:
+            raise ValueError(f"max_len_cap {self.max_len_cap} is below max_len {self.max_len}: the cap bounds the "
+                             "fitted M from above, max_len from below")
+        return self
 
 
 @dataclass

@@ -39,7 +39,7 @@ from pinnerformer.runs.evaluate import evaluate_run, teacher_for
 from pinnerformer.runs.run_dir import RunDir
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import TrainConfig, load_config
-from pinnerformer.training.retrieval import retrieval_loop
+from pinnerformer.training.retrieval import fitted_max_len, retrieval_loop
 
 GRIDS = ["objectives", "negatives", "features", "frequency", "default"]
 
@@ -123,7 +123,7 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
     vs = variants(grid, ds, load_config(preset, None, base).model.item_features)
     for i, (name, over) in enumerate(vs):
         run_dir = output / "runs" / _slug(name)
-        cfg = load_config(preset, None, merge_dicts(base, over))
+        cfg = fitted_max_len(load_config(preset, None, merge_dicts(base, over)), ds)
         log(f"[{i + 1}/{len(vs)}] {name} -> {run_dir}")
         tv = time.perf_counter()
         if (run_dir / rf.CONFIG).exists():

@@ -346,9 +346,29 @@ class RetrievalTask:
         self.objective.sketch.load_state_dict(state["sketch"])
 
 
+LENGTH_QUANTILE = 0.9  # data.max_len_cap: M covers this share of the users' timelines whole
+
+
+def fitted_max_len(cfg: TrainConfig, ds: Dataset) -> TrainConfig:
+    """`cfg` with data.max_len fitted to the dataset when data.max_len_cap is set: the 90th percentile of its
+    timeline lengths, clipped to [max_len, max_len_cap]. Idempotent (a fitted config fits to itself), so a saved
+    run's config compares equal to a fresh fit of the same preset on the same data."""
+    d = cfg.data
+    if d.max_len_cap is None:
+        return cfg
+    q = int(np.ceil(np.quantile(ds.timelines.lengths, LENGTH_QUANTILE))) if ds.timelines.n_users else d.max_len
+    fitted = min(d.max_len_cap, max(d.max_len, q))
+    return cfg.model_copy(update={"data": d.model_copy(update={"max_len": fitted})})
+
+
 def retrieval_loop(ds: Dataset, cfg: TrainConfig, run_dir: Path, log=print, dist=None,
                    teacher: Teacher | None = None) -> TrainingLoop:
     """The training loop over PinnerFormer's retrieval task: `retrieval_loop(ds, cfg, run_dir).fit()`; with `dist`
     (a DistContext), this process is one rank of a distributed run; `teacher`: the frozen model that
-    `loss.teacher_weight` distils from (runs.evaluate.load_teacher)."""
-    return TrainingLoop(RetrievalTask(ds, cfg, teacher), cfg, run_dir, log=log, dist=dist)
+    `loss.teacher_weight` distils from (runs.evaluate.load_teacher). The run's saved config is `cfg` with its
+    M fitted to the data (`fitted_max_len`)."""
+    fitted = fitted_max_len(cfg, ds)
+    if cfg.data.max_len_cap is not None:
+        log(f"data.max_len fitted to the data: M = {fitted.data.max_len} ({LENGTH_QUANTILE:.0%} of the timelines "
+            f"hold ≤ that many actions, between the floor {cfg.data.max_len} and the cap {cfg.data.max_len_cap})")
+    return TrainingLoop(RetrievalTask(ds, fitted, teacher), fitted, run_dir, log=log, dist=dist)
