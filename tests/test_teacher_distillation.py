@@ -15,7 +15,7 @@ from pinnerformer.data import Dataset
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.models.pinnerformer import members_of
 from pinnerformer.objectives.teacher_distillation import distillation_kl, own_positive_full_mask
-from pinnerformer.runs.evaluate import load_teacher
+from pinnerformer.runs.evaluate import load_teacher, teacher_for
 from pinnerformer.training.config import load_config
 from pinnerformer.training.retrieval import RetrievalTask
 
@@ -153,6 +153,9 @@ def test_runs_that_cannot_teach_are_refused(rings, trained, planted, tmp_path):
         load_teacher(trained, Dataset.open(planted))
     with pytest.raises(PinnerformerError, match="a teacher must have seen exactly the student's data"):
         load_teacher(rings / "teacher", Dataset.open(planted))
+    with pytest.raises(PinnerformerError, match="windows of at most 16 actions .*shorter than the student's 32"):
+        teacher_for(load_config("loo", overrides={**SMALL, "data": {"max_len": 32}, "loss": {
+            "teacher": str(rings / "teacher"), "teacher_weight": 1.0}}), ds)
     with pytest.raises(PinnerformerError, match="no teacher was loaded"):
         RetrievalTask(ds, student(rings, 1.0))
     with pytest.raises(PinnerformerError, match="needs loss.teacher: the trained run"):

@@ -17,6 +17,7 @@ from pinnerformer.objectives.teacher_distillation import Teacher
 from pinnerformer.runs.run_dir import RunDir
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import TrainConfig
+from pinnerformer.training.retrieval import fitted_max_len
 
 
 BLEND = "blend.json"  # RUN/blend.json: the blend's λ as chosen on validation for a checkpoint (evaluation.blend)
@@ -66,11 +67,13 @@ def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendCon
     return choice
 
 
-def load_teacher(path: str | Path, ds: Dataset, log=print, blend: float | None = None) -> Teacher:
+def load_teacher(path: str | Path, ds: Dataset, log=print, blend: float | None = None,
+                 max_len: int | None = None) -> Teacher:
     """The frozen teacher of `loss.teacher` (objectives/teacher_distillation.py): a trained leave-one-out run on
     exactly this dataset (not a descendant: its training part must be the student's), its best checkpoint, and its
     item-kNN blend with the λ it chose on validation (chosen now, as `pinnerformer evaluate` would, when the run
-    has a blend and had not chosen one yet). blend: another λ (`loss.teacher_blend`; 0: the network alone)."""
+    has a blend and had not chosen one yet). blend: another λ (`loss.teacher_blend`; 0: the network alone).
+    max_len: the student's M; the teacher reads the student's input windows, so its own M must be as long."""
     try:
         run = RunDir(Path(path))
     except PinnerformerError as e:
@@ -82,6 +85,10 @@ def load_teacher(path: str | Path, ds: Dataset, log=print, blend: float | None =
     if fp != ds.manifest.fingerprint:
         raise PinnerformerError(f"loss.teacher {str(path)!r} was trained on dataset {fp}, not on {ds.path} "
                                 f"({ds.manifest.fingerprint}): a teacher must have seen exactly the student's data")
+    if max_len is not None and run.config.data.max_len < max_len:
+        raise PinnerformerError(f"loss.teacher {str(path)!r} reads windows of at most {run.config.data.max_len} "
+                                f"actions (data.max_len), shorter than the student's {max_len}: train the teacher "
+                                "with the student's data.max_len and data.max_len_cap")
     model = run.load_model(ds)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -101,4 +108,5 @@ def teacher_for(cfg: TrainConfig, ds: Dataset, log=print) -> Teacher | None:
     """The teacher a training config distils from (`loss.teacher`), or None when it distils from none."""
     if not cfg.loss.teacher_weight:
         return None
-    return load_teacher(cfg.loss.teacher, ds, log=log, blend=cfg.loss.teacher_blend)
+    return load_teacher(cfg.loss.teacher, ds, log=log, blend=cfg.loss.teacher_blend,
+                        max_len=fitted_max_len(cfg, ds).data.max_len)
