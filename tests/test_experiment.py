@@ -101,7 +101,7 @@ def test_max_len_fitted_to_the_data_is_saved_and_a_rerun_reuses_the_run(planted,
     """data.max_len_cap: M is the 90th percentile of the timeline lengths, clipped to [max_len, cap]; the run saves
     the fitted M, and the same experiment run again compares equal to it (reuses the run, no config error)."""
     ds = Dataset.open(planted)
-    q90 = int(np.ceil(np.quantile(ds.timelines.lengths, 0.9)))
+    q90 = int(np.ceil(np.quantile(ds.timelines.lengths - 2, 0.9)))  # leave-one-out trains on all but the last two
     assert 8 < q90 < 64
     fit = lambda over: fitted_max_len(load_config("loo", overrides={"data": over}), ds).data.max_len  # noqa: E731
     assert fit({"max_len": 8, "max_len_cap": 64}) == q90  # between the floor and the cap: the data's own
@@ -126,3 +126,8 @@ def test_max_len_fitted_to_the_data_is_saved_and_a_rerun_reuses_the_run(planted,
     again = cli(*args)
     assert again.exit_code == 0, again.output
     assert "finished earlier: reusing its checkpoint" in again.output
+    # the config file the run was made with resumes it (compared after the same fit), with a longer budget
+    r = cli("train", "-d", planted, "-o", tmp_path / "rep" / "runs" / "pinnerformer", "--preset", "loo",
+            "--config", tmp_path / "cfg.json", "--max-epochs", "2", "--resume", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "resuming with optim.max_epochs 1 -> 2" in r.output and "would change it" not in r.output

@@ -57,7 +57,9 @@ def train(
                 raise PinnerformerError(f"--resume continues {output} with its own configuration; it was made with "
                                         f"--preset {run.config.preset}, not {preset}")
             file_over = read_config_file(config) if config else {}
-            cfg = run.resume_config(merge_dicts(file_over, over), log=log)
+            from pinnerformer.data import Dataset
+
+            cfg = run.resume_config(merge_dicts(file_over, over), log=log, ds=Dataset.open(dataset))
         else:
             cfg = load_config(preset or "small", config, over)  # the values are checked there (unknown ones named)
         summary = train_run(dataset, output, config=cfg, resume=resume, max_steps=max_steps, progress=progress,

@@ -20,6 +20,7 @@ from pinnerformer.io import file_sha256, load_checkpoint, read_json_record
 from pinnerformer.models.pinnerformer import InputSpec, PinnerFormer, pinnerformer_for
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import TrainConfig
+from pinnerformer.training.retrieval import fitted_max_len
 
 
 class RunDir:
@@ -53,12 +54,14 @@ class RunDir:
     RESUME_MAY_CHANGE = {"optim.max_epochs", "device", "loader_workers", "compile", "compile_mode"}
     RESUME_MAY_CHANGE_SECTIONS = ("blend.",)
 
-    def resume_config(self, overrides: dict, log=print) -> TrainConfig:
+    def resume_config(self, overrides: dict, log=print, ds: Dataset | None = None) -> TrainConfig:
         """The run's own configuration for `--resume`, with the options given on the command line applied only
         where the run allows it (RESUME_MAY_CHANGE); any other difference is refused, naming it: a resumed run keeps
-        its config, hence its split and its batches."""
+        its config, hence its split and its batches. ds: the run's dataset, to fit data.max_len as training did
+        (`fitted_max_len`) before comparing, so that the config file a run was made with resumes it."""
         stored = self.config.model_dump()
-        wanted = validate(TrainConfig, merge_dicts(stored, overrides), f"--resume {self.path}").model_dump()
+        wanted_cfg = validate(TrainConfig, merge_dicts(stored, overrides), f"--resume {self.path}")
+        wanted = (wanted_cfg if ds is None else fitted_max_len(wanted_cfg, ds)).model_dump()
 
         def diffs(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
             out = []

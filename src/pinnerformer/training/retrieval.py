@@ -15,6 +15,7 @@ import torch
 
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.data.schema import DatasetRef
+from pinnerformer.data.timelines import TimelineView
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.metrics import HIT_RATE, NDCG, RECALL, metric_name
 from pinnerformer.evaluation.protocols import SELECTION, SPLITS, resolve_protocol, training_view, user_split
@@ -69,10 +70,7 @@ class RetrievalTask:
         if m.clock == "order":
             self.notes.append("order-only clock: no time features; the label window is counted in actions "
                               f"(K = {cfg.data.window_actions} actions)")
-        user_ids = ds.users["user_id"].to_list()
-        self.split = (user_split(user_ids, cfg.seed, cfg.eval.val_fraction, cfg.eval.test_fraction)
-                      if self.protocol == "future-window" else np.zeros(len(user_ids), dtype=np.int8))
-        self.view = training_view(ds, self.protocol, self.split)
+        self.split, self.view = training_range(ds, cfg, self.protocol)
         if cfg.eval.exclude_history and self.protocol != "leave-one-out":
             raise PinnerformerError("eval.exclude_history (history removed from the validation ranking) is for the "
                                     "leave-one-out protocol")
@@ -346,17 +344,28 @@ class RetrievalTask:
         self.objective.sketch.load_state_dict(state["sketch"])
 
 
+def training_range(ds: Dataset, cfg: TrainConfig, protocol: str) -> tuple[np.ndarray, TimelineView]:
+    """The user split (future-window: 0 train, 1 validation, 2 test; leave-one-out: all 0) and the events training
+    may see (evaluation/protocols.py `training_view`), before eval.until."""
+    user_ids = ds.users["user_id"].to_list()
+    split = (user_split(user_ids, cfg.seed, cfg.eval.val_fraction, cfg.eval.test_fraction)
+             if protocol == "future-window" else np.zeros(len(user_ids), dtype=np.int8))
+    return split, training_view(ds, protocol, split)
+
+
 LENGTH_QUANTILE = 0.9  # data.max_len_cap: M covers this share of the users' timelines whole
 
 
 def fitted_max_len(cfg: TrainConfig, ds: Dataset) -> TrainConfig:
-    """`cfg` with data.max_len fitted to the dataset when data.max_len_cap is set: the 90th percentile of its
-    timeline lengths, clipped to [max_len, max_len_cap]. Idempotent (a fitted config fits to itself), so a saved
+    """`cfg` with data.max_len fitted to the dataset when data.max_len_cap is set: the 90th percentile of the
+    training part's timeline lengths (held-out actions not counted), clipped to [max_len, max_len_cap]. Idempotent (a fitted config fits to itself), so a saved
     run's config compares equal to a fresh fit of the same preset on the same data."""
     d = cfg.data
     if d.max_len_cap is None:
         return cfg
-    q = int(np.ceil(np.quantile(ds.timelines.lengths, LENGTH_QUANTILE))) if ds.timelines.n_users else d.max_len
+    _, view = training_range(ds, cfg, resolve_protocol(cfg.eval.protocol, ds.manifest.clock))
+    lengths = (view.end - view.start)[view.end > view.start]  # the training part only: no held-out action counts
+    q = int(np.ceil(np.quantile(lengths, LENGTH_QUANTILE))) if len(lengths) else d.max_len
     fitted = min(d.max_len_cap, max(d.max_len, q))
     return cfg.model_copy(update={"data": d.model_copy(update={"max_len": fitted})})
 
