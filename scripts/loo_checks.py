@@ -18,6 +18,9 @@ chose anything: selection is by validation only.
                                                          network blended with the neighbours at every λ of the
                                                          grid, and of each part alone (eighth round; the test
                                                          column is read after the fact, selection is validation's)
+    python scripts/loo_checks.py window                  the share of the training actions that the newest M of
+                                                         each timeline holds, for M = 50 and 200, and the M that
+                                                         `data.max_len_cap: 200` fits (tenth round)
 Options: --dataset (default /tmp/pinnerformer-beauty, prepared by scripts/scout_loo.sh).
 """
 
@@ -36,6 +39,8 @@ from pinnerformer.evaluation.tasks import leave_one_out_task
 from pinnerformer.models.embedding import embed_items, embed_users
 from pinnerformer.models.pinnerformer import members_of
 from pinnerformer.runs.run_dir import RunDir
+from pinnerformer.training.config import load_config
+from pinnerformer.training.retrieval import fitted_max_len
 
 CPU = torch.device("cpu")
 
@@ -174,15 +179,27 @@ def blend(ds: Dataset, run: str) -> None:
         print(f"{split}: " + ", ".join(cells), flush=True)
 
 
+def window(ds: Dataset) -> None:
+    lengths = np.maximum(ds.timelines.lengths - 2, 0)  # the training parts (all but the last two items)
+    for m in (50, 200):
+        print(f"M = {m}: {np.minimum(lengths, m).sum() / lengths.sum():.1%} of the training actions")
+    cfg = fitted_max_len(load_config("loo", overrides={"data": {"max_len_cap": 200}}), ds)
+    print(f"90th percentile of the training lengths: {np.quantile(lengths[lengths > 0], 0.9):.0f}; "
+          f"data.max_len_cap 200 fits M = {cfg.data.max_len}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("check", choices=["targets", "combine", "transitions", "coldness", "members", "knn", "blend"])
+    ap.add_argument("check", choices=["targets", "combine", "transitions", "coldness", "members", "knn", "blend",
+                                     "window"])
     ap.add_argument("runs", nargs="*")
     ap.add_argument("--dataset", default="/tmp/pinnerformer-beauty")
     a = ap.parse_args()
     ds = Dataset.open(a.dataset)
     if a.check == "targets":
         targets(ds)
+    elif a.check == "window":
+        window(ds)
     elif a.check == "coldness":
         if not a.runs:
             ap.error("coldness needs one or more run directories")

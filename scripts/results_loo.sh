@@ -21,7 +21,7 @@ ML1M=${ML1M:-/tmp/pinnerformer-ml1m-subset-loo}
 SEED=${SEED:-0}
 TEACHER_WEIGHT=${TEACHER_WEIGHT:-3}
 SUFFIX=$([ "$SEED" = 0 ] || echo "-seed-$SEED")
-# one report: experiment DATASET NAME PRESET (NAME: beauty or ml1m-subset)
+# one report: experiment DATASET NAME PRESET (NAME: the report folder's prefix, e.g. beauty or ml1m-subset)
 report() {
   local ds=$1 name=$2 p=$3
   if [ "$p" = loo-distilled ]; then

@@ -358,8 +358,9 @@ LENGTH_QUANTILE = 0.9  # data.max_len_cap: M covers this share of the users' tim
 
 def fitted_max_len(cfg: TrainConfig, ds: Dataset) -> TrainConfig:
     """`cfg` with data.max_len fitted to the dataset when data.max_len_cap is set: the 90th percentile of the
-    training part's timeline lengths (held-out actions not counted), clipped to [max_len, max_len_cap]. Idempotent (a fitted config fits to itself), so a saved
-    run's config compares equal to a fresh fit of the same preset on the same data."""
+    training part's timeline lengths (held-out actions not counted), clipped to [max_len, max_len_cap].
+    Idempotent (a fitted config fits to itself), so a saved run's config compares equal to a fresh fit of the same
+    preset on the same data."""
     d = cfg.data
     if d.max_len_cap is None:
         return cfg
