@@ -69,6 +69,9 @@ def test_blend_is_chosen_on_validation_and_reported(chains_run, cli):
     choice = json.loads((d / "run" / "blend.json").read_text())
     rep = json.loads((d / "run" / "eval" / "leave-one-out-test-history-excluded.json").read_text())
     assert rep["blend"] == choice and set(choice["validation"]) == {"0", "0.5", "0.9"}
+    # the λ grid's bar counts every validation row once per λ (here as many rows as the test's: all 401 users)
+    n = 3 * rep["user_windows"]
+    assert "choosing λ among 3" in r.stderr and f"{n}/{n}" in r.stderr
     # the neighbours know the chains: λ > 0 wins on validation, and on test the blend is far above the network
     assert choice["weight"] > 0 and choice["validation"][f"{choice['weight']:g}"] > choice["validation"]["0"]
     res = rep["results"]

@@ -53,10 +53,14 @@ def test_future_window_report(trained, cli):
     assert f"| pinnerformer | {ours['recall@10']['mean']:.4f} [{lo:.4f}, {hi:.4f}]" in md
     assert 0 < ours["p90-coverage@10"]["mean"] <= 1 and "interest-entropy@50" not in ours  # no interests here
     assert rep["index"] == "whole catalogue (200 items)"
+    # the progress bar (on by default) counts every row of every scorer, once
+    n = rep["user_windows"] * len(rep["results"])
+    assert f"scoring test users ({len(rep['results'])} scorers)" in r.stderr and f"{n}/{n}" in r.stderr
     # two cut-offs pooled: at least as many user-windows as either alone
     r2 = cli("evaluate", "--run", trained / "run", "--dataset", trained / "ds", "--cutoff", "2020-09-14,2020-09-15",
-             "--index-size", "50")
+             "--index-size", "50", "--no-progress")
     assert r2.exit_code == 0, r2.output
+    assert "scoring test users" not in r2.stderr
     rep2 = json.loads((trained / "run" / "eval" / "future-window-test.json").read_text())
     assert rep2["cutoffs"] == ["2020-09-14", "2020-09-15"] and rep2["index"].startswith("random pool of 50")
 

@@ -140,7 +140,7 @@ def _process_group(device: str):
 
 
 def evaluate(run: PathLike, dataset: Dataset | PathLike, *, item_knn: bool | None = None, log: Log = _quiet,
-             **options: Any) -> EvaluationReport:
+             progress: bool = False, **options: Any) -> EvaluationReport:
     """A run scored on held-out users beside the baselines (written to RUN/eval/ too; `log` says where).
     `options`: those of `EvaluateOptions` (protocol, split, cutoffs, k, exclude_history, ...); `item_knn`:
     leave-one-out blended with item-to-item neighbours, λ chosen on validation (default: the run's setting)."""
@@ -150,7 +150,7 @@ def evaluate(run: PathLike, dataset: Dataset | PathLike, *, item_knn: bool | Non
     rd = RunDir(Path(run))
     blend = None if item_knn is None else rd.config.blend.model_copy(update={"item_knn": item_knn})
     report, js, md = evaluate_run(rd, _dataset(dataset), validate(EvaluateOptions, options, "evaluate"), log=log,
-                                  blend=blend)
+                                  blend=blend, progress=progress)
     log(f"wrote {js} and {md} ({report.wall_s} s)")
     return report
 

@@ -25,6 +25,7 @@ from pinnerformer.evaluation.tasks import EvalTask, leave_one_out_task
 from pinnerformer.models.embedding import embed_items, embed_users
 from pinnerformer.models.item_knn import ItemKNN, ItemKNNConfig
 from pinnerformer.models.pinnerformer import PinnerFormer
+from pinnerformer.progress import progress_bar
 
 NETWORK = "pinnerformer network alone"  # the network without the blend (a reference row in blended reports)
 KNN = "item-kNN (neighbours alone)"
@@ -108,17 +109,20 @@ def fit_knn(ds: Dataset, cfg: ItemKNNConfig) -> ItemKNN:
 
 
 def choose_weight(model: PinnerFormer, ds: Dataset, cfg: BlendConfig, exclude_history: bool, checkpoint: str,
-                  k: int = 10, log=print) -> BlendChoice:
-    """λ with the best validation NDCG@k (the smallest among ties)."""
+                  k: int = 10, log=print, progress: bool = False) -> BlendChoice:
+    """λ with the best validation NDCG@k (the smallest among ties); progress: a bar over the grid's rows."""
     task = leave_one_out_task(ds, "validation")
     blend = Blend(model, ds, task, fit_knn(ds, cfg.knn))
     history = ds.timelines if exclude_history else None
     name = metric_name(NDCG, k)
     curve = {}
-    for w in cfg.weights:
-        res, _ = score_task(task, blend.scorer("blend", w), k, [NDCG], None, None, history, intervals=False)
-        curve[w] = res[name].mean
-        log(f"blend λ {w:g}: validation {name} {curve[w]:.4f}")
+    with progress_bar(total=len(task) * len(cfg.weights), desc=f"choosing λ among {len(cfg.weights)}", unit="row",
+                      disable=not progress) as bar:
+        for w in cfg.weights:
+            res, _ = score_task(task, blend.scorer("blend", w), k, [NDCG], None, None, history, intervals=False,
+                                advance=bar.update)
+            curve[w] = res[name].mean
+            log(f"blend λ {w:g}: validation {name} {curve[w]:.4f}")
     best = max(curve.values())
     weight = min(w for w, v in curve.items() if v == best)
     return BlendChoice(weight=weight, metric=name, history_excluded=exclude_history, weights=list(cfg.weights),

@@ -75,9 +75,11 @@ def history_items(tl: Timelines, task: EvalTask, rows: slice) -> tuple[np.ndarra
 
 
 def rank_task(task: EvalTask, scorer: Scorer, top: int = 0, pool: np.ndarray | None = None,
-              history: Timelines | None = None, batch: int = 512) -> Ranked:
+              history: Timelines | None = None, batch: int = 512,
+              advance: Callable[[int], object] | None = None) -> Ranked:
     """Each label's rank, and (top > 0) each row's top items. history: the timelines whose input items are
-    removed from the ranking (None: history stays in)."""
+    removed from the ranking (None: history stays in). advance: told how many rows each batch ranked (a progress
+    bar's update)."""
     ranks, tops, in_history = [], [], 0
     pool_t = None if pool is None else torch.from_numpy(pool)
     n_items = None
@@ -104,17 +106,21 @@ def rank_task(task: EvalTask, scorer: Scorer, top: int = 0, pool: np.ndarray | N
         ranks += label_ranks(s, labels)
         if top:
             tops.append(torch.topk(s, min(top, s.shape[1]), dim=1).indices.numpy())
+        if advance is not None:
+            advance(len(labels))
     index_size = len(pool) if pool is not None else (n_items or 0)
     return Ranked(ranks, np.concatenate(tops) if tops else None, in_history, index_size)
 
 
 def score_task(task: EvalTask, scorer: Scorer, k: int, metrics: list[str], interests: list[list[str]] | None = None,
                pool: np.ndarray | None = None, history: Timelines | None = None,
-               intervals: bool = True) -> tuple[dict[str, MetricValue], Ranked]:
+               intervals: bool = True, advance: Callable[[int], object] | None = None
+               ) -> tuple[dict[str, MetricValue], Ranked]:
     """Per-row metrics (`metrics`, names from `evaluation.metrics.PER_USER`) averaged over rows, with 95% bootstrap
     intervals when `intervals`; with intervals also interest-entropy@50 (when items have interests) and
-    p90-coverage@k, the report's diversity metrics."""
-    ranked = rank_task(task, scorer, top=ENTROPY_TOP if intervals else 0, pool=pool, history=history)
+    p90-coverage@k, the report's diversity metrics. advance: as rank_task's."""
+    ranked = rank_task(task, scorer, top=ENTROPY_TOP if intervals else 0, pool=pool, history=history,
+                       advance=advance)
     per = {metric_name(m, k): PER_USER[m](ranked.ranks, k) for m in metrics}
     if intervals and interests is not None:
         per[metric_name(INTEREST_ENTROPY, ENTROPY_TOP)] = interest_entropy(ranked.top, interests)

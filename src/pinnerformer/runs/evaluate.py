@@ -23,12 +23,12 @@ from pinnerformer.training.retrieval import fitted_max_len
 BLEND = "blend.json"  # RUN/blend.json: the blend's λ as chosen on validation for a checkpoint (evaluation.blend)
 
 
-def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, blend: BlendConfig | None = None
-                 ) -> tuple[EvaluationReport, Path, Path]:
+def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, blend: BlendConfig | None = None,
+                 progress: bool = False) -> tuple[EvaluationReport, Path, Path]:
     """The report, and where its JSON and Markdown were written (RUN/eval/PROTOCOL-SPLIT[-history-excluded].*).
     blend: the item-kNN blend's settings (default: the run's `blend` section); when on, λ is chosen on validation
     for the checkpoint evaluated, or read from RUN/blend.json when it was chosen for the same checkpoint, data and
-    settings."""
+    settings. progress: bars over the rows scored (the λ grid's, then the report's)."""
     model = run.load_model(ds, options.checkpoint)
     protocol = resolve_protocol(options.protocol or run.protocol, ds.manifest.clock)
     # held-out users: those of the run's split when it has one (a future-window run), whatever the protocol scored
@@ -38,14 +38,15 @@ def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, 
     blend = run.config.blend if blend is None else blend
     if blend.item_knn:
         check_blend_applies(protocol, held_out)
-    choice = blend_choice(run, ds, model, options.checkpoint, blend, log) if blend.item_knn else None
+    choice = blend_choice(run, ds, model, options.checkpoint, blend, log, progress) if blend.item_knn else None
     report = evaluate_model(model, ds, protocol, options, held_out, run=portable_path(run.path), log=log,
-                            blend=choice)
+                            blend=choice, progress=progress)
     js, md = write_report(report, run.path / rf.EVAL)
     return report, js, md
 
 
-def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendConfig, log=print) -> BlendChoice:
+def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendConfig, log=print,
+                 progress: bool = False) -> BlendChoice:
     """λ for this checkpoint: RUN/blend.json when it was chosen for the same checkpoint file, dataset, neighbours,
     grid and selection protocol; otherwise chosen on validation now (and written there)."""
     sha = run.checkpoint_sha256(checkpoint)
@@ -61,7 +62,7 @@ def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendCon
                 and earlier.weights == cfg.weights):
             return earlier
     log(f"choosing the item-kNN blend weight on validation (history {'removed' if exclude else 'in'})")
-    choice = choose_weight(model, ds, cfg, exclude, sha, run.config.eval.k, log=log)
+    choice = choose_weight(model, ds, cfg, exclude, sha, run.config.eval.k, log=log, progress=progress)
     write_json_atomic(path, choice)
     log(f"blend: λ = {choice.weight:g} (validation {choice.metric} {choice.validation[f'{choice.weight:g}']:.4f})")
     return choice

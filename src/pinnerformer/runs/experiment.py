@@ -142,11 +142,11 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
                 resume=(run_dir / rf.CONFIG).exists(), progress=progress)
         run = RunDir(run_dir)
         summary = run.summary()
-        report, _, _ = evaluate_run(run, ds, options, log=sub_log, blend=cfg.blend)
+        report, _, _ = evaluate_run(run, ds, options, log=sub_log, blend=cfg.blend, progress=progress)
         removed = None
         if report.protocol == "leave-one-out":
             removed, _, _ = evaluate_run(run, ds, options.model_copy(update={"exclude_history": True}), log=sub_log,
-                                         blend=cfg.blend)
+                                         blend=cfg.blend, progress=progress)
         validation = {summary.metric: summary.best}
         if report.blend is not None:  # the blend's validation number at its chosen λ
             validation[f"{report.blend.metric} blended"] = report.blend.validation[f"{report.blend.weight:g}"]

@@ -364,11 +364,15 @@ def fitted_max_len(cfg: TrainConfig, ds: Dataset) -> TrainConfig:
     d = cfg.data
     if d.max_len_cap is None:
         return cfg
-    _, view = training_range(ds, cfg, resolve_protocol(cfg.eval.protocol, ds.manifest.clock))
-    lengths = (view.end - view.start)[view.end > view.start]  # the training part only: no held-out action counts
-    q = int(np.ceil(np.quantile(lengths, LENGTH_QUANTILE))) if len(lengths) else d.max_len
-    fitted = min(d.max_len_cap, max(d.max_len, q))
+    fitted = min(d.max_len_cap, max(d.max_len, training_length_quantile(cfg, ds)))
     return cfg.model_copy(update={"data": d.model_copy(update={"max_len": fitted})})
+
+
+def training_length_quantile(cfg: TrainConfig, ds: Dataset) -> int:
+    """The LENGTH_QUANTILE of the training part's timeline lengths (held-out actions not counted); 0 without any."""
+    _, view = training_range(ds, cfg, resolve_protocol(cfg.eval.protocol, ds.manifest.clock))
+    lengths = (view.end - view.start)[view.end > view.start]
+    return int(np.ceil(np.quantile(lengths, LENGTH_QUANTILE))) if len(lengths) else 0
 
 
 def retrieval_loop(ds: Dataset, cfg: TrainConfig, run_dir: Path, log=print, dist=None,
@@ -379,6 +383,8 @@ def retrieval_loop(ds: Dataset, cfg: TrainConfig, run_dir: Path, log=print, dist
     M fitted to the data (`fitted_max_len`)."""
     fitted = fitted_max_len(cfg, ds)
     if cfg.data.max_len_cap is not None:
-        log(f"data.max_len fitted to the data: M = {fitted.data.max_len} ({LENGTH_QUANTILE:.0%} of the timelines "
-            f"hold ≤ that many actions, between the floor {cfg.data.max_len} and the cap {cfg.data.max_len_cap})")
+        # cfg may arrive fitted already (experiment fits to compare with a finished run), so its max_len is not
+        # the preset's floor: say what the fit read from the data instead
+        log(f"data.max_len fitted to the data: M = {fitted.data.max_len} (the {LENGTH_QUANTILE:.0%} quantile of the "
+            f"training timelines' lengths is {training_length_quantile(cfg, ds)}; the cap is {cfg.data.max_len_cap})")
     return TrainingLoop(RetrievalTask(ds, fitted, teacher), fitted, run_dir, log=log, dist=dist)
