@@ -107,7 +107,7 @@ def test_max_len_fitted_to_the_data_is_saved_and_a_rerun_reuses_the_run(planted,
     assert fit({"max_len": 8, "max_len_cap": 64}) == q90  # between the floor and the cap: the data's own
     assert fit({"max_len": 8, "max_len_cap": 9}) == 9  # the cap bounds it
     assert fit({"max_len": q90 + 5, "max_len_cap": 500}) == q90 + 5  # the floor bounds it
-    assert fit({"max_len": 8}) == 8  # no cap: max_len as given
+    assert fit({"max_len": 8, "max_len_cap": None}) == 8  # no cap: max_len as given
     once = fitted_max_len(load_config("loo", overrides={"data": {"max_len": 8, "max_len_cap": 64}}), ds)
     assert fitted_max_len(once, ds) == once  # idempotent: a saved run's config is its own fit
     with pytest.raises(PinnerformerError, match="max_len_cap 8 is below max_len 16"):

@@ -99,10 +99,13 @@ PRESETS: dict[str, dict] = {
     # ~1,536 input actions of users of similar length: as many steps per epoch on a dataset of long histories
     # (ML-1M) as on one of short ones, and little padding on CPU. Ranked by the network blended with item-to-item
     # neighbours (evaluation/blend.py), λ chosen on validation after training (eighth round: validation +5% on
-    # ML-1M, more on Beauty).
+    # ML-1M, more on Beauty). The window M fitted to the data (data.max_len_cap): the 90th percentile of the
+    # training timelines' lengths between 50 (SASRec's Beauty setting) and 200 (its MovieLens one), so a file of
+    # long histories is read further back (eleventh round: ML-1M validation up, Beauty's M stays 50).
     "loo": {"eval": {"protocol": "leave-one-out", "exclude_history": True},
             "loss": {"objective": "sasrec", "negatives": "mixed", "mask_own_positives": True},
-            "data": {"max_len": 50, "sequences_per_user": 1, "cutoff": "last", "length_buckets": 16},
+            "data": {"max_len": 50, "max_len_cap": 200, "sequences_per_user": 1, "cutoff": "last",
+                     "length_buckets": 16},
             "model": {"dropout": 0.5, "input_dropout": 0.5, "item_features": "id", "item_tower": "none",
                       "width": 256, "dim": 256, "id_dim": 256, "head": "norm", "ffn_mult": 1,
                       "item_interests": "auto", "id_dropout": 0.3, "target_id_dropout": 0.3},
