@@ -40,7 +40,7 @@ from pinnerformer.models.embedding import embed_items, embed_users
 from pinnerformer.models.pinnerformer import members_of
 from pinnerformer.runs.run_dir import RunDir
 from pinnerformer.training.config import load_config
-from pinnerformer.training.retrieval import fitted_max_len
+from pinnerformer.training.retrieval import fitted_max_len, training_length_quantile
 
 CPU = torch.device("cpu")
 
@@ -183,9 +183,9 @@ def window(ds: Dataset) -> None:
     lengths = np.maximum(ds.timelines.lengths - 2, 0)  # the training parts (all but the last two items)
     for m in (50, 200):
         print(f"M = {m}: {np.minimum(lengths, m).sum() / lengths.sum():.1%} of the training actions")
-    cfg = fitted_max_len(load_config("loo", overrides={"data": {"max_len_cap": 200}}), ds)
-    print(f"90th percentile of the training lengths: {np.quantile(lengths[lengths > 0], 0.9):.0f}; "
-          f"data.max_len_cap 200 fits M = {cfg.data.max_len}")
+    loo = load_config("loo")
+    print(f"90th percentile of the training lengths: {training_length_quantile(loo, ds)}; "
+          f"data.max_len_cap {loo.data.max_len_cap} fits M = {fitted_max_len(loo, ds).data.max_len}")
 
 
 def main() -> None:
