@@ -59,3 +59,35 @@ def test_two_appends_at_once_both_land(planted, tmp_path, cli):
         assert p.returncode == 0, err
     m = Dataset.open(tmp_path / "ds").manifest
     assert len(m.lineage) == 2 and m.n_events == log.height  # neither append overwrote the other
+
+
+def test_a_reader_never_pairs_one_versions_manifest_with_anothers_files(tmp_path, cli):
+    """A Dataset opened before `data append` swaps the folder: what it had loaded stays the old version, and a file it
+    had not loaded yet is refused with a clear error instead of being read from the new version under the old
+    manifest (the old manifest's n_events beside the new events would be silently wrong). Opened again, it is the
+    new version, whole."""
+    import polars as pl
+    import pytest
+
+    from pinnerformer.data.synthetic import planted_interest_log
+    from pinnerformer.errors import PinnerformerError
+
+    log = planted_interest_log(n_users=120, seed=3)
+    t = log["timestamp"].sort()[int(0.7 * log.height)]
+    log.filter(pl.col("timestamp") < t).write_csv(tmp_path / "base.csv")
+    log.filter(pl.col("timestamp") >= t).write_csv(tmp_path / "late.csv")
+    assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "base.csv", "-o", tmp_path / "ds", "--action-col",
+               "action", "--positive", "click").exit_code == 0
+    old = Dataset.open(tmp_path / "ds")
+    old_timelines = old.timelines  # loaded (memory-mapped) before the swap
+    n_old = old.manifest.n_events
+    assert cli("data", "append", tmp_path / "ds", "-f", "events", "-i", tmp_path / "late.csv", "--action-col",
+               "action", "--allow-late").exit_code == 0
+    assert len(old_timelines.item) == n_old  # still the version its manifest describes
+    for read in (lambda: old.events(), lambda: old.items, lambda: old.users):
+        with pytest.raises(PinnerformerError, match="was replaced .* after its manifest was read.*open the dataset again"):
+            read()
+    new = Dataset.open(tmp_path / "ds")
+    assert new.manifest.n_events == log.height > n_old
+    assert new.events().height == len(new.timelines.item) == new.manifest.n_events
+    assert new.items.height == new.manifest.n_items and new.users.height == new.manifest.n_users

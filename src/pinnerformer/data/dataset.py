@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -22,26 +22,55 @@ from pinnerformer.data.timelines import Timelines
 class Dataset:
     path: Path
     manifest: schema.Manifest
+    # The folder the manifest was read from, as (device, inode). A writer (`data append`, `data prepare
+    # --overwrite`) swaps the whole folder for a new one, which has another inode: every later read checks it still
+    # reads that folder, so a manifest of one version never goes with timelines or items of another.
+    folder: tuple[int, int] | None = field(default=None, compare=False)
 
     @staticmethod
     def open(path: str | Path) -> "Dataset":
         path = Path(path)
-        return Dataset(path, schema.read_manifest(path))
+        for _ in range(20):
+            before = folder_identity(path)
+            manifest = schema.read_manifest(path)
+            if before is not None and folder_identity(path) == before:
+                return Dataset(path, manifest, before)
+            time.sleep(0.01)  # a swap ran while the manifest was read: read it again from the folder now in place
+        raise PinnerformerError(f"{path}: the dataset kept being replaced while its manifest was read (20 tries); "
+                                "open it again when the writer (data append / prepare --overwrite) has finished")
+
+    def _same_version(self, what: str) -> None:
+        """Raise if the folder was swapped since the manifest was read: `what` may then come from the new version."""
+        if self.folder is None:
+            return
+        now = folder_identity(self.path)
+        if now != self.folder:
+            raise PinnerformerError(
+                f"{self.path} was replaced (data append or prepare --overwrite) after its manifest was read: "
+                f"{what} may come from the new version and the manifest from the old one; open the dataset again")
 
     @cached_property
     def timelines(self) -> Timelines:
-        return Timelines.load(self.path / schema.TIMELINES, mmap=True)
+        tl = Timelines.load(self.path / schema.TIMELINES, mmap=True)
+        self._same_version("the timelines")  # memory-mapped: once mapped, a later swap cannot change them
+        return tl
 
     @cached_property
     def items(self) -> pl.DataFrame:
-        return read_whole(self.path / schema.ITEMS)
+        items = read_whole(self.path / schema.ITEMS)
+        self._same_version(schema.ITEMS)
+        return items
 
     @cached_property
     def users(self) -> pl.DataFrame:
-        return read_whole(self.path / schema.USERS)
+        users = read_whole(self.path / schema.USERS)
+        self._same_version(schema.USERS)
+        return users
 
-    def events(self) -> pl.DataFrame:
-        return pl.read_parquet(self.path / schema.EVENTS)
+    def events(self, columns: list[str] | None = None) -> pl.DataFrame:
+        ev = pl.read_parquet(io.BytesIO((self.path / schema.EVENTS).read_bytes()), columns=columns)
+        self._same_version(schema.EVENTS)
+        return ev
 
     @property
     def positive_mask(self) -> np.ndarray:
@@ -54,6 +83,17 @@ class Dataset:
             return None
         col = self.items["content_vector"]
         return np.array(col.list.to_array(self.manifest.content_vectors.dim).to_numpy(), dtype=np.float32)
+
+
+def folder_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, or None while it is absent (the instant between a swap's two renames)."""
+    for _ in range(20):
+        try:
+            st = path.stat()
+            return st.st_dev, st.st_ino
+        except FileNotFoundError:
+            time.sleep(0.01)
+    return None
 
 
 def read_whole(path: Path) -> pl.DataFrame:

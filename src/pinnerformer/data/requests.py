@@ -262,7 +262,7 @@ def build_requests(ds: Dataset, opts: RequestOptions, log=print) -> RequestTable
                        "ts": np.asarray(tl.ts), "surface": np.asarray(tl.surface)}).with_row_index("pos")
     skipped: dict[str, int] = {}
     if opts.request == "logged":
-        detail = pl.read_parquet(ds.path / "events.parquet", columns=["detail"])["detail"]
+        detail = ds.events(columns=["detail"])["detail"]
         if detail.null_count() == len(detail):
             raise PinnerformerError(f"{ds.path}: --request logged needs the source's request ids (kept as each "
                                     "event's detail, e.g. MIND's impression id); this dataset has none: use "

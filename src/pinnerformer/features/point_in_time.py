@@ -311,7 +311,7 @@ class EventLog:
 def numeric_values(ds: Dataset) -> np.ndarray | None:
     """The number each event carries (MovieLens: its rating), in timeline order; None when fewer than half of the
     events carry one."""
-    ev = pl.read_parquet(ds.path / "events.parquet", columns=["item", "detail"])
+    ev = ds.events(columns=["item", "detail"])
     if not np.array_equal(ev["item"].to_numpy(), np.asarray(ds.timelines.item)):
         raise PinnerformerError(f"{ds.path}: events.parquet and the timelines are not in the same order (damaged "
                                 "dataset: prepare it again)")
