@@ -3,7 +3,6 @@
 The rule set lives in pyproject.toml ([tool.ruff.lint]); ruff is pinned in the [dev] extra.
 """
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +14,7 @@ TREES = ["src", "tests", "scripts", "bench", "examples"]
 
 
 def _ruff() -> list[str]:
-    try:
-        import ruff  # noqa: F401
-    except ImportError:
-        if shutil.which("ruff") is None:
-            pytest.skip("ruff is not installed (pip install -e '.[dev]')")
-        return ["ruff"]
+    pytest.importorskip("ruff", reason="ruff is not installed (pip install -e '.[dev]')")
     return [sys.executable, "-m", "ruff"]
 
 

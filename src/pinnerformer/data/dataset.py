@@ -68,7 +68,7 @@ class Dataset:
         return users
 
     def events(self, columns: list[str] | None = None) -> pl.DataFrame:
-        ev = pl.read_parquet(io.BytesIO((self.path / schema.EVENTS).read_bytes()), columns=columns)
+        ev = read_whole(self.path / schema.EVENTS, columns)
         self._same_version(schema.EVENTS)
         return ev
 
@@ -86,27 +86,29 @@ class Dataset:
 
 
 def folder_identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of a folder, or None while it is absent (the instant between a swap's two renames)."""
-    for _ in range(20):
-        try:
-            st = path.stat()
-            return st.st_dev, st.st_ino
-        except FileNotFoundError:
-            time.sleep(0.01)
-    return None
+    """(device, inode) of a folder, or None when it stays absent."""
+    try:
+        st = through_swap(path.stat)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
-def read_whole(path: Path) -> pl.DataFrame:
+def read_whole(path: Path, columns: list[str] | None = None) -> pl.DataFrame:
     """A parquet file read from one open of it. A writer (`data append`, `data prepare --overwrite`) swaps the
     dataset's folder in whole while readers run, and polars reading by path opens the file more than once: a swap
-    in between mixed one version's footer with the other's pages ("wrong page size"). One open reads one version;
-    the swap's two renames leave the folder absent for an instant, which a few short retries wait out."""
+    in between mixed one version's footer with the other's pages ("wrong page size"). One open reads one version."""
+    return through_swap(lambda: pl.read_parquet(io.BytesIO(path.read_bytes()), columns=columns))
+
+
+def through_swap(read):
+    """`read()`, retried for the instant a swap's two renames leave the folder absent; a 20th miss is the caller's."""
     for _ in range(19):
         try:
-            return pl.read_parquet(io.BytesIO(path.read_bytes()))
+            return read()
         except FileNotFoundError:
             time.sleep(0.01)
-    return pl.read_parquet(io.BytesIO(path.read_bytes()))  # a 20th try, whose error is the caller's
+    return read()
 
 
 def set_content_vectors(dataset_dir: str | Path, vectors: np.ndarray, model: str, l2_normalised: bool = False,
