@@ -380,6 +380,21 @@ def test_resume_keeps_the_runs_own_config_and_split_and_says_what_it_continues(p
     r = cli("train", "-d", planted, "-o", es, "--resume", "--max-steps", "100000", "--no-progress")
     assert r.exit_code == 0 and "the run already ended (early stop" in r.stderr
     assert json.loads((es / "summary.json").read_text()) == summary
+    # a larger patience goes on from the stop, to the epochs a run started with that patience validates
+    (tmp_path / "wait.json").write_text(json.dumps({**TINY, "optim": {**TINY["optim"], "patience": 3,
+                                                                         "max_epochs": 30, "lr": 1e-9}}))
+    r = cli("train", "-d", planted, "-o", es, "--resume", "--config", tmp_path / "wait.json", "--no-progress")
+    assert r.exit_code == 0 and "resuming with optim.patience 1 -> 3" in r.stderr, r.stderr
+    assert "optim.patience is now 3: going on" in " ".join(r.stderr.split())
+    fresh = tmp_path / "fresh"
+    assert cli("train", "-d", planted, "-o", fresh, "--config", tmp_path / "wait.json", "--no-progress").exit_code == 0
+
+    def validations(run_dir):
+        return [(x["epoch"], x["ndcg@10"]) for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                if x["kind"] == "validation"]
+
+    assert len(validations(es)) > summary["best_epoch"] + 2 and validations(es) == validations(fresh)
+    assert json.loads((es / "summary.json").read_text())["stopped_by"] == "early stop"
 
 
 def test_length_buckets_keep_every_unit_and_group_similar_lengths():

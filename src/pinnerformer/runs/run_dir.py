@@ -49,9 +49,10 @@ class RunDir:
     def protocol(self) -> str:
         return self.description.protocol
 
-    # what a resumed run may change: how long it trains, and where (results do not depend on the loader workers);
-    # and the blend, which is applied after training
-    RESUME_MAY_CHANGE = {"optim.max_epochs", "device", "loader_workers", "compile", "compile_mode"}
+    # what a resumed run may change: how long it trains (the epoch budget, and the patience of early stopping, which
+    # decides when to stop but not what a step does), and where (results do not depend on the loader workers); and
+    # the blend, which is applied after training
+    RESUME_MAY_CHANGE = {"optim.max_epochs", "optim.patience", "device", "loader_workers", "compile", "compile_mode"}
     RESUME_MAY_CHANGE_SECTIONS = ("blend.",)
 
     def resume_config(self, overrides: dict, log=print, ds: Dataset | None = None) -> TrainConfig:

@@ -253,6 +253,13 @@ class TrainingLoop:
         s = self.state
         if s.done and s.stopped_by == "max_steps" and (max_steps is None or max_steps > s.global_step):
             s.done = False  # stopped at a step budget, resumed with a larger one (or none): go on
+        if (s.done and s.stopped_by == "early stop" and s.bad_epochs < cfg.optim.patience
+                and s.epoch < cfg.optim.max_epochs):
+            # early-stopped, resumed with a larger patience that would not have stopped it: the steps after the stop
+            # are the ones a run started with that patience takes (patience changes no step)
+            self.log(f"the run early-stopped after {s.bad_epochs} epoch(s) without improvement; optim.patience is "
+                     f"now {cfg.optim.patience}: going on")
+            s.done, s.stopped_by = False, None
         if s.done and (self.run_dir / rf.SUMMARY).exists():
             self.log(f"the run already ended ({s.stopped_by or 'done'} at epoch {s.epoch - 1}, step {s.global_step}): "
                      "nothing to continue")
