@@ -45,6 +45,19 @@ def test_distillation_kl_by_hand_with_masked_items():
     # a student whose distribution is the teacher's: zero
     match = torch.log(p.clamp(min=1e-300)).masked_fill(p == 0, -30.0)
     assert abs(distillation_kl(match, p, torch.zeros_like(mask), q_example, 2).item()) < 1e-6
+    # Hinton's temperature: T² · KL(p^(1/T) / Z ‖ softmax(z / T)), the teacher's zeros kept at zero
+    T = 2.0
+
+    def soft_kl(prow, zrow, mrow):
+        z = sum(a ** (1 / T) for a in prow if a > 0)
+        return T * T * kl([a ** (1 / T) / z if a > 0 else 0.0 for a in prow], [x / T for x in zrow], mrow)
+
+    per = [soft_kl(p[i].tolist(), z[i].tolist(), mask[i].tolist()) for i in range(3)]
+    hot = distillation_kl(z, p, mask, q_example, 2, "query", temperature=T)
+    assert abs(hot.item() - sum(per) / 3) < 1e-6 and abs(hot.item() - distillation_kl(z, p, mask, q_example, 2,
+                                                                                       "query").item()) > 1e-3
+    deep = torch.log(p.clamp(min=1e-300)).masked_fill(p == 0, -80.0)  # its logits / T match the softened teacher
+    assert abs(distillation_kl(deep, p, torch.zeros_like(mask), q_example, 2, temperature=T).item()) < 1e-6
 
 
 def test_the_full_mask_keeps_the_target_and_drops_the_examples_other_positives():

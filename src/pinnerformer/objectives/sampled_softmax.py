@@ -67,6 +67,9 @@ class LossConfig(StrictModel):
     # λ of the teacher's item-kNN blend: None, the λ that run chose on validation (none without a blend); 0, its
     # network alone; any other value needs a run with a blend (its neighbours' settings)
     teacher_blend: float | None = Field(None, ge=0, lt=1)
+    # Hinton's distillation temperature T: both distributions softened (the teacher's p_T^(1/T), the student's
+    # logits / T) and the term scaled by T² (its gradient keeps its size); 1: the distributions as they are
+    teacher_temperature: float = Field(1.0, gt=0)
     sketch_width: int = Field(1 << 18, ge=1)
     sketch_depth: int = Field(4, ge=1)
 

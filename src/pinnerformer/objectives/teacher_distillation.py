@@ -9,7 +9,9 @@ distribution over the whole catalogue is pulled toward a trained teacher's.
                own prefix (its newest positive actions up to the query's position); both over the items the
                student's loss may score (the example's own other positives are masked, as in the loss)
     student    q(i) = softmax(s(u, ·) / τ)[i] over the same items
-    term       KL(p_T ‖ q) per query, reduced over the batch as the loss is (`reduce_queries`)
+    term       KL(p_T ‖ q) per query, reduced over the batch as the loss is (`reduce_queries`); at a distillation
+               temperature T ≠ 1 (`loss.teacher_temperature`), T² · KL(p_T^(1/T) / Z ‖ softmax(s / (τ T))): both
+               softened, the teacher by a power so that its blend's mixture is softened as one distribution
 
 Added with weight `loss.teacher_weight`; the student still learns from the labels. What one network alone could not
 reach this way: the teacher's knowledge of which wrong answers are near misses, including the neighbours' votes
@@ -88,10 +90,17 @@ def teacher_probabilities(teacher: Teacher, seq: dict[str, torch.Tensor], q_exam
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_p: torch.Tensor, mask: torch.Tensor,
-                    q_example: torch.Tensor, n_examples: int, weighting: str = "example") -> torch.Tensor:
+                    q_example: torch.Tensor, n_examples: int, weighting: str = "example",
+                    temperature: float = 1.0) -> torch.Tensor:
     """KL(p_T ‖ softmax(student_logits)) per query over the unmasked items, reduced as the loss is. Masked items
-    have p_T = 0 and contribute nothing (no 0 · ∞ is formed)."""
-    log_q = F.log_softmax(student_logits.float().masked_fill(mask, float("-inf")), dim=-1).masked_fill(mask, 0.0)
+    have p_T = 0 and contribute nothing (no 0 · ∞ is formed). temperature T ≠ 1: T² · KL of the softened pair."""
     log_p = torch.log(teacher_p.clamp(min=torch.finfo(torch.float32).tiny))
+    logits = student_logits.float()
+    if temperature != 1.0:
+        # p_T^(1/T), renormalised over the items it gives mass (an item at p_T = 0 stays at 0)
+        log_p = F.log_softmax((log_p / temperature).masked_fill(teacher_p == 0, float("-inf")), dim=-1)
+        teacher_p = torch.exp(log_p).masked_fill(teacher_p == 0, 0.0)
+        logits = logits / temperature
+    log_q = F.log_softmax(logits.masked_fill(mask, float("-inf")), dim=-1).masked_fill(mask, 0.0)
     per_query = (teacher_p * (log_p - log_q)).masked_fill(teacher_p == 0, 0.0).sum(-1)
-    return reduce_queries(per_query, q_example, n_examples, weighting)
+    return temperature ** 2 * reduce_queries(per_query, q_example, n_examples, weighting)

@@ -136,7 +136,7 @@ class RetrievalTask:
                                         f"(loss.teacher {cfg.loss.teacher!r}); train through pinnerformer train / "
                                         "api.train, which load it")
             self.notes.append(f"distilled from {teacher.source} (weight {cfg.loss.teacher_weight:g}, item-kNN blend "
-                              f"λ {teacher.blend_weight:g})")
+                              f"λ {teacher.blend_weight:g}, temperature {cfg.loss.teacher_temperature:g})")
 
     def distribute(self, ctx) -> None:
         """Run as one rank of `ctx`: this rank encodes its share of every batch's examples (see
@@ -221,7 +221,7 @@ class RetrievalTask:
                 teacher_p, mask = teacher
                 every = member.item_embedding(torch.arange(mask.shape[1], device=device))
                 term = distillation_kl((q.float() / member.temperature) @ every.float().T, teacher_p, mask,
-                                       t["q_example"], B, self.cfg.loss.weighting)
+                                       t["q_example"], B, self.cfg.loss.weighting, self.cfg.loss.teacher_temperature)
                 teacher_terms.append(term.detach())
                 loss = loss + self.cfg.loss.teacher_weight * term
             losses.append(loss)
