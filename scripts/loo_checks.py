@@ -21,6 +21,10 @@ chose anything: selection is by validation only.
     python scripts/loo_checks.py window                  the share of the training actions that the newest M of
                                                          each timeline holds, for M = 50 and 200, and the M that
                                                          `data.max_len_cap: 200` fits (tenth round)
+    python scripts/loo_checks.py ease RUN                validation NDCG@10 (history removed) of EASE (Steck, "Embarrassingly
+                                                         shallow autoencoders", WWW 2019) alone, and as a third part
+                                                         of RUN's blend with the neighbours, RUN's λ kept
+                                                         (fourteenth round: a teacher of another family)
 Options: --dataset (default /tmp/pinnerformer-beauty, prepared by scripts/scout_loo.sh).
 """
 
@@ -179,6 +183,69 @@ def blend(ds: Dataset, run: str) -> None:
         print(f"{split}: " + ", ".join(cells), flush=True)
 
 
+def ease(ds: Dataset, run: str, lambdas=(30.0, 100.0, 400.0), mixes=((0.1, 0.1), (0.2, 0.1), (0.2, 0.2), (0.3, 0.1))
+         ) -> None:
+    """EASE's item-item weights B = I - P / diag(P), P = (XᵀX + λI)⁻¹ (zero diagonal), X the users' training items
+    (binary); a user's scores x_u B. Blended as a third distribution: (1 - a - b) p_network + a knn + b ease, each
+    part normalised per user (EASE's negative scores clipped at 0). Dense [I, I]: catalogues up to a few 10⁴ items."""
+    import json
+
+    from pinnerformer.data.timelines import TimelineView
+    from pinnerformer.evaluation.blend import Blend, BlendConfig, fit_knn
+    from pinnerformer.models.item_knn import positive_events
+
+    n, tl = ds.manifest.n_items, ds.timelines
+    train = tl.drop_last(2)
+    u, i = positive_events(train, ds.manifest.positive_codes)
+    X = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(tl.n_users, n))
+    X.data[:] = 1.0
+    gram = (X.T @ X).toarray().astype(np.float64)
+    task = leave_one_out_task(ds, "validation")
+
+    def inputs(rows: slice) -> sp.csr_matrix:
+        view = TimelineView(tl, np.asarray(task.starts[rows], np.int64), np.asarray(task.ends[rows], np.int64))
+        ru, ri = positive_events(view, ds.manifest.positive_codes)
+        m = sp.csr_matrix((np.ones(len(ru), np.float32), (ru, ri)), shape=(len(view.start), n))
+        m.data[:] = 1.0
+        return m
+
+    def ndcg(rows_fn) -> float:
+        res, _ = score_task(task, Scorer("s", None, None, rows_fn=rows_fn), 10, REPORTED["leave-one-out"],
+                            history=tl, intervals=False)
+        return res["ndcg@10"].mean
+
+    best, weights = -1.0, None
+    for lam in lambdas:
+        g = gram.copy()
+        g[np.diag_indices(n)] += lam
+        p = np.linalg.inv(g)
+        b = (-p / np.diag(p)[None, :]).astype(np.float32)
+        b[np.diag_indices(n)] = 0.0
+        del g, p
+        got = ndcg(lambda rows, b=b: torch.from_numpy(np.asarray(inputs(rows) @ b, np.float32)))
+        print(f"EASE λ {lam:g} alone: validation ndcg@10 {got:.4f}", flush=True)
+        if got > best:
+            best, weights = got, b
+    cfg = BlendConfig()
+    parts = Blend(RunDir(run).load_model(ds), ds, task, fit_knn(ds, cfg.knn))
+    lam_run = json.loads((RunDir(run).path / "blend.json").read_text())["weight"]
+
+    def normalised(x: torch.Tensor) -> torch.Tensor:
+        x = x.double().clamp(min=0)
+        return x / x.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+
+    def mixture(a: float, c: float):
+        def rows_fn(rows: slice) -> torch.Tensor:
+            p = torch.softmax((parts.users[rows] @ parts.items.T / parts.tau).double(), 1)
+            e = normalised(torch.from_numpy(np.asarray(inputs(rows) @ weights, np.float32)))
+            return torch.log((1 - a - c) * p + a * normalised(parts.knn_scores(rows)) + c * e)
+        return rows_fn
+
+    print(f"the run's blend (neighbours {lam_run:g}, no EASE): validation ndcg@10 {ndcg(mixture(lam_run, 0.0)):.4f}")
+    for a, c in mixes:
+        print(f"neighbours {a:g}, EASE {c:g}: validation ndcg@10 {ndcg(mixture(a, c)):.4f}", flush=True)
+
+
 def window(ds: Dataset) -> None:
     lengths = np.maximum(ds.timelines.lengths - 2, 0)  # the training parts (all but the last two items)
     for m in (50, 200):
@@ -191,7 +258,7 @@ def window(ds: Dataset) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("check", choices=["targets", "combine", "transitions", "coldness", "members", "knn", "blend",
-                                     "window"])
+                                     "window", "ease"])
     ap.add_argument("runs", nargs="*")
     ap.add_argument("--dataset", default="/tmp/pinnerformer-beauty")
     a = ap.parse_args()
@@ -214,6 +281,10 @@ def main() -> None:
         if len(a.runs) != 1:
             ap.error("blend needs one run directory")
         blend(ds, a.runs[0])
+    elif a.check == "ease":
+        if len(a.runs) != 1:
+            ap.error("ease needs one run directory (with its blend.json)")
+        ease(ds, a.runs[0])
     elif a.check == "combine":
         if len(a.runs) < 2:
             ap.error("combine needs two or more run directories")
