@@ -188,32 +188,29 @@ def ease(ds: Dataset, run: str, lambdas=(30.0, 100.0, 400.0), mixes=((0.1, 0.1),
     """EASE's item-item weights B = I - P / diag(P), P = (XᵀX + λI)⁻¹ (zero diagonal), X the users' training items
     (binary); a user's scores x_u B. Blended as a third distribution: (1 - a - b) p_network + a knn + b ease, each
     part normalised per user (EASE's negative scores clipped at 0). Dense [I, I]: catalogues up to a few 10⁴ items."""
-    import json
-
     from pinnerformer.data.timelines import TimelineView
-    from pinnerformer.evaluation.blend import Blend, BlendConfig, fit_knn
+    from pinnerformer.evaluation.blend import Blend, fit_knn
     from pinnerformer.models.item_knn import positive_events
+    from pinnerformer.runs.evaluate import blend_choice
 
     n, tl = ds.manifest.n_items, ds.timelines
-    train = tl.drop_last(2)
-    u, i = positive_events(train, ds.manifest.positive_codes)
-    X = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(tl.n_users, n))
-    X.data[:] = 1.0
-    gram = (X.T @ X).toarray().astype(np.float64)
     task = leave_one_out_task(ds, "validation")
 
+    def items_of(view: TimelineView) -> sp.csr_matrix:
+        """[rows, items] 1 where the row's view holds a positive action on the item."""
+        u, i = positive_events(view, ds.manifest.positive_codes)
+        return sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(len(view.start), n)).sign()
+
     def inputs(rows: slice) -> sp.csr_matrix:
-        view = TimelineView(tl, np.asarray(task.starts[rows], np.int64), np.asarray(task.ends[rows], np.int64))
-        ru, ri = positive_events(view, ds.manifest.positive_codes)
-        m = sp.csr_matrix((np.ones(len(ru), np.float32), (ru, ri)), shape=(len(view.start), n))
-        m.data[:] = 1.0
-        return m
+        return items_of(TimelineView(tl, np.asarray(task.starts[rows], np.int64), np.asarray(task.ends[rows], np.int64)))
 
     def ndcg(rows_fn) -> float:
         res, _ = score_task(task, Scorer("s", None, None, rows_fn=rows_fn), 10, REPORTED["leave-one-out"],
                             history=tl, intervals=False)
         return res["ndcg@10"].mean
 
+    x = items_of(tl.drop_last(2))  # the training parts
+    gram = (x.T @ x).toarray().astype(np.float64)
     best, weights = -1.0, None
     for lam in lambdas:
         g = gram.copy()
@@ -226,13 +223,14 @@ def ease(ds: Dataset, run: str, lambdas=(30.0, 100.0, 400.0), mixes=((0.1, 0.1),
         print(f"EASE λ {lam:g} alone: validation ndcg@10 {got:.4f}", flush=True)
         if got > best:
             best, weights = got, b
-    cfg = BlendConfig()
-    parts = Blend(RunDir(run).load_model(ds), ds, task, fit_knn(ds, cfg.knn))
-    lam_run = json.loads((RunDir(run).path / "blend.json").read_text())["weight"]
+    rd = RunDir(run)
+    model, cfg = rd.load_model(ds), rd.config.blend
+    parts = Blend(model, ds, task, fit_knn(ds, cfg.knn))
+    lam_run = blend_choice(rd, ds, model, "best", cfg).weight  # RUN/blend.json when it belongs to this checkpoint
 
-    def normalised(x: torch.Tensor) -> torch.Tensor:
-        x = x.double().clamp(min=0)
-        return x / x.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+    def normalised(v: torch.Tensor) -> torch.Tensor:
+        v = v.double().clamp(min=0)
+        return v / v.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
 
     def mixture(a: float, c: float):
         def rows_fn(rows: slice) -> torch.Tensor:
@@ -241,7 +239,9 @@ def ease(ds: Dataset, run: str, lambdas=(30.0, 100.0, 400.0), mixes=((0.1, 0.1),
             return torch.log((1 - a - c) * p + a * normalised(parts.knn_scores(rows)) + c * e)
         return rows_fn
 
-    print(f"the run's blend (neighbours {lam_run:g}, no EASE): validation ndcg@10 {ndcg(mixture(lam_run, 0.0)):.4f}")
+    run_blend, _ = score_task(task, parts.scorer("blend", lam_run), 10, REPORTED["leave-one-out"], history=tl,
+                              intervals=False)
+    print(f"the run's blend (neighbours {lam_run:g}, no EASE): validation ndcg@10 {run_blend['ndcg@10'].mean:.4f}")
     for a, c in mixes:
         print(f"neighbours {a:g}, EASE {c:g}: validation ndcg@10 {ndcg(mixture(a, c)):.4f}", flush=True)
 
