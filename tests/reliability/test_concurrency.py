@@ -91,3 +91,31 @@ def test_a_reader_never_pairs_one_versions_manifest_with_anothers_files(tmp_path
     assert new.manifest.n_events == log.height > n_old
     assert new.events().height == len(new.timelines.item) == new.manifest.n_events
     assert new.items.height == new.manifest.n_items and new.users.height == new.manifest.n_users
+
+
+def test_a_stable_read_outside_the_lock_is_done_again_on_the_version_a_swap_leaves(tmp_path, cli):
+    """`data append` reads the dataset's id types before it takes the writers' lock (and `data stats` never takes
+    it): an append by another process may swap the folder in between. That was a failure of one of two concurrent
+    appends in CI ("was replaced ... after its manifest was read"). `Dataset.read_stable` does the read again on the
+    version now in place; here the swap is planted inside the first read, so the order is certain."""
+    import polars as pl
+
+    from pinnerformer.data.synthetic import planted_interest_log
+
+    log = planted_interest_log(n_users=120, seed=4)
+    t = log["timestamp"].sort()[int(0.7 * log.height)]
+    log.filter(pl.col("timestamp") < t).write_csv(tmp_path / "base.csv")
+    log.filter(pl.col("timestamp") >= t).write_csv(tmp_path / "late.csv")
+    assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "base.csv", "-o", tmp_path / "ds", "--action-col",
+               "action", "--positive", "click").exit_code == 0
+    seen = []
+
+    def read(ds):
+        if not seen:  # the other process's append lands while this read runs
+            assert cli("data", "append", tmp_path / "ds", "-f", "events", "-i", tmp_path / "late.csv", "--action-col",
+                       "action", "--allow-late").exit_code == 0
+        seen.append(ds.manifest.n_events)
+        return ds.events().height, ds.manifest.n_events
+
+    assert Dataset.read_stable(tmp_path / "ds", read) == (log.height, log.height)  # the new version, whole
+    assert len(seen) == 2 and seen[0] < seen[1] == log.height

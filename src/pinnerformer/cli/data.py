@@ -195,8 +195,10 @@ def as_in_dataset(format: str, dataset: Path, flags: dict) -> dict:
     if format == "events" and flags.get("action_col") and flags.get("actions") is None:
         flags["actions"] = ",".join(a.name for a in actions)
     if format == "events" and flags.get("id_type") is None:  # "0008" stays a string in a string-keyed dataset
-        ds = Dataset.open(dataset)
-        integer = ds.users["user_id"].dtype.is_integer() and ds.items["item_id"].dtype.is_integer()
+        # Read before this command's append takes the lock, so another append may swap the folder meanwhile: any
+        # whole version will do, since appends keep the id types.
+        integer = Dataset.read_stable(dataset, lambda ds: ds.users["user_id"].dtype.is_integer()
+                                      and ds.items["item_id"].dtype.is_integer())
         flags["id_type"] = "int" if integer else "str"
     return flags
 
@@ -218,7 +220,7 @@ def data_stats(dataset: Path = typer.Argument(..., help="A prepared dataset dire
     """Users, items, events per action type, time range, events per user, positives share, fingerprint."""
     from pinnerformer.data.dataset import Dataset
 
-    run_guarded(lambda: print_stats(Dataset.open(dataset), as_json))
+    run_guarded(lambda: Dataset.read_stable(dataset, lambda ds: print_stats(ds, as_json)))
 
 
 def print_stats(ds, as_json: bool = False) -> dict:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import polars as pl
@@ -16,6 +17,12 @@ from pinnerformer.data import schema
 from pinnerformer.errors import PinnerformerError
 from pinnerformer.io import atomic_path, write_json_atomic
 from pinnerformer.data.timelines import Timelines
+
+
+class DatasetReplaced(PinnerformerError):
+    """The dataset's folder was swapped for a new version between reading its manifest and reading a file."""
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,13 +46,25 @@ class Dataset:
         raise PinnerformerError(f"{path}: the dataset kept being replaced while its manifest was read (20 tries); "
                                 "open it again when the writer (data append / prepare --overwrite) has finished")
 
+    @staticmethod
+    def read_stable(path: str | Path, read: "Callable[[Dataset], T]", tries: int = 20) -> T:
+        """`read(Dataset.open(path))`, done again on a freshly opened dataset when a writer swaps the folder in while
+        it reads: a reader outside the writers' lock (a command's checks before its own append takes the lock,
+        `data stats`) then sees one whole version, the old or the new, never an error for someone else's append."""
+        for _ in range(tries - 1):
+            try:
+                return read(Dataset.open(path))
+            except DatasetReplaced:
+                time.sleep(0.01)
+        return read(Dataset.open(path))
+
     def _same_version(self, what: str) -> None:
         """Raise if the folder was swapped since the manifest was read: `what` may then come from the new version."""
         if self.folder is None:
             return
         now = folder_identity(self.path)
         if now != self.folder:
-            raise PinnerformerError(
+            raise DatasetReplaced(
                 f"{self.path} was replaced (data append or prepare --overwrite) after its manifest was read: "
                 f"{what} may come from the new version and the manifest from the old one; open the dataset again")
 
