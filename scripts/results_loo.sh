@@ -10,6 +10,8 @@
 # does not hold it yet; TEACHER_WEIGHT (default 3, chosen on Beauty seed 0's validation: 0.0791 against 0.0778 with 1)
 # weighs its KL term
 # SEED=N (default 0) trains with another seed and writes docs/results/...-seed-N instead (the seed spread of a report)
+# REFIT=1: loo-distilled also trains its network again on the validation targets too, for the epochs it chose on
+# validation (`experiment --refit`), and reports it beside (not like for like with the published networks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-${PINNERFORMER_SHARED_DATA:-../shared/data}}
@@ -20,6 +22,7 @@ BEAUTY=${BEAUTY:-/tmp/pinnerformer-beauty}
 ML1M=${ML1M:-/tmp/pinnerformer-ml1m-subset-loo}
 SEED=${SEED:-0}
 TEACHER_WEIGHT=${TEACHER_WEIGHT:-3}
+REFIT_FLAG=$([ "${REFIT:-0}" = 1 ] && echo "--refit" || true)
 SUFFIX=$([ "$SEED" = 0 ] || echo "-seed-$SEED")
 # one report: experiment DATASET NAME PRESET (NAME: the report folder's prefix, e.g. beauty or ml1m-subset)
 report() {
@@ -31,7 +34,7 @@ report() {
     mkdir -p "$out"
     printf '{"loss": {"teacher": "%s", "teacher_weight": %s}}\n' "$teacher" "$TEACHER_WEIGHT" > "$out/distil.json"
     $PF experiment --dataset "$ds" --grid default --preset loo --config "$out/distil.json" --seed "$SEED" \
-      --output "$out" --no-progress
+      --output "$out" --no-progress $REFIT_FLAG
   else
     $PF experiment --dataset "$ds" --grid default --preset "$p" --seed "$SEED" \
       --output "docs/results/$name-$p$SUFFIX" --no-progress

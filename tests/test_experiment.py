@@ -131,3 +131,80 @@ def test_max_len_fitted_to_the_data_is_saved_and_a_rerun_reuses_the_run(planted,
             "--config", tmp_path / "cfg.json", "--max-epochs", "2", "--resume", "--no-progress")
     assert r.exit_code == 0, r.output
     assert "resuming with optim.max_epochs 1 -> 2" in r.output and "would change it" not in r.output
+
+
+def test_refit_trains_again_on_the_validation_targets_for_the_epochs_chosen_on_validation(planted, tmp_path, cli):
+    """`experiment --refit` (leave-one-out): each variant trained again on every timeline but its last action, for
+    its run's best epoch + 1 epochs of the same schedule, never validated, scored as the network alone beside it;
+    a refit cannot be blended nor teach (its blend's λ would be chosen on targets it trained on)."""
+    import torch
+
+    from pinnerformer.runs.evaluate import load_teacher
+    from pinnerformer.training.retrieval import RetrievalTask
+
+    tiny = {k: v for k, v in TINY.items() if k not in ("loss", "eval")}
+    (tmp_path / "cfg.json").write_text(json.dumps(tiny))
+    args = ("experiment", "-d", planted, "--grid", "default", "-o", tmp_path / "rep", "--preset", "loo", "--config",
+            tmp_path / "cfg.json", "--max-epochs", "2", "--refit", "--no-progress")
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert "epoch 0: kept (a refit, 1 of" in r.output and "kept the weights of epoch" in r.output
+    res = json.loads((tmp_path / "rep" / "results.json").read_text())
+    first, refit = res["rows"]
+    assert (first["variant"], refit["variant"], refit["refit_of"]) == ("pinnerformer", "pinnerformer, refit",
+                                                                        "pinnerformer")
+    epochs = first["best_epoch"] + 1
+    runs = tmp_path / "rep" / "runs"
+    saved = json.loads((runs / "pinnerformer-refit" / "config.json").read_text())["config"]
+    selection = json.loads((runs / "pinnerformer" / "config.json").read_text())["config"]
+    assert saved["eval"]["refit_epochs"] == epochs and saved["data"] == selection["data"]  # the same M and windows
+    summary = json.loads((runs / "pinnerformer-refit" / "summary.json").read_text())
+    records = [json.loads(x) for x in (runs / "pinnerformer-refit" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["stopped_by"] == "refit epochs" and summary["best_epoch"] == epochs - 1 and summary["best"] is None
+    assert not [x for x in records if x["kind"] == "validation"]  # nothing validated
+    assert {x["epoch"] for x in records if x["kind"] == "step"} == set(range(epochs))
+    # the refit's training part is every timeline but its last action; the selection run's, all but the last two
+    ds = Dataset.open(planted)
+    lengths = ds.timelines.lengths
+    for cfg, drop in ((saved, 1), (selection, 2)):
+        task = RetrievalTask(ds, load_config("loo", overrides=cfg))
+        assert np.array_equal(task.view.end - task.view.start, np.maximum(lengths - drop, 0))
+    assert summary["steps"] == epochs * RetrievalTask(ds, load_config("loo", overrides=saved)).steps_per_epoch
+    # best.pt is the moving average of the weights at the end of the last epoch (what a run keeps), never selected
+    best, last = (torch.load(runs / "pinnerformer-refit" / "checkpoints" / f"{n}.pt", weights_only=False)
+                  for n in ("best", "last"))
+    assert len(last["ema"]) > 0
+    ema = dict(zip([n for n, _ in RetrievalTask(ds, load_config("loo", overrides=saved)).model.named_parameters()],
+                   last["ema"]))
+    assert all(torch.equal(best["model"][n], e) for n, e in ema.items())
+    # it learned the validation targets it was shown: validation (not held out any more) is above the selection run's
+    val = {}
+    for run in ("pinnerformer", "pinnerformer-refit"):
+        r = cli("evaluate", "-r", runs / run, "-d", planted, "--split", "validation", "--exclude-history",
+                "--no-item-knn", "--no-progress")
+        assert r.exit_code == 0, r.output
+        val[run] = json.loads((runs / run / "eval" / "leave-one-out-validation-history-excluded.json").read_text())
+    nd = {k: v["results"]["pinnerformer"]["ndcg@10"]["mean"] for k, v in val.items()}
+    assert nd["pinnerformer-refit"] > nd["pinnerformer"]
+    # the report: the refit's row, the network alone, said not to be like for like; no blend row of its own
+    md = (tmp_path / "rep" / "report.md").read_text()
+    ex = refit["history_removed"]["results"]
+    assert list(ex) == ["pinnerformer", "most-popular"] and refit["validation"] == {}
+    assert f"| pinnerformer, refit, history removed | {ex['pinnerformer']['hr@10']['mean']:.4f} [" in md
+    assert f"for {epochs} epoch(s), the number pinnerformer chose on validation" in md and "not like for like" in md
+    assert f"| {epochs - 1} (the last: a refit) |" in md
+    # run again: both runs reused, the same numbers
+    again = cli(*args)
+    assert again.exit_code == 0 and again.output.count("finished earlier: reusing its checkpoint") == 2
+    assert json.loads((tmp_path / "rep" / "results.json").read_text())["rows"][1]["report"]["results"] == \
+        refit["report"]["results"]
+    # a refit is never blended nor a teacher; --refit needs the leave-one-out protocol
+    r = cli("evaluate", "-r", runs / "pinnerformer-refit", "-d", planted, "--item-knn", "--no-progress")
+    assert r.exit_code == 2 and "is a refit (eval.refit_epochs): it trained on the validation targets" in r.stderr
+    with pytest.raises(PinnerformerError, match="trained under a refit .* a teacher must be a leave-one-out run"):
+        load_teacher(runs / "pinnerformer-refit", ds)
+    r = cli("experiment", "-d", planted, "--grid", "default", "-o", tmp_path / "fw", "--refit", "--no-progress")
+    assert r.exit_code == 2 and "--refit trains again on the validation targets" in r.stderr
+    assert not (tmp_path / "fw" / "runs").exists()
+    with pytest.raises(PinnerformerError, match="eval.refit_epochs 3 is more than optim.max_epochs 2"):
+        RetrievalTask(ds, load_config("loo", overrides={**saved, "eval": {**saved["eval"], "refit_epochs": 3}}))

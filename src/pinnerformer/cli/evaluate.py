@@ -61,6 +61,9 @@ def experiment(
     seed: int = typer.Option(0, help="Seed shared by every variant."),
     cutoff: Optional[str] = typer.Option(None, help="future-window cut-off day(s) YYYY-MM-DD[,…], pooled (default: "
                                          "the day with the most eligible users)."),
+    refit: bool = typer.Option(False, "--refit", help="Leave-one-out: also train each variant again on the "
+                               "validation targets too, for the epochs it chose on validation, and report that network "
+                               "beside it (not like for like with published numbers, which are not refit)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Train and evaluate every variant of one ablation grid; write a Markdown table and PNG plots."""
@@ -69,7 +72,7 @@ def experiment(
         from pinnerformer.runs.experiment import run_experiment
 
         run_experiment(dataset, grid, output, preset, config, max_epochs, seed, progress, command=command_line(ctx),
-                       log=log, cutoffs=parse_list(cutoff))
+                       log=log, cutoffs=parse_list(cutoff), refit=refit)
         print((output / "report.md").read_text())
 
     run_guarded(body)

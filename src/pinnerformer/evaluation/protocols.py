@@ -45,11 +45,12 @@ def user_split(user_ids: list, seed: int, val_fraction: float, test_fraction: fl
     return out
 
 
-def training_view(ds: Dataset, protocol: str, split: np.ndarray | None) -> TimelineView:
-    """The events training may see: train users' timelines (future-window) or all but the last two (LOO)."""
+def training_view(ds: Dataset, protocol: str, split: np.ndarray | None, refit: bool = False) -> TimelineView:
+    """The events training may see: train users' timelines (future-window) or all but the last two (LOO); refit
+    (LOO, after selection): all but the last, the validation target trained on too."""
     tl = ds.timelines
     if protocol == "leave-one-out":
-        return tl.drop_last(2)
+        return tl.drop_last(1 if refit else 2)
     full = tl.full()
     end = np.where(split == 0, full.end, full.start)  # held-out users contribute nothing
     return TimelineView(tl, full.start, end)

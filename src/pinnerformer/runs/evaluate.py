@@ -35,6 +35,15 @@ def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, 
     held_out = run.held_out_users(options.split) if (run.path / rf.SPLIT).exists() else None
     if held_out is None and protocol == "future-window":
         run.held_out_users(options.split)  # raises: future-window evaluation needs users held out from training
+    if run.config.eval.refit_epochs is not None:  # trained on the validation targets: λ cannot be chosen on them
+        if blend is not None and blend.item_knn:
+            raise PinnerformerError(f"{portable_path(run.path)} is a refit (eval.refit_epochs): it trained on the "
+                                    "validation targets, so the item-kNN blend's λ cannot be chosen on them; score "
+                                    "it as the network alone (--no-item-knn), or blend the run it repeats")
+        if run.config.blend.item_knn and blend is None:
+            log("a refit (eval.refit_epochs): scored as the network alone (no validation left to choose the blend's "
+                "λ on)")
+        blend = BlendConfig()
     blend = run.config.blend if blend is None else blend
     if blend.item_knn:
         check_blend_applies(protocol, held_out)
@@ -79,9 +88,11 @@ def load_teacher(path: str | Path, ds: Dataset, log=print, blend: float | None =
         run = RunDir(Path(path))
     except PinnerformerError as e:
         raise PinnerformerError(f"loss.teacher: {e}; train the teacher first") from None
-    if run.protocol != "leave-one-out":
-        raise PinnerformerError(f"loss.teacher {str(path)!r} was trained under the {run.protocol} protocol: a teacher "
-                                "must be a leave-one-out run (trained on every timeline but its last two actions)")
+    if run.protocol != "leave-one-out" or run.config.eval.refit_epochs is not None:
+        what = f"the {run.protocol} protocol" if run.protocol != "leave-one-out" else "a refit (eval.refit_epochs)"
+        raise PinnerformerError(f"loss.teacher {str(path)!r} was trained under {what}: a teacher must be a "
+                                "leave-one-out run trained on every timeline but its last two actions (its blend "
+                                "chosen on the validation targets, which a refit trained on)")
     fp = run.description.dataset.fingerprint
     if fp != ds.manifest.fingerprint:
         raise PinnerformerError(f"loss.teacher {str(path)!r} was trained on dataset {fp}, not on {ds.path} "

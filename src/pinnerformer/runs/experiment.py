@@ -32,6 +32,7 @@ from pinnerformer.errors import PinnerformerError
 from pinnerformer.evaluation.blend import NETWORK
 from pinnerformer.evaluation.evaluate import EvaluateOptions
 from pinnerformer.evaluation.metrics import P90_COVERAGE
+from pinnerformer.evaluation.protocols import resolve_protocol
 from pinnerformer.evaluation.report import MODEL, EvaluationReport, blend_text, history_text
 from pinnerformer.evaluation.tasks import parse_cutoffs
 from pinnerformer.io import atomic_path, write_json_atomic, write_text_atomic, portable_path
@@ -87,6 +88,9 @@ class ExperimentRow(StrictModel):
     wall_s: float  # this invocation's work on the variant (training, unless reused, and evaluation)
     train_wall_s: float | None = None  # the run's training time (its summary; resumed segments summed)
     reused: bool = False  # the run had finished in an earlier invocation: only evaluated here
+    # leave-one-out refit (`experiment --refit`): the variant trained again, validation targets included, for the
+    # epochs its selection run chose (eval.refit_epochs); scored as the network alone, never validated
+    refit_of: str | None = None
 
 
 class ExperimentResult(StrictModel):
@@ -106,7 +110,9 @@ class ExperimentResult(StrictModel):
 
 def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small", config_file: Path | None = None,
                    max_epochs: int | None = None, seed: int = 0, progress: bool = True, command: str = "",
-                   log=print, cutoffs: list[str] | None = None) -> ExperimentResult:
+                   log=print, cutoffs: list[str] | None = None, refit: bool = False) -> ExperimentResult:
+    """refit (leave-one-out): each variant also trained again on the validation targets too, for the epochs its
+    run chose on validation (eval.refit_epochs), and reported beside it as the network alone."""
     t0 = time.perf_counter()
     ds = Dataset.open(dataset)
     if grid == "frequency" and ds.manifest.clock != "seconds":
@@ -121,39 +127,19 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
     output.mkdir(parents=True, exist_ok=True)
     rows = []
     vs = variants(grid, ds, load_config(preset, None, base).model.item_features)
+    if refit and resolve_protocol(load_config(preset, None, base).eval.protocol, ds.manifest.clock) != "leave-one-out":
+        raise PinnerformerError("--refit trains again on the validation targets: it is for the leave-one-out protocol")
     for i, (name, over) in enumerate(vs):
-        run_dir = output / "runs" / _slug(name)
         cfg = fitted_max_len(load_config(preset, None, merge_dicts(base, over)), ds)
-        log(f"[{i + 1}/{len(vs)}] {name} -> {run_dir}")
-        tv = time.perf_counter()
-        if (run_dir / rf.CONFIG).exists():
-            # read through today's schema: options added since then take their defaults (the old behaviour)
-            earlier = TrainConfig.model_validate(json.loads((run_dir / rf.CONFIG).read_text())["config"])
-            # the blend is applied after training: a finished run serves any blend setting
-            if earlier.model_dump(exclude={"blend"}) != cfg.model_dump(exclude={"blend"}):
-                raise PinnerformerError(f"{run_dir} was made with another configuration (preset, config, seed or "
-                                        "epoch budget): use a new --output for a different experiment")
-        sub_log = lambda s: log("  " + s)  # noqa: E731
-        reused = (run_dir / rf.SUMMARY).exists()
-        if reused:
-            log("  finished earlier: reusing its checkpoint")
-        else:
-            retrieval_loop(ds, cfg, run_dir, log=sub_log, teacher=teacher_for(cfg, ds, log=sub_log)).fit(
-                resume=(run_dir / rf.CONFIG).exists(), progress=progress)
-        run = RunDir(run_dir)
-        summary = run.summary()
-        report, _, _ = evaluate_run(run, ds, options, log=sub_log, blend=cfg.blend, progress=progress)
-        removed = None
-        if report.protocol == "leave-one-out":
-            removed, _, _ = evaluate_run(run, ds, options.model_copy(update={"exclude_history": True}), log=sub_log,
-                                         blend=cfg.blend, progress=progress)
-        validation = {summary.metric: summary.best}
-        if report.blend is not None:  # the blend's validation number at its chosen λ
-            validation[f"{report.blend.metric} blended"] = report.blend.validation[f"{report.blend.weight:g}"]
-        rows.append(ExperimentRow(variant=name, run=str(run_dir), best_epoch=summary.best_epoch,
-                                  validation=validation, report=report, history_removed=removed,
-                                  wall_s=round(time.perf_counter() - tv, 1), train_wall_s=summary.wall_s,
-                                  reused=reused))
+        log(f"[{i + 1}/{len(vs)}] {name} -> {output / 'runs' / _slug(name)}")
+        row = _variant_row(ds, name, cfg, output / "runs" / _slug(name), options, progress, log)
+        rows.append(row)
+        if refit:
+            epochs = row.best_epoch + 1  # as many epochs as the run chose on validation, on the same schedule
+            rcfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"refit_epochs": epochs})})
+            log(f"[{i + 1}/{len(vs)}] {name}, refit ({epochs} epochs) -> {output / 'runs' / (_slug(name) + '-refit')}")
+            rows.append(_variant_row(ds, f"{name}, refit", rcfg, output / "runs" / (_slug(name) + "-refit"),
+                                     options, progress, log, refit_of=name))
     result = ExperimentResult(grid=grid, dataset=portable_path(ds.path), fingerprint=ds.manifest.fingerprint,
                               preset=preset, seed=seed, max_epochs=max_epochs, command=command,
                               protocol=rows[0].report.protocol, rows=rows, wall_s=round(time.perf_counter() - t0, 1),
@@ -163,6 +149,41 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
     write_text_atomic(output / "report.md", report_markdown(result, png.name))
     log(f"wrote {output / 'report.md'} ({result.wall_s:.0f} s)")
     return result
+
+
+def _variant_row(ds: Dataset, name: str, cfg: TrainConfig, run_dir: Path, options: EvaluateOptions, progress: bool,
+                 log, refit_of: str | None = None) -> ExperimentRow:
+    """One variant trained (or its finished run reused, or its interrupted run resumed) and scored on test, with its
+    history in and (leave-one-out) removed."""
+    tv = time.perf_counter()
+    if (run_dir / rf.CONFIG).exists():
+        # read through today's schema: options added since then take their defaults (the old behaviour)
+        earlier = TrainConfig.model_validate(json.loads((run_dir / rf.CONFIG).read_text())["config"])
+        # the blend is applied after training: a finished run serves any blend setting
+        if earlier.model_dump(exclude={"blend"}) != cfg.model_dump(exclude={"blend"}):
+            raise PinnerformerError(f"{run_dir} was made with another configuration (preset, config, seed or "
+                                    "epoch budget): use a new --output for a different experiment")
+    sub_log = lambda s: log("  " + s)  # noqa: E731
+    reused = (run_dir / rf.SUMMARY).exists()
+    if reused:
+        log("  finished earlier: reusing its checkpoint")
+    else:
+        retrieval_loop(ds, cfg, run_dir, log=sub_log, teacher=teacher_for(cfg, ds, log=sub_log)).fit(
+            resume=(run_dir / rf.CONFIG).exists(), progress=progress)
+    run = RunDir(run_dir)
+    summary = run.summary()
+    blend = None if refit_of is not None else cfg.blend  # a refit: the network alone (evaluate_run says why)
+    report, _, _ = evaluate_run(run, ds, options, log=sub_log, blend=blend, progress=progress)
+    removed = None
+    if report.protocol == "leave-one-out":
+        removed, _, _ = evaluate_run(run, ds, options.model_copy(update={"exclude_history": True}), log=sub_log,
+                                     blend=blend, progress=progress)
+    validation = {} if refit_of is not None else {summary.metric: summary.best}
+    if report.blend is not None:  # the blend's validation number at its chosen λ
+        validation[f"{report.blend.metric} blended"] = report.blend.validation[f"{report.blend.weight:g}"]
+    return ExperimentRow(variant=name, run=str(run_dir), best_epoch=summary.best_epoch, validation=validation,
+                         report=report, history_removed=removed, wall_s=round(time.perf_counter() - tv, 1),
+                         train_wall_s=summary.wall_s, reused=reused, refit_of=refit_of)
 
 
 def machine() -> str:
@@ -192,7 +213,7 @@ def _table_rows(result: ExperimentResult, metrics: list[str], report_of, suffix:
         rep = report_of(r)
         val = " " + ", ".join(f"{k} {v:.4f}" for k, v in r.validation.items()) + " " if validation else " "
         lines.append(f"| {r.variant}{suffix} | " + " | ".join(_cell(rep.model[m]) for m in metrics)
-                     + f" | {r.best_epoch} |{val}|")
+                     + f" | {r.best_epoch}{' (the last: a refit)' if r.refit_of else ''} |{val}|")
         if NETWORK in rep.results:
             lines.append(f"| {r.variant}: network alone{suffix} | "
                          + " | ".join(_cell(rep.results[NETWORK][m]) for m in metrics) + " | | |")
@@ -212,6 +233,11 @@ def report_markdown(result: ExperimentResult, png: str) -> str:
              + (f"; cut-off(s) {', '.join(first.cutoffs)}, labels {first.label_days:g} days" if first.cutoffs else ""),
              f"- user-windows: {first.user_windows}; ties {first.ties}; {history_text(first)}",
              *[f"- {r.variant}: {blend_text(r.report.blend)}" for r in result.rows if r.report.blend is not None],
+             *[f"- {r.variant}: {r.refit_of} trained again from the same seed on every timeline but its last action "
+               f"(each user's validation target trained on too) for {r.best_epoch + 1} epoch(s), the number "
+               f"{r.refit_of} chose on validation, and scored as the network alone; not validated (nothing is left "
+               "to validate on). The published leave-one-out networks are not refit: this row is not like for "
+               "like with them" for r in result.rows if r.refit_of is not None],
              f"- preset {result.preset}, seed {result.seed}, max epochs {result.max_epochs or 'preset'}; "
              "model selection on validation users only (early stopping), numbers below on test users",
              f"- reproduce: `{result.command}` ({result.wall_s / 60:.1f} min on the machine that made it: "

@@ -66,6 +66,12 @@ class EvalConfig(StrictModel):
     # leave-one-out: remove each user's input items from the validation ranking, as `evaluate --exclude-history`
     # does at test: select the model on the protocol its number is reported under
     exclude_history: bool = False
+    # leave-one-out refit: train again on every timeline but its last action (each user's validation target becomes
+    # a training target) for this many epochs of the same schedule (optim.max_epochs), the number a run of the same
+    # config chose on validation (its best epoch + 1; `experiment --refit`), and keep the last epoch's weights. Nothing
+    # is left to validate on, so nothing is selected or scored before the test, and no blend λ can be chosen. The
+    # published leave-one-out networks are not refit: a refit number is not like for like with theirs.
+    refit_epochs: int | None = Field(None, ge=1)
 
 
 class TrainConfig(LoopConfig):

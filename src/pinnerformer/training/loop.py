@@ -289,6 +289,7 @@ class TrainingLoop:
             write_text_atomic(self.run_dir / rf.METRICS, "".join(json.dumps(h) + "\n" for h in self.state.history))
         tb = SummaryWriter(str(self.run_dir / rf.TENSORBOARD)) if self.main else _NoWriter()
         stopped_by = s.stopped_by or "max_epochs"
+        fixed = getattr(task, "fixed_epochs", None)  # a refit's epoch count: trained without validation
         t_start = self._segment_start = time.perf_counter()
         self._train_s_before = getattr(self, "_loaded_train_s", 0.0)  # what earlier segments of a resumed run took
         pending: list[QueuedStep] = []  # queued steps whose numbers have not been read back from the device yet
@@ -336,10 +337,19 @@ class TrainingLoop:
             del batches  # stops loader workers
             bar.close()
             if s.step_in_epoch >= task.steps_per_epoch or s.done:
-                self._validate(epoch, tb)
-                if s.bad_epochs >= cfg.optim.patience:
-                    s.done, s.stopped_by = True, "early stop"
-                    stopped_by = s.stopped_by
+                if fixed is None:
+                    self._validate(epoch, tb)
+                    if s.bad_epochs >= cfg.optim.patience:
+                        s.done, s.stopped_by = True, "early stop"
+                        stopped_by = s.stopped_by
+                else:  # a refit: nothing to validate on; the weights at the end of the epoch are the ones kept
+                    with self._weights_validated():
+                        s.best_epoch = epoch
+                        self.save_checkpoint("best.pt")
+                    self.log(f"epoch {epoch}: kept (a refit, {epoch + 1} of {fixed} epochs: not validated)")
+                    if epoch + 1 >= fixed and not s.done:
+                        s.done, s.stopped_by = True, "refit epochs"
+                        stopped_by = s.stopped_by
                 s.epoch += 1
                 s.step_in_epoch = 0
                 self.save_checkpoint("last.pt")
@@ -347,8 +357,11 @@ class TrainingLoop:
         summary = self._summary(stopped_by, self._train_s_before + time.perf_counter() - t_start)
         if self.main:
             write_json_atomic(self.run_dir / rf.SUMMARY, summary)
-        self.log(f"done ({stopped_by}): best validation {task.metric} {s.best:.4f} at epoch {s.best_epoch} vs "
-                 f"{self.state.history[0]['name']} {self.state.history[0][task.metric]:.4f}")
+        if fixed is not None:
+            self.log(f"done ({stopped_by}): kept the weights of epoch {s.best_epoch} (a refit: not validated)")
+        else:
+            self.log(f"done ({stopped_by}): best validation {task.metric} {s.best:.4f} at epoch {s.best_epoch} vs "
+                     f"{self.state.history[0]['name']} {self.state.history[0][task.metric]:.4f}")
         return summary
 
     def _on_main(self, fn):

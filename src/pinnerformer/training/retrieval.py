@@ -70,6 +70,19 @@ class RetrievalTask:
         if m.clock == "order":
             self.notes.append("order-only clock: no time features; the label window is counted in actions "
                               f"(K = {cfg.data.window_actions} actions)")
+        # leave-one-out refit: the validation targets are trained on, so no epoch is validated or selected
+        self.fixed_epochs = cfg.eval.refit_epochs
+        if self.fixed_epochs is not None:
+            if self.protocol != "leave-one-out":
+                raise PinnerformerError("eval.refit_epochs (train again on the validation targets too) is for the "
+                                        "leave-one-out protocol, whose validation targets are each user's "
+                                        "second-to-last action")
+            if self.fixed_epochs > cfg.optim.max_epochs:
+                raise PinnerformerError(f"eval.refit_epochs {self.fixed_epochs} is more than optim.max_epochs "
+                                        f"{cfg.optim.max_epochs}: the refit repeats epochs of the same schedule")
+            self.notes.append(f"refit: trained on every timeline but its last action (the validation targets too) "
+                              f"for {self.fixed_epochs} epoch(s) of the {cfg.optim.max_epochs}-epoch schedule; "
+                              "nothing validated, the last epoch's weights kept")
         self.split, self.view = training_range(ds, cfg, self.protocol)
         if cfg.eval.exclude_history and self.protocol != "leave-one-out":
             raise PinnerformerError("eval.exclude_history (history removed from the validation ranking) is for the "
@@ -344,13 +357,16 @@ class RetrievalTask:
         self.objective.sketch.load_state_dict(state["sketch"])
 
 
-def training_range(ds: Dataset, cfg: TrainConfig, protocol: str) -> tuple[np.ndarray, TimelineView]:
+def training_range(ds: Dataset, cfg: TrainConfig, protocol: str, refit: bool | None = None
+                   ) -> tuple[np.ndarray, TimelineView]:
     """The user split (future-window: 0 train, 1 validation, 2 test; leave-one-out: all 0) and the events training
-    may see (evaluation/protocols.py `training_view`), before eval.until."""
+    may see (evaluation/protocols.py `training_view`), before eval.until. refit: the refit's view (default: as
+    eval.refit_epochs says)."""
     user_ids = ds.users["user_id"].to_list()
     split = (user_split(user_ids, cfg.seed, cfg.eval.val_fraction, cfg.eval.test_fraction)
              if protocol == "future-window" else np.zeros(len(user_ids), dtype=np.int8))
-    return split, training_view(ds, protocol, split)
+    refit = cfg.eval.refit_epochs is not None if refit is None else refit
+    return split, training_view(ds, protocol, split, refit=refit)
 
 
 LENGTH_QUANTILE = 0.9  # data.max_len_cap: M covers this share of the users' timelines whole
@@ -370,7 +386,8 @@ def fitted_max_len(cfg: TrainConfig, ds: Dataset) -> TrainConfig:
 
 def training_length_quantile(cfg: TrainConfig, ds: Dataset) -> int:
     """The LENGTH_QUANTILE of the training part's timeline lengths (held-out actions not counted); 0 without any."""
-    _, view = training_range(ds, cfg, resolve_protocol(cfg.eval.protocol, ds.manifest.clock))
+    # the selection run's training part, also for its refit: the refit reads windows as long as the run it repeats
+    _, view = training_range(ds, cfg, resolve_protocol(cfg.eval.protocol, ds.manifest.clock), refit=False)
     lengths = (view.end - view.start)[view.end > view.start]
     return int(np.ceil(np.quantile(lengths, LENGTH_QUANTILE))) if len(lengths) else 0
 

@@ -73,10 +73,11 @@ class TrainState(StrictModel):
 
 
 class TrainSummary(StrictModel):
-    stopped_by: Literal["max_epochs", "max_steps", "early stop"]
+    stopped_by: Literal["max_epochs", "max_steps", "early stop", "refit epochs"]
     best_epoch: int
     metric: str  # the selection metric, on validation
-    best: float | None  # its best value (at best_epoch); None: no validation gave a number (no best.pt)
+    best: float | None  # its best value (at best_epoch); None: no validation gave a number (no best.pt, except a
+    # refit's: eval.refit_epochs, whose best.pt is its last epoch's weights, never validated)
     popularity: float | None  # the most-popular baseline's value of it, on the same validation users (None: NaN)
     steps: int
     wall_s: float  # training, every segment of a resumed run summed (work lost to a kill after the last checkpoint is not)
