@@ -135,6 +135,9 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
         row = _variant_row(ds, name, cfg, output / "runs" / _slug(name), options, progress, log)
         rows.append(row)
         if refit:
+            if row.best_epoch < 0:
+                raise PinnerformerError(f"--refit: {row.run} selected no epoch on validation, so there is no epoch "
+                                        "count to refit for")
             epochs = row.best_epoch + 1  # as many epochs as the run chose on validation, on the same schedule
             rcfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"refit_epochs": epochs})})
             log(f"[{i + 1}/{len(vs)}] {name}, refit ({epochs} epochs) -> {output / 'runs' / (_slug(name) + '-refit')}")
