@@ -10,8 +10,8 @@
 # does not hold it yet; TEACHER_WEIGHT (default 3, chosen on Beauty seed 0's validation: 0.0791 against 0.0778 with 1)
 # weighs its KL term
 # SEED=N (default 0) trains with another seed and writes docs/results/...-seed-N instead (the seed spread of a report)
-# REFIT=1: loo-distilled also trains its network again on the validation targets too, for the epochs it chose on
-# validation (`experiment --refit`), and reports it beside (not like for like with the published networks)
+# REFIT=1: every report also trains its network(s) again on the validation targets too, for the epochs it chose on
+# validation (`experiment --refit`), and reports that beside it (not like for like with the published networks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-${PINNERFORMER_SHARED_DATA:-../shared/data}}
@@ -29,7 +29,12 @@ report() {
   local ds=$1 name=$2 p=$3
   if [ "$p" = loo-distilled ]; then
     local teacher="docs/results/$name-loo-ensemble$SUFFIX/runs/pinnerformer"
-    [ -f "$teacher/summary.json" ] || report "$ds" "$name" loo-ensemble
+    if [ ! -f "$teacher/summary.json" ]; then  # the teacher, never refit (a refit cannot teach)
+      local refit=$REFIT_FLAG
+      REFIT_FLAG=""
+      report "$ds" "$name" loo-ensemble
+      REFIT_FLAG=$refit
+    fi
     local out="docs/results/$name-$p$SUFFIX"
     mkdir -p "$out"
     printf '{"loss": {"teacher": "%s", "teacher_weight": %s}}\n' "$teacher" "$TEACHER_WEIGHT" > "$out/distil.json"
@@ -37,7 +42,7 @@ report() {
       --output "$out" --no-progress $REFIT_FLAG
   else
     $PF experiment --dataset "$ds" --grid default --preset "$p" --seed "$SEED" \
-      --output "docs/results/$name-$p$SUFFIX" --no-progress
+      --output "docs/results/$name-$p$SUFFIX" --no-progress $REFIT_FLAG
   fi
 }
 for d in $WHICH; do
