@@ -61,23 +61,31 @@ def test_two_appends_at_once_both_land(planted, tmp_path, cli):
     assert len(m.lineage) == 2 and m.n_events == log.height  # neither append overwrote the other
 
 
-def test_a_reader_never_pairs_one_versions_manifest_with_anothers_files(tmp_path, cli):
-    """A Dataset opened before `data append` swaps the folder: what it had loaded stays the old version, and a file it
-    had not loaded yet is refused with a clear error instead of being read from the new version under the old
-    manifest (the old manifest's n_events beside the new events would be silently wrong). Opened again, it is the
-    new version, whole."""
+def prepared_with_late_events(tmp_path, cli, seed: int):
+    """A planted log: its first 70% prepared as tmp_path/ds, the rest written to tmp_path/late.csv to append."""
     import polars as pl
-    import pytest
 
     from pinnerformer.data.synthetic import planted_interest_log
-    from pinnerformer.errors import PinnerformerError
 
-    log = planted_interest_log(n_users=120, seed=3)
+    log = planted_interest_log(n_users=120, seed=seed)
     t = log["timestamp"].sort()[int(0.7 * log.height)]
     log.filter(pl.col("timestamp") < t).write_csv(tmp_path / "base.csv")
     log.filter(pl.col("timestamp") >= t).write_csv(tmp_path / "late.csv")
     assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "base.csv", "-o", tmp_path / "ds", "--action-col",
                "action", "--positive", "click").exit_code == 0
+    return log
+
+
+def test_a_reader_never_pairs_one_versions_manifest_with_anothers_files(tmp_path, cli):
+    """A Dataset opened before `data append` swaps the folder: what it had loaded stays the old version, and a file it
+    had not loaded yet is refused with a clear error instead of being read from the new version under the old
+    manifest (the old manifest's n_events beside the new events would be silently wrong). Opened again, it is the
+    new version, whole."""
+    import pytest
+
+    from pinnerformer.errors import PinnerformerError
+
+    log = prepared_with_late_events(tmp_path, cli, seed=3)
     old = Dataset.open(tmp_path / "ds")
     old_timelines = old.timelines  # loaded (memory-mapped) before the swap
     n_old = old.manifest.n_events
@@ -98,16 +106,7 @@ def test_a_stable_read_outside_the_lock_is_done_again_on_the_version_a_swap_leav
     it): an append by another process may swap the folder in between. That was a failure of one of two concurrent
     appends in CI ("was replaced ... after its manifest was read"). `Dataset.read_stable` does the read again on the
     version now in place; here the swap is planted inside the first read, so the order is certain."""
-    import polars as pl
-
-    from pinnerformer.data.synthetic import planted_interest_log
-
-    log = planted_interest_log(n_users=120, seed=4)
-    t = log["timestamp"].sort()[int(0.7 * log.height)]
-    log.filter(pl.col("timestamp") < t).write_csv(tmp_path / "base.csv")
-    log.filter(pl.col("timestamp") >= t).write_csv(tmp_path / "late.csv")
-    assert cli("data", "prepare", "-f", "events", "-i", tmp_path / "base.csv", "-o", tmp_path / "ds", "--action-col",
-               "action", "--positive", "click").exit_code == 0
+    log = prepared_with_late_events(tmp_path, cli, seed=4)
     seen = []
 
     def read(ds):
