@@ -162,6 +162,9 @@ def test_refit_trains_again_on_the_validation_targets_for_the_epochs_chosen_on_v
     records = [json.loads(x) for x in (runs / "pinnerformer-refit" / "metrics.jsonl").read_text().splitlines()]
     assert summary["stopped_by"] == "refit epochs" and summary["best_epoch"] == epochs - 1 and summary["best"] is None
     assert not [x for x in records if x["kind"] == "validation"]  # nothing validated
+    # nor a baseline scored on the targets it trains on (the selection run has one)
+    assert not [x for x in records if x["kind"] == "baseline"] and summary["popularity"] is None
+    assert json.loads((runs / "pinnerformer" / "summary.json").read_text())["popularity"] is not None
     assert {x["epoch"] for x in records if x["kind"] == "step"} == set(range(epochs))
     # the refit's training part is every timeline but its last action; the selection run's, all but the last two
     ds = Dataset.open(planted)

@@ -280,7 +280,12 @@ class TrainingLoop:
                  f"{desc.validation_users:,} validation {val_unit}; "
                  f"{task.steps_per_epoch} steps/epoch; "
                  f"device {self.device}; {desc.parameters:,} parameters")
-        if not self.state.history:
+        if getattr(task, "fixed_epochs", None) is not None:
+            # a refit trains on the validation targets: a baseline scored on them would count them in its own
+            # popularity and stand beside a model that is never validated
+            if not self.state.history:
+                self.log("no baseline on validation: a refit trains on the validation targets")
+        elif not self.state.history:
             name, scores = self._on_main(task.baseline)
             self.state.history.append({"kind": "baseline", "name": name, **scores})
             self.log(f"{name} baseline on validation: {task.metric} {scores[task.metric]:.4f}")
@@ -415,6 +420,8 @@ class TrainingLoop:
         if empty:
             self.log(f"note: {empty} step(s) had no training {key} ({key} = 0): loss 0")
         finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (JSON has no NaN nor infinity)
+        baseline = next((r for r in self.state.history if r["kind"] == "baseline"), None)  # a refit has none
+        popularity = None if baseline is None else finite(baseline[self.task.metric])
         return rf.TrainSummary(stopped_by=stopped_by, best_epoch=self.state.best_epoch, metric=self.task.metric,
-                               best=finite(self.state.best), popularity=finite(self.state.history[0][self.task.metric]),
+                               best=finite(self.state.best), popularity=popularity,
                                steps=self.state.global_step, wall_s=round(wall_s, 1), empty_steps=empty)

@@ -78,7 +78,7 @@ class TrainSummary(StrictModel):
     metric: str  # the selection metric, on validation
     best: float | None  # its best value (at best_epoch); None: no validation gave a number (no best.pt, except a
     # refit's: eval.refit_epochs, whose best.pt is its last epoch's weights, never validated)
-    popularity: float | None  # the most-popular baseline's value of it, on the same validation users (None: NaN)
+    popularity: float | None  # the most-popular baseline's value of it, on the same validation users (None: NaN, or a refit)
     steps: int
     wall_s: float  # training, every segment of a resumed run summed (work lost to a kill after the last checkpoint is not)
     empty_steps: int = 0  # steps whose batch had nothing to learn from (retrieval: no query; loss 0): reported
