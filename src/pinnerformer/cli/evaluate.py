@@ -1,4 +1,4 @@
-"""`pinnerformer evaluate` and `pinnerformer experiment`."""
+"""`pinnerformer evaluate`, `pinnerformer experiment` and `pinnerformer seeds`."""
 
 from __future__ import annotations
 
@@ -73,6 +73,24 @@ def experiment(
 
         run_experiment(dataset, grid, output, preset, config, max_epochs, seed, progress, command=command_line(ctx),
                        log=log, cutoffs=parse_list(cutoff), refit=refit)
+        print((output / "report.md").read_text())
+
+    run_guarded(body)
+
+
+@app.command("seeds")
+def seeds(
+    ctx: typer.Context,
+    reports: list[Path] = typer.Argument(..., help="Report folders of one experiment run with different --seed."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for report.md, results.json and seeds.png."),
+    metrics: Optional[str] = typer.Option(None, help="Comma list (default: the reports' ndcg@k, hr@k, recall@k)."),
+):
+    """One experiment's reports over seeds: each row's mean and spread, and the validation curves of every seed."""
+
+    def body():
+        from pinnerformer.runs.seeds import summarise_seeds
+
+        summarise_seeds(reports, output, parse_list(metrics), command=command_line(ctx), log=log)
         print((output / "report.md").read_text())
 
     run_guarded(body)

@@ -91,6 +91,8 @@ class ExperimentRow(StrictModel):
     # leave-one-out refit (`experiment --refit`): the variant trained again, validation targets included, for the
     # epochs its selection run chose (eval.refit_epochs); scored as the network alone, never validated
     refit_of: str | None = None
+    # the run's selection metric on validation at the end of each epoch (epoch 0 first; empty for a refit)
+    curve: list[float] = []
 
 
 class ExperimentResult(StrictModel):
@@ -186,7 +188,8 @@ def _variant_row(ds: Dataset, name: str, cfg: TrainConfig, run_dir: Path, option
         validation[f"{report.blend.metric} blended"] = report.blend.validation[f"{report.blend.weight:g}"]
     return ExperimentRow(variant=name, run=str(run_dir), best_epoch=summary.best_epoch, validation=validation,
                          report=report, history_removed=removed, wall_s=round(time.perf_counter() - tv, 1),
-                         train_wall_s=summary.wall_s, reused=reused, refit_of=refit_of)
+                         train_wall_s=summary.wall_s, reused=reused, refit_of=refit_of,
+                         curve=run.validation_curve(summary.metric))
 
 
 def machine() -> str:
@@ -208,22 +211,33 @@ def _metrics(result: ExperimentResult) -> list[str]:
     return list(result.rows[0].report.model.keys())
 
 
-def _table_rows(result: ExperimentResult, metrics: list[str], report_of, suffix: str, validation: bool) -> list[str]:
-    """One protocol's rows: each variant (and, when blended, its own network alone), then the baselines, scored by
-    the same code on the same users."""
-    lines = []
+def labelled_results(result: ExperimentResult, history_removed: bool = False
+                     ) -> list[tuple[str, ExperimentRow | None, dict]]:
+    """The report's rows for one protocol, as (label, the variant's row or None, metric -> value): each variant (and,
+    when blended, its own network alone), then the baselines, scored by the same code on the same users."""
+    report_of = (lambda r: r.history_removed) if history_removed else (lambda r: r.report)  # noqa: E731
+    suffix = ", history removed" if history_removed else ""
+    out: list[tuple[str, ExperimentRow | None, dict]] = []
     for r in result.rows:
         rep = report_of(r)
-        val = " " + ", ".join(f"{k} {v:.4f}" for k, v in r.validation.items()) + " " if validation else " "
-        lines.append(f"| {r.variant}{suffix} | " + " | ".join(_cell(rep.model[m]) for m in metrics)
-                     + f" | {r.best_epoch}{' (the last: a refit)' if r.refit_of else ''} |{val}|")
+        out.append((f"{r.variant}{suffix}", r, rep.model))
         if NETWORK in rep.results:
-            lines.append(f"| {r.variant}: network alone{suffix} | "
-                         + " | ".join(_cell(rep.results[NETWORK][m]) for m in metrics) + " | | |")
+            out.append((f"{r.variant}: network alone{suffix}", None, rep.results[NETWORK]))
     for name, res in report_of(result.rows[0]).baselines.items():
         if name != NETWORK:  # a variant's own row above, not a baseline
-            lines.append(f"| baseline: {name}{suffix} | "
-                         + " | ".join(_cell(res[m]) if m in res else "" for m in metrics) + " | | |")
+            out.append((f"baseline: {name}{suffix}", None, res))
+    return out
+
+
+def _table_rows(result: ExperimentResult, metrics: list[str], history_removed: bool) -> list[str]:
+    lines = []
+    for label, r, values in labelled_results(result, history_removed):
+        cells = " | ".join(_cell(values[m]) if m in values else "" for m in metrics)
+        if r is None:
+            lines.append(f"| {label} | {cells} | | |")
+            continue
+        val = " " + ", ".join(f"{k} {v:.4f}" for k, v in r.validation.items()) + " " if not history_removed else " "
+        lines.append(f"| {label} | {cells} | {r.best_epoch}{' (the last: a refit)' if r.refit_of else ''} |{val}|")
     return lines
 
 
@@ -249,10 +263,10 @@ def report_markdown(result: ExperimentResult, png: str) -> str:
                  r.reused for r in result.rows) else "") + ")", "",
              "| variant | " + " | ".join(metrics) + " | best epoch | validation (selection) |",
              "|---|" + "---|" * (len(metrics) + 2)]
-    lines += _table_rows(result, metrics, lambda r: r.report, "", validation=True)
+    lines += _table_rows(result, metrics, history_removed=False)
     removed = result.rows[0].history_removed
     if removed is not None:  # the same models and users with each user's input items removed from the ranking
-        lines += _table_rows(result, metrics, lambda r: r.history_removed, ", history removed", validation=False)
+        lines += _table_rows(result, metrics, history_removed=True)
         lines += ["", f"Rows marked \"history removed\": {history_text(removed)} — the protocol of the published "
                   "full-ranking numbers."]
     if result.grid == "frequency":

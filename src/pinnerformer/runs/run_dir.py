@@ -7,6 +7,7 @@ reach into the trainer.
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from pathlib import Path
 
@@ -87,6 +88,31 @@ class RunDir:
         """The training summary, or None while the run has not ended."""
         path = self.path / rf.SUMMARY
         return rf.TrainSummary.model_validate(read_json_record(path, "training summary")) if path.exists() else None
+
+    def validation_curve(self, metric: str | None = None) -> list[float]:
+        """The validation metric (default: the run's selection metric) at the end of each epoch, epoch 0 first, as
+        metrics.jsonl has it; empty for a run that validated nothing (a refit)."""
+        if metric is None:
+            summary = self.summary()
+            if summary is None:
+                raise PinnerformerError(f"{self.path}: the run has not finished, so its selection metric is unknown: "
+                                        "name the metric")
+            metric = summary.metric
+        by_epoch: dict[int, float] = {}
+        path = self.path / rf.METRICS
+        for n, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PinnerformerError(f"{path}, line {n}: not a JSON record ({e.msg})") from None
+            if rec.get("kind") == "validation":
+                if metric not in rec:
+                    raise PinnerformerError(f"{path}, line {n}: the validation record has no '{metric}' "
+                                            f"(it has {', '.join(k for k in rec if k not in ('kind', 'epoch', 'step'))})")
+                by_epoch[int(rec["epoch"])] = float(rec[metric])  # a resumed run's log is the checkpoint's: no repeats
+        if sorted(by_epoch) != list(range(len(by_epoch))):
+            raise PinnerformerError(f"{path}: validation records for epochs {sorted(by_epoch)}, expected 0, 1, 2, …")
+        return [by_epoch[e] for e in range(len(by_epoch))]
 
     def check_dataset(self, ds: Dataset) -> None:
         """The run's model applies to the dataset it was trained on and to any dataset grown from it by appends
