@@ -9,7 +9,8 @@
 # item-kNN blend (loss.teacher, objectives/teacher_distillation.py); that run is trained first when its report folder
 # does not hold it yet; TEACHER_WEIGHT (default 3, chosen on Beauty seed 0's validation: 0.0791 against 0.0778 with 1)
 # weighs its KL term
-# SEED=N (default 0) trains with another seed and writes docs/results/...-seed-N instead (the seed spread of a report)
+# SEED=N (default 0) trains with another seed and writes docs/results/...-seed-N instead; once a report has two seeds
+# or more, docs/results/...-seeds puts them side by side (`pinnerformer seeds`: mean, spread, validation curves)
 # REFIT=1: every report also trains its network(s) again on the validation targets too, for the epochs it chose on
 # validation (`experiment --refit`), and reports that beside it (not like for like with the published networks)
 set -euo pipefail
@@ -24,6 +25,14 @@ SEED=${SEED:-0}
 TEACHER_WEIGHT=${TEACHER_WEIGHT:-3}
 REFIT_FLAG=$([ "${REFIT:-0}" = 1 ] && echo "--refit" || true)
 SUFFIX=$([ "$SEED" = 0 ] || echo "-seed-$SEED")
+# the seeds of one report side by side (pinnerformer seeds): docs/results/NAME-PRESET-seeds, once two seeds are there
+seeds_summary() {
+  local name=$1 p=$2 reps=()
+  for d in "docs/results/$name-$p" docs/results/"$name-$p"-seed-*; do
+    [ -f "$d/results.json" ] && reps+=("$d")
+  done
+  if [ "${#reps[@]}" -ge 2 ]; then $PF seeds "${reps[@]}" --output "docs/results/$name-$p-seeds" > /dev/null; fi
+}
 # one report: experiment DATASET NAME PRESET (NAME: the report folder's prefix, e.g. beauty or ml1m-subset)
 report() {
   local ds=$1 name=$2 p=$3
@@ -40,9 +49,11 @@ report() {
     printf '{"loss": {"teacher": "%s", "teacher_weight": %s}}\n' "$teacher" "$TEACHER_WEIGHT" > "$out/distil.json"
     $PF experiment --dataset "$ds" --grid default --preset loo --config "$out/distil.json" --seed "$SEED" \
       --output "$out" --no-progress $REFIT_FLAG
+    seeds_summary "$name" "$p"
   else
     $PF experiment --dataset "$ds" --grid default --preset "$p" --seed "$SEED" \
       --output "docs/results/$name-$p$SUFFIX" --no-progress $REFIT_FLAG
+    seeds_summary "$name" "$p"
   fi
 }
 for d in $WHICH; do
