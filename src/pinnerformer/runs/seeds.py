@@ -169,7 +169,8 @@ def markdown(result: SeedsResult, png: str) -> str:
               "|---|---|---|---|"]
     for c in result.curves:
         lines.append(f"| {c.variant} | {c.seed} | {c.best_epoch} | "
-                     + (" ".join(f"{v:.4f}" for v in c.values) or "(none: the report predates curves and its run is not here)") + " |")
+                     + (" ".join(f"{v:.4f}" for v in c.values)
+                        or "(none: the report predates curves and its run is not here)") + " |")
     lines += ["", f"![seeds]({png})"]
     return "\n".join(lines) + "\n"
 
