@@ -4,6 +4,7 @@ retrieval loss (linear in its weight, exactly zero when the student is the teach
 teachers, and a distilled run end to end from the command line."""
 
 import json
+import shutil
 import math
 
 import numpy as np
@@ -164,6 +165,10 @@ def test_runs_that_cannot_teach_are_refused(rings, trained, planted, tmp_path):
         load_teacher(tmp_path, ds)
     with pytest.raises(PinnerformerError, match="a teacher must be a leave-one-out run"):
         load_teacher(trained, Dataset.open(planted))
+    shutil.copytree(rings / "teacher", tmp_path / "interrupted")  # a run killed before its end has no summary
+    (tmp_path / "interrupted" / "summary.json").unlink()
+    with pytest.raises(PinnerformerError, match="has not finished training .*resume it to the end"):
+        load_teacher(tmp_path / "interrupted", ds)
     with pytest.raises(PinnerformerError, match="a teacher must have seen exactly the student's data"):
         load_teacher(rings / "teacher", Dataset.open(planted))
     with pytest.raises(PinnerformerError, match="windows of at most 16 actions .*shorter than the student's 32"):

@@ -93,6 +93,9 @@ def load_teacher(path: str | Path, ds: Dataset, log=print, blend: float | None =
         raise PinnerformerError(f"loss.teacher {str(path)!r} was trained under {what}: a teacher must be a "
                                 "leave-one-out run trained on every timeline but its last two actions (its blend "
                                 "chosen on the validation targets, which a refit trained on)")
+    if run.summary() is None:  # its best checkpoint may still change: a student of it could not be repeated
+        raise PinnerformerError(f"loss.teacher {str(path)!r} has not finished training (no summary.json): resume it "
+                                f"to the end (`pinnerformer train -o {portable_path(run.path)} --resume ...`) first")
     fp = run.description.dataset.fingerprint
     if fp != ds.manifest.fingerprint:
         raise PinnerformerError(f"loss.teacher {str(path)!r} was trained on dataset {fp}, not on {ds.path} "
