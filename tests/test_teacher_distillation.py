@@ -4,8 +4,8 @@ retrieval loss (linear in its weight, exactly zero when the student is the teach
 teachers, and a distilled run end to end from the command line."""
 
 import json
-import shutil
 import math
+import shutil
 
 import numpy as np
 import pytest
