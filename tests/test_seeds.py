@@ -54,10 +54,16 @@ def test_seeds_gives_each_rows_mean_and_spread_and_every_seeds_validation_curve(
     (reports[1] / "results.json").write_text(json.dumps(old))
     assert cli("seeds", *reports, "-o", tmp_path / "again").exit_code == 0
     assert json.loads((tmp_path / "again" / "results.json").read_text())["curves"] == res["curves"]
+    # never the curve of another run in the report's folder: one not finished (or finished elsewhere) is not its run
+    (reports[1] / "runs" / "pinnerformer" / "summary.json").unlink()
+    r = cli("seeds", *reports, "-o", tmp_path / "again")
+    assert r.exit_code == 0 and "is not the one it was made from (unfinished, the report's best epoch" in r.stderr
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["curves"][1]["values"] == []
     (reports[1] / "runs" / "pinnerformer" / "metrics.jsonl").unlink()
     r = cli("seeds", *reports, "-o", tmp_path / "again")
-    assert r.exit_code == 0 and "no validation curve for" in r.stderr
-    assert json.loads((tmp_path / "again" / "results.json").read_text())["curves"][1]["values"] == []
+    assert r.exit_code == 0 and "the report predates curves and its run is not here" in r.stderr
+    assert "(none: the report predates curves and its finished run is not here)" in (
+        tmp_path / "again" / "report.md").read_text()
 
 
 def test_seeds_refuses_reports_that_are_not_one_experiment(planted, tmp_path, cli):

@@ -70,7 +70,13 @@ def _curve(row, log) -> list[float]:
     if not (run / "metrics.jsonl").exists():
         log(f"note: no validation curve for {row.run}: the report predates curves and its run is not here")
         return []
-    return RunDir(run).validation_curve()
+    summary = RunDir(run).summary()
+    if summary is None or summary.best_epoch != row.best_epoch:  # a report is made from a finished run: not this one
+        log(f"note: no validation curve for {row.run}: the report predates curves and the run there is not the one "
+            f"it was made from ({'unfinished' if summary is None else f'best epoch {summary.best_epoch}'}, the "
+            f"report's best epoch {row.best_epoch})")
+        return []
+    return RunDir(run).validation_curve(summary.metric)
 
 
 def _check_same(first: ExperimentResult, other: ExperimentResult, where: str) -> None:
@@ -170,7 +176,7 @@ def markdown(result: SeedsResult, png: str) -> str:
     for c in result.curves:
         lines.append(f"| {c.variant} | {c.seed} | {c.best_epoch} | "
                      + (" ".join(f"{v:.4f}" for v in c.values)
-                        or "(none: the report predates curves and its run is not here)") + " |")
+                        or "(none: the report predates curves and its finished run is not here)") + " |")
     lines += ["", f"![seeds]({png})"]
     return "\n".join(lines) + "\n"
 
