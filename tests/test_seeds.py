@@ -3,7 +3,9 @@
 import json
 import statistics
 
-from conftest import TINY
+import pytest
+
+from conftest import TINY, run_cli
 
 
 def _report(cli, planted, out, seed, epochs=2, lr=None):
@@ -17,9 +19,16 @@ def _report(cli, planted, out, seed, epochs=2, lr=None):
     return json.loads((out / "results.json").read_text())
 
 
-def test_seeds_gives_each_rows_mean_and_spread_and_every_seeds_validation_curve(planted, tmp_path, cli):
-    reports = [tmp_path / "rep", tmp_path / "rep-seed-1"]
-    results = [_report(cli, planted, out, seed) for seed, out in enumerate(reports)]
+@pytest.fixture(scope="module")
+def two_seeds(planted, tmp_path_factory):
+    """One experiment (preset loo, 2 epochs) run with seeds 0 and 1: its report folders and their results."""
+    d = tmp_path_factory.mktemp("seeds")
+    reports = [d / "rep", d / "rep-seed-1"]
+    return reports, [_report(run_cli, planted, out, seed) for seed, out in enumerate(reports)]
+
+
+def test_seeds_gives_each_rows_mean_and_spread_and_every_seeds_validation_curve(two_seeds, tmp_path, cli):
+    reports, results = two_seeds  # the end of this test damages seed 1's report (the next test reads only seed 0's)
     r = cli("seeds", *reports, "-o", tmp_path / "seeds")
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "seeds" / "results.json").read_text())
@@ -66,13 +75,12 @@ def test_seeds_gives_each_rows_mean_and_spread_and_every_seeds_validation_curve(
         tmp_path / "again" / "report.md").read_text()
 
 
-def test_seeds_refuses_reports_that_are_not_one_experiment(planted, tmp_path, cli):
-    first = tmp_path / "rep"
-    _report(cli, planted, first, 0)
+def test_seeds_refuses_reports_that_are_not_one_experiment(two_seeds, planted, tmp_path, cli):
+    first = two_seeds[0][0]
     shorter = tmp_path / "rep-1-epoch"
     _report(cli, planted, shorter, 2, epochs=1)
-    other = tmp_path / "rep-lr"
-    _report(cli, planted, other, 3, lr=1e-3)
+    other = tmp_path / "rep-lr"  # as short, but another learning rate
+    _report(cli, planted, other, 3, epochs=1, lr=1e-3)
 
     def refused(*args):
         r = cli("seeds", *args, "-o", tmp_path / "out")
@@ -82,10 +90,10 @@ def test_seeds_refuses_reports_that_are_not_one_experiment(planted, tmp_path, cl
     assert "a spread needs two or more" in refused(first)
     assert "each report must have a seed of its own" in refused(first, first)
     assert "max_epochs is 1, the first report's is 2: not the same experiment" in refused(first, shorter)
-    assert f"the run {other / 'runs' / 'pinnerformer'} differs from" in refused(first, other)
-    assert "in optim (beyond the seed)" in refused(first, other)
+    assert f"the run {other / 'runs' / 'pinnerformer'} differs from" in refused(shorter, other)
+    assert "in optim (beyond the seed)" in refused(shorter, other)
     assert f"{tmp_path / 'nowhere'}: no results.json" in refused(first, tmp_path / "nowhere")
-    assert "no metric 'mrr@10' in the reports (they have hr@10, ndcg@10" in refused(first, other, "--metrics", "mrr@10")
+    assert "no metric 'mrr@10' in the reports (they have hr@10, ndcg@10" in refused(shorter, other, "--metrics", "mrr@10")
     (shorter / "results.json").write_text('{"grid": "default", ')  # cut short
     assert f"{shorter / 'results.json'}: damaged or truncated experiment results" in refused(first, shorter)
     assert not (tmp_path / "out").exists()  # nothing written for a refused summary
