@@ -89,15 +89,9 @@ class RunDir:
         path = self.path / rf.SUMMARY
         return rf.TrainSummary.model_validate(read_json_record(path, "training summary")) if path.exists() else None
 
-    def validation_curve(self, metric: str | None = None) -> list[float]:
-        """The validation metric (default: the run's selection metric) at the end of each epoch, epoch 0 first, as
-        metrics.jsonl has it; empty for a run that validated nothing (a refit)."""
-        if metric is None:
-            summary = self.summary()
-            if summary is None:
-                raise PinnerformerError(f"{self.path}: the run has not finished, so its selection metric is unknown: "
-                                        "name the metric")
-            metric = summary.metric
+    def validation_curve(self, metric: str) -> list[float]:
+        """The validation metric at the end of each epoch, epoch 0 first, as metrics.jsonl has it; empty for a run
+        that validated nothing (a refit)."""
         by_epoch: dict[int, float] = {}
         path = self.path / rf.METRICS
         for n, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):

@@ -19,6 +19,7 @@ from pinnerformer.errors import PinnerformerError
 from pinnerformer.io import atomic_path, portable_path, read_json_record, write_json_atomic, write_text_atomic
 from pinnerformer.runs.experiment import ExperimentResult, labelled_results
 from pinnerformer.runs.run_dir import RunDir
+from pinnerformer.training import run_files as rf
 
 # the settings a configuration differs in by seed: the seed; the teacher (a distilled report's teacher is the ensemble
 # of the same seed); a refit's epoch count (the number its seed's run chose on validation)
@@ -67,16 +68,17 @@ def _curve(row, log) -> list[float]:
     if row.curve or row.refit_of is not None:
         return row.curve
     run = Path(row.run)  # a report written before results.json kept the curve: the run's own log, when it is here
-    if not (run / "metrics.jsonl").exists():
+    if not (run / rf.METRICS).exists():
         log(f"note: no validation curve for {row.run}: the report predates curves and its run is not here")
         return []
-    summary = RunDir(run).summary()
+    run = RunDir(run)
+    summary = run.summary()
     if summary is None or summary.best_epoch != row.best_epoch:  # a report is made from a finished run: not this one
         log(f"note: no validation curve for {row.run}: the report predates curves and the run there is not the one "
             f"it was made from ({'unfinished' if summary is None else f'best epoch {summary.best_epoch}'}, the "
             f"report's best epoch {row.best_epoch})")
         return []
-    return RunDir(run).validation_curve(summary.metric)
+    return run.validation_curve(summary.metric)
 
 
 def _check_same(first: ExperimentResult, other: ExperimentResult, where: str) -> None:
@@ -95,7 +97,7 @@ def _same_configs(results: list[ExperimentResult], reports: list[Path]) -> int:
     compared = 0
     for i, row in enumerate(results[0].rows):
         runs = [Path(r.rows[i].run) for r in results]
-        if not all((run / "config.json").exists() for run in runs):
+        if not all((run / rf.CONFIG).exists() for run in runs):
             continue
         configs = [RunDir(run).config.model_dump(exclude=PER_SEED_FIELDS) for run in runs]
         for report, run, config in zip(reports[1:], runs[1:], configs[1:]):
@@ -125,11 +127,12 @@ def summarise_seeds(reports: list[Path], output: Path, metrics: list[str] | None
         if m not in available:
             raise PinnerformerError(f"seeds: no metric {m!r} in the reports (they have {', '.join(available)})")
     rows = []
-    for j, (label, _, _) in enumerate(labelled[0]):
+    labels = [[label for label, _, _ in lab] for lab in labelled]
+    for report, other in zip(reports[1:], labels[1:]):  # e.g. a blend or a baseline in one report and not the other
+        if other != labels[0]:
+            raise PinnerformerError(f"{report}: rows {other}, the first report's are {labels[0]}")
+    for j, label in enumerate(labels[0]):
         per_seed = {m: [lab[j][2][m].mean for lab in labelled] for m in metrics if m in labelled[0][j][2]}
-        for k, lab in enumerate(labelled[1:], 1):
-            if lab[j][0] != label:
-                raise PinnerformerError(f"{reports[k]}: row {lab[j][0]!r} where the first report has {label!r}")
         rows.append(SeedRow(row=label, per_seed=per_seed, mean={m: statistics.fmean(v) for m, v in per_seed.items()},
                             std={m: statistics.stdev(v) for m, v in per_seed.items()}))
     curves = [SeedCurve(variant=row.variant, seed=r.seed, metric=next(iter(row.validation)), values=_curve(row, log),

@@ -280,7 +280,8 @@ class TrainingLoop:
                  f"{desc.validation_users:,} validation {val_unit}; "
                  f"{task.steps_per_epoch} steps/epoch; "
                  f"device {self.device}; {desc.parameters:,} parameters")
-        if getattr(task, "fixed_epochs", None) is not None:
+        fixed = getattr(task, "fixed_epochs", None)  # a refit's epoch count: trained without validation
+        if fixed is not None:
             # a refit trains on the validation targets: a baseline scored on them would count them in its own
             # popularity and stand beside a model that is never validated
             if not self.state.history:
@@ -294,7 +295,6 @@ class TrainingLoop:
             write_text_atomic(self.run_dir / rf.METRICS, "".join(json.dumps(h) + "\n" for h in self.state.history))
         tb = SummaryWriter(str(self.run_dir / rf.TENSORBOARD)) if self.main else _NoWriter()
         stopped_by = s.stopped_by or "max_epochs"
-        fixed = getattr(task, "fixed_epochs", None)  # a refit's epoch count: trained without validation
         t_start = self._segment_start = time.perf_counter()
         self._train_s_before = getattr(self, "_loaded_train_s", 0.0)  # what earlier segments of a resumed run took
         pending: list[QueuedStep] = []  # queued steps whose numbers have not been read back from the device yet
