@@ -1,6 +1,7 @@
 """`pinnerformer experiment`: variants per grid, a report whose numbers are evaluate's, reuse on re-run."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,12 @@ from conftest import TINY
 from pinnerformer.data import Dataset
 from pinnerformer.data.synthetic import planted_interest_log
 from pinnerformer.errors import PinnerformerError
+from pinnerformer.evaluation.blend import KNN, NETWORK, BlendConfig
+from pinnerformer.evaluation.metrics import NDCG
+from pinnerformer.evaluation.scorer import Scorer, score_task
+from pinnerformer.evaluation.tasks import leave_one_out_task
+from pinnerformer.io import portable_path
+from pinnerformer.models.item_knn import ItemKNN
 from pinnerformer.runs.experiment import variants
 from pinnerformer.training.config import load_config
 from pinnerformer.training.retrieval import fitted_max_len
@@ -135,8 +142,9 @@ def test_max_len_fitted_to_the_data_is_saved_and_a_rerun_reuses_the_run(planted,
 
 def test_refit_trains_again_on_the_validation_targets_for_the_epochs_chosen_on_validation(planted, tmp_path, cli):
     """`experiment --refit` (leave-one-out): each variant trained again on every timeline but its last action, for
-    its run's best epoch + 1 epochs of the same schedule, never validated, scored as the network alone beside it;
-    a refit cannot be blended nor teach (its blend's λ would be chosen on targets it trained on)."""
+    its run's best epoch + 1 epochs of the same schedule, never validated, blended with the λ its run chose on
+    validation (the network alone beside it); a refit cannot choose a λ nor teach (it would be chosen on targets it
+    trained on)."""
     import torch
 
     from pinnerformer.runs.evaluate import load_teacher
@@ -189,21 +197,63 @@ def test_refit_trains_again_on_the_validation_targets_for_the_epochs_chosen_on_v
         val[run] = json.loads((runs / run / "eval" / "leave-one-out-validation-history-excluded.json").read_text())
     nd = {k: v["results"]["pinnerformer"]["ndcg@10"]["mean"] for k, v in val.items()}
     assert nd["pinnerformer-refit"] > nd["pinnerformer"]
-    # the report: the refit's row, the network alone, said not to be like for like; no blend row of its own
+    # the report: the refit blended with the λ the selection run chose on validation (no validation number of its
+    # own), the network alone beside it, said not to be like for like
     md = (tmp_path / "rep" / "report.md").read_text()
     ex = refit["history_removed"]["results"]
-    assert list(ex) == ["pinnerformer", "most-popular"] and refit["validation"] == {}
+    assert list(ex) == ["pinnerformer", NETWORK, KNN, "most-popular"] and refit["validation"] == {}
+    for rep in ("report", "history_removed"):
+        carried, chosen = refit[rep]["blend"], first[rep]["blend"]
+        assert carried["chosen_by"] == portable_path(first["run"]) and chosen["chosen_by"] is None
+        assert {k: v for k, v in carried.items() if k != "chosen_by"} == {k: v for k, v in chosen.items()
+                                                                           if k != "chosen_by"}
     assert f"| pinnerformer, refit, history removed | {ex['pinnerformer']['hr@10']['mean']:.4f} [" in md
+    assert f"| pinnerformer, refit: network alone, history removed | {ex[NETWORK]['hr@10']['mean']:.4f} [" in md
     assert f"for {epochs} epoch(s), the number pinnerformer chose on validation" in md and "not like for like" in md
+    assert f"chosen on validation ndcg@10 by `{portable_path(first['run'])}`, the run this refit repeats" in md
     assert f"| {epochs - 1} (the last: a refit) |" in md
+    # the refit's neighbours are fit on its own training part (every timeline but the last action), by hand
+    cfg = BlendConfig().knn
+    task = leave_one_out_task(ds, "test")
+    for drop, same in ((1, True), (2, False)):
+        knn = ItemKNN.fit(ds.timelines.drop_last(drop), ds.manifest.n_items, ds.manifest.positive_codes, cfg)
+        res, _ = score_task(task, Scorer(KNN, None, None, rows_fn=lambda rows: knn.scores(
+            ds.timelines, task.starts[rows], task.ends[rows])), 10, [NDCG], None, None, ds.timelines, intervals=False)
+        assert (res["ndcg@10"].mean == pytest.approx(ex[KNN]["ndcg@10"]["mean"], abs=1e-6)) is same
+    # the network alone is what scoring the refit without a blend gives; `evaluate --blend-from` the report's blend
+    r = cli("evaluate", "-r", runs / "pinnerformer-refit", "-d", planted, "--exclude-history", "--no-item-knn",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    alone = json.loads((runs / "pinnerformer-refit" / "eval" / "leave-one-out-test-history-excluded.json").read_text())
+    assert alone["results"]["pinnerformer"] == ex[NETWORK] and alone["blend"] is None
+    r = cli("evaluate", "-r", runs / "pinnerformer-refit", "-d", planted, "--exclude-history", "--blend-from",
+            runs / "pinnerformer", "--no-progress")
+    assert r.exit_code == 0, r.output
+    again = json.loads((runs / "pinnerformer-refit" / "eval" / "leave-one-out-test-history-excluded.json").read_text())
+    assert again["results"] == ex and again["blend"] == refit["history_removed"]["blend"]
+    # --blend-from refuses: a run that is not a refit; a refit as the run repeated; another configuration; a
+    # contradiction
+    other = tmp_path / "other"
+    shutil.copytree(runs / "pinnerformer", other)
+    saved_other = json.loads((other / "config.json").read_text())
+    saved_other["config"]["seed"] = 7
+    (other / "config.json").write_text(json.dumps(saved_other))
+    for run, src, flag, msg in (
+            (runs / "pinnerformer", runs / "pinnerformer", (), "is not a refit (eval.refit_epochs); its blend's λ"),
+            (runs / "pinnerformer-refit", runs / "pinnerformer-refit", (), "that is not a refit itself"),
+            (runs / "pinnerformer-refit", other, (), "their configurations differ in seed"),
+            (runs / "pinnerformer-refit", runs / "pinnerformer", ("--no-item-knn",), "contradicts --no-item-knn")):
+        r = cli("evaluate", "-r", run, "-d", planted, "--blend-from", src, *flag, "--no-progress")
+        assert r.exit_code == 2 and msg in r.stderr, r.stderr
     # run again: both runs reused, the same numbers
     again = cli(*args)
     assert again.exit_code == 0 and again.output.count("finished earlier: reusing its checkpoint") == 2
     assert json.loads((tmp_path / "rep" / "results.json").read_text())["rows"][1]["report"]["results"] == \
         refit["report"]["results"]
-    # a refit is never blended nor a teacher; --refit needs the leave-one-out protocol
+    # a refit never chooses a λ nor teaches; --refit needs the leave-one-out protocol
     r = cli("evaluate", "-r", runs / "pinnerformer-refit", "-d", planted, "--item-knn", "--no-progress")
     assert r.exit_code == 2 and "is a refit (eval.refit_epochs): it trained on the validation targets" in r.stderr
+    assert "--blend-from RUN" in r.stderr
     with pytest.raises(PinnerformerError, match="trained under a refit .* a teacher must be a leave-one-out run"):
         load_teacher(runs / "pinnerformer-refit", ds)
     r = cli("experiment", "-d", planted, "--grid", "default", "-o", tmp_path / "fw", "--refit", "--no-progress")

@@ -139,18 +139,21 @@ def _process_group(device: str):
             dist.close()
 
 
-def evaluate(run: PathLike, dataset: Dataset | PathLike, *, item_knn: bool | None = None, log: Log = _quiet,
-             progress: bool = False, **options: Any) -> EvaluationReport:
+def evaluate(run: PathLike, dataset: Dataset | PathLike, *, item_knn: bool | None = None,
+             blend_from: PathLike | None = None, log: Log = _quiet, progress: bool = False,
+             **options: Any) -> EvaluationReport:
     """A run scored on held-out users beside the baselines (written to RUN/eval/ too; `log` says where).
     `options`: those of `EvaluateOptions` (protocol, split, cutoffs, k, exclude_history, ...); `item_knn`:
-    leave-one-out blended with item-to-item neighbours, λ chosen on validation (default: the run's setting)."""
+    leave-one-out blended with item-to-item neighbours, λ chosen on validation (default: the run's setting);
+    `blend_from` (a refit): the run it repeats, whose λ, chosen on its validation, the refit is blended with."""
     from pinnerformer.runs import RunDir
     from pinnerformer.runs.evaluate import evaluate_run
 
     rd = RunDir(Path(run))
     blend = None if item_knn is None else rd.config.blend.model_copy(update={"item_knn": item_knn})
     report, js, md = evaluate_run(rd, _dataset(dataset), validate(EvaluateOptions, options, "evaluate"), log=log,
-                                  blend=blend, progress=progress)
+                                  blend=blend, progress=progress,
+                                  blend_from=None if blend_from is None else RunDir(Path(blend_from)))
     log(f"wrote {js} and {md} ({report.wall_s} s)")
     return report
 

@@ -31,6 +31,9 @@ def evaluate(
     item_knn: Optional[bool] = typer.Option(None, "--item-knn/--no-item-knn", help="Leave-one-out: score the "
                                             "network blended with item-to-item neighbours, λ chosen on validation "
                                             "(default: the run's blend.item_knn)."),
+    blend_from: Optional[Path] = typer.Option(None, "--blend-from", help="A refit (eval.refit_epochs): blend it "
+                                              "with the λ chosen on validation by the run it repeats (given here), "
+                                              "as its epoch count was; its neighbours fit on the refit's data."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Score a trained run on held-out users beside baselines; writes JSON and Markdown into RUN/eval/."""
@@ -39,7 +42,7 @@ def evaluate(
         from pinnerformer.api import evaluate as evaluate_run
         from pinnerformer.evaluation.report import markdown
 
-        report = evaluate_run(run, dataset, item_knn=item_knn, log=log, protocol=protocol, split=split,
+        report = evaluate_run(run, dataset, item_knn=item_knn, blend_from=blend_from, log=log, protocol=protocol, split=split,
                               cutoffs=parse_list(cutoff), label_days=label_days, k=k, index_size=index_size,
                               checkpoint=checkpoint, frequency=parse_list(frequency), exclude_history=exclude_history,
                               per_user_cutoffs=per_user_cutoffs, progress=progress)

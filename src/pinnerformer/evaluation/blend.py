@@ -58,6 +58,9 @@ class BlendChoice(StrictModel):
     checkpoint: str  # which checkpoint (sha256 of its file) the choice belongs to
     knn: ItemKNNConfig
     fingerprint: str  # the dataset's
+    # a refit's blend (eval.refit_epochs): the run it repeats, whose validation chose λ (carried over as the epoch
+    # count is); the neighbours are then fit on the refit's training part, every timeline but its last action
+    chosen_by: str | None = None
 
 
 def blend_scores(logits: torch.Tensor, knn: torch.Tensor, weight: float) -> torch.Tensor:
@@ -103,9 +106,10 @@ def check_blend_applies(protocol: str, held_out) -> None:
                                 "last two actions, as such a run was trained)")
 
 
-def fit_knn(ds: Dataset, cfg: ItemKNNConfig) -> ItemKNN:
-    """The neighbours on leave-one-out's training part (every timeline but its last two actions)."""
-    return ItemKNN.fit(ds.timelines.drop_last(2), ds.manifest.n_items, ds.manifest.positive_codes, cfg)
+def fit_knn(ds: Dataset, cfg: ItemKNNConfig, refit: bool = False) -> ItemKNN:
+    """The neighbours on leave-one-out's training part (every timeline but its last two actions; a refit's: but its
+    last action, the validation targets too, as the refit network was trained)."""
+    return ItemKNN.fit(ds.timelines.drop_last(1 if refit else 2), ds.manifest.n_items, ds.manifest.positive_codes, cfg)
 
 
 def choose_weight(model: PinnerFormer, ds: Dataset, cfg: BlendConfig, exclude_history: bool, checkpoint: str,

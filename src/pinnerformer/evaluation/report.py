@@ -78,8 +78,11 @@ def history_text(report: EvaluationReport) -> str:
 
 def blend_text(choice: BlendChoice) -> str:
     curve = ", ".join(f"{w} {v:.4f}" for w, v in choice.validation.items())
+    by = "" if choice.chosen_by is None else (
+        f" by `{choice.chosen_by}`, the run this refit repeats, and carried over as its epoch count is (the "
+        "neighbours fit on the refit's training part: every timeline but its last action)")
     return (f"the model is the network blended with item-to-item neighbours (`evaluation.blend`): λ = "
-            f"{choice.weight:g}, chosen on validation {choice.metric} "
+            f"{choice.weight:g}, chosen on validation {choice.metric}{by} "
             f"(history {'removed' if choice.history_excluded else 'in'}; by λ: {curve})")
 
 

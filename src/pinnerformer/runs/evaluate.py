@@ -24,34 +24,81 @@ BLEND = "blend.json"  # RUN/blend.json: the blend's λ as chosen on validation f
 
 
 def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, blend: BlendConfig | None = None,
-                 progress: bool = False) -> tuple[EvaluationReport, Path, Path]:
+                 progress: bool = False, blend_from: RunDir | None = None) -> tuple[EvaluationReport, Path, Path]:
     """The report, and where its JSON and Markdown were written (RUN/eval/PROTOCOL-SPLIT[-history-excluded].*).
     blend: the item-kNN blend's settings (default: the run's `blend` section); when on, λ is chosen on validation
     for the checkpoint evaluated, or read from RUN/blend.json when it was chosen for the same checkpoint, data and
-    settings. progress: bars over the rows scored (the λ grid's, then the report's)."""
+    settings. blend_from (a refit only): the run it repeats, whose λ (chosen on that run's validation) the refit is
+    blended with (`carried_blend`); without it a refit is scored as the network alone. progress: bars over the rows
+    scored (the λ grid's, then the report's)."""
     model = run.load_model(ds, options.checkpoint)
     protocol = resolve_protocol(options.protocol or run.protocol, ds.manifest.clock)
     # held-out users: those of the run's split when it has one (a future-window run), whatever the protocol scored
     held_out = run.held_out_users(options.split) if (run.path / rf.SPLIT).exists() else None
     if held_out is None and protocol == "future-window":
         run.held_out_users(options.split)  # raises: future-window evaluation needs users held out from training
-    if run.config.eval.refit_epochs is not None:  # trained on the validation targets: λ cannot be chosen on them
+    choice = None
+    if run.config.eval.refit_epochs is None and blend_from is not None:
+        raise PinnerformerError(f"--blend-from: {portable_path(run.path)} is not a refit (eval.refit_epochs); its "
+                                "blend's λ is chosen on its own validation")
+    if run.config.eval.refit_epochs is not None and blend_from is not None:
+        if blend is not None and not blend.item_knn:
+            raise PinnerformerError("--blend-from blends the refit with the item-kNN neighbours: it contradicts "
+                                    "--no-item-knn")
+        blend = (run.config.blend if blend is None else blend).model_copy(update={"item_knn": True})
+        check_blend_applies(protocol, held_out)
+        choice = carried_blend(run, blend_from, ds, blend, log, progress)
+    elif run.config.eval.refit_epochs is not None:  # trained on the validation targets: λ cannot be chosen on them
         if blend is not None and blend.item_knn:
             raise PinnerformerError(f"{portable_path(run.path)} is a refit (eval.refit_epochs): it trained on the "
                                     "validation targets, so the item-kNN blend's λ cannot be chosen on them; score "
-                                    "it as the network alone (--no-item-knn), or blend the run it repeats")
+                                    "it as the network alone (--no-item-knn), or blend it with the λ the run it "
+                                    "repeats chose (--blend-from RUN)")
         if run.config.blend.item_knn and blend is None:
             log("a refit (eval.refit_epochs): scored as the network alone (no validation left to choose the blend's "
-                "λ on)")
-        blend = BlendConfig()
-    blend = run.config.blend if blend is None else blend
-    if blend.item_knn:
-        check_blend_applies(protocol, held_out)
-    choice = blend_choice(run, ds, model, options.checkpoint, blend, log, progress) if blend.item_knn else None
+                "λ on; --blend-from RUN carries over the λ of the run it repeats)")
+    else:
+        blend = run.config.blend if blend is None else blend
+        if blend.item_knn:
+            check_blend_applies(protocol, held_out)
+            choice = blend_choice(run, ds, model, options.checkpoint, blend, log, progress)
     report = evaluate_model(model, ds, protocol, options, held_out, run=portable_path(run.path), log=log,
                             blend=choice, progress=progress)
     js, md = write_report(report, run.path / rf.EVAL)
     return report, js, md
+
+
+def carried_blend(refit: RunDir, selection: RunDir, ds: Dataset, cfg: BlendConfig, log=print,
+                  progress: bool = False) -> BlendChoice:
+    """A refit's blend: λ as `selection`, the run the refit repeats, chose it on its validation for its best
+    checkpoint, carried over as the refit's epoch count is (the neighbours are then fit on the refit's training
+    part, `evaluation.blend.fit_knn`). `selection` must be that run: leave-one-out, finished, on this dataset, with
+    the refit's configuration but eval.refit_epochs (and the blend's settings), and refit_epochs its best epoch + 1."""
+    where = portable_path(selection.path)
+    if selection.protocol != "leave-one-out" or selection.config.eval.refit_epochs is not None:
+        raise PinnerformerError(f"--blend-from {where}: the run a refit repeats is a leave-one-out run that is not a "
+                                "refit itself (its λ is chosen on validation targets it did not train on)")
+    summary = selection.summary()
+    if summary is None:
+        raise PinnerformerError(f"--blend-from {where} has not finished training (no summary.json): its best "
+                                "checkpoint, and so its λ, may still change")
+    fp = selection.description.dataset.fingerprint
+    if fp != ds.manifest.fingerprint:
+        raise PinnerformerError(f"--blend-from {where} was trained on dataset {fp}, not on {ds.path} "
+                                f"({ds.manifest.fingerprint})")
+    ours = refit.config.model_dump(exclude={"blend"})
+    ours["eval"]["refit_epochs"] = None
+    theirs = selection.config.model_dump(exclude={"blend"})
+    if ours != theirs:
+        diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+        raise PinnerformerError(f"--blend-from {where}: not the run {portable_path(refit.path)} repeats; their "
+                                f"configurations differ in {', '.join(diff)}")
+    if refit.config.eval.refit_epochs != summary.best_epoch + 1:
+        raise PinnerformerError(f"--blend-from {where} chose epoch {summary.best_epoch} on validation, but the refit "
+                                f"trained for {refit.config.eval.refit_epochs} epochs, not {summary.best_epoch + 1}")
+    choice = blend_choice(selection, ds, selection.load_model(ds, "best"), "best", cfg, log, progress)
+    log(f"a refit: blended with λ = {choice.weight:g}, chosen on validation by {where} (the run it repeats)")
+    return choice.model_copy(update={"chosen_by": where})
 
 
 def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendConfig, log=print,

@@ -29,7 +29,7 @@ import numpy as np
 from pinnerformer.config import StrictModel, merge_dicts
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.evaluation.blend import NETWORK
+from pinnerformer.evaluation.blend import NETWORK, BlendConfig
 from pinnerformer.evaluation.evaluate import EvaluateOptions
 from pinnerformer.evaluation.metrics import P90_COVERAGE
 from pinnerformer.evaluation.protocols import resolve_protocol
@@ -144,7 +144,7 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
             rcfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"refit_epochs": epochs})})
             log(f"[{i + 1}/{len(vs)}] {name}, refit ({epochs} epochs) -> {output / 'runs' / (_slug(name) + '-refit')}")
             rows.append(_variant_row(ds, f"{name}, refit", rcfg, output / "runs" / (_slug(name) + "-refit"),
-                                     options, progress, log, refit_of=name))
+                                     options, progress, log, refit_of=name, selection=Path(row.run)))
     result = ExperimentResult(grid=grid, dataset=portable_path(ds.path), fingerprint=ds.manifest.fingerprint,
                               preset=preset, seed=seed, max_epochs=max_epochs, command=command,
                               protocol=rows[0].report.protocol, rows=rows, wall_s=round(time.perf_counter() - t0, 1),
@@ -157,9 +157,10 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
 
 
 def _variant_row(ds: Dataset, name: str, cfg: TrainConfig, run_dir: Path, options: EvaluateOptions, progress: bool,
-                 log, refit_of: str | None = None) -> ExperimentRow:
+                 log, refit_of: str | None = None, selection: Path | None = None) -> ExperimentRow:
     """One variant trained (or its finished run reused, or its interrupted run resumed) and scored on test, with its
-    history in and (leave-one-out) removed."""
+    history in and (leave-one-out) removed. A refit (refit_of, the run it repeats at `selection`): blended, when
+    the configuration blends, with the λ that run chose on validation."""
     tv = time.perf_counter()
     if (run_dir / rf.CONFIG).exists():
         # read through today's schema: options added since then take their defaults (the old behaviour)
@@ -177,14 +178,16 @@ def _variant_row(ds: Dataset, name: str, cfg: TrainConfig, run_dir: Path, option
             resume=(run_dir / rf.CONFIG).exists(), progress=progress)
     run = RunDir(run_dir)
     summary = run.summary()
-    blend = None if refit_of is not None else cfg.blend  # a refit: the network alone (evaluate_run says why)
-    report, _, _ = evaluate_run(run, ds, options, log=sub_log, blend=blend, progress=progress)
+    # a refit's λ cannot be chosen on the validation targets it trained on: the selection run's is carried over
+    blend_from = RunDir(selection) if refit_of is not None and cfg.blend.item_knn else None
+    blend = BlendConfig() if refit_of is not None and blend_from is None else cfg.blend
+    report, _, _ = evaluate_run(run, ds, options, log=sub_log, blend=blend, progress=progress, blend_from=blend_from)
     removed = None
     if report.protocol == "leave-one-out":
         removed, _, _ = evaluate_run(run, ds, options.model_copy(update={"exclude_history": True}), log=sub_log,
-                                     blend=blend, progress=progress)
+                                     blend=blend, progress=progress, blend_from=blend_from)
     validation = {} if refit_of is not None else {summary.metric: summary.best}
-    if report.blend is not None:  # the blend's validation number at its chosen λ
+    if report.blend is not None and refit_of is None:  # the blend's validation number at its chosen λ
         validation[f"{report.blend.metric} blended"] = report.blend.validation[f"{report.blend.weight:g}"]
     return ExperimentRow(variant=name, run=str(run_dir), best_epoch=summary.best_epoch, validation=validation,
                          report=report, history_removed=removed, wall_s=round(time.perf_counter() - tv, 1),
@@ -252,9 +255,11 @@ def report_markdown(result: ExperimentResult, png: str) -> str:
              *[f"- {r.variant}: {blend_text(r.report.blend)}" for r in result.rows if r.report.blend is not None],
              *[f"- {r.variant}: {r.refit_of} trained again from the same seed on every timeline but its last action "
                f"(each user's validation target trained on too) for {r.best_epoch + 1} epoch(s), the number "
-               f"{r.refit_of} chose on validation, and scored as the network alone; not validated (nothing is left "
-               "to validate on). The published leave-one-out networks are not refit: this row is not like for "
-               "like with them" for r in result.rows if r.refit_of is not None],
+               f"{r.refit_of} chose on validation, and scored "
+               + ("blended with the λ it chose on validation too, its neighbours refit likewise (the network alone "
+                  "beside it)" if r.report.blend is not None else "as the network alone")
+               + "; not validated (nothing is left to validate on). The published leave-one-out networks are not "
+               "refit: this row is not like for like with them" for r in result.rows if r.refit_of is not None],
              f"- preset {result.preset}, seed {result.seed}, max epochs {result.max_epochs or 'preset'}; "
              "model selection on validation users only (early stopping), numbers below on test users",
              f"- reproduce: `{result.command}` ({result.wall_s / 60:.1f} min on the machine that made it: "
