@@ -3,7 +3,7 @@
 # leave-one-out protocol (preset `loo`, the same on both) and its ensemble of three (preset `loo-ensemble`),
 # trained with model selection on validation (second-to-last item, history removed from the ranking) and scored
 # on the last item against the whole catalogue, with the user's history in the ranking and removed from it, beside the most-popular (and, on ML-1M, content) baselines.
-# Usage: bash scripts/results_loo.sh [DATA_DIR (the public datasets, docs/data.md; default $PINNERFORMER_SHARED_DATA, else ../shared/data)] [DATASETS (default: "beauty ml1m"; also ml-latest-small, ml-100k)]
+# Usage: bash scripts/results_loo.sh [DATA_DIR (the public datasets, docs/data.md; default $PINNERFORMER_SHARED_DATA, else ../shared/data)] [DATASETS (default: "beauty ml1m"; also ml-latest-small, ml-100k, taobao)]
 #        [PRESETS (default: "loo loo-ensemble loo-distilled")]
 # loo-distilled: one network (preset loo) distilled from the loo-ensemble run of the same seed and dataset, with its
 # item-kNN blend (loss.teacher, objectives/teacher_distillation.py); that run is trained first when its report folder
@@ -93,6 +93,16 @@ for d in $WHICH; do
       fi
       for p in $PRESETS; do report "$ML100K" ml-100k "$p"; done
       ;;
-    *) echo "unknown dataset '$d' (beauty, ml1m, ml-latest-small or ml-100k)" >&2; exit 2 ;;
+    taobao)
+      # Taobao UserBehavior, its first 814 users (55,233 items; page views, carts, favourites, buys): every action an
+      # interaction, the preset untouched; the rows outside the file's 9 days are dropped and counted
+      TAOBAO=${TAOBAO:-/tmp/pinnerformer-taobao-loo}
+      if [ ! -f "$TAOBAO/manifest.json" ]; then
+        $PF data prepare --format taobao --input "$DATA/taobao-userbehavior-head" --skip-invalid \
+          --min-time 2017-11-25 --max-time 2017-12-04 --positive pv,cart,fav,buy --output "$TAOBAO"
+      fi
+      for p in $PRESETS; do report "$TAOBAO" taobao "$p"; done
+      ;;
+    *) echo "unknown dataset '$d' (beauty, ml1m, ml-latest-small, ml-100k or taobao)" >&2; exit 2 ;;
   esac
 done

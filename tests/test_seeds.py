@@ -94,6 +94,15 @@ def test_seeds_refuses_reports_that_are_not_one_experiment(two_seeds, planted, t
     assert "in optim (beyond the seed)" in refused(shorter, other)
     assert f"{tmp_path / 'nowhere'}: no results.json" in refused(first, tmp_path / "nowhere")
     assert "no metric 'mrr@10' in the reports (they have hr@10, ndcg@10" in refused(shorter, other, "--metrics", "mrr@10")
+    fewer = tmp_path / "rep-fewer-rows"  # the second seed's report with one baseline less in every row
+    res = json.loads((two_seeds[0][1] / "results.json").read_text())
+    for row in res["rows"]:
+        for rep in ("report", "history_removed"):
+            del row[rep]["results"]["most-popular"]
+    fewer.mkdir()
+    (fewer / "results.json").write_text(json.dumps(res))
+    msg = refused(first, fewer)
+    assert f"{fewer}: rows [" in msg and "the first report's are [" in msg and "'baseline: most-popular'" in msg
     (shorter / "results.json").write_text('{"grid": "default", ')  # cut short
     assert f"{shorter / 'results.json'}: damaged or truncated experiment results" in refused(first, shorter)
     assert not (tmp_path / "out").exists()  # nothing written for a refused summary
