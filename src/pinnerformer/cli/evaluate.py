@@ -42,10 +42,10 @@ def evaluate(
         from pinnerformer.api import evaluate as evaluate_run
         from pinnerformer.evaluation.report import markdown
 
-        report = evaluate_run(run, dataset, item_knn=item_knn, blend_from=blend_from, log=log, protocol=protocol, split=split,
-                              cutoffs=parse_list(cutoff), label_days=label_days, k=k, index_size=index_size,
-                              checkpoint=checkpoint, frequency=parse_list(frequency), exclude_history=exclude_history,
-                              per_user_cutoffs=per_user_cutoffs, progress=progress)
+        report = evaluate_run(run, dataset, item_knn=item_knn, blend_from=blend_from, log=log, protocol=protocol,
+                              split=split, cutoffs=parse_list(cutoff), label_days=label_days, k=k,
+                              index_size=index_size, checkpoint=checkpoint, frequency=parse_list(frequency),
+                              exclude_history=exclude_history, per_user_cutoffs=per_user_cutoffs, progress=progress)
         print(markdown(report))
 
     run_guarded(body)
