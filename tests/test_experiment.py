@@ -209,6 +209,7 @@ def test_refit_trains_again_on_the_validation_targets_for_the_epochs_chosen_on_v
                                                                            if k != "chosen_by"}
     assert f"| pinnerformer, refit, history removed | {ex['pinnerformer']['hr@10']['mean']:.4f} [" in md
     assert f"| pinnerformer, refit: network alone, history removed | {ex[NETWORK]['hr@10']['mean']:.4f} [" in md
+    assert f"| pinnerformer, refit: neighbours alone, history removed | {ex[KNN]['hr@10']['mean']:.4f} [" in md
     assert f"for {epochs} epoch(s), the number pinnerformer chose on validation" in md and "not like for like" in md
     assert f"chosen on validation ndcg@10 by `{portable_path(first['run'])}`, the run this refit repeats" in md
     assert f"| {epochs - 1} (the last: a refit) |" in md
@@ -231,17 +232,35 @@ def test_refit_trains_again_on_the_validation_targets_for_the_epochs_chosen_on_v
     assert r.exit_code == 0, r.output
     again = json.loads((runs / "pinnerformer-refit" / "eval" / "leave-one-out-test-history-excluded.json").read_text())
     assert again["results"] == ex and again["blend"] == refit["history_removed"]["blend"]
-    # --blend-from refuses: a run that is not a refit; a refit as the run repeated; another configuration; a
-    # contradiction
-    other = tmp_path / "other"
-    shutil.copytree(runs / "pinnerformer", other)
-    saved_other = json.loads((other / "config.json").read_text())
-    saved_other["config"]["seed"] = 7
-    (other / "config.json").write_text(json.dumps(saved_other))
+    # --blend-from refuses: a run that is not a refit; a refit as the run repeated; another configuration (what a
+    # resume may change, the machine or the patience, may differ); another epoch count; another dataset; an
+    # unfinished run on either side; a contradiction
+    def altered(name, change, src=runs / "pinnerformer"):
+        shutil.copytree(src, tmp_path / name)
+        saved_other = json.loads((tmp_path / name / "config.json").read_text())
+        change(saved_other)
+        (tmp_path / name / "config.json").write_text(json.dumps(saved_other))
+        return tmp_path / name
+
+    seed7 = altered("seed7", lambda c: c["config"].update(seed=7))
+    patient = altered("patient", lambda c: c["config"]["optim"].update(patience=9))
+    other_data = altered("other-data", lambda c: c["dataset"].update(fingerprint="0" * 16))
+    unfinished, later = (altered(n, lambda c: None) for n in ("unfinished", "later"))
+    (unfinished / "summary.json").unlink()
+    summary_later = json.loads((later / "summary.json").read_text())
+    (later / "summary.json").write_text(json.dumps({**summary_later, "best_epoch": summary_later["best_epoch"] + 1}))
+    refit_unfinished = altered("refit-unfinished", lambda c: None, src=runs / "pinnerformer-refit")
+    (refit_unfinished / "summary.json").unlink()
+    r = cli("evaluate", "-r", runs / "pinnerformer-refit", "-d", planted, "--blend-from", patient, "--no-progress")
+    assert r.exit_code == 0, r.output
     for run, src, flag, msg in (
             (runs / "pinnerformer", runs / "pinnerformer", (), "is not a refit (eval.refit_epochs); its blend's λ"),
             (runs / "pinnerformer-refit", runs / "pinnerformer-refit", (), "that is not a refit itself"),
-            (runs / "pinnerformer-refit", other, (), "their configurations differ in seed"),
+            (runs / "pinnerformer-refit", seed7, (), "their configurations differ: seed 7 (the refit: 0)"),
+            (runs / "pinnerformer-refit", later, (), f"chose epoch {epochs} on validation, but the refit trained for "),
+            (runs / "pinnerformer-refit", other_data, (), "was trained on dataset 0000000000000000, not on"),
+            (runs / "pinnerformer-refit", unfinished, (), "has not finished training (no summary.json): its best"),
+            (refit_unfinished, runs / "pinnerformer", (), "has not finished training (no summary.json): resume it"),
             (runs / "pinnerformer-refit", runs / "pinnerformer", ("--no-item-knn",), "contradicts --no-item-knn")):
         r = cli("evaluate", "-r", run, "-d", planted, "--blend-from", src, *flag, "--no-progress")
         assert r.exit_code == 2 and msg in r.stderr, r.stderr

@@ -97,6 +97,7 @@ def evaluate_model(model: PinnerFormer, ds: Dataset, protocol: Protocol, options
     dev = torch.device("cpu")
     if blend is not None:
         check_blend_applies(protocol, held_out)
+        # a λ carried over from another run (chosen_by) is a refit's: its neighbours see what the refit saw
         parts = Blend(model, ds, task, fit_knn(ds, blend.knn, refit=blend.chosen_by is not None))
         scorers = [parts.scorer(MODEL, blend.weight), parts.network(), parts.neighbours()]
     else:

@@ -14,7 +14,7 @@ from pinnerformer.evaluation.protocols import resolve_protocol
 from pinnerformer.evaluation.report import EvaluationReport, write_report
 from pinnerformer.io import write_json_atomic, portable_path
 from pinnerformer.objectives.teacher_distillation import Teacher
-from pinnerformer.runs.run_dir import RunDir
+from pinnerformer.runs.run_dir import RunDir, config_diffs
 from pinnerformer.training import run_files as rf
 from pinnerformer.training.config import TrainConfig
 from pinnerformer.training.retrieval import fitted_max_len
@@ -75,6 +75,9 @@ def carried_blend(refit: RunDir, selection: RunDir, ds: Dataset, cfg: BlendConfi
     part, `evaluation.blend.fit_knn`). `selection` must be that run: leave-one-out, finished, on this dataset, with
     the refit's configuration but eval.refit_epochs (and the blend's settings), and refit_epochs its best epoch + 1."""
     where = portable_path(selection.path)
+    if refit.summary() is None:  # an interrupted refit is not the network the carried epoch count and λ belong to
+        raise PinnerformerError(f"{portable_path(refit.path)} has not finished training (no summary.json): resume it "
+                                "to the end before blending it")
     if selection.protocol != "leave-one-out" or selection.config.eval.refit_epochs is not None:
         raise PinnerformerError(f"--blend-from {where}: the run a refit repeats is a leave-one-out run that is not a "
                                 "refit itself (its λ is chosen on validation targets it did not train on)")
@@ -82,17 +85,21 @@ def carried_blend(refit: RunDir, selection: RunDir, ds: Dataset, cfg: BlendConfi
     if summary is None:
         raise PinnerformerError(f"--blend-from {where} has not finished training (no summary.json): its best "
                                 "checkpoint, and so its λ, may still change")
-    fp = selection.description.dataset.fingerprint
-    if fp != ds.manifest.fingerprint:
-        raise PinnerformerError(f"--blend-from {where} was trained on dataset {fp}, not on {ds.path} "
-                                f"({ds.manifest.fingerprint})")
+    for run in (selection, refit):
+        fp = run.description.dataset.fingerprint
+        if fp != ds.manifest.fingerprint:
+            raise PinnerformerError(f"--blend-from: {portable_path(run.path)} was trained on dataset {fp}, not on "
+                                    f"{ds.path} ({ds.manifest.fingerprint}): the refit and the run it repeats must "
+                                    "have seen exactly this dataset")
     ours = refit.config.model_dump(exclude={"blend"})
     ours["eval"]["refit_epochs"] = None
-    theirs = selection.config.model_dump(exclude={"blend"})
-    if ours != theirs:
-        diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+    # what a resume may change without changing the run (the machine, the patience) may differ; the schedule may not
+    free = RunDir.RESUME_MAY_CHANGE - {"optim.max_epochs"}
+    differ = [f"{k} {a!r} (the refit: {b!r})" for k, a, b in config_diffs(selection.config.model_dump(exclude={"blend"}),
+                                                                          ours) if k not in free]
+    if differ:
         raise PinnerformerError(f"--blend-from {where}: not the run {portable_path(refit.path)} repeats; their "
-                                f"configurations differ in {', '.join(diff)}")
+                                f"configurations differ: {'; '.join(differ)}")
     if refit.config.eval.refit_epochs != summary.best_epoch + 1:
         raise PinnerformerError(f"--blend-from {where} chose epoch {summary.best_epoch} on validation, but the refit "
                                 f"trained for {refit.config.eval.refit_epochs} epochs, not {summary.best_epoch + 1}")

@@ -29,7 +29,7 @@ import numpy as np
 from pinnerformer.config import StrictModel, merge_dicts
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.evaluation.blend import NETWORK, BlendConfig
+from pinnerformer.evaluation.blend import KNN, NETWORK, BlendConfig
 from pinnerformer.evaluation.evaluate import EvaluateOptions
 from pinnerformer.evaluation.metrics import P90_COVERAGE
 from pinnerformer.evaluation.protocols import resolve_protocol
@@ -89,7 +89,8 @@ class ExperimentRow(StrictModel):
     train_wall_s: float | None = None  # the run's training time (its summary; resumed segments summed)
     reused: bool = False  # the run had finished in an earlier invocation: only evaluated here
     # leave-one-out refit (`experiment --refit`): the variant trained again, validation targets included, for the
-    # epochs its selection run chose (eval.refit_epochs); scored as the network alone, never validated
+    # epochs its selection run chose (eval.refit_epochs), never validated; blended (when the variant blends) with the
+    # λ its selection run chose on validation, its network alone beside it
     refit_of: str | None = None
     # the run's selection metric on validation at the end of each epoch (epoch 0 first; empty for a refit)
     curve: list[float] = []
@@ -114,7 +115,8 @@ def run_experiment(dataset: Path, grid: str, output: Path, preset: str = "small"
                    max_epochs: int | None = None, seed: int = 0, progress: bool = True, command: str = "",
                    log=print, cutoffs: list[str] | None = None, refit: bool = False) -> ExperimentResult:
     """refit (leave-one-out): each variant also trained again on the validation targets too, for the epochs its
-    run chose on validation (eval.refit_epochs), and reported beside it as the network alone."""
+    run chose on validation (eval.refit_epochs), and reported beside it, blended with the λ that run chose when the
+    preset blends (`runs.evaluate.carried_blend`), its network alone beside it."""
     t0 = time.perf_counter()
     ds = Dataset.open(dataset)
     if grid == "frequency" and ds.manifest.clock != "seconds":
@@ -217,7 +219,8 @@ def _metrics(result: ExperimentResult) -> list[str]:
 def labelled_results(result: ExperimentResult, history_removed: bool = False
                      ) -> list[tuple[str, ExperimentRow | None, dict]]:
     """The report's rows for one protocol, as (label, the variant's row or None, metric -> value): each variant (and,
-    when blended, its own network alone), then the baselines, scored by the same code on the same users."""
+    when blended, its own network alone; for a refit, its own neighbours too, fit on what it trained on), then the
+    baselines (the first variant's), scored by the same code on the same users."""
     report_of = (lambda r: r.history_removed) if history_removed else (lambda r: r.report)  # noqa: E731
     suffix = ", history removed" if history_removed else ""
     out: list[tuple[str, ExperimentRow | None, dict]] = []
@@ -226,6 +229,8 @@ def labelled_results(result: ExperimentResult, history_removed: bool = False
         out.append((f"{r.variant}{suffix}", r, rep.model))
         if NETWORK in rep.results:
             out.append((f"{r.variant}: network alone{suffix}", None, rep.results[NETWORK]))
+        if r.refit_of is not None and KNN in rep.results:  # its neighbours saw the validation targets too
+            out.append((f"{r.variant}: neighbours alone{suffix}", None, rep.results[KNN]))
     for name, res in report_of(result.rows[0]).baselines.items():
         if name != NETWORK:  # a variant's own row above, not a baseline
             out.append((f"baseline: {name}{suffix}", None, res))

@@ -65,16 +65,7 @@ class RunDir:
         wanted_cfg = validate(TrainConfig, merge_dicts(stored, overrides), f"--resume {self.path}")
         wanted = (wanted_cfg if ds is None else fitted_max_len(wanted_cfg, ds)).model_dump()
 
-        def diffs(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-            out = []
-            for k in a:
-                if isinstance(a[k], dict):
-                    out += diffs(a[k], b[k], f"{prefix}{k}.")
-                elif a[k] != b[k]:
-                    out.append((f"{prefix}{k}", a[k], b[k]))
-            return out
-
-        changed = diffs(stored, wanted)
+        changed = config_diffs(stored, wanted)
         refused = [f"{k} {old!r} -> {new!r}" for k, old, new in changed
                    if k not in self.RESUME_MAY_CHANGE and not k.startswith(self.RESUME_MAY_CHANGE_SECTIONS)]
         if refused:
@@ -159,3 +150,14 @@ class RunDir:
             raise PinnerformerError(f"{self.path} has no user split (trained with leave-one-out?): future-window "
                                     "evaluation needs users held out from training")
         return np.flatnonzero((pl.read_parquet(path)["split"] == split).to_numpy())
+
+
+def config_diffs(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """Where two dumped configurations differ: (dotted key, a's value, b's value), leaves only."""
+    out = []
+    for k in a:
+        if isinstance(a[k], dict):
+            out += config_diffs(a[k], b[k], f"{prefix}{k}.")
+        elif a[k] != b[k]:
+            out.append((f"{prefix}{k}", a[k], b[k]))
+    return out
