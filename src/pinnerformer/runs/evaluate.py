@@ -37,18 +37,18 @@ def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, 
     held_out = run.held_out_users(options.split) if (run.path / rf.SPLIT).exists() else None
     if held_out is None and protocol == "future-window":
         run.held_out_users(options.split)  # raises: future-window evaluation needs users held out from training
-    choice = None
-    if run.config.eval.refit_epochs is None and blend_from is not None:
+    choice, refit = None, run.config.eval.refit_epochs is not None
+    if not refit and blend_from is not None:
         raise PinnerformerError(f"--blend-from: {portable_path(run.path)} is not a refit (eval.refit_epochs); its "
                                 "blend's λ is chosen on its own validation")
-    if run.config.eval.refit_epochs is not None and blend_from is not None:
+    if refit and blend_from is not None:
         if blend is not None and not blend.item_knn:
             raise PinnerformerError("--blend-from blends the refit with the item-kNN neighbours: it contradicts "
                                     "--no-item-knn")
         blend = (run.config.blend if blend is None else blend).model_copy(update={"item_knn": True})
         check_blend_applies(protocol, held_out)
         choice = carried_blend(run, blend_from, ds, blend, log, progress)
-    elif run.config.eval.refit_epochs is not None:  # trained on the validation targets: λ cannot be chosen on them
+    elif refit:  # trained on the validation targets: λ cannot be chosen on them
         if blend is not None and blend.item_knn:
             raise PinnerformerError(f"{portable_path(run.path)} is a refit (eval.refit_epochs): it trained on the "
                                     "validation targets, so the item-kNN blend's λ cannot be chosen on them; score "
@@ -103,7 +103,7 @@ def carried_blend(refit: RunDir, selection: RunDir, ds: Dataset, cfg: BlendConfi
     if refit.config.eval.refit_epochs != summary.best_epoch + 1:
         raise PinnerformerError(f"--blend-from {where} chose epoch {summary.best_epoch} on validation, but the refit "
                                 f"trained for {refit.config.eval.refit_epochs} epochs, not {summary.best_epoch + 1}")
-    choice = blend_choice(selection, ds, selection.load_model(ds, "best"), "best", cfg, log, progress)
+    choice = blend_choice(selection, ds, None, "best", cfg, log, progress)  # its model loaded only to choose λ
     log(f"a refit: blended with λ = {choice.weight:g}, chosen on validation by {where} (the run it repeats)")
     return choice.model_copy(update={"chosen_by": where})
 
@@ -111,7 +111,8 @@ def carried_blend(refit: RunDir, selection: RunDir, ds: Dataset, cfg: BlendConfi
 def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendConfig, log=print,
                  progress: bool = False) -> BlendChoice:
     """λ for this checkpoint: RUN/blend.json when it was chosen for the same checkpoint file, dataset, neighbours,
-    grid and selection protocol; otherwise chosen on validation now (and written there)."""
+    grid and selection protocol; otherwise chosen on validation now (and written there). model: the checkpoint's
+    model, or None to load it only when λ has to be chosen."""
     sha = run.checkpoint_sha256(checkpoint)
     exclude = run.config.eval.exclude_history
     path = run.path / BLEND
@@ -125,6 +126,7 @@ def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendCon
                 and earlier.weights == cfg.weights):
             return earlier
     log(f"choosing the item-kNN blend weight on validation (history {'removed' if exclude else 'in'})")
+    model = run.load_model(ds, checkpoint) if model is None else model
     choice = choose_weight(model, ds, cfg, exclude, sha, run.config.eval.k, log=log, progress=progress)
     write_json_atomic(path, choice)
     log(f"blend: λ = {choice.weight:g} (validation {choice.metric} {choice.validation[f'{choice.weight:g}']:.4f})")

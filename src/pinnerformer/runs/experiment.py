@@ -29,7 +29,7 @@ import numpy as np
 from pinnerformer.config import StrictModel, merge_dicts
 from pinnerformer.data.dataset import Dataset
 from pinnerformer.errors import PinnerformerError
-from pinnerformer.evaluation.blend import KNN, NETWORK, BlendConfig
+from pinnerformer.evaluation.blend import KNN, NETWORK
 from pinnerformer.evaluation.evaluate import EvaluateOptions
 from pinnerformer.evaluation.metrics import P90_COVERAGE
 from pinnerformer.evaluation.protocols import resolve_protocol
@@ -182,7 +182,7 @@ def _variant_row(ds: Dataset, name: str, cfg: TrainConfig, run_dir: Path, option
     summary = run.summary()
     # a refit's λ cannot be chosen on the validation targets it trained on: the selection run's is carried over
     blend_from = RunDir(selection) if refit_of is not None and cfg.blend.item_knn else None
-    blend = BlendConfig() if refit_of is not None and blend_from is None else cfg.blend
+    blend = None if refit_of is not None else cfg.blend  # a refit: its own blend section, as the run it repeats
     report, _, _ = evaluate_run(run, ds, options, log=sub_log, blend=blend, progress=progress, blend_from=blend_from)
     removed = None
     if report.protocol == "leave-one-out":
