@@ -107,6 +107,21 @@ def test_blend_choice_belongs_to_its_checkpoint(chains_run, cli):
     path.write_text("{not json")  # unreadable: chosen again, never a traceback
     r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds")
     assert r.exit_code == 0 and json.loads(path.read_text()) == again
+    # a name that can be neither read nor replaced (as a run folder one may read but not write): λ is chosen, used
+    # and reported, and the log says it was not kept
+    path.unlink()
+    path.mkdir()
+    (path / "x").write_text("")  # a non-empty folder: a rename onto it fails
+    try:
+        r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds")
+        rep = json.loads((d / "run" / "eval" / "leave-one-out-test.json").read_text())
+    finally:
+        (path / "x").unlink()
+        path.rmdir()
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert "choosing the item-kNN blend weight" in r.stderr and "could not be kept in" in r.stderr
+    assert rep["blend"]["weight"] == again["weight"] and rep["blend"]["validation"] == again["validation"]
+    assert not any(p.name.startswith(".blend.json") for p in (d / "run").iterdir())  # no temporary file left behind
 
 
 def test_blend_is_refused_for_a_future_window_run(trained, planted, cli):

@@ -119,8 +119,8 @@ def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendCon
     if path.exists():
         try:
             earlier = BlendChoice.model_validate(json.loads(path.read_text()))
-        except ValueError:
-            earlier = None  # unreadable (an older layout): chosen again
+        except (ValueError, OSError):
+            earlier = None  # unreadable (an older layout, not a file): chosen again
         if (earlier is not None and earlier.checkpoint == sha and earlier.fingerprint == ds.manifest.fingerprint
                 and earlier.knn == cfg.knn and earlier.history_excluded == exclude
                 and earlier.weights == cfg.weights):
@@ -128,7 +128,11 @@ def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendCon
     log(f"choosing the item-kNN blend weight on validation (history {'removed' if exclude else 'in'})")
     model = run.load_model(ds, checkpoint) if model is None else model
     choice = choose_weight(model, ds, cfg, exclude, sha, run.config.eval.k, log=log, progress=progress)
-    write_json_atomic(path, choice)
+    try:
+        write_json_atomic(path, choice)
+    except OSError as e:  # a run folder one may read but not write (a shared copy): λ is used, not kept
+        log(f"note: the blend's choice could not be kept in {path} ({e.strerror or e}); it will be chosen again "
+            "next time")
     log(f"blend: λ = {choice.weight:g} (validation {choice.metric} {choice.validation[f'{choice.weight:g}']:.4f})")
     return choice
 
