@@ -4,6 +4,8 @@
 # trained with model selection on validation (second-to-last item, history removed from the ranking) and scored
 # on the last item against the whole catalogue, with the user's history in the ranking and removed from it, beside the most-popular (and, on ML-1M, content) baselines.
 # Usage: bash scripts/results_loo.sh [DATA_DIR (the public datasets, docs/data.md; default $PINNERFORMER_SHARED_DATA, else ../shared/data)] [DATASETS (default: "beauty ml1m"; also ml-latest-small, ml-100k, taobao)]
+#        (and sequences:PATH, any file in Beauty.txt's format, e.g. sequences:$DATA/Sports_and_Outdoors.txt, prepared
+#        into $WORK (default /tmp), its report in docs/results/sports-and-outdoors-PRESET)
 #        [PRESETS (default: "loo loo-ensemble loo-distilled")]
 # loo-distilled: one network (preset loo) distilled from the loo-ensemble run of the same seed and dataset, with its
 # item-kNN blend (loss.teacher, objectives/teacher_distillation.py); that run is trained first when its report folder
@@ -103,6 +105,19 @@ for d in $WHICH; do
       fi
       for p in $PRESETS; do report "$TAOBAO" taobao "$p"; done
       ;;
-    *) echo "unknown dataset '$d' (beauty, ml1m, ml-latest-small, ml-100k or taobao)" >&2; exit 2 ;;
+    sequences:*)
+      # any file of this family's format (one line per user: `user item item …` in time order, as Beauty.txt;
+      # FILE-STEM_item2attributes.json beside it is read as the items' attributes): the preset untouched. The
+      # report folder is named for the file (Sports_and_Outdoors.txt -> docs/results/sports-and-outdoors-loo)
+      SRC=${d#sequences:}
+      [ -f "$SRC" ] || { echo "sequences:$SRC: no such file (expected sequences:PATH/TO/NAME.txt)" >&2; exit 2; }
+      NAME=$(basename "$SRC" .txt | tr '[:upper:]_ ' '[:lower:]--' | tr -cd 'a-z0-9.-')
+      SEQ=${WORK:-/tmp}/pinnerformer-$NAME
+      if [ ! -f "$SEQ/manifest.json" ]; then
+        $PF data prepare --format sequences --input "$SRC" --output "$SEQ"
+      fi
+      for p in $PRESETS; do report "$SEQ" "$NAME" "$p"; done
+      ;;
+    *) echo "unknown dataset '$d' (beauty, ml1m, ml-latest-small, ml-100k, taobao or sequences:PATH)" >&2; exit 2 ;;
   esac
 done

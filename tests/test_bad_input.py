@@ -1,6 +1,7 @@
 """Every kind of bad input gets a clear message (file, line, text, expectation) and a non-zero exit,
 or, with --skip-invalid, an exact count of what was skipped. Nothing is left half-written."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -180,6 +181,28 @@ def test_options_of_another_format_are_errors_not_ignored(cli, tmp_path):
     r = prepare(cli, tmp_path / "s.txt", tmp_path / "seq", "--id-type", "float", fmt="sequences")
     assert r.exit_code == 2 and "id_type: unknown id type 'float' (expected one of: auto, int, str)" in r.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "seq").exists()
+
+
+def test_sequences_take_the_attribute_file_named_for_them(cli, tmp_path):
+    """A folder of several datasets, as the published sequential-recommendation code ships them: each file takes its
+    own FILE-STEM_item2attributes.json; with several and none of its own, prepare stops and says which to name."""
+    (tmp_path / "Toys.txt").write_text("1 5 6 7\n2 6 7\n")
+    (tmp_path / "Toys_item2attributes.json").write_text(json.dumps({"5": [1], "6": [2, 3], "7": [3]}))
+    (tmp_path / "Yelp_item2attributes.json").write_text(json.dumps({"5": [9], "6": [9], "7": [9]}))
+    (tmp_path / "Sports_item2attributes.json").write_text(json.dumps({"5": [8]}))
+    assert prepare(cli, tmp_path / "Toys.txt", tmp_path / "toys", fmt="sequences").exit_code == 0
+    items = Dataset.open(tmp_path / "toys").items.sort("item_id")
+    assert items["interests"].to_list() == [["1"], ["2", "3"], ["3"]]
+    (tmp_path / "Toys_item2attributes.json").unlink()
+    r = prepare(cli, tmp_path / "Toys.txt", tmp_path / "toys2", fmt="sequences")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "Toys.txt" in r.stderr and "and none named Toys_item2attributes.json" in r.stderr
+    assert "2 item attribute files beside the sequences (Sports_item2attributes.json, Yelp_item2attributes.json)" \
+        in r.stderr and "--item-attributes" in r.stderr
+    assert not (tmp_path / "toys2").exists()
+    r = prepare(cli, tmp_path / "Toys.txt", tmp_path / "toys2", "--item-attributes",
+                tmp_path / "Yelp_item2attributes.json", fmt="sequences")
+    assert r.exit_code == 0 and set(Dataset.open(tmp_path / "toys2").items["interests"].explode()) == {"9"}
 
 
 def test_interrupted_prepare_leaves_nothing_that_looks_complete(cli, tmp_path, monkeypatch):

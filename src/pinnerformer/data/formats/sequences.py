@@ -24,7 +24,23 @@ class SequencesOptions(StrictModel):
 
     action: str = "interact"  # the one action type every event gets (positive)
     id_type: Literal["auto", "int", "str"] = "auto"
-    item_attributes: Path | None = None  # default: a single *item2attributes.json beside the input
+    item_attributes: Path | None = None  # default: FILE-STEM_item2attributes.json or a single *item2attributes.json beside it
+
+
+def attributes_beside(file: Path) -> Path | None:
+    """The item attributes of `file`: FILE-STEM_item2attributes.json beside it, else the only *item2attributes.json
+    there, else none. Several files and none named for this one (a folder of several datasets, as the published
+    sequential-recommendation code ships them) is an error: taking none would drop the attributes unsaid."""
+    own = file.parent / f"{file.stem}_item2attributes.json"
+    if own.exists():
+        return own
+    found = sorted(file.parent.glob("*item2attributes.json"))
+    if len(found) > 1:
+        raise InputError(f"{len(found)} item attribute files beside the sequences ("
+                         + ", ".join(f.name for f in found[:4]) + (", …" if len(found) > 4 else "")
+                         + f") and none named {own.name}", path=file,
+                         expected="--item-attributes naming the one that belongs to this file")
+    return found[0] if found else None
 
 
 def read_sequences(path: Path, options: SequencesOptions, skip_invalid: bool) -> RawLog:
@@ -63,8 +79,7 @@ def read_sequences(path: Path, options: SequencesOptions, skip_invalid: bool) ->
 
     sources = [file]
     if item_attributes is None:
-        found = sorted(file.parent.glob("*item2attributes.json"))
-        item_attributes = found[0] if len(found) == 1 else None
+        item_attributes = attributes_beside(file)
     item_ids = events["item"].unique().sort()
     if item_attributes is not None:
         if not item_attributes.exists():
