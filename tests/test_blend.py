@@ -86,6 +86,22 @@ def test_blend_is_chosen_on_validation_and_reported(chains_run, cli):
                                                                                             abs=1e-6)
     assert val["results"]["pinnerformer"]["ndcg@10"]["mean"] == pytest.approx(
         choice["validation"][f"{choice['weight']:g}"], abs=1e-6)
+    # scored with the history in the ranking: λ is chosen again, on validation under that protocol, and kept apart
+    r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds")
+    assert r.exit_code == 0 and "choosing the item-kNN blend weight on validation (history in)" in r.stderr
+    kept = json.loads((d / "run" / "blend-history-in.json").read_text())
+    hin = json.loads((d / "run" / "eval" / "leave-one-out-test.json").read_text())
+    assert hin["blend"] == kept and kept["history_excluded"] is False and choice["history_excluded"] is True
+    assert json.loads((d / "run" / "blend.json").read_text()) == choice  # the selection protocol's λ untouched
+    best = max(kept["validation"].values())
+    assert kept["weight"] == min(float(w) for w, v in kept["validation"].items() if v == best)
+    assert "history in; by λ" in r.stdout
+    r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds", "--split", "validation")
+    assert r.exit_code == 0 and "choosing" not in r.stderr
+    val_in = json.loads((d / "run" / "eval" / "leave-one-out-validation.json").read_text())["results"]
+    assert val_in["pinnerformer"]["ndcg@10"]["mean"] == pytest.approx(kept["validation"][f"{kept['weight']:g}"],
+                                                                     abs=1e-6)
+    assert val_in["pinnerformer network alone"]["ndcg@10"]["mean"] == pytest.approx(kept["validation"]["0"], abs=1e-6)
     # switched off for one evaluation: the network alone is the model
     r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds", "--exclude-history", "--no-item-knn")
     off = json.loads((d / "run" / "eval" / "leave-one-out-test-history-excluded.json").read_text())
@@ -95,17 +111,17 @@ def test_blend_is_chosen_on_validation_and_reported(chains_run, cli):
 
 def test_blend_choice_belongs_to_its_checkpoint(chains_run, cli):
     d = chains_run
-    assert cli("evaluate", "--run", d / "run", "--dataset", d / "ds").exit_code == 0
+    assert cli("evaluate", "--run", d / "run", "--dataset", d / "ds", "--exclude-history").exit_code == 0
     path = d / "run" / "blend.json"
     stored = json.loads(path.read_text())
     stored["checkpoint"] = "0" * 64  # as if chosen for another checkpoint: chosen again, the same way
     path.write_text(json.dumps(stored))
-    r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds")
+    r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds", "--exclude-history")
     assert r.exit_code == 0 and "choosing the item-kNN blend weight" in r.stderr
     again = json.loads(path.read_text())
     assert again["checkpoint"] != stored["checkpoint"] and again["validation"] == stored["validation"]
     path.write_text("{not json")  # unreadable: chosen again, never a traceback
-    r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds")
+    r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds", "--exclude-history")
     assert r.exit_code == 0 and json.loads(path.read_text()) == again
     # a name that can be neither read nor replaced (as a run folder one may read but not write): λ is chosen, used
     # and reported, and the log says it was not kept
@@ -113,8 +129,8 @@ def test_blend_choice_belongs_to_its_checkpoint(chains_run, cli):
     path.mkdir()
     (path / "x").write_text("")  # a non-empty folder: a rename onto it fails
     try:
-        r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds")
-        rep = json.loads((d / "run" / "eval" / "leave-one-out-test.json").read_text())
+        r = cli("evaluate", "--run", d / "run", "--dataset", d / "ds", "--exclude-history")
+        rep = json.loads((d / "run" / "eval" / "leave-one-out-test-history-excluded.json").read_text())
     finally:
         (path / "x").unlink()
         path.rmdir()

@@ -202,8 +202,9 @@ def test_refit_trains_again_on_the_validation_targets_for_the_epochs_chosen_on_v
     md = (tmp_path / "rep" / "report.md").read_text()
     ex = refit["history_removed"]["results"]
     assert list(ex) == ["pinnerformer", NETWORK, KNN, "most-popular"] and refit["validation"] == {}
-    for rep in ("report", "history_removed"):
+    for rep in ("report", "history_removed"):  # each protocol's λ, chosen on validation under it
         carried, chosen = refit[rep]["blend"], first[rep]["blend"]
+        assert chosen["history_excluded"] is (rep == "history_removed")
         assert carried["chosen_by"] == portable_path(first["run"]) and chosen["chosen_by"] is None
         assert {k: v for k, v in carried.items() if k != "chosen_by"} == {k: v for k, v in chosen.items()
                                                                            if k != "chosen_by"}

@@ -23,12 +23,21 @@ from pinnerformer.training.retrieval import fitted_max_len
 BLEND = "blend.json"  # RUN/blend.json: the blend's λ as chosen on validation for a checkpoint (evaluation.blend)
 
 
+def blend_path(run: RunDir, exclude_history: bool) -> Path:
+    """Where the λ for one protocol is kept: blend.json under the protocol the run was selected with
+    (eval.exclude_history), blend-history-in.json / blend-history-removed.json under the other."""
+    if exclude_history == run.config.eval.exclude_history:
+        return run.path / BLEND
+    return run.path / f"blend-history-{'removed' if exclude_history else 'in'}.json"
+
+
 def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, blend: BlendConfig | None = None,
                  progress: bool = False, blend_from: RunDir | None = None) -> tuple[EvaluationReport, Path, Path]:
     """The report, and where its JSON and Markdown were written (RUN/eval/PROTOCOL-SPLIT[-history-excluded].*).
     blend: the item-kNN blend's settings (default: the run's `blend` section); when on, λ is chosen on validation
-    for the checkpoint evaluated, or read from RUN/blend.json when it was chosen for the same checkpoint, data and
-    settings. blend_from (a refit only): the run it repeats, whose λ (chosen on that run's validation) the refit is
+    for the checkpoint evaluated, under the protocol scored (history in the ranking or removed: where users come
+    back to their own items, the neighbours rank those and the best λ differs), or read from where it was kept
+    (`blend_path`) when chosen for the same checkpoint, data and settings. blend_from (a refit only): the run it repeats, whose λ (chosen on that run's validation) the refit is
     blended with (`carried_blend`); without it a refit is scored as the network alone. progress: bars over the rows
     scored (the λ grid's, then the report's)."""
     model = run.load_model(ds, options.checkpoint)
@@ -47,7 +56,7 @@ def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, 
                                     "--no-item-knn")
         blend = (run.config.blend if blend is None else blend).model_copy(update={"item_knn": True})
         check_blend_applies(protocol, held_out)
-        choice = carried_blend(run, blend_from, ds, blend, log, progress)
+        choice = carried_blend(run, blend_from, ds, blend, log, progress, options.exclude_history)
     elif refit:  # trained on the validation targets: λ cannot be chosen on them
         if blend is not None and blend.item_knn:
             raise PinnerformerError(f"{portable_path(run.path)} is a refit (eval.refit_epochs): it trained on the "
@@ -61,7 +70,7 @@ def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, 
         blend = run.config.blend if blend is None else blend
         if blend.item_knn:
             check_blend_applies(protocol, held_out)
-            choice = blend_choice(run, ds, model, options.checkpoint, blend, log, progress)
+            choice = blend_choice(run, ds, model, options.checkpoint, blend, log, progress, options.exclude_history)
     report = evaluate_model(model, ds, protocol, options, held_out, run=portable_path(run.path), log=log,
                             blend=choice, progress=progress)
     js, md = write_report(report, run.path / rf.EVAL)
@@ -69,9 +78,9 @@ def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, 
 
 
 def carried_blend(refit: RunDir, selection: RunDir, ds: Dataset, cfg: BlendConfig, log=print,
-                  progress: bool = False) -> BlendChoice:
+                  progress: bool = False, exclude_history: bool | None = None) -> BlendChoice:
     """A refit's blend: λ as `selection`, the run the refit repeats, chose it on its validation for its best
-    checkpoint, carried over as the refit's epoch count is (the neighbours are then fit on the refit's training
+    checkpoint (under the protocol scored; default: the one it was selected with), carried over as the refit's epoch count is (the neighbours are then fit on the refit's training
     part, `evaluation.blend.fit_knn`). `selection` must be that run: leave-one-out, finished, on this dataset, with
     the refit's configuration but eval.refit_epochs (and the blend's settings), and refit_epochs its best epoch + 1."""
     where = portable_path(selection.path)
@@ -103,19 +112,21 @@ def carried_blend(refit: RunDir, selection: RunDir, ds: Dataset, cfg: BlendConfi
     if refit.config.eval.refit_epochs != summary.best_epoch + 1:
         raise PinnerformerError(f"--blend-from {where} chose epoch {summary.best_epoch} on validation, but the refit "
                                 f"trained for {refit.config.eval.refit_epochs} epochs, not {summary.best_epoch + 1}")
-    choice = blend_choice(selection, ds, None, "best", cfg, log, progress)  # its model loaded only to choose λ
+    choice = blend_choice(selection, ds, None, "best", cfg, log, progress,  # its model loaded only to choose λ
+                          exclude_history)
     log(f"a refit: blended with λ = {choice.weight:g}, chosen on validation by {where} (the run it repeats)")
     return choice.model_copy(update={"chosen_by": where})
 
 
 def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendConfig, log=print,
-                 progress: bool = False) -> BlendChoice:
-    """λ for this checkpoint: RUN/blend.json when it was chosen for the same checkpoint file, dataset, neighbours,
-    grid and selection protocol; otherwise chosen on validation now (and written there). model: the checkpoint's
-    model, or None to load it only when λ has to be chosen."""
+                 progress: bool = False, exclude_history: bool | None = None) -> BlendChoice:
+    """λ for this checkpoint under one protocol (exclude_history; default: the one the run was selected with): as
+    kept (`blend_path`) when chosen for the same checkpoint file, dataset, neighbours, grid and protocol; otherwise
+    chosen on validation now (and kept). model: the checkpoint's model, or None to load it only when λ has to be
+    chosen."""
     sha = run.checkpoint_sha256(checkpoint)
-    exclude = run.config.eval.exclude_history
-    path = run.path / BLEND
+    exclude = run.config.eval.exclude_history if exclude_history is None else exclude_history
+    path = blend_path(run, exclude)
     if path.exists():
         try:
             earlier = BlendChoice.model_validate(json.loads(path.read_text()))

@@ -189,8 +189,11 @@ def _variant_row(ds: Dataset, name: str, cfg: TrainConfig, run_dir: Path, option
         removed, _, _ = evaluate_run(run, ds, options.model_copy(update={"exclude_history": True}), log=sub_log,
                                      blend=blend, progress=progress, blend_from=blend_from)
     validation = {} if refit_of is not None else {summary.metric: summary.best}
-    if report.blend is not None and refit_of is None:  # the blend's validation number at its chosen λ
-        validation[f"{report.blend.metric} blended"] = report.blend.validation[f"{report.blend.weight:g}"]
+    # the blend's validation number at its chosen λ, under the protocol the run was selected with
+    chosen = next((r.blend for r in (report, removed) if r is not None and r.blend is not None
+                   and r.blend.history_excluded == cfg.eval.exclude_history), None)
+    if chosen is not None and refit_of is None:
+        validation[f"{chosen.metric} blended"] = chosen.validation[f"{chosen.weight:g}"]
     return ExperimentRow(variant=name, run=str(run_dir), best_epoch=summary.best_epoch, validation=validation,
                          report=report, history_removed=removed, wall_s=round(time.perf_counter() - tv, 1),
                          train_wall_s=summary.wall_s, reused=reused, refit_of=refit_of,
@@ -257,7 +260,8 @@ def report_markdown(result: ExperimentResult, png: str) -> str:
              f"- protocol: {first.protocol}, {first.split} users; index: {first.index}"
              + (f"; cut-off(s) {', '.join(first.cutoffs)}, labels {first.label_days:g} days" if first.cutoffs else ""),
              f"- user-windows: {first.user_windows}; ties {first.ties}; {history_text(first)}",
-             *[f"- {r.variant}: {blend_text(r.report.blend)}" for r in result.rows if r.report.blend is not None],
+             *[f"- {r.variant}{', history removed' if rep is r.history_removed else ''}: {blend_text(rep.blend)}"
+               for r in result.rows for rep in (r.report, r.history_removed) if rep is not None and rep.blend is not None],
              *[f"- {r.variant}: {r.refit_of} trained again from the same seed on every timeline but its last action "
                f"(each user's validation target trained on too) for {r.best_epoch + 1} epoch(s), the number "
                f"{r.refit_of} chose on validation, and scored "
