@@ -8,9 +8,9 @@ user (a user whose items have no neighbours keeps the network's ranking). Items 
 on the validation split, from a fixed grid, under the protocol the ranking is scored under (history removed or in;
 runs/evaluate.py keeps one λ per protocol): the best validation NDCG, the smallest λ among ties. The two differ
 where users come back to their own items: the neighbours rank those, the network (trained with them masked) does
-not. Leave-one-out only:
-the neighbours are fit on the same training part as the network (every user's timeline but the last two actions; for
-a refit, which trained on the validation targets too, but the last action, and λ is its selection run's).
+not. Leave-one-out only: the neighbours are fit on the same training part as the network (every user's timeline but
+the last two actions; for a refit, which trained on the validation targets too, but the last action, and λ is its
+selection run's).
 The blend is not an inner product: retrieval from a vector index serves the network alone.
 """
 

@@ -37,8 +37,9 @@ def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, 
     blend: the item-kNN blend's settings (default: the run's `blend` section); when on, λ is chosen on validation
     for the checkpoint evaluated, under the protocol scored (history in the ranking or removed: where users come
     back to their own items, the neighbours rank those and the best λ differs), or read from where it was kept
-    (`blend_path`) when chosen for the same checkpoint, data and settings. blend_from (a refit only): the run it repeats, whose λ (chosen on that run's validation) the refit is
-    blended with (`carried_blend`); without it a refit is scored as the network alone. progress: bars over the rows
+    (`blend_path`) when chosen for the same checkpoint, data and settings. blend_from (a refit only): the run it
+    repeats, whose λ (chosen on that run's validation) the refit is blended with (`carried_blend`); without it a
+    refit is scored as the network alone. progress: bars over the rows
     scored (the λ grid's, then the report's)."""
     model = run.load_model(ds, options.checkpoint)
     protocol = resolve_protocol(options.protocol or run.protocol, ds.manifest.clock)
@@ -80,8 +81,8 @@ def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, 
 def carried_blend(refit: RunDir, selection: RunDir, ds: Dataset, cfg: BlendConfig, log=print,
                   progress: bool = False, exclude_history: bool | None = None) -> BlendChoice:
     """A refit's blend: λ as `selection`, the run the refit repeats, chose it on its validation for its best
-    checkpoint (under the protocol scored; default: the one it was selected with), carried over as the refit's epoch count is (the neighbours are then fit on the refit's training
-    part, `evaluation.blend.fit_knn`). `selection` must be that run: leave-one-out, finished, on this dataset, with
+    checkpoint (under the protocol scored; default: the one it was selected with), carried over as the refit's
+    epoch count is (the neighbours are then fit on the refit's training part, `evaluation.blend.fit_knn`). `selection` must be that run: leave-one-out, finished, on this dataset, with
     the refit's configuration but eval.refit_epochs (and the blend's settings), and refit_epochs its best epoch + 1."""
     where = portable_path(selection.path)
     if refit.summary() is None:  # an interrupted refit is not the network the carried epoch count and λ belong to

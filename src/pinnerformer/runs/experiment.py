@@ -261,7 +261,8 @@ def report_markdown(result: ExperimentResult, png: str) -> str:
              + (f"; cut-off(s) {', '.join(first.cutoffs)}, labels {first.label_days:g} days" if first.cutoffs else ""),
              f"- user-windows: {first.user_windows}; ties {first.ties}; {history_text(first)}",
              *[f"- {r.variant}{', history removed' if rep is r.history_removed else ''}: {blend_text(rep.blend)}"
-               for r in result.rows for rep in (r.report, r.history_removed) if rep is not None and rep.blend is not None],
+               for r in result.rows for rep in (r.report, r.history_removed)
+               if rep is not None and rep.blend is not None],
              *[f"- {r.variant}: {r.refit_of} trained again from the same seed on every timeline but its last action "
                f"(each user's validation target trained on too) for {r.best_epoch + 1} epoch(s), the number "
                f"{r.refit_of} chose on validation, and scored "

@@ -24,7 +24,7 @@ class SequencesOptions(StrictModel):
 
     action: str = "interact"  # the one action type every event gets (positive)
     id_type: Literal["auto", "int", "str"] = "auto"
-    item_attributes: Path | None = None  # default: FILE-STEM_item2attributes.json or a single *item2attributes.json beside it
+    item_attributes: Path | None = None  # default: beside the input (`attributes_beside`)
 
 
 def attributes_beside(file: Path) -> Path | None:
