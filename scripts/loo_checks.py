@@ -226,7 +226,8 @@ def ease(ds: Dataset, run: str, lambdas=(30.0, 100.0, 400.0), mixes=((0.1, 0.1),
     rd = RunDir(run)
     model, cfg = rd.load_model(ds), rd.config.blend
     parts = Blend(model, ds, task, fit_knn(ds, cfg.knn))
-    lam_run = blend_choice(rd, ds, model, "best", cfg).weight  # RUN/blend.json when it belongs to this checkpoint
+    # the λ chosen with the history removed (as scored here); kept in the run folder when it belongs to this checkpoint
+    lam_run = blend_choice(rd, ds, model, "best", cfg, exclude_history=True).weight
 
     def normalised(v: torch.Tensor) -> torch.Tensor:
         v = v.double().clamp(min=0)

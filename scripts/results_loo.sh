@@ -4,8 +4,8 @@
 # trained with model selection on validation (second-to-last item, history removed from the ranking) and scored
 # on the last item against the whole catalogue, with the user's history in the ranking and removed from it, beside the most-popular (and, on ML-1M, content) baselines.
 # Usage: bash scripts/results_loo.sh [DATA_DIR (the public datasets, docs/data.md; default $PINNERFORMER_SHARED_DATA, else ../shared/data)] [DATASETS (default: "beauty ml1m"; also ml-latest-small, ml-100k, taobao)]
-#        (and sequences:PATH, any file in Beauty.txt's format, e.g. sequences:$DATA/Sports_and_Outdoors.txt, prepared
-#        into $WORK (default /tmp), its report in docs/results/sports-and-outdoors-PRESET)
+#        (and sequences:PATH, any file in Beauty.txt's format, e.g. sequences:$DATA/Sports_and_Outdoors.txt (a path
+#        without spaces), prepared into $WORK (default /tmp), its report in docs/results/sports-and-outdoors-PRESET)
 #        [PRESETS (default: "loo loo-ensemble loo-distilled")]
 # loo-distilled: one network (preset loo) distilled from the loo-ensemble run of the same seed and dataset, with its
 # item-kNN blend (loss.teacher, objectives/teacher_distillation.py); that run is trained first when its report folder
@@ -16,6 +16,7 @@
 # REFIT=1: every report also trains its network(s) again on the validation targets too, for the epochs it chose on
 # validation (`experiment --refit`), and reports that beside it (not like for like with the published networks)
 set -euo pipefail
+CALLER=$PWD  # a sequences:PATH relative to where the script was called from
 cd "$(dirname "$0")/.."
 DATA=${1:-${PINNERFORMER_SHARED_DATA:-../shared/data}}
 WHICH=${2:-"beauty ml1m"}
@@ -110,9 +111,19 @@ for d in $WHICH; do
       # FILE-STEM_item2attributes.json beside it is read as the items' attributes): the preset untouched. The
       # report folder is named for the file (Sports_and_Outdoors.txt -> docs/results/sports-and-outdoors-loo)
       SRC=${d#sequences:}
+      case $SRC in /*) ;; *) SRC=$CALLER/$SRC ;; esac
       [ -f "$SRC" ] || { echo "sequences:$SRC: no such file (expected sequences:PATH/TO/NAME.txt)" >&2; exit 2; }
-      NAME=$(basename "$SRC" .txt | tr '[:upper:]_ ' '[:lower:]--' | tr -cd 'a-z0-9.-')
-      SEQ=${WORK:-/tmp}/pinnerformer-$NAME
+      NAME=$(basename "$SRC" .txt | tr '[:upper:]_' '[:lower:]-' | tr -cd 'a-z0-9.-')
+      case $NAME in
+        "") echo "sequences:$SRC: no letters or digits in the file's name to name its report by; rename it" >&2
+            exit 2 ;;
+        beauty|ml1m-subset|ml-100k|ml-latest-small|taobao)
+            echo "sequences:$SRC: '$NAME' is a report of this script's own; rename the file" >&2; exit 2 ;;
+      esac
+      SEQ=${WORK:-/tmp}/pinnerformer-seq-$NAME
+      if [ -f "$SEQ/manifest.json" ] && ! grep -q "$(sha256sum "$SRC" | cut -d' ' -f1)" "$SEQ/manifest.json"; then
+        echo "sequences:$SRC: $SEQ was prepared from another file; remove it or set WORK elsewhere" >&2; exit 2
+      fi
       if [ ! -f "$SEQ/manifest.json" ]; then
         $PF data prepare --format sequences --input "$SRC" --output "$SEQ"
       fi

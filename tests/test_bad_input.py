@@ -196,13 +196,21 @@ def test_sequences_take_the_attribute_file_named_for_them(cli, tmp_path):
     (tmp_path / "Toys_item2attributes.json").unlink()
     r = prepare(cli, tmp_path / "Toys.txt", tmp_path / "toys2", fmt="sequences")
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
-    assert "Toys.txt" in r.stderr and "and none named Toys_item2attributes.json" in r.stderr
-    assert "2 item attribute files beside the sequences (Sports_item2attributes.json, Yelp_item2attributes.json)" \
-        in r.stderr and "--item-attributes" in r.stderr
+    assert "Toys.txt" in r.stderr
+    assert "2 item attribute file(s) beside the sequences (Sports_item2attributes.json, Yelp_item2attributes.json), " \
+        "none named Toys_item2attributes.json" in r.stderr and "--item-attributes" in r.stderr
     assert not (tmp_path / "toys2").exists()
     r = prepare(cli, tmp_path / "Toys.txt", tmp_path / "toys2", "--item-attributes",
                 tmp_path / "Yelp_item2attributes.json", fmt="sequences")
     assert r.exit_code == 0 and set(Dataset.open(tmp_path / "toys2").items["interests"].explode()) == {"9"}
+    # one file named for another dataset is no more its own than two are (item ids overlap across datasets)
+    (tmp_path / "Sports_item2attributes.json").unlink()
+    r = prepare(cli, tmp_path / "Toys.txt", tmp_path / "toys3", fmt="sequences")
+    assert r.exit_code == 2 and "1 item attribute file(s) beside the sequences (Yelp_item2attributes.json)" in r.stderr
+    # a plain item2attributes.json belongs to whatever file is beside it
+    (tmp_path / "Yelp_item2attributes.json").rename(tmp_path / "item2attributes.json")
+    assert prepare(cli, tmp_path / "Toys.txt", tmp_path / "toys3", fmt="sequences").exit_code == 0
+    assert set(Dataset.open(tmp_path / "toys3").items["interests"].explode()) == {"9"}
 
 
 def test_interrupted_prepare_leaves_nothing_that_looks_complete(cli, tmp_path, monkeypatch):

@@ -140,6 +140,30 @@ def test_blend_choice_belongs_to_its_checkpoint(chains_run, cli):
     assert not any(p.name.startswith(".blend.json") for p in (d / "run").iterdir())  # no temporary file left behind
 
 
+def test_a_run_selected_with_the_history_in_keeps_the_other_protocols_choice_apart(chains_run, cli, tmp_path):
+    """A run whose checkpoint was selected with the history in the ranking (eval.exclude_history false): its own
+    protocol's λ is RUN/blend.json, the history-removed one RUN/blend-history-removed.json."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(chains_run / "run", run, ignore=shutil.ignore_patterns("blend*.json", "eval"))
+    desc = json.loads((run / "config.json").read_text())
+    desc["config"]["eval"]["exclude_history"] = False  # as if trained so: the checkpoint is the same file
+    (run / "config.json").write_text(json.dumps(desc))
+    r = cli("evaluate", "--run", run, "--dataset", chains_run / "ds", "--exclude-history")
+    assert r.exit_code == 0 and "choosing the item-kNN blend weight on validation (history removed)" in r.stderr
+    removed = json.loads((run / "blend-history-removed.json").read_text())
+    assert removed["history_excluded"] is True and not (run / "blend.json").exists()
+    r = cli("evaluate", "--run", run, "--dataset", chains_run / "ds")
+    assert r.exit_code == 0 and "(history in)" in r.stderr
+    own = json.loads((run / "blend.json").read_text())
+    assert own["history_excluded"] is False and own["validation"] != removed["validation"]
+    # each is found again where it was kept: nothing is chosen twice
+    for extra in (("--exclude-history",), ()):
+        r = cli("evaluate", "--run", run, "--dataset", chains_run / "ds", *extra)
+        assert r.exit_code == 0 and "choosing" not in r.stderr
+
+
 def test_blend_is_refused_for_a_future_window_run(trained, planted, cli):
     r = cli("evaluate", "--run", trained, "--dataset", planted, "--protocol", "leave-one-out", "--item-knn")
     assert r.exit_code == 2 and "leave-one-out protocol only" in r.stderr and "Traceback" not in r.output

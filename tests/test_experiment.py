@@ -205,9 +205,23 @@ def test_refit_trains_again_on_the_validation_targets_for_the_epochs_chosen_on_v
     for rep in ("report", "history_removed"):  # each protocol's λ, chosen on validation under it
         carried, chosen = refit[rep]["blend"], first[rep]["blend"]
         assert chosen["history_excluded"] is (rep == "history_removed")
+        where = ", history removed" if rep == "history_removed" else ""
+        assert (f"- pinnerformer{where}: the model is the network blended with item-to-item neighbours "
+                f"(`evaluation.blend`): λ = {chosen['weight']:g}, chosen on validation ndcg@10 (history "
+                f"{'removed' if chosen['history_excluded'] else 'in'}; by λ") in md
         assert carried["chosen_by"] == portable_path(first["run"]) and chosen["chosen_by"] is None
         assert {k: v for k, v in carried.items() if k != "chosen_by"} == {k: v for k, v in chosen.items()
                                                                            if k != "chosen_by"}
+    # the validation column: the numbers of the protocol the checkpoint was selected under (history removed), the
+    # blend's at the λ chosen under that protocol, in that protocol's row only
+    chosen = first["history_removed"]["blend"]
+    assert first["selected_history_removed"] is True
+    assert first["validation"]["ndcg@10 blended"] == chosen["validation"][f"{chosen['weight']:g}"]
+    row = next(x for x in md.splitlines() if x.startswith("| pinnerformer, history removed |"))
+    assert row.endswith(f"| {first['best_epoch']} | ndcg@10 {first['validation']['ndcg@10']:.4f}, ndcg@10 blended "
+                        f"{first['validation']['ndcg@10 blended']:.4f} |")
+    assert next(x for x in md.splitlines() if x.startswith("| pinnerformer |")).endswith(
+        f"| {first['best_epoch']} | |")
     assert f"| pinnerformer, refit, history removed | {ex['pinnerformer']['hr@10']['mean']:.4f} [" in md
     assert f"| pinnerformer, refit: network alone, history removed | {ex[NETWORK]['hr@10']['mean']:.4f} [" in md
     assert f"| pinnerformer, refit: neighbours alone, history removed | {ex[KNN]['hr@10']['mean']:.4f} [" in md

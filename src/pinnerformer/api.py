@@ -144,7 +144,8 @@ def evaluate(run: PathLike, dataset: Dataset | PathLike, *, item_knn: bool | Non
              **options: Any) -> EvaluationReport:
     """A run scored on held-out users beside the baselines (written to RUN/eval/ too; `log` says where).
     `options`: those of `EvaluateOptions` (protocol, split, cutoffs, k, exclude_history, ...); `item_knn`:
-    leave-one-out blended with item-to-item neighbours, λ chosen on validation (default: the run's setting);
+    leave-one-out blended with item-to-item neighbours, λ chosen on validation under the protocol scored (default:
+    the run's setting);
     `blend_from` (a refit): the run it repeats, whose λ, chosen on its validation, the refit is blended with."""
     from pinnerformer.runs import RunDir
     from pinnerformer.runs.evaluate import evaluate_run

@@ -80,8 +80,8 @@ FORMAT_FLAGS = [
     ("items-id-col", str, "events: item id column of the item table (default item)."),
     ("items-text-col", str, "events: item text column."),
     ("items-interests-col", str, "events: item interests column ('|'-separated)."),
-    ("item-attributes", Path, "sequences: item -> attributes JSON (default: FILE-STEM_item2attributes.json, or the "
-                              "only *item2attributes.json, beside the input)."),
+    ("item-attributes", Path, "sequences: item -> attributes JSON (default: FILE-STEM_item2attributes.json, or a plain "
+                              "item2attributes.json, beside the input)."),
 ]
 
 

@@ -143,8 +143,8 @@ def blend_choice(run: RunDir, ds: Dataset, model, checkpoint: str, cfg: BlendCon
     try:
         write_json_atomic(path, choice)
     except OSError as e:  # a run folder one may read but not write (a shared copy): λ is used, not kept
-        log(f"note: the blend's choice could not be kept in {path} ({e.strerror or e}); it will be chosen again "
-            "next time")
+        log(f"note: the blend's choice could not be kept in {portable_path(path)} ({e.strerror or e}); it will be "
+            "chosen again next time")
     log(f"blend: λ = {choice.weight:g} (validation {choice.metric} {choice.validation[f'{choice.weight:g}']:.4f})")
     return choice
 
@@ -184,7 +184,10 @@ def load_teacher(path: str | Path, ds: Dataset, log=print, blend: float | None =
         raise PinnerformerError(f"loss.teacher_blend {blend:g}: {portable_path(run.path)} has no item-kNN blend "
                                 "(blend.item_knn) to weigh")
     if run.config.blend.item_knn:
-        weight = blend_choice(run, ds, model, "best", run.config.blend, log).weight if blend is None else blend
+        # the teacher's distribution masks the user's own items (objectives/teacher_distillation.py): the λ chosen
+        # with them removed from the ranking
+        weight = (blend_choice(run, ds, model, "best", run.config.blend, log, exclude_history=True).weight
+                  if blend is None else blend)
         knn = fit_knn(ds, run.config.blend.knn) if weight else None
     source = f"{portable_path(run.path)} (checkpoint {run.checkpoint_sha256('best')[:16]})"
     log(f"teacher: {source}, item-kNN blend λ {weight:g}")

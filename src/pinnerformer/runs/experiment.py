@@ -94,6 +94,10 @@ class ExperimentRow(StrictModel):
     refit_of: str | None = None
     # the run's selection metric on validation at the end of each epoch (epoch 0 first; empty for a refit)
     curve: list[float] = []
+    # leave-one-out: whether the checkpoint (and the `validation` numbers) were chosen with the history removed from
+    # the ranking (eval.exclude_history); the report puts `validation` in that protocol's rows (None: reports made
+    # before the blend's λ was chosen per protocol, when both protocols' rows shared one λ: the history-in rows)
+    selected_history_removed: bool | None = None
 
 
 class ExperimentResult(StrictModel):
@@ -196,6 +200,7 @@ def _variant_row(ds: Dataset, name: str, cfg: TrainConfig, run_dir: Path, option
         validation[f"{chosen.metric} blended"] = chosen.validation[f"{chosen.weight:g}"]
     return ExperimentRow(variant=name, run=str(run_dir), best_epoch=summary.best_epoch, validation=validation,
                          report=report, history_removed=removed, wall_s=round(time.perf_counter() - tv, 1),
+                         selected_history_removed=cfg.eval.exclude_history if removed is not None else None,
                          train_wall_s=summary.wall_s, reused=reused, refit_of=refit_of,
                          curve=run.validation_curve(summary.metric))
 
@@ -247,7 +252,8 @@ def _table_rows(result: ExperimentResult, metrics: list[str], history_removed: b
         if r is None:
             lines.append(f"| {label} | {cells} | | |")
             continue
-        val = " " + ", ".join(f"{k} {v:.4f}" for k, v in r.validation.items()) + " " if not history_removed else " "
+        shown_here = history_removed == bool(r.selected_history_removed)  # the protocol the numbers were chosen under
+        val = " " + ", ".join(f"{k} {v:.4f}" for k, v in r.validation.items()) + " " if shown_here else " "
         lines.append(f"| {label} | {cells} | {r.best_epoch}{' (the last: a refit)' if r.refit_of else ''} |{val}|")
     return lines
 

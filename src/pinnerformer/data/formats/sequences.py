@@ -1,8 +1,8 @@
 """`sequences`: one line per user, `user i1 i2 …`, items in time order, no timestamps (e.g. Amazon Beauty).
 
 The dataset gets clock = "order": `ts` is the position in the user's sequence. Every event gets one action
-type (default `interact`, positive). Item attributes (`*_item2attributes.json`, item id -> list of
-attribute ids) become item interests when present beside the file or given explicitly.
+type (default `interact`, positive). Item attributes (`NAME_item2attributes.json` beside `NAME.txt`, item id ->
+list of attribute ids) become item interests when present beside the file or given explicitly.
 """
 
 from __future__ import annotations
@@ -28,19 +28,21 @@ class SequencesOptions(StrictModel):
 
 
 def attributes_beside(file: Path) -> Path | None:
-    """The item attributes of `file`: FILE-STEM_item2attributes.json beside it, else the only *item2attributes.json
-    there, else none. Several files and none named for this one (a folder of several datasets, as the published
-    sequential-recommendation code ships them) is an error: taking none would drop the attributes unsaid."""
-    own = file.parent / f"{file.stem}_item2attributes.json"
-    if own.exists():
-        return own
+    """The item attributes of `file`: FILE-STEM_item2attributes.json beside it (the stem's case aside), else a plain
+    item2attributes.json there, else none. Attribute files named for other files only (a folder of several datasets,
+    as the published sequential-recommendation code ships them) are an error: taking none would drop the attributes
+    unsaid, taking another dataset's would attach wrong ones (item ids overlap)."""
     found = sorted(file.parent.glob("*item2attributes.json"))
-    if len(found) > 1:
-        raise InputError(f"{len(found)} item attribute files beside the sequences ("
+    for name in (f"{file.stem}_item2attributes.json", "item2attributes.json"):  # its own first, then a plain one
+        own = [f for f in found if f.name.lower() == name.lower()]
+        if own:
+            return own[0]
+    if found:
+        raise InputError(f"{len(found)} item attribute file(s) beside the sequences ("
                          + ", ".join(f.name for f in found[:4]) + (", …" if len(found) > 4 else "")
-                         + f") and none named {own.name}", path=file,
-                         expected="--item-attributes naming the one that belongs to this file")
-    return found[0] if found else None
+                         + f"), none named {file.stem}_item2attributes.json", path=file,
+                         expected="--item-attributes naming the one that belongs to this file (or none: rename it)")
+    return None
 
 
 def read_sequences(path: Path, options: SequencesOptions, skip_invalid: bool) -> RawLog:
