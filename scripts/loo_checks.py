@@ -25,6 +25,10 @@ chose anything: selection is by validation only.
                                                          shallow autoencoders", WWW 2019) alone, and as a third part
                                                          of RUN's blend with the neighbours, RUN's λ kept
                                                          (fourteenth round: a teacher of another family)
+    python scripts/loo_checks.py repeats                 validation and test NDCG@10 with the history in the
+                                                         ranking of "the user's own items, newest first" (each
+                                                         occurrence weighs decay^age) beside the neighbours alone
+                                                         (eighteenth round, Taobao: --dataset $WORK/taobao-loo)
 Options: --dataset (default /tmp/pinnerformer-beauty, prepared by scripts/scout_loo.sh).
 """
 
@@ -247,6 +251,30 @@ def ease(ds: Dataset, run: str, lambdas=(30.0, 100.0, 400.0), mixes=((0.1, 0.1),
         print(f"neighbours {a:g}, EASE {c:g}: validation ndcg@10 {ndcg(mixture(a, c)):.4f}", flush=True)
 
 
+def repeats(ds: Dataset, decays=(0.5, 0.8, 0.95)) -> None:
+    from pinnerformer.evaluation.blend import BlendConfig, fit_knn
+
+    tl, n_items = ds.timelines, ds.manifest.n_items
+    neighbours = fit_knn(ds, BlendConfig().knn)
+    for split in ("validation", "test"):
+        task = leave_one_out_task(ds, split)
+
+        def own_items(rows: slice, decay: float) -> torch.Tensor:
+            out = np.zeros((rows.stop - rows.start, n_items))
+            for r, (s, e) in enumerate(zip(task.starts[rows], task.ends[rows])):
+                np.add.at(out[r], np.asarray(tl.item[s:e]), decay ** np.arange(e - s)[::-1])
+            return torch.from_numpy(out)
+
+        scorers = [(f"own items, decay {d:g}", Scorer("own", None, None, rows_fn=lambda rows, d=d: own_items(rows, d)))
+                   for d in decays] + [("neighbours", Scorer("knn", None, None, rows_fn=lambda rows: neighbours.scores(
+                       tl, task.starts[rows], task.ends[rows])))]
+        cells = []
+        for name, scorer in scorers:
+            res, _ = score_task(task, scorer, 10, REPORTED["leave-one-out"], history=None, intervals=False)
+            cells.append(f"{name} {res['ndcg@10'].mean:.4f}")
+        print(f"{split}, history in: " + ", ".join(cells), flush=True)
+
+
 def window(ds: Dataset) -> None:
     lengths = np.maximum(ds.timelines.lengths - 2, 0)  # the training parts (all but the last two items)
     for m in (50, 200):
@@ -259,7 +287,7 @@ def window(ds: Dataset) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("check", choices=["targets", "combine", "transitions", "coldness", "members", "knn", "blend",
-                                     "window", "ease"])
+                                     "window", "ease", "repeats"])
     ap.add_argument("runs", nargs="*")
     ap.add_argument("--dataset", default="/tmp/pinnerformer-beauty")
     a = ap.parse_args()
@@ -268,6 +296,8 @@ def main() -> None:
         targets(ds)
     elif a.check == "window":
         window(ds)
+    elif a.check == "repeats":
+        repeats(ds)
     elif a.check == "coldness":
         if not a.runs:
             ap.error("coldness needs one or more run directories")

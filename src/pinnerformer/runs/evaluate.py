@@ -39,8 +39,7 @@ def evaluate_run(run: RunDir, ds: Dataset, options: EvaluateOptions, log=print, 
     back to their own items, the neighbours rank those and the best λ differs), or read from where it was kept
     (`blend_path`) when chosen for the same checkpoint, data and settings. blend_from (a refit only): the run it
     repeats, whose λ (chosen on that run's validation) the refit is blended with (`carried_blend`); without it a
-    refit is scored as the network alone. progress: bars over the rows
-    scored (the λ grid's, then the report's)."""
+    refit is scored as the network alone. progress: bars over the rows scored (the λ grid's, then the report's)."""
     model = run.load_model(ds, options.checkpoint)
     protocol = resolve_protocol(options.protocol or run.protocol, ds.manifest.clock)
     # held-out users: those of the run's split when it has one (a future-window run), whatever the protocol scored
@@ -82,8 +81,9 @@ def carried_blend(refit: RunDir, selection: RunDir, ds: Dataset, cfg: BlendConfi
                   progress: bool = False, exclude_history: bool | None = None) -> BlendChoice:
     """A refit's blend: λ as `selection`, the run the refit repeats, chose it on its validation for its best
     checkpoint (under the protocol scored; default: the one it was selected with), carried over as the refit's
-    epoch count is (the neighbours are then fit on the refit's training part, `evaluation.blend.fit_knn`). `selection` must be that run: leave-one-out, finished, on this dataset, with
-    the refit's configuration but eval.refit_epochs (and the blend's settings), and refit_epochs its best epoch + 1."""
+    epoch count is (the neighbours are then fit on the refit's training part, `evaluation.blend.fit_knn`).
+    `selection` must be that run: leave-one-out, finished, on this dataset, with the refit's configuration but
+    eval.refit_epochs (and the blend's settings), and refit_epochs its best epoch + 1."""
     where = portable_path(selection.path)
     if refit.summary() is None:  # an interrupted refit is not the network the carried epoch count and λ belong to
         raise PinnerformerError(f"{portable_path(refit.path)} has not finished training (no summary.json): resume it "
@@ -105,8 +105,8 @@ def carried_blend(refit: RunDir, selection: RunDir, ds: Dataset, cfg: BlendConfi
     ours["eval"]["refit_epochs"] = None
     # what a resume may change without changing the run (the machine, the patience) may differ; the schedule may not
     free = RunDir.RESUME_MAY_CHANGE - {"optim.max_epochs"}
-    differ = [f"{k} {a!r} (the refit: {b!r})" for k, a, b in config_diffs(selection.config.model_dump(exclude={"blend"}),
-                                                                          ours) if k not in free]
+    theirs = selection.config.model_dump(exclude={"blend"})
+    differ = [f"{k} {a!r} (the refit: {b!r})" for k, a, b in config_diffs(theirs, ours) if k not in free]
     if differ:
         raise PinnerformerError(f"--blend-from {where}: not the run {portable_path(refit.path)} repeats; their "
                                 f"configurations differ: {'; '.join(differ)}")
